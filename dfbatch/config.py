@@ -1,0 +1,221 @@
+"""``BatchConfig``: every knob of a run, with the seed's defaults, validated up front.
+
+The seed's defaults: 2 agents per CPU core, 4 items per batch, 8 concurrent batches per agent,
+at most 32k tokens per batch, and a global cap of 16 batches in flight per CPU core.
+
+Examples
+--------
+>>> from dfbatch import BatchConfig
+>>> cfg = BatchConfig(items_per_batch=8)
+>>> cfg.items_per_batch, cfg.token_limit, cfg.max_concurrent_batches
+(8, 32768, 8)
+>>> BatchConfig(token_limit=0)
+Traceback (most recent call last):
+...
+dfbatch.errors.ConfigError: token_limit must be an integer > 0, got 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dfbatch.errors import ConfigError, did_you_mean
+
+Oversize = Literal["error", "truncate", "call"]
+Progress = Literal["auto", "widget", "bar"] | bool
+
+_MAX_AGENTS = 65_535  # agent ids are UInt16
+_MAX_ITEMS = 1_000_000
+_MAX_TOKENS = 100_000_000
+
+
+def cpu_cores() -> int:
+    """Usable CPU cores (affinity-aware), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Names of the columns dfbatch adds. Rename any of them if your frame already uses it."""
+
+    n_tokens: str = "n_tokens"
+    batch_id: str = "batch_id"
+    agent_id: str = "agent_id"
+    flag: str = "plan_flag"
+    output: str = "output"
+    error: str = "error"
+    attempts: str = "attempts"
+    run_batch_id: str = "run_batch_id"
+    run_agent_id: str = "run_agent_id"
+    started_at: str = "started_at"
+    elapsed_s: str = "elapsed_s"
+
+    def plan_names(self) -> tuple[str, ...]:
+        return (self.n_tokens, self.batch_id, self.agent_id, self.flag)
+
+    def result_names(self) -> tuple[str, ...]:
+        return (
+            self.error,
+            self.attempts,
+            self.run_batch_id,
+            self.run_agent_id,
+            self.started_at,
+            self.elapsed_s,
+        )
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """All settings of a plan and a run. Every field has a sensible default.
+
+    Planning: ``items_per_batch`` (4), ``token_limit`` (32768 tokens per batch), ``agents``
+    (None = ``agents_per_core`` x CPU cores), ``encoding`` (tiktoken encoding name, model name,
+    or a callable ``list[str] -> token counts``), ``request_overhead_tokens`` (system prompt
+    tokens charged once per request), ``output_tokens_per_row`` (expected output tokens per
+    row; providers charge ``max_tokens`` against TPM), ``request_weight`` (fixed per-request
+    cost in token units used to balance agents: load = request_weight + batch tokens).
+
+    Running: ``max_concurrent_batches`` (8 per agent), ``max_in_flight`` (None = 16 x CPU
+    cores, global), ``max_bytes_per_agent`` (1 GiB of batch data in flight per agent),
+    ``timeout`` (seconds per call, None = no timeout), ``max_attempts`` (calls per batch before
+    bisecting / failing), ``backoff_base`` / ``backoff_max`` (seconds, full-jitter exponential),
+    ``retry_on`` (predicate ``exc -> bool | None`` overriding the retry classification),
+    ``oversize`` (a single row over ``token_limit``: "error" value, "truncate" the text, or
+    "call" anyway), ``rpm`` / ``tpm`` (global rate limits), ``adaptive`` (AIMD concurrency on
+    429s), ``steal`` (idle agents take planned work from busy ones), ``sync_workers`` (threads
+    for a plain-function fn; None = min(64, global in-flight cap)), ``seed`` (jitter RNG).
+    """
+
+    items_per_batch: int = 4
+    token_limit: int = 32_768
+    agents: int | None = None
+    agents_per_core: int = 2
+    encoding: str | Callable[[list[str]], Any] = "cl100k_base"
+    request_overhead_tokens: int = 0
+    output_tokens_per_row: int = 0
+    request_weight: int = 256
+    max_concurrent_batches: int = 8
+    max_in_flight: int | None = None
+    max_bytes_per_agent: int = 1 << 30
+    timeout: float | None = 600.0
+    max_attempts: int = 5
+    backoff_base: float = 0.5
+    backoff_max: float = 60.0
+    retry_on: Callable[[BaseException], bool | None] | None = None
+    oversize: Oversize = "error"
+    rpm: float | None = None
+    tpm: float | None = None
+    adaptive: bool = True
+    steal: bool = True
+    sync_workers: int | None = None
+    seed: int | None = None
+    columns: Columns = field(default_factory=Columns)
+
+    def __post_init__(self) -> None:
+        _positive_int("items_per_batch", self.items_per_batch, _MAX_ITEMS)
+        _positive_int("token_limit", self.token_limit, _MAX_TOKENS)
+        if self.agents is not None:
+            _positive_int("agents", self.agents, _MAX_AGENTS)
+        _positive_int("agents_per_core", self.agents_per_core, 1024)
+        _non_negative_int("request_overhead_tokens", self.request_overhead_tokens)
+        _non_negative_int("output_tokens_per_row", self.output_tokens_per_row)
+        _non_negative_int("request_weight", self.request_weight)
+        _positive_int("max_concurrent_batches", self.max_concurrent_batches, 100_000)
+        if self.max_in_flight is not None:
+            _positive_int("max_in_flight", self.max_in_flight, 1_000_000)
+        _positive_int("max_bytes_per_agent", self.max_bytes_per_agent, 1 << 50)
+        if self.timeout is not None:
+            _positive_float("timeout", self.timeout)
+        _positive_int("max_attempts", self.max_attempts, 1000)
+        _positive_float("backoff_base", self.backoff_base, allow_zero=True)
+        _positive_float("backoff_max", self.backoff_max, allow_zero=True)
+        for name in ("rpm", "tpm"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive_float(name, value)
+        if self.oversize not in ("error", "truncate", "call"):
+            msg = f"oversize must be 'error', 'truncate' or 'call', got {self.oversize!r}"
+            raise ConfigError(msg)
+        if self.sync_workers is not None:
+            _positive_int("sync_workers", self.sync_workers, 4096)
+        if self.retry_on is not None and not callable(self.retry_on):
+            msg = f"retry_on must be a callable exc -> bool | None, got {self.retry_on!r}"
+            raise ConfigError(msg)
+        if not (isinstance(self.encoding, str) or callable(self.encoding)):
+            msg = (
+                "encoding must be a tiktoken encoding name (e.g. 'cl100k_base'), a model name "
+                f"(e.g. 'gpt-4o') or a callable list[str] -> counts, got {self.encoding!r}"
+            )
+            raise ConfigError(msg)
+        names = [getattr(self.columns, f.name) for f in dataclasses.fields(self.columns)]
+        if len(set(names)) != len(names):
+            msg = f"columns must have distinct names, got {names}"
+            raise ConfigError(msg)
+
+    # -- derived values --------------------------------------------------------------------
+    @property
+    def n_agents(self) -> int:
+        """Agents to plan for: ``agents`` or ``agents_per_core`` x CPU cores (the seed's rule)."""
+        return self.agents if self.agents is not None else self.agents_per_core * cpu_cores()
+
+    @property
+    def in_flight_cap(self) -> int:
+        """Global cap on batches in flight: ``max_in_flight`` or 16 x CPU cores."""
+        return self.max_in_flight if self.max_in_flight is not None else 16 * cpu_cores()
+
+    @classmethod
+    def from_kwargs(cls, config: BatchConfig | None = None, /, **kwargs: Any) -> BatchConfig:
+        """Build a config from keyword arguments, on top of ``config`` when given.
+
+        Unknown names are an error with a did-you-mean hint.
+
+        >>> BatchConfig.from_kwargs(items_per_bach=2)
+        Traceback (most recent call last):
+        ...
+        dfbatch.errors.ConfigError: unknown setting 'items_per_bach'. Hint: did you mean 'items_per_batch'?
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in kwargs:
+            if key not in known:
+                msg = f"unknown setting {key!r}.{did_you_mean(key, known)}"
+                raise ConfigError(msg)
+        base = config if config is not None else cls()
+        return dataclasses.replace(base, **kwargs) if kwargs else base
+
+    def replace(self, **kwargs: Any) -> BatchConfig:
+        return BatchConfig.from_kwargs(self, **kwargs)
+
+    def as_dict(self) -> Mapping[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _positive_int(name: str, value: object, upper: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        msg = f"{name} must be an integer > 0, got {value!r}"
+        raise ConfigError(msg)
+    if value > upper:
+        msg = f"{name}={value} is absurdly large (max {upper:,}); pick a smaller value"
+        raise ConfigError(msg)
+
+
+def _non_negative_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        msg = f"{name} must be an integer >= 0, got {value!r}"
+        raise ConfigError(msg)
+
+
+def _positive_float(name: str, value: object, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and value == value:  # reject NaN
+        ok = value >= 0 if allow_zero else value > 0  # type: ignore[operator]
+    if not ok or value == float("inf"):
+        bound = ">= 0" if allow_zero else "> 0"
+        msg = f"{name} must be a finite number {bound} (seconds / per minute), got {value!r}"
+        raise ConfigError(msg)

@@ -1,0 +1,84 @@
+"""The exceptions dfbatch raises or records.
+
+Programmer errors are raised before anything runs; errors *during* a run are values: the row
+gets ``error`` text and the run goes on. The tree::
+
+    DfbatchError                    base of everything dfbatch raises
+    ├── ConfigError (ValueError)    a bad argument: names it and says the fix
+    ├── ColumnError (KeyError)      a missing or clashing column, with a did-you-mean hint
+    ├── TokenizerError              an encoding that cannot be loaded (never a silent fallback)
+    ├── CheckpointError             a checkpoint that belongs to another run, or is damaged
+    └── BatchError                  raised *by your fn* to steer the pool (never escapes a run)
+        ├── RetryableError          try this batch again later (``retry_after`` seconds hint)
+        └── FatalError              do not retry; bisect a multi-row batch to isolate the cause
+
+``RowError`` is not raised: put an instance in the list your fn returns to fail that one row.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class DfbatchError(Exception):
+    """Base class of every exception dfbatch raises."""
+
+
+class ConfigError(DfbatchError, ValueError):
+    """A configuration value is invalid; the message names the argument and the fix."""
+
+
+class ColumnError(DfbatchError, KeyError):
+    """A column is missing or would be overwritten."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain.
+        return str(self.args[0]) if self.args else ""
+
+
+class TokenizerError(DfbatchError):
+    """A tokenizer (encoding, model or callable) cannot be loaded or misbehaves."""
+
+
+class CheckpointError(DfbatchError):
+    """A checkpoint directory does not match this run, or cannot be read."""
+
+
+class BatchError(DfbatchError):
+    """Base of the errors a user's fn may raise to tell the pool what to do."""
+
+
+class RetryableError(BatchError):
+    """Raise from fn to retry the batch; ``retry_after`` (seconds) is honored as a minimum wait."""
+
+    def __init__(self, message: str = "retryable error", *, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class FatalError(BatchError):
+    """Raise from fn for an error that will not go away by retrying the same rows."""
+
+
+class RowError(Exception):
+    """A per-row error value: return it in fn's output list in place of that row's output.
+
+    Examples
+    --------
+    >>> import polars as pl, dfbatch
+    >>> def fn(batch):
+    ...     return [dfbatch.RowError("empty") if t == "" else t.upper() for t in batch["text"]]
+    >>> out = dfbatch.process(pl.DataFrame({"text": ["a", ""]}), fn, text="text", progress=False)
+    >>> out.select("output", "error").rows()
+    [('A', None), (None, 'RowError: empty')]
+    """
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """Return a ``" Hint: did you mean 'x'?"`` suffix, or ``""`` when nothing is close.
+
+    >>> did_you_mean("txt", ["text", "id"])
+    " Hint: did you mean 'text'?"
+    """
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f" Hint: did you mean {close[0]!r}?" if close else ""

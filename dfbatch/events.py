@@ -1,0 +1,337 @@
+"""Run events and the pure fold that turns them into frozen ``RunStats`` snapshots.
+
+The pool emits one event per state change of a batch. Displays (widget, progress bar) never
+look inside the pool: they subscribe to events or read ``RunStats`` snapshots.
+
+Examples
+--------
+>>> from dfbatch.events import RunStarted, BatchStarted, BatchFinished, fold
+>>> evs = [
+...     RunStarted(t=0.0, total_rows=4, total_batches=1, total_tokens=40, planned_tokens=(40,)),
+...     BatchStarted(t=0.0, batch_id=0, agent_id=0, planned_agent=0, rows=4, tokens=40, attempt=1),
+...     BatchFinished(t=2.0, batch_id=0, agent_id=0, planned_agent=0, rows=4, tokens=40,
+...                   elapsed_s=2.0, ok_rows=4, error_rows=0),
+... ]
+>>> s = fold(evs)
+>>> s.rows_done, s.rows_ok, s.fraction_done, s.agents[0].mean_latency_s
+(4, 4, 1.0, 2.0)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class RunStarted:
+    t: float
+    total_rows: int
+    total_batches: int
+    total_tokens: int
+    planned_tokens: tuple[int, ...]  # per agent; len() is the number of agents
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStarted:
+    t: float
+    batch_id: int
+    agent_id: int
+    planned_agent: int
+    rows: int
+    tokens: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRetried:
+    t: float
+    batch_id: int
+    agent_id: int
+    tokens: int
+    attempt: int
+    delay_s: float
+    error: str
+    rate_limited: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BatchFinished:
+    """A call returned outputs for every row (some rows may carry their own error values)."""
+
+    t: float
+    batch_id: int
+    agent_id: int
+    planned_agent: int
+    rows: int
+    tokens: int
+    elapsed_s: float
+    ok_rows: int
+    error_rows: int
+    input_tokens: int = 0  # usage reported by fn (real tokens), 0 when unknown
+    output_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchFailed:
+    """A batch ended in error. ``bisected``: its rows go on in two halves (not done yet)."""
+
+    t: float
+    batch_id: int
+    agent_id: int
+    planned_agent: int
+    rows: int
+    tokens: int
+    elapsed_s: float
+    error: str
+    bisected: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RunFinished:
+    t: float
+    cancelled: bool = False
+
+
+Event = RunStarted | BatchStarted | BatchRetried | BatchFinished | BatchFailed | RunFinished
+Subscriber = Callable[[Event], None]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStats:
+    agent_id: int
+    planned_tokens: int = 0
+    done_tokens: int = 0
+    inflight_tokens: int = 0
+    in_flight: int = 0
+    done_rows: int = 0
+    done_batches: int = 0
+    errors: int = 0
+    retries: int = 0
+    stolen: int = 0  # batches this agent ran that were planned for another agent
+    busy_s: float = 0.0
+    mean_latency_s: float = 0.0
+    stolen_tokens: int = 0  # tokens of those stolen batches (part of done_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class RunStats:
+    """A frozen snapshot of a run. Every display renders from this alone."""
+
+    total_rows: int = 0
+    total_batches: int = 0
+    total_tokens: int = 0
+    rows_done: int = 0
+    rows_ok: int = 0
+    rows_failed: int = 0
+    batches_done: int = 0
+    calls: int = 0
+    in_flight: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    errors: int = 0  # batch-level failures (calls that raised and were not retried)
+    tokens_done: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    elapsed_s: float = 0.0
+    mean_latency_s: float = 0.0
+    p50_latency_s: float = 0.0
+    p95_latency_s: float = 0.0
+    finished: bool = False
+    cancelled: bool = False
+    agents: tuple[AgentStats, ...] = ()
+    # (seconds since start, rows done, tokens done), sampled at most every 0.2 s
+    history: tuple[tuple[float, int, int], ...] = ()
+    # (seconds since start, "retry" | "429" | "error")
+    incidents: tuple[tuple[float, str], ...] = ()
+
+    @property
+    def fraction_done(self) -> float:
+        return self.rows_done / self.total_rows if self.total_rows else 1.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows_done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at the current row rate, None before the first row finishes."""
+        rate = self.rows_per_s
+        if self.finished:
+            return 0.0
+        return (self.total_rows - self.rows_done) / rate if rate > 0 else None
+
+
+@dataclass
+class _Agent:
+    planned_tokens: int = 0
+    done_tokens: int = 0
+    inflight_tokens: int = 0
+    in_flight: int = 0
+    done_rows: int = 0
+    done_batches: int = 0
+    errors: int = 0
+    retries: int = 0
+    stolen: int = 0
+    stolen_tokens: int = 0
+    busy_s: float = 0.0
+    latency_n: int = 0
+
+    def freeze(self, agent_id: int) -> AgentStats:
+        mean = self.busy_s / self.latency_n if self.latency_n else 0.0
+        return AgentStats(
+            agent_id, self.planned_tokens, self.done_tokens, self.inflight_tokens,
+            self.in_flight, self.done_rows, self.done_batches, self.errors, self.retries,
+            self.stolen, self.busy_s, mean, self.stolen_tokens,
+        )
+
+
+@dataclass
+class StatsAccumulator:
+    """Folds events one at a time (O(1) each); ``snapshot()`` freezes the state into RunStats."""
+
+    history_every_s: float = 0.2
+    max_incidents: int = 2_000
+    latency_window: int = 2_000
+    t0: float | None = None
+    t_last: float = 0.0
+    stats: dict[str, int] = field(default_factory=dict)
+    agents: list[_Agent] = field(default_factory=list)
+    history: list[tuple[float, int, int]] = field(default_factory=list)
+    incidents: deque[tuple[float, str]] = field(default_factory=deque)
+    latencies: deque[float] = field(default_factory=deque)
+    latency_sum: float = 0.0
+    latency_n: int = 0
+    finished: bool = False
+    cancelled: bool = False
+
+    def __post_init__(self) -> None:
+        keys = RunStats.__dataclass_fields__
+        ints = [k for k, f in keys.items() if f.type == "int"]
+        self.stats = dict.fromkeys(ints, 0)
+        self.incidents = deque(maxlen=self.max_incidents)
+        self.latencies = deque(maxlen=self.latency_window)
+
+    def _agent(self, i: int) -> _Agent:
+        while len(self.agents) <= i:
+            self.agents.append(_Agent())
+        return self.agents[i]
+
+    def apply(self, ev: Event) -> None:  # noqa: C901 - one branch per event type
+        s = self.stats
+        if self.t0 is None:
+            self.t0 = ev.t
+        self.t_last = max(self.t_last, ev.t)
+        if isinstance(ev, RunStarted):
+            self.t0 = ev.t
+            s["total_rows"] += ev.total_rows
+            s["total_batches"] += ev.total_batches
+            s["total_tokens"] += ev.total_tokens
+            for i, tok in enumerate(ev.planned_tokens):
+                self._agent(i).planned_tokens += tok
+            self.finished = False
+        elif isinstance(ev, BatchStarted):
+            a = self._agent(ev.agent_id)
+            a.in_flight += 1
+            a.inflight_tokens += ev.tokens
+            s["in_flight"] += 1
+            s["calls"] += 1
+        elif isinstance(ev, BatchRetried):
+            self._end_call(ev.agent_id, ev)
+            self._agent(ev.agent_id).retries += 1
+            s["retries"] += 1
+            s["rate_limited"] += ev.rate_limited
+            self.incidents.append((ev.t - self.t0, "429" if ev.rate_limited else "retry"))
+        elif isinstance(ev, BatchFinished):
+            a = self._end_call(ev.agent_id, ev)
+            a.done_rows += ev.rows
+            a.done_tokens += ev.tokens
+            a.done_batches += 1
+            if ev.agent_id != ev.planned_agent:
+                a.stolen += 1
+                a.stolen_tokens += ev.tokens
+            a.busy_s += ev.elapsed_s
+            a.latency_n += 1
+            self._latency(ev.elapsed_s)
+            s["rows_done"] += ev.rows
+            s["rows_ok"] += ev.ok_rows
+            s["rows_failed"] += ev.error_rows
+            s["batches_done"] += 1
+            s["tokens_done"] += ev.tokens
+            s["input_tokens"] += ev.input_tokens
+            s["output_tokens"] += ev.output_tokens
+            self._sample(ev.t)
+        elif isinstance(ev, BatchFailed):
+            a = self._end_call(ev.agent_id, ev)
+            a.errors += 1
+            a.busy_s += ev.elapsed_s
+            s["errors"] += 1
+            self.incidents.append((ev.t - self.t0, "error"))
+            if not ev.bisected:
+                a.done_rows += ev.rows
+                a.done_tokens += ev.tokens
+                a.done_batches += 1
+                s["rows_done"] += ev.rows
+                s["rows_failed"] += ev.rows
+                s["batches_done"] += 1
+                s["tokens_done"] += ev.tokens
+                self._sample(ev.t)
+        elif isinstance(ev, RunFinished):
+            self.finished = True
+            self.cancelled = ev.cancelled
+            self._sample(ev.t, force=True)
+
+    def _end_call(self, agent_id: int, ev: BatchRetried | BatchFinished | BatchFailed) -> _Agent:
+        a = self._agent(agent_id)
+        a.in_flight -= 1
+        a.inflight_tokens -= ev.tokens
+        self.stats["in_flight"] -= 1
+        return a
+
+    def _latency(self, x: float) -> None:
+        self.latency_sum += x
+        self.latency_n += 1
+        self.latencies.append(x)
+
+    def _sample(self, t: float, *, force: bool = False) -> None:
+        assert self.t0 is not None
+        rel = t - self.t0
+        if force or not self.history or rel - self.history[-1][0] >= self.history_every_s:
+            self.history.append((rel, self.stats["rows_done"], self.stats["tokens_done"]))
+
+    def snapshot(self, now: float | None = None) -> RunStats:
+        """Freeze the current state. ``now`` (monotonic) sets elapsed time while running."""
+        t0 = self.t0 if self.t0 is not None else 0.0
+        end = self.t_last if (self.finished or now is None) else max(now, self.t_last)
+        lat = sorted(self.latencies)
+        return RunStats(
+            **self.stats,
+            elapsed_s=max(0.0, end - t0),
+            mean_latency_s=self.latency_sum / self.latency_n if self.latency_n else 0.0,
+            p50_latency_s=_quantile(lat, 0.5),
+            p95_latency_s=_quantile(lat, 0.95),
+            finished=self.finished,
+            cancelled=self.cancelled,
+            agents=tuple(a.freeze(i) for i, a in enumerate(self.agents)),
+            history=tuple(self.history),
+            incidents=tuple(self.incidents),
+        )
+
+
+def _quantile(sorted_xs: list[float], q: float) -> float:
+    if not sorted_xs:
+        return 0.0
+    return sorted_xs[min(len(sorted_xs) - 1, int(q * len(sorted_xs)))]
+
+
+def fold(events: Iterable[Event], now: float | None = None) -> RunStats:
+    """Pure fold: the RunStats that a sequence of events leads to."""
+    acc = StatsAccumulator()
+    for ev in events:
+        acc.apply(ev)
+    return acc.snapshot(now)

@@ -1,0 +1,233 @@
+"""Composable limits: concurrency, bytes in flight, request rate, token rate, adaptive (AIMD).
+
+Every limit has the same two-step protocol (aiometer's meters): ``await acquire(cost)`` before a
+call starts, ``release(cost, outcome)`` when it ends. The pool stacks them; none of them knows
+about the others, and none of them polls: waiters sleep on a future or for the exact time a
+bucket needs to refill.
+
+Examples
+--------
+>>> import asyncio
+>>> from dfbatch.limits import Cost, Outcome, RateLimit
+>>> async def demo():
+...     rpm = RateLimit(per_minute=6000, burst=0.001)  # 100 requests/s, burst of 6
+...     loop = asyncio.get_running_loop(); t0 = loop.time()
+...     for _ in range(16):
+...         await rpm.acquire(Cost(tokens=0))
+...     return round(loop.time() - t0, 1)
+>>> asyncio.run(demo())  # 6 at once, then 10 more at 100/s
+0.1
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """What one call will use: a request, its estimated tokens, its bytes in memory."""
+
+    tokens: int = 0
+    nbytes: int = 0
+    requests: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one call ended, for limits that learn (AIMD) or correct estimates (TPM)."""
+
+    ok: bool = True
+    rate_limited: bool = False
+    timed_out: bool = False
+    retry_after: float | None = None
+    actual_tokens: int | None = None  # real usage when the backend reports it
+    started_seq: int = 0
+
+
+class Limit(Protocol):
+    async def acquire(self, cost: Cost) -> None: ...
+
+    def release(self, cost: Cost, outcome: Outcome) -> None: ...
+
+
+class CapacityLimit:
+    """At most ``capacity`` units in use, where a call's units are ``weight(cost)``.
+
+    ``weight`` defaults to 1 per call (a concurrency limit). A call heavier than the whole
+    capacity still runs, alone, so nothing can wait forever (bytes limit). FIFO fair.
+    """
+
+    def __init__(self, capacity: float, weight: Callable[[Cost], float] | None = None):
+        self.capacity = float(capacity)
+        self.in_use = 0.0
+        self.max_in_use = 0.0
+        self._weight = weight or (lambda cost: 1.0)
+        self._waiters: deque[tuple[float, asyncio.Future[None]]] = deque()
+
+    def _fits(self, w: float) -> bool:
+        return self.in_use + w <= self.capacity or self.in_use == 0
+
+    async def acquire(self, cost: Cost) -> None:
+        w = self._weight(cost)
+        if not self._waiters and self._fits(w):
+            self._take(w)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (w, fut)
+        self._waiters.append(entry)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._give(w)  # granted, then cancelled: hand the units back
+            else:
+                self._waiters.remove(entry)
+                self._wake()
+            raise
+
+    def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
+        self._give(self._weight(cost))
+
+    def force_acquire(self, cost: Cost) -> None:
+        """Take units without waiting (may exceed capacity briefly)."""
+        self._take(self._weight(cost))
+
+    def set_capacity(self, capacity: float) -> None:
+        self.capacity = float(capacity)
+        self._wake()
+
+    def _take(self, w: float) -> None:
+        self.in_use += w
+        self.max_in_use = max(self.max_in_use, self.in_use)
+
+    def _give(self, w: float) -> None:
+        self.in_use = max(0.0, self.in_use - w)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._fits(self._waiters[0][0]):
+            w, fut = self._waiters.popleft()
+            if fut.done():
+                continue
+            self._take(w)
+            fut.set_result(None)
+
+
+class RateLimit:
+    """A token bucket refilled continuously at ``per_minute / 60`` units per second.
+
+    Units are requests (``tokens=False``) or tokens (``tokens=True``: a call is charged its
+    estimated tokens up front and corrected by ``Outcome.actual_tokens`` afterwards). The bucket
+    holds ``burst`` minutes' worth (default 0.1 min = 6 s) and starts full, so in any window of
+    ``T`` seconds at most ``burst * per_minute + per_minute * T / 60`` units are sent. A call
+    larger than the bucket waits for a full bucket and leaves it in debt (never deadlocks).
+    """
+
+    def __init__(self, per_minute: float, *, tokens: bool = False, burst: float = 0.1):
+        self.per_minute = float(per_minute)
+        self.rate = self.per_minute / 60.0
+        self.capacity = max(1.0, self.per_minute * burst)
+        self.level = self.capacity
+        self.tokens = tokens
+        self._stamp: float | None = None
+        self._lock = asyncio.Lock()
+
+    def _units(self, cost: Cost) -> float:
+        return float(cost.tokens if self.tokens else cost.requests)
+
+    def _refill(self, now: float) -> None:
+        if self._stamp is not None:
+            self.level = min(self.capacity, self.level + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    async def acquire(self, cost: Cost) -> None:
+        loop = asyncio.get_running_loop()
+        need = min(self._units(cost), self.capacity)
+        async with self._lock:  # FIFO: the head waits for the refill, the rest queue behind
+            self._refill(loop.time())
+            while self.level < need:
+                await asyncio.sleep((need - self.level) / self.rate)
+                self._refill(loop.time())
+            self.level -= self._units(cost)
+
+    def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
+        if self.tokens and outcome is not None and outcome.actual_tokens is not None:
+            # refund (or charge) the difference between the estimate and the real usage
+            self.level = min(self.capacity, self.level + cost.tokens - outcome.actual_tokens)
+
+
+class AdaptiveLimit:
+    """AIMD concurrency: halve on a 429 / timeout, +1 per window of successes, up to ``maximum``.
+
+    A 429 also pauses new sends for the server's ``retry_after``. Only one decrease per
+    congestion episode: 429s from calls that started before the last decrease are ignored.
+    """
+
+    def __init__(self, maximum: int, *, minimum: int = 1, initial: int | None = None):
+        self.maximum = maximum
+        self.minimum = max(1, minimum)
+        self.limit = float(initial if initial is not None else maximum)
+        self._slots = CapacityLimit(math.floor(self.limit))
+        self._seq = 0
+        self._decreased_at_seq = -1
+        self.pause_until = 0.0
+        self.decreases = 0
+
+    @property
+    def in_use(self) -> float:
+        return self._slots.in_use
+
+    async def acquire(self, cost: Cost) -> None:
+        loop = asyncio.get_running_loop()
+        while (wait := self.pause_until - loop.time()) > 0:
+            await asyncio.sleep(wait)
+        await self._slots.acquire(cost)
+        self._seq += 1
+
+    def next_seq(self) -> int:
+        """Sequence number of the call that acquired last (pass it back in its Outcome)."""
+        return self._seq
+
+    def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
+        self._slots.release(cost)
+        if outcome is None:
+            return
+        if outcome.rate_limited or outcome.timed_out:
+            if outcome.retry_after:
+                loop = asyncio.get_running_loop()
+                self.pause_until = max(self.pause_until, loop.time() + outcome.retry_after)
+            if outcome.started_seq > self._decreased_at_seq:
+                self.limit = max(float(self.minimum), self.limit / 2)
+                self._decreased_at_seq = self._seq
+                self.decreases += 1
+        elif outcome.ok:
+            self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
+        self._slots.set_capacity(math.floor(self.limit))
+
+
+class Limits:
+    """Several limits acquired in order (released in reverse); a cancelled acquire leaks nothing."""
+
+    def __init__(self, limits: Sequence[Limit]):
+        self.limits = list(limits)
+
+    async def acquire(self, cost: Cost) -> None:
+        taken: list[Limit] = []
+        try:
+            for limit in self.limits:
+                await limit.acquire(cost)
+                taken.append(limit)
+        except BaseException:
+            for limit in reversed(taken):
+                limit.release(cost, None)  # type: ignore[arg-type]
+            raise
+
+    def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
+        for limit in reversed(self.limits):
+            limit.release(cost, outcome)  # type: ignore[arg-type]

@@ -1,0 +1,137 @@
+"""Join the pool's per-row outcomes back into the result frame, and summaries derived from it.
+
+The result has one row per input row, in input order: the input columns, the plan columns,
+the output column(s), ``error`` (Utf8, null when ok), ``attempts``, ``run_batch_id`` and
+``run_agent_id`` (the batch and agent that actually ran the row, after splitting, bisecting
+and stealing), and the batch's ``started_at`` (UTC) and ``elapsed_s`` (first call to final
+answer, retries and backoff included).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import polars as pl
+
+from dfbatch.config import Columns
+from dfbatch.errors import ColumnError
+from dfbatch.pool import Outcomes
+
+_ROW = "__dfbatch_row"
+
+
+def assemble(planned: pl.DataFrame, out: Outcomes, columns: Columns) -> pl.DataFrame:
+    """Build the result frame from the planned input and the pool's outcomes."""
+    c = columns
+    n = planned.height
+    outputs = _outputs(out, n, c.output)
+    ran = out.done & ~np.isnan(out.started)
+    started = pl.Series(c.started_at, np.where(ran, out.started * 1e6, np.nan)).fill_nan(None)
+    extra = pl.DataFrame(
+        [
+            pl.Series(c.error, out.errors, dtype=pl.Utf8),
+            pl.Series(c.attempts, out.attempts, dtype=pl.UInt16),
+            pl.Series(c.run_batch_id, out.run_batch, dtype=pl.UInt32),
+            pl.Series(c.run_agent_id, out.run_agent, dtype=pl.UInt16),
+            started.cast(pl.Int64).cast(pl.Datetime("us", "UTC")),
+            pl.Series(c.elapsed_s, out.elapsed, dtype=pl.Float64).fill_nan(None),
+        ]
+    )
+    never = pl.Series(~ran)
+    extra = extra.with_columns(
+        pl.when(never).then(None).otherwise(pl.col(c.run_batch_id, c.run_agent_id)).name.keep()
+    )
+    return pl.concat([planned, outputs, extra], how="horizontal")
+
+
+def _outputs(out: Outcomes, n: int, name: str) -> pl.DataFrame:
+    if not out.pieces:
+        return pl.DataFrame({name: pl.Series(name, [None] * n, dtype=pl.Null)})
+    rows = np.concatenate([r for r, _ in out.pieces])
+    frames = [f for _, f in out.pieces]
+    try:
+        joined = pl.concat(frames, how="diagonal_relaxed")
+    except (pl.exceptions.PolarsError, TypeError):
+        msg = "fn returned different types in different batches; outputs were cast to text"
+        warnings.warn(msg, stacklevel=3)
+        joined = pl.concat(
+            [f.select(pl.all().cast(pl.Utf8)) for f in frames], how="diagonal_relaxed"
+        )
+    joined = joined.with_columns(pl.Series(_ROW, rows, dtype=pl.Int64))
+    base = pl.DataFrame({_ROW: pl.int_range(n, eager=True, dtype=pl.Int64)})
+    return base.join(joined, on=_ROW, how="left", maintain_order="left").drop(_ROW)
+
+
+def _require(result: pl.DataFrame, columns: Columns) -> None:
+    missing = [x for x in columns.result_names() if x not in result.columns]
+    if missing:
+        msg = (
+            f"this frame is not a dfbatch result (missing {missing}); "
+            "call df.batch.process(fn, ...) first"
+        )
+        raise ColumnError(msg)
+
+
+def batches(result: pl.DataFrame, columns: Columns | None = None) -> pl.DataFrame:
+    """One row per batch that ran: agent, planned agent, rows, tokens, timing, attempts, errors.
+
+    Examples
+    --------
+    >>> import polars as pl, dfbatch
+    >>> out = pl.DataFrame({"text": list("abcdef")}).batch.process(
+    ...     lambda b: b["text"].str.to_uppercase(), items_per_batch=4, agents=2, progress=False)
+    >>> out.batch.batches().select("run_batch_id", "rows", "failed_rows").sort("run_batch_id")
+    shape: (2, 3)
+    ┌──────────────┬──────┬─────────────┐
+    │ run_batch_id ┆ rows ┆ failed_rows │
+    │ ---          ┆ ---  ┆ ---         │
+    │ u32          ┆ u32  ┆ u32         │
+    ╞══════════════╪══════╪═════════════╡
+    │ 0            ┆ 4    ┆ 0           │
+    │ 1            ┆ 2    ┆ 0           │
+    └──────────────┴──────┴─────────────┘
+    """
+    c = columns or Columns()
+    _require(result, c)
+    return (
+        result.filter(pl.col(c.run_batch_id).is_not_null())
+        .group_by(c.run_batch_id, maintain_order=True)
+        .agg(
+            pl.col(c.run_agent_id).first(),
+            pl.col(c.agent_id).first().alias("planned_agent_id"),
+            pl.len().cast(pl.UInt32).alias("rows"),
+            pl.col(c.n_tokens).sum().alias("tokens"),
+            pl.col(c.started_at).first(),
+            pl.col(c.elapsed_s).first(),
+            pl.col(c.attempts).max(),
+            pl.col(c.error).is_not_null().sum().cast(pl.UInt32).alias("failed_rows"),
+        )
+    )
+
+
+def agents(result: pl.DataFrame, columns: Columns | None = None) -> pl.DataFrame:
+    """One row per agent: batches, rows, tokens, busy seconds, failed rows, stolen batches.
+
+    Examples
+    --------
+    >>> import polars as pl, dfbatch
+    >>> out = pl.DataFrame({"text": list("abcdefgh")}).batch.process(
+    ...     lambda b: b["text"], items_per_batch=2, agents=2, progress=False)
+    >>> out.batch.agents()["rows"].sum()
+    8
+    """
+    c = columns or Columns()
+    per_batch = batches(result, c)
+    return (
+        per_batch.group_by(c.run_agent_id)
+        .agg(
+            pl.len().cast(pl.UInt32).alias("batches"),
+            pl.col("rows").sum(),
+            pl.col("tokens").sum(),
+            pl.col(c.elapsed_s).sum().alias("busy_s"),
+            pl.col("failed_rows").sum(),
+            (pl.col(c.run_agent_id) != pl.col("planned_agent_id")).sum().alias("stolen"),
+        )
+        .sort(c.run_agent_id)
+    )

@@ -1,0 +1,71 @@
+"""Fault-injecting fake APIs shared by the pool tests (deterministic, seeded)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from dfbatch.errors import FatalError, RetryableError
+
+
+@dataclass
+class FakeAPI:
+    """An async fn with seeded latency, retryable faults with retry_after, hangs and poison rows.
+
+    ``poison`` rows (text contains "POISON") make the whole call fail with a non-retryable error.
+    Records every call (texts, start, end, outcome) and the peak number of calls in flight.
+    """
+
+    seed: int = 0
+    latency: float = 0.002
+    p_retryable: float = 0.0
+    retry_after: float = 0.01
+    p_hang: float = 0.0
+    hang_s: float = 30.0
+    calls: list[dict] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    async def __call__(self, batch: pl.DataFrame) -> list[str]:
+        texts = batch["text"].to_list()
+        call = {"texts": texts, "start": time.monotonic(), "outcome": "ok"}
+        self.calls.append(call)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        roll = self.rng.random()
+        try:
+            await asyncio.sleep(self.latency * (0.5 + self.rng.random()))
+            if any("POISON" in t for t in texts):
+                call["outcome"] = "poison"
+                msg = "400: invalid input"
+                raise FatalError(msg)
+            if roll < self.p_retryable:
+                call["outcome"] = "retry"
+                msg = "429: rate limited"
+                raise RetryableError(msg, retry_after=self.retry_after)
+            if roll < self.p_retryable + self.p_hang:
+                call["outcome"] = "hang"
+                await asyncio.sleep(self.hang_s)
+            return [expected(t) for t in texts]
+        finally:
+            call["end"] = time.monotonic()
+            self.in_flight -= 1
+
+
+def expected(text: str) -> str:
+    return text[::-1].upper()
+
+
+def texts(n: int, poison_every: int = 0) -> pl.DataFrame:
+    rows = [f"row {i} " + "word " * (i % 7) for i in range(n)]
+    if poison_every:
+        rows = [r + " POISON" if i % poison_every == poison_every - 1 else r
+                for i, r in enumerate(rows)]
+    return pl.DataFrame({"id": range(n), "text": rows})
