@@ -89,8 +89,12 @@ class BatchConfig:
     ``retry_on`` (predicate ``exc -> bool | None`` overriding the retry classification),
     ``oversize`` (a single row over ``token_limit``: "error" value, "truncate" the text, or
     "call" anyway), ``rpm`` / ``tpm`` (global rate limits), ``adaptive`` (AIMD concurrency on
-    429s), ``steal`` (idle agents take planned work from busy ones), ``sync_workers`` (threads
-    for a plain-function fn; None = min(64, global in-flight cap)), ``seed`` (jitter RNG).
+    429s), ``steal`` (idle agents take planned work from busy ones), ``dynamic_batching``
+    (resize pending batches from recent errors / latency / a binding request rate; see
+    ``dfbatch.sizing``), ``target_latency_s`` (grow batches while calls are faster than this),
+    ``hedge_after`` (a latency quantile, e.g. 0.95: a call slower than that gets a duplicate,
+    the first answer wins; costs tokens, off by default), ``sync_workers`` (threads for a
+    plain-function fn; None = min(64, global in-flight cap)), ``seed`` (jitter RNG).
     """
 
     items_per_batch: int = 4
@@ -114,6 +118,9 @@ class BatchConfig:
     tpm: float | None = None
     adaptive: bool = True
     steal: bool = True
+    dynamic_batching: bool = False
+    target_latency_s: float | None = None
+    hedge_after: float | None = None
     sync_workers: int | None = None
     seed: int | None = None
     columns: Columns = field(default_factory=Columns)
@@ -142,6 +149,16 @@ class BatchConfig:
                 _positive_float(name, value)
         if self.oversize not in ("error", "truncate", "call"):
             msg = f"oversize must be 'error', 'truncate' or 'call', got {self.oversize!r}"
+            raise ConfigError(msg)
+        if self.target_latency_s is not None:
+            _positive_float("target_latency_s", self.target_latency_s)
+        if self.hedge_after is not None and not (
+            isinstance(self.hedge_after, float) and 0 < self.hedge_after < 1
+        ):
+            msg = (
+                "hedge_after must be a latency quantile in (0, 1), e.g. 0.95, "
+                f"got {self.hedge_after!r}"
+            )
             raise ConfigError(msg)
         if self.sync_workers is not None:
             _positive_int("sync_workers", self.sync_workers, 4096)

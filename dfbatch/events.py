@@ -57,6 +57,15 @@ class BatchRetried:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchHedged:
+    """A straggling call got a duplicate (``hedge_after``); the first answer wins."""
+
+    t: float
+    batch_id: int
+    agent_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class BatchFinished:
     """A call returned outputs for every row (some rows may carry their own error values)."""
 
@@ -94,7 +103,10 @@ class RunFinished:
     cancelled: bool = False
 
 
-Event = RunStarted | BatchStarted | BatchRetried | BatchFinished | BatchFailed | RunFinished
+Event = (
+    RunStarted | BatchStarted | BatchRetried | BatchHedged | BatchFinished | BatchFailed
+    | RunFinished
+)
 Subscriber = Callable[[Event], None]
 
 
@@ -131,6 +143,7 @@ class RunStats:
     retries: int = 0
     rate_limited: int = 0
     errors: int = 0  # batch-level failures (calls that raised and were not retried)
+    hedges: int = 0
     tokens_done: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
@@ -247,6 +260,9 @@ class StatsAccumulator:
             s["retries"] += 1
             s["rate_limited"] += ev.rate_limited
             self.incidents.append((ev.t - self.t0, "429" if ev.rate_limited else "retry"))
+        elif isinstance(ev, BatchHedged):
+            s["hedges"] += 1
+            s["calls"] += 1
         elif isinstance(ev, BatchFinished):
             a = self._end_call(ev.agent_id, ev)
             a.done_rows += ev.rows

@@ -135,6 +135,7 @@ class RateLimit:
         self.capacity = max(1.0, self.per_minute * burst)
         self.level = self.capacity
         self.tokens = tokens
+        self.recent_wait = 0.0  # moving average of seconds an acquire waited (is it binding?)
         self._stamp: float | None = None
         self._lock = asyncio.Lock()
 
@@ -149,12 +150,14 @@ class RateLimit:
     async def acquire(self, cost: Cost) -> None:
         loop = asyncio.get_running_loop()
         need = min(self._units(cost), self.capacity)
+        t0 = loop.time()
         async with self._lock:  # FIFO: the head waits for the refill, the rest queue behind
             self._refill(loop.time())
             while self.level < need:
                 await asyncio.sleep((need - self.level) / self.rate)
                 self._refill(loop.time())
             self.level -= self._units(cost)
+        self.recent_wait += 0.1 * ((loop.time() - t0) - self.recent_wait)
 
     def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
         if self.tokens and outcome is not None and outcome.actual_tokens is not None:
@@ -227,6 +230,10 @@ class Limits:
             for limit in reversed(taken):
                 limit.release(cost, None)  # type: ignore[arg-type]
             raise
+
+    def add(self, limit: Limit) -> None:
+        """Add a limit learned during the run (e.g. from x-ratelimit-* headers)."""
+        self.limits.append(limit)
 
     def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
         for limit in reversed(self.limits):

@@ -33,6 +33,7 @@ from dfbatch.config import BatchConfig
 from dfbatch.events import (
     BatchFailed,
     BatchFinished,
+    BatchHedged,
     BatchRetried,
     BatchStarted,
     Event,
@@ -40,6 +41,7 @@ from dfbatch.events import (
 from dfbatch.limits import AdaptiveLimit, CapacityLimit, Cost, Limit, Limits, Outcome, RateLimit
 from dfbatch.outputs import OutputError, normalize
 from dfbatch.retry import backoff, classify, describe
+from dfbatch.sizing import BatchSizer
 
 CANCELLED = "cancelled"
 _ONE = Cost()
@@ -92,6 +94,7 @@ class Pool:
         cfg: BatchConfig,
         *,
         row_tokens: np.ndarray,
+        row_bytes: np.ndarray | None = None,
         emit: Callable[[Event], None],
         reserved: set[str],
         on_batch_done: Callable[[Batch, Outcomes], None] | None = None,
@@ -103,6 +106,7 @@ class Pool:
         self.reserved = reserved
         self.on_batch_done = on_batch_done
         self.row_tokens = row_tokens
+        self.row_bytes = row_bytes
         self.out = Outcomes(frame.height)
         n_agents = len(batches)
         self.queues = [deque(sorted(q, key=lambda b: (-b.tokens, b.id))) for q in batches]
@@ -115,14 +119,17 @@ class Pool:
         ]
         self.global_slots = CapacityLimit(cfg.in_flight_cap)
         self.adaptive = AdaptiveLimit(cfg.in_flight_cap) if cfg.adaptive else None
+        self.rpm = RateLimit(cfg.rpm) if cfg.rpm else None
+        self.tpm = RateLimit(cfg.tpm, tokens=True) if cfg.tpm else None
         shared: list[Limit] = [self.global_slots]
-        if self.adaptive is not None:
-            shared.append(self.adaptive)
-        if cfg.rpm:
-            shared.append(RateLimit(cfg.rpm))
-        if cfg.tpm:
-            shared.append(RateLimit(cfg.tpm, tokens=True))
+        shared += [x for x in (self.adaptive, self.rpm, self.tpm) if x is not None]
         self.shared = Limits(shared)
+        self.sizer = (
+            BatchSizer(cfg.items_per_batch, max_items=max(6, cfg.items_per_batch),
+                       target_latency_s=cfg.target_latency_s)
+            if cfg.dynamic_batching else None
+        )
+        self.latencies: deque[float] = deque(maxlen=256)
         self.rng = random.Random(cfg.seed)
         self.is_async = _is_async(fn)
         self.executor: ThreadPoolExecutor | None = None
@@ -199,7 +206,37 @@ class Pool:
                 return None
         batch = self.queues[victim].popleft()
         self.queued_load[victim] -= batch.tokens
-        return batch
+        return self._resize(victim, batch) if self.sizer is not None else batch
+
+    def _resize(self, qi: int, batch: Batch) -> Batch:
+        """Apply the dynamic target size: merge following pending batches, or split this one."""
+        assert self.sizer is not None
+        self.sizer.rate_bound = self._rate_bound()
+        target, n = self.sizer.target, len(batch.rows)
+        if batch.call_anyway or n == target:
+            return batch
+        if n > target:
+            rest = [batch.rows[i:i + target] for i in range(target, n, target)]
+            self._push_front(qi, [self._new_batch(batch, r) for r in rest])
+            return self._new_batch(batch, batch.rows[:target])
+        q, parts, overhead = self.queues[qi], [batch.rows], self.cfg.request_overhead_tokens
+        tokens = batch.tokens
+        while q and n + len(q[0].rows) <= target and not q[0].call_anyway and (
+            tokens + q[0].tokens - overhead <= self.cfg.token_limit
+        ):
+            nxt = q.popleft()
+            self.queued_load[qi] -= nxt.tokens
+            self.pending -= 1  # merged into this batch
+            parts.append(nxt.rows)
+            tokens += nxt.tokens - overhead
+            n += len(nxt.rows)
+        return batch if len(parts) == 1 else self._new_batch(batch, np.concatenate(parts))
+
+    def _rate_bound(self) -> bool:
+        """Is the request rate the binding limit (so fewer, larger requests finish sooner)?"""
+        if self.rpm is None or self.rpm.recent_wait < 1e-3:
+            return False
+        return self.tpm is None or self.rpm.recent_wait > 2 * self.tpm.recent_wait
 
     def _push_front(self, a: int, batches: list[Batch]) -> None:
         for b in reversed(batches):
@@ -263,9 +300,10 @@ class Pool:
             seq = self.adaptive.next_seq() if self.adaptive else 0
             if attempt == 1:
                 wall0, t_first = time.time(), loop.time()
-            self._started(a, batch, attempt, loop.time())
+            t_call = loop.time()
+            self._started(a, batch, attempt, t_call)
             try:
-                value, used = await self._call(batch)
+                value, used = await self._call_hedged(a, batch, cost)
                 frame, row_errors = normalize(
                     value, len(batch.rows), self.cfg.columns.output, reserved=self.reserved
                 )
@@ -283,6 +321,8 @@ class Pool:
                 )
                 self.agent_bytes[a].release(cost)
                 elapsed = loop.time() - t_first
+                if self.sizer is not None:
+                    self.sizer.observe(ok=False, latency_s=loop.time() - t_call)
                 if decision.retry and attempt < self.cfg.max_attempts:
                     delay = backoff(attempt, base=self.cfg.backoff_base,
                                     cap=self.cfg.backoff_max, retry_after=decision.retry_after,
@@ -296,6 +336,11 @@ class Pool:
             actual = used.input_tokens + used.output_tokens if used.input_tokens else None
             self.shared.release(cost, Outcome(True, actual_tokens=actual, started_seq=seq))
             self.agent_bytes[a].release(cost)
+            self.latencies.append(loop.time() - t_call)
+            if self.sizer is not None:
+                self.sizer.observe(ok=True, latency_s=loop.time() - t_call)
+            if used.headers:
+                self._learn_limits(used.headers)
             self._record_ok(a, batch, frame, row_errors, wall0, loop.time() - t_first, used)
             return
 
@@ -309,6 +354,65 @@ class Pool:
             slots.force_acquire(_ONE)  # keep the caller's release balanced; never block here
             raise
         await slots.acquire(_ONE)
+
+    async def _call_hedged(self, a: int, batch: Batch, cost: Cost) -> tuple[Any, _usage.Usage]:
+        """Call fn; with ``hedge_after``, a straggler gets a duplicate and the first answer wins."""
+        delay = self._hedge_delay()
+        if delay is None:
+            return await self._call(batch)
+        first = asyncio.ensure_future(self._call(batch))
+        tasks = {first}
+        try:
+            done, _ = await asyncio.wait(tasks, timeout=delay)
+            if not done:
+                loop = asyncio.get_running_loop()
+                self.emit(BatchHedged(loop.time(), batch.id, a))
+                self.out.attempts[batch.rows] += 1
+                tasks.add(asyncio.ensure_future(self._hedge_call(batch, cost)))
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is None:
+                        return task.result()
+            return first.result()  # every copy failed: raise the original call's error
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _hedge_call(self, batch: Batch, cost: Cost) -> tuple[Any, _usage.Usage]:
+        await self.shared.acquire(cost)
+        ok = False
+        try:
+            result = await self._call(batch)
+            ok = True
+            return result
+        finally:
+            self.shared.release(cost, Outcome(ok) if ok else None)
+
+    def _hedge_delay(self) -> float | None:
+        q = self.cfg.hedge_after
+        if q is None or len(self.latencies) < 20:
+            return None
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def _learn_limits(self, headers: dict[str, str]) -> None:
+        """Adopt the provider's x-ratelimit-limit-* when the user configured no rpm / tpm."""
+        lower = {k.lower(): v for k, v in headers.items()}
+        for key, attr, tokens in (("x-ratelimit-limit-requests", "rpm", False),
+                                  ("x-ratelimit-limit-tokens", "tpm", True)):
+            if getattr(self, attr) is not None or key not in lower:
+                continue
+            try:
+                per_minute = float(lower[key])
+            except ValueError:
+                continue
+            if per_minute > 0:
+                limit = RateLimit(per_minute, tokens=tokens)
+                setattr(self, attr, limit)
+                self.shared.add(limit)
 
     async def _call(self, batch: Batch) -> tuple[Any, _usage.Usage]:
         df = self.frame[batch.rows]
@@ -345,13 +449,13 @@ class Pool:
 
     def _halves(self, batch: Batch) -> list[Batch]:
         mid = len(batch.rows) // 2
-        parts = [batch.rows[:mid], batch.rows[mid:]]
-        out = []
-        for rows in parts:
-            out.append(Batch(self.next_id, batch.planned_agent, rows, self._tokens(rows),
-                             batch.nbytes * len(rows) // max(1, len(batch.rows))))
-            self.next_id += 1
-        return out
+        return [self._new_batch(batch, batch.rows[:mid]), self._new_batch(batch, batch.rows[mid:])]
+
+    def _new_batch(self, parent: Batch, rows: np.ndarray) -> Batch:
+        """A batch made of some rows of ``parent`` (split, bisected or merged), with a new id."""
+        nbytes = int(self.row_bytes[rows].sum()) if self.row_bytes is not None else parent.nbytes
+        self.next_id += 1
+        return Batch(self.next_id - 1, parent.planned_agent, rows, self._tokens(rows), nbytes)
 
     def _tokens(self, rows: np.ndarray) -> int:
         per_row = self.cfg.output_tokens_per_row

@@ -111,6 +111,7 @@ class _Job:
     send: pl.DataFrame  # what fn sees (texts truncated under oversize="truncate")
     batches: list[list[Batch]]
     row_tokens: np.ndarray
+    row_bytes: np.ndarray
     pool: Pool | None = None
     stop_requested: bool = False
 
@@ -132,8 +133,9 @@ class _Job:
             raise ConfigError(msg)
         planned = _planned(df, text, cfg)
         send, row_tokens = _to_send(planned, text, cfg)
-        batches = _batches(planned, row_tokens, text, cfg)
-        return cls(fn, cfg, planned, send, batches, row_tokens)
+        row_bytes = _row_bytes(planned, text)
+        batches = _batches(planned, row_tokens, row_bytes, cfg)
+        return cls(fn, cfg, planned, send, batches, row_tokens, row_bytes)
 
     def stop(self) -> None:
         self.stop_requested = True
@@ -155,7 +157,7 @@ class _Job:
 
         reserved = set(self.planned.columns) | set(self.cfg.columns.result_names())
         pool = Pool(self.fn, self.send, self.batches, self.cfg, row_tokens=self.row_tokens,
-                    emit=emit, reserved=reserved)
+                    row_bytes=self.row_bytes, emit=emit, reserved=reserved)
         self.pool = pool
         c = self.cfg.columns
         planned_tokens = (
@@ -237,7 +239,7 @@ def _oversize_rows(tokens: np.ndarray, cfg: BatchConfig) -> np.ndarray:
 
 
 def _batches(
-    planned: pl.DataFrame, tokens: np.ndarray, text: str | pl.Expr, cfg: BatchConfig
+    planned: pl.DataFrame, tokens: np.ndarray, row_bytes: np.ndarray, cfg: BatchConfig
 ) -> list[list[Batch]]:
     """Group row positions by planned batch (vectorized) into per-agent lists of Batch."""
     c = cfg.columns
@@ -253,7 +255,7 @@ def _batches(
     counts = np.diff(np.append(starts, len(order)))
     btok = np.add.reduceat(tokens[order], starts)
     btok = btok + cfg.request_overhead_tokens + cfg.output_tokens_per_row * counts
-    nbytes = np.add.reduceat(_row_bytes(planned, text)[order], starts)
+    nbytes = np.add.reduceat(row_bytes[order], starts)
     agents = aid[order[starts]]
     call = cfg.oversize == "call"
     out: list[list[Batch]] = [[] for _ in range(n_agents)]

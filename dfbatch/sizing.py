@@ -1,0 +1,70 @@
+"""Dynamic batch size: the seed's rule, done properly (a window of outcomes, not a running guess).
+
+Shrink (down to 2 rows) when the recent error rate is high; grow when calls go well: up to
+``max_items`` (the seed's 6) when calls are faster than ``target_latency_s``, or up to
+``token_limit`` (row count capped by ``rate_bound_items``) while the request rate is the binding
+limit, since fewer, larger requests then finish sooner. The pool applies the target to batches
+not yet started by merging or splitting pending work; every row still runs in exactly one batch.
+
+Examples
+--------
+>>> s = BatchSizer(initial=4)
+>>> for _ in range(20):
+...     s.observe(ok=False, latency_s=1.0)
+>>> s.target
+2
+>>> s = BatchSizer(initial=4, target_latency_s=2.0)
+>>> for _ in range(40):
+...     s.observe(ok=True, latency_s=0.5)
+>>> s.target
+6
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class BatchSizer:
+    initial: int
+    minimum: int = 2
+    max_items: int = 6
+    rate_bound_items: int = 64
+    target_latency_s: float | None = None
+    window: int = 16
+    high_error_rate: float = 0.1
+    low_error_rate: float = 0.02
+    target: int = field(init=False)
+    rate_bound: bool = False
+    _outcomes: deque[tuple[bool, float]] = field(init=False)
+    _since_change: int = 0
+
+    def __post_init__(self) -> None:
+        self.target = self.initial
+        self._outcomes = deque(maxlen=self.window)
+
+    def observe(self, *, ok: bool, latency_s: float) -> None:
+        """Record one finished call and maybe move the target by one step."""
+        self._outcomes.append((ok, latency_s))
+        self._since_change += 1
+        if self._since_change < self.window // 2 or len(self._outcomes) < self.window // 2:
+            return
+        errors = sum(not o for o, _ in self._outcomes) / len(self._outcomes)
+        mean = sum(t for _, t in self._outcomes) / len(self._outcomes)
+        if errors > self.high_error_rate:
+            self._move(max(min(self.minimum, self.initial), self.target - 1))
+        elif errors <= self.low_error_rate and self._may_grow(mean):
+            self._move(self.target + 1)
+
+    def _may_grow(self, mean_latency: float) -> bool:
+        if self.rate_bound:
+            return self.target < self.rate_bound_items
+        fast = self.target_latency_s is not None and mean_latency < self.target_latency_s
+        return fast and self.target < self.max_items
+
+    def _move(self, target: int) -> None:
+        if target != self.target:
+            self.target = target
+            self._since_change = 0
