@@ -1,0 +1,302 @@
+"""``chat``: an ``fn`` for ``dfbatch.process`` that sends each batch to a chat-completions API.
+
+Two modes. ``"per_row"``: one request per row, the batch's requests run concurrently; a row
+rejected by the API with 400 / 413 / 422 (bad or poisoned input) fails alone as a ``RowError``,
+while retryable errors (429, 5xx, timeouts, lost connections) propagate unchanged to the pool,
+which backs off (honoring ``retry-after``) and retries. Rows of that batch that had already
+succeeded are kept and not sent again on the retry. ``"batch"``: one request for the whole
+batch (rows as a numbered JSON list, see ``dfbatch.llm.batchmode``), cheaper in requests.
+
+Examples
+--------
+>>> import polars as pl, dfbatch, dfbatch.sim
+>>> from dfbatch.llm import chat
+>>> df = pl.DataFrame({"text": ["Polars is fast. It is written in Rust.", "Arrow is columnar."]})
+>>> with dfbatch.sim.serve(time_scale=0.01) as url:
+...     fn = chat("sim-chat", "Summarize: {text}", max_tokens=32, base_url=url)
+...     out = dfbatch.process(df, fn, progress=False)
+>>> out["output"].to_list()
+['Polars is fast.', 'Arrow is columnar.']
+>>> fn.dfbatch_output_tokens, fn.dfbatch_fingerprint["prompt"]
+(32, 'Summarize: {text}')
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import polars as pl
+
+from dfbatch.errors import ConfigError, RowError
+from dfbatch.llm import batchmode
+from dfbatch.llm.client import ClientSource, scrub
+from dfbatch.llm.prompt import Template
+from dfbatch.llm.schema import ResponseFormat
+from dfbatch.usage import report_usage
+
+Mode = Literal["per_row", "batch"]
+_ROW_STATUSES = frozenset({400, 413, 422})  # the input itself is bad: fail that row only
+_STASH_MAX = 4096
+_RATE_HEADERS = ("x-ratelimit-", "retry-after")
+
+
+@dataclass
+class _Spec:
+    model: str
+    template: Template
+    system: str | None
+    max_tokens: int
+    temperature: float | None
+    fmt: ResponseFormat
+    source: ClientSource
+    extra: dict[str, Any]
+    stash: dict[str, Any] = field(default_factory=dict)  # row answers kept across retries
+
+    def params(self, max_tokens: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, **self.extra}
+        if self.temperature is not None:
+            out["temperature"] = self.temperature
+        return out
+
+
+def chat(
+    model: str,
+    prompt: str = "Summarize: {text}",
+    *,
+    system: str | None = None,
+    max_tokens: int = 256,
+    temperature: float | None = None,
+    response_format: Any = None,
+    mode: Mode = "per_row",
+    client: Any = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    timeout: float | None = None,
+    extra_body: dict[str, Any] | None = None,
+) -> Callable[[pl.DataFrame], Awaitable[list[Any] | pl.Series]]:
+    """Build an async ``fn(batch)`` that answers ``prompt`` for every row with a chat model.
+
+    Parameters
+    ----------
+    model
+        Model name (``"gpt-4o-mini"``, or ``"sim-chat"`` on the local simulator).
+    prompt
+        Template of the user message; ``{col}`` placeholders name columns of the frame.
+    system
+        Optional system message (sent with every request).
+    max_tokens
+        Output cap per row. dfbatch charges it against ``tpm`` (as providers do).
+    temperature
+        Sampling temperature; ``None`` sends none (the server's default).
+    response_format
+        ``None`` (text column), a pydantic model class or a JSON schema dict (struct column).
+    mode
+        ``"per_row"`` (one request per row, concurrently) or ``"batch"`` (one request per batch).
+    client, base_url, api_key, timeout
+        An ``openai.AsyncOpenAI`` client, or how to make one (defaults: ``OPENAI_BASE_URL``,
+        ``OPENAI_API_KEY``; ``timeout`` in seconds per request). Retries are dfbatch's: the
+        client is used with ``max_retries=0``.
+    extra_body
+        Extra request fields (e.g. ``{"seed": 1}``), recorded in the fingerprint.
+    """
+    if mode not in ("per_row", "batch"):
+        msg = f"mode must be 'per_row' or 'batch', got {mode!r}"
+        raise ConfigError(msg)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+        msg = f"max_tokens must be an integer > 0, got {max_tokens!r}"
+        raise ConfigError(msg)
+    if temperature is not None and not (
+        isinstance(temperature, (int, float)) and 0 <= temperature <= 2
+    ):
+        msg = f"temperature must be a number in [0, 2] or None, got {temperature!r}"
+        raise ConfigError(msg)
+    if not isinstance(model, str) or not model:
+        msg = f"model must be a non-empty string, got {model!r}"
+        raise ConfigError(msg)
+    spec = _Spec(
+        model,
+        Template(prompt),
+        system,
+        max_tokens,
+        temperature,
+        ResponseFormat.of(response_format),
+        ClientSource(client, base_url=base_url, api_key=api_key, timeout=timeout),
+        dict(extra_body or {}),
+    )
+    fn = _per_row_fn(spec) if mode == "per_row" else _batch_fn(spec)
+    per_row_out = max_tokens + (batchmode.ITEM_OVERHEAD_TOKENS if mode == "batch" else 0)
+    fn.__name__ = fn.__qualname__ = f"chat[{model}]"
+    fn.dfbatch_fingerprint = {  # type: ignore[attr-defined]
+        "kind": "chat",
+        "mode": mode,
+        "model": model,
+        "prompt": prompt,
+        "system": system,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "response_format": spec.fmt.api,
+        "extra_body": spec.extra,
+    }
+    fn.dfbatch_output_tokens = per_row_out  # type: ignore[attr-defined]
+    return fn
+
+
+def _per_row_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | pl.Series]]:
+    async def fn(batch: pl.DataFrame) -> list[Any] | pl.Series:
+        prompts = spec.template.render(batch)
+        try:
+            client = await spec.source.get()
+            outcomes = await asyncio.gather(
+                *(_one_row(spec, client, p) for p in prompts), return_exceptions=True
+            )
+        except BaseException as exc:
+            scrub(exc, spec.source.secrets)
+            raise
+        failure = _worst(outcomes)
+        if failure is not None:
+            for p, outcome in zip(prompts, outcomes, strict=True):
+                if not isinstance(outcome, BaseException):
+                    _stash(spec, p, outcome)
+            raise scrub(failure, spec.source.secrets)
+        return _column(spec, list(outcomes))
+
+    return fn
+
+
+async def _one_row(spec: _Spec, client: Any, prompt: str) -> Any:
+    if prompt in spec.stash:
+        return spec.stash.pop(prompt)
+    messages = _messages(spec.system, prompt)
+    kwargs = spec.params(spec.max_tokens)
+    if spec.fmt.api is not None:
+        kwargs["response_format"] = spec.fmt.api
+    try:
+        raw = await client.chat.completions.with_raw_response.create(messages=messages, **kwargs)
+    except Exception as exc:
+        if _status(exc) in _ROW_STATUSES:
+            scrub(exc, spec.source.secrets)
+            return RowError(f"{type(exc).__name__}: {_message(exc)}")
+        raise
+    completion = raw.parse()
+    _report(completion, raw.headers)
+    choice = completion.choices[0]
+    refusal = getattr(choice.message, "refusal", None)
+    if refusal:
+        return RowError(f"the model refused: {refusal}")
+    content = choice.message.content
+    if not spec.fmt.structured:
+        return content
+    value, problem = spec.fmt.parse(content)
+    if problem is not None:
+        cut = " (cut at max_tokens)" if choice.finish_reason == "length" else ""
+        return RowError(f"structured answer does not fit the schema: {problem}{cut}")
+    return value
+
+
+def _batch_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | pl.Series]]:
+    rf = batchmode.response_format(spec.fmt.schema if spec.fmt.structured else None)
+    system = batchmode.system_message(spec.system, spec.fmt.schema)
+
+    async def fn(batch: pl.DataFrame) -> list[Any] | pl.Series:
+        prompts = spec.template.render(batch)
+        n = len(prompts)
+        messages = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": batchmode.user_message(prompts)},
+        ]
+        budget = n * (spec.max_tokens + batchmode.ITEM_OVERHEAD_TOKENS) + 16
+        try:
+            client = await spec.source.get()
+            raw = await client.chat.completions.with_raw_response.create(
+                messages=messages, response_format=rf, **spec.params(budget)
+            )
+        except BaseException as exc:
+            scrub(exc, spec.source.secrets)
+            raise
+        completion = raw.parse()
+        _report(completion, raw.headers)
+        choice = completion.choices[0]
+        values = batchmode.parse_results(
+            choice.message.content, n, truncated=choice.finish_reason == "length"
+        )
+        return _column(spec, [v if isinstance(v, RowError) else _fit(spec, v) for v in values])
+
+    return fn
+
+
+def _fit(spec: _Spec, value: Any) -> Any:
+    """One batch-mode answer as a row value: text, or a struct checked against the schema."""
+    if not spec.fmt.structured:
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    fitted, problem = spec.fmt.coerce(value)
+    return RowError(f"structured answer does not fit the schema: {problem}") if problem else fitted
+
+
+def _column(spec: _Spec, values: list[Any]) -> list[Any] | pl.Series:
+    """A typed Series when every row succeeded, else the list with ``RowError`` items."""
+    if any(isinstance(v, RowError) for v in values):
+        return values
+    dtype = spec.fmt.dtype if spec.fmt.structured else pl.String()
+    return pl.Series("output", values, dtype=dtype, strict=False)
+
+
+def _messages(system: str | None, prompt: str) -> list[dict[str, str]]:
+    user = {"role": "user", "content": prompt}
+    return [{"role": "system", "content": system}, user] if system else [user]
+
+
+def _report(completion: Any, headers: Any) -> None:
+    usage = getattr(completion, "usage", None)
+    rate = {k: v for k, v in headers.items() if k.lower().startswith(_RATE_HEADERS)}
+    report_usage(
+        input_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+        output_tokens=getattr(usage, "completion_tokens", 0) or 0,
+        headers=rate or None,
+    )
+
+
+def _status(exc: BaseException) -> int | None:
+    status = getattr(exc, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _message(exc: BaseException) -> str:
+    """The server's own error message (``body.message``) when there is one, else ``str(exc)``."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    text = body.get("message") if isinstance(body, dict) else None
+    text = str(text or getattr(exc, "message", None) or exc).strip()
+    status = _status(exc)
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return f"HTTP {status}: {first}" if status is not None else first
+
+
+def _worst(outcomes: list[Any]) -> BaseException | None:
+    """The exception to raise for a batch: a 429 with the longest retry-after, else the first."""
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    if not failures:
+        return None
+    for f in failures:
+        if not isinstance(f, Exception):  # CancelledError, KeyboardInterrupt: re-raise as is
+            return f
+    limited = [f for f in failures if _status(f) == 429]
+    if limited:
+        return max(limited, key=_retry_after)
+    return failures[0]
+
+
+def _retry_after(exc: BaseException) -> float:
+    from dfbatch.retry import retry_after
+
+    return retry_after(exc) or 0.0
+
+
+def _stash(spec: _Spec, prompt: str, outcome: Any) -> None:
+    spec.stash[prompt] = outcome
+    while len(spec.stash) > _STASH_MAX:
+        spec.stash.pop(next(iter(spec.stash)))
