@@ -88,9 +88,10 @@ class BatchConfig:
     bisecting / failing), ``backoff_base`` / ``backoff_max`` (seconds, full-jitter exponential),
     ``retry_on`` (predicate ``exc -> bool | None`` overriding the retry classification),
     ``oversize`` (a single row over ``token_limit``: "error" value, "truncate" the text, or
-    "call" anyway), ``rpm`` / ``tpm`` (global rate limits), ``adaptive`` (AIMD concurrency on
-    429s), ``steal`` (idle agents take planned work from busy ones), ``dynamic_batching``
-    (resize pending batches from recent errors / latency / a binding request rate; see
+    "call" anyway), ``rpm`` / ``tpm`` (global rate limits; token buckets that hold ``rate_burst``
+    minutes' worth, default 0.1 = 6 s, so they never send a minute's quota at once),
+    ``adaptive`` (AIMD concurrency on 429s), ``steal`` (idle agents take planned work from
+    busy ones), ``dynamic_batching`` (resize pending batches from recent errors / latency / a binding request rate; see
     ``dfbatch.sizing``), ``target_latency_s`` (grow batches while calls are faster than this),
     ``hedge_after`` (a latency quantile, e.g. 0.95: a call slower than that gets a duplicate,
     the first answer wins; costs tokens, off by default), ``sync_workers`` (threads for a
@@ -116,6 +117,7 @@ class BatchConfig:
     oversize: Oversize = "error"
     rpm: float | None = None
     tpm: float | None = None
+    rate_burst: float = 0.1
     adaptive: bool = True
     steal: bool = True
     dynamic_batching: bool = False
@@ -147,6 +149,9 @@ class BatchConfig:
             value = getattr(self, name)
             if value is not None:
                 _positive_float(name, value)
+        if not (isinstance(self.rate_burst, (int, float)) and 0 < self.rate_burst <= 1):
+            msg = f"rate_burst must be a fraction of a minute in (0, 1], got {self.rate_burst!r}"
+            raise ConfigError(msg)
         if self.oversize not in ("error", "truncate", "call"):
             msg = f"oversize must be 'error', 'truncate' or 'call', got {self.oversize!r}"
             raise ConfigError(msg)
@@ -196,7 +201,7 @@ class BatchConfig:
         >>> BatchConfig.from_kwargs(items_per_bach=2)
         Traceback (most recent call last):
         ...
-        dfbatch.errors.ConfigError: unknown setting 'items_per_bach'. Hint: did you mean 'items_per_batch'?
+        dfbatch.errors.ConfigError: unknown setting 'items_per_bach'. Hint: did you mean ...?
         """
         known = {f.name for f in dataclasses.fields(cls)}
         for key in kwargs:

@@ -188,7 +188,8 @@ class AdaptiveLimit:
 
     async def acquire(self, cost: Cost) -> None:
         loop = asyncio.get_running_loop()
-        while (wait := self.pause_until - loop.time()) > 0:
+        # a timed wait for a 429's retry-after, re-checked because a later 429 may extend it
+        while (wait := self.pause_until - loop.time()) > 0:  # noqa: ASYNC110
             await asyncio.sleep(wait)
         await self._slots.acquire(cost)
         self._seq += 1

@@ -13,7 +13,7 @@ Examples
 >>> normalize(["a"], 2, "output", reserved=set())
 Traceback (most recent call last):
 ...
-dfbatch.outputs.OutputError: fn returned 1 outputs for a batch of 2 rows; return exactly one output per row, in order
+dfbatch.outputs.OutputError: fn returned 1 outputs for a batch of 2 rows; return exactly one ...
 """
 
 from __future__ import annotations

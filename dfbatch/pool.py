@@ -119,8 +119,9 @@ class Pool:
         ]
         self.global_slots = CapacityLimit(cfg.in_flight_cap)
         self.adaptive = AdaptiveLimit(cfg.in_flight_cap) if cfg.adaptive else None
-        self.rpm = RateLimit(cfg.rpm) if cfg.rpm else None
-        self.tpm = RateLimit(cfg.tpm, tokens=True) if cfg.tpm else None
+        burst = cfg.rate_burst
+        self.rpm = RateLimit(cfg.rpm, burst=burst) if cfg.rpm else None
+        self.tpm = RateLimit(cfg.tpm, tokens=True, burst=burst) if cfg.tpm else None
         shared: list[Limit] = [self.global_slots]
         shared += [x for x in (self.adaptive, self.rpm, self.tpm) if x is not None]
         self.shared = Limits(shared)
@@ -410,7 +411,7 @@ class Pool:
             except ValueError:
                 continue
             if per_minute > 0:
-                limit = RateLimit(per_minute, tokens=tokens)
+                limit = RateLimit(per_minute, tokens=tokens, burst=self.cfg.rate_burst)
                 setattr(self, attr, limit)
                 self.shared.add(limit)
 
@@ -477,7 +478,7 @@ class Pool:
         self.out.pieces.append((batch.rows, frame))
         n_err = 0
         if row_errors is not None:
-            for i, err in zip(batch.rows.tolist(), row_errors):
+            for i, err in zip(batch.rows.tolist(), row_errors, strict=True):
                 self.out.errors[i] = err
                 n_err += err is not None
         t = asyncio.get_running_loop().time()

@@ -150,11 +150,11 @@ def backoff(
     A server hint is a floor: the wait is ``retry_after`` plus a small jitter (so clients that
     were told the same instant do not return together).
     """
-    rng = rng or random
+    draw = (rng or random.Random()).uniform
     ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
     if retry_after is not None:
-        return retry_after + rng.uniform(0, min(ceiling, max(0.05, 0.25 * retry_after)))
-    return rng.uniform(0, ceiling)
+        return retry_after + draw(0, min(ceiling, max(0.05, 0.25 * retry_after)))
+    return draw(0, ceiling)
 
 
 def describe(exc: BaseException) -> str:

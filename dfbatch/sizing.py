@@ -56,7 +56,9 @@ class BatchSizer:
         if errors > self.high_error_rate:
             self._move(max(min(self.minimum, self.initial), self.target - 1))
         elif errors <= self.low_error_rate and self._may_grow(mean):
-            self._move(self.target + 1)
+            step = max(1, self.target // 2) if self.rate_bound else 1  # the rate binds: grow fast
+            cap = self.rate_bound_items if self.rate_bound else self.max_items
+            self._move(min(cap, self.target + step))
 
     def _may_grow(self, mean_latency: float) -> bool:
         if self.rate_bound:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import Counter, defaultdict
 
@@ -11,7 +12,7 @@ import pytest
 
 import dfbatch
 from dfbatch.errors import RetryableError
-from dfbatch.events import BatchFinished, BatchStarted, BatchFailed, BatchRetried, fold
+from dfbatch.events import BatchFailed, BatchFinished, BatchRetried, BatchStarted, fold
 from tests.fakes import FakeAPI, expected, texts
 
 FAST = {"backoff_base": 0.001, "backoff_max": 0.01, "progress": False}
@@ -65,7 +66,7 @@ def test_retry_waits_at_least_retry_after() -> None:
     assert out["error"].is_null().all()
     assert set(out["attempts"].to_list()) == {3}
     for stamps in attempts.values():
-        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(stamps)]
         assert min(gaps) >= 0.15
 
 

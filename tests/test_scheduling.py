@@ -1,0 +1,106 @@
+"""Dynamic batch size, hedging and limits learned from headers keep every row exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import polars as pl
+
+import dfbatch
+from dfbatch.errors import RetryableError
+from dfbatch.events import fold
+from dfbatch.run import _Job
+from tests.fakes import texts
+
+FAST = {"backoff_base": 0.001, "backoff_max": 0.005, "progress": False}
+
+
+def _words(ts: list[str]) -> list[int]:
+    return [len(t.split()) for t in ts]
+
+
+def test_dynamic_sizing_shrinks_under_errors() -> None:
+    calls = 0
+
+    async def flaky(batch: pl.DataFrame) -> list[str]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.001)
+        if calls % 3 == 0:
+            msg = "overloaded"
+            raise RetryableError(msg)
+        return batch["text"].to_list()
+
+    df = texts(400)
+    out = dfbatch.process(df, flaky, encoding=_words, agents=2, dynamic_batching=True,
+                          max_attempts=10, **FAST)
+    assert out["output"].to_list() == df["text"].to_list()
+    sizes = out.group_by("run_batch_id").len()["len"]
+    assert sizes.max() <= 4 and (sizes == 2).sum() > 0  # shrank to the minimum of 2
+    assert out["run_batch_id"].n_unique() > 100  # smaller batches than the plan's 100
+
+
+def test_dynamic_sizing_grows_when_request_rate_binds() -> None:
+    async def fn(batch: pl.DataFrame) -> list[str]:
+        await asyncio.sleep(0.001)
+        return batch["text"].to_list()
+
+    df = texts(600)
+    out = dfbatch.process(df, fn, encoding=_words, agents=2, rpm=1200, rate_burst=0.01,
+                          dynamic_batching=True, **FAST)
+    assert out["output"].to_list() == df["text"].to_list()
+    assert out["error"].is_null().all()
+    sizes = out.group_by("run_batch_id").len()["len"]
+    assert sizes.max() > 4  # merged pending batches once RPM was the binding limit
+    assert sizes.sum() == 600 and out["run_batch_id"].n_unique() < 150
+
+
+def test_dynamic_sizing_respects_token_limit() -> None:
+    async def fn(batch: pl.DataFrame) -> list[int]:
+        return [len(batch)] * len(batch)
+
+    df = texts(600)
+    out = dfbatch.process(df, fn, encoding=_words, agents=2, rpm=1200, rate_burst=0.01,
+                          dynamic_batching=True, token_limit=40, **FAST)
+    per_batch = out.group_by("run_batch_id").agg(pl.col("n_tokens").sum())
+    assert per_batch["n_tokens"].max() <= 40
+
+
+def test_hedging_keeps_one_answer_per_row() -> None:
+    seen: dict[int, int] = {}
+
+    async def straggly(batch: pl.DataFrame) -> list[int]:
+        first = batch["id"][0]
+        seen[first] = seen.get(first, 0) + 1
+        slow = first % 40 == 36 and first > 200 and seen[first] == 1  # a few first tries hang
+        await asyncio.sleep(20.0 if slow else 0.005)
+        return (batch["id"] * 2).to_list()
+
+    events: list = []
+    df = pl.DataFrame({"id": range(400), "text": ["same size"] * 400})  # runs in id order
+    t0 = time.monotonic()
+    out = dfbatch.process(df, straggly, encoding=_words, agents=2, hedge_after=0.9,
+                          on_event=events.append, **FAST)
+    assert time.monotonic() - t0 < 10.0  # the 20 s stragglers did not set the makespan
+    assert out["output"].to_list() == (df["id"] * 2).to_list()
+    stats = fold(events)
+    assert stats.hedges >= 1 and stats.rows_done == 400
+
+
+def test_limits_learned_from_headers() -> None:
+    job = _Job.prepare(texts(4), lambda b: b["text"], "text", None, {})
+    job_pool_cfg = job.cfg
+    from dfbatch.pool import Pool
+
+    pool = Pool(job.fn, job.send, job.batches, job_pool_cfg, row_tokens=job.row_tokens,
+                emit=lambda e: None, reserved=set())
+    assert pool.rpm is None and pool.tpm is None
+    pool._learn_limits({"X-RateLimit-Limit-Requests": "600", "x-ratelimit-limit-tokens": "90000"})
+    assert pool.rpm is not None and pool.rpm.per_minute == 600
+    assert pool.tpm is not None and pool.tpm.per_minute == 90000
+    assert pool.rpm in pool.shared.limits and pool.tpm in pool.shared.limits
+    configured = Pool(job.fn, job.send, job.batches, job_pool_cfg.replace(rpm=100),
+                      row_tokens=job.row_tokens, emit=lambda e: None, reserved=set())
+    configured._learn_limits({"x-ratelimit-limit-requests": "600"})
+    assert configured.rpm is not None and configured.rpm.per_minute == 100  # user wins
