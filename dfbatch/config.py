@@ -91,8 +91,9 @@ class BatchConfig:
     "call" anyway), ``rpm`` / ``tpm`` (global rate limits; token buckets that hold ``rate_burst``
     minutes' worth, default 0.1 = 6 s, so they never send a minute's quota at once),
     ``adaptive`` (AIMD concurrency on 429s), ``steal`` (idle agents take planned work from
-    busy ones), ``dynamic_batching`` (resize pending batches from recent errors / latency / a binding request rate; see
-    ``dfbatch.sizing``), ``target_latency_s`` (grow batches while calls are faster than this),
+    busy ones), ``dynamic_batching`` (resize pending batches from recent errors / latency /
+    a binding request rate; see ``dfbatch.sizing``), ``target_latency_s`` (grow batches
+    while calls are faster than this),
     ``hedge_after`` (a latency quantile, e.g. 0.95: a call slower than that gets a duplicate,
     the first answer wins; costs tokens, off by default), ``sync_workers`` (threads for a
     plain-function fn; None = min(64, global in-flight cap)), ``seed`` (jitter RNG).
