@@ -1,0 +1,172 @@
+"""The notebook dashboard, built outside a kernel (ipywidgets without a frontend, Agg)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from dfbatch.display.widget import WidgetDisplay, _Budget, _LiveFigure, _rates
+from dfbatch.events import RunStats, StatsAccumulator, fold
+from tests.test_display_helpers import synthetic_events
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def chip(html: str, label: str) -> str:
+    m = re.search(rf"<b>([^<]*)</b> <span[^>]*>{re.escape(label)}</span>", html)
+    assert m, f"no {label!r} in header"
+    return m.group(1)
+
+
+def snapshots(n: int = 12, **kwargs: object) -> list[RunStats]:
+    events = synthetic_events(**kwargs)  # type: ignore[arg-type]
+    acc, out = StatsAccumulator(), []
+    for k in range(1, n + 1):
+        for ev in events[(k - 1) * len(events) // n: k * len(events) // n]:
+            acc.apply(ev)
+        out.append(acc.snapshot())
+    return out
+
+
+def test_update_sets_bar_and_key_figures() -> None:
+    w = WidgetDisplay(100, show=False, figure=False)
+    w.update(RunStats(total_rows=100, rows_done=40, tokens_done=8000, elapsed_s=4.0,
+                      in_flight=3, retries=2, rate_limited=1, errors=1))
+    assert (w.bar.value, w.bar.max, w.bar.description) == (40, 100, "40%")
+    html = w.header.value
+    assert chip(html, "rows") == "40 / 100"
+    assert chip(html, "rows/s") == "10"
+    assert chip(html, "tok/s") == "2,000"
+    assert chip(html, "ETA") == "0:06"
+    assert [chip(html, k) for k in ("in flight", "retries", "429s", "errors")] == list("3211")
+    assert ">running<" in html
+
+
+@pytest.mark.parametrize(
+    ("final", "state", "style"),
+    [
+        (RunStats(total_rows=4, rows_done=4, rows_ok=4, finished=True), "done", "success"),
+        (RunStats(total_rows=4, rows_done=4, rows_ok=3, rows_failed=1, finished=True),
+         "done", "warning"),
+        (RunStats(total_rows=4, rows_done=2, finished=True, cancelled=True), "stopped", "danger"),
+        (RunStats(total_rows=4, rows_done=1), "failed", "danger"),
+    ],
+)
+def test_close_shows_the_final_state(final: RunStats, state: str, style: str) -> None:
+    w = WidgetDisplay(4, show=False, figure=False, stop=lambda: None)
+    w.close(final)
+    assert w.bar.bar_style == style
+    assert f">{state}<" in w.header.value
+    assert w.bar.value == final.rows_done
+    assert w.button.disabled
+
+
+def test_stop_button_calls_stop_once_and_shows_stopping() -> None:
+    calls: list[int] = []
+    w = WidgetDisplay(10, show=False, figure=False, stop=lambda: calls.append(1))
+    assert not w.button.disabled
+    w.button.click()
+    w.button.click()
+    assert calls == [1]
+    assert w.button.disabled and w.button.description == "Stopping"
+    w.update(RunStats(total_rows=10, rows_done=3, elapsed_s=1.0))
+    assert ">stopping<" in w.header.value
+
+
+def test_stop_button_is_disabled_without_a_stop_callback() -> None:
+    w = WidgetDisplay(10, show=False, figure=False)
+    assert w.button.disabled
+    assert "interrupt the kernel" in w.button.tooltip
+    w.button.click()  # no error, nothing to call
+
+
+def test_a_failing_stop_callback_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    def boom() -> None:
+        msg = "no"
+        raise RuntimeError(msg)
+
+    w = WidgetDisplay(10, show=False, figure=False, stop=boom)
+    w.button.click()
+    assert "stop callback failed" in caplog.text
+
+
+def test_figure_is_a_png_and_redraws_are_throttled(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr("dfbatch.display.widget._now", lambda: clock[0])
+    w = WidgetDisplay(240, show=False, min_figure_interval_s=0.5, figure_budget=1.0)
+    for i, stats in enumerate(snapshots(20)):
+        clock[0] = i * 0.2  # 5 updates per second
+        w.update(stats)
+    assert w.image.value[:8] == PNG
+    assert w.figure_draws == 7  # t = 0, 0.6, 1.2, ... 3.6: at most one per 0.5 s
+    w.close(snapshots(20)[-1])
+    assert w.figure_draws == 8  # the final frame is always drawn
+
+
+def test_budget_spaces_out_slow_figures() -> None:
+    b = _Budget(share=0.05, min_interval_s=0.0, burst_s=0.1)
+    assert b.ready(now=0.0)
+    b.spend(0.0, cost=0.3)  # 0.2 s over budget: 4 s at 5% to repay
+    assert not b.ready(now=3.9)
+    assert b.ready(now=4.1)
+
+
+def test_live_figure_redraws_only_data_until_limits_grow() -> None:
+    live = _LiveFigure()
+    frames = snapshots(30, n_agents=4, n_batches=120)
+    for stats in frames:
+        png = live.render(stats)
+        assert png[:8] == PNG
+    assert 1 <= live.full_draws <= 10  # grows geometrically, not once per frame
+    before = live.full_draws
+    live.render(frames[-1], final=True)
+    assert live.full_draws == before + 1
+    assert live.limits is not None and live.limits.agents == 4
+    assert live.limits.t_end == pytest.approx(max(1.0, frames[-1].elapsed_s))
+
+
+def test_live_figure_bars_show_done_stolen_and_in_flight_tokens() -> None:
+    live = _LiveFigure()
+    stats = snapshots(3, n_agents=3, n_batches=30, p_steal=0.5)[1]
+    live.render(stats)
+    tops = [p.vertices[:, 1].max() for p in live.inflight_bars.get_paths()]
+    done = [a.done_tokens + a.inflight_tokens for a in stats.agents]
+    assert tops == pytest.approx(done)
+    stolen = [p.vertices[:, 1].max() - p.vertices[:, 1].min()
+              for p in live.stolen_bars.get_paths()]
+    assert stolen == pytest.approx([a.stolen_tokens for a in stats.agents])
+    assert len(live.own_bars.get_paths()) == 3
+
+
+def test_live_figure_handles_an_empty_run() -> None:
+    live = _LiveFigure()
+    assert live.render(RunStats())[:8] == PNG
+    assert live.render(fold([]), final=True)[:8] == PNG
+
+
+def test_rates_over_a_sliding_window() -> None:
+    history = tuple((t * 0.5, int(t * 0.5 * 10), int(t * 0.5 * 100)) for t in range(41))
+    t, rows, toks = _rates(history)
+    assert len(t) == 40 and t[0] == 0.5
+    assert np.allclose(rows, 10.0) and np.allclose(toks, 100.0)
+    assert [len(x) for x in _rates(((0.0, 0, 0),))] == [0, 0, 0]
+
+
+def test_a_broken_figure_is_logged_once_and_the_header_goes_on(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = WidgetDisplay(240, show=False, min_figure_interval_s=0.0)
+
+    def broken(*args: object, **kwargs: object) -> bytes:
+        msg = "agg exploded"
+        raise RuntimeError(msg)
+
+    assert w.live is not None
+    monkeypatch.setattr(w.live, "render", broken)
+    for stats in snapshots(4):
+        w.update(stats)
+    assert caplog.text.count("live figure failed") == 1
+    assert w.live is None
+    assert w.bar.value == snapshots(4)[-1].rows_done
