@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from dfbatch.checkpoint import Journal, Resume, open_journal
 from dfbatch.config import BatchConfig, Progress
 from dfbatch.errors import ColumnError, ConfigError, did_you_mean
 from dfbatch.events import Event, RunFinished, RunStarted, RunStats, StatsAccumulator
@@ -40,6 +42,12 @@ def process(
     config: BatchConfig | None = None,
     progress: Progress = "auto",
     on_event: Callable[[Event], None] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: Resume = "auto",
+    retry_errors: bool = False,
+    key: str | None = None,
+    out: str | os.PathLike[str] | None = None,
+    chunk_rows: int = 100_000,
     **settings: Any,
 ) -> pl.DataFrame:
     """Run ``fn`` over ``df`` in token-aware batches on a pool of async agents (blocking).
@@ -53,6 +61,12 @@ def process(
 
     Works in scripts and inside Jupyter's running loop. The first Ctrl-C stops the run and
     returns the partial result (unfinished rows get ``error="cancelled"``); a second one raises.
+
+    ``checkpoint="dir"`` journals finished batches there; a rerun skips the rows already done
+    (``dfbatch.checkpoint``: ``resume="overwrite"`` discards a checkpoint of another run,
+    ``retry_errors=True`` reruns rows that ended in error, ``key=`` names a unique id column).
+    ``out="out.parquet"`` streams a LazyFrame in chunks of ``chunk_rows`` rows to a Parquet
+    file and returns a one-row summary (``dfbatch.stream``).
 
     Examples
     --------
@@ -73,7 +87,15 @@ def process(
     │ eeeee ┆ 5      ┆ 1        ┆ null  │
     └───────┴────────┴──────────┴───────┘
     """
+    if out is not None:
+        from dfbatch.stream import process_stream
+
+        return process_stream(df, fn, text, out=out, chunk_rows=chunk_rows, config=config,
+                              progress=progress, on_event=on_event, checkpoint=checkpoint,
+                              resume=resume, retry_errors=retry_errors, key=key, **settings)
     job = _Job.prepare(df, fn, text, config, settings)
+    job.journal = open_journal(checkpoint, job.planned, fn, text, job.cfg, key=key,
+                               resume=resume, retry_errors=retry_errors)
     return run_sync(job.execute(progress, on_event, stoppable=False), on_interrupt=job.stop)
 
 
@@ -85,6 +107,12 @@ async def aprocess(
     config: BatchConfig | None = None,
     progress: Progress = "auto",
     on_event: Callable[[Event], None] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: Resume = "auto",
+    retry_errors: bool = False,
+    key: str | None = None,
+    out: str | os.PathLike[str] | None = None,
+    chunk_rows: int = 100_000,
     **settings: Any,
 ) -> pl.DataFrame:
     """``await``-able ``process`` for code already inside an event loop (e.g. a notebook cell).
@@ -99,7 +127,16 @@ async def aprocess(
     >>> out["output"].to_list()
     ['X']
     """
+    if out is not None:
+        from dfbatch.stream import aprocess_stream
+
+        return await aprocess_stream(df, fn, text, out=out, chunk_rows=chunk_rows,
+                                     config=config, progress=progress, on_event=on_event,
+                                     checkpoint=checkpoint, resume=resume,
+                                     retry_errors=retry_errors, key=key, **settings)
     job = _Job.prepare(df, fn, text, config, settings)
+    job.journal = open_journal(checkpoint, job.planned, fn, text, job.cfg, key=key,
+                               resume=resume, retry_errors=retry_errors)
     return await job.execute(progress, on_event, stoppable=True)
 
 
@@ -114,6 +151,7 @@ class _Job:
     row_bytes: np.ndarray
     pool: Pool | None = None
     stop_requested: bool = False
+    journal: Journal | None = None  # checkpoint=: skip journaled rows, journal finished ones
 
     @classmethod
     def prepare(
@@ -156,18 +194,22 @@ class _Job:
                 on_event(ev)
 
         reserved = set(self.planned.columns) | set(self.cfg.columns.result_names())
-        pool = Pool(self.fn, self.send, self.batches, self.cfg, row_tokens=self.row_tokens,
-                    row_bytes=self.row_bytes, emit=emit, reserved=reserved)
+        frame, batches, tokens, nbytes = self.send, self.batches, self.row_tokens, self.row_bytes
+        if self.journal is not None:
+            frame, batches, tokens, nbytes = self.journal.restrict(frame, batches, tokens, nbytes)
+        pool = Pool(self.fn, frame, batches, self.cfg, row_tokens=tokens, row_bytes=nbytes,
+                    emit=emit, reserved=reserved,
+                    on_batch_done=self.journal.record if self.journal is not None else None)
         self.pool = pool
         c = self.cfg.columns
         planned_tokens = (
             self.planned.group_by(c.agent_id).agg(pl.col(c.n_tokens).sum())
             if self.planned.height else None
         )
-        emit(RunStarted(loop.time(), self.planned.height, sum(len(q) for q in self.batches),
-                        int(self.row_tokens.sum()), _per_agent(planned_tokens, len(self.batches),
+        emit(RunStarted(loop.time(), frame.height, sum(len(q) for q in batches),
+                        int(tokens.sum()), _per_agent(planned_tokens, len(self.batches),
                                                                c.agent_id, c.n_tokens)))
-        display = _open_display(progress, self.planned.height, pool.stop if stoppable else None)
+        display = _open_display(progress, frame.height, pool.stop if stoppable else None)
         ticker = asyncio.create_task(_tick(display, acc)) if display is not None else None
         try:
             outcomes = await pool.run()
@@ -180,12 +222,16 @@ class _Job:
             emit(RunFinished(loop.time(), cancelled=unfinished > 0))
             if display is not None:
                 _safe(display.close, acc.snapshot())
+            if self.journal is not None:
+                self.journal.close()
         if unfinished:
             msg = (
                 f"run stopped: {unfinished} of {self.planned.height} rows unfinished "
                 "(error='cancelled'); their outputs are null"
             )
             warnings.warn(msg, PartialResultWarning, stacklevel=3)
+        if self.journal is not None:
+            outcomes = self.journal.merge(outcomes)
         return assemble(self.planned, outcomes, c)
 
 
