@@ -200,8 +200,14 @@ class AdaptiveLimit:
 
     def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
         self._slots.release(cost)
-        if outcome is None:
-            return
+        if outcome is not None:
+            self.observe(outcome)
+
+    def observe(self, outcome: Outcome) -> None:
+        """Learn from how one call ended, without releasing a slot (``release`` calls it).
+
+        The Ray engine holds a slot per dispatched batch and feeds it every attempt's outcome.
+        """
         if outcome.rate_limited or outcome.timed_out:
             if outcome.retry_after:
                 loop = asyncio.get_running_loop()

@@ -415,8 +415,12 @@ class Pool:
                 setattr(self, attr, limit)
                 self.shared.add(limit)
 
+    def _slice(self, batch: Batch) -> pl.DataFrame:
+        """The rows fn gets for ``batch`` (a Ray engine actor holds each batch's own frame)."""
+        return self.frame[batch.rows]
+
     async def _call(self, batch: Batch) -> tuple[Any, _usage.Usage]:
-        df = self.frame[batch.rows]
+        df = self._slice(batch)
         used, token = _usage.begin()
         try:
             if self.is_async:
@@ -440,13 +444,18 @@ class Pool:
                                batch.tokens, attempt))
 
     def _failed(self, a: int, batch: Batch, exc: Exception, wall0: float, elapsed: float) -> None:
+        self._give_up(a, batch, describe(exc), not isinstance(exc, OutputError), wall0, elapsed)
+
+    def _give_up(self, a: int, batch: Batch, error: str, bisect: bool, wall0: float,
+                 elapsed: float) -> None:
+        """The batch failed for good: bisect it (several rows, ``bisect``) or record the error."""
         t = asyncio.get_running_loop().time()
-        if len(batch.rows) > 1 and not isinstance(exc, OutputError):
+        if len(batch.rows) > 1 and bisect:
             self.emit(BatchFailed(t, batch.id, a, batch.planned_agent, len(batch.rows),
-                                  batch.tokens, elapsed, describe(exc), bisected=True))
+                                  batch.tokens, elapsed, error, bisected=True))
             self._push_front(a, self._halves(batch))
             return
-        self._record_error(a, batch, describe(exc), wall0, elapsed)
+        self._record_error(a, batch, error, wall0, elapsed)
 
     def _halves(self, batch: Batch) -> list[Batch]:
         mid = len(batch.rows) // 2
