@@ -1,0 +1,384 @@
+"""Larger than memory: process a LazyFrame in chunks of rows, streaming the result to Parquet.
+
+``lf.batch.process(fn, text="doc", out="out.parquet", chunk_rows=100_000)`` reads the input
+``chunk_rows`` rows at a time (``LazyFrame.collect_batches``), plans each chunk (token counts,
+packing, balancing per chunk), runs it on the agent pool and appends its result, in input
+order, to one Parquet file (pyarrow ``ParquetWriter``; written under a temporary name and
+renamed when complete). Peak memory is bounded by a few chunks, not by the dataset.
+
+No idle gap at chunk boundaries: the next chunk is read and planned in a worker thread while the
+current one runs, and its pool starts as soon as the current pool's queues are empty (its last
+batches still in flight). Consecutive pools share the same limit objects (global in-flight cap,
+per-agent concurrency and bytes, adaptive concurrency, RPM/TPM buckets, dynamic batch size), so
+the agents and their limits carry over from chunk to chunk and the caps hold across the overlap.
+At most two pools run at once, and a third chunk is being prepared.
+
+The output has the columns of the DataFrame result (``dfbatch.process``); ``batch_id`` and
+``run_batch_id`` are made unique across chunks. The return value is a one-row summary frame
+(``out``, ``rows``, ``rows_ok``, ``rows_failed``, ``rows_cancelled``, ``chunks``,
+``elapsed_s``); read the output with ``pl.scan_parquet(out)``. With ``checkpoint=``, each chunk
+journals to its own subdirectory (``chunk-<first row>-<rows>``), so a rerun replays done chunks
+without calls. After Ctrl-C the file holds the chunks started so far (unfinished rows have
+``error="cancelled"``); rows of chunks never started are not in it.
+
+Examples
+--------
+>>> import tempfile, os, polars as pl, dfbatch
+>>> lf = pl.LazyFrame({"text": [f"doc {i}" for i in range(10)]})
+>>> path = os.path.join(tempfile.mkdtemp(), "out.parquet")
+>>> s = lf.batch.process(lambda b: b["text"].str.len_chars(), out=path, chunk_rows=4,
+...                      progress=False)
+>>> s.select("rows", "rows_ok", "chunks").row(0)
+(10, 10, 3)
+>>> pl.read_parquet(path)["output"].to_list()
+[5, 5, 5, 5, 5, 5, 5, 5, 5, 5]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dfbatch.checkpoint import Journal, Resume, open_journal
+from dfbatch.config import BatchConfig, Progress
+from dfbatch.errors import ConfigError
+from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
+from dfbatch.loop import run_sync
+from dfbatch.pool import Outcomes, Pool
+from dfbatch.result import assemble
+from dfbatch.run import PartialResultWarning, _Job, _open_display, _safe, _tick
+
+Fn = Callable[[pl.DataFrame], Any]
+# the limit objects a pool builds from its config; later pools of a stream reuse the first's
+_SHARED = ("agent_slots", "agent_bytes", "global_slots", "adaptive", "rpm", "tpm", "shared",
+           "sizer", "latencies")
+
+
+def process_stream(
+    df: pl.LazyFrame | pl.DataFrame, fn: Fn, text: str | pl.Expr = "text", *,
+    out: str | os.PathLike[str], chunk_rows: int = 100_000, config: BatchConfig | None = None,
+    progress: Progress = "auto", on_event: Callable[[Event], None] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None, resume: Resume = "auto",
+    retry_errors: bool = False, key: str | None = None, **settings: Any,
+) -> pl.DataFrame:
+    """Process ``df`` in chunks of ``chunk_rows`` rows into the Parquet file ``out`` (blocking).
+
+    Returns the one-row summary described in the module docstring. See ``dfbatch.process`` for
+    ``fn``, ``text`` and the settings.
+    """
+    run = _Stream.create(df, fn, text, out, chunk_rows, config, settings,
+                         dict(checkpoint=checkpoint, resume=resume, retry_errors=retry_errors,
+                              key=key))
+    return run_sync(run.execute(progress, on_event, stoppable=False), on_interrupt=run.stop)
+
+
+async def aprocess_stream(
+    df: pl.LazyFrame | pl.DataFrame, fn: Fn, text: str | pl.Expr = "text", *,
+    out: str | os.PathLike[str], chunk_rows: int = 100_000, config: BatchConfig | None = None,
+    progress: Progress = "auto", on_event: Callable[[Event], None] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None, resume: Resume = "auto",
+    retry_errors: bool = False, key: str | None = None, **settings: Any,
+) -> pl.DataFrame:
+    """``await``-able ``process_stream``."""
+    run = _Stream.create(df, fn, text, out, chunk_rows, config, settings,
+                         dict(checkpoint=checkpoint, resume=resume, retry_errors=retry_errors,
+                              key=key))
+    return await run.execute(progress, on_event, stoppable=True)
+
+
+@dataclass
+class _Chunk:
+    """One chunk of rows: its plan, journal, pool and the task running the pool."""
+
+    offset: int
+    job: _Job
+    journal: Journal | None
+    pool: Pool | None = None
+    task: asyncio.Task[Outcomes] | None = None
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Stream:
+    lf: pl.LazyFrame
+    fn: Fn
+    text: str | pl.Expr
+    out: Path
+    chunk_rows: int
+    cfg: BatchConfig
+    journal_opts: dict[str, Any]
+    stopping: bool = False
+    live: deque[_Chunk] = field(default_factory=deque)
+    limits: dict[str, Any] | None = None  # the first pool's limit objects, shared by all
+    batch_offset: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    _stop: asyncio.Event | None = None
+
+    @classmethod
+    def create(cls, df: Any, fn: Fn, text: str | pl.Expr, out: str | os.PathLike[str],
+               chunk_rows: int, config: BatchConfig | None, settings: dict[str, Any],
+               journal_opts: dict[str, Any]) -> _Stream:
+        if isinstance(df, pl.DataFrame):
+            df = df.lazy()
+        if not isinstance(df, pl.LazyFrame):
+            msg = f"df must be a polars LazyFrame or DataFrame, got {type(df).__name__}"
+            raise ConfigError(msg)
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            msg = f"chunk_rows must be an integer > 0, got {chunk_rows!r}"
+            raise ConfigError(msg)
+        path = Path(out)
+        if not path.parent.is_dir():
+            msg = f"out={str(out)!r}: directory {str(path.parent)!r} does not exist; create it"
+            raise ConfigError(msg)
+        # validates fn, settings and text against the schema before reading any data
+        empty = pl.DataFrame(schema=df.collect_schema())
+        cfg = _Job.prepare(empty, fn, text, config, settings).cfg
+        if journal_opts["checkpoint"] is None:  # key= etc. without checkpoint= is an error
+            open_journal(None, empty, fn, text, cfg, key=journal_opts["key"],
+                         resume=journal_opts["resume"], retry_errors=journal_opts["retry_errors"])
+        counts = dict.fromkeys(("rows", "rows_ok", "rows_failed", "rows_cancelled", "chunks"), 0)
+        return cls(df, fn, text, path, chunk_rows, cfg, journal_opts, counts=counts)
+
+    def stop(self) -> None:
+        """Graceful stop (first Ctrl-C / Stop button): read no more chunks, stop the pools."""
+        self.stopping = True
+        if self._stop is not None:
+            self._stop.set()
+        for chunk in self.live:
+            if chunk.pool is not None:
+                chunk.pool.stop()
+
+    async def execute(
+        self, progress: Progress, on_event: Callable[[Event], None] | None, *, stoppable: bool
+    ) -> pl.DataFrame:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        acc = StatsAccumulator()
+
+        def emit(ev: Event) -> None:
+            acc.apply(ev)
+            if on_event is not None:
+                on_event(ev)
+
+        total = await asyncio.to_thread(lambda: self.lf.select(pl.len()).collect().item())
+        t0 = time.monotonic()
+        emit(RunStarted(loop.time(), int(total), 0, 0, ()))
+        display = _open_display(progress, int(total), self.stop if stoppable else None)
+        ticker = asyncio.create_task(_tick(display, acc)) if display is not None else None
+        writer = _Writer(self.out)
+        try:
+            await self._run(emit, writer)
+            writer.commit()
+        finally:
+            writer.abort()
+            if ticker is not None:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
+            emit(RunFinished(loop.time(), cancelled=self.stopping))
+            if display is not None:
+                _safe(display.close, acc.snapshot())
+        if self.stopping:
+            msg = (f"run stopped: {self.counts['rows']} of {total} rows written to {self.out}, "
+                   f"{self.counts['rows_cancelled']} of them unfinished (error='cancelled')")
+            warnings.warn(msg, PartialResultWarning, stacklevel=3)
+        return pl.DataFrame({"out": [str(self.out)], **{k: [v] for k, v in self.counts.items()},
+                             "elapsed_s": [time.monotonic() - t0]})
+
+    # -- the chunk pipeline ------------------------------------------------------------------
+    async def _run(self, emit: Callable[[Event], None], writer: _Writer) -> None:
+        reader = _chunks(self.lf, self.chunk_rows)
+        offset = 0
+        nxt: asyncio.Future[_Chunk | None] = asyncio.ensure_future(
+            asyncio.to_thread(self._prepare, reader, offset))
+        try:
+            while not self.stopping:
+                chunk = await self._unless_stopped(nxt)
+                if chunk is None:
+                    break
+                offset += chunk.job.planned.height
+                self._start(chunk, emit)
+                self.live.append(chunk)
+                # read and plan the next chunk while this one runs
+                nxt = asyncio.ensure_future(asyncio.to_thread(self._prepare, reader, offset))
+                await chunk.drained.wait()  # its queues are empty: the next pool may start
+                while len(self.live) > 1:  # at most two pools at once
+                    await self._finish(self.live[0], writer)
+            while self.live:
+                await self._finish(self.live[0], writer)
+        finally:
+            await self._cancel_live()
+            # a worker thread cannot be cancelled: wait for the chunk it prepares (bounded by
+            # one chunk), and release its journal
+            leftover = None
+            with contextlib.suppress(Exception):
+                leftover = await nxt
+            if leftover is not None and leftover.journal is not None:
+                leftover.journal.close()
+
+    async def _unless_stopped(self, fut: asyncio.Future[_Chunk | None]) -> _Chunk | None:
+        assert self._stop is not None
+        stop: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait([fut, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stop
+        return None if self.stopping else await fut
+
+    def _prepare(self, reader: Iterator[pl.DataFrame], offset: int) -> _Chunk | None:
+        """Read and plan the next chunk (runs in a worker thread)."""
+        df = next(reader, None)
+        if df is None or df.height == 0:
+            return None
+        job = _Job.prepare(df, self.fn, self.text, self.cfg, {})
+        opts = dict(self.journal_opts)
+        base = opts.pop("checkpoint")
+        where = None if base is None else Path(base) / f"chunk-{offset:012d}-{df.height}"
+        journal = open_journal(where, job.planned, self.fn, self.text, self.cfg, **opts)
+        return _Chunk(offset, job, journal)
+
+    def _start(self, chunk: _Chunk, emit: Callable[[Event], None]) -> None:
+        job, journal = chunk.job, chunk.journal
+        frame, batches, tokens, nbytes = job.send, job.batches, job.row_tokens, job.row_bytes
+        if journal is not None:
+            frame, batches, tokens, nbytes = journal.restrict(frame, batches, tokens, nbytes)
+        reserved = set(job.planned.columns) | set(self.cfg.columns.result_names())
+
+        def emit_chunk(ev: Event) -> None:
+            emit(ev)
+            if not any(pool.queues):
+                chunk.drained.set()
+
+        pool = Pool(self.fn, frame, batches, self.cfg, row_tokens=tokens, row_bytes=nbytes,
+                    emit=emit_chunk, reserved=reserved,
+                    on_batch_done=journal.record if journal is not None else None)
+        if self.limits is None:
+            self.limits = {name: getattr(pool, name) for name in _SHARED}
+        elif len(self.limits["agent_slots"]) == len(pool.queues):
+            for name, value in self.limits.items():  # the agents and their limits carry over
+                setattr(pool, name, value)
+        chunk.pool = pool
+        chunk.task = asyncio.create_task(pool.run())
+        chunk.task.add_done_callback(lambda _: chunk.drained.set())
+        if self.stopping:
+            pool.stop()
+
+    async def _finish(self, chunk: _Chunk, writer: _Writer) -> None:
+        assert chunk.task is not None and chunk.pool is not None
+        try:
+            outcomes = await chunk.task
+        finally:
+            if chunk.journal is not None:
+                await asyncio.to_thread(chunk.journal.close)
+        self.live.popleft()
+        if chunk.journal is not None:
+            outcomes = chunk.journal.merge(outcomes)
+        offset = self.batch_offset
+        self.batch_offset += max(chunk.pool.next_id, 1)
+        result = await asyncio.to_thread(self._result, chunk, outcomes, offset)
+        await asyncio.to_thread(writer.write, result)
+        del chunk, outcomes, result
+        gc.collect()  # a finished pool sits in reference cycles: free its chunk's memory now
+
+    def _result(self, chunk: _Chunk, outcomes: Outcomes, offset: int) -> pl.DataFrame:
+        c = self.cfg.columns
+        result = assemble(chunk.job.planned, outcomes, c).with_columns(
+            pl.col(c.batch_id, c.run_batch_id) + offset)
+        error = result[c.error]
+        cancelled = int((error == "cancelled").sum())
+        self.counts["rows"] += result.height
+        self.counts["rows_cancelled"] += cancelled
+        self.counts["rows_failed"] += int(error.is_not_null().sum()) - cancelled
+        self.counts["rows_ok"] += int(error.is_null().sum())
+        self.counts["chunks"] += 1
+        return result
+
+    async def _cancel_live(self) -> None:
+        tasks = [c.task for c in self.live if c.task is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in self.live:
+            if c.journal is not None:
+                c.journal.close()
+        self.live.clear()
+
+
+def _chunks(lf: pl.LazyFrame, chunk_rows: int) -> Iterator[pl.DataFrame]:
+    """The rows of ``lf``, ``chunk_rows`` at a time, without collecting the whole frame."""
+    if hasattr(lf, "collect_batches"):
+        yield from lf.collect_batches(chunk_size=chunk_rows, lazy=True)
+        return
+    offset = 0  # pragma: no cover - polars without collect_batches: slices (pushed down)
+    while True:  # pragma: no cover
+        df = lf.slice(offset, chunk_rows).collect()
+        if df.height == 0:
+            return
+        yield df
+        offset += df.height
+
+
+class _Writer:
+    """Appends result chunks to a Parquet file under a temporary name; ``commit`` renames it."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        self.writer: pq.ParquetWriter | None = None
+        self.schema: pa.Schema | None = None
+
+    def write(self, result: pl.DataFrame) -> None:
+        if self.writer is None:
+            nulls = [n for n, t in result.schema.items() if t == pl.Null]
+            result = result.with_columns(pl.col(nulls).cast(pl.Utf8))  # typed by later chunks
+            table = result.to_arrow()
+            self.schema = table.schema
+            self.writer = pq.ParquetWriter(self.tmp, self.schema)
+        else:
+            table = result.to_arrow()
+            if table.schema != self.schema:
+                table = self._conform(table)
+        self.writer.write_table(table)
+
+    def _conform(self, table: pa.Table) -> pa.Table:
+        assert self.schema is not None
+        if set(table.schema.names) != set(self.schema.names):
+            msg = (f"fn returned columns {table.schema.names} in one chunk and "
+                   f"{self.schema.names} in an earlier one; return the same columns every time")
+            raise ConfigError(msg)
+        try:
+            return table.select(self.schema.names).cast(self.schema)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            msg = (f"fn returned other types in this chunk than in the first ({exc}); "
+                   "return one type")
+            raise ConfigError(msg) from None
+
+    def commit(self) -> None:
+        if self.writer is None:  # no rows at all: still write a (row-less) file
+            pl.DataFrame().write_parquet(self.tmp)
+        else:
+            self.writer.close()
+            self.writer = None
+        os.replace(self.tmp, self.out)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
