@@ -19,6 +19,7 @@ import polars as pl
 
 from dfbatch.checkpoint import Journal, Resume, open_journal
 from dfbatch.config import BatchConfig, Progress
+from dfbatch.engines import Engine, asyncio_only, select
 from dfbatch.errors import ColumnError, ConfigError, did_you_mean
 from dfbatch.events import Event, RunFinished, RunStarted, RunStats, StatsAccumulator
 from dfbatch.loop import run_sync
@@ -48,6 +49,8 @@ def process(
     key: str | None = None,
     out: str | os.PathLike[str] | None = None,
     chunk_rows: int = 100_000,
+    engine: Engine = "asyncio",
+    ray_address: str | None = None,
     **settings: Any,
 ) -> pl.DataFrame:
     """Run ``fn`` over ``df`` in token-aware batches on a pool of async agents (blocking).
@@ -67,6 +70,10 @@ def process(
     ``retry_errors=True`` reruns rows that ended in error, ``key=`` names a unique id column).
     ``out="out.parquet"`` streams a LazyFrame in chunks of ``chunk_rows`` rows to a Parquet
     file and returns a one-row summary (``dfbatch.stream``).
+
+    ``engine="ray"`` runs the same plan on a Ray cluster (the one joined with ``ray.init``,
+    else ``ray_address=`` / ``RAY_ADDRESS``, else a local one): each agent is a Ray actor and
+    the limits stay global; see ``dfbatch.engines.ray``.
 
     Examples
     --------
@@ -88,12 +95,13 @@ def process(
     └───────┴────────┴──────────┴───────┘
     """
     if out is not None:
+        asyncio_only(engine, "out=")
         from dfbatch.stream import process_stream
 
         return process_stream(df, fn, text, out=out, chunk_rows=chunk_rows, config=config,
                               progress=progress, on_event=on_event, checkpoint=checkpoint,
                               resume=resume, retry_errors=retry_errors, key=key, **settings)
-    job = _Job.prepare(df, fn, text, config, settings)
+    job = _Job.prepare(df, fn, text, config, settings, engine, ray_address)
     job.journal = open_journal(checkpoint, job.planned, fn, text, job.cfg, key=key,
                                resume=resume, retry_errors=retry_errors)
     return run_sync(job.execute(progress, on_event, stoppable=False), on_interrupt=job.stop)
@@ -113,6 +121,8 @@ async def aprocess(
     key: str | None = None,
     out: str | os.PathLike[str] | None = None,
     chunk_rows: int = 100_000,
+    engine: Engine = "asyncio",
+    ray_address: str | None = None,
     **settings: Any,
 ) -> pl.DataFrame:
     """``await``-able ``process`` for code already inside an event loop (e.g. a notebook cell).
@@ -128,13 +138,14 @@ async def aprocess(
     ['X']
     """
     if out is not None:
+        asyncio_only(engine, "out=")
         from dfbatch.stream import aprocess_stream
 
         return await aprocess_stream(df, fn, text, out=out, chunk_rows=chunk_rows,
                                      config=config, progress=progress, on_event=on_event,
                                      checkpoint=checkpoint, resume=resume,
                                      retry_errors=retry_errors, key=key, **settings)
-    job = _Job.prepare(df, fn, text, config, settings)
+    job = _Job.prepare(df, fn, text, config, settings, engine, ray_address)
     job.journal = open_journal(checkpoint, job.planned, fn, text, job.cfg, key=key,
                                resume=resume, retry_errors=retry_errors)
     return await job.execute(progress, on_event, stoppable=True)
@@ -152,15 +163,18 @@ class _Job:
     pool: Pool | None = None
     stop_requested: bool = False
     journal: Journal | None = None  # checkpoint=: skip journaled rows, journal finished ones
+    pool_type: type[Pool] = Pool  # the engine's pool (RayPool under engine="ray")
 
     @classmethod
     def prepare(
-        cls, df: Any, fn: Fn, text: str | pl.Expr, config: BatchConfig | None, settings: Any
+        cls, df: Any, fn: Fn, text: str | pl.Expr, config: BatchConfig | None, settings: Any,
+        engine: str = "asyncio", ray_address: str | None = None,
     ) -> _Job:
         if not callable(fn):
             msg = f"fn must be a callable taking one batch (a pl.DataFrame), got {fn!r}"
             raise ConfigError(msg)
         cfg = BatchConfig.from_kwargs(config, **settings)
+        pool_type, cfg = select(engine, cfg, ray_address)
         expected_out = getattr(fn, "dfbatch_output_tokens", None)
         if isinstance(expected_out, int) and "output_tokens_per_row" not in settings:
             cfg = cfg.replace(output_tokens_per_row=expected_out)
@@ -173,7 +187,7 @@ class _Job:
         send, row_tokens = _to_send(planned, text, cfg)
         row_bytes = _row_bytes(planned, text)
         batches = _batches(planned, row_tokens, row_bytes, cfg)
-        return cls(fn, cfg, planned, send, batches, row_tokens, row_bytes)
+        return cls(fn, cfg, planned, send, batches, row_tokens, row_bytes, pool_type=pool_type)
 
     def stop(self) -> None:
         self.stop_requested = True
@@ -197,9 +211,11 @@ class _Job:
         frame, batches, tokens, nbytes = self.send, self.batches, self.row_tokens, self.row_bytes
         if self.journal is not None:
             frame, batches, tokens, nbytes = self.journal.restrict(frame, batches, tokens, nbytes)
-        pool = Pool(self.fn, frame, batches, self.cfg, row_tokens=tokens, row_bytes=nbytes,
-                    emit=emit, reserved=reserved,
-                    on_batch_done=self.journal.record if self.journal is not None else None)
+        pool = self.pool_type(
+            self.fn, frame, batches, self.cfg, row_tokens=tokens, row_bytes=nbytes, emit=emit,
+            reserved=reserved,
+            on_batch_done=self.journal.record if self.journal is not None else None,
+        )
         self.pool = pool
         c = self.cfg.columns
         planned_tokens = (
