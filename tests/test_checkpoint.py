@@ -100,7 +100,7 @@ def test_other_run_is_a_clear_error_unless_overwrite(tmp_path: Path) -> None:
         dfbatch.process(df, other, checkpoint=tmp_path, **FAST)
     with pytest.raises(CheckpointError, match=r"input rows differ \(20 rows then, 21 now\)"):
         dfbatch.process(frame(21), Recorder(), checkpoint=tmp_path, **FAST)
-    with pytest.raises(CheckpointError, match="token_limit: 32768 then, 1000 now.*overwrite"):
+    with pytest.raises(CheckpointError, match=r"token_limit: 32768 then, 1000 now.*overwrite"):
         dfbatch.process(df, Recorder(), checkpoint=tmp_path, token_limit=1000, **FAST)
     fresh = Recorder()
     out = dfbatch.process(df, fresh, checkpoint=tmp_path, token_limit=1000, resume="overwrite",
@@ -197,13 +197,14 @@ def test_directory_guards(tmp_path: Path) -> None:
     planned = dfbatch.plan(df, config=cfg)
     holder = Journal.open(ck, planned, Recorder(), "text", cfg)
     try:
-        with pytest.raises(CheckpointError, match=f"in use by another run \\(process {os.getpid()}"):
+        pid = os.getpid()
+        with pytest.raises(CheckpointError, match=rf"in use by another run \(process {pid}"):
             dfbatch.process(df, Recorder(), checkpoint=ck, **FAST)
     finally:
         holder.close()
     dfbatch.process(df, Recorder(), checkpoint=ck, **FAST)  # released: usable again
     (ck / "manifest.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="manifest .* is damaged"):
+    with pytest.raises(CheckpointError, match=r"manifest .* is damaged"):
         dfbatch.process(df, Recorder(), checkpoint=ck, **FAST)
 
 
@@ -221,7 +222,8 @@ def test_several_output_columns_round_trip(tmp_path: Path) -> None:
     out2 = dfbatch.process(df, fn, checkpoint=tmp_path, **FAST)
     assert len(calls) == n_calls
     assert strip(out2).equals(strip(out1))
-    assert out2.schema["tags"] == pl.List(pl.String) and out2["n"].to_list() == list(range(0, 24, 2))
+    assert out2.schema["tags"] == pl.List(pl.String)
+    assert out2["n"].to_list() == list(range(0, 24, 2))
 
 
 # -- subprocess tests: SIGKILL and Ctrl-C --------------------------------------------------
@@ -283,7 +285,8 @@ def _wait_for(proc: subprocess.Popen[str], word: str) -> str:
         if line.startswith(word):
             return line
     _, err = proc.communicate()
-    raise AssertionError(f"no {word!r} line; stderr: {err}")
+    msg = f"no {word!r} line; stderr: {err}"
+    raise AssertionError(msg)
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:
@@ -300,7 +303,7 @@ def _calls(tmp_path: Path) -> list[list[int]]:
 def _check_final(tmp_path: Path, df: pl.DataFrame) -> pl.DataFrame:
     out = pl.read_parquet(tmp_path / "out.parquet")
     assert out["id"].to_list() == df["id"].to_list()  # every key exactly once, in order
-    clean = dfbatch.process(df, lambda b: [expected(i, t) for i, t in b.select("id", "text").rows()],
+    clean = dfbatch.process(df, lambda b: [expected(*r) for r in b.select("id", "text").rows()],
                             progress=False, agents=2, items_per_batch=4, encoding=words)
     assert strip(out).equals(strip(clean))
     parts = list((tmp_path / "ck" / "parts").iterdir())
