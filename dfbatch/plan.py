@@ -439,7 +439,7 @@ def _batch_weights(batch: np.ndarray, costs: np.ndarray, cfg: BatchConfig) -> np
 
 
 # -- summary -------------------------------------------------------------------------------
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class PlanSummary:
     """What a plan will send: sizes, flagged rows, per-agent load, balance and estimated cost."""
 

@@ -296,7 +296,8 @@ def _validate_counts(raw: Any, n: int, label: str) -> np.ndarray:
         msg = f"token counter {label} returned {type(raw).__name__}, expected a list of ints"
         raise TokenizerError(msg) from e
     if arr.ndim != 1 or len(arr) != n:
-        msg = f"token counter {label} returned {arr.shape} counts for {n} texts; expected {n}"
+        got = f"{len(arr)} counts" if arr.ndim == 1 else f"{type(raw).__name__} {raw!r:.40}"
+        msg = f"token counter {label} returned {got} for {n} texts; expected one count per text"
         raise TokenizerError(msg)
     if n and (arr.dtype.kind not in "iuf" or not np.all(np.isfinite(arr))):
         msg = f"token counter {label} returned {arr.dtype} values; expected non-negative ints"

@@ -244,8 +244,10 @@ def test_callable_counter_output_is_validated():
     def two(texts):
         return [1, 2]
 
-    with pytest.raises(TokenizerError, match=r"two.*3 texts"):
+    with pytest.raises(TokenizerError, match=r"two returned 2 counts for 3 texts"):
         get_counter(two)(["a", "b", "c"])
+    with pytest.raises(TokenizerError, match=r"returned NoneType None for 1 texts"):
+        get_counter(lambda texts: None)(["a"])
     with pytest.raises(TokenizerError, match="outside"):
         get_counter(lambda texts: [-1] * len(texts))(["a"])
     with pytest.raises(TokenizerError, match="fraction"):
