@@ -7,7 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from dfbatch.display.widget import WidgetDisplay, _Budget, _LiveFigure, _rates
+from dfbatch.display.live_figure import LiveFigure, rates
+from dfbatch.display.widget import FrameWorker, WidgetDisplay, _Budget
 from dfbatch.events import RunStats, StatsAccumulator, fold
 from tests.test_display_helpers import synthetic_events
 
@@ -96,25 +97,28 @@ def test_figure_is_a_png_and_redraws_are_throttled(monkeypatch: pytest.MonkeyPat
     clock = [0.0]
     monkeypatch.setattr("dfbatch.display.widget._now", lambda: clock[0])
     w = WidgetDisplay(240, show=False, min_figure_interval_s=0.5, figure_budget=1.0)
+    assert w.renderer is not None
     for i, stats in enumerate(snapshots(20)):
         clock[0] = i * 0.2  # 5 updates per second
         w.update(stats)
+        assert w.renderer.wait(30)  # let the worker finish, as if drawing were instant
     assert w.image.value[:8] == PNG
-    assert w.figure_draws == 7  # t = 0, 0.6, 1.2, ... 3.6: at most one per 0.5 s
-    w.close(snapshots(20)[-1])
-    assert w.figure_draws == 8  # the final frame is always drawn
+    assert w.figure_draws == 6  # submitted at t = 0, 0.6, ... 3.6 (one per 0.5 s), shown
+    w.close(snapshots(20)[-1])  # the final frame replaces the one not shown yet
+    assert w.figure_draws == 7
+    assert w.renderer is None
 
 
 def test_budget_spaces_out_slow_figures() -> None:
     b = _Budget(share=0.05, min_interval_s=0.0, burst_s=0.1)
     assert b.ready(now=0.0)
-    b.spend(0.0, cost=0.3)  # 0.2 s over budget: 4 s at 5% to repay
+    b.spend(cost=0.3)  # 0.2 s over budget: 4 s at 5% to repay
     assert not b.ready(now=3.9)
     assert b.ready(now=4.1)
 
 
 def test_live_figure_redraws_only_data_until_limits_grow() -> None:
-    live = _LiveFigure()
+    live = LiveFigure()
     frames = snapshots(30, n_agents=4, n_batches=120)
     for stats in frames:
         png = live.render(stats)
@@ -128,45 +132,75 @@ def test_live_figure_redraws_only_data_until_limits_grow() -> None:
 
 
 def test_live_figure_bars_show_done_stolen_and_in_flight_tokens() -> None:
-    live = _LiveFigure()
+    live = LiveFigure()
     stats = snapshots(3, n_agents=3, n_batches=30, p_steal=0.5)[1]
     live.render(stats)
-    tops = [p.vertices[:, 1].max() for p in live.inflight_bars.get_paths()]
+    tops = [p.vertices[:, 1].max() for p in live.bars["inflight"].get_paths()]
     done = [a.done_tokens + a.inflight_tokens for a in stats.agents]
     assert tops == pytest.approx(done)
     stolen = [p.vertices[:, 1].max() - p.vertices[:, 1].min()
-              for p in live.stolen_bars.get_paths()]
+              for p in live.bars["stolen"].get_paths()]
     assert stolen == pytest.approx([a.stolen_tokens for a in stats.agents])
-    assert len(live.own_bars.get_paths()) == 3
+    assert len(live.bars["done"].get_paths()) == 3
 
 
 def test_live_figure_handles_an_empty_run() -> None:
-    live = _LiveFigure()
+    live = LiveFigure()
     assert live.render(RunStats())[:8] == PNG
     assert live.render(fold([]), final=True)[:8] == PNG
 
 
 def test_rates_over_a_sliding_window() -> None:
     history = tuple((t * 0.5, int(t * 0.5 * 10), int(t * 0.5 * 100)) for t in range(41))
-    t, rows, toks = _rates(history)
+    t, rows, toks = rates(history)
     assert len(t) == 40 and t[0] == 0.5
     assert np.allclose(rows, 10.0) and np.allclose(toks, 100.0)
-    assert [len(x) for x in _rates(((0.0, 0, 0),))] == [0, 0, 0]
+    assert [len(x) for x in rates(((0.0, 0, 0),))] == [0, 0, 0]
 
 
 def test_a_broken_figure_is_logged_once_and_the_header_goes_on(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    w = WidgetDisplay(240, show=False, min_figure_interval_s=0.0)
-
     def broken(*args: object, **kwargs: object) -> bytes:
         msg = "agg exploded"
         raise RuntimeError(msg)
 
-    assert w.live is not None
-    monkeypatch.setattr(w.live, "render", broken)
+    monkeypatch.setattr(LiveFigure, "render", broken)
+    w = WidgetDisplay(240, show=False, min_figure_interval_s=0.0)
     for stats in snapshots(4):
         w.update(stats)
+        assert w.renderer is not None and w.renderer.wait(30)
+    w.close(snapshots(4)[-1])
     assert caplog.text.count("live figure failed") == 1
-    assert w.live is None
+    assert w.figure_draws == 0 and w.image.value == b""
     assert w.bar.value == snapshots(4)[-1].rows_done
+    assert w.bar.bar_style in ("success", "warning")
+
+
+def test_the_worker_never_blocks_the_caller_and_ends_on_finish() -> None:
+    import threading
+
+    gate = threading.Event()
+    worker = FrameWorker()
+    orig = LiveFigure.render
+
+    def slow(self: LiveFigure, stats: RunStats, *, final: bool = False) -> bytes:
+        gate.wait(10)
+        return orig(self, stats, final=final)
+
+    LiveFigure.render = slow  # type: ignore[method-assign]
+    try:
+        stats = snapshots(2)[-1]
+        assert worker.submit(stats)
+        assert not worker.idle() and not worker.submit(stats)  # busy: refused, not queued
+        assert worker.take() is None
+        gate.set()
+        assert worker.wait(30)
+        frame = worker.take()
+        assert frame is not None and frame[0][:8] == PNG and frame[1] > 0
+        final = worker.finish(stats)
+        assert final is not None and final[0][:8] == PNG
+        assert not worker._thread.is_alive()
+        assert not worker.submit(stats)
+    finally:
+        LiveFigure.render = orig  # type: ignore[method-assign]

@@ -1,0 +1,153 @@
+"""What the live dashboard costs: a no-op fn with progress=False versus the notebook widget.
+
+Run: ``.venv/bin/python benchmarks/display_bench.py`` (~2 min on 2 cores). Options: ``--rows``
+(default 100_000), ``--repeats`` (3, alternating the modes), ``--no-kernel`` (skip the
+in-kernel measurement).
+
+A no-op async fn makes the event loop the bottleneck, so every millisecond the display takes
+comes out of throughput: this is the worst case (with a real API the loop mostly waits).
+
+Two settings:
+
+script  in this process: ``progress="widget"`` builds the real ``WidgetDisplay`` (header,
+        Stop button, Agg figure rendered to PNG) as inside a kernel, but widget messages go
+        nowhere (no frontend). Also the tqdm bar (``progress="bar"``, to /dev/null).
+kernel  inside a real ipykernel (nbclient), where every update is sent as comm messages.
+
+Each line, medians over the repeats: ``call`` = wall time of ``process()`` (planning is done
+beforehand; includes opening the display and its final frame), ``run`` = first batch start to
+last batch end (what throughput is: rows/s), each with its ratio to ``progress=False`` in the
+same setting (x1.000 = free, x0.950 = 5% slower). The widget line also shows how many figure
+frames were drawn and the share of the call spent drawing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BENCH = """
+import asyncio, json, statistics, sys, time, os
+import polars as pl
+import dfbatch, dfbatch.display as display, dfbatch.display.widget as widget
+
+ROWS, REPEATS, IN_KERNEL = {rows}, {repeats}, {in_kernel}
+frame = pl.DataFrame({{"text": [f"row {{i}}" for i in range(ROWS)]}}).batch.plan()
+
+async def noop(batch):
+    return [None] * batch.height
+
+opened = []
+_open = display.open_display
+def spy(progress, **kw):
+    d = _open(progress, **kw)
+    opened.append(d)
+    return d
+display.open_display = spy
+if not IN_KERNEL:  # build the notebook widget here, without a frontend to show it
+    display.in_jupyter_kernel = lambda: True
+    import IPython.display
+    IPython.display.display = lambda *a, **k: None
+
+draw_s = [0.0]
+_render = widget._LiveFigure.render
+def timed_render(self, *a, **k):
+    t = time.perf_counter()
+    try:
+        return _render(self, *a, **k)
+    finally:
+        draw_s[0] += time.perf_counter() - t
+widget._LiveFigure.render = timed_render
+
+modes = [False, "widget"] + ([] if IN_KERNEL else ["bar"])
+times = {{str(m): [] for m in modes}}
+spans = {{}}
+extra = {{}}
+err = sys.stderr
+for r in range(REPEATS):
+    for mode in modes:
+        if mode == "bar":
+            sys.stderr = open(os.devnull, "w")
+        draw_s[0] = 0.0
+        t = time.perf_counter()
+        out = frame.batch.process(noop, progress=mode)
+        dt = time.perf_counter() - t
+        sys.stderr = err
+        assert out.height == ROWS and out["error"].null_count() == ROWS
+        end = out.select(pl.col("started_at") + pl.duration(seconds=pl.col("elapsed_s"))).max()
+        span = (end.item() - out["started_at"].min()).total_seconds()
+        times[str(mode)].append(dt)
+        spans.setdefault(str(mode), []).append(span)
+        if mode == "widget":
+            w = opened[-1].inner
+            extra.setdefault("frames", []).append(w.figure_draws)
+            extra.setdefault("draw_share", []).append(draw_s[0] / dt)
+print("RESULT", json.dumps({{"times": times, "spans": spans, "extra": extra}}))
+"""
+
+
+def run_script(rows: int, repeats: int) -> dict[str, Any]:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        exec(BENCH.format(rows=rows, repeats=repeats, in_kernel=False), {"__name__": "bench"})
+    return _result(buf.getvalue())
+
+
+def run_kernel(rows: int, repeats: int) -> dict[str, Any]:
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    code = BENCH.format(rows=rows, repeats=repeats, in_kernel=True)
+    nb.cells = [nbformat.v4.new_code_cell(code)]
+    NotebookClient(nb, timeout=1800, kernel_name="python3").execute()
+    text = "".join(o.get("text", "") for o in nb.cells[0].outputs if o.get("name") == "stdout")
+    return _result(text)
+
+
+def _result(text: str) -> dict[str, Any]:
+    line = next(x for x in text.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def report(setting: str, res: dict[str, Any], rows: int) -> None:
+    base = statistics.median(res["times"]["False"])
+    base_span = statistics.median(res["spans"]["False"])
+    for mode, ts in res["times"].items():
+        med = statistics.median(ts)
+        span = statistics.median(res["spans"][mode])
+        line = (f"{setting:6s} progress={mode:6s} call {med:6.2f} s (x{base / med:5.3f})  "
+                f"run {span:6.2f} s, {rows / span:7,.0f} rows/s (x{base_span / span:5.3f})")
+        if mode == "widget":
+            ex = res["extra"]
+            line += (f"  ({statistics.median(ex['frames']):.0f} frames, "
+                     f"{100 * statistics.median(ex['draw_share']):.1f}% of the run drawing)")
+        print(line)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=textwrap.dedent(__doc__ or "").split("\n")[0])
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-kernel", action="store_true")
+    args = p.parse_args()
+    t = time.perf_counter()
+    report("script", run_script(args.rows, args.repeats), args.rows)
+    if not args.no_kernel:
+        report("kernel", run_kernel(args.rows, args.repeats), args.rows)
+    print(f"({time.perf_counter() - t:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()
