@@ -249,6 +249,7 @@ class Journal:
         self.ids = ids
         self.n = planned.height
         self.done = done  # journaled rows to keep, sorted by _POS
+        self.closed = False
         done_pos = done[_POS].to_numpy().astype(np.int64)
         mask = np.ones(self.n, bool)
         mask[done_pos] = False
@@ -359,7 +360,10 @@ class Journal:
         return out
 
     def close(self) -> None:
-        """Compact the parts into one, and release the lock."""
+        """Compact the parts into one, and release the lock (once; later calls do nothing)."""
+        if self.closed:
+            return
+        self.closed = True
         try:
             self.store.compact()
         finally:

@@ -42,7 +42,7 @@ import gc
 import os
 import time
 import warnings
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +56,7 @@ from dfbatch.checkpoint import Journal, Resume, open_journal
 from dfbatch.config import BatchConfig, Progress
 from dfbatch.errors import ConfigError
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
+from dfbatch.limits import CapacityLimit, Cost, Outcome
 from dfbatch.loop import run_sync
 from dfbatch.pool import Outcomes, Pool
 from dfbatch.result import assemble
@@ -109,6 +110,7 @@ class _Chunk:
     pool: Pool | None = None
     task: asyncio.Task[Outcomes] | None = None
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    leases: list[_Lease] = field(default_factory=list)
 
 
 @dataclass
@@ -209,12 +211,14 @@ class _Stream:
                 chunk = await self._unless_stopped(nxt)
                 if chunk is None:
                     break
+                self.live.append(chunk)  # (closes its journal if the next line raises)
+                self._raise_crash()
                 offset += chunk.job.planned.height
                 self._start(chunk, emit)
-                self.live.append(chunk)
                 # read and plan the next chunk while this one runs
                 nxt = asyncio.ensure_future(asyncio.to_thread(self._prepare, reader, offset))
                 await chunk.drained.wait()  # its queues are empty: the next pool may start
+                self._raise_crash()
                 while len(self.live) > 1:  # at most two pools at once
                     await self._finish(self.live[0], writer)
             while self.live:
@@ -228,6 +232,13 @@ class _Stream:
                 leftover = await nxt
             if leftover is not None and leftover.journal is not None:
                 leftover.journal.close()
+
+    def _raise_crash(self) -> None:
+        for c in self.live:
+            if c.task is not None and c.task.done() and not c.task.cancelled():
+                exc = c.task.exception()
+                if exc is not None:
+                    raise exc
 
     async def _unless_stopped(self, fut: asyncio.Future[_Chunk | None]) -> _Chunk | None:
         assert self._stop is not None
@@ -269,14 +280,29 @@ class _Stream:
                     on_batch_done=journal.record if journal is not None else None)
         if self.limits is None:
             self.limits = {name: getattr(pool, name) for name in _SHARED}
-        elif len(self.limits["agent_slots"]) == len(pool.queues):
+        if len(self.limits["agent_slots"]) == len(pool.queues):
             for name, value in self.limits.items():  # the agents and their limits carry over
                 setattr(pool, name, value)
+            slots = [_Lease(x) for x in self.limits["agent_slots"]]
+            held = [_Lease(x) for x in self.limits["agent_bytes"]]
+            pool.agent_slots, pool.agent_bytes = slots, held  # type: ignore[assignment]
+            chunk.leases = [*slots, *held]
         chunk.pool = pool
         chunk.task = asyncio.create_task(pool.run())
-        chunk.task.add_done_callback(lambda _: chunk.drained.set())
+        chunk.task.add_done_callback(self._on_pool_done(chunk))
         if self.stopping:
             pool.stop()
+
+    def _on_pool_done(self, chunk: _Chunk) -> Callable[[asyncio.Task[Outcomes]], None]:
+        def done(task: asyncio.Task[Outcomes]) -> None:
+            for lease in chunk.leases:
+                lease.give_back()
+            chunk.drained.set()
+            if not task.cancelled() and task.exception() is not None:
+                for other in self.live:  # a crash (a bug, or a BaseException in fn): wake up
+                    other.drained.set()  # the pipeline so it re-raises at once
+
+        return done
 
     async def _finish(self, chunk: _Chunk, writer: _Writer) -> None:
         assert chunk.task is not None and chunk.pool is not None
@@ -331,6 +357,39 @@ def _chunks(lf: pl.LazyFrame, chunk_rows: int) -> Iterator[pl.DataFrame]:
             return
         yield df
         offset += df.height
+
+
+class _Lease:
+    """One pool's share of a limit shared by the stream's pools.
+
+    What the pool still holds when it ends (a slot held by an agent cancelled while it waited
+    for work) is given back, so the next pools get the limit's full capacity.
+    """
+
+    def __init__(self, limit: CapacityLimit) -> None:
+        self.limit = limit
+        self.held: Counter[Cost] = Counter()
+
+    async def acquire(self, cost: Cost) -> None:
+        await self.limit.acquire(cost)
+        self.held[cost] += 1
+
+    def force_acquire(self, cost: Cost) -> None:
+        self.limit.force_acquire(cost)
+        self.held[cost] += 1
+
+    def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
+        self.limit.release(cost, outcome)
+        self.held[cost] -= 1
+
+    def give_back(self) -> None:
+        for cost, n in self.held.items():
+            for _ in range(n):
+                self.limit.release(cost)
+        self.held.clear()
+
+    def __getattr__(self, name: str) -> Any:  # capacity, in_use, set_capacity ...
+        return getattr(self.limit, name)
 
 
 class _Writer:

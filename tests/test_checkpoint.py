@@ -317,7 +317,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
     df.write_parquet(tmp_path / "data.parquet")
     rng = random.Random(7)
     cap, kills = 4, 0
-    while kills < 12:
+    while kills < 10:
         proc = _start(tmp_path, cap)
         _wait_for(proc, "GO")
         time.sleep(rng.uniform(0.0, 0.25))
