@@ -247,6 +247,7 @@ class Journal:
         self.cfg = cfg
         self.key = key
         self.ids = ids
+        self.hashes = ids.to_numpy() if key is None else None
         self.n = planned.height
         self.done = done  # journaled rows to keep, sorted by _POS
         self.closed = False
@@ -313,24 +314,26 @@ class Journal:
         """``on_batch_done`` hook: journal the batch's rows (outputs or errors) as one part."""
         local = batch.rows
         pos = self.todo[local]
-        ident: dict[str, Any]
-        if self.key is None:
-            ident = {_ROW: pl.Series(_ROW, pos, dtype=pl.Int64),
-                     _HASH: self.ids.gather(pos).rename(_HASH)}
+        if self.hashes is not None:
+            ident = {_ROW: pa.array(pos, pa.int64()), _HASH: self.hashes[pos]}
         else:
-            ident = {_KEY: self.ids.gather(pos).rename(_KEY)}
-        meta = pl.DataFrame({
+            ident = {_KEY: self.ids.gather(pos).to_arrow()}
+        cols: dict[str, Any] = {
             **ident,
-            _ERROR: pl.Series(_ERROR, [out.errors[i] for i in local.tolist()], dtype=pl.Utf8),
-            _ATTEMPTS: pl.Series(_ATTEMPTS, out.attempts[local], dtype=pl.UInt16),
-            _RUN_BATCH: pl.Series(_RUN_BATCH, out.run_batch[local], dtype=pl.UInt32),
-            _RUN_AGENT: pl.Series(_RUN_AGENT, out.run_agent[local], dtype=pl.UInt16),
-            _STARTED: pl.Series(_STARTED, out.started[local], dtype=pl.Float64),
-            _ELAPSED: pl.Series(_ELAPSED, out.elapsed[local], dtype=pl.Float64),
-        })
+            _ERROR: pa.array([out.errors[i] for i in local.tolist()], pa.string()),
+            _ATTEMPTS: out.attempts[local], _RUN_BATCH: out.run_batch[local],
+            _RUN_AGENT: out.run_agent[local], _STARTED: out.started[local],
+            _ELAPSED: out.elapsed[local],
+        }
+        table = pa.table(cols)
         if out.pieces and out.pieces[-1][0] is local:  # the pool just appended its outputs
-            meta = pl.concat([meta, out.pieces[-1][1]], how="horizontal")
-        self.store.write(meta)
+            try:
+                outputs = out.pieces[-1][1].to_arrow()
+            except (pl.exceptions.PolarsError, pa.ArrowException) as exc:
+                raise _unstorable(exc) from None
+            for name, column in zip(outputs.column_names, outputs.columns, strict=True):
+                table = table.append_column(name, column)
+        self.store.write(table)
 
     def merge(self, sub: Outcomes) -> Outcomes:
         """Outcomes of every row: the journaled rows plus the pool's (``sub``, todo rows)."""
@@ -479,17 +482,17 @@ class _Store:
     def _part_files(self) -> list[Path]:
         return sorted(self.parts.glob(f"{self.prefix}-*.arrow"), key=_seq)
 
-    def write(self, frame: pl.DataFrame) -> None:
+    def write(self, table: pa.Table) -> None:
+        """Write one part: to a temporary name first, then renamed (atomic)."""
         name = f"{self.prefix}-{self.seq:08d}.arrow"
         self.seq += 1
         tmp = self.parts / f".{name}.tmp"
         try:
-            frame.write_ipc(tmp)
-        except pl.exceptions.PolarsError as exc:
+            with pa.OSFile(str(tmp), "wb") as f, ipc.new_file(f, table.schema) as writer:
+                writer.write_table(table)
+        except pa.ArrowException as exc:
             tmp.unlink(missing_ok=True)
-            msg = (f"cannot journal fn's outputs ({exc}); return plain values (str, numbers, "
-                   "lists, structs), not Python objects")
-            raise CheckpointError(msg) from None
+            raise _unstorable(exc) from None
         _publish(tmp, self.parts / name)
 
     def load(self) -> pl.DataFrame | None:
@@ -527,8 +530,8 @@ class _Store:
             if joined is None:
                 return
             ident = _KEY if _KEY in joined.columns else _ROW
-            self.write(joined.unique(ident, keep="last", maintain_order=True))
-        except (OSError, pl.exceptions.PolarsError, CheckpointError) as exc:
+            self.write(joined.unique(ident, keep="last", maintain_order=True).to_arrow())
+        except (OSError, pl.exceptions.PolarsError, pa.ArrowException, CheckpointError) as exc:
             msg = f"could not compact checkpoint {str(self.root)!r} ({exc}); it stays usable"
             warnings.warn(msg, CheckpointWarning, stacklevel=3)
             return
@@ -540,6 +543,12 @@ class _Store:
 def _publish(tmp: Path, final: Path) -> None:
     """Make a fully written file visible under its final name (atomic rename)."""
     os.replace(tmp, final)
+
+
+def _unstorable(exc: BaseException) -> CheckpointError:
+    msg = (f"cannot journal fn's outputs ({exc}); return plain values (str, numbers, lists, "
+           "structs), not Python objects")
+    return CheckpointError(msg)
 
 
 def _seq(path: Path) -> int:
