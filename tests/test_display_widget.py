@@ -204,3 +204,14 @@ def test_the_worker_never_blocks_the_caller_and_ends_on_finish() -> None:
         assert not worker.submit(stats)
     finally:
         LiveFigure.render = orig  # type: ignore[method-assign]
+
+
+def test_a_run_shorter_than_a_second_draws_no_figure() -> None:
+    w = WidgetDisplay(8, show=False)
+    worker = w.renderer
+    assert worker is not None
+    w.update(RunStats(total_rows=8, rows_done=4, elapsed_s=0.4))
+    w.close(RunStats(total_rows=8, rows_done=8, rows_ok=8, elapsed_s=0.8, finished=True))
+    assert not worker.started  # no thread, no matplotlib, no frame
+    assert w.figure_draws == 0 and w.image.layout.display == "none"
+    assert w.bar.bar_style == "success"

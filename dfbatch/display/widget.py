@@ -82,7 +82,11 @@ class WidgetDisplay:
     figure_budget
         Share of wall time the figure may take over the run (a token bucket on the worker's
         CPU time: slow frames space out the next ones). The first frame, drawn once the run
-        is 0.5 s old, imports matplotlib and lays out the figure; it is not counted.
+        is ``first_figure_after_s`` old, imports matplotlib and lays out the figure; it is not
+        counted.
+    first_figure_after_s
+        Runs shorter than this show no figure at all (no matplotlib import, no drawing):
+        the header says everything about a run that short.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class WidgetDisplay:
         figure: bool = True,
         min_figure_interval_s: float = 0.5,
         figure_budget: float = 0.03,
+        first_figure_after_s: float = 1.0,
     ) -> None:
         try:
             import ipywidgets as w
@@ -123,6 +128,7 @@ class WidgetDisplay:
         )
         self.renderer = FrameWorker() if figure else None
         self.budget = _Budget(figure_budget, min_figure_interval_s)
+        self.first_figure_after_s = first_figure_after_s
         self.figure_draws = 0
         self.figure_cpu_s = 0.0
         if show:
@@ -137,7 +143,8 @@ class WidgetDisplay:
         if worker is None:
             return
         self._publish(worker.take())
-        if stats.elapsed_s >= 0.5 and worker.idle() and self.budget.ready():
+        due = stats.elapsed_s >= self.first_figure_after_s
+        if due and worker.idle() and self.budget.ready():
             worker.submit(stats)
             self.budget.started()
 
@@ -156,7 +163,9 @@ class WidgetDisplay:
         self.button.disabled = True
         self.button.layout.display = "none"
         if self.renderer is not None:
-            self._publish(self.renderer.finish(stats))
+            if self.renderer.started:  # a short run shows no figure: nothing to finish
+                self._publish(self.renderer.finish(stats))
+            self.renderer.close()
             self.renderer = None
 
     def _header(self, stats: RunStats, state: str) -> None:
@@ -192,8 +201,9 @@ class FrameWorker:
     """One thread that draws figure frames; the event loop hands it snapshots, never waits.
 
     ``submit`` and ``take`` never block; ``finish`` (at the end of the run) draws the final
-    frame, waits for it and ends the thread. A drawing error is logged once and ends the
-    worker (the header goes on).
+    frame, waits for it and ends the thread; ``close`` ends it without a final frame. The
+    thread starts with the first frame. A drawing error is logged once and ends the worker
+    (the header goes on).
     """
 
     def __init__(self, timeout_s: float = 60.0) -> None:
@@ -204,7 +214,11 @@ class FrameWorker:
         self._done: tuple[bytes, float] | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="dfbatch-figure", daemon=True)
-        self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        """Whether a frame was ever submitted (the thread starts with the first one)."""
+        return self._thread.ident is not None
 
     def idle(self) -> bool:
         with self._cond:
@@ -216,7 +230,9 @@ class FrameWorker:
                 return False
             self._job = (stats, final)
             self._cond.notify_all()
-            return True
+        if not self.started:
+            self._thread.start()
+        return True
 
     def take(self) -> tuple[bytes, float] | None:
         """The last finished frame and the CPU seconds it took, once."""
@@ -237,10 +253,16 @@ class FrameWorker:
         self.wait()
         with self._cond:
             done, self._done = self._done, None
+        self.close()
+        return done
+
+    def close(self) -> None:
+        """End the thread (it finishes the frame in hand first); idempotent."""
+        with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(self.timeout_s)
-        return done
+        if self.started:
+            self._thread.join(self.timeout_s)
 
     def _run(self) -> None:
         live = None
