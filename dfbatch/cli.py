@@ -1,0 +1,278 @@
+"""The ``dfbatch`` command line (also ``python -m dfbatch``).
+
+``dfbatch plan data.parquet --text doc`` prints the plan summary; ``dfbatch run data.parquet
+--text doc --fn mypkg.fns:summarize --out out.parquet`` runs ``fn`` over the rows (or the built-in
+chat adapter with ``--model``) and writes the result. Inputs and outputs are Parquet, CSV or
+NDJSON, chosen by extension. Exit codes: 0 every row ok, 3 some rows failed (the output is still
+written; see its ``error`` column), 130 stopped by Ctrl-C (the partial output is written), 2 a
+usage error (bad path, unknown column, bad ``--fn``), reported on stderr with a hint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import polars as pl
+
+from dfbatch.errors import DfbatchError, did_you_mean
+
+EXIT_FAILED_ROWS = 3
+EXIT_INTERRUPTED = 130
+_READERS: dict[str, Callable[[Path], pl.LazyFrame]] = {
+    ".parquet": pl.scan_parquet,
+    ".pq": pl.scan_parquet,
+    ".csv": pl.scan_csv,
+    ".tsv": lambda p: pl.scan_csv(p, separator="\t"),
+    ".ndjson": pl.scan_ndjson,
+    ".jsonl": pl.scan_ndjson,
+}
+_OUTPUTS = (".parquet", ".pq", ".csv", ".ndjson", ".jsonl")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dfbatch")
+def main() -> None:
+    """Push a table of texts through an expensive, rate-limited function in token-aware batches."""
+
+
+# -- shared options and helpers ------------------------------------------------------------
+def _plan_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.argument("data", type=click.Path(dir_okay=False, path_type=Path)),
+        click.option("--text", default="text", show_default=True,
+                     help="Column holding the text to count tokens of."),
+        click.option("--items-per-batch", type=click.IntRange(min=1), help="Rows per batch (4)."),
+        click.option("--token-limit", type=click.IntRange(min=1),
+                     help="Request tokens per batch (32768)."),
+        click.option("--agents", type=click.IntRange(min=1),
+                     help="Agents (default: 2 per CPU core)."),
+        click.option("--encoding", help="tiktoken encoding or model name (cl100k_base)."),
+        click.option("--output-tokens", "output_tokens_per_row", type=click.IntRange(min=0),
+                     help="Expected output tokens per row (charged against --tpm)."),
+        click.option("--overhead-tokens", "request_overhead_tokens",
+                     type=click.IntRange(min=0), help="Prompt tokens sent once per request."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _settings(**options: Any) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def read_frame(path: Path) -> pl.LazyFrame:
+    """A LazyFrame over ``path`` (Parquet, CSV/TSV, NDJSON by extension), or a usage error."""
+    if not path.is_file():
+        near = did_you_mean(path.name, os.listdir(path.parent)) if path.parent.is_dir() else ""
+        what = "is a directory" if path.is_dir() else "not found"
+        msg = f"input file {str(path)!r} {what}.{near}"
+        raise click.UsageError(msg)
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        kinds = ", ".join(sorted(_READERS))
+        msg = f"cannot read {path.name!r}: use one of {kinds}"
+        raise click.UsageError(msg)
+    lf = reader(path)
+    try:
+        lf.collect_schema()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        msg = f"cannot read {str(path)!r}: {exc}"
+        raise click.UsageError(msg) from None
+    return lf
+
+
+def _require_column(lf: pl.LazyFrame, name: str, option: str) -> None:
+    columns = lf.collect_schema().names()
+    if name not in columns:
+        hint = did_you_mean(name, columns) or f" Columns: {columns[:20]}"
+        msg = f"{option} {name!r}: no such column.{hint}"
+        raise click.UsageError(msg)
+
+
+def load_fn(spec: str) -> Callable[..., Any]:
+    """Import ``package.module:function`` (``module:Class.attr`` works too), or a usage error."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        msg = f"--fn {spec!r}: expected module:function, e.g. mypkg.fns:summarize"
+        raise click.UsageError(msg)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current directory
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        msg = (
+            f"--fn {spec!r}: module {module_name!r} not found ({exc}). Hint: run from the "
+            "directory that holds it, set PYTHONPATH, or pip install its package"
+        )
+        raise click.UsageError(msg) from None
+    except Exception as exc:
+        msg = f"--fn {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        raise click.UsageError(msg) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            hint = did_you_mean(part, names)
+            msg = f"--fn {spec!r}: {module_name!r} has no attribute {part!r}.{hint}"
+            raise click.UsageError(msg)
+        obj = getattr(obj, part)
+    if not callable(obj):
+        msg = f"--fn {spec!r} is a {type(obj).__name__}, not a function"
+        raise click.UsageError(msg)
+    return obj  # type: ignore[no-any-return]
+
+
+def _write(df: pl.DataFrame, path: Path) -> None:
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        df.write_parquet(path)
+        return
+    nested = [n for n, t in df.schema.items() if t.is_nested() or t == pl.Object]
+    if nested and suffix == ".csv":  # CSV holds no lists/structs: write them as JSON text
+        df = df.with_columns(pl.col(nested).map_elements(
+            lambda v: json.dumps(v.to_list() if isinstance(v, pl.Series) else v, default=str),
+            return_dtype=pl.String))
+    if suffix == ".csv":
+        df.write_csv(path)
+    else:
+        df.write_ndjson(path)
+
+
+# -- plan ----------------------------------------------------------------------------------
+@main.command()
+@_plan_options
+@click.option("--price-in", type=click.FloatRange(min=0), help="USD per 1,000 input tokens.")
+@click.option("--price-out", type=click.FloatRange(min=0), help="USD per 1,000 output tokens.")
+def plan(data: Path, text: str, price_in: float | None, price_out: float | None,
+         **options: Any) -> None:
+    """Print how DATA would be batched: rows, batches, tokens, agent balance, cost."""
+    import dfbatch
+
+    lf = read_frame(data)
+    _require_column(lf, text, "--text")
+    settings = _settings(**options)
+    try:
+        planned = dfbatch.plan(lf.collect(), text, **settings)
+        summary = dfbatch.summary(planned, price_in_per_1k=price_in, price_out_per_1k=price_out,
+                                  **settings)
+    except DfbatchError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(str(summary))
+    with pl.Config(tbl_rows=32, tbl_hide_dataframe_shape=True):
+        click.echo(summary.loads)
+
+
+# -- run -----------------------------------------------------------------------------------
+@main.command()
+@_plan_options
+@click.option("--fn", "fn_spec", metavar="MODULE:FUNCTION",
+              help="Your fn(batch) -> outputs, e.g. mypkg.fns:summarize.")
+@click.option("--model", help="Use the built-in chat adapter with this model (no --fn).")
+@click.option("--prompt", help="Prompt template for --model (default: the text column).")
+@click.option("--system", help="System message for --model.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Output cap per row for --model.")
+@click.option("--base-url", envvar="OPENAI_BASE_URL",
+              help="OpenAI-compatible endpoint for --model (env OPENAI_BASE_URL); the key is "
+                   "read from OPENAI_API_KEY.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output file: .parquet (streamed in chunks), .csv or .ndjson.")
+@click.option("--rpm", type=click.FloatRange(min=0, min_open=True), help="Requests per minute.")
+@click.option("--tpm", type=click.FloatRange(min=0, min_open=True), help="Tokens per minute.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds per call (600).")
+@click.option("--max-attempts", type=click.IntRange(min=1), help="Calls per batch (5).")
+@click.option("--max-in-flight", type=click.IntRange(min=1),
+              help="Global cap on batches in flight (16 per core).")
+@click.option("--checkpoint", type=click.Path(file_okay=False, path_type=Path),
+              help="Journal finished batches here; rerun to resume.")
+@click.option("--resume", type=click.Choice(["auto", "overwrite"]), default="auto",
+              show_default=True, help="overwrite: discard a checkpoint of another run.")
+@click.option("--retry-errors", is_flag=True, help="With --checkpoint: rerun rows that failed.")
+@click.option("--key", help="With --checkpoint: a unique id column that identifies rows.")
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Rows per chunk when streaming to .parquet.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr (default: when stderr is a terminal).")
+def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: str | None,
+        system: str | None, max_tokens: int, base_url: str | None, out: Path,
+        checkpoint: Path | None, resume: str, retry_errors: bool, key: str | None,
+        chunk_rows: int, progress: bool | None, **options: Any) -> None:
+    """Run a function over the rows of DATA in batches and write the result to --out."""
+    import warnings
+
+    import dfbatch
+    from dfbatch.run import PartialResultWarning
+
+    if out.suffix.lower() not in _OUTPUTS:
+        msg = f"--out {out.name!r}: use a .parquet, .csv or .ndjson file"
+        raise click.UsageError(msg)
+    if not out.parent.is_dir():
+        msg = f"--out {str(out)!r}: directory {str(out.parent)!r} does not exist"
+        raise click.UsageError(msg)
+    lf = read_frame(data)
+    _require_column(lf, text, "--text")
+    if key is not None:
+        _require_column(lf, key, "--key")
+    fn = _make_fn(fn_spec, model, prompt or f"{{{text}}}", system, max_tokens, base_url)
+    show: Any = "bar" if (sys.stderr.isatty() if progress is None else progress) else False
+    common = dict(progress=show, checkpoint=checkpoint, resume=resume, key=key,
+                  retry_errors=retry_errors, **_settings(**options))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PartialResultWarning)
+        try:
+            if out.suffix.lower() in (".parquet", ".pq"):
+                s = dfbatch.process(lf, fn, text, out=out, chunk_rows=chunk_rows, **common)
+                rows, ok = int(s["rows"].item()), int(s["rows_ok"].item())
+                cancelled = int(s["rows_cancelled"].item())
+            else:
+                result = dfbatch.process(lf.collect(), fn, text, **common)
+                _write(result, out)
+                err = result["error"]
+                rows, ok = result.height, int(err.is_null().sum())
+                cancelled = int((err == "cancelled").sum())
+        except DfbatchError as exc:
+            raise click.UsageError(str(exc)) from None
+    stopped = False
+    for w in caught:
+        if issubclass(w.category, PartialResultWarning):
+            stopped = True
+            click.echo(f"stopped: {w.message}", err=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    failed = rows - ok - cancelled
+    click.echo(f"wrote {rows:,} rows to {out}: {ok:,} ok, {failed:,} failed"
+               + (f", {cancelled:,} cancelled" if cancelled else "")
+               + (" (see the error column)" if failed or cancelled else ""), err=True)
+    if stopped:
+        sys.exit(EXIT_INTERRUPTED)
+    if failed:
+        sys.exit(EXIT_FAILED_ROWS)
+
+
+def _make_fn(fn_spec: str | None, model: str | None, prompt: str, system: str | None,
+             max_tokens: int, base_url: str | None) -> Callable[..., Any]:
+    if fn_spec is not None and model is not None:
+        msg = "pass either --fn or --model, not both"
+        raise click.UsageError(msg)
+    if fn_spec is not None:
+        return load_fn(fn_spec)
+    if model is None:
+        msg = "pass --fn module:function, or --model NAME for the chat adapter"
+        raise click.UsageError(msg)
+    try:
+        from dfbatch.llm import chat
+    except ImportError as exc:
+        msg = f"--model needs the llm extra: pip install 'dfbatch[llm]' ({exc})"
+        raise click.UsageError(msg) from None
+    try:
+        return chat(model, prompt, system=system, max_tokens=max_tokens, base_url=base_url)
+    except DfbatchError as exc:
+        raise click.UsageError(str(exc)) from None
