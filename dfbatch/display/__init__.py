@@ -102,16 +102,17 @@ def _choose(progress: object) -> str | None:
 
 
 def in_jupyter_kernel() -> bool:
-    """True inside a Jupyter kernel (ipykernel's ZMQInteractiveShell), without importing IPython.
+    """True inside a Jupyter kernel (ipykernel's ZMQInteractiveShell or a subclass, as in
+    Colab), without importing IPython or ipykernel.
 
     >>> in_jupyter_kernel()
     False
     """
     ipython = sys.modules.get("IPython")
-    if ipython is None:
+    zmqshell = sys.modules.get("ipykernel.zmqshell")
+    if ipython is None or zmqshell is None:
         return False
-    shell = ipython.get_ipython()
-    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+    return isinstance(ipython.get_ipython(), zmqshell.ZMQInteractiveShell)
 
 
 def _stderr_is_tty() -> bool:

@@ -23,8 +23,8 @@ and the partial result is returned (unfinished rows get ``error='cancelled'``).
 - ``await df.batch.aprocess(...)``: works. ipykernel >= 7 dispatches ``comm_msg`` while an
   async cell awaits (``Kernel.shell_main`` runs comm messages concurrently when the cell
   holds the shell lock), so the click reaches ``stop`` during the run. Checked with ipykernel
-  7.4 (tests/test_display_kernel.py clicks it). On ipykernel 6 the click is queued until the
-  cell ends, i.e. it has no effect; interrupt the kernel instead.
+  7.4 (tests/test_display_kernel.py clicks it). ipykernel 6 handles shell messages one at a
+  time, so there the click should wait until the cell ends (not tested); interrupt instead.
 - ``df.batch.process(...)`` (blocking): cannot work, so the run passes ``stop=None`` and the
   button is disabled. The kernel does receive the click, but it handles shell messages in
   one shared ``contextvars.Context`` that the running cell has entered, and nest-asyncio2
@@ -36,10 +36,13 @@ Examples
 --------
 >>> from dfbatch.events import RunStats
 >>> from dfbatch.display.widget import WidgetDisplay
->>> w = WidgetDisplay(10, show=False)  # doctest: +SKIP
->>> w.update(RunStats(total_rows=10, rows_done=4, elapsed_s=2.0))  # doctest: +SKIP
->>> w.bar.value, w.bar.description  # doctest: +SKIP
+>>> w = WidgetDisplay(10, show=False, figure=False)
+>>> w.update(RunStats(total_rows=10, rows_done=4, elapsed_s=2.0))
+>>> w.bar.value, w.bar.description
 (4, '40%')
+>>> w.close(RunStats(total_rows=10, rows_done=10, rows_ok=10, elapsed_s=3.0, finished=True))
+>>> w.bar.bar_style, w.button.disabled
+('success', True)
 """
 
 from __future__ import annotations
