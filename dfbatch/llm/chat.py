@@ -159,7 +159,7 @@ def _per_row_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | p
         failure = _worst(outcomes)
         if failure is not None:
             for p, outcome in zip(prompts, outcomes, strict=True):
-                if not isinstance(outcome, BaseException):
+                if isinstance(outcome, RowError) or not isinstance(outcome, BaseException):
                     _stash(spec, p, outcome)
             raise scrub(failure, spec.source.secrets)
         return _column(spec, list(outcomes))
@@ -278,7 +278,7 @@ def _message(exc: BaseException) -> str:
 
 def _worst(outcomes: list[Any]) -> BaseException | None:
     """The exception to raise for a batch: a 429 with the longest retry-after, else the first."""
-    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    failures = [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, RowError)]
     if not failures:
         return None
     for f in failures:

@@ -97,7 +97,9 @@ class SimApp:
             try:
                 return await handler(request, t)
             except _Reject as rej:
-                self.stats.record(endpoint, rej.response.status, t=t)
+                wait = rej.response.headers.get("retry-after-ms")
+                retry_after = int(wait) / 1000 if wait else None
+                self.stats.record(endpoint, rej.response.status, retry_after_s=retry_after, t=t)
                 return rej.response
             finally:
                 self.stats.leave()
@@ -226,7 +228,8 @@ class SimApp:
         model = body["model"]
         enc = encoder_for(model)
         texts = _embedding_inputs(body.get("input"), enc)
-        dims = body.get("dimensions") or self.config.embedding_dimensions
+        dims = body.get("dimensions")
+        dims = self.config.embedding_dimensions if dims is None else dims
         if isinstance(dims, bool) or not isinstance(dims, int) or not 0 < dims <= _MAX_DIMENSIONS:
             msg = f"dimensions must be an integer in 1..{_MAX_DIMENSIONS}, got {dims!r}"
             raise _Reject(error_response(400, msg, param="dimensions"))

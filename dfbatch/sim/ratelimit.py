@@ -4,6 +4,10 @@ Each limit is a token bucket holding one simulated minute of budget, refilled co
 starting full. A request is admitted only when *every* bucket can pay for it; otherwise it is
 rejected with the wait after which it would be admitted (``retry-after``).
 
+``x-ratelimit-limit-*`` headers give the refill rate per *real* minute, so a client that learns
+its pacing from them is right even under ``time_scale`` (they equal the configured limits at
+``time_scale=1``); ``x-ratelimit-remaining-*`` is what the bucket holds now.
+
 Examples
 --------
 >>> from dfbatch.sim.ratelimit import RateLimiter
@@ -86,7 +90,7 @@ class RateLimiter:
     def headers(self) -> dict[str, str]:
         out: dict[str, str] = {}
         for name, bucket in self.buckets.items():
-            out[f"x-ratelimit-limit-{name}"] = str(int(bucket.capacity))
+            out[f"x-ratelimit-limit-{name}"] = str(round(bucket.rate * 60))  # per real minute
             out[f"x-ratelimit-remaining-{name}"] = str(max(0, int(bucket.level)))
             out[f"x-ratelimit-reset-{name}"] = format_duration(bucket.reset_s())
         return out

@@ -54,7 +54,7 @@ class SimStats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._t0 = time.monotonic()
-        self._log: list[tuple[float, str, int, int, int, int]] = []
+        self._log: list[tuple[float, str, int, int, int, int, float | None]] = []
         self._faults: Counter[str] = Counter()
         self._in_flight = 0
         self._max_in_flight = 0
@@ -85,9 +85,10 @@ class SimStats:
         charged_tokens: int = 0,
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
+        retry_after_s: float | None = None,
         t: float | None = None,
     ) -> None:
-        """Log one answered (or reset / hung: status 0) request, arrival time ``t``."""
+        """Log one answered (or reset: status 0) request that arrived at ``t``."""
         row = (
             self.now() if t is None else t,
             endpoint,
@@ -95,6 +96,7 @@ class SimStats:
             charged_tokens,
             prompt_tokens,
             completion_tokens,
+            retry_after_s,
         )
         with self._lock:
             self._log.append(row)
@@ -121,11 +123,21 @@ class SimStats:
         )
 
     def frame(self) -> pl.DataFrame:
-        """One row per request: ``t`` (arrival, s), endpoint, status, charged/prompt/completion."""
+        """One row per request: ``t`` (arrival, s), endpoint, status, charged / prompt /
+        completion tokens, and the ``retry_after_s`` a 429 told the client to wait."""
         with self._lock:
             rows = list(self._log)
-        names = ["t", "endpoint", "status", "charged_tokens", "prompt_tokens", "completion_tokens"]
-        schema = dict(zip(names, [pl.Float64, pl.String] + [pl.Int64] * 4, strict=True))
+        names = [
+            "t",
+            "endpoint",
+            "status",
+            "charged_tokens",
+            "prompt_tokens",
+            "completion_tokens",
+            "retry_after_s",
+        ]
+        dtypes = [pl.Float64, pl.String, *[pl.Int64] * 4, pl.Float64]
+        schema = dict(zip(names, dtypes, strict=True))
         return pl.DataFrame(rows, schema=schema, orient="row")
 
     def max_in_window(
