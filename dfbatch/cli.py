@@ -251,8 +251,10 @@ def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: s
     click.echo(f"wrote {rows:,} rows to {out}: {ok:,} ok, {failed:,} failed"
                + (f", {cancelled:,} cancelled" if cancelled else "")
                + (" (see the error column)" if failed or cancelled else ""), err=True)
-    if stopped:
-        sys.exit(EXIT_INTERRUPTED)
+    if stopped:  # do not wait at exit for calls still running in fn's threads: the output
+        sys.stdout.flush()  # is written, and a sync fn's thread cannot be cancelled
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
     if failed:
         sys.exit(EXIT_FAILED_ROWS)
 
