@@ -14,16 +14,16 @@ SETUP = """
 import asyncio, polars as pl, dfbatch
 df = pl.DataFrame({"text": [f"document number {i}" for i in range(60)]})
 async def fn(batch):
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.25)
     return batch["text"].str.to_uppercase()
 opts = dict(agents=2, max_concurrent_batches=1, items_per_batch=2, adaptive=False)
 """
 BLOCKING = """
-out = df.batch.process(fn, progress="widget", **opts)  # ~3 s: 30 batches, 2 at a time
+out = df.batch.process(fn, progress="widget", **opts)  # ~4 s: 30 batches, 2 at a time
 print("errors:", out["error"].null_count(), out.height)
 """
 AWAITED = """
-big = pl.concat([df, df])  # ~6 s unless stopped
+big = pl.concat([df, df])  # ~8 s unless stopped
 res = await big.batch.aprocess(fn, progress="widget", **opts)
 print("cancelled:", (res["error"] == "cancelled").sum(), res.height)
 """
@@ -114,7 +114,7 @@ def test_widget_updates_stream_while_the_blocking_cell_runs(run: Any) -> None:
     (image,) = models["ImageModel"]
     start, end = cell_span(log, 1)
     values = updates(log, bar, "value")
-    assert end - start > 2.0, "the run should take ~3 s"
+    assert end - start > 3.0, "the run should take ~4 s"
     during = [(t, v) for t, v in values if t < end - 0.3]
     assert len(during) >= 5, values
     assert during[-1][0] - during[0][0] > 1.0, "updates bunched up instead of streaming"
@@ -122,7 +122,7 @@ def test_widget_updates_stream_while_the_blocking_cell_runs(run: Any) -> None:
     assert [v for _, v in values] == sorted(v for _, v in values)
     pictures = updates(log, image, "value")
     assert len(pictures) >= 2  # at least one live frame and the final one
-    assert pictures[0][0] < end - 0.5
+    assert pictures[0][0] < end - 0.3
     assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for _, png in pictures)
     assert "errors: 60 60" in nb.cells[1].outputs[-1]["text"]
 
@@ -148,7 +148,7 @@ def test_stop_button_stops_an_awaited_run(run: Any) -> None:
     assert client.clicked_at is not None, "the Stop button never became clickable"
     start, end = cell_span(client.log_msgs, 2)
     assert end - client.clicked_at < 2.0, "the run went on after Stop"
-    assert end - start < 5.0  # the full run takes ~6 s
+    assert end - start < 6.0  # the full run takes ~8 s
     text = "".join(o.get("text", "") for o in nb.cells[2].outputs)
     cancelled, height = map(int, re.search(r"cancelled: (\d+) (\d+)", text).groups())  # type: ignore[union-attr]
     assert height == 120 and 0 < cancelled < 120
