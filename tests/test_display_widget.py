@@ -98,14 +98,15 @@ def test_figure_is_a_png_and_redraws_are_throttled(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr("dfbatch.display.widget._now", lambda: clock[0])
     w = WidgetDisplay(240, show=False, min_figure_interval_s=0.5, figure_budget=1.0)
     assert w.renderer is not None
-    for i, stats in enumerate(snapshots(20)):
+    frames = snapshots(12)
+    for i, stats in enumerate(frames):
         clock[0] = i * 0.2  # 5 updates per second
         w.update(stats)
         assert w.renderer.wait(30)  # let the worker finish, as if drawing were instant
     assert w.image.value[:8] == PNG
-    assert w.figure_draws == 6  # submitted at t = 0, 0.6, ... 3.6 (one per 0.5 s), shown
-    w.close(snapshots(20)[-1])  # the final frame replaces the one not shown yet
-    assert w.figure_draws == 7
+    assert w.figure_draws == 4  # submitted at t = 0, 0.6, 1.2, 1.8 (one per 0.5 s), shown
+    w.close(frames[-1])  # at the next update; the final frame is always drawn
+    assert w.figure_draws == 5
     assert w.renderer is None
 
 
@@ -119,11 +120,11 @@ def test_budget_spaces_out_slow_figures() -> None:
 
 def test_live_figure_redraws_only_data_until_limits_grow() -> None:
     live = LiveFigure()
-    frames = snapshots(30, n_agents=4, n_batches=120)
+    frames = snapshots(12, n_agents=4, n_batches=120)
     for stats in frames:
         png = live.render(stats)
         assert png[:8] == PNG
-    assert 1 <= live.full_draws <= 10  # grows geometrically, not once per frame
+    assert 1 <= live.full_draws <= 6  # grows geometrically, not once per frame
     before = live.full_draws
     live.render(frames[-1], final=True)
     assert live.full_draws == before + 1
