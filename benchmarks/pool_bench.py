@@ -59,9 +59,9 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dfbatch  # noqa: E402
-from benchmarks.baselines import BASELINES, Knobs, Runner, Sink, fixed_batches  # noqa: E402
-from benchmarks.simapi import SimAPI, SimConfig, Workload, expected_output, run  # noqa: E402
+import dfbatch
+from benchmarks.baselines import BASELINES, Knobs, Runner, Sink, fixed_batches
+from benchmarks.simapi import SimAPI, SimConfig, Workload, expected_output, run
 
 OVERSIZE_TOKENS = 40_000
 DEADLINE = 8.0  # a run is stopped after this many times its lower bound (simulated time)
@@ -112,7 +112,7 @@ async def run_dfbatch(api: SimAPI, wl: Workload, k: Knobs, seed: int,
 
 # dfbatch+: opt-in settings a user who knows the provider would turn on (not the defaults):
 # a minute's burst like the provider's bucket, and dynamic batch sizing.
-TUNED = {"rate_burst": 1.0, "dynamic_batching": True}
+TUNED: dict[str, Any] = {"rate_burst": 1.0, "dynamic_batching": True}
 RUNNERS: dict[str, Runner] = {
     "dfbatch": run_dfbatch,
     "dfbatch+": partial(run_dfbatch, **TUNED),
@@ -318,7 +318,7 @@ def trace(sc: Scenario, rows_scale: float) -> None:
     print(Counter(type(e).__name__ for e in events))
     t0 = events[0].t
     starts = Counter(int((e.t - t0) // 10) for e in events if type(e).__name__ == "BatchStarted")
-    tokens = Counter()
+    tokens: Counter[int] = Counter()
     for e in events:
         if type(e).__name__ == "BatchStarted":
             tokens[int((e.t - t0) // 10)] += e.tokens

@@ -15,7 +15,9 @@ the order a gateway runs them:
    ``burst_s`` seconds of refill (default 60 s = one minute's limit, as OpenAI documents its
    per-minute limits) and starting full. A request both buckets can pay for is charged at once
    (a rejected one is not charged); otherwise ``SimError(429, retry_after=...)`` after one RTT,
-   where ``retry_after`` is the time until both buckets hold enough.
+   where ``retry_after`` is the time until both buckets hold enough. A request short by less
+   than 1 ms of refill is admitted: the server's clock granularity (a client that waits exactly
+   until its own copy of the bucket holds enough is not punished for float rounding).
 3. **Server concurrency**: ``max_concurrency`` slots. Excess requests *wait* in a FIFO queue
    (like vLLM or a load balancer: latency grows, nothing is rejected), unless ``queue_limit`` is
    set and the queue is full: then ``SimError(429, "server overloaded", retry_after=
@@ -32,9 +34,9 @@ the order a gateway runs them:
 replies carry OpenAI-style ``x-ratelimit-*`` headers (``limit``: per minute; ``remaining``: the
 bucket's level after this request was charged; ``reset``: time until the bucket is full).
 
-The API counts calls, 429s, 500s, 400s and hangs, logs every call (start time, rows, tokens,
-outcome) for spies, and counts the rows it *served* (successful replies), so lost and duplicated
-rows can be counted.
+The API counts calls, 429s, 500s, 400s and hangs, logs every call (start and end time, rows,
+tokens, outcome) for spies, and counts the rows it *served* (successful replies), so lost and
+duplicated rows can be counted.
 
 The clock
 ---------
@@ -76,6 +78,7 @@ import numpy as np
 
 T = TypeVar("T")
 Clock = Literal["virtual", "real"]
+_GRACE_S = 1e-3  # a request short of less than 1 ms of refill is admitted (clock granularity)
 
 
 # -- the clock -----------------------------------------------------------------------------
@@ -110,7 +113,8 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
     def __init__(self) -> None:
         super().__init__()
         self._now = 0.0
-        self._selector = _JumpSelector(self._selector, self)  # type: ignore[has-type]
+        real: Any = self._selector  # type: ignore[has-type]
+        self._selector = _JumpSelector(real, self)
 
     def time(self) -> float:
         return self._now
@@ -192,7 +196,8 @@ class Workload:
         for i in oversize:
             tokens[i] = oversize_tokens
         k = round(poison_frac * n)
-        poison = frozenset(int(i) for i in rng.choice(n, size=k, replace=False)) if k else frozenset()
+        picked = rng.choice(n, size=k, replace=False).tolist() if k else []
+        poison = frozenset(int(i) for i in picked)
         return cls(tokens, poison)
 
 
@@ -301,11 +306,19 @@ class SimAPI:
         cfg, now = self.cfg, self.now()
         row_tokens = int(self.wl.tokens[ids].sum())
         tokens = cfg.request_tokens(len(ids), row_tokens)
-        fault, mult, frac = self._draw()
-        entry = {"t": now, "ids": ids, "tokens": tokens, "outcome": "ok"}
+        entry = {"t": now, "ids": ids, "tokens": tokens, "outcome": "ok", "end": None}
         self.stats.calls += 1
         if self.keep_log:
             self.stats.log.append(entry)
+        try:
+            return await self._handle(entry, ids, row_tokens, tokens, now)
+        finally:
+            entry["end"] = self.now()  # also when the client cancels (timeout)
+
+    async def _handle(self, entry: dict[str, Any], ids: list[int], row_tokens: int,
+                      tokens: int, now: float) -> Reply:
+        cfg = self.cfg
+        fault, mult, frac = self._draw()
         if tokens > cfg.max_request_tokens:
             return await self._reject(entry, 400, f"request of {tokens} tokens exceeds the "
                                       f"context limit {cfg.max_request_tokens}", None)
@@ -313,7 +326,7 @@ class SimAPI:
         if math.isinf(wait):
             return await self._reject(entry, 400, f"request of {tokens} tokens exceeds the "
                                       "rate limit's whole bucket", None)
-        if wait > 0:
+        if wait > _GRACE_S:
             return await self._reject(entry, 429, "rate limit reached", wait)
         if cfg.queue_limit is not None and self._busy() and self.queued >= cfg.queue_limit:
             return await self._reject(entry, 429, "server overloaded", cfg.overload_retry_s)

@@ -1,0 +1,125 @@
+"""dfbatch's own cost per batch: a no-op fn, dfbatch.process versus bare asyncio.gather.
+
+Run: ``.venv/bin/python benchmarks/overhead_bench.py`` (~20 s on 2 cores). Options: ``--rows``,
+``--items``, ``--repeat``, ``--profile N`` (cProfile dfbatch's run, print the top N functions).
+
+Both sides run the same no-op ``async def fn(batch)`` (it returns one value per row) over the same
+batches of ``--items`` rows:
+
+- ``bare``: the batches pre-sliced into ``pl.DataFrame`` objects up front (not timed), then
+  ``asyncio.gather`` over them under an ``asyncio.Semaphore`` of dfbatch's global in-flight cap.
+- ``dfbatch (planned)``: ``dfbatch.process(planned, fn, progress=False)`` on a frame that already
+  carries its plan: limits, agents, slicing, events, outcomes and the result frame.
+- ``plan``: ``dfbatch.plan`` alone (token counting with a cheap callable + packing + balancing).
+- ``dfbatch (from scratch)``: ``process`` on the unplanned frame with the same cheap tokenizer.
+
+Per-batch overhead = (dfbatch time - bare time) / batches; ratio = dfbatch time / bare time.
+Best of ``--repeat`` runs (the least disturbed by other processes on a shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import pstats
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dfbatch
+from dfbatch.config import BatchConfig
+
+_ZEROS = {n: [0] * n for n in range(1, 65)}
+
+
+async def noop(batch: pl.DataFrame) -> list[int]:
+    return _ZEROS[batch.height]
+
+
+def cheap_tokens(texts: list[str]) -> list[int]:
+    return [1] * len(texts)
+
+
+def frame(rows: int) -> pl.DataFrame:
+    return pl.DataFrame({"id": range(rows), "text": [f"row {i}" for i in range(rows)]})
+
+
+def settings(items: int) -> dict[str, Any]:
+    return {"items_per_batch": items, "encoding": cheap_tokens, "progress": False}
+
+
+async def bare(batches: list[pl.DataFrame], cap: int) -> list[list[int]]:
+    sem = asyncio.Semaphore(cap)
+
+    async def one(b: pl.DataFrame) -> list[int]:
+        async with sem:
+            return await noop(b)
+
+    return await asyncio.gather(*(one(b) for b in batches))
+
+
+def best_of(repeat: int, fn: Callable[[], Any]) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def profile(planned: pl.DataFrame, items: int, top: int) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    dfbatch.process(planned, noop, **settings(items))
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=20_000)
+    p.add_argument("--items", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--profile", type=int, default=0, metavar="N")
+    a = p.parse_args(argv)
+    df = frame(a.rows)
+    planned = dfbatch.plan(df, encoding=cheap_tokens, items_per_batch=a.items)
+    n_batches = planned["batch_id"].n_unique()
+    cap = BatchConfig().in_flight_cap
+    sliced = [df[i:i + a.items] for i in range(0, a.rows, a.items)]
+    out = dfbatch.process(planned, noop, **settings(a.items))
+    assert out["error"].is_null().all() and out.height == a.rows
+
+    t_bare = best_of(a.repeat, lambda: asyncio.run(bare(sliced, cap)))
+    t_planned = best_of(a.repeat, lambda: dfbatch.process(planned, noop, **settings(a.items)))
+    t_plan = best_of(a.repeat, lambda: dfbatch.plan(df, encoding=cheap_tokens,
+                                                    items_per_batch=a.items))
+    t_full = best_of(a.repeat, lambda: dfbatch.process(df, noop, **settings(a.items)))
+
+    print(f"{a.rows} rows, {n_batches} batches of {a.items}, in-flight cap {cap}, "
+          f"best of {a.repeat}")
+    print(f"{'':24} {'total s':>8} {'us/batch':>9} {'overhead us/batch':>18} {'ratio':>6}")
+    for name, t in (("bare gather+Semaphore", t_bare), ("dfbatch (planned)", t_planned),
+                    ("plan only", t_plan), ("dfbatch (from scratch)", t_full)):
+        per = t / n_batches * 1e6
+        extra = (t - t_bare) / n_batches * 1e6 if name.startswith("dfbatch") else float("nan")
+        ratio = t / t_bare if name.startswith("dfbatch") else float("nan")
+        print(f"{name:24} {t:8.3f} {per:9.1f} {extra:18.1f} {ratio:6.2f}")
+    if a.profile:
+        print(profile(planned, a.items, a.profile))
+
+
+if __name__ == "__main__":
+    main()
