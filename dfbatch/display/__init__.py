@@ -149,15 +149,16 @@ class _Guarded:
 
 
 def fmt_count(x: float) -> str:
-    """Human count: ``1,234``, ``45.6k``, ``2.5M`` (below 10 with one decimal when fractional)."""
+    """Human count: ``1,234``, ``45.6k``, ``150k``, ``2.5M`` (one decimal below 10 if fractional).
+
+    >>> [fmt_count(x) for x in (0, 3.25, 12.4, 9_999, 150_000, 250_000_000)]
+    ['0', '3.2', '12', '9,999', '150k', '250M']
+    """
     x = float(x)
     ax = abs(x)
-    if ax >= 1e9:
-        return f"{x / 1e9:.1f}G"
-    if ax >= 1e6:
-        return f"{x / 1e6:.1f}M"
-    if ax >= 1e4:
-        return f"{x / 1e3:.1f}k"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if ax >= max(scale, 1e4):
+            return f"{x / scale:.{0 if ax >= 100 * scale else 1}f}{suffix}"
     if ax >= 10 or x == int(x):
         return f"{x:,.0f}"
     return f"{x:.1f}"

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["COLORS", "STATUSES", "batch_table", "plot_agent_load", "plot_timeline"]
+__all__ = ["COLORS", "STATUSES", "agent_table", "batch_table", "plot_agent_load", "plot_timeline"]
 
 STATUSES = ("ok", "retried", "stolen", "failed")
 COLORS = {
@@ -75,7 +75,6 @@ def new_figure(width: float, height: float, **kwargs: Any) -> Figure:
 
     fig = Figure(figsize=(width, height), **kwargs)
     FigureCanvasAgg(fig)
-    _register_notebook_png()
     return fig
 
 
@@ -136,9 +135,11 @@ def plot_timeline(
     from matplotlib.patches import Patch
 
     table = batch_table(result, columns)
+    _register_notebook_png()
     with _style():
         if ax is None:
-            ax = new_figure(9.0, 1.6 + 0.32 * max(1, _n_agents(table))).add_subplot()
+            height = min(10.0, 1.6 + 0.32 * max(1, _n_agents(table)))
+            ax = new_figure(9.0, height).add_subplot()
         fig = ax.get_figure(root=True)
         assert fig is not None
         lane, lanes = _lanes(table)
@@ -166,6 +167,7 @@ def plot_agent_load(result: pl.DataFrame, *, columns: Columns | None = None) -> 
     """
     c = columns or Columns()
     per_agent = agent_table(result, c)
+    _register_notebook_png()
     with _style():
         fig = new_figure(9.0, 5.0, layout="constrained")
         axes = fig.subplots(2, 2, sharex=True).ravel()
@@ -189,6 +191,8 @@ def plot_agent_load(result: pl.DataFrame, *, columns: Columns | None = None) -> 
             _agent_ticks(ax, x)
         for ax in axes[2:]:
             ax.set_xlabel("agent")
+        if len(x):
+            axes[0].set_xlim(x.min() - 0.6, x.max() + 0.6)
         fig.suptitle(f"Agent load · {result.height:,} rows", x=0.01, ha="left", fontsize=11,
                      fontweight="bold")
     return fig
