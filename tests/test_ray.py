@@ -223,8 +223,8 @@ def test_rate_limit_is_global_across_actors() -> None:
         def __init__(self) -> None:
             self.stamps: list[float] = []
 
-        def record(self) -> None:
-            self.stamps.append(time.monotonic())
+        def record(self, stamp: float) -> None:
+            self.stamps.append(stamp)
 
         def get(self) -> list[float]:
             return self.stamps
@@ -232,17 +232,17 @@ def test_rate_limit_is_global_across_actors() -> None:
     spy = Spy.options(name="test-spy").remote()
 
     async def fn(batch: pl.DataFrame) -> list[str]:
-        await spy.record.remote()
+        await spy.record.remote(time.monotonic())  # one machine: one monotonic clock
         return batch["text"].to_list()
 
     rpm, burst, n = 3000.0, 0.01, 150  # 50 calls/s, 30 at once
-    out = dfbatch.process(texts(n), fn, engine="ray", encoding=_counter, agents=4,
+    out = dfbatch.process(texts(n), fn, engine="ray", encoding=_counter, agents=3,
                           items_per_batch=1, rpm=rpm, rate_burst=burst, **SIMPLE)
     stamps = ray.get(spy.get.remote())
     ray.kill(spy)
     assert out["error"].null_count() == n and len(stamps) == n
     rate, capacity = rpm / 60, rpm * burst
-    # jitter of the spy's clock (calls reach it after varying delays): 0.1 s of rate
+    # a call starts a little after its unit was spent (event loop, load): 0.1 s of rate
     assert _max_in_window(stamps, rate) <= capacity + rate * 0.1
     assert max(stamps) - min(stamps) >= (n - capacity) / rate - 0.1
     assert out["run_agent_id"].n_unique() > 1  # several actors shared the one limit

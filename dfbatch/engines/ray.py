@@ -144,7 +144,6 @@ class _Gang:
             ).remote(cfg.rpm, cfg.tpm, cfg.rate_burst, lease_ttl(cfg.rate_burst))
         self.generation = [0] * n_agents
         self.handles = [self._spawn(a) for a in range(n_agents)]
-        self.respawned = 0
 
     def _spawn(self, a: int) -> Any:
         name = f"dfbatch-{self.run_id}-agent{a}-{self.generation[a]}"
@@ -173,7 +172,6 @@ class _Gang:
         """A fresh actor for agent ``a`` (once per dead actor, however many calls noticed)."""
         if self.handles[a] is dead:
             self.generation[a] += 1
-            self.respawned += 1
             self.handles[a] = self._spawn(a)
 
     def close(self) -> None:
