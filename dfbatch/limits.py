@@ -187,12 +187,20 @@ class AdaptiveLimit:
         return self._slots.in_use
 
     async def acquire(self, cost: Cost) -> None:
+        await self._sit_out_pause()
+        await self._slots.acquire(cost)
+        try:  # a 429 may have paused sends while this call waited for its slot
+            await self._sit_out_pause()
+        except BaseException:
+            self._slots.release(cost)
+            raise
+        self._seq += 1
+
+    async def _sit_out_pause(self) -> None:
         loop = asyncio.get_running_loop()
         # a timed wait for a 429's retry-after, re-checked because a later 429 may extend it
         while (wait := self.pause_until - loop.time()) > 0:  # noqa: ASYNC110
             await asyncio.sleep(wait)
-        await self._slots.acquire(cost)
-        self._seq += 1
 
     def next_seq(self) -> int:
         """Sequence number of the call that acquired last (pass it back in its Outcome)."""
