@@ -9,8 +9,8 @@ done with failed rows, red when stopped or failed. The widget stays in the outpu
 Rendering is cheap and never drives the run: the header is re-rendered on every ``update``
 (the run calls it a few times per second, from its event loop); figure frames are drawn by
 one worker thread (matplotlib's Agg, see ``live_figure``) so the loop never stalls on a
-draw, at most twice per second, and less often when drawing is slow (a token bucket keeps
-the drawing CPU time under ~3% of wall time). Finished frames are published as PNG bytes
+draw, at most once per second, and less often when drawing is slow (a token bucket keeps
+the drawing CPU time under ~2% of wall time). Finished frames are published as PNG bytes
 into an ``ipywidgets.Image`` from the loop thread, in the cell's context. No ``Output``
 widget and no ``with out:`` is used, so updates work under nested event loops
 (nest-asyncio2) too.
@@ -99,8 +99,8 @@ class WidgetDisplay:
         stop: Callable[[], None] | None = None,
         show: bool = True,
         figure: bool = True,
-        min_figure_interval_s: float = 0.5,
-        figure_budget: float = 0.03,
+        min_figure_interval_s: float = 1.0,
+        figure_budget: float = 0.02,
         first_figure_after_s: float = 1.0,
     ) -> None:
         try:
