@@ -160,6 +160,8 @@ def _fill_scalar(kind: str, schema: dict[str, Any], text: str, name: str) -> Any
     if kind == "string":
         if any(w in lname for w in ("keyword", "tag", "topic")):
             return ", ".join(keywords(body)) or "(no keywords)"
+        if any(w in lname for w in ("summary", "abstract", "description")):
+            return summary(body)
         if "title" in lname or lname == "name":
             return summary(body, 6)
         if "lang" in lname:
