@@ -219,7 +219,9 @@ def _enrich(
 
 
 def _timeline(result: pl.DataFrame, path: Path) -> Path | None:
-    fig = result.batch.plot_timeline()
+    from dfbatch.display.plots import plot_timeline  # what result.batch.plot_timeline() calls
+
+    fig = plot_timeline(result)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
 
