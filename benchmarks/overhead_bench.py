@@ -8,6 +8,8 @@ batches of ``--items`` rows:
 
 - ``bare``: the batches pre-sliced into ``pl.DataFrame`` objects up front (not timed), then
   ``asyncio.gather`` over them under an ``asyncio.Semaphore`` of dfbatch's global in-flight cap.
+- ``bare + df[positions]``: as ``bare``, but each batch is cut out of the frame inside the task
+  with ``df[np.ndarray of row positions]``, as the pool does: the share of slicing.
 - ``dfbatch (planned)``: ``dfbatch.process(planned, fn, progress=False)`` on a frame that already
   carries its plan: limits, agents, slicing, events, outcomes and the result frame.
 - ``plan``: ``dfbatch.plan`` alone (token counting with a cheap callable + packing + balancing).
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -66,6 +69,17 @@ async def bare(batches: list[pl.DataFrame], cap: int) -> list[list[int]]:
     return await asyncio.gather(*(one(b) for b in batches))
 
 
+async def bare_slicing(df: pl.DataFrame, rows: list[np.ndarray], cap: int) -> list[list[int]]:
+    """As ``bare``, but each batch is cut out of the frame by row positions, as the pool does."""
+    sem = asyncio.Semaphore(cap)
+
+    async def one(r: np.ndarray) -> list[int]:
+        async with sem:
+            return await noop(df[r])
+
+    return await asyncio.gather(*(one(r) for r in rows))
+
+
 def best_of(repeat: int, fn: Callable[[], Any]) -> float:
     times = []
     for _ in range(repeat):
@@ -99,10 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     n_batches = planned["batch_id"].n_unique()
     cap = BatchConfig().in_flight_cap
     sliced = [df[i:i + a.items] for i in range(0, a.rows, a.items)]
+    positions = [np.arange(i, min(a.rows, i + a.items)) for i in range(0, a.rows, a.items)]
     out = dfbatch.process(planned, noop, **settings(a.items))
     assert out["error"].is_null().all() and out.height == a.rows
 
     t_bare = best_of(a.repeat, lambda: asyncio.run(bare(sliced, cap)))
+    t_slicing = best_of(a.repeat, lambda: asyncio.run(bare_slicing(df, positions, cap)))
     t_planned = best_of(a.repeat, lambda: dfbatch.process(planned, noop, **settings(a.items)))
     t_plan = best_of(a.repeat, lambda: dfbatch.plan(df, encoding=cheap_tokens,
                                                     items_per_batch=a.items))
@@ -111,11 +127,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{a.rows} rows, {n_batches} batches of {a.items}, in-flight cap {cap}, "
           f"best of {a.repeat}")
     print(f"{'':24} {'total s':>8} {'us/batch':>9} {'overhead us/batch':>18} {'ratio':>6}")
-    for name, t in (("bare gather+Semaphore", t_bare), ("dfbatch (planned)", t_planned),
-                    ("plan only", t_plan), ("dfbatch (from scratch)", t_full)):
+    for name, t in (("bare gather+Semaphore", t_bare), ("bare + df[positions]", t_slicing),
+                    ("dfbatch (planned)", t_planned), ("plan only", t_plan),
+                    ("dfbatch (from scratch)", t_full)):
         per = t / n_batches * 1e6
-        extra = (t - t_bare) / n_batches * 1e6 if name.startswith("dfbatch") else float("nan")
-        ratio = t / t_bare if name.startswith("dfbatch") else float("nan")
+        vs_bare = not name.startswith(("plan", "bare gather"))
+        extra = (t - t_bare) / n_batches * 1e6 if vs_bare else float("nan")
+        ratio = t / t_bare if vs_bare else float("nan")
         print(f"{name:24} {t:8.3f} {per:9.1f} {extra:18.1f} {ratio:6.2f}")
     if a.profile:
         print(profile(planned, a.items, a.profile))
