@@ -19,8 +19,8 @@ beforehand; includes opening the display and its final frame), ``run`` = first b
 last batch end (what throughput is: rows/s), each with its ratio to ``progress=False`` in the
 same setting (x1.000 = free, x0.950 = 5% slower). Below it, the display's own CPU time as a
 share of the run: its ``update`` / ``close`` calls on the event loop, and the figure thread
-(frames drawn). On a busy machine the wall-clock ratios are noisy (run with --repeats 5);
-the CPU shares are not.
+(frames drawn), and the process CPU time of the call with its ratio. On a busy machine the
+wall-clock ratios are noisy (run with --repeats 5); the CPU figures much less so.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ if not IN_KERNEL:  # build the notebook widget here, without a frontend to show 
 modes = [False, "widget"] + ([] if IN_KERNEL else ["bar"])
 times = {{str(m): [] for m in modes}}
 spans = {{}}
+cpu = {{}}
 extra = {{}}
 err = sys.stderr
 for r in range(REPEATS):
@@ -81,9 +82,10 @@ for r in range(REPEATS):
         if mode == "bar":
             sys.stderr = open(os.devnull, "w")
         loop_cpu[0] = 0.0
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = frame.batch.process(noop, progress=mode)
         dt = time.perf_counter() - t
+        cpu.setdefault(str(mode), []).append(time.process_time() - c)
         sys.stderr = err
         assert out.height == ROWS and out["error"].null_count() == ROWS
         end = out.select(pl.col("started_at") + pl.duration(seconds=pl.col("elapsed_s"))).max()
@@ -96,7 +98,7 @@ for r in range(REPEATS):
             w = opened[-1].inner
             extra.setdefault("frames", []).append(w.figure_draws)
             extra.setdefault("draw_share", []).append(w.figure_cpu_s / span)
-print("RESULT", json.dumps({{"times": times, "spans": spans, "extra": extra}}))
+print("RESULT", json.dumps({{"times": times, "spans": spans, "cpu": cpu, "extra": extra}}))
 """
 
 
@@ -130,11 +132,14 @@ def _result(text: str) -> dict[str, Any]:
 def report(setting: str, res: dict[str, Any], rows: int) -> None:
     base = statistics.median(res["times"]["False"])
     base_span = statistics.median(res["spans"]["False"])
+    base_cpu = statistics.median(res["cpu"]["False"])
     for mode, ts in res["times"].items():
         med = statistics.median(ts)
         span = statistics.median(res["spans"][mode])
+        cpu = statistics.median(res["cpu"][mode])
         line = (f"{setting:6s} progress={mode:6s} call {med:6.2f} s (x{base / med:5.3f})  "
-                f"run {span:6.2f} s, {rows / span:7,.0f} rows/s (x{base_span / span:5.3f})")
+                f"run {span:6.2f} s, {rows / span:7,.0f} rows/s (x{base_span / span:5.3f})  "
+                f"process CPU {cpu:6.2f} s (x{base_cpu / cpu:5.3f})")
         ex = res["extra"]
         if mode != "False":
             line += f"\n{'':14s} display CPU: updates on the loop {pct(ex[mode + ' loop'])}"
