@@ -108,6 +108,17 @@ class SimServer:
         await self.stop()
 
     # -- sync: in a background thread with its own loop ------------------------------------
+    def open(self) -> str:
+        """Start in a background thread (for notebooks, where ``with`` cannot span cells).
+
+        Returns the base URL; call ``close()`` when done.
+        """
+        return self.__enter__()
+
+    def close(self) -> None:
+        """Stop a server started with ``open()`` (or ``with``); safe to call twice."""
+        self.__exit__(None, None, None)
+
     def __enter__(self) -> str:
         if self._thread is not None:
             msg = "this SimServer is already running"
