@@ -49,6 +49,7 @@ def test_pydocs_has_thousands_of_stdlib_documents(pydocs):
     assert lengths.max() > 20 * lengths.median()  # type: ignore[operator]  # a long tail
 
 
+@pytest.mark.slow
 def test_pydocs_is_deterministic(pydocs, tmp_path):
     frame, _ = pydocs
     again = load("build_pydocs").build(tmp_path / "again.parquet")
