@@ -22,6 +22,7 @@ Examples
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -54,6 +55,9 @@ class Limit(Protocol):
     async def acquire(self, cost: Cost) -> None: ...
 
     def release(self, cost: Cost, outcome: Outcome) -> None: ...
+
+
+_JOURNAL_S = 120.0  # charges older than this are forgotten (a reply that late is not synced)
 
 
 class CapacityLimit:
@@ -136,8 +140,12 @@ class RateLimit:
         self.level = self.capacity
         self.tokens = tokens
         self.recent_wait = 0.0  # moving average of seconds an acquire waited (is it binding?)
+        self.server_capacity = 0.0  # learned from x-ratelimit-remaining-*: provider bucket size
         self._stamp: float | None = None
         self._lock = asyncio.Lock()
+        self._charges: list[tuple[float, float]] = []  # (time, units) of charge number i + base
+        self._base = 0  # charge number of self._charges[0]
+        self._last: contextvars.ContextVar[int] = contextvars.ContextVar("charge", default=-1)
 
     def _units(self, cost: Cost) -> float:
         return float(cost.tokens if self.tokens else cost.requests)
@@ -157,7 +165,40 @@ class RateLimit:
                 await asyncio.sleep((need - self.level) / self.rate)
                 self._refill(loop.time())
             self.level -= self._units(cost)
+            self._journal(loop.time(), self._units(cost))
         self.recent_wait += 0.1 * ((loop.time() - t0) - self.recent_wait)
+
+    def _journal(self, now: float, units: float) -> None:
+        """Remember recent charges (for ``sync``); the caller's task remembers its number."""
+        self._last.set(self._base + len(self._charges))
+        self._charges.append((now, units))
+        stale = 0
+        while stale < len(self._charges) and self._charges[stale][0] < now - _JOURNAL_S:
+            stale += 1
+        if stale > len(self._charges) // 2:  # amortized O(1) pruning
+            del self._charges[:stale]
+            self._base += stale
+
+    def sync(self, remaining: float, cost: Cost) -> None:
+        """The provider said its bucket held ``remaining`` right after admitting this task's call.
+
+        Learn the provider's bucket size (at least ``remaining`` + this call) and set our level
+        to the provider's level now, by replaying the charges we sent after that call. So a
+        provider with a full-minute bucket gets used from the start, and one that enforces
+        its limit per second (small bucket) is not overrun.
+        """
+        i = self._last.get() - self._base
+        if not 0 <= i < len(self._charges):
+            return
+        self.server_capacity = max(self.server_capacity, remaining + self._units(cost))
+        self.capacity = max(1.0, min(self.per_minute, self.server_capacity))
+        level, t = remaining, self._charges[i][0]
+        for ts, units in self._charges[i + 1:]:
+            level = min(self.capacity, level + (ts - t) * self.rate) - units
+            t = ts
+        now = asyncio.get_running_loop().time()
+        self._refill(now)
+        self.level = min(self.capacity, level + (now - t) * self.rate)
 
     def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
         if self.tokens and outcome is not None and outcome.actual_tokens is not None:
@@ -170,6 +211,8 @@ class AdaptiveLimit:
 
     A 429 also pauses new sends for the server's ``retry_after``. Only one decrease per
     congestion episode: 429s from calls that started before the last decrease are ignored.
+    When an RPM / TPM bucket paces the sends (``rate_known``), a rate-limit 429 only pauses:
+    halving concurrency would not send fewer requests per minute, only slower ones.
     """
 
     def __init__(self, maximum: int, *, minimum: int = 1, initial: int | None = None):
@@ -181,6 +224,7 @@ class AdaptiveLimit:
         self._decreased_at_seq = -1
         self.pause_until = 0.0
         self.decreases = 0
+        self.rate_known = False
 
     @property
     def in_use(self) -> float:
@@ -220,7 +264,8 @@ class AdaptiveLimit:
             if outcome.retry_after:
                 loop = asyncio.get_running_loop()
                 self.pause_until = max(self.pause_until, loop.time() + outcome.retry_after)
-            if outcome.started_seq > self._decreased_at_seq:
+            paced = self.rate_known and outcome.rate_limited
+            if outcome.started_seq > self._decreased_at_seq and not paced:
                 self.limit = max(float(self.minimum), self.limit / 2)
                 self._decreased_at_seq = self._seq
                 self.decreases += 1

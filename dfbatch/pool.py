@@ -18,6 +18,7 @@ import asyncio
 import contextvars
 import inspect
 import random
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -57,6 +58,7 @@ class Batch:
     tokens: int  # request tokens: overhead + row tokens + expected output
     nbytes: int
     call_anyway: bool = False  # a single oversize row sent under oversize="call"
+    frozen: bool = False  # made by bisection: dynamic sizing never merges it back
 
 
 @dataclass
@@ -122,6 +124,8 @@ class Pool:
         burst = cfg.rate_burst
         self.rpm = RateLimit(cfg.rpm, burst=burst) if cfg.rpm else None
         self.tpm = RateLimit(cfg.tpm, tokens=True, burst=burst) if cfg.tpm else None
+        if self.adaptive is not None:
+            self.adaptive.rate_known = self.rpm is not None or self.tpm is not None
         shared: list[Limit] = [self.global_slots]
         shared += [x for x in (self.adaptive, self.rpm, self.tpm) if x is not None]
         self.shared = Limits(shared)
@@ -214,7 +218,7 @@ class Pool:
         assert self.sizer is not None
         self.sizer.rate_bound = self._rate_bound()
         target, n = self.sizer.target, len(batch.rows)
-        if batch.call_anyway or n == target:
+        if batch.call_anyway or batch.frozen or n == target:
             return batch
         if n > target:
             rest = [batch.rows[i:i + target] for i in range(target, n, target)]
@@ -222,7 +226,7 @@ class Pool:
             return self._new_batch(batch, batch.rows[:target])
         q, parts, overhead = self.queues[qi], [batch.rows], self.cfg.request_overhead_tokens
         tokens = batch.tokens
-        while q and n + len(q[0].rows) <= target and not q[0].call_anyway and (
+        while q and n + len(q[0].rows) <= target and not (q[0].call_anyway or q[0].frozen) and (
             tokens + q[0].tokens - overhead <= self.cfg.token_limit
         ):
             nxt = q.popleft()
@@ -322,7 +326,7 @@ class Pool:
                 )
                 self.agent_bytes[a].release(cost)
                 elapsed = loop.time() - t_first
-                if self.sizer is not None:
+                if self.sizer is not None and _size_related(exc, decision.status):
                     self.sizer.observe(ok=False, latency_s=loop.time() - t_call)
                 if decision.retry and attempt < self.cfg.max_attempts:
                     delay = backoff(attempt, base=self.cfg.backoff_base,
@@ -342,6 +346,7 @@ class Pool:
                 self.sizer.observe(ok=True, latency_s=loop.time() - t_call)
             if used.headers:
                 self._learn_limits(used.headers)
+                self._sync_limits(used.headers, cost)
             self._record_ok(a, batch, frame, row_errors, wall0, loop.time() - t_first, used)
             return
 
@@ -393,8 +398,12 @@ class Pool:
             self.shared.release(cost, Outcome(ok) if ok else None)
 
     def _hedge_delay(self) -> float | None:
+        """Hedge once latencies are known, and, under a TPM limit, only in the tail of the run
+        (nothing queued), so duplicates never spend tokens that pending work needs."""
         q = self.cfg.hedge_after
         if q is None or len(self.latencies) < 20:
+            return None
+        if self.tpm is not None and any(self.queues):
             return None
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -415,9 +424,28 @@ class Pool:
                 setattr(self, attr, limit)
                 self.shared.add(limit)
 
+    def _sync_limits(self, headers: dict[str, str], cost: Cost) -> None:
+        """``x-ratelimit-remaining-*`` says how full the provider's buckets really are."""
+        lower = {k.lower(): v for k, v in headers.items()}
+        for key, limit in (("x-ratelimit-remaining-requests", self.rpm),
+                           ("x-ratelimit-remaining-tokens", self.tpm)):
+            if limit is None or key not in lower:
+                continue
+            try:
+                remaining = float(lower[key])
+            except ValueError:
+                continue
+            limit.sync(remaining, cost)
+        if self.adaptive is not None:
+            self.adaptive.rate_known = self.rpm is not None or self.tpm is not None
+
     def _slice(self, batch: Batch) -> pl.DataFrame:
         """The rows fn gets for ``batch`` (a Ray engine actor holds each batch's own frame)."""
-        return self.frame[batch.rows]
+        rows = batch.rows
+        n = len(rows)
+        if n and rows[-1] - rows[0] == n - 1 and (n < 3 or bool((np.diff(rows) == 1).all())):
+            return self.frame.slice(int(rows[0]), n)  # contiguous rows: a zero-copy slice
+        return self.frame[rows]
 
     async def _call(self, batch: Batch) -> tuple[Any, _usage.Usage]:
         df = self._slice(batch)
@@ -430,9 +458,9 @@ class Pool:
                 ctx = contextvars.copy_context()
                 loop = asyncio.get_running_loop()
                 coro = loop.run_in_executor(self.executor, ctx.run, self.fn, df)
-            value = await asyncio.wait_for(coro, self.cfg.timeout)
+            value = await _timed(coro, self.cfg.timeout)
             if inspect.isawaitable(value):  # a plain function that returned a coroutine
-                value = await asyncio.wait_for(value, self.cfg.timeout)
+                value = await _timed(value, self.cfg.timeout)
         finally:
             _usage.end(token)
         return value, used
@@ -459,7 +487,10 @@ class Pool:
 
     def _halves(self, batch: Batch) -> list[Batch]:
         mid = len(batch.rows) // 2
-        return [self._new_batch(batch, batch.rows[:mid]), self._new_batch(batch, batch.rows[mid:])]
+        halves = [self._new_batch(batch, rows) for rows in (batch.rows[:mid], batch.rows[mid:])]
+        for half in halves:
+            half.frozen = True
+        return halves
 
     def _new_batch(self, parent: Batch, rows: np.ndarray) -> Batch:
         """A batch made of some rows of ``parent`` (split, bisected or merged), with a new id."""
@@ -510,6 +541,25 @@ class Pool:
     def _mark_unfinished(self) -> None:
         for i in np.flatnonzero(~self.out.done).tolist():
             self.out.errors[i] = CANCELLED
+
+
+async def _timed(aw: Any, timeout: float | None) -> Any:
+    """Await with a timeout, in this task (no extra task per call on Python >= 3.11)."""
+    if sys.version_info < (3, 11):  # pragma: no cover
+        return await asyncio.wait_for(aw, timeout)
+    async with asyncio.timeout(timeout):
+        return await aw
+
+
+_SIZE_WORDS = ("context length", "context_length", "too many tokens", "too large", "maximum")
+
+
+def _size_related(exc: BaseException, status: int | None) -> bool:
+    """Could a smaller batch have avoided this error? (timeouts, 413, context-length 400s)"""
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or status == 413:
+        return True
+    text = str(exc).lower()
+    return status in (400, None) and any(w in text for w in _SIZE_WORDS)
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:

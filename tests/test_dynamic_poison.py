@@ -9,16 +9,11 @@ from __future__ import annotations
 import asyncio
 
 import polars as pl
-import pytest
 
 import dfbatch
 from benchmarks.simapi import SimError, run
 
 
-@pytest.mark.xfail(strict=True, raises=TimeoutError, reason=(
-    "livelock: a failed batch is bisected into halves pushed to the front of the deque, and "
-    "Pool._resize (dynamic_batching) merges the halves straight back into the same batch, "
-    "which fails again, forever. Fix: never merge batches made by bisection (mark them)."))
 def test_dynamic_sizing_still_isolates_poison_rows() -> None:
     df = pl.DataFrame({"id": range(200), "text": ["x"] * 200})
     poison = {13, 77, 150}

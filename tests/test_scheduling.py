@@ -28,8 +28,8 @@ def test_dynamic_sizing_shrinks_under_errors() -> None:
         calls += 1
         await asyncio.sleep(0.001)
         if calls % 3 == 0:
-            msg = "overloaded"
-            raise RetryableError(msg)
+            msg = "upstream timed out"  # size-related: smaller batches might get through
+            raise TimeoutError(msg)
         return batch["text"].to_list()
 
     df = texts(400)
@@ -39,6 +39,24 @@ def test_dynamic_sizing_shrinks_under_errors() -> None:
     sizes = out.group_by("run_batch_id").len()["len"]
     assert sizes.max() <= 4 and (sizes == 2).sum() > 0  # shrank to the minimum of 2
     assert out["run_batch_id"].n_unique() > 100  # smaller batches than the plan's 100
+
+
+def test_dynamic_sizing_ignores_errors_unrelated_to_size() -> None:
+    calls = 0
+
+    async def flaky(batch: pl.DataFrame) -> list[str]:
+        nonlocal calls
+        calls += 1
+        if calls % 3 == 0:
+            msg = "503 overloaded"
+            raise RetryableError(msg)
+        return batch["text"].to_list()
+
+    out = dfbatch.process(texts(400), flaky, encoding=_words, agents=2, dynamic_batching=True,
+                          max_attempts=10, **FAST)
+    assert out["error"].is_null().all()
+    assert (out.group_by("run_batch_id").len()["len"] == 4).all()  # 503s did not shrink them
+    assert out["run_batch_id"].to_list() == out["batch_id"].to_list()
 
 
 def test_dynamic_sizing_grows_when_request_rate_binds() -> None:
