@@ -85,7 +85,7 @@ class SimServer:
         app = SimApp(self.config, self.stats).build()
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
+        site = web.TCPSite(runner, self.host, self.port, backlog=1024)  # bursts of new clients
         try:
             await site.start()
         except BaseException:
