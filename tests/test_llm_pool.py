@@ -22,9 +22,9 @@ FAST = {"progress": False, "backoff_base": 0.01, "backoff_max": 0.05}
 
 
 def test_429_retry_after_is_honored_and_every_row_succeeds(make_sim):
-    # a burst of 2 per 0.6 s window; 4 calls of 0.2 s start at once, before the client can
+    # a burst of 2 per 60 ms window; 4 calls of 0.2 s start at once, before the client can
     # learn the limit from the response headers: 2 of them get a 429
-    server = make_sim(rpm=2, ttft_s=20.0)
+    server = make_sim(rpm=2, ttft_s=200.0, time_scale=0.001)
     fn = chat("sim-chat", base_url=server.url, max_tokens=32)
     events: list[Any] = []
     out = dfbatch.process(
