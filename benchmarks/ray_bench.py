@@ -1,6 +1,7 @@
 """What running on Ray costs per batch: engine="ray" versus engine="asyncio" on the same plan.
 
-Run: ``.venv/bin/python benchmarks/ray_bench.py`` (starts a local Ray with ``--cpus`` CPUs).
+Run: ``.venv/bin/python benchmarks/ray_bench.py`` (starts a local Ray with ``--cpus`` CPUs, or
+joins ``RAY_ADDRESS``).
 Options: ``--batches 400``, ``--latency 0.05`` (seconds fn sleeps per batch), ``--agents 4``.
 
 fn is an async sleep, so the work is the same in both engines and the difference is dfbatch's
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 
 import polars as pl
@@ -33,7 +35,10 @@ def main() -> None:
     import ray
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    if os.environ.get("RAY_ADDRESS"):  # join that cluster
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     print(f"ray.init: {time.perf_counter() - t0:.1f} s")
 
     latency = args.latency

@@ -1,7 +1,8 @@
 """engine="ray": same result as asyncio, global rate limits across actors, actors may die.
 
 The lease tests run without Ray. The Ray tests share one local Ray (``ray.init(num_cpus=2)``)
-started by a module fixture and shut down after the last of them.
+started by a module fixture and shut down after the last of them (with ``RAY_ADDRESS`` set,
+they join that cluster instead).
 """
 
 from __future__ import annotations
@@ -117,7 +118,11 @@ def local_ray() -> Iterator[None]:
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         ray.shutdown()
-    why = _start_local_ray(ray) and _start_local_ray(ray)  # a second try on a loaded machine
+    if os.environ.get("RAY_ADDRESS"):  # a cluster to test on: join it
+        ray.init(log_to_driver=False)
+        why = None
+    else:
+        why = _start_local_ray(ray) and _start_local_ray(ray)  # a second try if overloaded
     if why:
         pytest.skip(f"a local Ray did not start here: {why}")
     try:
@@ -254,7 +259,7 @@ def test_killed_actor_loses_and_duplicates_no_row() -> None:
     import ray
 
     async def fn(batch: pl.DataFrame) -> list[str]:
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # long enough for the kill to land mid-call
         return [expected(t) for t in batch["text"]]
 
     killed: list[str] = []

@@ -8,7 +8,8 @@ when not set) and runs the plan with ``RayPool``:
 - **Driver** (this process): the asyncio ``Pool``'s scheduling, unchanged: per-agent deques,
   heaviest first, work stealing, presplitting, bisection of failed batches, the global
   in-flight cap and the adaptive (AIMD) limit (one slot per dispatched batch, fed the outcome
-  of every attempt), the result's ``Outcomes`` and the checkpoint hook. It ships each batch to
+  of every attempt; unlike the asyncio pool, a batch sleeping off a retry keeps its slots),
+  the result's ``Outcomes`` and the checkpoint hook. It ships each batch to
   its agent's actor as an Arrow table and turns the actor's messages back into the same events,
   so the progress bar, the dashboard and ``RunStats`` work as they do locally.
 - **Agent actors** (``dfbatch.engines.actor``; one Ray async actor per agent,
