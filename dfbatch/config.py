@@ -121,7 +121,7 @@ class BatchConfig:
     rate_burst: float = 0.1
     adaptive: bool = True
     steal: bool = True
-    dynamic_batching: bool = False
+    dynamic_batching: bool = True
     target_latency_s: float | None = None
     hedge_after: float | None = None
     sync_workers: int | None = None

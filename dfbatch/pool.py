@@ -218,7 +218,7 @@ class Pool:
         assert self.sizer is not None
         self.sizer.rate_bound = self._rate_bound()
         target, n = self.sizer.target, len(batch.rows)
-        if batch.call_anyway or batch.frozen or n == target:
+        if batch.call_anyway or batch.frozen or n == target or target == self.sizer.initial:
             return batch
         if n > target:
             rest = [batch.rows[i:i + target] for i in range(target, n, target)]

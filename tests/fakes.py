@@ -35,7 +35,7 @@ class FakeAPI:
 
     async def __call__(self, batch: pl.DataFrame) -> list[str]:
         texts = batch["text"].to_list()
-        call = {"texts": texts, "start": time.monotonic(), "outcome": "ok"}
+        call = {"texts": texts, "start": time.monotonic(), "outcome": "cancelled"}
         self.calls.append(call)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -53,6 +53,7 @@ class FakeAPI:
             if roll < self.p_retryable + self.p_hang:
                 call["outcome"] = "hang"
                 await asyncio.sleep(self.hang_s)
+            call["outcome"] = "ok"
             return [expected(t) for t in texts]
         finally:
             call["end"] = time.monotonic()
