@@ -185,17 +185,18 @@ class Pool:
     # -- scheduling ------------------------------------------------------------------------
     async def _agent(self, a: int) -> None:
         slots = self.agent_slots[a]
+        assert self._wake is not None
         while not self.stopping:
             await slots.acquire(_ONE)
             batch = self._take(a)
-            while batch is None and not self.stopping and self.pending:
-                assert self._wake is not None
+            if batch is None:
+                # never hold a slot while idle: a batch in backoff needs it back
+                slots.release(_ONE)
+                if not self.pending:
+                    return
                 self._wake.clear()
                 await self._wake.wait()
-                batch = self._take(a)
-            if batch is None:
-                slots.release(_ONE)
-                return
+                continue
             task = asyncio.create_task(self._run_batch(a, batch))
             self.tasks.add(task)
             task.add_done_callback(self._task_done)

@@ -239,3 +239,22 @@ def test_process_inside_a_running_loop_uses_nested_loop() -> None:
 
     out = asyncio.run(inner())
     assert out["error"].is_null().all()
+
+
+def test_retry_after_with_one_slot_per_agent_does_not_deadlock() -> None:
+    seen: set[str] = set()
+
+    async def fn(batch: pl.DataFrame) -> pl.Series:
+        t = batch["text"][0]
+        await asyncio.sleep(0.01)
+        if t == "r5" and t not in seen:
+            seen.add(t)
+            msg = "busy"
+            raise RetryableError(msg, retry_after=0.1)
+        return batch["text"]
+
+    df = pl.DataFrame({"text": [f"r{i}" for i in range(12)]})
+    out = dfbatch.process(df, fn, items_per_batch=1, agents=1, max_concurrent_batches=1,
+                          timeout=5, **FAST)
+    assert out["output"].to_list() == df["text"].to_list()
+    assert out["attempts"][5] == 2
