@@ -5,7 +5,8 @@ then batches from the driver: a ``BatchMeta`` and the rows as an Arrow table. Ea
 the asyncio pool's own ``Pool._attempts`` (limits, timeout, retry with backoff and
 Retry-After, hedging, output normalization) in an ``_AgentPool``, a ``Pool`` with no queues
 whose recording methods send messages back instead: ``("started", attempt)``,
-``("event", BatchRetried | BatchHedged)``, ``("outcome", Outcome, latency_s)`` and finally
+``("event", BatchRetried | BatchHedged)``, ``("outcome", Outcome)``,
+``("sized", ok, latency_s)`` (under ``dynamic_batching``) and finally
 ``("done", Answered | GaveUp)``. The driver (``dfbatch.engines.ray``) turns them back into
 what the asyncio pool would have done. This module does not import Ray.
 
@@ -13,14 +14,14 @@ Examples
 --------
 >>> import asyncio, polars as pl
 >>> from dfbatch import BatchConfig
->>> actor = AgentActor(lambda b: b["text"].str.to_uppercase(), BatchConfig(), set(), None,
-...                    "agent0", 1)
+>>> cfg = BatchConfig(dynamic_batching=True)
+>>> actor = AgentActor(lambda b: b["text"].str.to_uppercase(), cfg, set(), None, "agent0", 1)
 >>> async def one():
 ...     meta = BatchMeta(id=7, planned_agent=0, tokens=2, nbytes=10, call_anyway=False)
 ...     return [m async for m in actor.run(meta, to_wire(pl.DataFrame({"text": ["a", "b"]})))]
 >>> messages = asyncio.run(one())
 >>> [m[0] for m in messages]
-['started', 'outcome', 'done']
+['started', 'outcome', 'sized', 'done']
 >>> from_wire(messages[-1][1].table)["output"].to_list()
 ['A', 'B']
 """
@@ -108,7 +109,6 @@ class _Shipped:
 
     frame: pl.DataFrame
     queue: asyncio.Queue[tuple[Any, ...]]
-    t_call: float = 0.0
 
     def send(self, *item: Any) -> None:
         self.queue.put_nowait(item)
@@ -130,6 +130,8 @@ class _AgentPool(Pool):
         super().__init__(fn, pl.DataFrame(), [[]], local, row_tokens=np.zeros(0, np.int64),
                          emit=self._forward, reserved=reserved)
         self.shared = Limits([rates, _OutcomeTap()])
+        if cfg.dynamic_batching:  # the driver sizes batches: it gets what the pool observes
+            self.sizer = _SizerTap()  # type: ignore[assignment]
         if not self.is_async:
             workers = cfg.sync_workers or cfg.max_concurrent_batches
             self.executor = ThreadPoolExecutor(workers, thread_name_prefix="dfbatch")
@@ -151,9 +153,7 @@ class _AgentPool(Pool):
         return _SHIPPED.get().frame
 
     def _started(self, a: int, batch: Batch, attempt: int, t: float) -> None:
-        shipped = _SHIPPED.get()
-        shipped.t_call = t
-        shipped.send("started", attempt)
+        _SHIPPED.get().send("started", attempt)
 
     def _forward(self, ev: Event) -> None:
         _SHIPPED.get().send("event", ev)
@@ -171,17 +171,22 @@ class _AgentPool(Pool):
         _SHIPPED.get().send("done", verdict)
 
 
+class _SizerTap:
+    """Stands in for the pool's ``BatchSizer``: sends each observation to the driver's."""
+
+    def observe(self, *, ok: bool, latency_s: float) -> None:
+        _SHIPPED.get().send("sized", ok, latency_s)
+
+
 class _OutcomeTap:
-    """A ``Limit`` that sends how each call ended to the driver (for its AIMD and sizer)."""
+    """A ``Limit`` that sends how each call ended to the driver (for its AIMD limit)."""
 
     async def acquire(self, cost: Cost) -> None:
         return None
 
     def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
         if outcome is not None:
-            shipped = _SHIPPED.get()
-            latency = asyncio.get_running_loop().time() - shipped.t_call
-            shipped.send("outcome", outcome, latency)
+            _SHIPPED.get().send("outcome", outcome)
 
 
 class AgentActor:
@@ -202,7 +207,7 @@ class AgentActor:
         return True
 
     async def run(self, meta: BatchMeta, wire: Any) -> AsyncIterator[tuple[Any, ...]]:
-        """Run one batch; yields ("started", n), ("event", ev), ("outcome", o, s), ("done", v)."""
+        """Run one batch: yields the messages of the module docstring, ("done", v) last."""
         frame = from_wire(wire)
         shipped = _Shipped(frame, asyncio.Queue())
         batch = Batch(meta.id, meta.planned_agent, np.arange(frame.height), meta.tokens,

@@ -199,6 +199,8 @@ class RayPool(Pool):
                  cfg: BatchConfig, **kwargs: Any) -> None:
         super().__init__(fn, frame, batches, cfg.replace(rpm=None, tpm=None), **kwargs)
         self.rates_cfg = cfg  # RPM / TPM live in the limiter actor, not in this process
+        if self.adaptive is not None:  # the limiter paces sends: a 429 pauses, never halves
+            self.adaptive.rate_known = bool(cfg.rpm or cfg.tpm)
         self.gang: _Gang | None = None
 
     async def run(self) -> Outcomes:
@@ -267,12 +269,10 @@ class RayPool(Pool):
             elif isinstance(ev, BatchHedged):
                 self.out.attempts[call.batch.rows] += 1
             self.emit(ev)
-        elif kind == "outcome":
-            outcome, latency = item[1], item[2]
-            if self.adaptive is not None:
-                self.adaptive.observe(dataclasses.replace(outcome, started_seq=call.seq))
-            if self.sizer is not None:
-                self.sizer.observe(ok=outcome.ok, latency_s=latency)
+        elif kind == "outcome" and self.adaptive is not None:
+            self.adaptive.observe(dataclasses.replace(item[1], started_seq=call.seq))
+        elif kind == "sized" and self.sizer is not None:
+            self.sizer.observe(ok=item[1], latency_s=item[2])
         elif kind == "done":
             verdict: Verdict = item[1]
             return verdict
