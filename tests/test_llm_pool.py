@@ -13,7 +13,6 @@ from dfbatch.events import BatchRetried, BatchStarted
 from dfbatch.llm import chat, embed
 from dfbatch.sim.content import answer_text
 
-pytest_plugins = ["tests.conftest_sim"]
 
 TEXTS = [f"Document number {i} talks about topic {i % 5}. More words follow." for i in range(16)]
 FRAME = pl.DataFrame({"text": TEXTS})

@@ -1,6 +1,6 @@
 """Pytest fixtures for the local simulated endpoint (``dfbatch.sim``).
 
-Use from a test module with ``pytest_plugins = ["tests.conftest_sim"]``:
+Shared by every test module (pytest loads this conftest automatically):
 
 - ``make_sim(**config)``: start a simulator (in a background thread) and return the
   ``SimServer``; ``server.url`` is its base URL, ``server.stats`` what it served. Stopped after
