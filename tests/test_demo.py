@@ -13,7 +13,6 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

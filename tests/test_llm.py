@@ -22,7 +22,6 @@ from dfbatch.retry import classify, retry_after
 from dfbatch.sim.content import answer_text
 from dfbatch.sim.embedding import embed_texts
 
-
 DOCS = [
     "Polars is a DataFrame library. It is fast.",
     "Arrow is a columnar format! Many tools use it.",

@@ -13,7 +13,6 @@ from dfbatch.events import BatchRetried, BatchStarted
 from dfbatch.llm import chat, embed
 from dfbatch.sim.content import answer_text
 
-
 TEXTS = [f"Document number {i} talks about topic {i % 5}. More words follow." for i in range(16)]
 FRAME = pl.DataFrame({"text": TEXTS})
 EXPECTED = [answer_text(f"Summarize: {t}") for t in TEXTS]

@@ -22,7 +22,6 @@ from dfbatch.sim.embedding import embed_texts
 from dfbatch.sim.latency import Dice
 from dfbatch.sim.tokenizer import encoder_for
 
-
 DOC = "Polars is a DataFrame library. It is written in Rust and uses Arrow."
 
 
