@@ -54,7 +54,7 @@ df = pl.read_parquet(data)
 t0 = time.perf_counter()
 res = dfbatch.process(df, fn, checkpoint=ckpt or None, progress=False, agents=2,
                       items_per_batch=4, max_in_flight=int(cap), encoding=words,
-                      on_event=on_event)
+                      dynamic_batching=False, on_event=on_event)  # calls = batches + repeats
 res.write_parquet(out)
 print("DONE", time.perf_counter() - t0, flush=True)
 '''

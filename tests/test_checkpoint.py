@@ -264,7 +264,8 @@ def on_event(ev):
 
 df = pl.read_parquet(data)
 res = dfbatch.process(df, fn, checkpoint=ckpt, progress=False, agents=2, items_per_batch=4,
-                      max_in_flight=int(cap), encoding=words, on_event=on_event)
+                      max_in_flight=int(cap), encoding=words, on_event=on_event,
+                      dynamic_batching=False)  # calls = planned batches + repeats
 res.write_parquet(out)
 print("DONE", res["error"].null_count(), flush=True)
 '''
