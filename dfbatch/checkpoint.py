@@ -59,16 +59,17 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
-import pyarrow.ipc as ipc
 
 from dfbatch.config import BatchConfig
 from dfbatch.errors import CheckpointError, ConfigError, did_you_mean
 from dfbatch.pool import Batch, Outcomes
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 Resume = Literal["auto", "overwrite"]
 FORMAT = "dfbatch-checkpoint"
@@ -312,6 +313,8 @@ class Journal:
 
     def record(self, batch: Batch, out: Outcomes) -> None:
         """``on_batch_done`` hook: journal the batch's rows (outputs or errors) as one part."""
+        import pyarrow as pa  # imported on first use: `import dfbatch` stays light
+
         local = batch.rows
         pos = self.todo[local]
         if self.hashes is not None:
@@ -484,6 +487,9 @@ class _Store:
 
     def write(self, table: pa.Table) -> None:
         """Write one part: to a temporary name first, then renamed (atomic)."""
+        import pyarrow as pa
+        import pyarrow.ipc as ipc
+
         name = f"{self.prefix}-{self.seq:08d}.arrow"
         self.seq += 1
         tmp = self.parts / f".{name}.tmp"
@@ -508,6 +514,9 @@ class _Store:
                              how="diagonal_relaxed")
 
     def _read_part(self, path: Path) -> pl.DataFrame | None:
+        import pyarrow as pa
+        import pyarrow.ipc as ipc
+
         try:
             with pa.OSFile(str(path)) as f:
                 table = ipc.open_file(f).read_all()
@@ -522,6 +531,8 @@ class _Store:
 
     def compact(self) -> None:
         """Rewrite the parts as one (newest entry of a row wins), then delete the old ones."""
+        import pyarrow as pa
+
         files = self._part_files()
         if len(files) < _COMPACT_AT:
             return
