@@ -238,8 +238,9 @@ def open_journal(
 class Journal:
     """An open checkpoint: which rows are done, the ``on_batch_done`` hook, the final merge.
 
-    Use ``Journal.open(...)``; then ``restrict`` the batches to the rows still to do, pass
-    ``record`` as the pool's ``on_batch_done``, ``merge`` the pool's outcomes, and ``close``.
+    Use ``Journal.open(...)``; then ``restrict`` the batches to the rows still to do (this
+    locks the directory), pass ``record`` as the pool's ``on_batch_done``, ``merge`` the pool's
+    outcomes, and ``close`` (compacts the parts and unlocks).
     """
 
     def __init__(self, store: _Store, planned: pl.DataFrame, ids: pl.Series, cfg: BatchConfig,
@@ -275,10 +276,18 @@ class Journal:
         try:
             store.start(fp, overwrite=resume == "overwrite")
             done = _done_rows(store.load(), ids, key, retry_errors)
-        except BaseException:
-            store.unlock()
-            raise
+        finally:
+            store.unlock()  # held again from ``acquire`` (the run starts) to ``close``
         return cls(store, planned, ids, cfg, key, done)
+
+    def acquire(self) -> None:
+        """Lock the directory for this run's writes (a ``CheckpointError`` if another holds it).
+
+        ``restrict`` calls it; ``close`` releases it. Between ``open`` and the start of the run
+        nothing is held, so an interrupt there leaves no stale lock behind.
+        """
+        if not self.store.locked:
+            self.store.lock()
 
     @property
     def rows_done(self) -> int:
@@ -289,6 +298,7 @@ class Journal:
         row_bytes: np.ndarray,
     ) -> tuple[pl.DataFrame, list[list[Batch]], np.ndarray, np.ndarray]:
         """The frame, batches, tokens and bytes of the rows still to do (rows renumbered)."""
+        self.acquire()
         if len(self.todo) == self.n:
             return frame, batches, row_tokens, row_bytes
         new_pos = np.full(self.n, -1, np.int64)
@@ -370,6 +380,8 @@ class Journal:
         if self.closed:
             return
         self.closed = True
+        if not self.store.locked:  # the run never started: nothing was written
+            return
         try:
             self.store.compact()
         finally:
@@ -456,6 +468,10 @@ class _Store:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
+
+    @property
+    def locked(self) -> bool:
+        return self._lock_fd is not None
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

@@ -196,6 +196,8 @@ def test_directory_guards(tmp_path: Path) -> None:
     cfg = BatchConfig(agents=2)
     planned = dfbatch.plan(df, config=cfg)
     holder = Journal.open(ck, planned, Recorder(), "text", cfg)
+    dfbatch.process(df, Recorder(), checkpoint=ck, **FAST)  # opened, not running: no lock
+    holder.acquire()  # as its run starts
     try:
         pid = os.getpid()
         with pytest.raises(CheckpointError, match=rf"in use by another run \(process {pid}"):
