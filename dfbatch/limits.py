@@ -22,6 +22,7 @@ Examples
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import math
 from collections import deque
@@ -91,7 +92,8 @@ class CapacityLimit:
             if fut.done() and not fut.cancelled():
                 self._give(w)  # granted, then cancelled: hand the units back
             else:
-                self._waiters.remove(entry)
+                with contextlib.suppress(ValueError):  # _wake may have dropped it already
+                    self._waiters.remove(entry)
                 self._wake()
             raise
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import subprocess
+import sys
 import time
 from collections import Counter, defaultdict
 
@@ -234,11 +236,19 @@ def test_aprocess_inside_a_running_loop() -> None:
 
 
 def test_process_inside_a_running_loop_uses_nested_loop() -> None:
-    async def inner() -> pl.DataFrame:
-        return dfbatch.process(texts(5), FakeAPI(), encoding=_counter, **FAST)
-
-    out = asyncio.run(inner())
-    assert out["error"].is_null().all()
+    # in a subprocess: nest-asyncio2 patches asyncio for the whole process once applied
+    script = """if True:
+        import asyncio, polars as pl, dfbatch
+        async def inner():
+            df = pl.DataFrame({"text": ["a", "b", "c"]})
+            return dfbatch.process(df, lambda b: b["text"], progress=False)
+        out = asyncio.run(inner())
+        print(out["output"].to_list(), out["error"].null_count())
+    """
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "['a', 'b', 'c'] 3"
 
 
 def test_retry_after_with_one_slot_per_agent_does_not_deadlock() -> None:
