@@ -235,7 +235,7 @@ class StatsAccumulator:
             self.agents.append(_Agent())
         return self.agents[i]
 
-    def apply(self, ev: Event) -> None:  # noqa: C901 - one branch per event type
+    def apply(self, ev: Event) -> None:
         s = self.stats
         if self.t0 is None:
             self.t0 = ev.t
