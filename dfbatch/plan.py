@@ -1,5 +1,8 @@
 """Planning: pack rows into batches and balance batches over agents. Pure, vectorized, no I/O.
 
+The algorithms live in ``dfbatch.pack`` (rows into batches) and ``dfbatch.balance``
+(batches over agents); this module counts tokens, runs both and builds the frame.
+
 ``plan`` adds four columns (names from ``BatchConfig.columns``):
 
 - ``n_tokens`` (UInt32): exact tokens of the row's text (0 for a null text).
@@ -39,247 +42,24 @@ shape: (4, 5)
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 import polars as pl
 
+# pack, balance and balance_ratio are also re-exported: `from dfbatch.plan import pack` works.
+from dfbatch.balance import balance, balance_ratio
 from dfbatch.config import BatchConfig, Columns
 from dfbatch.errors import ColumnError, ConfigError, did_you_mean
+from dfbatch.pack import pack
 from dfbatch.tokens import count_tokens
 
 Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 
 NULL_TEXT = "null_text"
 OVERSIZE = "oversize"
-_HEAD_EPS = 0.002  # exact LPT for batches heavier than this fraction of an agent's mean load
-_HEAD_MAX = 4096  # ... but for at most this many batches
-_ROUNDS_MAX = 512  # then greedy rounds of n_agents batches, then a snake deal of the rest
-_REFINE_MAX = 4096  # swap steps between the heaviest and the lightest agent
-_REFINE_WORK = 20_000_000  # ... and at most this many batch visits in all
-_REFINE_TOL = 1e-5  # ... until the heaviest agent is this close to the lower bound
 _FIELD = {"n_tokens": "n_tokens", "batch_id": "batch_id", "agent_id": "agent_id", "flag": "flag"}
-
-
-# -- packing -------------------------------------------------------------------------------
-def pack(costs: Any, items_per_batch: int, limit: int) -> np.ndarray:
-    """Pack rows into batches: ``<= items_per_batch`` rows and ``sum(costs) <= limit`` each.
-
-    A row with ``cost > limit`` is alone in its batch. Rows are split into size classes (class
-    ``k`` holds rows that fit ``k`` to a batch: ``limit / (k + 1) < cost <= limit / k``) and each
-    class is chunked in input order; the free slots of the batches of big rows are then filled
-    with the smallest rows. Batch ids are ``0..B-1`` in order of each batch's first row.
-
-    Examples
-    --------
-    >>> from dfbatch.plan import pack
-    >>> pack([5, 1, 1, 9, 1, 1, 1, 12], items_per_batch=3, limit=10).tolist()
-    [0, 1, 0, 1, 0, 2, 2, 3]
-    """
-    c = np.asarray(costs, dtype=np.int64)
-    if items_per_batch < 1 or limit < 1:
-        msg = f"items_per_batch and limit must be >= 1, got {items_per_batch} and {limit}"
-        raise ConfigError(msg)
-    if c.ndim != 1 or (len(c) and c.min() < 0):
-        msg = "costs must be a 1-d array of non-negative integers"
-        raise ConfigError(msg)
-    n = len(c)
-    size = np.where(c == 0, items_per_batch, np.minimum(limit // np.maximum(c, 1), items_per_batch))
-    group = np.empty(n, dtype=np.int64)
-    big = np.flatnonzero(size < items_per_batch)  # oversize (size 0) and classes 1..ipb-1
-    n_groups, open_groups = _chunk_big(c, size, big, group, items_per_batch, limit)
-    small = np.flatnonzero(size == items_per_batch)
-    rest = _fill_open(c, small, open_groups, group)
-    group[rest] = n_groups + np.arange(len(rest)) // items_per_batch
-    return _renumber_by_first_row(group)
-
-
-def _chunk_big(
-    c: np.ndarray, size: np.ndarray, big: np.ndarray, group: np.ndarray, ipb: int, limit: int
-) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Chunk the rows of classes ``0..ipb-1`` in input order; return their open slots."""
-    k = size[big]
-    order = np.argsort(k, kind="stable")
-    rows, k = big[order], k[order]
-    rank = np.arange(len(k)) - np.searchsorted(k, k, side="left")
-    starts = np.flatnonzero(rank % np.maximum(k, 1) == 0)
-    gid = np.cumsum(rank % np.maximum(k, 1) == 0) - 1
-    group[rows] = gid
-    if len(starts) == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return 0, (empty, empty, empty)
-    count = np.diff(np.append(starts, len(k)))
-    slack = limit - np.add.reduceat(c[rows], starts)
-    free = np.where(k[starts] == 0, 0, ipb - count)  # oversize batches stay alone
-    return len(starts), (np.arange(len(starts)), free, np.maximum(slack, 0))
-
-
-def _fill_open(
-    c: np.ndarray,
-    small: np.ndarray,
-    open_groups: tuple[np.ndarray, np.ndarray, np.ndarray],
-    group: np.ndarray,
-) -> np.ndarray:
-    """Move the smallest class-``ipb`` rows into free slots of big-row batches; return the rest.
-
-    A batch with ``f`` free slots and ``s`` free tokens offers slots of budget ``s // f``, so
-    any rows that each fit a slot fit the batch together. The most rows are placed by matching
-    the ``t`` smallest rows to the ``t`` largest slots, ``t`` found by bisection.
-    """
-    gids, free, slack = open_groups
-    if len(small) == 0 or len(gids) == 0 or free.sum() == 0:
-        return small
-    c_small = c[small]
-    cap = max(1, -(-4 * len(small) // len(gids)))  # bounds the slot count to O(rows)
-    free = np.minimum(free, np.minimum(slack // max(int(c_small.min()), 1), cap))
-    budget = slack // np.maximum(free, 1)
-    slot_group = np.repeat(gids, free)
-    slot_budget = np.repeat(budget, free)
-    by_budget = np.argsort(slot_budget, kind="stable")
-    slot_group, slot_budget = slot_group[by_budget], slot_budget[by_budget]
-    by_cost = small[np.argsort(c_small, kind="stable")]
-    cost_sorted = c[by_cost]
-    lo, hi = 0, min(len(slot_budget), len(small))
-    while lo < hi:  # bisection over t: log2(rows) vectorized checks
-        t = (lo + hi + 1) // 2
-        if np.all(cost_sorted[:t] <= slot_budget[len(slot_budget) - t :]):
-            lo = t
-        else:
-            hi = t - 1
-    if lo == 0:
-        return small
-    group[by_cost[:lo]] = slot_group[len(slot_group) - lo :]
-    return np.sort(by_cost[lo:])
-
-
-def _renumber_by_first_row(group: np.ndarray) -> np.ndarray:
-    n_groups = int(group.max()) + 1 if len(group) else 0
-    first = np.full(n_groups, len(group), dtype=np.int64)
-    np.minimum.at(first, group, np.arange(len(group)))
-    rank = np.empty(n_groups, dtype=np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(n_groups)
-    return rank[group].astype(np.uint32)
-
-
-# -- balancing -----------------------------------------------------------------------------
-def balance(weights: Any, n_agents: int) -> np.ndarray:
-    """Assign batches to ``n_agents`` agents so that the heaviest agent's load is near-minimal.
-
-    Exact LPT (heaviest batch to the lightest agent) over the heavy head, then greedy rounds of
-    ``n_agents`` batches (heaviest to lightest, agents re-sorted each round), then a snake deal of
-    the remaining light batches with agents in order of load. Deterministic.
-
-    Examples
-    --------
-    >>> from dfbatch.plan import balance, balance_ratio
-    >>> w = [10, 9, 8, 7, 6, 5, 4, 3]
-    >>> agents = balance(w, 2)
-    >>> agents.tolist(), round(balance_ratio(w, agents, 2), 3)
-    ([0, 1, 1, 0, 0, 1, 1, 0], 1.0)
-    """
-    if isinstance(n_agents, bool) or not isinstance(n_agents, int | np.integer) or n_agents < 1:
-        msg = f"n_agents must be an integer >= 1, got {n_agents!r}"
-        raise ConfigError(msg)
-    w = np.asarray(weights, dtype=np.float64)
-    if w.ndim != 1 or (len(w) and (w.min() < 0 or not np.isfinite(w).all())):
-        msg = "weights must be a 1-d array of finite non-negative numbers"
-        raise ConfigError(msg)
-    out = np.zeros(len(w), dtype=np.uint16 if n_agents <= 65_536 else np.uint32)
-    order = np.argsort(-w, kind="stable")  # heaviest first, ties by batch id
-    ws = w[order]
-    loads = np.zeros(n_agents, dtype=np.float64)
-    threshold = _HEAD_EPS * ws.sum() / n_agents
-    head = min(int(np.searchsorted(-ws, -threshold, side="left")), _HEAD_MAX)
-    out[order[:head]] = _lpt(ws[:head], loads)
-    mid = min(len(w) - head, _ROUNDS_MAX * n_agents)
-    out[order[head : head + mid]] = _rounds(ws[head : head + mid], loads)
-    out[order[head + mid :]] = _snake(len(w) - head - mid, loads)
-    _refine(w, out, n_agents)
-    return out
-
-
-def _lpt(ws: np.ndarray, loads: np.ndarray) -> np.ndarray:
-    heap = [(float(load), a) for a, load in enumerate(loads)]
-    heapq.heapify(heap)
-    out = np.empty(len(ws), dtype=np.int64)
-    for i, w in enumerate(ws.tolist()):
-        load, a = heap[0]
-        heapq.heapreplace(heap, (load + w, a))
-        out[i] = a
-    for load, a in heap:
-        loads[a] = load
-    return out
-
-
-def _rounds(ws: np.ndarray, loads: np.ndarray) -> np.ndarray:
-    n_agents = len(loads)
-    out = np.empty(len(ws), dtype=np.int64)
-    for start in range(0, len(ws), n_agents):
-        chunk = ws[start : start + n_agents]
-        lightest = np.argsort(loads, kind="stable")[: len(chunk)]
-        loads[lightest] += chunk
-        out[start : start + len(chunk)] = lightest
-    return out
-
-
-def _snake(n: int, loads: np.ndarray) -> np.ndarray:
-    n_agents = len(loads)
-    i = np.arange(n)
-    col = np.where((i // n_agents) % 2 == 0, i % n_agents, n_agents - 1 - i % n_agents)
-    return np.argsort(loads, kind="stable")[col]
-
-
-def _refine(w: np.ndarray, agent: np.ndarray, n_agents: int) -> None:
-    """Swap (or move) batches between the heaviest and the lightest agent while that helps.
-
-    Each step picks, with one ``searchsorted``, the pair whose weight difference is closest to
-    half the load gap. Steps are capped so that the total work stays O(batches) x a constant.
-    """
-    if len(w) == 0 or n_agents < 2:
-        return
-    loads = np.bincount(agent, weights=w, minlength=n_agents)
-    good_enough = max(w.sum() / n_agents, w.max()) * (1 + _REFINE_TOL)
-    for _ in range(min(_REFINE_MAX, 4 * n_agents + 64, _REFINE_WORK // len(w) + 1)):
-        hi, lo = int(np.argmax(loads)), int(np.argmin(loads))
-        gap = loads[hi] - loads[lo]
-        if loads[hi] <= good_enough:
-            return
-        x = np.flatnonzero(agent == hi)
-        y = np.append(np.flatnonzero(agent == lo), -1)  # -1: move, swap with nothing
-        wy = np.append(w[y[:-1]], 0.0)
-        by_w = np.argsort(wy, kind="stable")
-        pos = np.searchsorted(wy[by_w], w[x] - gap / 2)
-        cand = by_w[np.clip(np.stack([pos - 1, pos]), 0, len(wy) - 1)]  # 2 x len(x)
-        delta = w[x][None, :] - wy[cand]
-        score = np.where((delta > 0) & (delta < gap), np.abs(delta - gap / 2), np.inf)
-        best = int(np.argmin(score))
-        if not np.isfinite(score.flat[best]):
-            return
-        i, j = divmod(best, len(x))
-        agent[x[j]] = lo
-        if y[cand[i, j]] >= 0:
-            agent[y[cand[i, j]]] = hi
-        loads[hi] -= delta[i, j]
-        loads[lo] += delta[i, j]
-
-
-def balance_ratio(weights: Any, agents: Any, n_agents: int) -> float:
-    """Heaviest agent load / the lower bound ``max(total / n_agents, heaviest batch)``.
-
-    Examples
-    --------
-    >>> from dfbatch.plan import balance_ratio
-    >>> balance_ratio([4, 4, 2], [0, 1, 1], 2)
-    1.2
-    """
-    w = np.asarray(weights, dtype=np.float64)
-    if len(w) == 0:
-        return 1.0
-    loads = np.bincount(np.asarray(agents, dtype=np.int64), weights=w, minlength=n_agents)
-    bound = max(w.sum() / n_agents, w.max())
-    return float(loads.max() / bound) if bound > 0 else 1.0
 
 
 # -- plan ----------------------------------------------------------------------------------
