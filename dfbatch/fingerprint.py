@@ -1,0 +1,187 @@
+"""The run fingerprint: what identifies a run, and what differs between two runs.
+
+A run is identified by its input rows (the ``key`` column's values as a set if given, else
+content hashes of every input column, in order), the fn's identity (qualified name,
+``functools.partial`` arguments, and the ``fn.dfbatch_fingerprint`` dict the llm adapters set
+with their model and prompt) and the config that changes outputs (text, output column names,
+``oversize``, ``token_limit``, ``encoding``, ``request_overhead_tokens``,
+``output_tokens_per_row``). ``items_per_batch``, agents and limits do not change the outputs of a
+pure fn and may change between runs. Another fingerprint is a ``CheckpointError`` that says what
+differs, unless ``resume="overwrite"``. Row hashes use polars' ``hash_rows``, which is stable
+within a polars version: upgrading polars mid-run makes an unkeyed checkpoint unusable (the
+error says so); pass ``key=`` to be independent of it.
+
+``dfbatch.checkpoint`` stores a run's fingerprint in its manifest and refuses a rerun whose
+fingerprint differs (``mismatch_error``).
+
+Examples
+--------
+>>> import polars as pl
+>>> from dfbatch.config import BatchConfig
+>>> from dfbatch.fingerprint import fingerprint
+>>> df = pl.DataFrame({"text": ["a", "b"]})
+>>> then = fingerprint(df, str.upper, "text", BatchConfig())
+>>> now = fingerprint(df, str.lower, "text", BatchConfig(token_limit=100))
+>>> now.differences(then.as_dict())
+['fn: builtins.str.upper then, builtins.str.lower now', 'token_limit: 32768 then, 100 now']
+>>> fingerprint(df, str.upper, "text", BatchConfig()).digest == then.digest
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from dfbatch.config import BatchConfig
+from dfbatch.errors import CheckpointError, ConfigError
+
+HASH_COLUMN = "__dfbatch_hash"  # the name of ``row_ids``'s Series when there is no key
+_HASH = HASH_COLUMN
+
+
+@dataclasses.dataclass(frozen=True)
+class Fingerprint:
+    """What identifies a run: input rows, fn identity, output-affecting config.
+
+    >>> import polars as pl
+    >>> from dfbatch.config import BatchConfig
+    >>> fp = fingerprint(pl.DataFrame({"text": ["a"]}), str.upper, "text", BatchConfig())
+    >>> fp.n_rows, fp.fn["name"], len(fp.digest)
+    (1, 'builtins.str.upper', 32)
+    """
+
+    rows: str
+    n_rows: int
+    key: str | None
+    fn: Mapping[str, Any]
+    config: Mapping[str, Any]
+
+    @property
+    def digest(self) -> str:
+        text = json.dumps(self.as_dict(), sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def differences(self, old: Mapping[str, Any]) -> list[str]:
+        """Human-readable differences from a fingerprint stored in a manifest."""
+        out = []
+        if old.get("key") != self.key:
+            out.append(f"key: {old.get('key')!r} then, {self.key!r} now")
+        if old.get("rows") != self.rows:
+            out.append(f"input rows differ ({old.get('n_rows')} rows then, {self.n_rows} now)")
+        if old.get("fn") != self.fn:
+            out.append(f"fn: {_short(old.get('fn'))} then, {_short(self.fn)} now")
+        old_cfg = old.get("config") or {}
+        for name in sorted(set(old_cfg) | set(self.config)):
+            if old_cfg.get(name) != self.config.get(name):
+                out.append(f"{name}: {old_cfg.get(name)!r} then, {self.config.get(name)!r} now")
+        return out
+
+
+def fingerprint(
+    df: pl.DataFrame, fn: Callable[..., Any], text: str | pl.Expr, cfg: BatchConfig,
+    *, key: str | None = None,
+) -> Fingerprint:
+    """The fingerprint of running ``fn`` over ``df`` (plan columns are ignored)."""
+    return fingerprint_of_ids(row_ids(df, key, cfg), fn, text, cfg, key)
+
+
+def fingerprint_of_ids(
+    ids: pl.Series, fn: Callable[..., Any], text: str | pl.Expr, cfg: BatchConfig,
+    key: str | None,
+) -> Fingerprint:
+    hashes = ids.to_numpy() if key is None else np.sort(_hash(ids.to_frame()))
+    rows = hashlib.blake2b(np.ascontiguousarray(hashes).tobytes(), digest_size=16).hexdigest()
+    return Fingerprint(rows, ids.len(), key, fn_identity(fn), _config_identity(text, cfg))
+
+
+def row_ids(df: pl.DataFrame, key: str | None, cfg: BatchConfig) -> pl.Series:
+    """The key column, or a UInt64 content hash of each row's input columns."""
+    if key is not None:
+        return df[key]
+    inputs = [c for c in df.columns if c not in cfg.columns.plan_names()]
+    return pl.Series(_HASH, _hash(df.select(inputs)), dtype=pl.UInt64)
+
+
+def _hash(df: pl.DataFrame) -> np.ndarray:
+    try:
+        return df.hash_rows(seed=0x5EED).to_numpy()
+    except pl.exceptions.PolarsError as exc:
+        msg = f"cannot hash the input rows for the checkpoint ({exc}); pass key='<id column>'"
+        raise CheckpointError(msg) from None
+
+
+def fn_identity(fn: Callable[..., Any]) -> dict[str, Any]:
+    """Qualified name, ``partial`` arguments and ``fn.dfbatch_fingerprint`` of ``fn``.
+
+    >>> import functools
+    >>> fn_identity(functools.partial(round, ndigits=2))
+    {'name': 'builtins.round', 'partial': {'args': [], 'keywords': {'ndigits': 2}}}
+    """
+    target: Any = fn
+    out: dict[str, Any] = {}
+    if isinstance(fn, functools.partial):
+        target = fn.func
+        out["partial"] = _plain({"args": list(fn.args), "keywords": fn.keywords})
+    out = {"name": callable_name(target), **out}
+    details = getattr(fn, "dfbatch_fingerprint", None)
+    if details is not None:
+        if not isinstance(details, Mapping):
+            msg = f"fn.dfbatch_fingerprint must be a dict, got {type(details).__name__}"
+            raise ConfigError(msg)
+        out["details"] = _plain(dict(details))
+    return out
+
+
+def callable_name(obj: Any) -> str:
+    """``module.qualname`` of a function, or of the class of a callable object."""
+    qual = getattr(obj, "__qualname__", None)
+    if not isinstance(qual, str):
+        obj = type(obj)
+        qual = obj.__qualname__
+    return f"{getattr(obj, '__module__', None) or 'builtins'}.{qual}"
+
+
+def _config_identity(text: str | pl.Expr, cfg: BatchConfig) -> dict[str, Any]:
+    enc = cfg.encoding if isinstance(cfg.encoding, str) else callable_name(cfg.encoding)
+    return {
+        "text": text if isinstance(text, str) else str(text),
+        "columns": dataclasses.asdict(cfg.columns),
+        "oversize": cfg.oversize,
+        "token_limit": cfg.token_limit,
+        "encoding": enc,
+        "request_overhead_tokens": cfg.request_overhead_tokens,
+        "output_tokens_per_row": cfg.output_tokens_per_row,
+    }
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy; objects without a JSON form become their type name (never an address)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=lambda o: callable_name(o)))
+
+
+def _short(fn: Any) -> str:
+    return str(fn.get("name")) if isinstance(fn, Mapping) and len(fn) == 1 else repr(fn)
+
+
+def mismatch_error(root: Path, fp: Fingerprint, old: Mapping[str, Any]) -> CheckpointError:
+    """The error for a checkpoint at ``root`` whose manifest ``old`` is another run's."""
+    diffs = fp.differences(old.get("fingerprint") or {})
+    if old.get("polars") != pl.__version__ and fp.key is None:
+        diffs.append(f"polars {old.get('polars')} then, {pl.__version__} now (row hashes "
+                     "are stable only within a polars version; pass key= to avoid this)")
+    what = "; ".join(diffs) or "the fingerprint differs"
+    msg = (f"checkpoint {str(root)!r} belongs to another run: {what}. Use another directory, "
+           "or pass resume='overwrite' to discard it")
+    return CheckpointError(msg)
