@@ -20,7 +20,7 @@ import polars as pl
 from dfbatch.checkpoint import Journal, Resume, open_journal
 from dfbatch.config import BatchConfig, Progress
 from dfbatch.engines import Engine, asyncio_only, select
-from dfbatch.errors import ColumnError, ConfigError, did_you_mean
+from dfbatch.errors import ConfigError
 from dfbatch.events import Event, RunFinished, RunStarted, RunStats, StatsAccumulator
 from dfbatch.loop import run_sync
 from dfbatch.pool import Batch, Pool
@@ -218,13 +218,9 @@ class _Job:
         )
         self.pool = pool
         c = self.cfg.columns
-        planned_tokens = (
-            self.planned.group_by(c.agent_id).agg(pl.col(c.n_tokens).sum())
-            if self.planned.height else None
-        )
+        per_agent = tuple(sum(b.tokens for b in q) for q in batches)  # request tokens, as done
         emit(RunStarted(loop.time(), frame.height, sum(len(q) for q in batches),
-                        int(tokens.sum()), _per_agent(planned_tokens, len(self.batches),
-                                                               c.agent_id, c.n_tokens)))
+                        sum(per_agent), per_agent))
         display = _open_display(progress, frame.height, pool.stop if stoppable else None)
         ticker = asyncio.create_task(_tick(display, acc)) if display is not None else None
         try:
@@ -335,15 +331,6 @@ def _row_bytes(planned: pl.DataFrame, text: str | pl.Expr) -> np.ndarray:
     return np.full(planned.height, _ROW_OVERHEAD_BYTES * planned.width, np.int64)
 
 
-def _per_agent(frame: pl.DataFrame | None, n: int, agent: str, tokens: str) -> tuple[int, ...]:
-    loads = [0] * n
-    if frame is not None:
-        for a, t in frame.iter_rows():
-            if a is not None and a < n:
-                loads[a] = int(t or 0)
-    return tuple(loads)
-
-
 def _open_display(progress: Progress, total: int, stop: Callable[[], None] | None) -> Any:
     if progress is False:
         return None
@@ -365,7 +352,3 @@ def _safe(method: Callable[[RunStats], None], stats: RunStats) -> None:
     except Exception as exc:  # a display must never break the run
         warnings.warn(f"progress display failed: {exc!r}", RuntimeWarning, stacklevel=2)
 
-
-def _missing_text(df: pl.DataFrame, text: str) -> ColumnError:
-    msg = f"text column {text!r} not found.{did_you_mean(text, df.columns)}"
-    return ColumnError(msg)
