@@ -1,8 +1,8 @@
 """What the live dashboard costs: a no-op fn with progress=False versus the notebook widget.
 
-Run: ``.venv/bin/python benchmarks/display_bench.py`` (~2 min on 2 cores). Options: ``--rows``
-(default 100_000), ``--repeats`` (3, alternating the modes), ``--no-kernel`` (skip the
-in-kernel measurement).
+Run: ``.venv/bin/python benchmarks/display_bench.py`` (~4 min on 2 cores). Options: ``--rows``
+(default 100_000), ``--repeats`` (5, the order of the modes rotating each time), ``--no-kernel``
+(skip the in-kernel measurement).
 
 A no-op async fn makes the event loop the bottleneck, so every millisecond the display takes
 comes out of throughput: this is the worst case (with a real API the loop mostly waits).
@@ -10,17 +10,23 @@ comes out of throughput: this is the worst case (with a real API the loop mostly
 Two settings:
 
 script  in this process: ``progress="widget"`` builds the real ``WidgetDisplay`` (header,
-        Stop button, Agg figure rendered to PNG) as inside a kernel, but widget messages go
-        nowhere (no frontend). Also the tqdm bar (``progress="bar"``, to /dev/null).
+        Stop button, Agg figure rendered to PNG by its child process) as inside a kernel, but
+        widget messages go nowhere (no frontend). ``widget-thread`` is the same widget drawing
+        its figure in a thread of this process instead (``draw="thread"``, the fallback when
+        no child process can be started), to show what the child process saves. Also the
+        tqdm bar (``progress="bar"``, to /dev/null).
 kernel  inside a real ipykernel (nbclient), where every update is sent as comm messages.
 
 Each line, medians over the repeats: ``call`` = wall time of ``process()`` (planning is done
 beforehand; includes opening the display and its final frame), ``run`` = first batch start to
 last batch end (what throughput is: rows/s), each with its ratio to ``progress=False`` in the
-same setting (x1.000 = free, x0.950 = 5% slower). Below it, the display's own CPU time as a
-share of the run: its ``update`` / ``close`` calls on the event loop, and the figure thread
-(frames drawn), and the process CPU time of the call with its ratio. On a busy machine the
-wall-clock ratios are noisy (run with --repeats 5); the CPU figures much less so.
+same setting (x1.000 = free, x0.950 = 5% slower), and the process CPU time of the call with its
+ratio; ratios are medians of the ratios within each repeat, whose modes ran back to back.
+Below it, the display's own CPU time as a share of the run: its ``update`` / ``close`` calls on
+the event loop, and the frames (drawn in the child process, or in the thread). The frame process
+is kept between runs (``frames.KEEP_ALIVE_S``), so the first widget run of the session, which
+starts it and imports matplotlib there, is shown on its own line. Single runs on this 2-core
+machine vary by +-15%: read the medians, and rerun with more ``--repeats``.
 """
 
 from __future__ import annotations
@@ -71,22 +77,29 @@ if not IN_KERNEL:  # build the notebook widget here, without a frontend to show 
     import IPython.display
     IPython.display.display = lambda *a, **k: None
 
-modes = [False, "widget"] + ([] if IN_KERNEL else ["bar"])
+modes = [False, "widget"] + ([] if IN_KERNEL else ["widget-thread", "bar"])
+import dfbatch.display.widget as W
+_init = W.WidgetDisplay.__init__
+def drawing_in_a_thread(self, *a, **k):
+    _init(self, *a, **{{**k, "draw": "thread"}})
 times = {{str(m): [] for m in modes}}
 spans = {{}}
 cpu = {{}}
 extra = {{}}
 err = sys.stderr
 for r in range(REPEATS):
-    for mode in modes:
+    for mode in modes[r % len(modes):] + modes[:r % len(modes)]:  # rotate: no mode always first
+        progress = mode
         if mode == "bar":
             sys.stderr = open(os.devnull, "w")
+        if mode == "widget-thread":
+            progress, W.WidgetDisplay.__init__ = "widget", drawing_in_a_thread
         loop_cpu[0] = 0.0
         t, c = time.perf_counter(), time.process_time()
-        out = frame.batch.process(noop, progress=mode)
+        out = frame.batch.process(noop, progress=progress)
         dt = time.perf_counter() - t
         cpu.setdefault(str(mode), []).append(time.process_time() - c)
-        sys.stderr = err
+        sys.stderr, W.WidgetDisplay.__init__ = err, _init
         assert out.height == ROWS and out["error"].null_count() == ROWS
         end = out.select(pl.col("started_at") + pl.duration(seconds=pl.col("elapsed_s"))).max()
         span = (end.item() - out["started_at"].min()).total_seconds()
@@ -94,10 +107,10 @@ for r in range(REPEATS):
         spans.setdefault(str(mode), []).append(span)
         if mode != False:
             extra.setdefault(str(mode) + " loop", []).append(loop_cpu[0] / span)
-        if mode == "widget":
+        if mode in ("widget", "widget-thread"):
             w = opened[-1].inner
-            extra.setdefault("frames", []).append(w.figure_draws)
-            extra.setdefault("draw_share", []).append(w.figure_cpu_s / span)
+            extra.setdefault(mode + " frames", []).append(w.figure_draws)
+            extra.setdefault(mode + " draw_share", []).append(w.figure_cpu_s / span)
 print("RESULT", json.dumps({{"times": times, "spans": spans, "cpu": cpu, "extra": extra}}))
 """
 
@@ -130,23 +143,30 @@ def _result(text: str) -> dict[str, Any]:
 
 
 def report(setting: str, res: dict[str, Any], rows: int) -> None:
-    base = statistics.median(res["times"]["False"])
-    base_span = statistics.median(res["spans"]["False"])
-    base_cpu = statistics.median(res["cpu"]["False"])
+    """Medians of the ratios within each repeat (modes of one repeat ran back to back)."""
     for mode, ts in res["times"].items():
-        med = statistics.median(ts)
         span = statistics.median(res["spans"][mode])
-        cpu = statistics.median(res["cpu"][mode])
-        line = (f"{setting:6s} progress={mode:6s} call {med:6.2f} s (x{base / med:5.3f})  "
-                f"run {span:6.2f} s, {rows / span:7,.0f} rows/s (x{base_span / span:5.3f})  "
-                f"process CPU {cpu:6.2f} s (x{base_cpu / cpu:5.3f})")
+        line = (f"{setting:6s} {mode:13s} call {statistics.median(ts):6.2f} s "
+                f"(x{ratio(res, 'times', mode):5.3f})  run {span:6.2f} s, "
+                f"{rows / span:7,.0f} rows/s (x{ratio(res, 'spans', mode):5.3f})  process CPU "
+                f"{statistics.median(res['cpu'][mode]):6.2f} s (x{ratio(res, 'cpu', mode):5.3f})")
         ex = res["extra"]
         if mode != "False":
             line += f"\n{'':14s} display CPU: updates on the loop {pct(ex[mode + ' loop'])}"
-        if mode == "widget":
-            line += (f", figure thread {pct(ex['draw_share'])} "
-                     f"({statistics.median(ex['frames']):.0f} frames)")
+        if mode.startswith("widget"):
+            where = "figure thread" if mode == "widget-thread" else "figure process"
+            line += (f", {where} {pct(ex[mode + ' draw_share'])} "
+                     f"({statistics.median(ex[mode + ' frames']):.0f} frames)")
+        if mode == "widget" and len(ts) > 1:
+            first = res["spans"]["False"][0] / res["spans"][mode][0]
+            line += (f"\n{'':14s} first run of the session (starts the frame process, imports "
+                     f"matplotlib there): run x{first:5.3f}, figure process "
+                     f"{100 * ex[mode + ' draw_share'][0]:.1f}% of the run")
         print(line)
+
+
+def ratio(res: dict[str, Any], key: str, mode: str) -> float:
+    return statistics.median(b / x for b, x in zip(res[key]["False"], res[key][mode], strict=True))
 
 
 def pct(xs: list[float]) -> str:
@@ -156,7 +176,7 @@ def pct(xs: list[float]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=textwrap.dedent(__doc__ or "").split("\n")[0])
     p.add_argument("--rows", type=int, default=100_000)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-kernel", action="store_true")
     args = p.parse_args()
     t = time.perf_counter()

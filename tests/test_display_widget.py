@@ -7,8 +7,9 @@ import re
 import numpy as np
 import pytest
 
+from dfbatch.display.frames import FrameWorker
 from dfbatch.display.live_figure import LiveFigure, rates
-from dfbatch.display.widget import FrameWorker, WidgetDisplay, _Budget
+from dfbatch.display.widget import WidgetDisplay, _Budget
 from dfbatch.events import RunStats, StatsAccumulator, fold
 from tests.test_display_helpers import synthetic_events
 
@@ -43,6 +44,28 @@ def test_update_sets_bar_and_key_figures() -> None:
     assert chip(html, "ETA") == "0:06"
     assert [chip(html, k) for k in ("in flight", "retries", "429s", "errors")] == list("3211")
     assert ">running<" in html
+
+
+def test_header_refreshes_are_throttled_to_save_comm_messages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [10.0]
+    monkeypatch.setattr("dfbatch.display.widget._now", lambda: clock[0])
+    w = WidgetDisplay(100, show=False, figure=False, header_interval_s=0.5, stop=lambda: None)
+    sent: list[str] = []
+    w.header.observe(lambda change: sent.append(change["new"]), "value")
+    w.bar.observe(lambda change: sent.append(change["name"]), ["value", "description"])
+    for i in range(10):  # 4 updates per second for 2.5 s
+        clock[0] = 10.0 + i * 0.25
+        w.update(RunStats(total_rows=100, rows_done=10 * i, elapsed_s=i * 0.25))
+    headers = [v for v in sent if v.startswith("<")]
+    assert len(headers) == 5  # every other update
+    assert w.bar.value == 80  # the last refresh, at 2.0 s
+    w._on_stop(None)  # a click shows "stopping" at the next update, due or not
+    w.update(RunStats(total_rows=100, rows_done=95, elapsed_s=2.3))
+    assert ">stopping<" in w.header.value and w.bar.value == 95
+    w.close(RunStats(total_rows=100, rows_done=100, rows_ok=100, finished=True))
+    assert w.bar.value == 100  # the final state is always shown
 
 
 @pytest.mark.parametrize(
@@ -167,7 +190,7 @@ def test_a_broken_figure_is_logged_once_and_the_header_goes_on(
         raise RuntimeError(msg)
 
     monkeypatch.setattr(LiveFigure, "render", broken)
-    w = WidgetDisplay(240, show=False, min_figure_interval_s=0.0)
+    w = WidgetDisplay(240, show=False, min_figure_interval_s=0.0, draw="thread")
     for stats in snapshots(4):
         w.update(stats)
         assert w.renderer is not None and w.renderer.wait(30)
@@ -182,7 +205,7 @@ def test_the_worker_never_blocks_the_caller_and_ends_on_finish() -> None:
     import threading
 
     gate = threading.Event()
-    worker = FrameWorker()
+    worker = FrameWorker("thread")
     orig = LiveFigure.render
 
     def slow(self: LiveFigure, stats: RunStats, *, final: bool = False) -> bytes:

@@ -6,12 +6,14 @@ per-agent load (planned, done, stolen and in-flight tokens), throughput over tim
 retry / 429 / error timeline. The bar is blue while running, green when done, orange when
 done with failed rows, red when stopped or failed. The widget stays in the output afterwards.
 
-Rendering is cheap and never drives the run: the header is re-rendered on every ``update``
-(the run calls it a few times per second, from its event loop); figure frames are drawn by
-one worker thread (matplotlib's Agg, see ``live_figure``) so the loop never stalls on a
-draw, at most once per second, and less often when drawing is slow (a token bucket keeps
-the drawing CPU time under ~2% of wall time). Finished frames are published as PNG bytes
-into an ``ipywidgets.Image`` from the loop thread, in the cell's context. No ``Output``
+Rendering is cheap and never drives the run: the run calls ``update`` a few times per second
+from its event loop; the header is re-rendered at most twice a second (each refresh is a comm
+message, which the kernel's IOPub thread pays for); figure frames are drawn by a child process
+(matplotlib's Agg, see ``frames`` and ``live_figure``), so the loop never stalls on a draw nor
+waits for the interpreter lock, at most once per second, and less often when drawing is slow
+(a token bucket keeps the drawing CPU time under ~2% of wall time). Finished frames are
+published as PNG bytes into an ``ipywidgets.Image`` from the loop thread, in the cell's
+context. No ``Output``
 widget and no ``with out:`` is used, so updates work under nested event loops
 (nest-asyncio2) too.
 
@@ -49,12 +51,12 @@ from __future__ import annotations
 
 import html
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from dfbatch.display import fmt_count, fmt_duration
+from dfbatch.display.frames import Draw, FrameWorker
 from dfbatch.display.plots import COLORS
 from dfbatch.events import RunStats
 
@@ -83,13 +85,20 @@ class WidgetDisplay:
     min_figure_interval_s
         At least this many seconds between two figure frames.
     figure_budget
-        Share of wall time the figure may take over the run (a token bucket on the worker's
-        CPU time: slow frames space out the next ones). The first frame, drawn once the run
+        Share of wall time the figure may take over the run (a token bucket on the CPU time
+        of the frames: slow frames space out the next ones). The first frame, drawn once the run
         is ``first_figure_after_s`` old, imports matplotlib and lays out the figure; it is not
         counted.
     first_figure_after_s
         Runs shorter than this show no figure at all (no matplotlib import, no drawing):
         the header says everything about a run that short.
+    header_interval_s
+        At least this many seconds between two header refreshes while running. Each refresh
+        is two comm messages (bar, key figures); inside a kernel every message costs the
+        kernel's IOPub thread a few ms of CPU while a busy run holds the interpreter lock.
+    draw
+        ``"process"``: frames are drawn by a child process, so drawing never takes the
+        interpreter lock from the run (see ``frames``); ``"thread"``: in a worker thread.
     """
 
     def __init__(
@@ -102,6 +111,8 @@ class WidgetDisplay:
         min_figure_interval_s: float = 1.0,
         figure_budget: float = 0.02,
         first_figure_after_s: float = 1.0,
+        draw: Draw = "process",
+        header_interval_s: float = 0.5,
     ) -> None:
         try:
             import ipywidgets as w
@@ -129,9 +140,11 @@ class WidgetDisplay:
              self.header, self.image],
             layout=w.Layout(width="100%", max_width="1100px"),
         )
-        self.renderer = FrameWorker() if figure else None
+        self.renderer = FrameWorker(draw) if figure else None
         self.budget = _Budget(figure_budget, min_figure_interval_s)
         self.first_figure_after_s = first_figure_after_s
+        self.header_interval_s = header_interval_s
+        self._header_at = float("-inf")
         self.figure_draws = 0
         self.figure_cpu_s = 0.0
         if show:
@@ -140,8 +153,12 @@ class WidgetDisplay:
             display(self.box)
 
     def update(self, stats: RunStats) -> None:
-        """Render a running snapshot: header always, a figure frame when the throttle allows."""
-        self._header(stats, "stopping" if self._stopping else "running")
+        """Render a running snapshot: the header when due, a figure frame when the throttle
+        allows."""
+        now = _now()
+        if now - self._header_at >= self.header_interval_s or self._stopping:
+            self._header_at = now
+            self._header(stats, "stopping" if self._stopping else "running")
         worker = self.renderer
         if worker is None:
             return
@@ -172,8 +189,9 @@ class WidgetDisplay:
             self.renderer = None
 
     def _header(self, stats: RunStats, state: str) -> None:
-        self.bar.value = min(stats.rows_done, self.bar.max)
-        self.bar.description = f"{stats.fraction_done:.0%}"
+        with self.bar.hold_sync():  # value and percentage in one message
+            self.bar.value = min(stats.rows_done, self.bar.max)
+            self.bar.description = f"{stats.fraction_done:.0%}"
         self.header.value = _header_html(stats, state)
 
     def _publish(self, frame: tuple[bytes, float] | None) -> None:
@@ -198,103 +216,6 @@ class WidgetDisplay:
             self._stop()
         except Exception:
             log.exception("dfbatch: the stop callback failed")
-
-
-class FrameWorker:
-    """One thread that draws figure frames; the event loop hands it snapshots, never waits.
-
-    ``submit`` and ``take`` never block; ``finish`` (at the end of the run) draws the final
-    frame, waits for it and ends the thread; ``close`` ends it without a final frame. The
-    thread starts with the first frame. A drawing error is logged once and ends the worker
-    (the header goes on).
-    """
-
-    def __init__(self, timeout_s: float = 60.0) -> None:
-        self.timeout_s = timeout_s
-        self._cond = threading.Condition()
-        self._job: tuple[RunStats, bool] | None = None
-        self._busy = False
-        self._done: tuple[bytes, float] | None = None
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="dfbatch-figure", daemon=True)
-
-    @property
-    def started(self) -> bool:
-        """Whether a frame was ever submitted (the thread starts with the first one)."""
-        return self._thread.ident is not None
-
-    def idle(self) -> bool:
-        with self._cond:
-            return not (self._busy or self._job is not None or self._closed)
-
-    def submit(self, stats: RunStats, *, final: bool = False) -> bool:
-        with self._cond:
-            if self._closed or self._busy or self._job is not None:
-                return False
-            self._job = (stats, final)
-            self._cond.notify_all()
-        if not self.started:
-            self._thread.start()
-        return True
-
-    def take(self) -> tuple[bytes, float] | None:
-        """The last finished frame and the CPU seconds it took, once."""
-        with self._cond:
-            done, self._done = self._done, None
-            return done
-
-    def wait(self, timeout_s: float | None = None) -> bool:
-        """Block until no frame is queued or being drawn (tests, and ``finish``)."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not (self._busy or self._job is not None),
-                                       timeout_s if timeout_s is not None else self.timeout_s)
-
-    def finish(self, stats: RunStats) -> tuple[bytes, float] | None:
-        """Draw the final frame, stop the thread, return the frame (None if drawing failed)."""
-        self.wait()
-        self.submit(stats, final=True)
-        self.wait()
-        with self._cond:
-            done, self._done = self._done, None
-        self.close()
-        return done
-
-    def close(self) -> None:
-        """End the thread (it finishes the frame in hand first); idempotent."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if self.started:
-            self._thread.join(self.timeout_s)
-
-    def _run(self) -> None:
-        live = None
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._job is not None or self._closed)
-                if self._job is None:
-                    return
-                (stats, final), self._job = self._job, None
-                self._busy = True
-            start = time.thread_time()
-            try:
-                if live is None:
-                    from dfbatch.display.live_figure import LiveFigure
-
-                    live = LiveFigure()
-                png: bytes | None = live.render(stats, final=final)
-            except Exception:
-                log.exception("dfbatch: the live figure failed; showing the header only")
-                png = None
-            with self._cond:
-                self._busy = False
-                if png is None:
-                    self._closed = True
-                else:
-                    self._done = (png, time.thread_time() - start)
-                self._cond.notify_all()
-                if self._closed:
-                    return
 
 
 class _Budget:
