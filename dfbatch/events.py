@@ -209,6 +209,7 @@ class StatsAccumulator:
     """Folds events one at a time (O(1) each); ``snapshot()`` freezes the state into RunStats."""
 
     history_every_s: float = 0.2
+    max_history: int = 2_000  # then every other point goes and the spacing doubles
     max_incidents: int = 2_000
     latency_window: int = 2_000
     t0: float | None = None
@@ -229,6 +230,7 @@ class StatsAccumulator:
         self.stats = dict.fromkeys(ints, 0)
         self.incidents = deque(maxlen=self.max_incidents)
         self.latencies = deque(maxlen=self.latency_window)
+        self._history_step = self.history_every_s
 
     def _agent(self, i: int) -> _Agent:
         while len(self.agents) <= i:
@@ -317,8 +319,11 @@ class StatsAccumulator:
     def _sample(self, t: float, *, force: bool = False) -> None:
         assert self.t0 is not None
         rel = t - self.t0
-        if force or not self.history or rel - self.history[-1][0] >= self.history_every_s:
+        if force or not self.history or rel - self.history[-1][0] >= self._history_step:
             self.history.append((rel, self.stats["rows_done"], self.stats["tokens_done"]))
+            if len(self.history) > self.max_history:  # a long run: thin out, keep the ends
+                self.history = [self.history[0], *self.history[-1:0:-2][::-1]]
+                self._history_step *= 2
 
     def snapshot(self, now: float | None = None) -> RunStats:
         """Freeze the current state. ``now`` (monotonic) sets elapsed time while running."""

@@ -121,6 +121,24 @@ def test_history_is_sampled_and_ends_with_the_final_state() -> None:
     assert s.history[-1] == (5.0, 400, 1000)
 
 
+def test_history_of_a_long_run_stays_bounded_and_evenly_thinned() -> None:
+    acc = StatsAccumulator(max_history=100)
+    n = 5_000  # 5,000 batches over 1,000 s: 5,000 samples at 0.2 s without thinning
+    acc.apply(start(rows=4 * n, batches=n))
+    for i in range(n):
+        acc.apply(began(i * 0.2, i, 0))
+        acc.apply(done(i * 0.2 + 0.1, i, 0, 0.1))
+    acc.apply(RunFinished(n * 0.2))
+    s = acc.snapshot()
+    ts = [t for t, _, _ in s.history]
+    assert 50 <= len(ts) <= 100
+    assert ts[0] == pytest.approx(0.1) and ts == sorted(ts)
+    assert s.history[-1] == (pytest.approx(n * 0.2), 4 * n, 10 * n)
+    gaps = [b - a for a, b in itertools.pairwise(ts[1:-1])]
+    assert max(gaps) <= 2 * min(gaps) + 1e-9  # evenly spaced, ~1000 s / 100
+    assert min(gaps) >= 6.4
+
+
 def test_a_long_random_stream_is_consistent() -> None:
     s = fold(synthetic_events(n_agents=5, n_batches=200, seed=11))
     assert s.rows_done == s.total_rows == 800
