@@ -15,6 +15,8 @@ script  in this process: ``progress="widget"`` builds the real ``WidgetDisplay``
         its figure in a thread of this process instead (``draw="thread"``, the fallback when
         no child process can be started), to show what the child process saves. Also the
         tqdm bar (``progress="bar"``, to /dev/null).
+        ``header`` (both settings) is the widget without its figure (``figure=False``): what
+        the header's comm messages cost, apart from the figure.
 kernel  inside a real ipykernel (nbclient), where every update is sent as comm messages.
 
 Each line, medians over the repeats: ``call`` = wall time of ``process()`` (planning is done
@@ -77,11 +79,14 @@ if not IN_KERNEL:  # build the notebook widget here, without a frontend to show 
     import IPython.display
     IPython.display.display = lambda *a, **k: None
 
-modes = [False, "widget"] + ([] if IN_KERNEL else ["widget-thread", "bar"])
+modes = [False, "widget", "header"] + ([] if IN_KERNEL else ["widget-thread", "bar"])
 import dfbatch.display.widget as W
 _init = W.WidgetDisplay.__init__
-def drawing_in_a_thread(self, *a, **k):
-    _init(self, *a, **{{**k, "draw": "thread"}})
+VARIANTS = {{"widget-thread": {{"draw": "thread"}}, "header": {{"figure": False}}}}
+def variant(mode):
+    def init(self, *a, **k):
+        _init(self, *a, **{{**k, **VARIANTS[mode]}})
+    return init
 times = {{str(m): [] for m in modes}}
 spans = {{}}
 cpu = {{}}
@@ -92,8 +97,8 @@ for r in range(REPEATS):
         progress = mode
         if mode == "bar":
             sys.stderr = open(os.devnull, "w")
-        if mode == "widget-thread":
-            progress, W.WidgetDisplay.__init__ = "widget", drawing_in_a_thread
+        if mode in VARIANTS:
+            progress, W.WidgetDisplay.__init__ = "widget", variant(mode)
         loop_cpu[0] = 0.0
         t, c = time.perf_counter(), time.process_time()
         out = frame.batch.process(noop, progress=progress)

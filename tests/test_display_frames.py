@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -141,6 +144,19 @@ def test_close_kills_a_child_that_never_answers(monkeypatch: pytest.MonkeyPatch)
     worker.close()
     assert time.monotonic() - t < 10
     assert drawer.proc.poll() is not None and not worker._thread.is_alive()
+
+
+def test_the_child_imports_matplotlib_but_not_polars_or_the_pool() -> None:
+    package = str(Path(frames.__file__).resolve().parents[1])
+    probe = (
+        frames._BARE_PACKAGE + "import dfbatch.display.frames, dfbatch.display.live_figure as lf; "
+        "lf.LiveFigure(); "
+        "print(sorted(m for m in ('polars', 'matplotlib', 'dfbatch.pool', 'dfbatch.events') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, package], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "['dfbatch.events', 'matplotlib']"
 
 
 def test_draw_must_be_process_or_thread() -> None:

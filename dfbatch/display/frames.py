@@ -59,7 +59,13 @@ __all__ = [
 log = logging.getLogger("dfbatch.display")
 Draw = Literal["process", "thread"]
 _HEADER = struct.Struct(">Q")
-_BOOT = "from dfbatch.display.frames import child_main; child_main()"
+# The child imports only what drawing needs: a bare ``dfbatch`` package module (its path, not
+# its __init__, which would import polars and the pool) is registered before the imports.
+_BARE_PACKAGE = (
+    "import sys, types; dfbatch = types.ModuleType('dfbatch'); dfbatch.__path__ = [sys.argv[1]]; "
+    "sys.modules['dfbatch'] = dfbatch; "
+)
+_BOOT = _BARE_PACKAGE + "from dfbatch.display.frames import child_main; child_main()"
 KEEP_ALIVE_S = 300.0  # an idle frame process waits this long for the next run, then ends
 
 
@@ -102,17 +108,16 @@ class FrameProcess:
 
     ``draw`` raises ``FrameError`` when the child is gone, and re-raises a drawing error of the
     child as ``RuntimeError`` with its traceback. The child ends when its stdin closes (also when
-    this process dies), so it never outlives the run.
+    this process dies), so it never outlives this process.
     """
 
     def __init__(self) -> None:
         env = dict(os.environ, MPLBACKEND="Agg")
-        root = str(Path(__file__).resolve().parents[2])  # the folder that holds dfbatch/
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        package = str(Path(__file__).resolve().parents[1])  # .../dfbatch
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, env=env,
+                [sys.executable, "-c", _BOOT, package], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
             )
         except (OSError, ValueError) as exc:
             msg = f"could not start the frame process ({sys.executable!r}): {exc}"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 from typing import Any, NamedTuple
 
-from dfbatch.display.plots import COLORS, new_figure, si_formatter
+from dfbatch.display.style import COLORS, agent_ticks, new_figure, si_formatter
 from dfbatch.events import RunStats
 
 __all__ = ["LiveFigure", "rates"]
@@ -119,8 +119,6 @@ class LiveFigure:
         from matplotlib.collections import PolyCollection
         from matplotlib.patches import Patch
 
-        from dfbatch.display.plots import _agent_ticks
-
         n = len(stats.agents)
         planned = np.array([a.planned_tokens for a in stats.agents], dtype=float)
         ax.add_collection(PolyCollection(
@@ -131,7 +129,7 @@ class LiveFigure:
             self.bars[key] = self._animated(ax.add_collection(
                 PolyCollection(empty, facecolors=COLORS[key], linewidths=0)))
         ax.set_xlim(-0.6, max(n, 1) - 0.4)
-        _agent_ticks(ax, range(n))
+        agent_ticks(ax, range(n))
         _few_ticks(ax.yaxis)
         ax.grid(axis="x", visible=False)
         ax.yaxis.set_major_formatter(si_formatter())

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 import polars as pl
 
 from dfbatch.config import Columns
+from dfbatch.display.style import COLORS, STYLE, agent_ticks, new_figure, si_formatter
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -40,42 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["COLORS", "STATUSES", "agent_table", "batch_table", "plot_agent_load", "plot_timeline"]
 
 STATUSES = ("ok", "retried", "stolen", "failed")
-COLORS = {
-    "ok": "#4c9f70",
-    "retried": "#e0a030",
-    "stolen": "#7b6cc4",
-    "failed": "#d1495b",
-    "planned": "#9aa5b1",
-    "done": "#3b75af",
-    "inflight": "#9ec5e8",
-    "rows": "#3b75af",
-    "tokens": "#e07b39",
-}
-STYLE = {
-    "font.size": 9,
-    "axes.titlesize": 10,
-    "axes.titleweight": "bold",
-    "axes.titlelocation": "left",
-    "axes.titley": 1.0,  # fixed title position: no costly overlap search on every draw
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "grid.linewidth": 0.6,
-    "legend.frameon": False,
-    "legend.fontsize": 8,
-    "figure.facecolor": "white",
-}
-
-
-def new_figure(width: float, height: float, **kwargs: Any) -> Figure:
-    """A Figure on the Agg canvas, outside pyplot (no global state, no double display)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), **kwargs)
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def batch_table(result: pl.DataFrame, columns: Columns | None = None) -> pl.DataFrame:
@@ -188,7 +153,7 @@ def plot_agent_load(result: pl.DataFrame, *, columns: Columns | None = None) -> 
         for ax, title in zip(axes, titles, strict=True):
             ax.set_title(title)
             ax.grid(axis="x", visible=False)
-            _agent_ticks(ax, x)
+            agent_ticks(ax, x)
         for ax in axes[2:]:
             ax.set_xlabel("agent")
         if len(x):
@@ -237,7 +202,7 @@ def _timeline_axes(ax: Axes, table: pl.DataFrame, handles: list[Any], n_rows: in
     ax.set_xlim(0, end * 1.02 if end > 0 else 1.0)
     ax.set_ylim(min(agents) - 0.6, max(agents) + 0.6)
     ax.invert_yaxis()
-    _agent_ticks(ax, agents, axis="y")
+    agent_ticks(ax, agents, axis="y")
     ax.grid(axis="y", visible=False)
     for a in agents[1::2]:
         ax.axhspan(a - 0.5, a + 0.5, color="#f2f4f7", zorder=0, linewidth=0)
@@ -282,25 +247,6 @@ def _boxes(table: pl.DataFrame, lane: list[int], lanes: list[int], mask: Any, ag
 
 def _bars(ax: Axes, x: Any, values: pl.Series, color: str) -> None:
     ax.bar(x, values, width=0.6, color=color)
-
-
-def _agent_ticks(ax: Axes, agents: Any, axis: str = "x") -> None:
-    """A tick per agent up to 24 agents, else integer ticks chosen by matplotlib."""
-    from matplotlib.ticker import FixedLocator, MaxNLocator
-
-    agents = sorted(set(int(a) for a in agents))
-    fits = len(agents) <= 24
-    locator = FixedLocator(agents) if fits else MaxNLocator(nbins=20, integer=True)
-    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(locator)
-
-
-def si_formatter() -> Any:
-    """Tick labels as 1,234 / 45.6k / 2.5M."""
-    from matplotlib.ticker import FuncFormatter
-
-    from dfbatch.display import fmt_count
-
-    return FuncFormatter(lambda v, _pos: fmt_count(v))
 
 
 def _n_agents(table: pl.DataFrame) -> int:

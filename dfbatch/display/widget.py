@@ -57,7 +57,7 @@ from typing import Any
 
 from dfbatch.display import fmt_count, fmt_duration
 from dfbatch.display.frames import Draw, FrameWorker
-from dfbatch.display.plots import COLORS
+from dfbatch.display.style import COLORS
 from dfbatch.events import RunStats
 
 log = logging.getLogger("dfbatch.display")
