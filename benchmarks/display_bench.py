@@ -1,7 +1,7 @@
 """What the live dashboard costs: a no-op fn with progress=False versus the notebook widget.
 
-Run: ``.venv/bin/python benchmarks/display_bench.py`` (~4 min on 2 cores). Options: ``--rows``
-(default 100_000), ``--repeats`` (5, the order of the modes rotating each time), ``--no-kernel``
+Run: ``.venv/bin/python benchmarks/display_bench.py`` (~6 min on 2 cores). Options: ``--rows``
+(default 100_000), ``--repeats`` (9, the order of the modes rotating each time), ``--no-kernel``
 (skip the in-kernel measurement).
 
 A no-op async fn makes the event loop the bottleneck, so every millisecond the display takes
@@ -18,12 +18,16 @@ script  in this process: ``progress="widget"`` builds the real ``WidgetDisplay``
         ``header`` (both settings) is the widget without its figure (``figure=False``): what
         the header's comm messages cost, apart from the figure.
 kernel  inside a real ipykernel (nbclient), where every update is sent as comm messages.
+        ``tqdm.notebook`` is what users write by hand instead: ``progress=False`` and a
+        tqdm.notebook bar (an ipywidgets bar) fed by ``on_event``, the baseline for what any
+        widget that moves during a run costs in a kernel.
 
 Each line, medians over the repeats: ``call`` = wall time of ``process()`` (planning is done
 beforehand; includes opening the display and its final frame), ``run`` = first batch start to
 last batch end (what throughput is: rows/s), each with its ratio to ``progress=False`` in the
 same setting (x1.000 = free, x0.950 = 5% slower), and the process CPU time of the call with its
-ratio; ratios are medians of the ratios within each repeat, whose modes ran back to back.
+ratio; ratios are medians of the ratios within each repeat, whose modes ran back to back
+(for rows/s, the middle half of those ratios follows in brackets).
 Below it, the display's own CPU time as a share of the run: its ``update`` / ``close`` calls on
 the event loop, and the frames (drawn in the child process, or in the thread). The frame process
 is kept between runs (``frames.KEEP_ALIVE_S``), so the first widget run of the session, which
@@ -79,7 +83,18 @@ if not IN_KERNEL:  # build the notebook widget here, without a frontend to show 
     import IPython.display
     IPython.display.display = lambda *a, **k: None
 
-modes = [False, "widget", "header"] + ([] if IN_KERNEL else ["widget-thread", "bar"])
+modes = [False, "widget", "header"] + (["tqdm.notebook"] if IN_KERNEL else ["widget-thread", "bar"])
+if IN_KERNEL:
+    from tqdm.notebook import tqdm as notebook_bar
+    from dfbatch.events import BatchFailed, BatchFinished
+
+def hand_made_bar():
+    # what users write without dfbatch's display: a tqdm.notebook bar fed by on_event
+    bar = notebook_bar(total=ROWS)
+    def on_event(ev):
+        if isinstance(ev, BatchFinished) or (isinstance(ev, BatchFailed) and not ev.bisected):
+            bar.update(ev.rows)
+    return bar, on_event
 import dfbatch.display.widget as W
 _init = W.WidgetDisplay.__init__
 VARIANTS = {{"widget-thread": {{"draw": "thread"}}, "header": {{"figure": False}}}}
@@ -101,7 +116,12 @@ for r in range(REPEATS):
             progress, W.WidgetDisplay.__init__ = "widget", variant(mode)
         loop_cpu[0] = 0.0
         t, c = time.perf_counter(), time.process_time()
-        out = frame.batch.process(noop, progress=progress)
+        if mode == "tqdm.notebook":
+            bar, on_event = hand_made_bar()
+            out = frame.batch.process(noop, progress=False, on_event=on_event)
+            bar.close()
+        else:
+            out = frame.batch.process(noop, progress=progress)
         dt = time.perf_counter() - t
         cpu.setdefault(str(mode), []).append(time.process_time() - c)
         sys.stderr, W.WidgetDisplay.__init__ = err, _init
@@ -110,7 +130,7 @@ for r in range(REPEATS):
         span = (end.item() - out["started_at"].min()).total_seconds()
         times[str(mode)].append(dt)
         spans.setdefault(str(mode), []).append(span)
-        if mode != False:
+        if mode not in (False, "tqdm.notebook"):
             extra.setdefault(str(mode) + " loop", []).append(loop_cpu[0] / span)
         if mode in ("widget", "widget-thread"):
             w = opened[-1].inner
@@ -153,10 +173,11 @@ def report(setting: str, res: dict[str, Any], rows: int) -> None:
         span = statistics.median(res["spans"][mode])
         line = (f"{setting:6s} {mode:13s} call {statistics.median(ts):6.2f} s "
                 f"(x{ratio(res, 'times', mode):5.3f})  run {span:6.2f} s, "
-                f"{rows / span:7,.0f} rows/s (x{ratio(res, 'spans', mode):5.3f})  process CPU "
+                f"{rows / span:7,.0f} rows/s (x{ratio(res, 'spans', mode):5.3f}"
+                f"{spread(ratios(res, 'spans', mode))})  process CPU "
                 f"{statistics.median(res['cpu'][mode]):6.2f} s (x{ratio(res, 'cpu', mode):5.3f})")
         ex = res["extra"]
-        if mode != "False":
+        if mode + " loop" in ex:
             line += f"\n{'':14s} display CPU: updates on the loop {pct(ex[mode + ' loop'])}"
         if mode.startswith("widget"):
             where = "figure thread" if mode == "widget-thread" else "figure process"
@@ -171,7 +192,19 @@ def report(setting: str, res: dict[str, Any], rows: int) -> None:
 
 
 def ratio(res: dict[str, Any], key: str, mode: str) -> float:
-    return statistics.median(b / x for b, x in zip(res[key]["False"], res[key][mode], strict=True))
+    return statistics.median(ratios(res, key, mode))
+
+
+def ratios(res: dict[str, Any], key: str, mode: str) -> list[float]:
+    return [b / x for b, x in zip(res[key]["False"], res[key][mode], strict=True)]
+
+
+def spread(xs: list[float]) -> str:
+    """The middle half of the per-repeat ratios (how far to trust the median)."""
+    if len(xs) < 4:
+        return ""
+    q = statistics.quantiles(xs, n=4)
+    return f" [{q[0]:.3f}-{q[2]:.3f}]"
 
 
 def pct(xs: list[float]) -> str:
@@ -181,7 +214,7 @@ def pct(xs: list[float]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=textwrap.dedent(__doc__ or "").split("\n")[0])
     p.add_argument("--rows", type=int, default=100_000)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--no-kernel", action="store_true")
     args = p.parse_args()
     t = time.perf_counter()
