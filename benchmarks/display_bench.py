@@ -1,6 +1,6 @@
 """What the live dashboard costs: a no-op fn with progress=False versus the notebook widget.
 
-Run: ``.venv/bin/python benchmarks/display_bench.py`` (~6 min on 2 cores). Options: ``--rows``
+Run: ``.venv/bin/python benchmarks/display_bench.py`` (~8 min on 2 cores). Options: ``--rows``
 (default 100_000), ``--repeats`` (9, the order of the modes rotating each time), ``--no-kernel``
 (skip the in-kernel measurement).
 
