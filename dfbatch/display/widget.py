@@ -13,9 +13,8 @@ message, which the kernel's IOPub thread pays for); figure frames are drawn by a
 waits for the interpreter lock, at most once per second, and less often when drawing is slow
 (a token bucket keeps the drawing CPU time under ~2% of wall time). Finished frames are
 published as PNG bytes into an ``ipywidgets.Image`` from the loop thread, in the cell's
-context. No ``Output``
-widget and no ``with out:`` is used, so updates work under nested event loops
-(nest-asyncio2) too.
+context. No ``Output`` widget and no ``with out:`` is used, so updates work under nested
+event loops (nest-asyncio2) too.
 
 Stop button
 -----------
