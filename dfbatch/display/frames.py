@@ -130,18 +130,14 @@ class FrameProcess:
     def draw(self, stats: RunStats, final: bool) -> tuple[bytes, float]:
         stdin, stdout = self.proc.stdin, self.proc.stdout
         assert stdin is not None and stdout is not None
+        msg = "the frame process stopped (exit code {})"
         try:
             _send(stdin, pickle.dumps((self.run, stats, final), protocol=pickle.HIGHEST_PROTOCOL))
             reply = _receive(stdout)
-        except (OSError, ValueError) as exc:
-            reply = None
-            cause: Exception | None = exc
-        else:
-            cause = None
+        except (OSError, ValueError) as exc:  # a broken or closed pipe
+            raise FrameError(msg.format(self.proc.poll())) from exc
         if reply is None:
-            code = self.proc.poll()
-            msg = f"the frame process stopped (exit code {code})"
-            raise FrameError(msg) from cause
+            raise FrameError(msg.format(self.proc.poll()))
         kind, *rest = pickle.loads(reply)
         if kind == "error":
             msg = f"drawing in the frame process failed:\n{rest[0]}"
