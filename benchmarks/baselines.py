@@ -103,7 +103,7 @@ Call = Callable[[list[int]], Awaitable[Reply]]
 
 # -- the shared retry policy ---------------------------------------------------------------
 def retryable(exc: BaseException) -> tuple[bool, float | None]:
-    """(retry?, server's retry-after) -- the same rules dfbatch.retry applies."""
+    """(retry?, server's retry-after) -- the same rules dfbatch.execute._retry applies."""
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return True, None
     status = getattr(exc, "status_code", None)

@@ -3,7 +3,8 @@
 Generates N rows of deterministic synthetic text (slices of the Python stdlib's docstrings with
 lognormal lengths, plus a share of exact duplicates), then prints:
 
-- MB/s of raw ``tiktoken.encode_ordinary_batch`` (all threads) vs ``dfbatch.tokens.count_tokens``
+- MB/s of raw ``tiktoken.encode_ordinary_batch`` (all threads) vs
+  ``dfbatch.plan._tokens.count_tokens``
   (default backend, and tiktoken-only), with the ratio and the distinct fraction;
 - packing + balancing time as a fraction of tiktoken's counting time (goal <= 5%);
 - the balance ratio, heaviest agent / lower bound (goal <= 1.01).
@@ -24,7 +25,7 @@ import polars as pl
 import dfbatch
 from dfbatch.config import BatchConfig, cpu_cores
 from dfbatch.plan import balance, balance_ratio, pack
-from dfbatch.tokens import count_tokens, get_counter, seed_tiktoken_cache
+from dfbatch.plan._tokens import count_tokens, get_counter, seed_tiktoken_cache
 
 CHUNK = 1 << 16  # texts per encode_ordinary_batch call (bounds memory), as dfbatch does
 HEAD_CHUNKS = 3  # the tiktoken-only dfbatch run is timed on the first 3 chunks only

@@ -30,7 +30,8 @@ the order a gateway runs them:
    ``p_tail`` by a Pareto(``tail_alpha``) factor capped at ``tail_cap`` -- a heavy tail.
 
 ``SimError`` carries ``status_code``, ``retry_after`` and ``headers``, which
-``dfbatch.retry.classify`` understands (and the baselines read the same attributes). Successful
+``dfbatch.execute._retry.classify`` understands
+(and the baselines read the same attributes). Successful
 replies carry OpenAI-style ``x-ratelimit-*`` headers (``limit``: per minute; ``remaining``: the
 bucket's level after this request was charged; ``reset``: time until the bucket is full).
 

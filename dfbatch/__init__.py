@@ -25,9 +25,9 @@ from dfbatch.errors import (
     TokenizerError,
 )
 from dfbatch.events import RunStats
+from dfbatch.execute._usage import report_usage
 from dfbatch.plan import PlanSummary, plan, summary
-from dfbatch.run import aprocess, process
-from dfbatch.usage import report_usage
+from dfbatch.run._process import aprocess, process
 
 __version__ = "0.1.0"
 

@@ -209,7 +209,7 @@ def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: s
     import warnings
 
     import dfbatch
-    from dfbatch.run import PartialResultWarning
+    from dfbatch.errors import PartialResultWarning
 
     if out.suffix.lower() not in _OUTPUTS:
         msg = f"--out {out.name!r}: use a .parquet, .csv or .ndjson file"

@@ -92,7 +92,7 @@ class BatchConfig:
     minutes' worth, default 0.1 = 6 s, so they never send a minute's quota at once),
     ``adaptive`` (AIMD concurrency on 429s), ``steal`` (idle agents take planned work from
     busy ones), ``dynamic_batching`` (resize pending batches from recent errors / latency /
-    a binding request rate; see ``dfbatch.sizing``), ``target_latency_s`` (grow batches
+    a binding request rate; see ``dfbatch.execute._sizing``), ``target_latency_s`` (grow batches
     while calls are faster than this),
     ``hedge_after`` (a latency quantile, e.g. 0.95: a call slower than that gets a duplicate,
     the first answer wins; costs tokens, off by default), ``sync_workers`` (threads for a

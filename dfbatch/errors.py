@@ -8,9 +8,14 @@ gets ``error`` text and the run goes on. The tree::
     ├── ColumnError (KeyError)      a missing or clashing column, with a did-you-mean hint
     ├── TokenizerError              an encoding that cannot be loaded (never a silent fallback)
     ├── CheckpointError             a checkpoint that belongs to another run, or is damaged
-    └── BatchError                  raised *by your fn* to steer the pool (never escapes a run)
-        ├── RetryableError          try this batch again later (``retry_after`` seconds hint)
-        └── FatalError              do not retry; bisect a multi-row batch to isolate the cause
+    ├── BatchError                  raised *by your fn* to steer the pool (never escapes a run)
+    │   ├── RetryableError          try this batch again later (``retry_after`` seconds hint)
+    │   └── FatalError              do not retry; bisect a multi-row batch to isolate the cause
+    │       └── OutputError         fn's return value does not fit its batch (recorded, not raised)
+    └── FrameError (RuntimeError)   the dashboard's frame process failed (the run goes on)
+
+    PartialResultWarning            the run stopped before every row finished
+    CheckpointWarning               a damaged checkpoint part was set aside; its rows run again
 
 ``RowError`` is not raised: put an instance in the list your fn returns to fail that one row.
 """
@@ -58,6 +63,22 @@ class RetryableError(BatchError):
 
 class FatalError(BatchError):
     """Raise from fn for an error that will not go away by retrying the same rows."""
+
+
+class OutputError(FatalError):
+    """fn's return value does not fit the batch (wrong length, type or column names)."""
+
+
+class FrameError(DfbatchError, RuntimeError):
+    """The dashboard's frame process could not be started or stopped answering."""
+
+
+class PartialResultWarning(UserWarning):
+    """The run was stopped (Ctrl-C / Stop button) before every row finished."""
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint part was set aside; its rows run again."""
 
 
 class RowError(Exception):

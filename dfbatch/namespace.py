@@ -33,25 +33,25 @@ class BatchFrame:
 
     def process(self, fn: Any, text: str | pl.Expr = "text", **config: Any) -> pl.DataFrame:
         """Run ``fn`` over the frame in batches (blocking); see ``dfbatch.process``."""
-        from dfbatch.run import process
+        from dfbatch.run._process import process
 
         return process(self._df, fn, text, **config)
 
     async def aprocess(self, fn: Any, text: str | pl.Expr = "text", **config: Any) -> pl.DataFrame:
         """``await``-able ``process``; see ``dfbatch.aprocess``."""
-        from dfbatch.run import aprocess
+        from dfbatch.run._process import aprocess
 
         return await aprocess(self._df, fn, text, **config)
 
     def batches(self) -> pl.DataFrame:
-        """One row per batch that ran, from a result frame; see ``dfbatch.result.batches``."""
-        from dfbatch.result import batches
+        """One row per batch that ran, from a result frame (``execute._result.batches``)."""
+        from dfbatch.execute._result import batches
 
         return batches(self._df)
 
     def agents(self) -> pl.DataFrame:
-        """One row per agent, from a result frame; see ``dfbatch.result.agents``."""
-        from dfbatch.result import agents
+        """One row per agent, from a result frame; see ``dfbatch.execute._result.agents``."""
+        from dfbatch.execute._result import agents
 
         return agents(self._df)
 
@@ -83,6 +83,6 @@ class BatchLazyFrame:
 
     def process(self, fn: Any, text: str | pl.Expr = "text", **config: Any) -> pl.DataFrame:
         """Process a LazyFrame; see ``dfbatch.process``."""
-        from dfbatch.run import process
+        from dfbatch.run._process import process
 
         return process(self._lf, fn, text, **config)

@@ -17,9 +17,9 @@ import polars as pl
 import pytest
 
 import dfbatch
-from dfbatch.checkpoint import CheckpointWarning, Journal
 from dfbatch.config import BatchConfig
-from dfbatch.errors import CheckpointError, ConfigError, RowError
+from dfbatch.errors import CheckpointError, CheckpointWarning, ConfigError, RowError
+from dfbatch.persist._checkpoint import Journal
 
 RUN_COLS = ("attempts", "run_batch_id", "run_agent_id", "started_at", "elapsed_s")
 FAST = {"progress": False, "agents": 2, "items_per_batch": 4}
@@ -231,7 +231,7 @@ def test_several_output_columns_round_trip(tmp_path: Path) -> None:
 # -- subprocess tests: SIGKILL and Ctrl-C --------------------------------------------------
 SCRIPT = r'''
 import asyncio, os, sys, time
-import polars as pl, dfbatch, dfbatch.checkpoint as ck
+import polars as pl, dfbatch, dfbatch.persist._checkpoint as ck
 
 data, ckpt, calls_path, out, cap = sys.argv[1:6]
 pause_at = int(os.environ.get("PAUSE_AT", "0"))

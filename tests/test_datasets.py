@@ -10,7 +10,7 @@ from types import ModuleType
 import polars as pl
 import pytest
 
-from dfbatch.tokens import count_tokens, get_counter
+from dfbatch.plan._tokens import count_tokens, get_counter
 
 ROOT = Path(__file__).resolve().parents[1] / "datasets"
 

@@ -151,7 +151,8 @@ def test_the_child_imports_matplotlib_but_not_polars_or_the_pool() -> None:
     probe = (
         frames._BARE_PACKAGE + "import dfbatch.display.frames, dfbatch.display.live_figure as lf; "
         "lf.LiveFigure(); "
-        "print(sorted(m for m in ('polars', 'matplotlib', 'dfbatch.pool', 'dfbatch.events') "
+        "print(sorted(m for m in ('polars', 'matplotlib', 'dfbatch.execute._pool', "
+        "'dfbatch.events') "
         "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", probe, package], capture_output=True, text=True,

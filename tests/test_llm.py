@@ -15,10 +15,10 @@ import pytest
 from pydantic import BaseModel
 
 import dfbatch
-from dfbatch import usage as _usage
 from dfbatch.errors import ConfigError, RowError
+from dfbatch.execute import _usage
+from dfbatch.execute._retry import classify, retry_after
 from dfbatch.llm import chat, embed
-from dfbatch.retry import classify, retry_after
 from dfbatch.sim.content import answer_text
 from dfbatch.sim.embedding import embed_texts
 

@@ -13,15 +13,14 @@ from polars.testing import assert_frame_equal
 import dfbatch
 from dfbatch import BatchConfig, ColumnError, Columns, ConfigError
 from dfbatch.plan import (
-    NULL_TEXT,
-    OVERSIZE,
     balance,
     balance_ratio,
     pack,
     plan,
     summary,
 )
-from dfbatch.tokens import seed_tiktoken_cache
+from dfbatch.plan._plan import NULL_TEXT, OVERSIZE
+from dfbatch.plan._tokens import seed_tiktoken_cache
 
 
 def chars(texts: list[str]) -> list[int]:

@@ -29,7 +29,7 @@ from dfbatch.engines import select
 from dfbatch.engines.lease import LeasedRates, Limiter, chunk, lease_ttl
 from dfbatch.errors import FatalError, RetryableError
 from dfbatch.events import BatchFinished, BatchRetried, BatchStarted, fold
-from dfbatch.limits import Cost, Outcome
+from dfbatch.execute._limits import Cost, Outcome
 from tests.fakes import expected, texts
 
 SIMPLE = {"backoff_base": 0.001, "backoff_max": 0.01, "progress": False}

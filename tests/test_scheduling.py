@@ -10,7 +10,7 @@ import polars as pl
 import dfbatch
 from dfbatch.errors import RetryableError
 from dfbatch.events import fold
-from dfbatch.run import _Job
+from dfbatch.run._process import _Job
 from tests.fakes import texts
 
 FAST = {"backoff_base": 0.001, "backoff_max": 0.005, "progress": False}
@@ -109,7 +109,7 @@ def test_hedging_keeps_one_answer_per_row() -> None:
 def test_limits_learned_from_headers() -> None:
     job = _Job.prepare(texts(4), lambda b: b["text"], "text", None, {})
     job_pool_cfg = job.cfg
-    from dfbatch.pool import Pool
+    from dfbatch.execute._pool import Pool
 
     pool = Pool(job.fn, job.send, job.batches, job_pool_cfg, row_tokens=job.row_tokens,
                 emit=lambda e: None, reserved=set())

@@ -12,9 +12,8 @@ import polars as pl
 import pytest
 
 import dfbatch
-from dfbatch.errors import ColumnError, ConfigError
-from dfbatch.run import PartialResultWarning
-from dfbatch.stream import _Stream
+from dfbatch.errors import ColumnError, ConfigError, PartialResultWarning
+from dfbatch.run._stream import _Stream
 
 RUN_COLS = ("attempts", "run_batch_id", "run_agent_id", "started_at", "elapsed_s")
 

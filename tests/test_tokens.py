@@ -17,9 +17,9 @@ import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dfbatch import tokens
 from dfbatch.errors import TokenizerError
-from dfbatch.tokens import count_tokens, get_counter, seed_tiktoken_cache, truncate
+from dfbatch.plan import _tokens as tokens
+from dfbatch.plan._tokens import count_tokens, get_counter, seed_tiktoken_cache, truncate
 
 URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
 CANONICAL = ("cl100k_base", "o200k_base")
@@ -151,7 +151,7 @@ OFFLINE_SCRIPT = textwrap.dedent(
 
     import polars as pl
     import tiktoken
-    from dfbatch.tokens import count_tokens, get_counter
+    from dfbatch.plan._tokens import count_tokens, get_counter
 
     texts = ["hello world", "", "naïve 🧠 汉字"]
     out = {

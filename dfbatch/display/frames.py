@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
+from dfbatch.errors import FrameError
 from dfbatch.events import RunStats
 
 __all__ = [
@@ -67,10 +68,6 @@ _BARE_PACKAGE = (
 )
 _BOOT = _BARE_PACKAGE + "from dfbatch.display.frames import child_main; child_main()"
 KEEP_ALIVE_S = 300.0  # an idle frame process waits this long for the next run, then ends
-
-
-class FrameError(RuntimeError):
-    """The frame process could not be started or stopped answering."""
 
 
 class Drawer(Protocol):

@@ -24,7 +24,7 @@ from typing import Literal
 
 from dfbatch.config import BatchConfig
 from dfbatch.errors import ConfigError
-from dfbatch.pool import Pool
+from dfbatch.execute._pool import Pool
 
 Engine = Literal["asyncio", "ray"]
 ENGINES = ("asyncio", "ray")

@@ -40,14 +40,14 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from dfbatch import usage as _usage
 from dfbatch.config import BatchConfig
 from dfbatch.engines.lease import LeasedRates, chunk, lease_ttl
+from dfbatch.errors import OutputError
 from dfbatch.events import Event
-from dfbatch.limits import Cost, Limit, Limits, Outcome
-from dfbatch.outputs import OutputError
-from dfbatch.pool import Batch, Outcomes, Pool
-from dfbatch.retry import describe
+from dfbatch.execute import _usage
+from dfbatch.execute._limits import Cost, Limit, Limits, Outcome
+from dfbatch.execute._pool import Batch, Outcomes, Pool
+from dfbatch.execute._retry import describe
 
 
 # -- what travels between driver and actors --------------------------------------------------

@@ -42,7 +42,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from dfbatch.limits import Cost, Outcome
+from dfbatch.execute._limits import Cost, Outcome
 
 
 @dataclass

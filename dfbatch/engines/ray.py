@@ -67,9 +67,9 @@ from dfbatch.engines.actor import (
 from dfbatch.engines.lease import Limiter, lease_ttl
 from dfbatch.errors import ConfigError
 from dfbatch.events import BatchHedged, BatchRetried
-from dfbatch.limits import Cost
-from dfbatch.pool import Batch, Outcomes, Pool
-from dfbatch.retry import describe
+from dfbatch.execute._limits import Cost
+from dfbatch.execute._pool import Batch, Outcomes, Pool
+from dfbatch.execute._retry import describe
 
 _MAX_AGENTS = 65_535
 

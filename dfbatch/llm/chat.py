@@ -32,11 +32,11 @@ from typing import Any, Literal
 import polars as pl
 
 from dfbatch.errors import ConfigError, RowError
+from dfbatch.execute._usage import report_usage
 from dfbatch.llm import batchmode
 from dfbatch.llm.client import ClientSource, scrub
 from dfbatch.llm.prompt import Template
 from dfbatch.llm.schema import ResponseFormat
-from dfbatch.usage import report_usage
 
 Mode = Literal["per_row", "batch"]
 _ROW_STATUSES = frozenset({400, 413, 422})  # the input itself is bad: fail that row only
@@ -291,7 +291,7 @@ def _worst(outcomes: list[Any]) -> BaseException | None:
 
 
 def _retry_after(exc: BaseException) -> float:
-    from dfbatch.retry import retry_after
+    from dfbatch.execute._retry import retry_after
 
     return retry_after(exc) or 0.0
 

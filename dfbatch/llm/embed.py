@@ -23,9 +23,9 @@ import numpy as np
 import polars as pl
 
 from dfbatch.errors import ConfigError, RowError
+from dfbatch.execute._usage import report_usage
 from dfbatch.llm.client import ClientSource, scrub
 from dfbatch.llm.prompt import Template
-from dfbatch.usage import report_usage
 
 _RATE_HEADERS = ("x-ratelimit-", "retry-after")
 

@@ -1,4 +1,5 @@
-"""Real tiktoken counts for the simulated endpoint's ``usage`` (offline, via ``dfbatch.tokens``).
+"""Real tiktoken counts for the simulated endpoint's ``usage`` (offline, via
+``dfbatch.plan._tokens``).
 
 >>> from dfbatch.sim.tokenizer import encoder_for, chat_prompt_tokens
 >>> enc = encoder_for("sim-chat")
@@ -21,7 +22,7 @@ _DEFAULT = "cl100k_base"
 def _encoding(name: str) -> Any:
     import tiktoken
 
-    from dfbatch.tokens import seed_tiktoken_cache
+    from dfbatch.plan._tokens import seed_tiktoken_cache
 
     seed_tiktoken_cache()
     return tiktoken.get_encoding(name)

@@ -52,15 +52,16 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dfbatch.checkpoint import Journal, Resume, open_journal
 from dfbatch.config import BatchConfig, Progress
-from dfbatch.errors import ConfigError
+from dfbatch.errors import ConfigError, PartialResultWarning
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
-from dfbatch.limits import CapacityLimit, Cost, Outcome
-from dfbatch.loop import run_sync
-from dfbatch.pool import Outcomes, Pool
-from dfbatch.result import assemble
-from dfbatch.run import PartialResultWarning, _Job, _open_display, _safe, _tick
+from dfbatch.execute._limits import CapacityLimit, Cost, Outcome
+from dfbatch.execute._loop import run_sync
+from dfbatch.execute._pool import Outcomes, Pool
+from dfbatch.execute._result import assemble
+from dfbatch.persist._checkpoint import Journal, Resume, open_journal
+from dfbatch.run._prepare import _Job
+from dfbatch.run._wiring import open_display, safe, tick
 
 Fn = Callable[[pl.DataFrame], Any]
 # the limit objects a pool builds from its config; later pools of a stream reuse the first's
@@ -178,8 +179,8 @@ class _Stream:
         total = await asyncio.to_thread(lambda: self.lf.select(pl.len()).collect().item())
         t0 = time.monotonic()
         emit(RunStarted(loop.time(), int(total), 0, 0, ()))
-        display = _open_display(progress, int(total), self.stop if stoppable else None)
-        ticker = asyncio.create_task(_tick(display, acc)) if display is not None else None
+        display = open_display(progress, int(total), self.stop if stoppable else None)
+        ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
         writer = _Writer(self.out)
         try:
             await self._run(emit, writer)
@@ -192,7 +193,7 @@ class _Stream:
                     await ticker
             emit(RunFinished(loop.time(), cancelled=self.stopping))
             if display is not None:
-                _safe(display.close, acc.snapshot())
+                safe(display.close, acc.snapshot())
         if self.stopping:
             msg = (f"run stopped: {self.counts['rows']} of {total} rows written to {self.out}, "
                    f"{self.counts['rows_cancelled']} of them unfinished (error='cancelled')")

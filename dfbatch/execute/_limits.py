@@ -8,7 +8,7 @@ bucket needs to refill.
 Examples
 --------
 >>> import asyncio
->>> from dfbatch.limits import Cost, Outcome, RateLimit
+>>> from dfbatch.execute._limits import Cost, Outcome, RateLimit
 >>> async def demo():
 ...     rpm = RateLimit(per_minute=6000, burst=0.001)  # 100 requests/s, burst of 6
 ...     loop = asyncio.get_running_loop(); t0 = loop.time()

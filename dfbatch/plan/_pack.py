@@ -9,7 +9,7 @@ ids are renumbered ``0..B-1`` in order of each batch's first row.
 
 Examples
 --------
->>> from dfbatch.pack import pack
+>>> from dfbatch.plan._pack import pack
 >>> pack([5, 1, 1, 9, 1, 1, 1, 12], items_per_batch=3, limit=10).tolist()
 [0, 1, 0, 1, 0, 2, 2, 3]
 """

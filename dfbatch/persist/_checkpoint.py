@@ -18,8 +18,8 @@ part that cannot be read (e.g. truncated by a power loss) is set aside with a wa
 rows are redone. Nothing executable is read back: the manifest is JSON, parts are Arrow data.
 
 **Fingerprint.** A run is identified by its input rows, the fn's identity and the config that
-changes outputs (see ``dfbatch.fingerprint``). Another fingerprint is a ``CheckpointError`` that
-says what differs, unless ``resume="overwrite"``.
+changes outputs (see ``dfbatch.persist._fingerprint``). Another fingerprint is a
+``CheckpointError`` that says what differs, unless ``resume="overwrite"``.
 
 **Rows.** With ``key`` a journaled row is matched by its key (the input may be reordered);
 without it by position and row hash. Rows that ended in error are kept unless
@@ -56,18 +56,18 @@ import numpy as np
 import polars as pl
 
 from dfbatch.config import BatchConfig
-from dfbatch.errors import CheckpointError, ConfigError, did_you_mean
-from dfbatch.fingerprint import (
+from dfbatch.errors import CheckpointError, CheckpointWarning, ConfigError, did_you_mean
+from dfbatch.execute._pool import Batch, Outcomes
+from dfbatch.persist._fingerprint import (
     HASH_COLUMN,
     Fingerprint,
     fingerprint_of_ids,
     mismatch_error,
     row_ids,
 )
-from dfbatch.fingerprint import callable_name as callable_name  # re-exported
-from dfbatch.fingerprint import fingerprint as fingerprint  # re-exported
-from dfbatch.fingerprint import fn_identity as fn_identity  # re-exported
-from dfbatch.pool import Batch, Outcomes
+from dfbatch.persist._fingerprint import callable_name as callable_name  # re-exported
+from dfbatch.persist._fingerprint import fingerprint as fingerprint  # re-exported
+from dfbatch.persist._fingerprint import fn_identity as fn_identity  # re-exported
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -84,10 +84,6 @@ _STARTED, _ELAPSED = "__dfbatch_started", "__dfbatch_elapsed"
 _META = (_ROW, _HASH, _KEY, _ERROR, _ATTEMPTS, _RUN_BATCH, _RUN_AGENT, _STARTED, _ELAPSED)
 _POS = "__dfbatch_pos"
 _COMPACT_AT = 2  # compact the parts into one when a run ends with at least this many
-
-
-class CheckpointWarning(UserWarning):
-    """A damaged part was set aside; its rows run again."""
 
 
 # -- the journal of one run ----------------------------------------------------------------

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from dfbatch import usage as _usage
 from dfbatch.config import BatchConfig
+from dfbatch.errors import OutputError
 from dfbatch.events import (
     BatchFailed,
     BatchFinished,
@@ -39,10 +39,19 @@ from dfbatch.events import (
     BatchStarted,
     Event,
 )
-from dfbatch.limits import AdaptiveLimit, CapacityLimit, Cost, Limit, Limits, Outcome, RateLimit
-from dfbatch.outputs import OutputError, normalize
-from dfbatch.retry import backoff, classify, describe
-from dfbatch.sizing import BatchSizer
+from dfbatch.execute import _usage
+from dfbatch.execute._limits import (
+    AdaptiveLimit,
+    CapacityLimit,
+    Cost,
+    Limit,
+    Limits,
+    Outcome,
+    RateLimit,
+)
+from dfbatch.execute._outputs import normalize
+from dfbatch.execute._retry import backoff, classify, describe
+from dfbatch.execute._sizing import BatchSizer
 
 CANCELLED = "cancelled"
 _ONE = Cost()

@@ -1,14 +1,13 @@
-"""``process`` / ``aprocess``: plan (unless planned), run the pool, show progress, build the result.
+"""Prepare a run: validate fn and settings, plan the frame unless it is planned, truncate
+oversize texts, and group the plan's rows into per-agent lists of ``Batch``; then execute it.
 
-This module wires the pieces together; each piece lives in its own module (plan, pool, limits,
-retry, events, result, display, loop).
+``_Job`` is what ``process`` / ``aprocess`` and the streaming front end share.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,138 +16,17 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from dfbatch.checkpoint import Journal, Resume, open_journal
 from dfbatch.config import BatchConfig, Progress
-from dfbatch.engines import Engine, asyncio_only, select
-from dfbatch.errors import ConfigError
-from dfbatch.events import Event, RunFinished, RunStarted, RunStats, StatsAccumulator
-from dfbatch.loop import run_sync
-from dfbatch.pool import Batch, Pool
-from dfbatch.result import assemble
+from dfbatch.engines import select
+from dfbatch.errors import ConfigError, PartialResultWarning
+from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
+from dfbatch.execute._pool import Batch, Pool
+from dfbatch.execute._result import assemble
+from dfbatch.persist._checkpoint import Journal
+from dfbatch.run._wiring import open_display, safe, tick
 
 Fn = Callable[[pl.DataFrame], Any]
-_REFRESH_S = 0.25
 _ROW_OVERHEAD_BYTES = 64
-
-
-class PartialResultWarning(UserWarning):
-    """The run was stopped (Ctrl-C / Stop button) before every row finished."""
-
-
-def process(
-    df: pl.DataFrame | pl.LazyFrame,
-    fn: Fn,
-    text: str | pl.Expr = "text",
-    *,
-    config: BatchConfig | None = None,
-    progress: Progress = "auto",
-    on_event: Callable[[Event], None] | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    resume: Resume = "auto",
-    retry_errors: bool = False,
-    key: str | None = None,
-    out: str | os.PathLike[str] | None = None,
-    chunk_rows: int = 100_000,
-    engine: Engine = "asyncio",
-    ray_address: str | None = None,
-    **settings: Any,
-) -> pl.DataFrame:
-    """Run ``fn`` over ``df`` in token-aware batches on a pool of async agents (blocking).
-
-    ``fn`` gets one batch (a ``pl.DataFrame`` with the batch's rows and all columns) and returns
-    one output per row, in order: a list, a ``pl.Series`` or a ``pl.DataFrame`` (several output
-    columns). It may be ``async def`` or a plain function (run in a thread pool). Errors are
-    values: a failed row gets ``error`` text, the run goes on. ``settings`` are ``BatchConfig``
-    fields (``items_per_batch``, ``token_limit``, ``rpm``, ``tpm``, ``timeout`` …). A frame
-    that already carries a plan (``df.batch.plan(...)``) runs as planned.
-
-    Works in scripts and inside Jupyter's running loop. The first Ctrl-C stops the run and
-    returns the partial result (unfinished rows get ``error="cancelled"``); a second one raises.
-
-    ``checkpoint="dir"`` journals finished batches there; a rerun skips the rows already done
-    (``dfbatch.checkpoint``: ``resume="overwrite"`` discards a checkpoint of another run,
-    ``retry_errors=True`` reruns rows that ended in error, ``key=`` names a unique id column).
-    ``out="out.parquet"`` streams a LazyFrame in chunks of ``chunk_rows`` rows to a Parquet
-    file and returns a one-row summary (``dfbatch.stream``).
-
-    ``engine="ray"`` runs the same plan on a Ray cluster (the one joined with ``ray.init``,
-    else ``ray_address=`` / ``RAY_ADDRESS``, else a local one): each agent is a Ray actor and
-    the limits stay global; see ``dfbatch.engines.ray``.
-
-    Examples
-    --------
-    >>> import polars as pl, dfbatch
-    >>> df = pl.DataFrame({"text": ["a", "bb", "ccc", "dddd", "eeeee"]})
-    >>> out = dfbatch.process(df, lambda b: b["text"].str.len_chars(), agents=2, progress=False)
-    >>> out.select("text", "output", "batch_id", "error")
-    shape: (5, 4)
-    ┌───────┬────────┬──────────┬───────┐
-    │ text  ┆ output ┆ batch_id ┆ error │
-    │ ---   ┆ ---    ┆ ---      ┆ ---   │
-    │ str   ┆ u32    ┆ u32      ┆ str   │
-    ╞═══════╪════════╪══════════╪═══════╡
-    │ a     ┆ 1      ┆ 0        ┆ null  │
-    │ bb    ┆ 2      ┆ 0        ┆ null  │
-    │ ccc   ┆ 3      ┆ 0        ┆ null  │
-    │ dddd  ┆ 4      ┆ 0        ┆ null  │
-    │ eeeee ┆ 5      ┆ 1        ┆ null  │
-    └───────┴────────┴──────────┴───────┘
-    """
-    if out is not None:
-        asyncio_only(engine, "out=")
-        from dfbatch.stream import process_stream
-
-        return process_stream(df, fn, text, out=out, chunk_rows=chunk_rows, config=config,
-                              progress=progress, on_event=on_event, checkpoint=checkpoint,
-                              resume=resume, retry_errors=retry_errors, key=key, **settings)
-    job = _Job.prepare(df, fn, text, config, settings, engine, ray_address)
-    job.journal = open_journal(checkpoint, job.planned, fn, text, job.cfg, key=key,
-                               resume=resume, retry_errors=retry_errors)
-    return run_sync(job.execute(progress, on_event, stoppable=False), on_interrupt=job.stop)
-
-
-async def aprocess(
-    df: pl.DataFrame | pl.LazyFrame,
-    fn: Fn,
-    text: str | pl.Expr = "text",
-    *,
-    config: BatchConfig | None = None,
-    progress: Progress = "auto",
-    on_event: Callable[[Event], None] | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    resume: Resume = "auto",
-    retry_errors: bool = False,
-    key: str | None = None,
-    out: str | os.PathLike[str] | None = None,
-    chunk_rows: int = 100_000,
-    engine: Engine = "asyncio",
-    ray_address: str | None = None,
-    **settings: Any,
-) -> pl.DataFrame:
-    """``await``-able ``process`` for code already inside an event loop (e.g. a notebook cell).
-
-    The dashboard's Stop button works here (it stops the run and the partial result is
-    returned); under the blocking ``process`` use Ctrl-C / the kernel's interrupt instead.
-
-    >>> import asyncio, polars as pl, dfbatch
-    >>> async def shout(batch):
-    ...     return [t.upper() for t in batch["text"]]
-    >>> out = asyncio.run(dfbatch.aprocess(pl.DataFrame({"text": ["x"]}), shout, progress=False))
-    >>> out["output"].to_list()
-    ['X']
-    """
-    if out is not None:
-        asyncio_only(engine, "out=")
-        from dfbatch.stream import aprocess_stream
-
-        return await aprocess_stream(df, fn, text, out=out, chunk_rows=chunk_rows,
-                                     config=config, progress=progress, on_event=on_event,
-                                     checkpoint=checkpoint, resume=resume,
-                                     retry_errors=retry_errors, key=key, **settings)
-    job = _Job.prepare(df, fn, text, config, settings, engine, ray_address)
-    job.journal = open_journal(checkpoint, job.planned, fn, text, job.cfg, key=key,
-                               resume=resume, retry_errors=retry_errors)
-    return await job.execute(progress, on_event, stoppable=True)
 
 
 @dataclass
@@ -221,8 +99,8 @@ class _Job:
         per_agent = tuple(sum(b.tokens for b in q) for q in batches)  # request tokens, as done
         emit(RunStarted(loop.time(), frame.height, sum(len(q) for q in batches),
                         sum(per_agent), per_agent))
-        display = _open_display(progress, frame.height, pool.stop if stoppable else None)
-        ticker = asyncio.create_task(_tick(display, acc)) if display is not None else None
+        display = open_display(progress, frame.height, pool.stop if stoppable else None)
+        ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
         try:
             outcomes = await pool.run()
         finally:
@@ -233,7 +111,7 @@ class _Job:
             unfinished = pool.cancelled_rows
             emit(RunFinished(loop.time(), cancelled=unfinished > 0))
             if display is not None:
-                _safe(display.close, acc.snapshot())
+                safe(display.close, acc.snapshot())
             if self.journal is not None:
                 self.journal.close()
         if unfinished:
@@ -274,7 +152,7 @@ def _to_send(
     if name is None or name not in planned.columns:
         msg = "oversize='truncate' needs text= to name a column of the frame"
         raise ConfigError(msg)
-    from dfbatch.tokens import truncate
+    from dfbatch.plan._tokens import truncate
 
     budget = cfg.token_limit - cfg.request_overhead_tokens - cfg.output_tokens_per_row
     if budget <= 0:
@@ -329,26 +207,3 @@ def _row_bytes(planned: pl.DataFrame, text: str | pl.Expr) -> np.ndarray:
         sizes = planned[name].str.len_bytes().fill_null(0).to_numpy().astype(np.int64)
         return sizes + _ROW_OVERHEAD_BYTES * planned.width
     return np.full(planned.height, _ROW_OVERHEAD_BYTES * planned.width, np.int64)
-
-
-def _open_display(progress: Progress, total: int, stop: Callable[[], None] | None) -> Any:
-    if progress is False:
-        return None
-    from dfbatch.display import open_display
-
-    return open_display(progress, total_rows=total, stop=stop)
-
-
-async def _tick(display: Any, acc: StatsAccumulator) -> None:
-    loop = asyncio.get_running_loop()
-    while True:
-        await asyncio.sleep(_REFRESH_S)
-        _safe(display.update, acc.snapshot(loop.time()))
-
-
-def _safe(method: Callable[[RunStats], None], stats: RunStats) -> None:
-    try:
-        method(stats)
-    except Exception as exc:  # a display must never break the run
-        warnings.warn(f"progress display failed: {exc!r}", RuntimeWarning, stacklevel=2)
-

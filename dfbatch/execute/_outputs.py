@@ -13,7 +13,7 @@ Examples
 >>> normalize(["a"], 2, "output", reserved=set())
 Traceback (most recent call last):
 ...
-dfbatch.outputs.OutputError: fn returned 1 outputs for a batch of 2 rows; return exactly one ...
+dfbatch.errors.OutputError: fn returned 1 outputs for a batch of 2 rows; return exactly one ...
 """
 
 from __future__ import annotations
@@ -24,11 +24,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from dfbatch.errors import FatalError
-
-
-class OutputError(FatalError):
-    """fn's return value does not fit the batch (wrong length, type or column names)."""
+from dfbatch.errors import OutputError
 
 
 def normalize(
@@ -78,7 +74,7 @@ def normalize(
 def _split_errors(values: Sequence[Any]) -> tuple[list[Any], list[str | None] | None]:
     if not any(isinstance(v, BaseException) for v in values):
         return list(values), None
-    from dfbatch.retry import describe
+    from dfbatch.execute._retry import describe
 
     out = [None if isinstance(v, BaseException) else v for v in values]
     errs = [describe(v) if isinstance(v, BaseException) else None for v in values]

@@ -15,7 +15,7 @@ when it is installed and agrees with tiktoken on a probe set; ``DFBATCH_FAST_TOK
 Examples
 --------
 >>> import polars as pl
->>> from dfbatch.tokens import count_tokens
+>>> from dfbatch.plan._tokens import count_tokens
 >>> count_tokens(pl.Series("text", ["hello world", None, "hello world", ""]))
 shape: (4,)
 Series: 'text' [u32]
@@ -182,7 +182,7 @@ def seed_tiktoken_cache() -> str:
     Examples
     --------
     >>> import hashlib, os, tiktoken
-    >>> from dfbatch.tokens import seed_tiktoken_cache
+    >>> from dfbatch.plan._tokens import seed_tiktoken_cache
     >>> cache = seed_tiktoken_cache()
     >>> url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
     >>> os.path.exists(os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()))
@@ -322,7 +322,7 @@ def get_counter(spec: TokenSpec = "cl100k_base", *, fast: bool | None = None) ->
 
     Examples
     --------
-    >>> from dfbatch.tokens import get_counter
+    >>> from dfbatch.plan._tokens import get_counter
     >>> get_counter("gpt-4o", fast=False)(["hello world", "🧠"]).tolist()
     [2, 3]
     >>> get_counter(lambda texts: [len(t) for t in texts])(["abc"]).tolist()
@@ -353,7 +353,7 @@ def count_tokens(
     Examples
     --------
     >>> import polars as pl
-    >>> from dfbatch.tokens import count_tokens
+    >>> from dfbatch.plan._tokens import count_tokens
     >>> s = pl.Series("doc", ["a b c", None, "a b c", "xyz"])
     >>> count_tokens(s, lambda texts: [len(t.split()) for t in texts]).to_list()
     [3, 0, 3, 1]
@@ -384,7 +384,7 @@ def truncate(
     Examples
     --------
     >>> import polars as pl
-    >>> from dfbatch.tokens import truncate
+    >>> from dfbatch.plan._tokens import truncate
     >>> truncate(pl.Series(["hello big world", None, "hi"]), 2, fast=False).to_list()
     ['hello big', None, 'hi']
     """

@@ -11,14 +11,14 @@ differs, unless ``resume="overwrite"``. Row hashes use polars' ``hash_rows``, wh
 within a polars version: upgrading polars mid-run makes an unkeyed checkpoint unusable (the
 error says so); pass ``key=`` to be independent of it.
 
-``dfbatch.checkpoint`` stores a run's fingerprint in its manifest and refuses a rerun whose
+``dfbatch.persist._checkpoint`` stores a run's fingerprint in its manifest and refuses a rerun whose
 fingerprint differs (``mismatch_error``).
 
 Examples
 --------
 >>> import polars as pl
 >>> from dfbatch.config import BatchConfig
->>> from dfbatch.fingerprint import fingerprint
+>>> from dfbatch.persist._fingerprint import fingerprint
 >>> df = pl.DataFrame({"text": ["a", "b"]})
 >>> then = fingerprint(df, str.upper, "text", BatchConfig())
 >>> now = fingerprint(df, str.lower, "text", BatchConfig(token_limit=100))

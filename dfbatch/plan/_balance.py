@@ -9,7 +9,7 @@ step swaps batches between the heaviest and the lightest agent while that helps.
 
 Examples
 --------
->>> from dfbatch.balance import balance, balance_ratio
+>>> from dfbatch.plan._balance import balance, balance_ratio
 >>> w = [10, 9, 8, 7, 6, 5, 4, 3]
 >>> agents = balance(w, 2)
 >>> agents.tolist(), round(balance_ratio(w, agents, 2), 3)

@@ -1,6 +1,6 @@
 """Planning: pack rows into batches and balance batches over agents. Pure, vectorized, no I/O.
 
-The algorithms live in ``dfbatch.pack`` (rows into batches) and ``dfbatch.balance``
+The algorithms live in ``dfbatch.plan._pack`` (rows into batches) and ``dfbatch.plan._balance``
 (batches over agents); this module counts tokens, runs both and builds the frame.
 
 ``plan`` adds four columns (names from ``BatchConfig.columns``):
@@ -48,12 +48,13 @@ from typing import Any, TypeVar
 import numpy as np
 import polars as pl
 
-# pack, balance and balance_ratio are also re-exported: `from dfbatch.plan import pack` works.
-from dfbatch.balance import balance, balance_ratio
 from dfbatch.config import BatchConfig, Columns
 from dfbatch.errors import ColumnError, ConfigError, did_you_mean
-from dfbatch.pack import pack
-from dfbatch.tokens import count_tokens
+
+# pack, balance and balance_ratio are also re-exported: `from dfbatch.plan import pack` works.
+from dfbatch.plan._balance import balance, balance_ratio
+from dfbatch.plan._pack import pack
+from dfbatch.plan._tokens import count_tokens
 
 Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 

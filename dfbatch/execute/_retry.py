@@ -8,7 +8,7 @@ the default. The server's hint comes from ``exc.retry_after`` or the ``retry-aft
 
 Examples
 --------
->>> from dfbatch.retry import classify, backoff
+>>> from dfbatch.execute._retry import classify, backoff
 >>> from dfbatch.errors import RetryableError
 >>> d = classify(RetryableError("busy", retry_after=2.0))
 >>> d.retry, d.retry_after

@@ -1,0 +1,38 @@
+"""The emit -> stats -> display wiring of a run: open the live view, refresh it from the
+folded ``RunStats`` a few times a second, and never let a display break the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from dfbatch.config import Progress
+from dfbatch.events import RunStats, StatsAccumulator
+
+REFRESH_S = 0.25
+
+
+def open_display(progress: Progress, total: int, stop: Callable[[], None] | None) -> Any:
+    if progress is False:
+        return None
+    from dfbatch.display import open_display as open_view
+
+    return open_view(progress, total_rows=total, stop=stop)
+
+
+async def tick(display: Any, acc: StatsAccumulator) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(REFRESH_S)
+        safe(display.update, acc.snapshot(loop.time()))
+
+
+def safe(method: Callable[[RunStats], None], stats: RunStats) -> None:
+    try:
+        method(stats)
+    except Exception as exc:  # a display must never break the run
+        warnings.warn(f"progress display failed: {exc!r}", RuntimeWarning, stacklevel=2)
+
