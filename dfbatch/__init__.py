@@ -26,6 +26,7 @@ from dfbatch.errors import (
     PartialResultWarning,
     RetryableError,
     RowError,
+    StillRunningWarning,
     TokenizerError,
 )
 from dfbatch.events import RunStats
@@ -52,6 +53,7 @@ __all__ = [
     "RetryableError",
     "RowError",
     "RunStats",
+    "StillRunningWarning",
     "TokenizerError",
     "__version__",
     "aprocess",

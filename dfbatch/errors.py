@@ -16,6 +16,7 @@ gets ``error`` text and the run goes on. The tree::
 
     PartialResultWarning            the run stopped before every row finished
     CheckpointWarning               a damaged checkpoint part was set aside; its rows run again
+    StillRunningWarning             a plain fn's call outlived its timeout (a thread runs on)
 
 ``RowError`` is not raised: put an instance in the list your fn returns to fail that one row.
 """
@@ -79,6 +80,13 @@ class PartialResultWarning(UserWarning):
 
 class CheckpointWarning(UserWarning):
     """A damaged checkpoint part was set aside; its rows run again."""
+
+
+class StillRunningWarning(UserWarning):
+    """A plain fn's call timed out (or the run stopped) but still runs in a worker thread.
+
+    Its rows carry an error; the (daemon) thread does not keep the interpreter from exiting.
+    """
 
 
 class RowError(Exception):

@@ -8,9 +8,10 @@ import time
 import polars as pl
 
 import dfbatch
+from dfbatch.config import BatchConfig
 from dfbatch.errors import RetryableError
 from dfbatch.events import fold
-from dfbatch.run._process import _Job
+from dfbatch.execute._stack import RunLimits
 from tests.fakes import texts
 
 FAST = {"backoff_base": 0.001, "backoff_max": 0.005, "progress": False}
@@ -107,18 +108,12 @@ def test_hedging_keeps_one_answer_per_row() -> None:
 
 
 def test_limits_learned_from_headers() -> None:
-    job = _Job.prepare(texts(4), lambda b: b["text"], "text", None, {})
-    job_pool_cfg = job.cfg
-    from dfbatch.execute._pool import Pool
-
-    pool = Pool(job.fn, job.send, job.batches, job_pool_cfg, row_tokens=job.row_tokens,
-                emit=lambda e: None, reserved=set())
-    assert pool.rpm is None and pool.tpm is None
-    pool._learn_limits({"X-RateLimit-Limit-Requests": "600", "x-ratelimit-limit-tokens": "90000"})
-    assert pool.rpm is not None and pool.rpm.per_minute == 600
-    assert pool.tpm is not None and pool.tpm.per_minute == 90000
-    assert pool.rpm in pool.shared.limits and pool.tpm in pool.shared.limits
-    configured = Pool(job.fn, job.send, job.batches, job_pool_cfg.replace(rpm=100),
-                      row_tokens=job.row_tokens, emit=lambda e: None, reserved=set())
-    configured._learn_limits({"x-ratelimit-limit-requests": "600"})
+    limits = RunLimits.from_config(BatchConfig(), n_agents=2)
+    assert limits.rpm is None and limits.tpm is None
+    limits.learn({"X-RateLimit-Limit-Requests": "600", "x-ratelimit-limit-tokens": "90000"})
+    assert limits.rpm is not None and limits.rpm.per_minute == 600
+    assert limits.tpm is not None and limits.tpm.per_minute == 90000
+    assert limits.rpm in limits.shared.limits and limits.tpm in limits.shared.limits
+    configured = RunLimits.from_config(BatchConfig(rpm=100), n_agents=2)
+    configured.learn({"x-ratelimit-limit-requests": "600"})
     assert configured.rpm is not None and configured.rpm.per_minute == 100  # user wins

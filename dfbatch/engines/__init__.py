@@ -1,17 +1,18 @@
 """Where the pool runs: ``engine="asyncio"`` (this process) or ``engine="ray"`` (a Ray cluster).
 
-Both engines take the same plan and return the same result frame; an engine only chooses the
-``Pool`` class that runs the batches (``dfbatch.engines.ray.RayPool`` for Ray) and may fill in
-settings the cluster decides (agents and the in-flight cap scale with the cluster's CPUs).
-Ray is imported only when ``engine="ray"`` is asked for.
+Both engines take the same plan, the same pool and return the same result frame; an engine
+only chooses the *caller* that runs each batch (``dfbatch.execute._caller.LOCAL``, or
+``dfbatch.engines.ray.RayEngine``) and may fill in settings the cluster decides (agents and the
+in-flight cap scale with the cluster's CPUs). This is the one place an engine is chosen; Ray
+is imported only when ``engine="ray"`` is asked for.
 
 Examples
 --------
 >>> from dfbatch import BatchConfig
 >>> from dfbatch.engines import select
->>> pool_type, cfg = select("asyncio", BatchConfig(), None)
->>> pool_type.__name__
-'Pool'
+>>> chosen, cfg = select("asyncio", BatchConfig(), None)
+>>> type(chosen).__name__
+'Local'
 >>> select("dask", BatchConfig(), None)
 Traceback (most recent call last):
 ...
@@ -24,7 +25,7 @@ from typing import Literal
 
 from dfbatch.config import BatchConfig
 from dfbatch.errors import ConfigError
-from dfbatch.execute._pool import Pool
+from dfbatch.execute._caller import LOCAL, CallerFactory
 
 Engine = Literal["asyncio", "ray"]
 ENGINES = ("asyncio", "ray")
@@ -33,8 +34,8 @@ RAY_EXTRA = "pip install 'dfbatch[ray]'"
 
 def select(
     engine: str, cfg: BatchConfig, ray_address: str | None
-) -> tuple[type[Pool], BatchConfig]:
-    """The pool class for ``engine`` and the config it runs with.
+) -> tuple[CallerFactory, BatchConfig]:
+    """The callers' maker for ``engine`` and the config it runs with.
 
     ``engine="ray"`` connects to Ray first (see ``dfbatch.engines.ray.connect``).
     """
@@ -42,10 +43,10 @@ def select(
         if ray_address is not None:
             msg = f"ray_address={ray_address!r} needs engine='ray'; pass engine='ray' too"
             raise ConfigError(msg)
-        return Pool, cfg
+        return LOCAL, cfg
     if engine == "ray":
         ray_engine = load_ray()
-        return ray_engine.RayPool, ray_engine.configure(cfg, ray_address)
+        return ray_engine.RayEngine(), ray_engine.configure(cfg, ray_address)
     msg = f"engine must be 'asyncio' or 'ray', got {engine!r}"
     raise ConfigError(msg)
 

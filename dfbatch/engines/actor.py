@@ -1,14 +1,13 @@
-"""Inside the Ray engine's agent actors: the asyncio pool's per-batch code, for shipped batches.
+"""Inside the Ray engine's agent actors: the asyncio engine's ``FnCaller``, for shipped batches.
 
 An ``AgentActor`` (one per agent, a Ray async actor) gets ``fn`` once, in its constructor, and
 then batches from the driver: a ``BatchMeta`` and the rows as an Arrow table. Each batch runs
-the asyncio pool's own ``Pool._attempts`` (limits, timeout, retry with backoff and
-Retry-After, hedging, output normalization) in an ``_AgentPool``, a ``Pool`` with no queues
-whose recording methods send messages back instead: ``("started", attempt)``,
-``("event", BatchRetried | BatchHedged)``, ``("outcome", Outcome)``,
-``("sized", ok, latency_s)`` (under ``dynamic_batching``) and finally
-``("done", Answered | GaveUp)``. The driver (``dfbatch.engines.ray``) turns them back into
-what the asyncio pool would have done. This module does not import Ray.
+through a ``FnCaller`` (limits, timeout, retry with backoff and Retry-After, hedging, output
+normalization) whose reports go back to the driver as messages: ``("started", attempt)``,
+``("event", BatchRetried | BatchHedged)``, ``("outcome", Outcome)``, ``("sized", ok,
+latency_s)`` (under ``dynamic_batching``) and finally ``("done", Answered | GaveUp)`` (an
+``Answered`` carries its outputs as an Arrow table). The driver (``dfbatch.engines.ray``) turns
+them back into what the asyncio engine would have recorded. This module does not import Ray.
 
 Examples
 --------
@@ -22,16 +21,16 @@ Examples
 >>> messages = asyncio.run(one())
 >>> [m[0] for m in messages]
 ['started', 'outcome', 'sized', 'done']
->>> from_wire(messages[-1][1].table)["output"].to_list()
+>>> from_wire(messages[-1][1].frame)["output"].to_list()
 ['A', 'B']
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import traceback
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -42,12 +41,14 @@ import pyarrow as pa
 
 from dfbatch.config import BatchConfig
 from dfbatch.engines.lease import LeasedRates, chunk, lease_ttl
-from dfbatch.errors import OutputError
 from dfbatch.events import Event
-from dfbatch.execute import _usage
-from dfbatch.execute._limits import Cost, Limit, Limits, Outcome
-from dfbatch.execute._pool import Batch, Outcomes, Pool
-from dfbatch.execute._retry import describe
+from dfbatch.execute._caller import FnCaller
+from dfbatch.execute._limits import Cost, Hold, Limit, Limits, Outcome
+from dfbatch.execute._recorder import Answered, GaveUp, Verdict
+from dfbatch.execute._scheduler import Batch
+from dfbatch.execute._stack import RunLimits
+
+__all__ = ["AgentActor", "Answered", "BatchMeta", "GaveUp", "Verdict", "from_wire", "to_wire"]
 
 
 # -- what travels between driver and actors --------------------------------------------------
@@ -60,30 +61,6 @@ class BatchMeta:
     tokens: int
     nbytes: int
     call_anyway: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Answered:
-    """fn answered: one output per row (``table``), some rows may carry their own error."""
-
-    table: Any  # pa.Table, or a pl.DataFrame that Arrow cannot hold
-    row_errors: list[str | None] | None
-    wall0: float
-    elapsed: float
-    used: _usage.Usage
-
-
-@dataclass(frozen=True, slots=True)
-class GaveUp:
-    """Every attempt failed; ``bisect``: splitting the batch may isolate the bad row."""
-
-    error: str
-    bisect: bool
-    wall0: float
-    elapsed: float
-
-
-Verdict = Answered | GaveUp
 
 
 def to_wire(df: pl.DataFrame) -> Any:
@@ -117,58 +94,14 @@ class _Shipped:
 _SHIPPED: ContextVar[_Shipped] = ContextVar("dfbatch_ray_batch")
 
 
-class _AgentPool(Pool):
-    """The asyncio pool's per-batch code, run inside an actor for batches the driver ships.
+class _Report:
+    """The caller's reports, sent to the driver as messages of the shipped batch."""
 
-    No queue runs here (the driver schedules). ``_attempts`` runs as in the asyncio pool; what
-    that pool would record or emit goes back to the driver instead. Global limits (in-flight,
-    AIMD, RPM, TPM) are the driver's and the limiter's; the byte limit per agent is local.
-    """
-
-    def __init__(self, fn: Any, cfg: BatchConfig, reserved: set[str], rates: Limit) -> None:
-        local = cfg.replace(rpm=None, tpm=None, adaptive=False, dynamic_batching=False)
-        super().__init__(fn, pl.DataFrame(), [[]], local, row_tokens=np.zeros(0, np.int64),
-                         emit=self._forward, reserved=reserved)
-        self.shared = Limits([rates, _OutcomeTap()])
-        if cfg.dynamic_batching:  # the driver sizes batches: it gets what the pool observes
-            self.sizer = _SizerTap()  # type: ignore[assignment]
-        if not self.is_async:
-            workers = cfg.sync_workers or cfg.max_concurrent_batches
-            self.executor = ThreadPoolExecutor(workers, thread_name_prefix="dfbatch")
-
-    async def attempts(self, shipped: _Shipped, batch: Batch) -> None:
-        _SHIPPED.set(shipped)
-        if len(batch.rows) > self.out.n:  # hedging counts attempts in self.out; never read here
-            self.out = Outcomes(len(batch.rows))
-        slots = self.agent_slots[0]
-        slots.force_acquire(Cost())  # the driver already counted this batch against the agent
-        try:
-            await self._attempts(0, batch)
-        except Exception:
-            shipped.send("crash", traceback.format_exc())
-        finally:
-            slots.release(Cost())
-
-    def _slice(self, batch: Batch) -> pl.DataFrame:
-        return _SHIPPED.get().frame
-
-    def _started(self, a: int, batch: Batch, attempt: int, t: float) -> None:
+    def started(self, a: int, batch: Batch, attempt: int, t: float) -> None:
         _SHIPPED.get().send("started", attempt)
 
-    def _forward(self, ev: Event) -> None:
+    def event(self, batch: Batch, ev: Event) -> None:
         _SHIPPED.get().send("event", ev)
-
-    def _learn_limits(self, headers: dict[str, str]) -> None:
-        """Learned limits would be per actor (N times too loose): configure rpm / tpm instead."""
-
-    def _record_ok(self, a: int, batch: Batch, frame: pl.DataFrame,
-                   row_errors: list[str | None] | None, wall0: float, elapsed: float,
-                   used: _usage.Usage) -> None:
-        _SHIPPED.get().send("done", Answered(to_wire(frame), row_errors, wall0, elapsed, used))
-
-    def _failed(self, a: int, batch: Batch, exc: Exception, wall0: float, elapsed: float) -> None:
-        verdict = GaveUp(describe(exc), not isinstance(exc, OutputError), wall0, elapsed)
-        _SHIPPED.get().send("done", verdict)
 
 
 class _SizerTap:
@@ -190,7 +123,12 @@ class _OutcomeTap:
 
 
 class AgentActor:
-    """One agent on the cluster (a Ray async actor): runs the batches the driver ships."""
+    """One agent on the cluster (a Ray async actor): runs the batches the driver ships.
+
+    Global limits (in-flight, AIMD, RPM, TPM) are the driver's and the limiter's; the byte
+    limit per agent is local. Learned limits would be per actor (N times too loose), so none
+    are learned here: configure rpm / tpm instead.
+    """
 
     def __init__(self, fn: Any, cfg: BatchConfig, reserved: set[str], limiter: Any,
                  client: str, n_agents: int) -> None:
@@ -201,7 +139,14 @@ class AgentActor:
                      chunk(cfg.tpm, cfg.rate_burst, n_agents, ttl))
             rates = LeasedRates(limiter.lease.remote, client, requests=bool(cfg.rpm),
                                 tokens=bool(cfg.tpm), extra=extra, ttl=ttl)
-        self.pool = _AgentPool(fn, cfg, reserved, rates)
+        local = cfg.replace(rpm=None, tpm=None, adaptive=False, dynamic_batching=False)
+        limits = RunLimits.from_config(local, 1)
+        limits.shared, limits.learns = Limits([rates, _OutcomeTap()]), False
+        if cfg.dynamic_batching:  # the driver sizes batches: it gets what the caller observes
+            limits.sizer = _SizerTap()  # type: ignore[assignment]
+        self.slots = limits.agent_slots[0]
+        self.caller = FnCaller(fn, local, limits, _Report(), reserved=reserved,
+                               workers=cfg.sync_workers or cfg.max_concurrent_batches)
 
     def ready(self) -> bool:
         return True
@@ -212,7 +157,7 @@ class AgentActor:
         shipped = _Shipped(frame, asyncio.Queue())
         batch = Batch(meta.id, meta.planned_agent, np.arange(frame.height), meta.tokens,
                       meta.nbytes, meta.call_anyway)
-        task = asyncio.create_task(self.pool.attempts(shipped, batch))
+        task = asyncio.create_task(self._attempts(shipped, batch))
         try:
             while True:
                 item = await shipped.queue.get()
@@ -225,3 +170,18 @@ class AgentActor:
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+    async def _attempts(self, shipped: _Shipped, batch: Batch) -> None:
+        _SHIPPED.set(shipped)
+        self.slots.force_acquire(Cost())  # the driver already counted this batch against the agent
+        slot = Hold(self.slots, Cost(), held=True)
+        try:
+            await self.caller.open()
+            verdict = await self.caller.call(0, batch, shipped.frame, slot)
+            if isinstance(verdict, Answered):
+                verdict = dataclasses.replace(verdict, frame=to_wire(verdict.frame))
+            shipped.send("done", verdict)
+        except Exception:
+            shipped.send("crash", traceback.format_exc())
+        finally:
+            slot.release()

@@ -3,21 +3,21 @@
 ``process(df, fn, engine="ray")`` connects to Ray (a cluster the user joined with
 ``ray.init(address=...)``, else ``ray_address=``, else ``RAY_ADDRESS``, else a local one), plans
 exactly as the asyncio engine does (agents and the in-flight cap scale with the cluster's CPUs
-when not set) and runs the plan with ``RayPool``:
+when not set) and runs the plan on the same ``Pool`` with another caller, ``RayCaller``:
 
-- **Driver** (this process): the asyncio ``Pool``'s scheduling, unchanged: per-agent deques,
-  heaviest first, work stealing, presplitting, bisection of failed batches, the global
-  in-flight cap and the adaptive (AIMD) limit (one slot per dispatched batch, fed the outcome
-  of every attempt; unlike the asyncio pool, a batch sleeping off a retry keeps its slots),
-  the result's ``Outcomes`` and the checkpoint hook. It ships each batch to
-  its agent's actor as an Arrow table and turns the actor's messages back into the same events,
-  so the progress bar, the dashboard and ``RunStats`` work as they do locally.
+- **Driver** (this process): the pool's scheduling, unchanged: per-agent deques, heaviest
+  first, work stealing, presplitting, bisection of failed batches, the global in-flight cap
+  and the adaptive (AIMD) limit (one slot per dispatched batch, fed the outcome of every
+  attempt; unlike the asyncio engine, a batch sleeping off a retry keeps its slots), the
+  result's ``Outcomes`` and the checkpoint hook. ``RayCaller`` ships each batch to its agent's
+  actor as an Arrow table and turns the actor's messages back into the same reports, so the
+  progress bar, the dashboard and ``RunStats`` work as they do locally.
 - **Agent actors** (``dfbatch.engines.actor``; one Ray async actor per agent,
   ``max_concurrency=max_concurrent_batches``): ``fn`` arrives once, in the constructor (one
-  ``ray.put``). Each batch runs the asyncio pool's own per-batch code (``Pool._attempts``:
-  timeout, retry with backoff and Retry-After, hedging, output normalization, per-agent byte
-  limit) and streams back ``started`` / retry / outcome messages and the verdict (outputs as
-  an Arrow table, or the error).
+  ``ray.put``). Each batch runs the asyncio engine's ``FnCaller`` (timeout, retry with backoff
+  and Retry-After, hedging, output normalization, per-agent byte limit) and streams back
+  ``started`` / retry / outcome messages and the verdict (outputs as an Arrow table, or the
+  error).
 - **Limiter actor**: the run's global RPM / TPM token buckets, leased to actors in chunks
   (``dfbatch.engines.lease``), so rate limits hold across all actors without a round trip per
   call.
@@ -55,21 +55,16 @@ from typing import Any
 import polars as pl
 
 from dfbatch.config import BatchConfig, cpu_cores
-from dfbatch.engines.actor import (
-    AgentActor,
-    Answered,
-    BatchMeta,
-    GaveUp,
-    Verdict,
-    from_wire,
-    to_wire,
-)
+from dfbatch.engines.actor import AgentActor, BatchMeta, from_wire, to_wire
 from dfbatch.engines.lease import Limiter, lease_ttl
 from dfbatch.errors import ConfigError
-from dfbatch.events import BatchHedged, BatchRetried
-from dfbatch.execute._limits import Cost
-from dfbatch.execute._pool import Batch, Outcomes, Pool
+from dfbatch.events import BatchRetried
+from dfbatch.execute._caller import Reporter
+from dfbatch.execute._limits import Cost, Hold
+from dfbatch.execute._recorder import Answered, GaveUp, Verdict
 from dfbatch.execute._retry import describe
+from dfbatch.execute._scheduler import Batch
+from dfbatch.execute._stack import RunLimits
 
 _MAX_AGENTS = 65_535
 
@@ -192,51 +187,52 @@ class _Call:
     in_call: bool = False  # a call is in flight (started, not yet retried or done)
 
 
-class RayPool(Pool):
-    """The asyncio ``Pool`` whose batches run on Ray actors; same constructor, same outcomes."""
+class RayEngine:
+    """``engine="ray"``: the pool's callers ship batches to Ray actors."""
 
-    def __init__(self, fn: Any, frame: pl.DataFrame, batches: list[list[Batch]],
-                 cfg: BatchConfig, **kwargs: Any) -> None:
-        super().__init__(fn, frame, batches, cfg.replace(rpm=None, tpm=None), **kwargs)
-        self.rates_cfg = cfg  # RPM / TPM live in the limiter actor, not in this process
-        if self.adaptive is not None:  # the limiter paces sends: a 429 pauses, never halves
-            self.adaptive.rate_known = bool(cfg.rpm or cfg.tpm)
+    rates_elsewhere = True  # RPM / TPM live in the limiter actor, not in this process
+
+    def caller(self, fn: Any, cfg: BatchConfig, limits: RunLimits, report: Reporter, *,
+               reserved: set[str], queued: Any) -> RayCaller:
+        return RayCaller(fn, cfg, limits, report, reserved=reserved)
+
+
+class RayCaller:
+    """A ``Caller`` whose batches run on the run's agent actors; same verdicts as ``FnCaller``."""
+
+    def __init__(self, fn: Any, cfg: BatchConfig, limits: RunLimits, report: Reporter, *,
+                 reserved: set[str]) -> None:
+        self.fn, self.cfg, self.limits, self.report = fn, cfg, limits, report
+        self.reserved = reserved
         self.gang: _Gang | None = None
 
-    async def run(self) -> Outcomes:
-        if self.pending == 0:
-            return await super().run()
-        self.gang = _Gang(self.fn, self.rates_cfg, self.reserved, len(self.queues))
-        try:
-            await self.gang.ready()
-            if self.stopping:  # stopped while the actors started
-                self._mark_unfinished()
-                return self.out
-            return await super().run()
-        finally:
+    async def open(self) -> None:
+        self.gang = _Gang(self.fn, self.cfg, self.reserved, len(self.limits.agent_slots))
+        await self.gang.ready()
+
+    def close(self) -> list[int]:
+        if self.gang is not None:
             self.gang.close()
+        return []
 
-    async def _attempts(self, a: int, batch: Batch) -> None:
+    async def call(self, a: int, batch: Batch, df: pl.DataFrame, slot: Hold) -> Verdict:
         cost = Cost(tokens=batch.tokens, nbytes=batch.nbytes)
-        await self.shared.acquire(cost)  # global in-flight cap and AIMD: a slot per dispatch
-        seq = self.adaptive.next_seq() if self.adaptive else 0
-        try:
-            verdict = await self._dispatch(_Call(a, batch, seq))
-        finally:
-            self.shared.release(cost, None)  # each attempt's outcome was observed already
+        adaptive = self.limits.adaptive
+        # global in-flight cap and AIMD: a slot per dispatch; each attempt's outcome was
+        # observed already, so the slot is released without one
+        async with self.limits.shared.hold(cost):
+            seq = adaptive.next_seq() if adaptive else 0
+            verdict = await self._dispatch(_Call(a, batch, seq), df)
         if isinstance(verdict, Answered):
-            self._record_ok(a, batch, from_wire(verdict.table), verdict.row_errors,
-                            verdict.wall0, verdict.elapsed, verdict.used)
-        else:
-            self._give_up(a, batch, verdict.error, verdict.bisect, verdict.wall0,
-                          verdict.elapsed)
+            return dataclasses.replace(verdict, frame=from_wire(verdict.frame))
+        return verdict
 
-    async def _dispatch(self, call: _Call) -> Verdict:
+    async def _dispatch(self, call: _Call, df: pl.DataFrame) -> Verdict:
         """Ship the batch to its agent's actor; a dead actor is replaced and the batch resent."""
         assert self.gang is not None
         b = call.batch
         meta = BatchMeta(b.id, b.planned_agent, b.tokens, b.nbytes, b.call_anyway)
-        wire = to_wire(self._slice(b))
+        wire = to_wire(df)
         deaths = 0
         while True:
             actor = self.gang.agent(call.a)
@@ -256,23 +252,21 @@ class RayPool(Pool):
             raise RuntimeError(msg)
 
     def _receive(self, call: _Call, item: tuple[Any, ...]) -> Verdict | None:
-        """Turn one message from the actor into what the asyncio pool would have done."""
+        """Turn one message from the actor into what the asyncio engine would have reported."""
         now = asyncio.get_running_loop().time()
         kind = item[0]
         if kind == "started":
             call.attempt, call.in_call = item[1], True
-            self._started(call.a, call.batch, item[1], now)
+            self.report.started(call.a, call.batch, item[1], now)
         elif kind == "event":
             ev = dataclasses.replace(item[1], t=now, agent_id=call.a)
             if isinstance(ev, BatchRetried):
                 call.in_call = False
-            elif isinstance(ev, BatchHedged):
-                self.out.attempts[call.batch.rows] += 1
-            self.emit(ev)
-        elif kind == "outcome" and self.adaptive is not None:
-            self.adaptive.observe(dataclasses.replace(item[1], started_seq=call.seq))
-        elif kind == "sized" and self.sizer is not None:
-            self.sizer.observe(ok=item[1], latency_s=item[2])
+            self.report.event(call.batch, ev)
+        elif kind == "outcome" and self.limits.adaptive is not None:
+            self.limits.adaptive.observe(dataclasses.replace(item[1], started_seq=call.seq))
+        elif kind == "sized" and self.limits.sizer is not None:
+            self.limits.sizer.observe(ok=item[1], latency_s=item[2])
         elif kind == "done":
             verdict: Verdict = item[1]
             return verdict
@@ -283,5 +277,6 @@ class RayPool(Pool):
         if call.in_call:
             t = asyncio.get_running_loop().time()
             b = call.batch
-            self.emit(BatchRetried(t, b.id, call.a, b.tokens, call.attempt, 0.0, describe(exc)))
+            self.report.event(b, BatchRetried(t, b.id, call.a, b.tokens, call.attempt, 0.0,
+                                              describe(exc)))
             call.in_call = False

@@ -300,3 +300,39 @@ class Limits:
     def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
         for limit in reversed(self.limits):
             limit.release(cost, outcome)  # type: ignore[arg-type]
+
+    def hold(self, cost: Cost) -> Hold:
+        """``async with limits.hold(cost) as h:`` acquire, then release once, with ``h.outcome``."""
+        return Hold(self, cost)
+
+
+class Hold:
+    """One cost held on a limit: ``async with`` acquires it and releases it exactly once.
+
+    Set ``outcome`` before the block ends for limits that learn from it. ``release()`` early
+    (e.g. before a backoff) and ``reacquire()``; a cancelled reacquire leaves nothing held, so
+    no exit path can leak a unit or give one back twice.
+    """
+
+    __slots__ = ("cost", "held", "limit", "outcome")
+
+    def __init__(self, limit: Limit | Limits, cost: Cost, *, held: bool = False) -> None:
+        self.limit, self.cost, self.held = limit, cost, held
+        self.outcome: Outcome | None = None
+
+    async def __aenter__(self) -> Hold:
+        await self.reacquire()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    async def reacquire(self) -> None:
+        if not self.held:
+            await self.limit.acquire(self.cost)
+            self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.limit.release(self.cost, self.outcome)  # type: ignore[arg-type]

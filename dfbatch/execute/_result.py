@@ -16,7 +16,7 @@ import polars as pl
 
 from dfbatch.config import Columns
 from dfbatch.errors import ColumnError
-from dfbatch.execute._pool import Outcomes
+from dfbatch.execute._recorder import Outcomes
 
 _ROW = "__dfbatch_row"
 

@@ -20,13 +20,16 @@ from dfbatch.config import BatchConfig, Progress
 from dfbatch.engines import select
 from dfbatch.errors import ConfigError, PartialResultWarning
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
+from dfbatch.execute._caller import LOCAL, CallerFactory
 from dfbatch.execute._pool import Batch, Pool
 from dfbatch.execute._result import assemble
+from dfbatch.execute._stack import RunLimits
 from dfbatch.persist._checkpoint import Journal
 from dfbatch.run._wiring import open_display, safe, tick
 
 Fn = Callable[[pl.DataFrame], Any]
 _ROW_OVERHEAD_BYTES = 64
+_DEFAULT_OUTPUT_TOKENS = BatchConfig().output_tokens_per_row
 
 
 @dataclass
@@ -39,23 +42,22 @@ class _Job:
     row_tokens: np.ndarray
     row_bytes: np.ndarray
     pool: Pool | None = None
-    stop_requested: bool = False
     journal: Journal | None = None  # checkpoint=: skip journaled rows, journal finished ones
-    pool_type: type[Pool] = Pool  # the engine's pool (RayPool under engine="ray")
+    engine: CallerFactory = LOCAL  # how batches are called (Ray actors under engine="ray")
 
     @classmethod
     def prepare(
         cls, df: Any, fn: Fn, text: str | pl.Expr, config: BatchConfig | None, settings: Any,
         engine: str = "asyncio", ray_address: str | None = None,
     ) -> _Job:
-        if not callable(fn):
-            msg = f"fn must be a callable taking one batch (a pl.DataFrame), got {fn!r}"
-            raise ConfigError(msg)
-        cfg = BatchConfig.from_kwargs(config, **settings)
-        pool_type, cfg = select(engine, cfg, ray_address)
-        expected_out = getattr(fn, "dfbatch_output_tokens", None)
-        if isinstance(expected_out, int) and "output_tokens_per_row" not in settings:
-            cfg = cfg.replace(output_tokens_per_row=expected_out)
+        """Validate fn and the settings, resolve the config, plan ``df``."""
+        cfg, chosen = resolve(fn, config, settings, engine, ray_address)
+        return cls.with_config(df, fn, text, cfg, chosen)
+
+    @classmethod
+    def with_config(cls, df: Any, fn: Fn, text: str | pl.Expr, cfg: BatchConfig,
+                    engine: CallerFactory = LOCAL) -> _Job:
+        """Plan ``df`` under a config ``resolve`` made (a stream's chunks share one)."""
         if isinstance(df, pl.LazyFrame):
             df = df.collect()
         if not isinstance(df, pl.DataFrame):
@@ -65,10 +67,27 @@ class _Job:
         send, row_tokens = _to_send(planned, text, cfg)
         row_bytes = _row_bytes(planned, text)
         batches = _batches(planned, row_tokens, row_bytes, cfg)
-        return cls(fn, cfg, planned, send, batches, row_tokens, row_bytes, pool_type=pool_type)
+        return cls(fn, cfg, planned, send, batches, row_tokens, row_bytes, engine=engine)
+
+    def limits(self) -> RunLimits:
+        """The run's limit stack (a stream builds it once and shares it by every chunk)."""
+        return RunLimits.from_config(self.cfg, len(self.batches),
+                                     rates_elsewhere=self.engine.rates_elsewhere)
+
+    def pool_for(self, emit: Callable[[Event], None], limits: RunLimits | None = None) -> Pool:
+        """The pool that runs what is left of this job (rows not in the journal yet)."""
+        reserved = set(self.planned.columns) | set(self.cfg.columns.result_names())
+        frame, batches, tokens, nbytes = self.send, self.batches, self.row_tokens, self.row_bytes
+        if self.journal is not None:
+            frame, batches, tokens, nbytes = self.journal.restrict(frame, batches, tokens, nbytes)
+        self.pool = Pool(
+            self.fn, frame, batches, self.cfg, row_tokens=tokens, row_bytes=nbytes, emit=emit,
+            reserved=reserved, limits=limits or self.limits(), engine=self.engine,
+            on_batch_done=self.journal.record if self.journal is not None else None,
+        )
+        return self.pool
 
     def stop(self) -> None:
-        self.stop_requested = True
         if self.pool is not None:
             self.pool.stop()
         else:  # interrupted before the pool started: nothing done, stop now
@@ -85,21 +104,13 @@ class _Job:
             if on_event is not None:
                 on_event(ev)
 
-        reserved = set(self.planned.columns) | set(self.cfg.columns.result_names())
-        frame, batches, tokens, nbytes = self.send, self.batches, self.row_tokens, self.row_bytes
-        if self.journal is not None:
-            frame, batches, tokens, nbytes = self.journal.restrict(frame, batches, tokens, nbytes)
-        pool = self.pool_type(
-            self.fn, frame, batches, self.cfg, row_tokens=tokens, row_bytes=nbytes, emit=emit,
-            reserved=reserved,
-            on_batch_done=self.journal.record if self.journal is not None else None,
-        )
-        self.pool = pool
+        pool = self.pool_for(emit)
         c = self.cfg.columns
-        per_agent = tuple(sum(b.tokens for b in q) for q in batches)  # request tokens, as done
-        emit(RunStarted(loop.time(), frame.height, sum(len(q) for q in batches),
-                        sum(per_agent), per_agent))
-        display = open_display(progress, frame.height, pool.stop if stoppable else None)
+        queues = pool.sched.queues
+        per_agent = tuple(sum(b.tokens for b in q) for q in queues)  # request tokens, as done
+        emit(RunStarted(loop.time(), pool.frame.height, pool.sched.pending, sum(per_agent),
+                        per_agent))
+        display = open_display(progress, pool.frame.height, pool.stop if stoppable else None)
         ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
         try:
             outcomes = await pool.run()
@@ -123,6 +134,26 @@ class _Job:
         if self.journal is not None:
             outcomes = self.journal.merge(outcomes)
         return assemble(self.planned, outcomes, c)
+
+
+def resolve(
+    fn: Fn, config: BatchConfig | None, settings: Any, engine: str = "asyncio",
+    ray_address: str | None = None,
+) -> tuple[BatchConfig, CallerFactory]:
+    """The run's config and engine. An adapter's ``dfbatch_output_tokens`` fills in
+    ``output_tokens_per_row`` unless the user set it (keyword, or ``config=`` with a value other
+    than the default)."""
+    if not callable(fn):
+        msg = f"fn must be a callable taking one batch (a pl.DataFrame), got {fn!r}"
+        raise ConfigError(msg)
+    cfg = BatchConfig.from_kwargs(config, **settings)
+    chosen, cfg = select(engine, cfg, ray_address)
+    expected_out = getattr(fn, "dfbatch_output_tokens", None)
+    user_set = "output_tokens_per_row" in settings or (
+        config is not None and config.output_tokens_per_row != _DEFAULT_OUTPUT_TOKENS)
+    if isinstance(expected_out, int) and not user_set:
+        cfg = cfg.replace(output_tokens_per_row=expected_out)
+    return cfg, chosen
 
 
 def _planned(df: pl.DataFrame, text: str | pl.Expr, cfg: BatchConfig) -> pl.DataFrame:

@@ -42,7 +42,7 @@ import gc
 import os
 import time
 import warnings
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,18 +55,15 @@ import pyarrow.parquet as pq
 from dfbatch.config import BatchConfig, Progress
 from dfbatch.errors import ConfigError, PartialResultWarning
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
-from dfbatch.execute._limits import CapacityLimit, Cost, Outcome
 from dfbatch.execute._loop import run_sync
 from dfbatch.execute._pool import Outcomes, Pool
 from dfbatch.execute._result import assemble
+from dfbatch.execute._stack import RunLimits
 from dfbatch.persist._checkpoint import Journal, Resume, open_journal
-from dfbatch.run._prepare import _Job
+from dfbatch.run._prepare import _Job, resolve
 from dfbatch.run._wiring import open_display, safe, tick
 
 Fn = Callable[[pl.DataFrame], Any]
-# the limit objects a pool builds from its config; later pools of a stream reuse the first's
-_SHARED = ("agent_slots", "agent_bytes", "global_slots", "adaptive", "rpm", "tpm", "shared",
-           "sizer", "latencies")
 
 
 def process_stream(
@@ -111,7 +108,6 @@ class _Chunk:
     pool: Pool | None = None
     task: asyncio.Task[Outcomes] | None = None
     drained: asyncio.Event = field(default_factory=asyncio.Event)
-    leases: list[_Lease] = field(default_factory=list)
 
 
 @dataclass
@@ -125,7 +121,7 @@ class _Stream:
     journal_opts: dict[str, Any]
     stopping: bool = False
     live: deque[_Chunk] = field(default_factory=deque)
-    limits: dict[str, Any] | None = None  # the first pool's limit objects, shared by all
+    limits: RunLimits | None = None  # built once, shared by every chunk's pool
     batch_offset: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     _stop: asyncio.Event | None = None
@@ -148,7 +144,8 @@ class _Stream:
             raise ConfigError(msg)
         # validates fn, settings and text against the schema before reading any data
         empty = pl.DataFrame(schema=df.collect_schema())
-        cfg = _Job.prepare(empty, fn, text, config, settings).cfg
+        cfg, _ = resolve(fn, config, settings)
+        _Job.with_config(empty, fn, text, cfg)
         if journal_opts["checkpoint"] is None:  # key= etc. without checkpoint= is an error
             open_journal(None, empty, fn, text, cfg, key=journal_opts["key"],
                          resume=journal_opts["resume"], retry_errors=journal_opts["retry_errors"])
@@ -257,37 +254,24 @@ class _Stream:
         df = next(reader, None)
         if df is None or df.height == 0:
             return None
-        job = _Job.prepare(df, self.fn, self.text, self.cfg, {})
+        job = _Job.with_config(df, self.fn, self.text, self.cfg)
         opts = dict(self.journal_opts)
         base = opts.pop("checkpoint")
         where = None if base is None else Path(base) / f"chunk-{offset:012d}-{df.height}"
-        journal = open_journal(where, job.planned, self.fn, self.text, self.cfg, **opts)
-        return _Chunk(offset, job, journal)
+        job.journal = open_journal(where, job.planned, self.fn, self.text, self.cfg, **opts)
+        return _Chunk(offset, job, job.journal)
 
     def _start(self, chunk: _Chunk, emit: Callable[[Event], None]) -> None:
-        job, journal = chunk.job, chunk.journal
-        frame, batches, tokens, nbytes = job.send, job.batches, job.row_tokens, job.row_bytes
-        if journal is not None:
-            frame, batches, tokens, nbytes = journal.restrict(frame, batches, tokens, nbytes)
-        reserved = set(job.planned.columns) | set(self.cfg.columns.result_names())
+        job = chunk.job
+        if self.limits is None or len(self.limits.agent_slots) != len(job.batches):
+            self.limits = job.limits()  # the agents and their limits carry over
 
         def emit_chunk(ev: Event) -> None:
             emit(ev)
-            if not any(pool.queues):
+            if not pool.sched.queued():
                 chunk.drained.set()
 
-        pool = Pool(self.fn, frame, batches, self.cfg, row_tokens=tokens, row_bytes=nbytes,
-                    emit=emit_chunk, reserved=reserved,
-                    on_batch_done=journal.record if journal is not None else None)
-        if self.limits is None:
-            self.limits = {name: getattr(pool, name) for name in _SHARED}
-        if len(self.limits["agent_slots"]) == len(pool.queues):
-            for name, value in self.limits.items():  # the agents and their limits carry over
-                setattr(pool, name, value)
-            slots = [_Lease(x) for x in self.limits["agent_slots"]]
-            held = [_Lease(x) for x in self.limits["agent_bytes"]]
-            pool.agent_slots, pool.agent_bytes = slots, held  # type: ignore[assignment]
-            chunk.leases = [*slots, *held]
+        pool = job.pool_for(emit_chunk, self.limits)
         chunk.pool = pool
         chunk.task = asyncio.create_task(pool.run())
         chunk.task.add_done_callback(self._on_pool_done(chunk))
@@ -296,8 +280,6 @@ class _Stream:
 
     def _on_pool_done(self, chunk: _Chunk) -> Callable[[asyncio.Task[Outcomes]], None]:
         def done(task: asyncio.Task[Outcomes]) -> None:
-            for lease in chunk.leases:
-                lease.give_back()
             chunk.drained.set()
             if not task.cancelled() and task.exception() is not None:
                 for other in self.live:  # a crash (a bug, or a BaseException in fn): wake up
@@ -316,7 +298,7 @@ class _Stream:
         if chunk.journal is not None:
             outcomes = chunk.journal.merge(outcomes)
         offset = self.batch_offset
-        self.batch_offset += max(chunk.pool.next_id, 1)
+        self.batch_offset += max(chunk.pool.sched.next_id, 1)
         result = await asyncio.to_thread(self._result, chunk, outcomes, offset)
         await asyncio.to_thread(writer.write, result)
         del chunk, outcomes, result
@@ -358,39 +340,6 @@ def _chunks(lf: pl.LazyFrame, chunk_rows: int) -> Iterator[pl.DataFrame]:
             return
         yield df
         offset += df.height
-
-
-class _Lease:
-    """One pool's share of a limit shared by the stream's pools.
-
-    What the pool still holds when it ends (a slot held by an agent cancelled while it waited
-    for work) is given back, so the next pools get the limit's full capacity.
-    """
-
-    def __init__(self, limit: CapacityLimit) -> None:
-        self.limit = limit
-        self.held: Counter[Cost] = Counter()
-
-    async def acquire(self, cost: Cost) -> None:
-        await self.limit.acquire(cost)
-        self.held[cost] += 1
-
-    def force_acquire(self, cost: Cost) -> None:
-        self.limit.force_acquire(cost)
-        self.held[cost] += 1
-
-    def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
-        self.limit.release(cost, outcome)
-        self.held[cost] -= 1
-
-    def give_back(self) -> None:
-        for cost, n in self.held.items():
-            for _ in range(n):
-                self.limit.release(cost)
-        self.held.clear()
-
-    def __getattr__(self, name: str) -> Any:  # capacity, in_use, set_capacity ...
-        return getattr(self.limit, name)
 
 
 class _Writer:

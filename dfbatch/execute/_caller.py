@@ -1,0 +1,256 @@
+"""One batch in, one verdict out: limits, timeout, retries with backoff, hedging, fn's outputs.
+
+``FnCaller`` calls ``fn`` in this process: each attempt holds the agent's bytes and the run's
+shared limits (``async with``: released once on every path, with the attempt's outcome), runs
+with the configured timeout (a plain fn in a daemon worker thread), retries what ``classify``
+calls transient after a jittered backoff during which the agent's slot is given back, and may
+send a straggler a duplicate (``hedge_after``). It returns ``Answered`` or ``GaveUp``; the pool
+records it. Anything that calls batches elsewhere (the Ray engine) is another ``Caller``, made
+by another ``CallerFactory`` (an engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import random
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+import polars as pl
+
+from dfbatch.config import BatchConfig
+from dfbatch.errors import OutputError, RetryableError
+from dfbatch.events import BatchHedged, BatchRetried, Event
+from dfbatch.execute import _usage
+from dfbatch.execute._limits import Cost, Hold, Outcome
+from dfbatch.execute._outputs import normalize
+from dfbatch.execute._recorder import Answered, GaveUp, Verdict
+from dfbatch.execute._retry import backoff, classify, describe
+from dfbatch.execute._scheduler import Batch
+from dfbatch.execute._stack import RunLimits
+from dfbatch.execute._threads import DaemonThreads
+
+
+class Reporter(Protocol):
+    """Where a caller says what it does while it works (the pool's ``Recorder``)."""
+
+    def started(self, a: int, batch: Batch, attempt: int, t: float) -> None: ...
+
+    def event(self, batch: Batch, ev: Event) -> None: ...
+
+
+class Caller(Protocol):
+    """Turns one batch into one verdict. ``slot`` is the agent's concurrency slot it holds."""
+
+    async def open(self) -> None: ...
+
+    async def call(self, a: int, batch: Batch, df: pl.DataFrame, slot: Hold) -> Verdict: ...
+
+    def close(self) -> list[int]:
+        """Release resources; the ids of batches whose calls may still run (stuck threads)."""
+        ...
+
+
+class CallerFactory(Protocol):
+    """Makes the callers of a run; ``rates_elsewhere``: RPM / TPM are not enforced here."""
+
+    rates_elsewhere: bool
+
+    def caller(self, fn: Callable[[pl.DataFrame], Any], cfg: BatchConfig, limits: RunLimits,
+               report: Reporter, *, reserved: set[str], queued: Callable[[], bool]) -> Caller: ...
+
+
+class Local:
+    """``engine="asyncio"``: fn runs in this process."""
+
+    rates_elsewhere = False
+
+    def caller(self, fn: Callable[[pl.DataFrame], Any], cfg: BatchConfig, limits: RunLimits,
+               report: Reporter, *, reserved: set[str], queued: Callable[[], bool]) -> Caller:
+        return FnCaller(fn, cfg, limits, report, reserved=reserved, queued=queued)
+
+
+LOCAL = Local()
+
+
+class FnCancelledError(RetryableError):
+    """fn raised ``asyncio.CancelledError`` though nobody cancelled the run: a transient error."""
+
+
+class FnCaller:
+    """Calls ``fn`` in this process; see the module docstring."""
+
+    def __init__(self, fn: Callable[[pl.DataFrame], Any], cfg: BatchConfig, limits: RunLimits,
+                 report: Reporter, *, reserved: set[str],
+                 queued: Callable[[], bool] = lambda: False, workers: int | None = None) -> None:
+        self.fn, self.cfg, self.limits, self.report = fn, cfg, limits, report
+        self.reserved, self.queued = reserved, queued
+        self.workers = workers or cfg.sync_workers or min(64, cfg.in_flight_cap)
+        self.rng = random.Random(cfg.seed)
+        self.is_async = _is_async(fn)
+        self.threads: DaemonThreads | None = None
+        self.in_threads: list[tuple[Future[Any], int]] = []  # calls that outlived their await
+
+    async def open(self) -> None:
+        if not self.is_async and self.threads is None:
+            self.threads = DaemonThreads(self.workers)
+
+    def close(self) -> list[int]:
+        if self.threads is not None:
+            self.threads.shutdown(wait=False, cancel_futures=True)
+        return sorted({bid for fut, bid in self.in_threads if not fut.done()})
+
+    async def call(self, a: int, batch: Batch, df: pl.DataFrame, slot: Hold) -> Verdict:
+        loop = asyncio.get_running_loop()
+        limits, cfg = self.limits, self.cfg
+        cost = Cost(tokens=batch.tokens, nbytes=batch.nbytes)
+        wall0, t_first = time.time(), loop.time()
+        for attempt in range(1, cfg.max_attempts + 1):
+            async with Hold(limits.agent_bytes[a], cost), limits.shared.hold(cost) as held:
+                seq = limits.adaptive.next_seq() if limits.adaptive else 0
+                if attempt == 1:
+                    wall0, t_first = time.time(), loop.time()
+                t_call = loop.time()
+                self.report.started(a, batch, attempt, t_call)
+                try:
+                    try:
+                        value, used = await self._call_hedged(a, batch, df, cost)
+                    except asyncio.CancelledError as exc:
+                        task = asyncio.current_task()
+                        if task is None or task.cancelling():
+                            raise  # the run is stopping, or a timeout fired
+                        msg = "fn raised asyncio.CancelledError (nobody cancelled the run)"
+                        raise FnCancelledError(msg) from exc
+                    frame, row_errors = normalize(value, len(batch.rows), cfg.columns.output,
+                                                  reserved=self.reserved)
+                except Exception as exc:
+                    error: Exception | None = exc
+                    decision = classify(exc, cfg.retry_on)
+                    timed_out = isinstance(exc, (TimeoutError, asyncio.TimeoutError))
+                    held.outcome = Outcome(False, decision.rate_limited, timed_out,
+                                           decision.retry_after, None, seq)
+                else:
+                    error = None
+                    actual = used.input_tokens + used.output_tokens if used.input_tokens else None
+                    held.outcome = Outcome(True, actual_tokens=actual, started_seq=seq)
+            now = loop.time()
+            if error is None:
+                limits.latencies.append(now - t_call)
+                if limits.sizer is not None:
+                    limits.sizer.observe(ok=True, latency_s=now - t_call)
+                if used.headers:
+                    limits.learn(used.headers)
+                    limits.sync(used.headers, cost)
+                return Answered(frame, row_errors, wall0, now - t_first, used)
+            if limits.sizer is not None and _size_related(error, decision.status):
+                limits.sizer.observe(ok=False, latency_s=now - t_call)
+            if decision.retry and attempt < cfg.max_attempts:
+                delay = backoff(attempt, base=cfg.backoff_base, cap=cfg.backoff_max,
+                                retry_after=decision.retry_after, rng=self.rng)
+                self.report.event(batch, BatchRetried(now, batch.id, a, batch.tokens, attempt,
+                                                      delay, describe(error),
+                                                      decision.rate_limited))
+                slot.release()  # sleep off the retry without holding one of the agent's slots
+                await asyncio.sleep(delay)
+                await slot.reacquire()
+                continue
+            return GaveUp(describe(error), not isinstance(error, OutputError), wall0,
+                          now - t_first)
+        msg = "max_attempts must be >= 1"  # pragma: no cover - BatchConfig validates it
+        raise AssertionError(msg)
+
+    async def _call_hedged(self, a: int, batch: Batch, df: pl.DataFrame,
+                           cost: Cost) -> tuple[Any, _usage.Usage]:
+        """Call fn; with ``hedge_after``, a straggler gets a duplicate and the first answer wins."""
+        delay = self._hedge_delay()
+        if delay is None:
+            return await self._call(batch, df)
+        first = asyncio.ensure_future(self._call(batch, df))
+        tasks = {first}
+        try:
+            done, _ = await asyncio.wait(tasks, timeout=delay)
+            if not done:
+                loop = asyncio.get_running_loop()
+                self.report.event(batch, BatchHedged(loop.time(), batch.id, a))
+                tasks.add(asyncio.ensure_future(self._hedge_call(batch, df, cost)))
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is None:
+                        return task.result()
+            return first.result()  # every copy failed: raise the original call's error
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _hedge_call(self, batch: Batch, df: pl.DataFrame,
+                          cost: Cost) -> tuple[Any, _usage.Usage]:
+        async with self.limits.shared.hold(cost) as held:
+            result = await self._call(batch, df)
+            held.outcome = Outcome(True)
+            return result
+
+    def _hedge_delay(self) -> float | None:
+        """Hedge once latencies are known, and, under a TPM limit, only in the tail of the run
+        (nothing queued), so duplicates never spend tokens that pending work needs."""
+        q = self.cfg.hedge_after
+        latencies = self.limits.latencies
+        if q is None or len(latencies) < 20:
+            return None
+        if self.limits.tpm is not None and self.queued():
+            return None
+        ordered = sorted(latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    async def _call(self, batch: Batch, df: pl.DataFrame) -> tuple[Any, _usage.Usage]:
+        used, token = _usage.begin()
+        try:
+            if self.is_async:
+                value = await _timed(self.fn(df), self.cfg.timeout)
+            else:
+                value = await self._in_thread(batch, df)
+            if inspect.isawaitable(value):  # a plain function that returned a coroutine
+                value = await _timed(value, self.cfg.timeout)
+        finally:
+            _usage.end(token)
+        return value, used
+
+    async def _in_thread(self, batch: Batch, df: pl.DataFrame) -> Any:
+        assert self.threads is not None
+        fut = self.threads.submit(contextvars.copy_context().run, self.fn, df)
+        try:
+            return await _timed(asyncio.wrap_future(fut), self.cfg.timeout)
+        finally:
+            if not fut.done():  # timed out or cancelled: a thread cannot be stopped
+                self.in_threads.append((fut, batch.id))
+
+
+async def _timed(aw: Any, timeout: float | None) -> Any:
+    """Await with a timeout, in this task (no extra task per call on Python >= 3.11)."""
+    if sys.version_info < (3, 11):  # pragma: no cover
+        return await asyncio.wait_for(aw, timeout)
+    async with asyncio.timeout(timeout):
+        return await aw
+
+
+_SIZE_WORDS = ("context length", "context_length", "too many tokens", "too large", "maximum")
+
+
+def _size_related(exc: BaseException, status: int | None) -> bool:
+    """Could a smaller batch have avoided this error? (timeouts, 413, context-length 400s)"""
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or status == 413:
+        return True
+    text = str(exc).lower()
+    return status in (400, None) and any(w in text for w in _SIZE_WORDS)
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    call = getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)

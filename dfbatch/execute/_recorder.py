@@ -1,0 +1,137 @@
+"""What a run remembers: per-row outcomes, the events it emits, the checkpoint journal hook.
+
+The caller reports how a batch went (``started``, ``event``, and a final ``Answered`` /
+``GaveUp`` verdict); the recorder stamps the batch's rows in ``Outcomes`` (what the result frame
+is assembled from), emits the matching ``BatchStarted`` / ``BatchFinished`` / ``BatchFailed``
+event and hands finished batches to the journal (``on_batch_done``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from dfbatch.events import BatchFailed, BatchFinished, BatchHedged, BatchStarted, Event
+from dfbatch.execute import _usage
+from dfbatch.execute._scheduler import Batch
+
+CANCELLED = "cancelled"
+
+
+@dataclass
+class Outcomes:
+    """Per-row state of a run: what the result frame is assembled from."""
+
+    n: int
+    attempts: np.ndarray = field(init=False)
+    run_batch: np.ndarray = field(init=False)
+    run_agent: np.ndarray = field(init=False)
+    started: np.ndarray = field(init=False)  # epoch seconds, NaN = never ran
+    elapsed: np.ndarray = field(init=False)
+    done: np.ndarray = field(init=False)
+    errors: list[str | None] = field(init=False)
+    pieces: list[tuple[np.ndarray, pl.DataFrame]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.attempts = np.zeros(self.n, np.uint16)
+        self.run_batch = np.zeros(self.n, np.uint32)
+        self.run_agent = np.zeros(self.n, np.uint16)
+        self.started = np.full(self.n, np.nan)
+        self.elapsed = np.full(self.n, np.nan)
+        self.done = np.zeros(self.n, bool)
+        self.errors = [None] * self.n
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """fn answered: one output per row (``frame``), some rows may carry their own error."""
+
+    frame: pl.DataFrame
+    row_errors: list[str | None] | None
+    wall0: float
+    elapsed: float
+    used: _usage.Usage
+
+
+@dataclass(frozen=True, slots=True)
+class GaveUp:
+    """Every attempt failed; ``bisect``: splitting the batch may isolate the bad row."""
+
+    error: str
+    bisect: bool
+    wall0: float
+    elapsed: float
+
+
+Verdict = Answered | GaveUp
+
+
+class Recorder:
+    """Turns what happened to each batch into ``Outcomes`` rows and events."""
+
+    def __init__(self, n_rows: int, emit: Callable[[Event], None],
+                 on_batch_done: Callable[[Batch, Outcomes], None] | None = None) -> None:
+        self.out = Outcomes(n_rows)
+        self.emit = emit
+        self.on_batch_done = on_batch_done
+
+    def started(self, a: int, batch: Batch, attempt: int, t: float) -> None:
+        self.out.attempts[batch.rows] += 1
+        self.emit(BatchStarted(t, batch.id, a, batch.planned_agent, len(batch.rows),
+                               batch.tokens, attempt))
+
+    def event(self, batch: Batch, ev: Event) -> None:
+        """An event from the caller (retried, hedged); a hedge is one more attempt per row."""
+        if isinstance(ev, BatchHedged):
+            self.out.attempts[batch.rows] += 1
+        self.emit(ev)
+
+    def bisected(self, a: int, batch: Batch, error: str, elapsed: float) -> None:
+        t = asyncio.get_running_loop().time()
+        self.emit(BatchFailed(t, batch.id, a, batch.planned_agent, len(batch.rows),
+                              batch.tokens, elapsed, error, bisected=True))
+
+    def answered(self, a: int, batch: Batch, v: Answered) -> None:
+        self._stamp(a, batch, v.wall0, v.elapsed)
+        self.out.pieces.append((batch.rows, v.frame))
+        n_err = 0
+        if v.row_errors is not None:
+            for i, err in zip(batch.rows.tolist(), v.row_errors, strict=True):
+                self.out.errors[i] = err
+                n_err += err is not None
+        t = asyncio.get_running_loop().time()
+        self.emit(BatchFinished(t, batch.id, a, batch.planned_agent, len(batch.rows),
+                                batch.tokens, v.elapsed, len(batch.rows) - n_err, n_err,
+                                v.used.input_tokens, v.used.output_tokens))
+        if self.on_batch_done is not None:
+            self.on_batch_done(batch, self.out)
+
+    def failed(self, a: int, batch: Batch, msg: str, wall0: float, elapsed: float) -> None:
+        self._stamp(a, batch, wall0, elapsed)
+        for i in batch.rows.tolist():
+            self.out.errors[i] = msg
+        t = asyncio.get_running_loop().time()
+        self.emit(BatchFailed(t, batch.id, a, batch.planned_agent, len(batch.rows),
+                              batch.tokens, elapsed, msg))
+        if self.on_batch_done is not None:
+            self.on_batch_done(batch, self.out)
+
+    def mark_unfinished(self) -> None:
+        for i in np.flatnonzero(~self.out.done).tolist():
+            self.out.errors[i] = CANCELLED
+
+    @property
+    def unfinished(self) -> int:
+        return int((~self.out.done).sum())
+
+    def _stamp(self, a: int, batch: Batch, wall0: float, elapsed: float) -> None:
+        rows, o = batch.rows, self.out
+        o.run_batch[rows] = batch.id
+        o.run_agent[rows] = a
+        o.started[rows] = wall0
+        o.elapsed[rows] = elapsed
+        o.done[rows] = True

@@ -1,0 +1,152 @@
+"""Which batch runs next: per-agent deques, work stealing, dynamic resizing, splitting, bisection.
+
+Synchronous on purpose (no event loop, no clock): the pool asks ``take(agent)`` for work and
+reports back with ``requeue`` / ``finished``; tests drive it with plain calls. Each agent's deque
+is sorted heaviest first; an agent with an empty deque steals from the agent with the most
+queued tokens. Under dynamic batching, ``take`` merges following pending batches or splits this
+one to the sizer's target. A batch over ``token_limit`` is split in halves before it is sent, and
+a failed multi-row batch is bisected so one poison row fails alone. Every new batch gets a new id.
+
+Examples
+--------
+>>> import numpy as np
+>>> from dfbatch import BatchConfig
+>>> b = [Batch(0, 0, np.arange(4), tokens=40, nbytes=0), Batch(1, 0, np.arange(4, 6), 20, 0)]
+>>> s = Scheduler([b, []], BatchConfig(request_overhead_tokens=0), row_tokens=np.full(6, 10))
+>>> s.take(1).id, s.take(0).id, s.pending  # agent 1 steals the heaviest batch of agent 0
+(0, 1, 2)
+>>> [h.id for h in s.halves(b[0])], s.finished(), s.finished()
+([2, 3], False, True)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from dfbatch.config import BatchConfig
+from dfbatch.execute._sizing import BatchSizer
+
+
+@dataclass(slots=True)
+class Batch:
+    """Rows (positions in the frame) that go to fn in one call."""
+
+    id: int
+    planned_agent: int
+    rows: np.ndarray
+    tokens: int  # request tokens: overhead + row tokens + expected output
+    nbytes: int
+    call_anyway: bool = False  # a single oversize row sent under oversize="call"
+    frozen: bool = False  # made by bisection: dynamic sizing never merges it back
+
+
+class Scheduler:
+    """The queues of one run. ``pending`` counts batches queued or running; 0: all done."""
+
+    def __init__(self, batches: list[list[Batch]], cfg: BatchConfig, *, row_tokens: np.ndarray,
+                 row_bytes: np.ndarray | None = None, sizer: BatchSizer | None = None,
+                 rate_bound: Callable[[], bool] = lambda: False,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.cfg = cfg
+        self.row_tokens, self.row_bytes = row_tokens, row_bytes
+        self.sizer, self.rate_bound, self.on_change = sizer, rate_bound, on_change
+        self.queues = [deque(sorted(q, key=lambda b: (-b.tokens, b.id))) for q in batches]
+        self.queued_load = [sum(b.tokens for b in q) for q in self.queues]
+        self.pending = sum(len(q) for q in self.queues)
+        self.next_id = 1 + max((b.id for q in batches for b in q), default=-1)
+
+    @property
+    def n_agents(self) -> int:
+        return len(self.queues)
+
+    def queued(self) -> bool:
+        """Is any batch still waiting in a deque?"""
+        return any(self.queues)
+
+    def take(self, a: int) -> Batch | None:
+        """Next batch for agent ``a``: its own deque, else steal from the most loaded agent."""
+        victim = a
+        if not self.queues[a]:
+            if not self.cfg.steal:
+                return None
+            victim = max(range(len(self.queues)), key=self.queued_load.__getitem__)
+            if not self.queues[victim]:
+                return None
+        batch = self.queues[victim].popleft()
+        self.queued_load[victim] -= batch.tokens
+        return self._resize(victim, batch) if self.sizer is not None else batch
+
+    def finished(self) -> bool:
+        """One taken batch is over (done, failed, or split into queued parts); all done now?"""
+        self.pending -= 1
+        self.on_change()
+        return self.pending == 0
+
+    def oversize(self, a: int, batch: Batch) -> str | None:
+        """A batch over ``token_limit``: split it and requeue the halves (returns ``""``), or,
+        a lone row, the error to record. ``None``: send it."""
+        if batch.tokens <= self.cfg.token_limit or batch.call_anyway:
+            return None
+        if len(batch.rows) > 1:
+            self.requeue(a, self.halves(batch))
+            return ""
+        return (
+            f"oversize: the request for this row needs {batch.tokens} tokens > "
+            f"token_limit={self.cfg.token_limit}; raise token_limit, shorten the text, or pass "
+            "oversize='truncate' or oversize='call'"
+        )
+
+    def requeue(self, a: int, batches: list[Batch]) -> None:
+        """Put new batches at the front of agent ``a``'s deque (they run next)."""
+        for b in reversed(batches):
+            self.queues[a].appendleft(b)
+            self.queued_load[a] += b.tokens
+        self.pending += len(batches)
+        self.on_change()
+
+    def halves(self, batch: Batch) -> list[Batch]:
+        """``batch`` cut in two (frozen: dynamic sizing never merges them back)."""
+        mid = len(batch.rows) // 2
+        halves = [self._new_batch(batch, rows) for rows in (batch.rows[:mid], batch.rows[mid:])]
+        for half in halves:
+            half.frozen = True
+        return halves
+
+    def _resize(self, qi: int, batch: Batch) -> Batch:
+        """Apply the dynamic target size: merge following pending batches, or split this one."""
+        assert self.sizer is not None
+        self.sizer.rate_bound = self.rate_bound()
+        target, n = self.sizer.target, len(batch.rows)
+        if batch.call_anyway or batch.frozen or n == target or target == self.sizer.initial:
+            return batch
+        if n > target:
+            rest = [batch.rows[i:i + target] for i in range(target, n, target)]
+            self.requeue(qi, [self._new_batch(batch, r) for r in rest])
+            return self._new_batch(batch, batch.rows[:target])
+        q, parts, overhead = self.queues[qi], [batch.rows], self.cfg.request_overhead_tokens
+        tokens = batch.tokens
+        while q and n + len(q[0].rows) <= target and not (q[0].call_anyway or q[0].frozen) and (
+            tokens + q[0].tokens - overhead <= self.cfg.token_limit
+        ):
+            nxt = q.popleft()
+            self.queued_load[qi] -= nxt.tokens
+            self.pending -= 1  # merged into this batch
+            parts.append(nxt.rows)
+            tokens += nxt.tokens - overhead
+            n += len(nxt.rows)
+        return batch if len(parts) == 1 else self._new_batch(batch, np.concatenate(parts))
+
+    def _new_batch(self, parent: Batch, rows: np.ndarray) -> Batch:
+        """A batch made of some rows of ``parent`` (split, bisected or merged), with a new id."""
+        nbytes = int(self.row_bytes[rows].sum()) if self.row_bytes is not None else parent.nbytes
+        self.next_id += 1
+        return Batch(self.next_id - 1, parent.planned_agent, rows, self._tokens(rows), nbytes)
+
+    def _tokens(self, rows: np.ndarray) -> int:
+        per_row = self.cfg.output_tokens_per_row
+        return int(self.cfg.request_overhead_tokens + self.row_tokens[rows].sum()
+                   + per_row * len(rows))
