@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 
@@ -13,7 +14,8 @@ import polars as pl
 import pytest
 
 import dfbatch
-from dfbatch.errors import RetryableError
+from dfbatch.config import BatchConfig
+from dfbatch.errors import RetryableError, StillRunningWarning
 from dfbatch.events import BatchFailed, BatchFinished, BatchRetried, BatchStarted, fold
 from tests.fakes import FakeAPI, expected, texts
 
@@ -268,3 +270,67 @@ def test_retry_after_with_one_slot_per_agent_does_not_deadlock() -> None:
                           timeout=5, **FAST)
     assert out["output"].to_list() == df["text"].to_list()
     assert out["attempts"][5] == 2
+
+
+def test_explicit_config_output_tokens_beats_the_adapters() -> None:
+    def fn(batch: pl.DataFrame) -> pl.Series:
+        return batch["text"]
+
+    fn.dfbatch_output_tokens = 300  # type: ignore[attr-defined]
+    events: list = []
+    dfbatch.process(texts(8), fn, config=BatchConfig(output_tokens_per_row=7,
+                                                     request_overhead_tokens=0),
+                    encoding=_counter, on_event=events.append, **FAST)
+    df = texts(8)
+    words = sum(_counter(df["text"].to_list()))
+    started = [e for e in events if isinstance(e, BatchStarted)]
+    assert sum(e.tokens for e in started) == words + 7 * 8  # not 300 per row
+
+
+def test_fn_raising_cancelled_error_is_a_transient_batch_error() -> None:
+    calls = 0
+
+    async def fn(batch: pl.DataFrame) -> pl.Series:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise asyncio.CancelledError  # e.g. a client library's own cancelled request
+        return batch["text"]
+
+    events: list = []
+    out = dfbatch.process(texts(4), fn, encoding=_counter, agents=1, on_event=events.append,
+                          **FAST)
+    assert out["error"].is_null().all() and out["attempts"].to_list() == [2] * 4
+    retried = [e for e in events if isinstance(e, BatchRetried)]
+    assert len(retried) == 1 and "CancelledError" in retried[0].error
+
+
+def test_sync_fn_stuck_after_its_timeout_is_named_and_does_not_block_exit() -> None:
+    release = threading.Event()
+
+    def fn(batch: pl.DataFrame) -> pl.Series:
+        if (batch["id"] == 2).any():
+            release.wait(60)
+        return batch["text"]
+
+    try:
+        with pytest.warns(StillRunningWarning, match=r"batches \[2\]"):
+            out = dfbatch.process(texts(4), fn, encoding=_counter, timeout=0.1,
+                                  max_attempts=1, agents=1, items_per_batch=1, **FAST)
+        assert out["error"][2].startswith("TimeoutError") and out["run_batch_id"][2] == 2
+        assert out.filter(pl.col("id") != 2)["error"].is_null().all()
+    finally:
+        release.set()
+    script = (
+        "import time, polars as pl, dfbatch\n"
+        "def fn(b):\n"
+        "    time.sleep(120)\n"
+        "df = pl.DataFrame({'text': ['a']})\n"
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "out = dfbatch.process(df, fn, timeout=0.1, max_attempts=1, progress=False)\n"
+        "print(out['error'][0])\n"
+    )
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert res.stdout.startswith("TimeoutError") and time.monotonic() - t0 < 30

@@ -7,6 +7,7 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -167,3 +168,35 @@ def test_two_million_rows_noop(tmp_path: Path) -> None:
                        (pl.col("id").diff().fill_null(1) == 1).all(),
                        pl.col("error").null_count()).collect().row(0)
     assert check == (n, True, True, n)
+
+
+def test_stream_keeps_the_output_tokens_keyword_in_every_chunk(tmp_path: Path) -> None:
+    def fn(batch: pl.DataFrame) -> pl.Series:
+        return batch["text"]
+
+    fn.dfbatch_output_tokens = 300  # type: ignore[attr-defined]
+    events: list = []
+    lf = pl.LazyFrame({"text": ["a b"] * 12})
+    lf.batch.process(fn, out=tmp_path / "o.parquet", chunk_rows=4, items_per_batch=4,
+                     output_tokens_per_row=7, request_overhead_tokens=0,
+                     encoding=lambda ts: [len(t.split()) for t in ts],
+                     on_event=events.append, progress=False)
+    tokens = [e.tokens for e in events if type(e).__name__ == "BatchStarted"]
+    assert tokens == [4 * 2 + 4 * 7] * 3  # every chunk charges 7 output tokens per row
+
+
+@pytest.mark.parametrize("kind", ["int", "struct"])
+def test_types_after_a_chunk_that_failed_entirely(tmp_path: Path, kind: str) -> None:
+    def fn(batch: pl.DataFrame) -> list[Any]:
+        if batch["id"][0] < 50:
+            return [dfbatch.RowError("down")] * batch.height
+        return [i * 2 if kind == "int" else {"x": i} for i in batch["id"]]
+
+    summary = frame(150).lazy().batch.process(fn, out=tmp_path / "o.parquet", chunk_rows=50,
+                                              progress=False)
+    assert summary["rows_failed"][0] == 50
+    got = pl.read_parquet(tmp_path / "o.parquet")
+    want = pl.Int64 if kind == "int" else pl.Struct({"x": pl.Int64})
+    assert got.schema["output"] == want
+    values = [i * 2 if kind == "int" else {"x": i} for i in range(50, 150)]
+    assert got["output"].to_list() == [None] * 50 + values

@@ -352,17 +352,35 @@ class _Writer:
         self.schema: pa.Schema | None = None
 
     def write(self, result: pl.DataFrame) -> None:
+        table = result.to_arrow()
         if self.writer is None:
-            nulls = [n for n, t in result.schema.items() if t == pl.Null]
-            result = result.with_columns(pl.col(nulls).cast(pl.Utf8))  # typed by later chunks
-            table = result.to_arrow()
             self.schema = table.schema
             self.writer = pq.ParquetWriter(self.tmp, self.schema)
-        else:
-            table = result.to_arrow()
-            if table.schema != self.schema:
-                table = self._conform(table)
+        elif table.schema != self.schema:
+            self._settle(table.schema)
+            table = self._conform(table)
         self.writer.write_table(table)
+
+    def _settle(self, schema: pa.Schema) -> None:
+        """Columns all null so far (every row of the earlier chunks failed) take the type this
+        chunk brings: the rows written so far are rewritten once under the settled schema."""
+        assert self.schema is not None and self.writer is not None
+        fields = [
+            schema.field(f.name) if pa.types.is_null(f.type) and f.name in schema.names else f
+            for f in self.schema
+        ]
+        settled = pa.schema(fields)
+        if settled == self.schema:
+            return
+        self.writer.close()
+        old = self.tmp.with_name(self.tmp.name + ".old")
+        os.replace(self.tmp, old)
+        self.schema, self.writer = settled, pq.ParquetWriter(self.tmp, settled)
+        try:
+            for batch in pq.ParquetFile(old).iter_batches():
+                self.writer.write_table(pa.Table.from_batches([batch]).cast(settled))
+        finally:
+            old.unlink()
 
     def _conform(self, table: pa.Table) -> pa.Table:
         assert self.schema is not None

@@ -1,0 +1,249 @@
+"""The scheduler by plain calls, and the pool with a fake caller on a virtual clock (no sleeps).
+
+The pool tests plug a ``FakeCaller`` in through the engine seam (``Pool(engine=...)``): each
+call "takes" a scripted number of simulated seconds on ``benchmarks.simapi.VirtualClockLoop``,
+so makespans and orders are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+
+from benchmarks.simapi import run
+from dfbatch.config import BatchConfig
+from dfbatch.errors import RetryableError
+from dfbatch.events import BatchFailed, BatchStarted, Event
+from dfbatch.execute import _usage
+from dfbatch.execute._caller import Reporter
+from dfbatch.execute._limits import CapacityLimit, Cost, Hold
+from dfbatch.execute._pool import Pool
+from dfbatch.execute._recorder import Answered, GaveUp, Verdict
+from dfbatch.execute._scheduler import Batch, Scheduler
+from dfbatch.execute._sizing import BatchSizer
+from dfbatch.execute._stack import RunLimits
+
+CFG = BatchConfig(request_overhead_tokens=0, output_tokens_per_row=0, token_limit=100)
+
+
+def _batch(bid: int, rows: range, agent: int = 0, tokens_per_row: int = 10) -> Batch:
+    r = np.arange(rows.start, rows.stop)
+    return Batch(bid, agent, r, tokens_per_row * len(r), 0)
+
+
+def _sched(batches: list[list[Batch]], cfg: BatchConfig = CFG, **kw: Any) -> Scheduler:
+    n = 1 + max((int(b.rows.max()) for q in batches for b in q), default=0)
+    return Scheduler(batches, cfg, row_tokens=np.full(n, 10), **kw)
+
+
+# -- the scheduler: plain calls --------------------------------------------------------------
+def test_heaviest_first_then_steal_from_the_most_loaded_agent() -> None:
+    a0 = [_batch(0, range(0, 2)), _batch(1, range(2, 6)), _batch(2, range(6, 9))]
+    a1 = [_batch(3, range(9, 10), agent=1)]
+    s = _sched([a0, a1, []])
+    assert [s.take(0).id, s.take(1).id] == [1, 3]  # type: ignore[union-attr]
+    assert s.take(2).id == 2  # type: ignore[union-attr]  # agent 2 steals agent 0's heaviest
+    assert s.take(1).id == 0  # type: ignore[union-attr]
+    assert s.take(0) is None and not s.queued() and s.pending == 4
+
+
+def test_no_stealing_when_steal_is_off() -> None:
+    s = _sched([[_batch(0, range(0, 2))], []], CFG.replace(steal=False))
+    assert s.take(1) is None and s.take(0) is not None
+
+
+def test_finished_counts_down_to_all_done() -> None:
+    s = _sched([[_batch(0, range(0, 2)), _batch(1, range(2, 4))]])
+    s.take(0)
+    s.take(0)
+    assert (s.finished(), s.finished()) == (False, True)
+
+
+def test_oversize_batches_split_before_sending_and_a_lone_row_fails() -> None:
+    changes: list[int] = []
+    s = _sched([[_batch(0, range(0, 12))]], on_change=lambda: changes.append(1))
+    big = s.take(0)
+    assert big is not None and s.oversize(0, big) == ""  # 120 tokens > 100: split in halves
+    halves = [s.take(0), s.take(0)]
+    assert [(h.id, len(h.rows), h.frozen) for h in halves if h] == [(1, 6, True), (2, 6, True)]
+    assert changes and s.pending == 3  # the split batch and its two halves
+    lone = Batch(9, 0, np.arange(1), tokens=500, nbytes=0)
+    assert "token_limit=100" in (s.oversize(0, lone) or "")
+    assert s.oversize(0, Batch(9, 0, np.arange(1), 500, 0, call_anyway=True)) is None
+
+
+def test_dynamic_target_merges_and_splits_pending_batches() -> None:
+    sizer = BatchSizer(initial=2)
+    batches = [_batch(i, range(2 * i, 2 * i + 2)) for i in range(4)]
+    s = _sched([batches], sizer=sizer)
+    sizer.target = 4  # grown: the next batch absorbs the one behind it
+    merged = s.take(0)
+    assert merged is not None and merged.rows.tolist() == [0, 1, 2, 3] and merged.id == 4
+    assert s.pending == 3  # two batches became one
+    sizer.target = 1  # shrunk: the next batch is split, the rest goes back to the front
+    one = s.take(0)
+    assert one is not None and len(one.rows) == 1 and s.queues[0][0].rows.tolist() == [5]
+
+
+def test_merging_stops_at_the_token_limit() -> None:
+    sizer = BatchSizer(initial=2)
+    s = _sched([[_batch(i, range(4 * i, 4 * i + 4)) for i in range(4)]], sizer=sizer)
+    sizer.target = 16
+    b = s.take(0)
+    assert b is not None and b.tokens <= CFG.token_limit and len(b.rows) == 8
+
+
+# -- the pool, with a fake caller on a virtual clock -----------------------------------------
+class FakeCaller:
+    """Each call takes ``latency(batch)`` simulated seconds; ``verdict(batch)`` decides."""
+
+    def __init__(self, report: Reporter, latency: Callable[[Batch], float],
+                 verdict: Callable[[Batch], str | None]) -> None:
+        self.report, self.latency, self.verdict = report, latency, verdict
+        self.calls: list[tuple[float, int, list[int]]] = []
+
+    async def open(self) -> None:
+        return None
+
+    def close(self) -> list[int]:
+        return []
+
+    async def call(self, a: int, batch: Batch, df: pl.DataFrame, slot: Hold) -> Verdict:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        self.calls.append((t0, a, batch.rows.tolist()))
+        self.report.started(a, batch, 1, t0)
+        await asyncio.sleep(self.latency(batch))
+        error = self.verdict(batch)
+        if error is not None:
+            return GaveUp(error, True, 0.0, loop.time() - t0)
+        return Answered(df.select(output=pl.col("id")), None, 0.0, loop.time() - t0,
+                        _usage.Usage())
+
+
+class FakeEngine:
+    rates_elsewhere = False
+
+    def __init__(self, latency: Callable[[Batch], float] = lambda b: 1.0,
+                 verdict: Callable[[Batch], str | None] = lambda b: None) -> None:
+        self.latency, self.verdict = latency, verdict
+        self.callers: list[FakeCaller] = []
+
+    def caller(self, fn: Any, cfg: BatchConfig, limits: RunLimits, report: Reporter, *,
+               reserved: set[str], queued: Callable[[], bool]) -> FakeCaller:
+        self.callers.append(FakeCaller(report, self.latency, self.verdict))
+        return self.callers[-1]
+
+
+def _pool(batches: list[list[Batch]], engine: Any, cfg: BatchConfig = CFG,
+          events: list[Event] | None = None, limits: RunLimits | None = None) -> Pool:
+    n = 1 + max(int(b.rows.max()) for q in batches for b in q)
+    frame = pl.DataFrame({"id": range(n)})
+    sink = events.append if events is not None else (lambda e: None)
+    return Pool(lambda b: None, frame, batches, cfg, row_tokens=np.full(n, 10), emit=sink,
+                reserved=set(), engine=engine, limits=limits)
+
+
+def test_an_idle_agent_steals_and_halves_the_makespan() -> None:
+    batches = [[_batch(i, range(i, i + 1)) for i in range(8)], []]
+    cfg = CFG.replace(max_concurrent_batches=1)
+
+    async def main(steal: bool) -> tuple[float, set[int]]:
+        engine = FakeEngine()
+        pool = _pool(batches, engine, cfg.replace(steal=steal))
+        t0 = asyncio.get_running_loop().time()
+        out = await pool.run()
+        assert out.done.all()
+        return asyncio.get_running_loop().time() - t0, {a for _, a, _ in engine.callers[0].calls}
+
+    alone, agents = run(main(False))
+    assert alone == pytest.approx(8.0, abs=1e-3) and agents == {0}
+    shared, agents = run(main(True))
+    assert shared == pytest.approx(4.0, abs=1e-3) and agents == {0, 1}
+
+
+def test_a_failed_batch_is_bisected_until_the_poison_row_fails_alone() -> None:
+    events: list[Event] = []
+    engine = FakeEngine(verdict=lambda b: "FatalError: bad row" if 5 in b.rows else None)
+    pool = _pool([[_batch(0, range(0, 8))]], engine, events=events)
+    out = run(pool.run())
+    assert out.done.all()
+    assert [i for i, e in enumerate(out.errors) if e] == [5]
+    calls = [rows for _, _, rows in engine.callers[0].calls]
+    assert calls[0] == list(range(8)) and [5] in calls and len(calls) == 7  # 1 + 2 + 2 + 2
+    bisected = [e for e in events if isinstance(e, BatchFailed) and e.bisected]
+    assert len(bisected) == 3
+
+
+def test_concurrency_cap_per_agent_on_the_virtual_clock() -> None:
+    batches = [[_batch(i, range(i, i + 1)) for i in range(6)]]
+    events: list[Event] = []
+    pool = _pool(batches, FakeEngine(), CFG.replace(max_concurrent_batches=2), events=events)
+    run(pool.run())
+    starts = sorted(round(e.t) for e in events if isinstance(e, BatchStarted))
+    assert starts == [0, 0, 1, 1, 2, 2]
+
+
+# -- slots: held once, released once ----------------------------------------------------------
+class CountingSlots(CapacityLimit):
+    """A concurrency limit that counts grants and releases, and sets ``blocked`` at the
+    ``signal_at``-th acquire that has to wait."""
+
+    def __init__(self, capacity: int, signal_at: int) -> None:
+        super().__init__(capacity)
+        self.released = self.granted = self.waits = 0
+        self.signal_at = signal_at
+        self.blocked = asyncio.Event()
+
+    async def acquire(self, cost: Cost) -> None:
+        if self.in_use >= self.capacity:
+            self.waits += 1
+            if self.waits == self.signal_at:
+                self.blocked.set()
+        await super().acquire(cost)
+        self.granted += 1
+
+    def release(self, cost: Cost, outcome: Any = None) -> None:
+        self.released += 1
+        super().release(cost, outcome)
+
+
+def test_cancelled_while_reacquiring_the_slot_after_a_backoff_releases_it_once() -> None:
+    """Batch 0 fails once and sleeps off its retry; batch 1 takes the agent's only slot and
+    hangs; batch 0 queues to get its slot back and the run is cancelled right then."""
+    cfg = BatchConfig(max_concurrent_batches=1, backoff_base=0.5, backoff_max=0.5, seed=1)
+    calls: list[int] = []
+
+    async def fn(batch: pl.DataFrame) -> list[int]:
+        ids = batch["id"].to_list()
+        calls.append(ids[0])
+        if ids[0] == 1:
+            await asyncio.sleep(3600)
+        if calls.count(0) == 1 and ids[0] == 0:
+            msg = "503 busy"
+            raise RetryableError(msg)
+        return ids
+
+    async def main() -> CountingSlots:
+        frame = pl.DataFrame({"id": [0, 1]})
+        limits = RunLimits.from_config(cfg, 1)
+        # waits: the agent after taking batch 0, the agent after taking batch 1, batch 0
+        slots = limits.agent_slots[0] = CountingSlots(1, signal_at=3)
+        batches = [[Batch(0, 0, np.array([0]), 9, 0), Batch(1, 0, np.array([1]), 1, 0)]]
+        pool = Pool(fn, frame, batches, cfg, row_tokens=np.ones(2), emit=lambda e: None,
+                    reserved=set(), limits=limits)
+        task = asyncio.create_task(pool.run())
+        await slots.blocked.wait()  # batch 0, back from its backoff, waits for its slot
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return slots
+
+    slots = run(main())
+    assert calls[:2] == [0, 1]
+    assert slots.in_use == 0 and slots.released == slots.granted  # never released twice
