@@ -1,20 +1,24 @@
-"""Dynamic batch size, hedging and limits learned from headers keep every row exactly once."""
+"""Dynamic batch size, hedging and limits learned from headers keep every row exactly once.
+
+The runs use ``dfbatch.aprocess`` on ``benchmarks.simapi.VirtualClockLoop``: fn's sleeps are
+simulated time, so the order of calls (and so which calls fail) is the same on every run.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import polars as pl
 
 import dfbatch
+from benchmarks.simapi import run
 from dfbatch.config import BatchConfig
 from dfbatch.errors import RetryableError
 from dfbatch.events import fold
 from dfbatch.execute._stack import RunLimits
 from tests.fakes import texts
 
-FAST = {"backoff_base": 0.001, "backoff_max": 0.005, "progress": False}
+FAST = {"backoff_base": 0.001, "backoff_max": 0.005, "progress": False, "seed": 7}
 
 
 def _words(ts: list[str]) -> list[int]:
@@ -34,8 +38,8 @@ def test_dynamic_sizing_shrinks_under_errors() -> None:
         return batch["text"].to_list()
 
     df = texts(400)
-    out = dfbatch.process(df, flaky, encoding=_words, agents=2, dynamic_batching=True,
-                          max_attempts=10, **FAST)
+    out = run(dfbatch.aprocess(df, flaky, encoding=_words, agents=2, dynamic_batching=True,
+                               max_attempts=10, **FAST))
     assert out["output"].to_list() == df["text"].to_list()
     sizes = out.group_by("run_batch_id").len()["len"]
     assert sizes.max() <= 4 and (sizes == 2).sum() > 0  # shrank to the minimum of 2
@@ -53,8 +57,8 @@ def test_dynamic_sizing_ignores_errors_unrelated_to_size() -> None:
             raise RetryableError(msg)
         return batch["text"].to_list()
 
-    out = dfbatch.process(texts(400), flaky, encoding=_words, agents=2, dynamic_batching=True,
-                          max_attempts=10, **FAST)
+    out = run(dfbatch.aprocess(texts(400), flaky, encoding=_words, agents=2,
+                               dynamic_batching=True, max_attempts=10, **FAST))
     assert out["error"].is_null().all()
     assert (out.group_by("run_batch_id").len()["len"] == 4).all()  # 503s did not shrink them
     assert out["run_batch_id"].to_list() == out["batch_id"].to_list()
@@ -66,8 +70,8 @@ def test_dynamic_sizing_grows_when_request_rate_binds() -> None:
         return batch["text"].to_list()
 
     df = texts(600)
-    out = dfbatch.process(df, fn, encoding=_words, agents=2, rpm=1200, rate_burst=0.01,
-                          dynamic_batching=True, **FAST)
+    out = run(dfbatch.aprocess(df, fn, encoding=_words, agents=2, rpm=1200, rate_burst=0.01,
+                               dynamic_batching=True, **FAST))
     assert out["output"].to_list() == df["text"].to_list()
     assert out["error"].is_null().all()
     sizes = out.group_by("run_batch_id").len()["len"]
@@ -80,8 +84,8 @@ def test_dynamic_sizing_respects_token_limit() -> None:
         return [len(batch)] * len(batch)
 
     df = texts(600)
-    out = dfbatch.process(df, fn, encoding=_words, agents=2, rpm=1200, rate_burst=0.01,
-                          dynamic_batching=True, token_limit=40, **FAST)
+    out = run(dfbatch.aprocess(df, fn, encoding=_words, agents=2, rpm=1200, rate_burst=0.01,
+                               dynamic_batching=True, token_limit=40, **FAST))
     per_batch = out.group_by("run_batch_id").agg(pl.col("n_tokens").sum())
     assert per_batch["n_tokens"].max() <= 40
 
@@ -98,10 +102,9 @@ def test_hedging_keeps_one_answer_per_row() -> None:
 
     events: list = []
     df = pl.DataFrame({"id": range(400), "text": ["same size"] * 400})  # runs in id order
-    t0 = time.monotonic()
-    out = dfbatch.process(df, straggly, encoding=_words, agents=2, hedge_after=0.9,
-                          on_event=events.append, **FAST)
-    assert time.monotonic() - t0 < 10.0  # the 20 s stragglers did not set the makespan
+    out = run(dfbatch.aprocess(df, straggly, encoding=_words, agents=2, hedge_after=0.9,
+                               on_event=events.append, **FAST))
+    assert events[-1].t - events[0].t < 10.0  # the 20 s stragglers did not set the makespan
     assert out["output"].to_list() == (df["id"] * 2).to_list()
     stats = fold(events)
     assert stats.hedges >= 1 and stats.rows_done == 400
