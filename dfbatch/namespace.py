@@ -1,15 +1,42 @@
-"""The ``df.batch`` / ``lf.batch`` accessor: thin methods that forward to the typed functions."""
+"""The ``df.batch`` / ``lf.batch`` accessor: thin methods that forward to the typed functions.
+
+``process`` / ``aprocess`` take exactly the parameters of ``dfbatch.process`` after the frame
+(``_after_frame`` hands them over, so IDEs and ``help()`` show them).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import polars as pl
+
+from dfbatch.run._process import aprocess as _aprocess
+from dfbatch.run._process import process as _process
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from dfbatch.plan import PlanSummary
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _after_frame(
+    like: Callable[Concatenate[Any, P], T],
+) -> Callable[[Callable[..., T]], Callable[Concatenate[Any, P], T]]:
+    """Give a namespace method the parameters of ``like`` after its first (the frame)."""
+
+    def decorate(method: Callable[..., T]) -> Callable[Concatenate[Any, P], T]:
+        sig = inspect.signature(like)
+        this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        params = [this, *list(sig.parameters.values())[1:]]
+        method.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        return method
+
+    return decorate
 
 
 @pl.api.register_dataframe_namespace("batch")
@@ -31,17 +58,15 @@ class BatchFrame:
 
         return summary(self._df, **kwargs)
 
-    def process(self, fn: Any, text: str | pl.Expr = "text", **config: Any) -> pl.DataFrame:
+    @_after_frame(_process)
+    def process(self, *args: Any, **kwargs: Any) -> pl.DataFrame:
         """Run ``fn`` over the frame in batches (blocking); see ``dfbatch.process``."""
-        from dfbatch.run._process import process
+        return _process(self._df, *args, **kwargs)
 
-        return process(self._df, fn, text, **config)
-
-    async def aprocess(self, fn: Any, text: str | pl.Expr = "text", **config: Any) -> pl.DataFrame:
+    @_after_frame(_aprocess)
+    async def aprocess(self, *args: Any, **kwargs: Any) -> pl.DataFrame:
         """``await``-able ``process``; see ``dfbatch.aprocess``."""
-        from dfbatch.run._process import aprocess
-
-        return await aprocess(self._df, fn, text, **config)
+        return await _aprocess(self._df, *args, **kwargs)
 
     def batches(self) -> pl.DataFrame:
         """One row per batch that ran, from a result frame (``execute._result.batches``)."""
@@ -81,8 +106,7 @@ class BatchLazyFrame:
 
         return plan(self._lf, text, **config)
 
-    def process(self, fn: Any, text: str | pl.Expr = "text", **config: Any) -> pl.DataFrame:
-        """Process a LazyFrame; see ``dfbatch.process``."""
-        from dfbatch.run._process import process
-
-        return process(self._lf, fn, text, **config)
+    @_after_frame(_process)
+    def process(self, *args: Any, **kwargs: Any) -> pl.DataFrame:
+        """Process a LazyFrame (``out=``: in chunks, to Parquet); see ``dfbatch.process``."""
+        return _process(self._lf, *args, **kwargs)

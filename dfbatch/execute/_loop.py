@@ -2,14 +2,17 @@
 
 Inside a running loop (a notebook cell) the loop is patched with nest-asyncio2 so a blocking
 ``process()`` call works; ``await aprocess()`` needs no patch. While the coroutine runs, the
-first Ctrl-C (or kernel interrupt) calls ``on_interrupt`` (a graceful stop that returns the
-partial result); a second Ctrl-C raises ``KeyboardInterrupt`` at once.
+first Ctrl-C (or kernel interrupt) calls the graceful stop the coroutine registered with
+``on_interrupt`` (it returns the partial result; before one is registered, Ctrl-C raises); a
+second Ctrl-C raises ``KeyboardInterrupt`` at once. So ``process`` is just
+``run_sync(aprocess(...))``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import signal
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -18,14 +21,42 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def run_sync(coro: Coroutine[Any, Any, T], on_interrupt: Callable[[], None]) -> T:
+class _Interrupt:
+    """The graceful stop the first Ctrl-C calls (None: Ctrl-C raises ``KeyboardInterrupt``)."""
+
+    def __init__(self) -> None:
+        self.stop: Callable[[], None] | None = None
+
+    def __call__(self) -> None:
+        if self.stop is None:
+            raise KeyboardInterrupt
+        self.stop()
+
+
+_TARGET: contextvars.ContextVar[_Interrupt | None] = contextvars.ContextVar(
+    "dfbatch_interrupt", default=None)
+
+
+def on_interrupt(stop: Callable[[], None]) -> bool:
+    """Make the first Ctrl-C call ``stop``, when this runs under ``run_sync``.
+
+    Returns True under ``run_sync`` (a blocking caller: its loop cannot serve a Stop button).
+    """
+    target = _TARGET.get()
+    if target is None:
+        return False
+    target.stop = stop
+    return True
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion from synchronous code and return its result.
 
     >>> import asyncio
     >>> async def answer():
     ...     await asyncio.sleep(0)
     ...     return 42
-    >>> run_sync(answer(), on_interrupt=lambda: None)
+    >>> run_sync(answer())
     42
     """
     try:
@@ -33,14 +64,14 @@ def run_sync(coro: Coroutine[Any, Any, T], on_interrupt: Callable[[], None]) -> 
     except RuntimeError:
         loop = None
     if loop is None:
-        return _run_own_loop(coro, on_interrupt)
+        return _run_own_loop(coro, _Interrupt())
     import nest_asyncio2
 
     nest_asyncio2.apply(loop)
-    return _run_on(loop, coro, on_interrupt)
+    return _run_on(loop, coro, _Interrupt())
 
 
-def _run_own_loop(coro: Coroutine[Any, Any, T], on_interrupt: Callable[[], None]) -> T:
+def _run_own_loop(coro: Coroutine[Any, Any, T], on_interrupt: _Interrupt) -> T:
     loop = asyncio.new_event_loop()
     try:
         return _run_on(loop, coro, on_interrupt)
@@ -53,9 +84,11 @@ def _run_own_loop(coro: Coroutine[Any, Any, T], on_interrupt: Callable[[], None]
 
 
 def _run_on(
-    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], on_interrupt: Callable[[], None]
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], on_interrupt: _Interrupt
 ) -> T:
-    task = loop.create_task(coro)
+    ctx = contextvars.copy_context()
+    ctx.run(_TARGET.set, on_interrupt)
+    task = ctx.run(loop.create_task, coro)  # the task (and only it) sees its _Interrupt
     try:
         with _sigint(loop, on_interrupt):
             return loop.run_until_complete(task)
@@ -67,7 +100,7 @@ def _run_on(
 
 
 @contextlib.contextmanager
-def _sigint(loop: asyncio.AbstractEventLoop, on_interrupt: Callable[[], None]) -> Iterator[None]:
+def _sigint(loop: asyncio.AbstractEventLoop, on_interrupt: _Interrupt) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -76,7 +109,7 @@ def _sigint(loop: asyncio.AbstractEventLoop, on_interrupt: Callable[[], None]) -
     def handler(signum: int, frame: object) -> None:
         nonlocal hits
         hits += 1
-        if hits > 1:
+        if hits > 1 or on_interrupt.stop is None:  # (nothing to stop yet: e.g. still planning)
             raise KeyboardInterrupt
         loop.call_soon_threadsafe(on_interrupt)
 

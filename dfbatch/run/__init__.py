@@ -6,6 +6,5 @@ events to the live view (``_wiring``) and hand the run to ``dfbatch.execute``.
 from __future__ import annotations
 
 from dfbatch.run._process import aprocess, process
-from dfbatch.run._stream import aprocess_stream, process_stream
 
-__all__ = ["aprocess", "aprocess_stream", "process", "process_stream"]
+__all__ = ["aprocess", "process"]

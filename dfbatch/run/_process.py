@@ -1,26 +1,33 @@
 """``process`` / ``aprocess``: plan (unless planned), run the pool, show progress, build the result.
 
-This module wires the pieces together; each piece lives in its own module (plan, pool, limits,
-retry, events, result, display, loop).
+``aprocess`` carries the one written signature; ``process`` is ``run_sync(aprocess(...))`` with
+the same parameters (``same_parameters`` gives them to IDEs, type checkers and ``help()``).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import polars as pl
 
 from dfbatch.config import BatchConfig, Progress
 from dfbatch.engines import Engine, asyncio_only
 from dfbatch.events import Event
-from dfbatch.execute._loop import run_sync
+from dfbatch.execute._loop import on_interrupt, run_sync
 from dfbatch.persist._checkpoint import Resume, open_journal
 from dfbatch.run._prepare import Fn, _Job
 
+if TYPE_CHECKING:
+    from dfbatch.run._stream import _Stream
 
-def process(
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+async def aprocess(
     df: pl.DataFrame | pl.LazyFrame,
     fn: Fn,
     text: str | pl.Expr = "text",
@@ -38,14 +45,58 @@ def process(
     ray_address: str | None = None,
     **settings: Any,
 ) -> pl.DataFrame:
+    """``await``-able ``process`` for code already inside an event loop (e.g. a notebook cell).
+
+    The dashboard's Stop button works here (it stops the run and the partial result is
+    returned); under the blocking ``process`` use Ctrl-C / the kernel's interrupt instead.
+
+    >>> import asyncio, polars as pl, dfbatch
+    >>> async def shout(batch):
+    ...     return [t.upper() for t in batch["text"]]
+    >>> out = asyncio.run(dfbatch.aprocess(pl.DataFrame({"text": ["x"]}), shout, progress=False))
+    >>> out["output"].to_list()
+    ['X']
+    """
+    run: _Job | _Stream
+    if out is not None:
+        asyncio_only(engine, "out=")
+        from dfbatch.run._stream import _Stream
+
+        run = _Stream.create(df, fn, text, out, chunk_rows, config, settings,
+                             dict(checkpoint=checkpoint, resume=resume,
+                                  retry_errors=retry_errors, key=key))
+    else:
+        run = _Job.prepare(df, fn, text, config, settings, engine, ray_address)
+        run.journal = open_journal(checkpoint, run.planned, fn, text, run.cfg, key=key,
+                                   resume=resume, retry_errors=retry_errors)
+    blocking = on_interrupt(run.stop)  # under process(): the first Ctrl-C stops the run
+    result: pl.DataFrame = await run.execute(progress, on_event, stoppable=not blocking)
+    return result
+
+
+def same_parameters(
+    like: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[[Callable[..., T]], Callable[P, T]]:
+    """Give the decorated blocking function the parameters of the coroutine function ``like``."""
+
+    def decorate(f: Callable[..., T]) -> Callable[P, T]:
+        f.__signature__ = inspect.signature(like)  # type: ignore[attr-defined]
+        return f
+
+    return decorate
+
+
+@same_parameters(aprocess)
+def process(*args: Any, **kwargs: Any) -> pl.DataFrame:
     """Run ``fn`` over ``df`` in token-aware batches on a pool of async agents (blocking).
 
-    ``fn`` gets one batch (a ``pl.DataFrame`` with the batch's rows and all columns) and returns
-    one output per row, in order: a list, a ``pl.Series`` or a ``pl.DataFrame`` (several output
-    columns). It may be ``async def`` or a plain function (run in a thread pool). Errors are
-    values: a failed row gets ``error`` text, the run goes on. ``settings`` are ``BatchConfig``
-    fields (``items_per_batch``, ``token_limit``, ``rpm``, ``tpm``, ``timeout`` …). A frame
-    that already carries a plan (``df.batch.plan(...)``) runs as planned.
+    The parameters are ``aprocess``'s. ``fn`` gets one batch (a ``pl.DataFrame`` with the
+    batch's rows and all columns) and returns one output per row, in order: a list, a
+    ``pl.Series`` or a ``pl.DataFrame`` (several output columns). It may be ``async def`` or a
+    plain function (run in daemon worker threads). Errors are values: a failed row gets
+    ``error`` text, the run goes on. ``settings`` are ``BatchConfig`` fields
+    (``items_per_batch``, ``token_limit``, ``rpm``, ``tpm``, ``timeout`` …). A frame that
+    already carries a plan (``df.batch.plan(...)``) runs as planned.
 
     Works in scripts and inside Jupyter's running loop. The first Ctrl-C stops the run and
     returns the partial result (unfinished rows get ``error="cancelled"``); a second one raises.
@@ -79,58 +130,4 @@ def process(
     │ eeeee ┆ 5      ┆ 1        ┆ null  │
     └───────┴────────┴──────────┴───────┘
     """
-    if out is not None:
-        asyncio_only(engine, "out=")
-        from dfbatch.run._stream import process_stream
-
-        return process_stream(df, fn, text, out=out, chunk_rows=chunk_rows, config=config,
-                              progress=progress, on_event=on_event, checkpoint=checkpoint,
-                              resume=resume, retry_errors=retry_errors, key=key, **settings)
-    job = _Job.prepare(df, fn, text, config, settings, engine, ray_address)
-    job.journal = open_journal(checkpoint, job.planned, fn, text, job.cfg, key=key,
-                               resume=resume, retry_errors=retry_errors)
-    return run_sync(job.execute(progress, on_event, stoppable=False), on_interrupt=job.stop)
-
-
-async def aprocess(
-    df: pl.DataFrame | pl.LazyFrame,
-    fn: Fn,
-    text: str | pl.Expr = "text",
-    *,
-    config: BatchConfig | None = None,
-    progress: Progress = "auto",
-    on_event: Callable[[Event], None] | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    resume: Resume = "auto",
-    retry_errors: bool = False,
-    key: str | None = None,
-    out: str | os.PathLike[str] | None = None,
-    chunk_rows: int = 100_000,
-    engine: Engine = "asyncio",
-    ray_address: str | None = None,
-    **settings: Any,
-) -> pl.DataFrame:
-    """``await``-able ``process`` for code already inside an event loop (e.g. a notebook cell).
-
-    The dashboard's Stop button works here (it stops the run and the partial result is
-    returned); under the blocking ``process`` use Ctrl-C / the kernel's interrupt instead.
-
-    >>> import asyncio, polars as pl, dfbatch
-    >>> async def shout(batch):
-    ...     return [t.upper() for t in batch["text"]]
-    >>> out = asyncio.run(dfbatch.aprocess(pl.DataFrame({"text": ["x"]}), shout, progress=False))
-    >>> out["output"].to_list()
-    ['X']
-    """
-    if out is not None:
-        asyncio_only(engine, "out=")
-        from dfbatch.run._stream import aprocess_stream
-
-        return await aprocess_stream(df, fn, text, out=out, chunk_rows=chunk_rows,
-                                     config=config, progress=progress, on_event=on_event,
-                                     checkpoint=checkpoint, resume=resume,
-                                     retry_errors=retry_errors, key=key, **settings)
-    job = _Job.prepare(df, fn, text, config, settings, engine, ray_address)
-    job.journal = open_journal(checkpoint, job.planned, fn, text, job.cfg, key=key,
-                               resume=resume, retry_errors=retry_errors)
-    return await job.execute(progress, on_event, stoppable=True)
+    return run_sync(aprocess(*args, **kwargs))

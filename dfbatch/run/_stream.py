@@ -55,47 +55,14 @@ import pyarrow.parquet as pq
 from dfbatch.config import BatchConfig, Progress
 from dfbatch.errors import ConfigError, PartialResultWarning
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
-from dfbatch.execute._loop import run_sync
 from dfbatch.execute._pool import Outcomes, Pool
 from dfbatch.execute._result import assemble
 from dfbatch.execute._stack import RunLimits
-from dfbatch.persist._checkpoint import Journal, Resume, open_journal
+from dfbatch.persist._checkpoint import Journal, open_journal
 from dfbatch.run._prepare import _Job, resolve
 from dfbatch.run._wiring import open_display, safe, tick
 
 Fn = Callable[[pl.DataFrame], Any]
-
-
-def process_stream(
-    df: pl.LazyFrame | pl.DataFrame, fn: Fn, text: str | pl.Expr = "text", *,
-    out: str | os.PathLike[str], chunk_rows: int = 100_000, config: BatchConfig | None = None,
-    progress: Progress = "auto", on_event: Callable[[Event], None] | None = None,
-    checkpoint: str | os.PathLike[str] | None = None, resume: Resume = "auto",
-    retry_errors: bool = False, key: str | None = None, **settings: Any,
-) -> pl.DataFrame:
-    """Process ``df`` in chunks of ``chunk_rows`` rows into the Parquet file ``out`` (blocking).
-
-    Returns the one-row summary described in the module docstring. See ``dfbatch.process`` for
-    ``fn``, ``text`` and the settings.
-    """
-    run = _Stream.create(df, fn, text, out, chunk_rows, config, settings,
-                         dict(checkpoint=checkpoint, resume=resume, retry_errors=retry_errors,
-                              key=key))
-    return run_sync(run.execute(progress, on_event, stoppable=False), on_interrupt=run.stop)
-
-
-async def aprocess_stream(
-    df: pl.LazyFrame | pl.DataFrame, fn: Fn, text: str | pl.Expr = "text", *,
-    out: str | os.PathLike[str], chunk_rows: int = 100_000, config: BatchConfig | None = None,
-    progress: Progress = "auto", on_event: Callable[[Event], None] | None = None,
-    checkpoint: str | os.PathLike[str] | None = None, resume: Resume = "auto",
-    retry_errors: bool = False, key: str | None = None, **settings: Any,
-) -> pl.DataFrame:
-    """``await``-able ``process_stream``."""
-    run = _Stream.create(df, fn, text, out, chunk_rows, config, settings,
-                         dict(checkpoint=checkpoint, resume=resume, retry_errors=retry_errors,
-                              key=key))
-    return await run.execute(progress, on_event, stoppable=True)
 
 
 @dataclass
