@@ -20,7 +20,7 @@ Examples
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -107,7 +107,6 @@ Event = (
     RunStarted | BatchStarted | BatchRetried | BatchHedged | BatchFinished | BatchFailed
     | RunFinished
 )
-Subscriber = Callable[[Event], None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,11 +44,9 @@ from dfbatch.engines.lease import LeasedRates, chunk, lease_ttl
 from dfbatch.events import Event
 from dfbatch.execute._caller import FnCaller
 from dfbatch.execute._limits import Cost, Hold, Limit, Limits, Outcome
-from dfbatch.execute._recorder import Answered, GaveUp, Verdict
+from dfbatch.execute._recorder import Answered
 from dfbatch.execute._scheduler import Batch
 from dfbatch.execute._stack import RunLimits
-
-__all__ = ["AgentActor", "Answered", "BatchMeta", "GaveUp", "Verdict", "from_wire", "to_wire"]
 
 
 # -- what travels between driver and actors --------------------------------------------------

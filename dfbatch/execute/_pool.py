@@ -25,11 +25,11 @@ from dfbatch.errors import StillRunningWarning
 from dfbatch.events import Event
 from dfbatch.execute._caller import LOCAL, CallerFactory
 from dfbatch.execute._limits import Cost, Hold
-from dfbatch.execute._recorder import CANCELLED, Answered, Outcomes, Recorder, Verdict
+from dfbatch.execute._recorder import Answered, Outcomes, Recorder, Verdict
 from dfbatch.execute._scheduler import Batch, Scheduler
 from dfbatch.execute._stack import RunLimits
 
-__all__ = ["CANCELLED", "Batch", "Outcomes", "Pool"]
+__all__ = ["Batch", "Outcomes", "Pool"]  # Batch, Outcomes: for persist._checkpoint
 
 _ONE = Cost()
 

@@ -60,7 +60,7 @@ Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 
 NULL_TEXT = "null_text"
 OVERSIZE = "oversize"
-_FIELD = {"n_tokens": "n_tokens", "batch_id": "batch_id", "agent_id": "agent_id", "flag": "flag"}
+_FIELD = ("n_tokens", "batch_id", "agent_id", "flag")
 
 
 # -- plan ----------------------------------------------------------------------------------

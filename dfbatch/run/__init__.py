@@ -2,9 +2,3 @@
 (``out=``: a LazyFrame in chunks to Parquet). They prepare the batches (``_prepare``), wire the
 events to the live view (``_wiring``) and hand the run to ``dfbatch.execute``.
 """
-
-from __future__ import annotations
-
-from dfbatch.run._process import aprocess, process
-
-__all__ = ["aprocess", "process"]

@@ -21,8 +21,9 @@ from dfbatch.engines import select
 from dfbatch.errors import ConfigError, PartialResultWarning
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
 from dfbatch.execute._caller import LOCAL, CallerFactory
-from dfbatch.execute._pool import Batch, Pool
+from dfbatch.execute._pool import Pool
 from dfbatch.execute._result import assemble
+from dfbatch.execute._scheduler import Batch
 from dfbatch.execute._stack import RunLimits
 from dfbatch.persist._checkpoint import Journal
 from dfbatch.run._wiring import open_display, safe, tick

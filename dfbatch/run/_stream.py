@@ -8,9 +8,11 @@ renamed when complete). Peak memory is bounded by a few chunks, not by the datas
 
 No idle gap at chunk boundaries: the next chunk is read and planned in a worker thread while the
 current one runs, and its pool starts as soon as the current pool's queues are empty (its last
-batches still in flight). Consecutive pools share the same limit objects (global in-flight cap,
-per-agent concurrency and bytes, adaptive concurrency, RPM/TPM buckets, dynamic batch size), so
-the agents and their limits carry over from chunk to chunk and the caps hold across the overlap.
+batches still in flight). The run's limit stack (``RunLimits``: global in-flight cap, per-agent
+concurrency and bytes, adaptive concurrency, RPM/TPM buckets, dynamic batch size) is built once
+and handed to every chunk's pool, so the agents and their limits carry over from chunk to chunk
+and the caps hold across the overlap. A column that every row so far left null (a chunk that
+failed entirely) takes the type of the first chunk that brings values.
 At most two pools run at once, and a third chunk is being prepared.
 
 The output has the columns of the DataFrame result (``dfbatch.process``); ``batch_id`` and
@@ -55,7 +57,8 @@ import pyarrow.parquet as pq
 from dfbatch.config import BatchConfig, Progress
 from dfbatch.errors import ConfigError, PartialResultWarning
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
-from dfbatch.execute._pool import Outcomes, Pool
+from dfbatch.execute._pool import Pool
+from dfbatch.execute._recorder import Outcomes
 from dfbatch.execute._result import assemble
 from dfbatch.execute._stack import RunLimits
 from dfbatch.persist._checkpoint import Journal, open_journal
