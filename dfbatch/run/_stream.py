@@ -100,18 +100,7 @@ class _Stream:
     def create(cls, df: Any, fn: Fn, text: str | pl.Expr, out: str | os.PathLike[str],
                chunk_rows: int, config: BatchConfig | None, settings: dict[str, Any],
                journal_opts: dict[str, Any]) -> _Stream:
-        if isinstance(df, pl.DataFrame):
-            df = df.lazy()
-        if not isinstance(df, pl.LazyFrame):
-            msg = f"df must be a polars LazyFrame or DataFrame, got {type(df).__name__}"
-            raise ConfigError(msg)
-        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-            msg = f"chunk_rows must be an integer > 0, got {chunk_rows!r}"
-            raise ConfigError(msg)
-        path = Path(out)
-        if not path.parent.is_dir():
-            msg = f"out={str(out)!r}: directory {str(path.parent)!r} does not exist; create it"
-            raise ConfigError(msg)
+        df, path = _checked(df, out, chunk_rows)
         # validates fn, settings and text against the schema before reading any data
         empty = pl.DataFrame(schema=df.collect_schema())
         cfg, _ = resolve(fn, config, settings)
@@ -269,23 +258,11 @@ class _Stream:
             outcomes = chunk.journal.merge(outcomes)
         offset = self.batch_offset
         self.batch_offset += max(chunk.pool.sched.next_id, 1)
-        result = await asyncio.to_thread(self._result, chunk, outcomes, offset)
+        result = await asyncio.to_thread(_chunk_result, chunk.job.planned, outcomes, offset,
+                                         self.cfg, self.counts)
         await asyncio.to_thread(writer.write, result)
         del chunk, outcomes, result
         gc.collect()  # a finished pool sits in reference cycles: free its chunk's memory now
-
-    def _result(self, chunk: _Chunk, outcomes: Outcomes, offset: int) -> pl.DataFrame:
-        c = self.cfg.columns
-        result = assemble(chunk.job.planned, outcomes, c).with_columns(
-            pl.col(c.batch_id, c.run_batch_id) + offset)
-        error = result[c.error]
-        cancelled = int((error == "cancelled").sum())
-        self.counts["rows"] += result.height
-        self.counts["rows_cancelled"] += cancelled
-        self.counts["rows_failed"] += int(error.is_not_null().sum()) - cancelled
-        self.counts["rows_ok"] += int(error.is_null().sum())
-        self.counts["chunks"] += 1
-        return result
 
     async def _cancel_live(self) -> None:
         tasks = [c.task for c in self.live if c.task is not None]
@@ -296,6 +273,38 @@ class _Stream:
             if c.journal is not None:
                 c.journal.close()
         self.live.clear()
+
+
+def _checked(df: Any, out: str | os.PathLike[str], chunk_rows: int) -> tuple[pl.LazyFrame, Path]:
+    if isinstance(df, pl.DataFrame):
+        df = df.lazy()
+    if not isinstance(df, pl.LazyFrame):
+        msg = f"df must be a polars LazyFrame or DataFrame, got {type(df).__name__}"
+        raise ConfigError(msg)
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        msg = f"chunk_rows must be an integer > 0, got {chunk_rows!r}"
+        raise ConfigError(msg)
+    path = Path(out)
+    if not path.parent.is_dir():
+        msg = f"out={str(out)!r}: directory {str(path.parent)!r} does not exist; create it"
+        raise ConfigError(msg)
+    return df, path
+
+
+def _chunk_result(planned: pl.DataFrame, outcomes: Outcomes, offset: int, cfg: BatchConfig,
+                  counts: dict[str, int]) -> pl.DataFrame:
+    """A chunk's result frame, batch ids made unique across chunks; counts its rows."""
+    c = cfg.columns
+    result = assemble(planned, outcomes, c).with_columns(
+        pl.col(c.batch_id, c.run_batch_id) + offset)
+    error = result[c.error]
+    cancelled = int((error == "cancelled").sum())
+    counts["rows"] += result.height
+    counts["rows_cancelled"] += cancelled
+    counts["rows_failed"] += int(error.is_not_null().sum()) - cancelled
+    counts["rows_ok"] += int(error.is_null().sum())
+    counts["chunks"] += 1
+    return result
 
 
 def _chunks(lf: pl.LazyFrame, chunk_rows: int) -> Iterator[pl.DataFrame]:
