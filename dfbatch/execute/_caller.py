@@ -111,7 +111,7 @@ class FnCaller:
         cost = Cost(tokens=batch.tokens, nbytes=batch.nbytes)
         wall0, t_first = time.time(), loop.time()
         for attempt in range(1, cfg.max_attempts + 1):
-            async with Hold(limits.agent_bytes[a], cost), limits.shared.hold(cost) as held:
+            async with limits.for_agent(a).hold(cost) as held:  # bytes, then the shared stack
                 seq = limits.adaptive.next_seq() if limits.adaptive else 0
                 if attempt == 1:
                     wall0, t_first = time.time(), loop.time()

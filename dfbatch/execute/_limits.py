@@ -321,7 +321,9 @@ class Hold:
         self.outcome: Outcome | None = None
 
     async def __aenter__(self) -> Hold:
-        await self.reacquire()
+        if not self.held:
+            await self.limit.acquire(self.cost)
+            self.held = True
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -118,8 +118,8 @@ class Pool:
         limit, sched = self.limits.agent_slots[a], self.sched
         assert self._wake is not None
         while not self.stopping:
-            slot = Hold(limit, _ONE)
-            await slot.reacquire()
+            await limit.acquire(_ONE)
+            slot = Hold(limit, _ONE, held=True)
             batch = sched.take(a)
             if batch is None:
                 slot.release()  # never hold a slot while idle: a batch in backoff needs it

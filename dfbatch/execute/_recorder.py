@@ -46,7 +46,7 @@ class Outcomes:
         self.errors = [None] * self.n
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Answered:
     """fn answered: one output per row (``frame``), some rows may carry their own error."""
 
@@ -57,7 +57,7 @@ class Answered:
     used: _usage.Usage
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GaveUp:
     """Every attempt failed; ``bisect``: splitting the batch may isolate the bad row."""
 

@@ -40,6 +40,7 @@ class RunLimits:
     burst: float = 0.1
     learns: bool = True  # adopt x-ratelimit-limit-* headers when no rpm / tpm is configured
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+    _per_agent: dict[int, Limits] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: BatchConfig, n_agents: int, *, rates_elsewhere: bool = False
@@ -69,6 +70,13 @@ class RunLimits:
             adaptive=adaptive, rpm=rpm, tpm=tpm, sizer=sizer, burst=burst,
             learns=local,
         )
+
+    def for_agent(self, a: int) -> Limits:
+        """What one call of agent ``a`` holds: its bytes in flight, then the shared stack."""
+        stack = self._per_agent.get(a)
+        if stack is None:
+            stack = self._per_agent[a] = Limits([self.agent_bytes[a], self.shared])
+        return stack
 
     def rate_bound(self) -> bool:
         """Is the request rate the binding limit (so fewer, larger requests finish sooner)?"""
