@@ -107,7 +107,7 @@ def test_admit_records_from_the_exception():
         breaker = Breaker(threshold=2)
         out = []
         for exc in (openai.APIConnectionError(request=REQUEST), httpx.ReadTimeout("slow")):
-            with pytest.raises(Exception):  # noqa: PT011, B017
+            with pytest.raises(Exception):  # noqa: B017
                 async with breaker.admit():
                     raise exc
         out.append(breaker.closed)  # two outages: open
@@ -116,7 +116,8 @@ def test_admit_records_from_the_exception():
         out.append(breaker.closed)  # the probe answered
         with pytest.raises(ValueError):
             async with breaker.admit():
-                raise ValueError("a bug in fn is not an outage")
+                msg = "a bug in fn is not an outage"
+                raise ValueError(msg)
         out.append(breaker.closed)
         return out
 
