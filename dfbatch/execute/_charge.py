@@ -17,7 +17,7 @@ import functools
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from dfbatch.execute._breaker import Breaker
 from dfbatch.execute._headers import RateHints, parse_headers
@@ -25,6 +25,7 @@ from dfbatch.execute._limits import Cost, Limit, Outcome
 from dfbatch.execute._retry import classify
 
 CHARGES_ATTR = "dfbatch_charges"
+SENDS_ATTR = "dfbatch_sends"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -68,10 +69,22 @@ def charges_per_request(fn: Any) -> bool:
     return getattr(fn, CHARGES_ATTR, None) == "request"
 
 
-def per_request(fn: F) -> F:
-    """Mark ``fn`` as charging every request it sends through ``request()`` (returns ``fn``)."""
+def per_request(fn: F, *, sends: Literal["rows", "one"] = "rows") -> F:
+    """Mark ``fn`` as charging every request it sends through ``request()`` (returns ``fn``).
+
+    ``sends`` says how many requests one call makes: ``"rows"`` (one per row, or any number:
+    a bigger batch is not fewer requests) or ``"one"`` (one per call, as ``chat(mode="batch")``
+    and ``embed``: a bigger batch is fewer requests).
+    """
     setattr(fn, CHARGES_ATTR, "request")
+    setattr(fn, SENDS_ATTR, sends)
     return fn
+
+
+def one_request_per_call(fn: Any) -> bool:
+    """Does a bigger batch mean fewer requests? True for a plain fn (charged per call) and for
+    one marked ``per_request(fn, sends="one")``; False for one that sends a request per row."""
+    return not charges_per_request(fn) or getattr(fn, SENDS_ATTR, None) == "one"
 
 
 @dataclass(slots=True)
