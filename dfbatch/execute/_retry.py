@@ -189,6 +189,40 @@ def _by_status(exc: BaseException, status: int, make: Callable[..., Decision]) -
     return make("row", "bad_request", bisect=True)
 
 
+@dataclass(slots=True)
+class AttemptBudget:
+    """One batch's budget of tries: errors use up ``max_attempts``; rate-limit 429s use only
+    time (``patience_s`` since the batch's first one), so rows do not fail while a provider's
+    window is simply not over.
+
+    >>> from dfbatch.execute._retry import AttemptBudget, Decision
+    >>> budget = AttemptBudget(max_attempts=2, patience_s=60.0)
+    >>> limited = Decision(True, rate_limited=True, kind="rate_limited")
+    >>> [budget.may_retry(limited, now=t) for t in (0.0, 30.0, 59.0, 61.0)]
+    [True, True, True, False]
+    >>> error = Decision(True, kind="transient")
+    >>> errors = AttemptBudget(max_attempts=2)  # 2 tries in all: one retry
+    >>> errors.may_retry(error, now=0.0), errors.may_retry(error, now=0.0)
+    (True, False)
+    """
+
+    max_attempts: int
+    patience_s: float = 600.0
+    failed_tries: int = 0
+    first_limited: float | None = None
+
+    def may_retry(self, decision: Decision, *, now: float) -> bool:
+        """Record one failed try; may the batch be tried again?"""
+        if not decision.retry:
+            return False
+        if decision.kind == "rate_limited":
+            if self.first_limited is None:
+                self.first_limited = now
+            return now - self.first_limited < self.patience_s
+        self.failed_tries += 1
+        return self.failed_tries < self.max_attempts
+
+
 def fatal_message(exc: BaseException, decision: Decision | None = None) -> str:
     """The run-stopping error for a ``fatal_run`` failure: the cause, the fix and the server's
     own words.
