@@ -11,6 +11,7 @@ import pytest
 import dfbatch
 from dfbatch.config import BatchConfig, Columns
 from dfbatch.errors import ConfigError
+from dfbatch.events import RunStarted
 
 QUIET = {"progress": False}
 
@@ -70,3 +71,69 @@ def test_process_keyword_typos_get_a_hint(typo: str, hint: str) -> None:
     with pytest.raises(ConfigError, match=f"did you mean '{hint}'"):
         dfbatch.process(pl.DataFrame({"text": ["a"]}), fn, **{typo: False})
     assert fn.rows == 0
+
+
+# -- columns ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["output", "error", "attempts", "started_at", "run_batch_id",
+                                  "run_agent_id", "elapsed_s"])
+def test_result_column_clash_fails_before_the_first_call(name: str) -> None:
+    fn = CountingFn()
+    df = pl.DataFrame({"text": ["a", "b"], name: [1, 2]})
+    with pytest.raises(dfbatch.ColumnError, match=rf"\['{name}'\].*columns=\{{'{name}'"):
+        dfbatch.process(df, fn, **QUIET)
+    assert fn.rows == 0
+    renamed = {name: f"{name}_2"}
+    out = dfbatch.process(df, fn, columns=renamed, **QUIET)
+    assert out[name].to_list() == [1, 2] and f"{name}_2" in out.columns
+
+
+def test_every_clash_is_named_at_once() -> None:
+    df = pl.DataFrame({"text": ["a"], "output": [1], "error": ["x"], "elapsed_s": [1.0]})
+    with pytest.raises(dfbatch.ColumnError, match=r"\['output', 'error', 'elapsed_s'\]"):
+        dfbatch.process(df, upper, **QUIET)
+
+
+def test_streaming_checks_clashes_before_reading(tmp_path: object) -> None:
+    fn = CountingFn()
+    lf = pl.LazyFrame({"text": ["a"], "attempts": [1]})
+    with pytest.raises(dfbatch.ColumnError, match="attempts"):
+        dfbatch.process(lf, fn, out=f"{tmp_path}/o.parquet", **QUIET)
+    assert fn.rows == 0
+
+
+# -- plan columns -----------------------------------------------------------------------------
+def planned(n: int = 10) -> pl.DataFrame:
+    return dfbatch.plan(pl.DataFrame({"text": [f"t{i}" for i in range(n)]}), agents=2)
+
+
+@pytest.mark.parametrize(("damage", "match"), [
+    (pl.lit(None, pl.UInt32).alias("batch_id"), "'batch_id' has 10 null"),
+    (pl.col("batch_id").cast(pl.Int64) - 5, "'batch_id' has negative"),
+    (pl.col("batch_id").cast(pl.Utf8), "'batch_id' has type String"),
+    (pl.lit(-1).alias("agent_id"), "'agent_id' has negative"),
+    (pl.lit(None, pl.Int64).alias("n_tokens"), "'n_tokens' has 10 null"),
+    (pl.lit(60000, pl.UInt16).alias("agent_id"), "agent id 60000"),
+])
+def test_damaged_plan_columns_fail_before_the_first_call(damage: pl.Expr, match: str) -> None:
+    fn = CountingFn()
+    with pytest.raises(dfbatch.ColumnError, match=match):
+        dfbatch.process(planned().with_columns(damage), fn, **QUIET)
+    assert fn.rows == 0
+
+
+def test_plan_from_more_agents_still_runs() -> None:
+    df = dfbatch.plan(pl.DataFrame({"text": [f"t{i}" for i in range(40)]}), agents=8,
+                      items_per_batch=2)
+    assert df["agent_id"].max() == 7
+    out = dfbatch.process(df, upper, agents=2, **QUIET)
+    assert out["error"].null_count() == 40
+
+
+def test_many_more_agents_than_batches_start_only_agents_with_work() -> None:
+    started: list[RunStarted] = []
+    df = pl.DataFrame({"text": [f"t{i}" for i in range(10)]})
+    out = dfbatch.process(df, upper, agents=5000,
+                          on_event=lambda e: started.append(e) if isinstance(e, RunStarted)
+                          else None, **QUIET)
+    assert out["error"].null_count() == 10
+    assert len(started[0].planned_tokens) == out["batch_id"].n_unique()  # not 5000 idle agents
