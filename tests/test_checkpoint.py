@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import ClassVar
 
 import polars as pl
 import pytest
@@ -42,7 +43,13 @@ class Crash(BaseException):
 
 
 class Recorder:
-    """A deterministic fn that records the ids of every call and can crash after ``crash_after``."""
+    """A deterministic fn that records the ids of every call and can crash after ``crash_after``.
+
+    Its attributes (``crash_after``, the lock) differ between the runs of a test, not its
+    outputs: it declares its identity (``dfbatch_fingerprint``) so that resuming is allowed.
+    """
+
+    dfbatch_fingerprint: ClassVar[dict[str, str]] = {"fn": "Recorder"}
 
     def __init__(self, crash_after: int | None = None, fail: set[int] | None = None) -> None:
         self.calls: list[list[int]] = []
@@ -96,7 +103,7 @@ def test_other_run_is_a_clear_error_unless_overwrite(tmp_path: Path) -> None:
     def other(batch: pl.DataFrame) -> list[str]:
         return ["x"] * batch.height
 
-    with pytest.raises(CheckpointError, match=r"fn: .*Recorder then, .*other now"):
+    with pytest.raises(CheckpointError, match=r"fn: .*Recorder .*then, .*other now"):
         dfbatch.process(df, other, checkpoint=tmp_path, **FAST)
     with pytest.raises(CheckpointError, match=r"input rows differ \(20 rows then, 21 now\)"):
         dfbatch.process(frame(21), Recorder(), checkpoint=tmp_path, **FAST)

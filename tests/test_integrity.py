@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 import dfbatch
 from dfbatch.config import BatchConfig, Columns
-from dfbatch.errors import ConfigError
+from dfbatch.errors import CheckpointError, ConfigError
 from dfbatch.events import RunStarted
 
 QUIET = {"progress": False}
@@ -137,3 +138,113 @@ def test_many_more_agents_than_batches_start_only_agents_with_work() -> None:
                           else None, **QUIET)
     assert out["error"].null_count() == 10
     assert len(started[0].planned_tokens) == out["batch_id"].n_unique()  # not 5000 idle agents
+
+
+# -- the fingerprint: what fn is ----------------------------------------------------------------
+def _ckpt_run(tmp_path: object, fn: object, **kw: object) -> pl.DataFrame:
+    df = pl.DataFrame({"text": ["a", "b", "c"]})
+    return dfbatch.process(df, fn, checkpoint=f"{tmp_path}/ck", **QUIET, **kw)  # type: ignore[arg-type]
+
+
+def make_suffixer(suffix: str):  # type: ignore[no-untyped-def]
+    def fn(batch: pl.DataFrame) -> list[str]:
+        return [t + suffix for t in batch["text"]]
+    return fn
+
+
+def test_another_closure_of_the_same_name_is_refused(tmp_path: object) -> None:
+    assert _ckpt_run(tmp_path, make_suffixer("!"))["output"].to_list() == ["a!", "b!", "c!"]
+    assert _ckpt_run(tmp_path, make_suffixer("!"))["output"].to_list() == ["a!", "b!", "c!"]
+    with pytest.raises(CheckpointError, match=r"fn .*make_suffixer.<locals>.fn: its code or the "
+                                              "values it captured changed"):
+        _ckpt_run(tmp_path, make_suffixer("?"))
+    out = _ckpt_run(tmp_path, make_suffixer("?"), resume="overwrite")
+    assert out["output"].to_list() == ["a?", "b?", "c?"]
+
+
+def test_another_lambda_of_the_same_name_is_refused(tmp_path: object) -> None:
+    _ckpt_run(tmp_path, lambda b: b["text"].str.to_uppercase())
+    with pytest.raises(CheckpointError, match="its code"):
+        _ckpt_run(tmp_path, lambda b: b["text"].str.to_lowercase())
+
+
+def test_defaults_partials_and_callable_objects_are_part_of_the_identity(
+    tmp_path: object,
+) -> None:
+    from dfbatch.persist._code import code_identity
+
+    def fn(batch: pl.DataFrame, n: int = 1) -> list[int]:
+        return [n] * batch.height
+
+    def fn2(batch: pl.DataFrame, n: int = 2) -> list[int]:
+        return [n] * batch.height
+
+    assert code_identity(fn) != code_identity(fn2)
+    assert code_identity(functools.partial(fn, n=3)) != code_identity(functools.partial(fn, n=4))
+
+    class Tagger:
+        def __init__(self, tag: str) -> None:
+            self.tag = tag
+            self.calls: list[int] = []  # run state: not part of the identity
+
+        def __call__(self, batch: pl.DataFrame) -> list[str]:
+            self.calls.append(batch.height)
+            return [self.tag] * batch.height
+
+    one = Tagger("x")
+    assert code_identity(one) == code_identity(Tagger("x"))
+    assert code_identity(Tagger("x")) != code_identity(Tagger("y"))
+    _ckpt_run(tmp_path, one)
+    assert _ckpt_run(tmp_path, one)["output"].to_list() == ["x"] * 3  # same object: resumes
+    assert one.calls == [3]
+    with pytest.raises(CheckpointError, match="Tagger"):
+        _ckpt_run(tmp_path, Tagger("y"))
+
+
+PROMPT = "v1"
+
+
+def uses_a_global(batch: pl.DataFrame) -> list[str]:
+    return [PROMPT] * batch.height
+
+
+def test_a_changed_global_constant_is_a_changed_fn() -> None:
+    from dfbatch.persist._code import code_identity
+
+    global PROMPT
+    before = code_identity(uses_a_global)
+    PROMPT = "v2"
+    try:
+        assert code_identity(uses_a_global) != before
+    finally:
+        PROMPT = "v1"
+    assert code_identity(uses_a_global) == before
+
+
+def test_unsure_identity_is_refused_with_the_fix(tmp_path: object) -> None:
+    class Opaque:
+        __slots__ = ()
+
+    thing = Opaque()
+
+    def fn(batch: pl.DataFrame) -> list[str]:
+        return [repr(thing)[:1]] * batch.height
+
+    with pytest.raises(CheckpointError, match=r"closure variable 'thing' holds a .*Opaque.*"
+                                              r"dfbatch_fingerprint = \{'version': 1\}"):
+        _ckpt_run(tmp_path, fn)
+    fn.dfbatch_fingerprint = {"version": 1}  # type: ignore[attr-defined]
+    assert _ckpt_run(tmp_path, fn)["error"].null_count() == 3
+    fn.dfbatch_fingerprint = {"version": 2}  # type: ignore[attr-defined]
+    with pytest.raises(CheckpointError, match="'version': 2"):
+        _ckpt_run(tmp_path, fn)
+
+
+def test_llm_adapters_declare_their_identity() -> None:
+    from dfbatch.llm import chat
+    from dfbatch.persist._fingerprint import fn_identity
+
+    a = fn_identity(chat("m", "Say {text}", base_url="http://localhost:1"))
+    b = fn_identity(chat("m", "Say {text}", base_url="http://localhost:1"))
+    c = fn_identity(chat("m", "Shout {text}", base_url="http://localhost:1"))
+    assert "unsure" not in a and a == b and a != c

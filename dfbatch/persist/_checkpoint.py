@@ -64,6 +64,7 @@ from dfbatch.persist._fingerprint import (
     fingerprint_of_ids,
     mismatch_error,
     row_ids,
+    unsure_error,
 )
 from dfbatch.persist._fingerprint import callable_name as callable_name  # re-exported
 from dfbatch.persist._fingerprint import fingerprint as fingerprint  # re-exported
@@ -140,6 +141,8 @@ class Journal:
         _check_key(planned, key)
         ids = row_ids(planned, key, cfg)
         fp = fingerprint_of_ids(ids, fn, text, cfg, key)
+        if "unsure" in fp.fn and resume != "overwrite":
+            raise unsure_error(Path(path), fp)
         store = _Store(Path(path))
         store.lock()
         try:

@@ -58,7 +58,7 @@ def _check_plan(df: pl.DataFrame, cfg: BatchConfig) -> None:
         elif col.null_count():
             problem = f"has {col.null_count()} null value(s)"
         elif df.height and col.min() < 0:  # type: ignore[operator]
-            problem = f"has negative values (e.g. {col.min()})"
+            problem = f"has negative values (e.g. {col.min()!r})"
         if problem is not None:
             msg = (f"plan column {name!r} {problem}: the frame's plan is damaged. Re-plan it "
                    f"(df.drop({list(c.plan_names())}).batch.plan(...)), or drop the plan "
