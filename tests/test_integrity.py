@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dfbatch
 from dfbatch.config import BatchConfig, Columns
-from dfbatch.errors import CheckpointError, ConfigError
+from dfbatch.errors import CheckpointError, CheckpointWarning, ConfigError
 from dfbatch.events import RunStarted
 
 QUIET = {"progress": False}
 
 
+CALLED: list[int] = []  # rows per call of ``upper`` (a mutable global: not part of fn's identity)
+
+
 def upper(batch: pl.DataFrame) -> pl.Series:
+    CALLED.append(batch.height)
     return batch["text"].str.to_uppercase()
+
+
+def called(since: int) -> int:
+    return sum(CALLED[since:])
 
 
 class CountingFn:
@@ -248,3 +259,191 @@ def test_llm_adapters_declare_their_identity() -> None:
     b = fn_identity(chat("m", "Say {text}", base_url="http://localhost:1"))
     c = fn_identity(chat("m", "Shout {text}", base_url="http://localhost:1"))
     assert "unsure" not in a and a == b and a != c
+
+
+# -- checkpoint: objects, checksums, failing disks -----------------------------------------------
+class Thing:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+def test_python_objects_are_refused_at_the_first_batch(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def fn(batch: pl.DataFrame) -> list[Thing]:
+        calls.append(batch.height)
+        return [Thing(len(t)) for t in batch["text"]]
+
+    df = pl.DataFrame({"text": [f"t{i}" for i in range(40)]})
+    with pytest.raises(CheckpointError, match=r"Python objects \(Thing\) in column 'output'"):
+        dfbatch.process(df, fn, checkpoint=tmp_path / "ck", items_per_batch=1, agents=1,
+                        max_concurrent_batches=1, **QUIET)
+    assert len(calls) < 40  # stopped at the first batch, not after the run
+    parts = list((tmp_path / "ck" / "parts").iterdir())
+    assert parts == []  # no pointer bytes on disk
+    out = dfbatch.process(df, fn, **QUIET)  # without a checkpoint, objects are fine
+    assert out["output"].dtype == pl.Object
+
+
+def _part_files(ck: Path) -> list[Path]:
+    return sorted((ck / "parts").glob("*.arrow"))
+
+
+def test_a_flipped_byte_in_a_part_is_detected_and_redone(tmp_path: Path) -> None:
+    df = pl.DataFrame({"text": [f"row {i}" for i in range(8)]})
+    clean = dfbatch.process(df, upper, checkpoint=tmp_path, **QUIET)
+    [part] = _part_files(tmp_path)
+    data = bytearray(part.read_bytes())
+    pos = bytes(data).find(b"ROW 3")  # change a stored answer: "ROW 3" -> "ROW 4"
+    data[pos + 4] = ord("4")
+    part.write_bytes(bytes(data))
+    mark = len(CALLED)
+    with pytest.warns(CheckpointWarning, match="checksum does not match"):
+        out = dfbatch.process(df, upper, checkpoint=tmp_path, **QUIET)
+    assert called(mark) == 8
+    assert out["output"].to_list() == clean["output"].to_list()
+
+
+def test_a_damaged_manifest_is_a_checkpoint_error(tmp_path: Path) -> None:
+    df = pl.DataFrame({"text": ["a", "b"]})
+    dfbatch.process(df, upper, checkpoint=tmp_path, **QUIET)
+    manifest = tmp_path / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text(text.replace('"n_rows": 2', '"n_rows": 3'))  # still valid JSON
+    with pytest.raises(CheckpointError, match=r"damaged .*checksum.*overwrite"):
+        dfbatch.process(df, upper, checkpoint=tmp_path, **QUIET)
+    out = dfbatch.process(df, upper, checkpoint=tmp_path, resume="overwrite", **QUIET)
+    assert out["output"].to_list() == ["A", "B"]
+
+
+def test_journal_writes_off_the_event_loop_in_order(tmp_path: Path) -> None:
+    import threading
+
+    from dfbatch.persist import _store
+
+    threads: list[str] = []
+    seqs: list[int] = []
+    publish = _store._publish
+
+    def spy(tmp: Path, final: Path) -> None:
+        threads.append(threading.current_thread().name)
+        seqs.append(int(final.name.split("-")[1]))
+        publish(tmp, final)
+
+    df = pl.DataFrame({"text": [f"r{i}" for i in range(12)]})
+    _store._publish = spy  # type: ignore[assignment]
+    try:
+        dfbatch.process(df, upper, checkpoint=tmp_path, items_per_batch=2, **QUIET)
+    finally:
+        _store._publish = publish  # type: ignore[assignment]
+    assert threads and all(t.startswith("dfbatch-journal") for t in threads)
+    assert seqs == sorted(seqs)
+
+
+def test_checkpoint_directory_removed_mid_run_finishes_in_memory(tmp_path: Path) -> None:
+    import shutil
+
+    ck = tmp_path / "ck"
+    seen: list[int] = []
+
+    def fn(batch: pl.DataFrame) -> pl.Series:
+        seen.append(batch.height)
+        if len(seen) == 3:
+            shutil.rmtree(ck)
+        return batch["text"].str.to_uppercase()
+
+    df = pl.DataFrame({"text": [f"r{i}" for i in range(20)]})
+    with pytest.warns(CheckpointWarning, match=r"journaling stopped .*FileNotFoundError"):
+        out = dfbatch.process(df, fn, checkpoint=ck, items_per_batch=2, agents=1,
+                              max_concurrent_batches=1, **QUIET)
+    assert out["output"].to_list() == [f"R{i}" for i in range(20)]
+    assert out["error"].null_count() == 20
+
+
+def test_disk_full_mid_run_finishes_in_memory_and_leaves_no_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    writes = [0]
+    real = Path.write_bytes
+
+    def full_disk(self: Path, data: bytes) -> int:  # type: ignore[override]
+        writes[0] += 1
+        if writes[0] >= 3:
+            real(self, data[:10])  # a partial file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    df = pl.DataFrame({"text": [f"r{i}" for i in range(20)]})
+    with pytest.warns(CheckpointWarning, match=r"journaling stopped .*No space left"):
+        out = dfbatch.process(df, upper, checkpoint=tmp_path, items_per_batch=2, **QUIET)
+    assert out["output"].to_list() == [f"R{i}" for i in range(20)]
+    names = [p.name for p in (tmp_path / "parts").iterdir()]
+    assert len(names) == 2 and not [n for n in names if n.endswith(".tmp")]
+    monkeypatch.undo()
+    mark = len(CALLED)  # the two journaled batches are kept: 16 rows run again
+    again = dfbatch.process(df, upper, checkpoint=tmp_path, items_per_batch=2, **QUIET)
+    assert called(mark) == 16 and again["output"].to_list() == out["output"].to_list()
+
+
+def _pristine_checkpoint(root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """A checkpoint of several uncompacted parts (as after a hard crash), and the clean result."""
+    from dfbatch.persist._store import Store
+
+    df = pl.DataFrame({"id": range(12), "text": [f"row {i} " + "x" * (i % 4) for i in range(12)]})
+    compact = Store.compact
+    Store.compact = lambda self: None  # type: ignore[method-assign]
+    try:
+        clean = dfbatch.process(df, keyed, checkpoint=root, **STEADY)
+    finally:
+        Store.compact = compact  # type: ignore[method-assign]
+    return df, clean
+
+
+def keyed(batch: pl.DataFrame) -> pl.DataFrame:
+    return pl.DataFrame({"answer": [f"{i}:{t}" for i, t in zip(batch["id"], batch["text"],
+                                                                strict=True)],
+                         "n": batch["id"] * 7, "tags": [[t, "x"] for t in batch["text"]]})
+
+
+STEADY = {"items_per_batch": 2, "agents": 2, "dynamic_batching": False, "steal": False, **QUIET}
+_OUT_COLS = ["id", "text", "answer", "n", "tags", "error"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_corrupted_checkpoint_resumes_exactly_or_refuses(data: st.DataObject) -> None:
+    import shutil
+    import tempfile
+    import warnings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "ck"
+        df, clean = _pristine_checkpoint(root)
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        assert len([p for p in files if p.suffix == ".arrow"]) >= 4
+        for _ in range(data.draw(st.integers(1, 3))):
+            victim = files[data.draw(st.integers(0, 1 << 16)) % len(files)]
+            raw = bytearray(victim.read_bytes())
+            how = data.draw(st.sampled_from(["flip", "truncate", "zero"]))
+            at = data.draw(st.integers(0, 1 << 20)) % max(len(raw), 1)
+            if not raw:
+                continue
+            if how == "flip":
+                raw[at] ^= data.draw(st.integers(1, 255))
+            elif how == "truncate":
+                del raw[at:]
+            else:
+                raw[at:at + 8] = bytes(len(raw[at:at + 8]))
+            victim.write_bytes(bytes(raw))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CheckpointWarning)
+            try:
+                out = dfbatch.process(df, keyed, checkpoint=root, **STEADY)
+            except CheckpointError:
+                return  # refused, with the fix in the message: never a wrong value
+        assert out["id"].to_list() == df["id"].to_list()  # every row exactly once, in order
+        assert out.select(_OUT_COLS).equals(clean.select(_OUT_COLS))
+        shutil.rmtree(root, ignore_errors=True)

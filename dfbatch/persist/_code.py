@@ -14,7 +14,8 @@ is refused instead of returning the old outputs. The digest covers:
   ``embed``): when fn declares one, it *is* fn's identity and its code is not read.
 
 Values are taken by value when that is sure: None, booleans, numbers, str, bytes, tuples /
-frozensets of such, enums, NumPy arrays, Polars frames, modules, classes and functions.
+frozensets of such, enums, dataclasses, paths, dates, decimals, compiled regexes, NumPy arrays,
+Polars frames, modules, classes and functions.
 Mutable containers (list, dict, set) held by fn are taken as run state (a call log, a cache),
 identified by their type only, and so are the attributes of a callable object that are not
 plain values (a client, a lock). A value captured by a closure or a ``partial`` that has no
@@ -35,17 +36,27 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import decimal
 import enum
+import fractions
 import functools
 import hashlib
 import inspect
+import pathlib
+import re
 import sys
 import types
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
 _MUTABLE = (list, dict, set, bytearray)
+# immutable values whose repr is their value
+_REPRS = (pathlib.PurePath, datetime.date, datetime.time, datetime.timedelta, datetime.tzinfo,
+          decimal.Decimal, fractions.Fraction, uuid.UUID, re.Pattern, range, slice)
 _MAX_DEPTH = 6
 
 
@@ -181,6 +192,13 @@ class _Walker:
             self.put(type(v).__name__, v)
         elif isinstance(v, enum.Enum):
             self.put("enum", _name(type(v)), v.name)
+        elif isinstance(v, _REPRS):
+            self.put(_name(type(v)), repr(v))
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            self.put("dataclass", _name(type(v)))
+            for f in dataclasses.fields(v):
+                self.put(f.name)
+                self.value(getattr(v, f.name), f"{where}.{f.name}", depth + 1, strict=strict)
         elif isinstance(v, (tuple, frozenset)):
             items = sorted(v, key=repr) if isinstance(v, frozenset) else v
             self.put(type(v).__name__, len(items))
