@@ -103,6 +103,11 @@ class BatchConfig:
     ``hedge_after`` (a latency quantile, e.g. 0.95: a call slower than that gets a duplicate,
     the first answer wins; costs tokens, off by default), ``sync_workers`` (threads for a
     plain-function fn; None = min(64, global in-flight cap)), ``seed`` (jitter RNG).
+
+    Result: ``columns`` (the names of the added columns, ``Columns`` or a dict of its fields),
+    ``output_dtype`` (the outputs' Polars type, e.g. ``pl.Int64``, or a dict column -> type
+    for several output columns; None = the first batch's types). Outputs of a later batch
+    that do not fit the run's type become row errors, never a failed run.
     """
 
     items_per_batch: int = 4
@@ -133,6 +138,7 @@ class BatchConfig:
     sync_workers: int | None = None
     seed: int | None = None
     columns: Columns = field(default_factory=Columns)
+    output_dtype: Any = None
 
     def __post_init__(self) -> None:
         self._coerce()
@@ -184,6 +190,7 @@ class BatchConfig:
                 f"(e.g. 'gpt-4o') or a callable list[str] -> counts, got {self.encoding!r}"
             )
             raise ConfigError(msg)
+        _check_output_dtype(self.output_dtype)
         names = [getattr(self.columns, f.name) for f in dataclasses.fields(self.columns)]
         if len(set(names)) != len(names):
             msg = f"columns must have distinct names, got {names}"
@@ -242,6 +249,21 @@ class BatchConfig:
 
     def as_dict(self) -> Mapping[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _check_output_dtype(value: Any) -> None:
+    if value is None:
+        return
+    import polars as pl
+
+    def is_dtype(x: Any) -> bool:
+        return isinstance(x, pl.DataType) or (isinstance(x, type) and issubclass(x, pl.DataType))
+
+    items = value.values() if isinstance(value, Mapping) else [value]
+    if not all(is_dtype(x) for x in items):
+        msg = ("output_dtype must be a Polars type (e.g. pl.Int64, pl.List(pl.String)) or a "
+               f"dict column -> type, got {value!r}")
+        raise ConfigError(msg)
 
 
 def _columns(names: Mapping[Any, Any]) -> Columns:

@@ -64,6 +64,7 @@ import polars as pl
 
 from dfbatch.config import BatchConfig
 from dfbatch.errors import CheckpointError, CheckpointWarning, ConfigError, did_you_mean
+from dfbatch.execute._outputs import declared
 from dfbatch.execute._pool import Batch, Outcomes
 from dfbatch.persist._fingerprint import callable_name as callable_name  # re-exported
 from dfbatch.persist._fingerprint import fingerprint as fingerprint  # re-exported
@@ -155,6 +156,7 @@ class Journal:
         if unsure and resume != "overwrite":
             raise unsure_error(Path(path), fp)
         store = Store(Path(path))
+        store.declared = declared(cfg.output_dtype, cfg.columns.output)
         store.lock()
         try:  # an fn of unsure identity never reuses a part, even of "the same" run
             store.start(fp, overwrite=resume == "overwrite", keep_parts=not unsure)

@@ -173,6 +173,7 @@ def _config_identity(text: str | pl.Expr, cfg: BatchConfig) -> dict[str, Any]:
         "encoding": enc,
         "request_overhead_tokens": cfg.request_overhead_tokens,
         "output_tokens_per_row": cfg.output_tokens_per_row,
+        **({} if cfg.output_dtype is None else {"output_dtype": str(cfg.output_dtype)}),
     }
 
 

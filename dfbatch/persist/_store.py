@@ -66,6 +66,7 @@ class Store:
         self.prefix = ""
         self.seq = 0
         self.failure: str | None = None  # why journaling stopped (a write failed)
+        self.declared: dict[str, Any] | None = None  # the run's output_dtype, as a schema
         self._lock_fd: int | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._pending: list[Future[None]] = []
@@ -194,16 +195,23 @@ class Store:
                     self.failure = f"{type(exc).__name__}: {exc}"
 
     def load(self) -> pl.DataFrame | None:
+        """Every readable part, outputs conformed to one type per column (as in a result:
+        values that do not fit the first part's type, or ``declared``, become row errors)."""
+        from dfbatch.execute._outputs import conform, decide_schema
+
         frames = [f for f in map(self._read_part, self._part_files()) if f is not None]
         if not frames:
             return None
-        try:
-            return pl.concat(frames, how="diagonal_relaxed")
-        except (pl.exceptions.PolarsError, TypeError):
-            msg = "fn returned different types in different batches; outputs were cast to text"
-            warnings.warn(msg, stacklevel=4)
-            return pl.concat([f.with_columns(pl.exclude(*META).cast(pl.Utf8)) for f in frames],
-                             how="diagonal_relaxed")
+        outputs = [f.drop(*(c for c in META if c in f.columns)) for f in frames]
+        schema = decide_schema(outputs, self.declared)
+        fitted = []
+        for frame, out in zip(frames, outputs, strict=True):
+            out, errors = conform(out, schema)
+            meta = frame.select(c for c in frame.columns if c in META)
+            if errors is not None:
+                meta = meta.with_columns(pl.coalesce(ERROR, pl.Series(errors, dtype=pl.Utf8)))
+            fitted.append(pl.concat([meta, out], how="horizontal"))
+        return pl.concat(fitted, how="diagonal_relaxed")
 
     def _read_part(self, path: Path) -> pl.DataFrame | None:
         """A part whose bytes hash to its name, else None (set aside with a warning)."""

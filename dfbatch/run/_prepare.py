@@ -124,7 +124,7 @@ class _Job:
             warnings.warn(msg, PartialResultWarning, stacklevel=3)
         if self.journal is not None:
             outcomes = self.journal.merge(outcomes)
-        return assemble(self.planned, outcomes, c)
+        return assemble(self.planned, outcomes, c, self.cfg.output_dtype)
 
 
 def _planned(df: pl.DataFrame, text: str | pl.Expr, cfg: BatchConfig) -> pl.DataFrame:

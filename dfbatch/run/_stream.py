@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -181,7 +182,7 @@ class _Stream:
         emit(RunStarted(loop.time(), int(total), 0, 0, ()))
         display = open_display(progress, int(total), self.stop if stoppable else None)
         ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
-        writer = _Writer(self.out)
+        writer = _Writer(self.out, self.cfg.columns.error)
         try:
             await self._run(emit, writer)
             writer.commit()
@@ -324,7 +325,7 @@ class _Stream:
 
     def _result(self, chunk: _Chunk, outcomes: Outcomes, offset: int) -> pl.DataFrame:
         c = self.cfg.columns
-        result = assemble(chunk.job.planned, outcomes, c).with_columns(
+        result = assemble(chunk.job.planned, outcomes, c, self.cfg.output_dtype).with_columns(
             pl.col(c.batch_id, c.run_batch_id) + offset)
         error = result[c.error]
         cancelled = int((error == "cancelled").sum())
@@ -394,39 +395,55 @@ class _Lease:
 
 
 class _Writer:
-    """Appends result chunks to a Parquet file under a temporary name; ``commit`` renames it."""
+    """Appends result chunks to a Parquet file under a temporary name; ``commit`` renames it.
 
-    def __init__(self, out: Path) -> None:
+    The first chunk decides each column's type (an all-null column: text); a later chunk's
+    values that do not fit become row errors in the ``error`` column (``conform``), and so do
+    values in output columns the first chunk did not have: nothing is lost silently, and no
+    chunk fails the run.
+    """
+
+    def __init__(self, out: Path, error: str = "error") -> None:
         self.out = out
+        self.error = error
         self.tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         self.writer: pq.ParquetWriter | None = None
         self.schema: pa.Schema | None = None
+        self.decided: dict[str, pl.DataType] = {}
 
     def write(self, result: pl.DataFrame) -> None:
         if self.writer is None:
             nulls = [n for n, t in result.schema.items() if t == pl.Null]
             result = result.with_columns(pl.col(nulls).cast(pl.Utf8))  # typed by later chunks
+            self.decided = dict(result.schema)
+            self.undecided = set(nulls)
             table = result.to_arrow()
             self.schema = table.schema
             self.writer = pq.ParquetWriter(self.tmp, self.schema)
         else:
-            table = result.to_arrow()
+            table = self._conform(result).to_arrow()
             if table.schema != self.schema:
-                table = self._conform(table)
+                table = table.cast(self.schema)
         self.writer.write_table(table)
 
-    def _conform(self, table: pa.Table) -> pa.Table:
-        assert self.schema is not None
-        if set(table.schema.names) != set(self.schema.names):
-            msg = (f"fn returned columns {table.schema.names} in one chunk and "
-                   f"{self.schema.names} in an earlier one; return the same columns every time")
-            raise ConfigError(msg)
-        try:
-            return table.select(self.schema.names).cast(self.schema)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            msg = (f"fn returned other types in this chunk than in the first ({exc}); "
-                   "return one type")
-            raise ConfigError(msg) from None
+    def _conform(self, result: pl.DataFrame) -> pl.DataFrame:
+        from dfbatch.execute._outputs import conform
+
+        errors: list[str | None] = result[self.error].to_list()
+        extra = [n for n in result.columns if n not in self.decided]
+        for name in extra:  # an output column the first chunk did not have
+            for i in np.flatnonzero(result[name].is_not_null().to_numpy()).tolist():
+                errors[i] = errors[i] or (f"output column {name!r} is not in the output of the "
+                                          "first chunk: return the same columns every time")
+        loose = [n for n in self.undecided if n in result.columns]
+        result = result.drop(extra).with_columns(pl.col(loose).cast(pl.Utf8))
+        fitted, fit_errors = conform(result, self.decided)
+        if fit_errors is not None:
+            errors = [e or f for e, f in zip(errors, fit_errors, strict=True)]
+        missing = [pl.lit(None, t).alias(n) for n, t in self.decided.items()
+                   if n not in fitted.columns]
+        fitted = fitted.with_columns(*missing, pl.Series(self.error, errors, dtype=pl.Utf8))
+        return fitted.select(list(self.decided))
 
     def commit(self) -> None:
         if self.writer is None:  # no rows at all: still write a (row-less) file
