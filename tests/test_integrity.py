@@ -519,3 +519,54 @@ def test_stream_keeps_one_type_and_loses_nothing_silently(tmp_path: Path) -> Non
     ok = got.filter(pl.col("error").is_null())
     assert ok["id"].to_list() == [i for i in range(40) if i < 10 or i % 2 == 0]
     assert ok["output"].to_list() == ok["id"].to_list()
+
+
+# -- an exception after paying keeps what was paid for ------------------------------------------
+class Boom(BaseException):
+    """fn aborting the run (not an error value)."""
+
+
+def test_exception_after_calls_carries_the_partial_result(tmp_path: Path) -> None:
+    done: list[int] = []
+    limit = [3]
+
+    def fn(batch: pl.DataFrame) -> pl.Series:
+        if len(done) >= limit[0]:
+            raise Boom
+        done.extend(batch["id"].to_list())
+        return batch["text"].str.to_uppercase()
+
+    df = pl.DataFrame({"id": range(20), "text": [f"r{i}" for i in range(20)]})
+    with pytest.raises(Boom) as info:
+        dfbatch.process(df, fn, checkpoint=tmp_path, items_per_batch=1, agents=1,
+                        max_concurrent_batches=1, **QUIET)
+    partial = info.value.partial  # type: ignore[attr-defined]
+    assert isinstance(partial, pl.DataFrame) and partial["id"].to_list() == list(range(20))
+    ok = partial.filter(pl.col("error").is_null())
+    assert sorted(ok["id"].to_list()) == sorted(done) and len(done) == 3
+    assert ok["output"].to_list() == [f"R{i}" for i in ok["id"]]
+    assert partial.filter(pl.col("error").is_not_null())["error"].str.contains(
+        "not finished: the run raised Boom").all()
+    assert any("exc.partial" in n for n in getattr(info.value, "__notes__", []))
+    limit[0] = 100  # the checkpoint holds the paid rows: only the others are called
+    out = dfbatch.process(df, fn, checkpoint=tmp_path, **QUIET)
+    assert out["error"].null_count() == 20 and len(done) == 20
+
+
+def test_a_bug_inside_the_run_keeps_the_paid_rows() -> None:
+    finished: list[object] = []
+
+    def on_event(ev: object) -> None:  # stands in for a bug in dfbatch's own code
+        if type(ev).__name__ == "BatchFinished":
+            finished.append(ev)
+            if len(finished) == 4:
+                msg = "a bug"
+                raise RuntimeError(msg)
+
+    df = pl.DataFrame({"text": [f"r{i}" for i in range(12)]})
+    with pytest.raises(RuntimeError, match="a bug") as info:
+        dfbatch.process(df, upper, items_per_batch=1, agents=1, max_concurrent_batches=1,
+                        on_event=on_event, **QUIET)
+    partial = info.value.partial  # type: ignore[attr-defined]
+    assert partial.height == 12 and partial["error"].null_count() == 4
+    assert partial.filter(pl.col("error").is_null())["output"].str.starts_with("R").all()

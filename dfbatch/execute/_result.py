@@ -9,6 +9,7 @@ answer, retries and backoff included).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,35 @@ def assemble(
         pl.when(never).then(None).otherwise(pl.col(c.run_batch_id, c.run_agent_id)).name.keep()
     )
     return pl.concat([planned, outputs, extra], how="horizontal")
+
+
+def attach_partial(
+    exc: BaseException, planned: pl.DataFrame, out: Outcomes, columns: Columns,
+    output_dtype: Any = None, merge: Callable[[Outcomes], Outcomes] | None = None,
+) -> None:
+    """Attach the partial result to ``exc`` (``exc.partial``, a DataFrame) before it escapes.
+
+    A run that raises after calls were made (a bug, a ``BaseException`` from fn, a second
+    Ctrl-C) keeps every paid answer: the rows that finished have their outputs, the others an
+    error saying why they did not run. ``merge`` adds the rows a checkpoint already held.
+    Never masks ``exc``: if the partial result cannot be built, nothing is attached.
+    """
+    if getattr(exc, "partial", None) is not None:
+        return
+    try:
+        full = merge(out) if merge is not None else out
+        reason = f"not finished: the run raised {type(exc).__name__}: {exc}"[:300]
+        for i in np.flatnonzero(~full.done).tolist():
+            if full.errors[i] is None:
+                full.errors[i] = reason
+        partial = assemble(planned, full, columns, output_dtype)
+        exc.partial = partial  # type: ignore[attr-defined]
+    except Exception:
+        return
+    note = (f"dfbatch: {int(full.done.sum())} of {planned.height} rows finished before this "
+            "error; the partial result is in exc.partial (a DataFrame)")
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
 
 
 def _outputs(out: Outcomes, n: int, name: str, output_dtype: Any = None) -> pl.DataFrame:

@@ -21,7 +21,7 @@ from dfbatch.engines import select
 from dfbatch.errors import ConfigError, PartialResultWarning
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
 from dfbatch.execute._pool import Batch, Pool
-from dfbatch.execute._result import assemble
+from dfbatch.execute._result import assemble, attach_partial
 from dfbatch.persist._checkpoint import Journal
 from dfbatch.run._checks import check_frame
 from dfbatch.run._wiring import open_display, safe, tick
@@ -105,6 +105,10 @@ class _Job:
         ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
         try:
             outcomes = await pool.run()
+        except BaseException as exc:  # paid answers are never lost: exc.partial holds them
+            attach_partial(exc, self.planned, pool.out, c, self.cfg.output_dtype,
+                           self.journal.merge if self.journal is not None else None)
+            raise
         finally:
             if ticker is not None:
                 ticker.cancel()
