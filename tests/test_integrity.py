@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import math
 from pathlib import Path
@@ -570,3 +571,37 @@ def test_a_bug_inside_the_run_keeps_the_paid_rows() -> None:
     partial = info.value.partial  # type: ignore[attr-defined]
     assert partial.height == 12 and partial["error"].null_count() == 4
     assert partial.filter(pl.col("error").is_null())["output"].str.starts_with("R").all()
+
+
+# -- a blocking run inside the async fn of another run ------------------------------------------
+async def _inner_fn(batch: pl.DataFrame) -> pl.Series:
+    await asyncio.sleep(0)
+    return batch["text"].str.to_uppercase()
+
+
+async def _outer_fn(batch: pl.DataFrame) -> list[str]:
+    await asyncio.sleep(0)
+    inner = dfbatch.process(pl.DataFrame({"text": ["x", "y", "z"]}), _inner_fn,
+                            items_per_batch=1, **QUIET)
+    return [",".join(inner["output"])] * batch.height
+
+
+def test_blocking_process_inside_an_async_fn_of_another_run() -> None:
+    df = pl.DataFrame({"text": [str(i) for i in range(12)]})
+    out = dfbatch.process(df, _outer_fn, items_per_batch=1, **QUIET)
+    assert out["error"].null_count() == 12 and set(out["output"]) == {"X,Y,Z"}
+
+
+def test_blocking_process_inside_an_async_fn_of_aprocess() -> None:
+    df = pl.DataFrame({"text": [str(i) for i in range(12)]})
+
+    async def main() -> tuple[pl.DataFrame, pl.DataFrame]:
+        out = await dfbatch.aprocess(df, _outer_fn, items_per_batch=1, **QUIET)
+        from dfbatch.execute._loop import _IN_RUN
+
+        assert not _IN_RUN.get()  # the mark does not outlive the run in the caller's task
+        return out, dfbatch.process(df, upper, **QUIET)  # nest-asyncio2 path, as in Jupyter
+
+    out, after = asyncio.run(main())
+    assert out["error"].null_count() == 12 and set(out["output"]) == {"X,Y,Z"}
+    assert after["error"].null_count() == 12

@@ -1,7 +1,10 @@
 """Run a coroutine from sync code: in a script (own loop) or inside Jupyter's running loop.
 
 Inside a running loop (a notebook cell) the loop is patched with nest-asyncio2 so a blocking
-``process()`` call works; ``await aprocess()`` needs no patch. While the coroutine runs, the
+``process()`` call works; ``await aprocess()`` needs no patch. Inside the ``fn`` of another
+run (``mark_run`` marks a run's context), re-entering that run's loop mid-step breaks
+asyncio's scheduler, so the inner run gets a fresh loop in a worker thread while the calling
+fn waits (it is a blocking call: the outer run's loop waits with it). While the coroutine runs, the
 first Ctrl-C (or kernel interrupt) calls ``on_interrupt`` (a graceful stop that returns the
 partial result); a second Ctrl-C raises ``KeyboardInterrupt`` at once.
 """
@@ -10,12 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import signal
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+_IN_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("dfbatch_in_run", default=False)
+
+
+def mark_run() -> contextvars.Token[bool]:
+    """Mark the current context as a dfbatch run (the pool's tasks inherit the mark); pass
+    the token to ``unmark_run`` when the run ends (``aprocess`` runs in its caller's task)."""
+    return _IN_RUN.set(True)
+
+
+def unmark_run(token: contextvars.Token[bool]) -> None:
+    _IN_RUN.reset(token)
 
 
 def run_sync(coro: Coroutine[Any, Any, T], on_interrupt: Callable[[], None]) -> T:
@@ -34,6 +49,8 @@ def run_sync(coro: Coroutine[Any, Any, T], on_interrupt: Callable[[], None]) -> 
         loop = None
     if loop is None:
         return _run_own_loop(coro, on_interrupt)
+    if _IN_RUN.get():  # called by the fn of a run in progress: do not re-enter its loop
+        return _run_in_thread(coro, on_interrupt)
     import nest_asyncio2
 
     nest_asyncio2.apply(loop)
@@ -50,6 +67,35 @@ def _run_own_loop(coro: Coroutine[Any, Any, T], on_interrupt: Callable[[], None]
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:
             loop.close()
+
+
+def _run_in_thread(coro: Coroutine[Any, Any, T], on_interrupt: Callable[[], None]) -> T:
+    """Run ``coro`` on a fresh loop in a worker thread and wait for it (Ctrl-C stops it)."""
+    loop = asyncio.new_event_loop()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = _run_on(loop, coro, on_interrupt)
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+        finally:
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    thread = threading.Thread(target=target, name="dfbatch-nested-run", daemon=True)
+    thread.start()
+    try:
+        thread.join()
+    except KeyboardInterrupt:  # the first Ctrl-C stops the inner run gracefully
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(on_interrupt)
+        thread.join()  # a second one raises here
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
 
 
 def _run_on(

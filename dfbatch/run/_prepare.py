@@ -20,6 +20,7 @@ from dfbatch.config import BatchConfig, Progress
 from dfbatch.engines import select
 from dfbatch.errors import ConfigError, PartialResultWarning
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
+from dfbatch.execute._loop import mark_run, unmark_run
 from dfbatch.execute._pool import Batch, Pool
 from dfbatch.execute._result import assemble, attach_partial
 from dfbatch.persist._checkpoint import Journal
@@ -103,6 +104,7 @@ class _Job:
                         sum(per_agent), per_agent))
         display = open_display(progress, frame.height, pool.stop if stoppable else None)
         ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
+        in_run = mark_run()  # a blocking process() in fn runs on its own loop (execute._loop)
         try:
             outcomes = await pool.run()
         except BaseException as exc:  # paid answers are never lost: exc.partial holds them
@@ -110,6 +112,7 @@ class _Job:
                            self.journal.merge if self.journal is not None else None)
             raise
         finally:
+            unmark_run(in_run)
             if ticker is not None:
                 ticker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
