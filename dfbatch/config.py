@@ -18,6 +18,8 @@ dfbatch.errors.ConfigError: token_limit must be an integer > 0, got 0
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +33,10 @@ Progress = Literal["auto", "widget", "bar"] | bool
 _MAX_AGENTS = 65_535  # agent ids are UInt16
 _MAX_ITEMS = 1_000_000
 _MAX_TOKENS = 100_000_000
+# the keyword arguments of ``process`` / ``aprocess`` that are not settings: a typo of one of
+# them lands in ``**settings``, and the did-you-mean hint must know them
+RUN_KEYWORDS = ("config", "progress", "on_event", "checkpoint", "resume", "retry_errors", "key",
+                "out", "chunk_rows", "engine", "ray_address")
 
 
 def cpu_cores() -> int:
@@ -97,6 +103,11 @@ class BatchConfig:
     ``hedge_after`` (a latency quantile, e.g. 0.95: a call slower than that gets a duplicate,
     the first answer wins; costs tokens, off by default), ``sync_workers`` (threads for a
     plain-function fn; None = min(64, global in-flight cap)), ``seed`` (jitter RNG).
+
+    Result: ``columns`` (the names of the added columns, ``Columns`` or a dict of its fields),
+    ``output_dtype`` (the outputs' Polars type, e.g. ``pl.Int64``, or a dict column -> type
+    for several output columns; None = the first batch's types). Outputs of a later batch
+    that do not fit the run's type become row errors, never a failed run.
     """
 
     items_per_batch: int = 4
@@ -127,8 +138,10 @@ class BatchConfig:
     sync_workers: int | None = None
     seed: int | None = None
     columns: Columns = field(default_factory=Columns)
+    output_dtype: Any = None
 
     def __post_init__(self) -> None:
+        self._coerce()
         _positive_int("items_per_batch", self.items_per_batch, _MAX_ITEMS)
         _positive_int("token_limit", self.token_limit, _MAX_TOKENS)
         if self.agents is not None:
@@ -177,9 +190,27 @@ class BatchConfig:
                 f"(e.g. 'gpt-4o') or a callable list[str] -> counts, got {self.encoding!r}"
             )
             raise ConfigError(msg)
+        _check_output_dtype(self.output_dtype)
         names = [getattr(self.columns, f.name) for f in dataclasses.fields(self.columns)]
         if len(set(names)) != len(names):
             msg = f"columns must have distinct names, got {names}"
+            raise ConfigError(msg)
+
+    def _coerce(self) -> None:
+        """NumPy scalars become Python numbers; a ``columns`` dict becomes ``Columns``."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or type(value) in (int, float):
+                continue
+            if isinstance(value, numbers.Integral):  # e.g. np.int64(4)
+                object.__setattr__(self, f.name, int(value))
+            elif isinstance(value, numbers.Real) and f.name != "encoding":
+                object.__setattr__(self, f.name, float(value))
+        if isinstance(self.columns, Mapping):
+            object.__setattr__(self, "columns", _columns(self.columns))
+        elif not isinstance(self.columns, Columns):
+            msg = (f"columns must be dfbatch.Columns(...) or a dict of its fields, e.g. "
+                   f"{{'output': 'answer'}}, got {type(self.columns).__name__}")
             raise ConfigError(msg)
 
     # -- derived values --------------------------------------------------------------------
@@ -207,7 +238,8 @@ class BatchConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in kwargs:
             if key not in known:
-                msg = f"unknown setting {key!r}.{did_you_mean(key, known)}"
+                hint = did_you_mean(key, [*known, *RUN_KEYWORDS])
+                msg = f"unknown setting {key!r}.{hint}"
                 raise ConfigError(msg)
         base = config if config is not None else cls()
         return dataclasses.replace(base, **kwargs) if kwargs else base
@@ -217,6 +249,33 @@ class BatchConfig:
 
     def as_dict(self) -> Mapping[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _check_output_dtype(value: Any) -> None:
+    if value is None:
+        return
+    import polars as pl
+
+    def is_dtype(x: Any) -> bool:
+        return isinstance(x, pl.DataType) or (isinstance(x, type) and issubclass(x, pl.DataType))
+
+    items = value.values() if isinstance(value, Mapping) else [value]
+    if not all(is_dtype(x) for x in items):
+        msg = ("output_dtype must be a Polars type (e.g. pl.Int64, pl.List(pl.String)) or a "
+               f"dict column -> type, got {value!r}")
+        raise ConfigError(msg)
+
+
+def _columns(names: Mapping[Any, Any]) -> Columns:
+    fields = [f.name for f in dataclasses.fields(Columns)]
+    for k, v in names.items():
+        if k not in fields:
+            msg = f"columns has no field {k!r}.{did_you_mean(str(k), fields)} (fields: {fields})"
+            raise ConfigError(msg)
+        if not isinstance(v, str) or not v:
+            msg = f"columns[{k!r}] must be a column name (a non-empty str), got {v!r}"
+            raise ConfigError(msg)
+    return Columns(**names)
 
 
 def _positive_int(name: str, value: object, upper: int) -> None:
@@ -236,9 +295,9 @@ def _non_negative_int(name: str, value: object) -> None:
 
 def _positive_float(name: str, value: object, *, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok and value == value:  # reject NaN
-        ok = value >= 0 if allow_zero else value > 0  # type: ignore[operator]
-    if not ok or value == float("inf"):
+    if ok:  # NaN compares false with everything: reject it explicitly, and infinity too
+        ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)  # type: ignore[arg-type,operator]
+    if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         msg = f"{name} must be a finite number {bound} (seconds / per minute), got {value!r}"
         raise ConfigError(msg)

@@ -1,10 +1,12 @@
 """Run a coroutine from sync code: in a script (own loop) or inside Jupyter's running loop.
 
 Inside a running loop (a notebook cell) the loop is patched with nest-asyncio2 so a blocking
-``process()`` call works; ``await aprocess()`` needs no patch. While the coroutine runs, the
-first Ctrl-C (or kernel interrupt) calls the graceful stop the coroutine registered with
-``on_interrupt`` (it returns the partial result; before one is registered, Ctrl-C raises); a
-second Ctrl-C raises ``KeyboardInterrupt`` at once. So ``process`` is just
+``process()`` call works; ``await aprocess()`` needs no patch. Inside the ``fn`` of another
+run (``mark_run`` marks a run's context), re-entering that run's loop mid-step breaks asyncio's
+scheduler, so the inner run gets a fresh loop in a worker thread while the calling fn waits.
+While the coroutine runs, the first Ctrl-C (or kernel interrupt) calls the graceful stop the
+coroutine registered with ``on_interrupt`` (it returns the partial result; before one is
+registered, Ctrl-C raises); a second Ctrl-C raises ``KeyboardInterrupt`` at once. So ``process`` is just
 ``run_sync(aprocess(...))``.
 """
 
@@ -19,6 +21,17 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+_IN_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("dfbatch_in_run", default=False)
+
+
+def mark_run() -> contextvars.Token[bool]:
+    """Mark the current context as a dfbatch run (the pool's tasks inherit the mark); pass
+    the token to ``unmark_run`` when the run ends (``aprocess`` runs in its caller's task)."""
+    return _IN_RUN.set(True)
+
+
+def unmark_run(token: contextvars.Token[bool]) -> None:
+    _IN_RUN.reset(token)
 
 
 class _Interrupt:
@@ -65,14 +78,17 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         loop = None
     if loop is None:
         return _run_own_loop(coro, _Interrupt())
+    if _IN_RUN.get():  # called by the fn of a run in progress: do not re-enter its loop
+        return _run_in_thread(coro, _Interrupt())
     import nest_asyncio2
 
     nest_asyncio2.apply(loop)
     return _run_on(loop, coro, _Interrupt())
 
 
-def _run_own_loop(coro: Coroutine[Any, Any, T], on_interrupt: _Interrupt) -> T:
-    loop = asyncio.new_event_loop()
+def _run_own_loop(coro: Coroutine[Any, Any, T], on_interrupt: _Interrupt,
+                  loop: asyncio.AbstractEventLoop | None = None) -> T:
+    loop = loop or asyncio.new_event_loop()
     try:
         return _run_on(loop, coro, on_interrupt)
     finally:
@@ -81,6 +97,32 @@ def _run_own_loop(coro: Coroutine[Any, Any, T], on_interrupt: _Interrupt) -> T:
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:
             loop.close()
+
+
+def _run_in_thread(coro: Coroutine[Any, Any, T], on_interrupt: _Interrupt) -> T:
+    """Run ``coro`` on a fresh loop in a worker thread and wait for it (Ctrl-C stops it)."""
+    box: dict[str, Any] = {}
+    loop = asyncio.new_event_loop()
+
+    def target() -> None:
+        try:
+            box["value"] = _run_own_loop(coro, on_interrupt, loop)
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="dfbatch-nested-run", daemon=True)
+    thread.start()
+    try:
+        thread.join()
+    except KeyboardInterrupt:  # the first Ctrl-C stops the inner run gracefully
+        if on_interrupt.stop is None:
+            raise
+        with contextlib.suppress(RuntimeError):  # the loop may have closed meanwhile
+            loop.call_soon_threadsafe(on_interrupt)
+        thread.join()  # a second one raises here
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
 
 
 def _run_on(

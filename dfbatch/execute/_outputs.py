@@ -18,7 +18,7 @@ dfbatch.errors.OutputError: fn returned 1 outputs for a batch of 2 rows; return 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -79,3 +79,96 @@ def _split_errors(values: Sequence[Any]) -> tuple[list[Any], list[str | None] | 
     out = [None if isinstance(v, BaseException) else v for v in values]
     errs = [describe(v) if isinstance(v, BaseException) else None for v in values]
     return out, errs
+
+
+# -- one output type per run ------------------------------------------------------------------
+_KINDS = (("numeric", lambda t: t.is_numeric() or t == pl.Boolean),
+          ("text", lambda t: t in (pl.String, pl.Categorical, pl.Enum)),
+          ("temporal", lambda t: t.is_temporal()),
+          ("list", lambda t: isinstance(t, (pl.List, pl.Array))),
+          ("struct", lambda t: isinstance(t, pl.Struct)),
+          ("binary", lambda t: t == pl.Binary))
+
+
+def _kind(dtype: pl.DataType) -> str:
+    return next((name for name, test in _KINDS if test(dtype)), str(dtype))
+
+
+def declared(output_dtype: Any, name: str) -> dict[str, pl.DataType] | None:
+    """``output_dtype=`` as a schema: one dtype names the ``output`` column's type."""
+    if output_dtype is None:
+        return None
+    if isinstance(output_dtype, Mapping):
+        return dict(output_dtype)
+    return {name: output_dtype}
+
+
+def decide_schema(frames: Sequence[pl.DataFrame], declared: Any = None) -> dict[str, pl.DataType]:
+    """The output type of each column: declared (``output_dtype=``), else the first batch's.
+
+    A column that is all-null in a batch (dtype ``Null``) does not decide: the first batch
+    with values in it does.
+    """
+    schema: dict[str, pl.DataType] = {}
+    if declared is not None:
+        schema.update(declared)
+    for frame in frames:
+        for name, dtype in frame.schema.items():
+            if name not in schema and dtype != pl.Null:
+                schema[name] = dtype
+    return schema
+
+
+def conform(
+    frame: pl.DataFrame, schema: dict[str, pl.DataType]
+) -> tuple[pl.DataFrame, list[str | None] | None]:
+    """Cast ``frame``'s columns to ``schema``; values that do not fit become per-row errors.
+
+    A value fits when it keeps its kind (numbers, text, lists, structs, dates ...) and survives
+    the cast unchanged (no lost fraction, no dropped struct field, no overflow). Rows that do
+    not fit get a null output and an error text that says why.
+
+    >>> import polars as pl
+    >>> frame, errors = conform(pl.DataFrame({"output": [1.0, 2.5]}), {"output": pl.Int64})
+    >>> frame["output"].to_list(), errors[0], errors[1][:61]
+    ([1, None], None, "output 2.5 (Float64) does not fit the run's output type Int64")
+    """
+    errors: list[str | None] | None = None
+    cols = []
+    for s in frame.get_columns():
+        target = schema.get(s.name)
+        if target is None or s.dtype == target or s.dtype == pl.Null:
+            cols.append(s.cast(target) if target is not None else s)
+            continue
+        fits, cast = _fitting(s, target)
+        if fits.all():
+            cols.append(cast)
+            continue
+        bad = np.flatnonzero(~fits)
+        errors = errors if errors is not None else [None] * frame.height
+        values = s.gather(bad).to_list()
+        for i, v in zip(bad.tolist(), values, strict=True):
+            if errors[i] is None:
+                errors[i] = (f"output {_short(v)} ({s.dtype}) does not fit the run's output "
+                             f"type {target} (decided by the first batch): return one type "
+                             "from every batch, or declare output_dtype=")
+        keep = pl.Series(fits)
+        cols.append(cast.to_frame().select(pl.when(keep).then(pl.col(s.name)))[s.name])
+    return pl.DataFrame(cols), errors
+
+
+def _fitting(s: pl.Series, target: pl.DataType) -> tuple[np.ndarray, pl.Series]:
+    if _kind(s.dtype) != _kind(target):
+        return s.is_null().to_numpy(), pl.Series(s.name, [None] * s.len(), dtype=target)
+    try:
+        cast = s.cast(target, strict=False)
+        back = cast.cast(s.dtype, strict=False)
+        ok = s.is_null() | (cast.is_not_null() & back.eq_missing(s))
+    except pl.exceptions.PolarsError:
+        return s.is_null().to_numpy(), pl.Series(s.name, [None] * s.len(), dtype=target)
+    return ok.to_numpy(), cast
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -9,23 +9,31 @@ answer, retries and backoff included).
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import polars as pl
 
 from dfbatch.config import Columns
 from dfbatch.errors import ColumnError
+from dfbatch.execute._outputs import conform, decide_schema, declared
 from dfbatch.execute._recorder import Outcomes
 
 _ROW = "__dfbatch_row"
 
 
-def assemble(planned: pl.DataFrame, out: Outcomes, columns: Columns) -> pl.DataFrame:
-    """Build the result frame from the planned input and the pool's outcomes."""
+def assemble(
+    planned: pl.DataFrame, out: Outcomes, columns: Columns, output_dtype: Any = None
+) -> pl.DataFrame:
+    """Build the result frame from the planned input and the pool's outcomes.
+
+    Outputs get one type per column (``output_dtype``, else the first batch's); values that do
+    not fit become row errors (``dfbatch.execute._outputs.conform``), never a failed assembly.
+    """
     c = columns
     n = planned.height
-    outputs = _outputs(out, n, c.output)
+    outputs = _outputs(out, n, c.output, output_dtype)
     ran = out.done & ~np.isnan(out.started)
     started = pl.Series(c.started_at, np.where(ran, out.started * 1e6, np.nan)).fill_nan(None)
     extra = pl.DataFrame(
@@ -45,19 +53,53 @@ def assemble(planned: pl.DataFrame, out: Outcomes, columns: Columns) -> pl.DataF
     return pl.concat([planned, outputs, extra], how="horizontal")
 
 
-def _outputs(out: Outcomes, n: int, name: str) -> pl.DataFrame:
-    if not out.pieces:
-        return pl.DataFrame({name: pl.Series(name, [None] * n, dtype=pl.Null)})
-    rows = np.concatenate([r for r, _ in out.pieces])
-    frames = [f for _, f in out.pieces]
+def attach_partial(
+    exc: BaseException, planned: pl.DataFrame, out: Outcomes, columns: Columns,
+    output_dtype: Any = None, merge: Callable[[Outcomes], Outcomes] | None = None,
+) -> None:
+    """Attach the partial result to ``exc`` (``exc.partial``, a DataFrame) before it escapes.
+
+    A run that raises after calls were made (a bug, a ``BaseException`` from fn, a second
+    Ctrl-C) keeps every paid answer: the rows that finished have their outputs, the others an
+    error saying why they did not run. ``merge`` adds the rows a checkpoint already held.
+    Never masks ``exc``: if the partial result cannot be built, nothing is attached.
+    """
+    if getattr(exc, "partial", None) is not None:
+        return
     try:
-        joined = pl.concat(frames, how="diagonal_relaxed")
-    except (pl.exceptions.PolarsError, TypeError):
-        msg = "fn returned different types in different batches; outputs were cast to text"
-        warnings.warn(msg, stacklevel=3)
-        joined = pl.concat(
-            [f.select(pl.all().cast(pl.Utf8)) for f in frames], how="diagonal_relaxed"
-        )
+        full = merge(out) if merge is not None else out
+        reason = f"not finished: the run raised {type(exc).__name__}: {exc}"[:300]
+        for i in np.flatnonzero(~full.done).tolist():
+            if full.errors[i] is None:
+                full.errors[i] = reason
+        partial = assemble(planned, full, columns, output_dtype)
+        exc.partial = partial  # type: ignore[attr-defined]
+    except Exception:
+        return
+    note = (f"dfbatch: {int(full.done.sum())} of {planned.height} rows finished before this "
+            "error; the partial result is in exc.partial (a DataFrame)")
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+
+
+def _outputs(out: Outcomes, n: int, name: str, output_dtype: Any = None) -> pl.DataFrame:
+    """The output columns, one type per column for the whole run (``conform``): values that
+    do not fit the type decided by ``output_dtype`` or the first batch become row errors."""
+    if not out.pieces:
+        empty = pl.DataFrame({name: pl.Series(name, [None] * n, dtype=pl.Null)})
+        schema = declared(output_dtype, name)
+        return empty if schema is None else conform(empty, schema)[0]
+    rows = np.concatenate([r for r, _ in out.pieces])
+    schema = decide_schema([f for _, f in out.pieces], declared(output_dtype, name))
+    frames = []
+    for piece_rows, frame in out.pieces:
+        fitted, errors = conform(frame, schema)
+        if errors is not None:
+            for i, err in zip(piece_rows.tolist(), errors, strict=True):
+                if err is not None and out.errors[i] is None:
+                    out.errors[i] = err
+        frames.append(fitted)
+    joined = pl.concat(frames, how="diagonal_relaxed")
     joined = joined.with_columns(pl.Series(_ROW, rows, dtype=pl.Int64))
     base = pl.DataFrame({_ROW: pl.int_range(n, eager=True, dtype=pl.Int64)})
     return base.join(joined, on=_ROW, how="left", maintain_order="left").drop(_ROW)

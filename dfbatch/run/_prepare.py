@@ -21,11 +21,13 @@ from dfbatch.engines import select
 from dfbatch.errors import ConfigError, PartialResultWarning
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
 from dfbatch.execute._caller import LOCAL, CallerFactory
+from dfbatch.execute._loop import mark_run, unmark_run
 from dfbatch.execute._pool import Pool
-from dfbatch.execute._result import assemble
+from dfbatch.execute._result import assemble, attach_partial
 from dfbatch.execute._scheduler import Batch
 from dfbatch.execute._stack import RunLimits
 from dfbatch.persist._checkpoint import Journal
+from dfbatch.run._checks import check_frame
 from dfbatch.run._wiring import open_display, safe, tick
 
 Fn = Callable[[pl.DataFrame], Any]
@@ -64,6 +66,7 @@ class _Job:
         if not isinstance(df, pl.DataFrame):
             msg = f"df must be a polars DataFrame or LazyFrame, got {type(df).__name__}"
             raise ConfigError(msg)
+        check_frame(df, cfg)  # clashing or damaged columns fail before any call
         planned = _planned(df, text, cfg)
         send, row_tokens = _to_send(planned, text, cfg)
         row_bytes = _row_bytes(planned, text)
@@ -113,9 +116,15 @@ class _Job:
                         per_agent))
         display = open_display(progress, pool.frame.height, pool.stop if stoppable else None)
         ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
+        in_run = mark_run()  # a blocking process() in fn runs on its own loop (execute._loop)
         try:
             outcomes = await pool.run()
+        except BaseException as exc:  # paid answers are never lost: exc.partial holds them
+            attach_partial(exc, self.planned, pool.out, c, self.cfg.output_dtype,
+                           self.journal.merge if self.journal is not None else None)
+            raise
         finally:
+            unmark_run(in_run)
             if ticker is not None:
                 ticker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -134,7 +143,7 @@ class _Job:
             warnings.warn(msg, PartialResultWarning, stacklevel=3)
         if self.journal is not None:
             outcomes = self.journal.merge(outcomes)
-        return assemble(self.planned, outcomes, c)
+        return assemble(self.planned, outcomes, c, self.cfg.output_dtype)
 
 
 def resolve(
@@ -216,9 +225,9 @@ def _batches(
         return [[] for _ in range(n_agents)]
     bid = planned[c.batch_id].to_numpy()
     aid = planned[c.agent_id].to_numpy().astype(np.int64)
-    n_agents = max(n_agents, int(aid.max()) + 1)
     order = np.argsort(bid, kind="stable")
     ids, starts = np.unique(bid[order], return_index=True)
+    n_agents = max(min(n_agents, len(ids)), int(aid.max()) + 1)  # no agent without work
     groups = np.split(order, starts[1:])
     counts = np.diff(np.append(starts, len(order)))
     btok = np.add.reduceat(tokens[order], starts)

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -137,7 +138,7 @@ class _Stream:
         emit(RunStarted(loop.time(), int(total), 0, 0, ()))
         display = open_display(progress, int(total), self.stop if stoppable else None)
         ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
-        writer = _Writer(self.out)
+        writer = _Writer(self.out, self.cfg.columns.error)
         try:
             await self._run(emit, writer)
             writer.commit()
@@ -295,7 +296,7 @@ def _chunk_result(planned: pl.DataFrame, outcomes: Outcomes, offset: int, cfg: B
                   counts: dict[str, int]) -> pl.DataFrame:
     """A chunk's result frame, batch ids made unique across chunks; counts its rows."""
     c = cfg.columns
-    result = assemble(planned, outcomes, c).with_columns(
+    result = assemble(planned, outcomes, c, cfg.output_dtype).with_columns(
         pl.col(c.batch_id, c.run_batch_id) + offset)
     error = result[c.error]
     cancelled = int((error == "cancelled").sum())
@@ -322,27 +323,47 @@ def _chunks(lf: pl.LazyFrame, chunk_rows: int) -> Iterator[pl.DataFrame]:
 
 
 class _Writer:
-    """Appends result chunks to a Parquet file under a temporary name; ``commit`` renames it."""
+    """Appends result chunks to a Parquet file under a temporary name; ``commit`` renames it.
 
-    def __init__(self, out: Path) -> None:
+    The first chunk decides each column's type. A column all null so far (every row of the
+    earlier chunks failed) takes the type a later chunk brings: the rows written so far are
+    rewritten once under the settled schema. A later chunk's values that do not fit the decided
+    type become row errors in the ``error`` column (``conform``), and so do values in output
+    columns the first chunk did not have: nothing is lost silently, and no chunk fails the run.
+    """
+
+    def __init__(self, out: Path, error: str = "error") -> None:
         self.out = out
+        self.error = error
         self.tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         self.writer: pq.ParquetWriter | None = None
         self.schema: pa.Schema | None = None
+        self.decided: dict[str, pl.DataType] = {}
+        self.undecided: set[str] = set()
+        self.names: list[str] = []
 
     def write(self, result: pl.DataFrame) -> None:
-        table = result.to_arrow()
         if self.writer is None:
+            self.names = result.columns
+            self.decided = {n: t for n, t in result.schema.items() if t != pl.Null}
+            self.undecided = {n for n, t in result.schema.items() if t == pl.Null}
+            table = result.to_arrow()
             self.schema = table.schema
             self.writer = pq.ParquetWriter(self.tmp, self.schema)
-        elif table.schema != self.schema:
-            self._settle(table.schema)
-            table = self._conform(table)
+        else:
+            settled = {n: result.schema[n] for n in self.undecided
+                       if n in result.columns and result.schema[n] != pl.Null}
+            if settled:
+                self._settle(result.select(list(settled)).to_arrow().schema)
+                self.decided.update(settled)
+                self.undecided -= settled.keys()
+            table = self._conform(result).to_arrow()
+            if table.schema != self.schema:
+                table = table.cast(self.schema)
         self.writer.write_table(table)
 
     def _settle(self, schema: pa.Schema) -> None:
-        """Columns all null so far (every row of the earlier chunks failed) take the type this
-        chunk brings: the rows written so far are rewritten once under the settled schema."""
+        """Rewrite the rows written so far with the null columns in ``schema`` typed by it."""
         assert self.schema is not None and self.writer is not None
         fields = [
             schema.field(f.name) if pa.types.is_null(f.type) and f.name in schema.names else f
@@ -361,18 +382,23 @@ class _Writer:
         finally:
             old.unlink()
 
-    def _conform(self, table: pa.Table) -> pa.Table:
-        assert self.schema is not None
-        if set(table.schema.names) != set(self.schema.names):
-            msg = (f"fn returned columns {table.schema.names} in one chunk and "
-                   f"{self.schema.names} in an earlier one; return the same columns every time")
-            raise ConfigError(msg)
-        try:
-            return table.select(self.schema.names).cast(self.schema)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            msg = (f"fn returned other types in this chunk than in the first ({exc}); "
-                   "return one type")
-            raise ConfigError(msg) from None
+    def _conform(self, result: pl.DataFrame) -> pl.DataFrame:
+        from dfbatch.execute._outputs import conform
+
+        errors: list[str | None] = result[self.error].to_list()
+        extra = [n for n in result.columns if n not in self.names]
+        for name in extra:  # an output column the first chunk did not have
+            for i in np.flatnonzero(result[name].is_not_null().to_numpy()).tolist():
+                errors[i] = errors[i] or (f"output column {name!r} is not in the output of the "
+                                          "first chunk: return the same columns every time")
+        result = result.drop(extra)
+        fitted, fit_errors = conform(result, self.decided)
+        if fit_errors is not None:
+            errors = [e or f for e, f in zip(errors, fit_errors, strict=True)]
+        missing = [pl.lit(None, self.decided.get(n, pl.Null)).alias(n) for n in self.names
+                   if n not in fitted.columns]
+        fitted = fitted.with_columns(*missing, pl.Series(self.error, errors, dtype=pl.Utf8))
+        return fitted.select(self.names)
 
     def commit(self) -> None:
         if self.writer is None:  # no rows at all: still write a (row-less) file
