@@ -45,6 +45,7 @@ row-tpm-1s       per-row, TPM-bound, 1-s buckets, OpenAI headers.
 row-tpm-1s-none  the same with no rate-limit headers at all (a 429 says nothing).
 row-rpm-1s-none  per-row, RPM-bound, 1-s buckets, no headers.
 row-rpm          per-row, RPM-bound, a minute's bucket: is ``rpm`` charged per request?
+                 (max/10s: the most requests the server saw in any 10 s.)
 tpm-1s-none      a batch fn (one request per batch), TPM-bound, 1-s buckets, no headers.
 rpm-1s-none      a batch fn, RPM-bound, 1-s buckets, no headers (bigger batches help here).
 row-blind-1s     as row-tpm-1s-none, but nobody is told the limits.
@@ -54,8 +55,10 @@ gateway-minute   a gateway (LiteLLM): calendar-minute window, the clock at :30 a
                  start of the calendar window that admits the last request, + L.
 gateway-rpm60    the same gateway (150 RPM) with every runner told ``rpm=60``: the server must
                  never see more than 60 x T / 60 + 1 requests in any T s (T = 10, 60).
+                 Bound: the told rpm's pace.
 outage           as tpm with a 60-s bucket and a 20-s outage from t = 30 s (connections
-                 refused; calls in service then are reset). Bound: tpm's + 20 s.
+                 refused; calls in service then are reset). Bound: tpm's, + the time the
+                 buckets sit full while it is down, and not before it ends.
 bad-key          every call is a 401 ``invalid_api_key``: how many calls until the run stops
                  (stopped after 600 simulated s).
 
@@ -313,7 +316,7 @@ PROVIDERS = [
              per_row=True, target=_TOLD_1S, columns=("failed",)),
     Scenario("row-rpm-1s-none", 600, replace(_1S, rpm=300, tpm=1_000_000, headers="none"),
              mean_tokens=60.0, per_row=True, target=_TOLD_1S, columns=("failed",)),
-    Scenario("row-rpm", 600, replace(_SERVER, rpm=300, tpm=1_000_000), mean_tokens=60.0,
+    Scenario("row-rpm", 600, replace(_SERVER, rpm=120, tpm=1_000_000), mean_tokens=60.0,
              per_row=True, target=Target(x_bound=1.03, n429=0.005, failed=0),
              columns=("failed", "max/10s")),
     Scenario("tpm-1s-none", 2000, replace(_1S, tpm=150_000, rpm=3_000, headers="none"),
@@ -327,8 +330,9 @@ PROVIDERS = [
     Scenario("gateway-minute", 600, _GATEWAY, mean_tokens=60.0, per_row=True,
              target=Target(n429=0.005, failed=0), columns=("failed", "max/60s")),
     Scenario("gateway-rpm60", 200, _GATEWAY, mean_tokens=60.0, per_row=True, told_rpm=60.0,
-             target=Target(failed=0, window_rpm=60.0), columns=("failed", "max/10s", "max/60s")),
-    Scenario("outage", 1500, replace(_SERVER, tpm=150_000, rpm=3_000, outage=(30.0, 20.0)),
+             deadline_s=900.0, target=Target(failed=0, window_rpm=60.0),
+             columns=("failed", "max/10s", "max/60s")),
+    Scenario("outage", 4000, replace(_SERVER, tpm=150_000, rpm=3_000, outage=(30.0, 20.0)),
              target=Target(failed=0, dead_rps=1.0), columns=("failed", "dead r/s")),
     Scenario("bad-key", 1000, replace(_SERVER, tpm=150_000, rpm=3_000, bad_key=True),
              deadline_s=600.0, target=Target(calls=2 * Knobs().agents), columns=()),
@@ -370,11 +374,16 @@ def lower_bound(sc: Scenario, wl: Workload, k: Knobs) -> tuple[float, str]:
             parts["tpm"] = max(0.0, total - s.tpm * s.burst_s / 60) / (s.tpm / 60) + lat_min
     if s.max_concurrency:  # the server's slots cap every client (the cookbook has no cap)
         parts["work"] = float(fixed.sum()) * s.mean_multiplier() / s.max_concurrency
+    if sc.told_rpm is not None:  # told less than the server allows: that is the bound
+        parts["told rpm"] = max(0.0, len(batches) - 1) / (sc.told_rpm / 60) + lat_min
     parts["one call"] = lat_min
     kind = max(parts, key=parts.__getitem__)
     bound = parts[kind]
-    if s.outage is not None and bound > s.outage[0]:  # nothing is served while it is down
-        bound += s.outage[1]
+    if s.outage is not None and bound > s.outage[0]:
+        # nothing is served while it is down, but the buckets refill: only the time they sit
+        # full is lost (and nothing can end before the server is back)
+        start, duration = s.outage
+        bound = max(bound + max(0.0, duration - s.burst_s), start + duration + lat_min)
         kind += " + outage"
     return bound, kind
 
