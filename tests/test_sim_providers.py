@@ -49,7 +49,7 @@ def test_per_second_window_holds_one_seconds_budget(make_sim):
     assert first[0].headers["x-ratelimit-limit-requests"] == "120"  # still per minute
     assert first[1].headers["x-ratelimit-remaining-requests"] == "0"
     wait_ms = int(info.value.response.headers["retry-after-ms"])
-    assert 300 < wait_ms <= 500  # one request refills in 0.5 s
+    assert 0 < wait_ms <= 500  # one request refills in 0.5 s (a minute's bucket: 0.5 min)
     snap = server.stats.snapshot()
     assert (snap.requests, snap.rate_limited) == (3, 1)
 
@@ -63,23 +63,23 @@ def test_full_minute_bucket_admits_the_same_burst(make_sim):
 
 
 def test_calendar_minute_resets_at_the_boundary_with_litellm_headers(make_sim):
-    server = make_sim(rpm=3, limit_mode="calendar", headers="litellm")
+    server = make_sim(rpm=3, limit_mode="calendar", headers="litellm", time_scale=0.02)
     with client(server) as c:
         ok = [ask(c) for _ in range(3)]
         with pytest.raises(openai.RateLimitError) as info:
             ask(c)
         hints = ratelimit_headers(info.value.response.headers)
-        # the only hint: the window's length in whole real seconds (0.6 s -> "1")
+        # the only hint: the window's length in whole real seconds (1.2 s -> "2")
         assert hints == {
-            "x-ratelimit-api_key-limit-requests": "300",
+            "x-ratelimit-api_key-limit-requests": "150",
             "x-ratelimit-api_key-remaining-requests": "0",
-            "llm_provider-retry-after": "1",
+            "llm_provider-retry-after": "2",
         }
         assert info.value.body["code"] == "429"  # type: ignore[index]
-        time.sleep(max(0.0, 0.6 - server.stats.now()) + 0.02)  # next simulated minute
+        time.sleep(max(0.0, 1.2 - server.stats.now()) + 0.02)  # next simulated minute
         again = ask(c)
     assert ratelimit_headers(ok[0].headers) == {
-        "x-ratelimit-api_key-limit-requests": "300",
+        "x-ratelimit-api_key-limit-requests": "150",
         "x-ratelimit-api_key-remaining-requests": "2",
     }
     assert again.headers["x-ratelimit-api_key-remaining-requests"] == "2"
@@ -87,15 +87,17 @@ def test_calendar_minute_resets_at_the_boundary_with_litellm_headers(make_sim):
 
 
 def test_calendar_window_retry_after_is_the_time_to_the_boundary(make_sim):
-    # the clock reads :30 at start: the first minute ends after 30 simulated s (0.3 s real)
-    server = make_sim(rpm=1, limit_mode="calendar", calendar_offset_s=30.0)
+    # the clock reads :30 at start: the first minute ends after 30 simulated s (3 s real)
+    server = make_sim(rpm=1, limit_mode="calendar", calendar_offset_s=30.0, time_scale=0.1)
     with client(server) as c:
         ask(c)
         with pytest.raises(openai.RateLimitError) as info:
             ask(c)
-    wait_ms = int(info.value.response.headers["retry-after-ms"])
-    assert 200 < wait_ms <= 300
-    assert info.value.response.headers["x-ratelimit-reset-requests"].endswith("ms")
+    headers = info.value.response.headers
+    rejected = server.stats.frame().row(1, named=True)
+    assert rejected["t"] + int(headers["retry-after-ms"]) / 1000 == pytest.approx(3.0, abs=0.002)
+    assert headers["retry-after"] == "3"
+    assert headers["x-ratelimit-reset-requests"].endswith("s")
 
 
 def test_no_headers_style_sends_no_hints(make_sim):
@@ -122,11 +124,11 @@ def test_openai_style_can_leave_out_retry_after_ms(make_sim):
 
 # -- outages -------------------------------------------------------------------------------
 def test_outage_reset_looks_like_a_dead_server_then_recovers(make_sim):
-    server = make_sim(outage=(0.0, 20.0))  # down for the first 0.2 real s
+    server = make_sim(outage=(0.0, 50.0))  # down for the first 0.5 real s
     with client(server) as c:
         with pytest.raises(openai.APIConnectionError):
             ask(c)
-        time.sleep(max(0.0, 0.2 - server.stats.now()) + 0.01)
+        time.sleep(max(0.0, 0.5 - server.stats.now()) + 0.01)
         assert ask(c).parse().choices[0].message.content == "One."
     snap = server.stats.snapshot()
     assert snap.down_requests == 1 and snap.by_status == {0: 1, 200: 1}
@@ -142,18 +144,16 @@ def test_outage_503(make_sim):
 
 
 def test_requests_reaching_a_dead_server_are_counted_per_window(make_sim):
-    server = make_sim(outage=(0.0, 1000.0), outage_kind="503")
+    server = make_sim(outage=(0.0, 1000.0), outage_kind="503", time_scale=1.0)
     with client(server) as c:
         for _ in range(3):
             with pytest.raises(openai.InternalServerError):
                 ask(c)
     stats = server.stats
     assert stats.snapshot().down_requests == 3
-    # 3 requests within far less than one simulated second
-    assert stats.max_in_window(1.0, simulated=True, down=True) == 3
-    assert stats.max_in_window(1.0, simulated=True, down=False) == 0
-    sim_t = stats.frame()["sim_t"].to_list()
-    assert sim_t == pytest.approx([t / 0.01 for t in stats.frame()["t"].to_list()])
+    assert stats.max_in_window(60.0, simulated=True, down=True) == 3
+    assert stats.max_in_window(1e-6, simulated=True, down=True) == 1  # one at a time
+    assert stats.max_in_window(60.0, simulated=True, down=False) == 0
 
 
 # -- account errors and overload -------------------------------------------------------------

@@ -20,8 +20,14 @@ FAST = SimConfig(base_latency=1.0, sigma=0.0, per_output_token_s=0.0, rtt=0.05)
 
 
 def test_calendar_window_rejects_with_only_the_gateway_hint():
-    cfg = SimConfig(rpm=3, limit_mode="calendar", calendar_offset_s=50.0, headers="litellm",
-                    base_latency=0.1, sigma=0.0)
+    cfg = SimConfig(
+        rpm=3,
+        limit_mode="calendar",
+        calendar_offset_s=50.0,
+        headers="litellm",
+        base_latency=0.1,
+        sigma=0.0,
+    )
     api = SimAPI(cfg, WL)
 
     async def go() -> tuple[list[int], SimError, float]:
@@ -37,9 +43,11 @@ def test_calendar_window_rejects_with_only_the_gateway_hint():
     outputs, exc, _ = run(go())
     assert outputs == ["out:4"]
     assert exc.status_code == 429 and exc.retry_after is None
-    assert exc.headers == {"x-ratelimit-api_key-limit-requests": "3",
-                           "x-ratelimit-api_key-remaining-requests": "0",
-                           "llm_provider-retry-after": "60"}
+    assert exc.headers == {
+        "x-ratelimit-api_key-limit-requests": "3",
+        "x-ratelimit-api_key-remaining-requests": "0",
+        "llm_provider-retry-after": "60",
+    }
     assert hint_of(exc) is None  # not a spelling the OpenAI SDK (or the baselines) read
 
 
@@ -58,8 +66,9 @@ def test_no_headers_server_gives_no_hint_and_openai_gives_retry_after_ms():
 
 
 def test_outage_refuses_new_calls_and_resets_calls_in_service():
-    api = SimAPI(SimConfig(outage=(5.0, 20.0), base_latency=10.0, sigma=0.0,
-                           per_output_token_s=0.0), WL)
+    api = SimAPI(
+        SimConfig(outage=(5.0, 20.0), base_latency=10.0, sigma=0.0, per_output_token_s=0.0), WL
+    )
 
     async def go() -> tuple[str, str, str]:
         results = []
@@ -93,12 +102,19 @@ def test_bad_key_is_a_401_with_openais_code():
 
 
 def test_handwritten_client_paces_a_per_second_provider():
-    cfg = SimConfig(rpm=600, tpm=30_000, burst_s=1.0, overhead_tokens=100,
-                    output_tokens_per_row=40, base_latency=0.5, sigma=0.2, seed=1)
+    cfg = SimConfig(
+        rpm=600,
+        tpm=30_000,
+        burst_s=1.0,
+        overhead_tokens=100,
+        output_tokens_per_row=40,
+        base_latency=0.5,
+        sigma=0.2,
+        seed=1,
+    )
     wl = Workload.make(300, mean_tokens=100, seed=1)
     api = SimAPI(cfg, wl)
-    k = Knobs(items_per_batch=1, rpm=600, tpm=30_000, overhead_tokens=100,
-              output_tokens_per_row=40)
+    k = Knobs(items_per_batch=1, rpm=600, tpm=30_000, overhead_tokens=100, output_tokens_per_row=40)
 
     async def go() -> tuple[Sink, float]:
         loop = asyncio.get_running_loop()
@@ -116,6 +132,7 @@ def test_handwritten_client_paces_a_per_second_provider():
 def test_per_row_adapter_sends_one_request_per_row():
     api = SimAPI(FAST, WL)
     fn = per_row_fn(api, WL, Knobs())
+
     async def go() -> list[object]:
         return await fn(pl.DataFrame({"id": [3, 4, 5], "text": ["r3", "r4", "r5"]}))
 
