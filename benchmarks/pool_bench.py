@@ -1,6 +1,7 @@
 """dfbatch versus what users write by hand, against a simulated rate-limited API.
 
-Run: ``.venv/bin/python benchmarks/pool_bench.py`` (all scenarios, 3 seeds; ~90 s of CPU, spread
+Run: ``.venv/bin/python benchmarks/pool_bench.py`` (all scenarios, 3 seeds; ~90 s of CPU for the
+first seven, ~5 min more for the provider models (``--only providers``), spread
 over ``--jobs`` processes, one per core by default). Options: ``--seeds 5``, ``--only tpm,rpm``,
 ``--runners dfbatch,cookbook``, ``--rows 0.5`` (scale the row counts), ``--jobs 1``, ``--trace
 tpm`` (print dfbatch's event counts and a coarse timeline for one seed).
@@ -47,7 +48,8 @@ row-rpm-1s-none  per-row, RPM-bound, 1-s buckets, no headers.
 row-rpm          per-row, RPM-bound, a minute's bucket: is ``rpm`` charged per request?
                  (max/10s: the most requests the server saw in any 10 s.)
 tpm-1s-none      a batch fn (one request per batch), TPM-bound, 1-s buckets, no headers.
-rpm-1s-none      a batch fn, RPM-bound, 1-s buckets, no headers (bigger batches help here).
+rpm-1s-none      a batch fn, RPM-bound, 1-s buckets, no headers (bigger batches help here:
+                 the bound assumes 4 rows per request, so a runner that packs more beats it).
 row-blind-1s     as row-tpm-1s-none, but nobody is told the limits.
 gateway-minute   a gateway (LiteLLM): calendar-minute window, the clock at :30 at the start,
                  per-key ``x-ratelimit-api_key-*`` headers and 429s whose only hint is
