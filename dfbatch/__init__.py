@@ -11,6 +11,7 @@ Token-aware batches, a pool of async agents, errors as values, and a live view o
 
 from __future__ import annotations
 
+from dfbatch import limits as limits  # dfbatch.limits.request: charge requests from inside fn
 from dfbatch import namespace as _namespace  # registers df.batch / lf.batch
 from dfbatch.config import BatchConfig, Columns
 from dfbatch.errors import (

@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from dfbatch.execute._headers import RateHints
+
 
 @dataclass(frozen=True, slots=True)
 class Cost:
@@ -50,12 +52,14 @@ class Outcome:
     retry_after: float | None = None
     actual_tokens: int | None = None  # real usage when the backend reports it
     started_seq: int = 0
+    overloaded: bool = False  # an overloaded server's 429 / 503: fewer at once, same rate
+    hints: RateHints | None = None  # the answer's rate-limit headers (limits learn from them)
 
 
 class Limit(Protocol):
     async def acquire(self, cost: Cost) -> None: ...
 
-    def release(self, cost: Cost, outcome: Outcome) -> None: ...
+    def release(self, cost: Cost, outcome: Outcome | None) -> None: ...
 
 
 _JOURNAL_S = 120.0  # charges older than this are forgotten (a reply that late is not synced)
@@ -126,44 +130,94 @@ class CapacityLimit:
 
 
 class RateLimit:
-    """A token bucket refilled continuously at ``per_minute / 60`` units per second.
+    """A token bucket refilled at an effective rate that learns how the provider enforces.
 
     Units are requests (``tokens=False``) or tokens (``tokens=True``: a call is charged its
-    estimated tokens up front and corrected by ``Outcome.actual_tokens`` afterwards). The bucket
-    holds ``burst`` minutes' worth (default 0.1 min = 6 s) and starts full, so in any window of
-    ``T`` seconds at most ``burst * per_minute + per_minute * T / 60`` units are sent. A call
-    larger than the bucket waits for a full bucket and leaves it in debt (never deadlocks).
+    estimated tokens up front and corrected by ``Outcome.actual_tokens`` afterwards).
+
+    - **Burst.** The bucket starts holding one second's worth (``start_s``; never more than
+      ``burst`` minutes), since many providers enforce a per-minute limit per second. Headers
+      that show a bigger bucket (``x-ratelimit-remaining-*``, see ``sync`` / ``observe``) let
+      it grow, up to a minute's worth. A call larger than the bucket waits for a full bucket
+      and leaves it in debt (never deadlocks).
+    - **AIMD on the rate.** A rate-limit 429 for a call this bucket paced means the provider
+      counts differently: the effective ``rate`` drops to ``decrease`` x itself (once per
+      episode: 429s of calls sent before the drop are ignored) and the bucket shrinks back to
+      one second's worth; clean calls regrow the rate additively, back to the ceiling within
+      ``regrow_s`` seconds.
+    - **Unknown limit.** ``per_minute=None`` lets everything through until headers state a
+      ``x-ratelimit-limit-*`` (adopted) or a 429 arrives (the rate becomes ``decrease`` x the
+      rate recently sent, then regrows with no ceiling).
+
+    So in any window of ``T`` seconds at most ``capacity + per_minute * T / 60`` units go out.
     """
 
-    def __init__(self, per_minute: float, *, tokens: bool = False, burst: float = 0.1):
-        self.per_minute = float(per_minute)
-        self.rate = self.per_minute / 60.0
-        self.capacity = max(1.0, self.per_minute * burst)
-        self.level = self.capacity
+    def __init__(
+        self,
+        per_minute: float | None,
+        *,
+        tokens: bool = False,
+        burst: float = 0.1,
+        start_s: float = 1.0,
+        decrease: float = 0.7,
+        regrow_s: float = 60.0,
+    ):
         self.tokens = tokens
+        self.burst = burst
+        self.start_s = start_s
+        self.decrease = decrease
+        self.regrow_s = regrow_s
+        self.per_minute = 0.0  # the ceiling (told, or stated by headers); 0 while unknown
+        self.rate = math.inf  # effective units per second
+        self.capacity = math.inf
+        self.level = math.inf
         self.recent_wait = 0.0  # moving average of seconds an acquire waited (is it binding?)
         self.server_capacity = 0.0  # learned from x-ratelimit-remaining-*: provider bucket size
+        self.decreases = 0
+        self._slope = 0.0  # regrowth, units/s per second
+        self._decreased_at = -math.inf
+        self._grown_at = 0.0
         self._stamp: float | None = None
         self._lock = asyncio.Lock()
         self._charges: list[tuple[float, float]] = []  # (time, units) of charge number i + base
         self._base = 0  # charge number of self._charges[0]
         self._last: contextvars.ContextVar[int] = contextvars.ContextVar("charge", default=-1)
+        if per_minute is not None:
+            self.set_ceiling(per_minute)
+
+    @property
+    def known(self) -> bool:
+        return math.isfinite(self.rate)
+
+    def set_ceiling(self, per_minute: float) -> None:
+        """Adopt a limit (told, or stated by ``x-ratelimit-limit-*``); a lower one wins."""
+        per_minute = float(per_minute)
+        if per_minute <= 0 or (self.per_minute and per_minute >= self.per_minute):
+            return
+        self.per_minute = per_minute
+        self._slope = per_minute / 60.0 / self.regrow_s
+        self.rate = min(self.rate, per_minute / 60.0)
+        self.capacity = min(self.capacity, self._small_bucket())
+        self.level = min(self.level, self.capacity)
+
+    def _small_bucket(self) -> float:
+        per_minute = self.rate * 60.0
+        return max(1.0, min(per_minute * self.burst, self.rate * self.start_s))
 
     def _units(self, cost: Cost) -> float:
         return float(cost.tokens if self.tokens else cost.requests)
 
     def _refill(self, now: float) -> None:
-        if self._stamp is not None:
+        if self._stamp is not None and self.known:
             self.level = min(self.capacity, self.level + (now - self._stamp) * self.rate)
         self._stamp = now
 
     async def acquire(self, cost: Cost) -> None:
         loop = asyncio.get_running_loop()
-        need = min(self._units(cost), self.capacity)
         t0 = loop.time()
         async with self._lock:  # FIFO: the head waits for the refill, the rest queue behind
             self._refill(loop.time())
-            while self.level < need:
+            while self.level < (need := min(self._units(cost), self.capacity)):
                 await asyncio.sleep((need - self.level) / self.rate)
                 self._refill(loop.time())
             self.level -= self._units(cost)
@@ -181,31 +235,102 @@ class RateLimit:
             del self._charges[:stale]
             self._base += stale
 
+    def _my_charge(self) -> tuple[float, float] | None:
+        i = self._last.get() - self._base
+        return self._charges[i] if 0 <= i < len(self._charges) else None
+
     def sync(self, remaining: float, cost: Cost) -> None:
         """The provider said its bucket held ``remaining`` right after admitting this task's call.
 
         Learn the provider's bucket size (at least ``remaining`` + this call) and set our level
         to the provider's level now, by replaying the charges we sent after that call. So a
         provider with a full-minute bucket gets used from the start, and one that enforces
-        its limit per second (small bucket) is not overrun.
+        its limit per second (small bucket) is not overrun. After a rate-limit 429 the
+        headers are not trusted to grow the bucket for ``regrow_s`` seconds.
         """
-        i = self._last.get() - self._base
-        if not 0 <= i < len(self._charges):
+        mine = self._my_charge()
+        if mine is None or not self.known:
             return
+        now = asyncio.get_running_loop().time()
         self.server_capacity = max(self.server_capacity, remaining + self._units(cost))
-        self.capacity = max(1.0, min(self.per_minute, self.server_capacity))
-        level, t = remaining, self._charges[i][0]
+        trusted = now >= self._decreased_at + self.regrow_s
+        bucket = min(self.per_minute or math.inf, self.server_capacity)
+        self.capacity = max(1.0, bucket if trusted else min(bucket, self._small_bucket()))
+        i = self._last.get() - self._base
+        level, t = remaining, mine[0]
         for ts, units in self._charges[i + 1:]:
             level = min(self.capacity, level + (ts - t) * self.rate) - units
             t = ts
-        now = asyncio.get_running_loop().time()
         self._refill(now)
         self.level = min(self.capacity, level + (now - t) * self.rate)
 
+    def observe(self, hints: RateHints, cost: Cost) -> None:
+        """Learn from one answer's headers: adopt the stated limit, sync to ``remaining``."""
+        limit = hints.limit(self.tokens)
+        if limit is not None and limit > 0:
+            self.set_ceiling(limit)
+        remaining = hints.remaining(self.tokens)
+        if remaining is not None:
+            self.sync(remaining, cost)
+
+    def on_rate_limited(self, hints: RateHints | None = None) -> bool:
+        """A rate-limit 429 came back for this task's call: lower the effective rate, once per
+        episode. Skipped when the headers show the *other* limit ran out. Returns whether the
+        rate was lowered."""
+        mine = self._my_charge()
+        if mine is None or mine[0] < self._decreased_at:
+            return False
+        if hints is not None and self._other_ran_out(hints):
+            return False
+        now = asyncio.get_running_loop().time()
+        if not self.known:
+            sent = self._recent_rate(now)
+            if sent <= 0:
+                return False
+            self.rate = sent
+            self._slope = sent / self.regrow_s
+        self.rate = max(self._floor(), self.rate * self.decrease)
+        self.capacity = self._small_bucket()
+        self._refill(now)
+        self.level = min(self.level, self.capacity)
+        self._decreased_at = self._grown_at = now
+        self.decreases += 1
+        return True
+
+    def _other_ran_out(self, hints: RateHints) -> bool:
+        mine, other = hints.remaining(self.tokens), hints.remaining(not self.tokens)
+        return other is not None and other < 1 and mine is not None and mine >= 1
+
+    def _floor(self) -> float:
+        return (self.per_minute / 60.0 / 20.0) if self.per_minute else 1e-3
+
+    def _recent_rate(self, now: float, window: float = 10.0) -> float:
+        """Units per second sent over the last ``window`` seconds (at least one second)."""
+        recent = [(t, u) for t, u in self._charges if t >= now - window]
+        if not recent:
+            return 0.0
+        span = max(1.0, now - recent[0][0])
+        return sum(u for _, u in recent) / span
+
+    def _regrow(self) -> None:
+        now = asyncio.get_running_loop().time()
+        ceiling = self.per_minute / 60.0 if self.per_minute else math.inf
+        if self.known and self.rate < ceiling:
+            self.rate = min(ceiling, self.rate + self._slope * max(0.0, now - self._grown_at))
+        self._grown_at = now
+
     def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
-        if self.tokens and outcome is not None and outcome.actual_tokens is not None:
+        if outcome is None:
+            return
+        if self.tokens and outcome.actual_tokens is not None and self.known:
             # refund (or charge) the difference between the estimate and the real usage
             self.level = min(self.capacity, self.level + cost.tokens - outcome.actual_tokens)
+        if outcome.rate_limited:
+            self.on_rate_limited(outcome.hints)
+        elif outcome.ok:
+            self._regrow()
+        if outcome.hints is not None:
+            self.observe(outcome.hints, cost)
 
 
 class AdaptiveLimit:
@@ -262,7 +387,7 @@ class AdaptiveLimit:
 
         The Ray engine holds a slot per dispatched batch and feeds it every attempt's outcome.
         """
-        if outcome.rate_limited or outcome.timed_out:
+        if outcome.rate_limited or outcome.timed_out or outcome.overloaded:
             if outcome.retry_after:
                 loop = asyncio.get_running_loop()
                 self.pause_until = max(self.pause_until, loop.time() + outcome.retry_after)

@@ -1,20 +1,36 @@
-"""Which errors retry, and how long to wait: full-jitter exponential backoff honoring Retry-After.
+"""What a failed call means, and how long to wait: classification and full-jitter backoff.
 
-Retried: timeouts, connection errors, HTTP 408 / 409 / 429 / 5xx, ``RetryableError``.
-Not retried: other 4xx (400, 401, 403, 404, 422 …), quota errors (429 ``insufficient_quota``),
-``FatalError`` and any other exception. ``retry_on(exc)`` overrides: True / False, or None for
-the default. The server's hint comes from ``exc.retry_after`` or the ``retry-after-ms`` /
-``retry-after`` headers of an httpx / openai / aiohttp error.
+``classify(exc)`` gives a ``Decision`` whose ``kind`` says who is at fault:
+
+``"row"``
+    Something in the batch's rows (HTTP 400 / 413 / 422, a 429 "request too large", an output
+    of the wrong shape, any exception of fn not known to be transient, ``FatalError``): not
+    retried; a multi-row batch is bisected (``bisect``) so the bad row fails alone. An
+    ``OutputError`` is not bisected (the batch's answer as a whole does not fit).
+``"transient"``
+    The service, not the rows (5xx, timeouts, connection errors, an overloaded server's 429 or
+    503, 408 / 409, ``RetryableError``): retried after a backoff, never bisected.
+``"rate_limited"``
+    A rate-limit 429 (or a ``RetryableError`` saying so): retried after the server's hint or
+    a global pause; it does not use up the attempts errors do.
+``"fatal_run"``
+    Account-wide (401 bad key, 402 / 429 ``insufficient_quota``, 403 permission, 404 unknown
+    model): no retry, no bisection; the run stops with ``fatal_message`` (partial result kept).
+
+``retry_on(exc)`` overrides: True (retry as transient), False (a row error), None (default).
+Errors of httpx, aiohttp and the openai SDK are recognized by status, body and class name
+(none of them is imported). The server's hints (``RateHints``) come from ``exc.retry_after``
+and the headers of the error's response.
 
 Examples
 --------
 >>> from dfbatch.execute._retry import classify, backoff
 >>> from dfbatch.errors import RetryableError
 >>> d = classify(RetryableError("busy", retry_after=2.0))
->>> d.retry, d.retry_after
-(True, 2.0)
->>> classify(ValueError("bad input")).retry
-False
+>>> d.retry, d.retry_after, d.kind
+(True, 2.0, 'transient')
+>>> classify(ValueError("bad input")).kind
+'row'
 >>> import random
 >>> 2.0 <= backoff(1, base=0.5, cap=60.0, retry_after=2.0, rng=random.Random(0)) <= 2.5
 True
@@ -23,14 +39,16 @@ True
 from __future__ import annotations
 
 import asyncio
-import email.utils
+import dataclasses
 import random
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from dfbatch.errors import FatalError, RetryableError
+from dfbatch.errors import FatalError, OutputError, RetryableError
+from dfbatch.execute._headers import NO_HINTS, RateHints, parse_headers
+
+Kind = Literal["row", "transient", "rate_limited", "fatal_run"]
 
 _CONNECTION_ERRORS = frozenset(
     {
@@ -48,49 +66,177 @@ _CONNECTION_ERRORS = frozenset(
         "WriteError",
         "RemoteProtocolError",
         "ClientConnectionError",
+        "ClientOSError",
         "ServerDisconnectedError",
         "ServerTimeoutError",
     }
 )
+_TIMEOUT_ERRORS = frozenset({"APITimeoutError", "TimeoutException", "ConnectTimeout",
+                             "ReadTimeout", "WriteTimeout", "PoolTimeout", "ServerTimeoutError"})
 _RETRY_STATUS = frozenset({408, 409, 429})
-_QUOTA_CODES = ("insufficient_quota", "billing_hard_limit_reached", "quota_exceeded")
+_QUOTA_CODES = ("insufficient_quota", "billing_hard_limit_reached", "quota_exceeded",
+                "billing_not_active")
+_RATE_WORDS = ("rate_limit", "rate limit", "ratelimit", "too many requests")
+_OVERLOAD_WORDS = ("overloaded", "server_error", "capacity", "service_unavailable")
+_MODEL_CODES = ("model_not_found", "deploymentnotfound", "does not exist", "not_found_error")
+_FIXES = {
+    "auth": "the API key was refused; check api_key= / OPENAI_API_KEY (or the client you passed)",
+    "permission": "the API key may not use this model or resource; check the model name and "
+                  "the key's project / permissions",
+    "model_not_found": "the model or endpoint does not exist; check the model name and base_url",
+    "quota": "the account is out of quota or credit; check billing, then resume the run "
+             "from its checkpoint",
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """How the pool treats one failed call."""
+    """How the pool treats one failed call.
+
+    ``retry``, ``retry_after``, ``rate_limited`` and ``status`` are what older callers read;
+    ``kind`` (see the module docstring), ``cause`` (``"auth"``, ``"permission"``,
+    ``"model_not_found"``, ``"quota"``, ``"overload"``, ``"connection"``, ``"timeout"``,
+    ``"server"``, ``"rate_limit"``, ``"bad_request"``, ``"output"`` or ``None``), ``bisect`` and
+    ``hints`` (every rate-limit header of the answer) are for the caller and the limits.
+    """
 
     retry: bool
     retry_after: float | None = None
     rate_limited: bool = False
     status: int | None = None
+    kind: Kind = "row"
+    cause: str | None = None
+    bisect: bool = True
+    hints: RateHints = NO_HINTS
+
+    @property
+    def overloaded(self) -> bool:
+        return self.cause == "overload"
+
+    @property
+    def outage(self) -> bool:
+        """Does this failure say the service is down (what a circuit breaker counts)?"""
+        return self.kind == "transient" and self.cause in ("connection", "timeout", "server")
 
 
 def classify(
     exc: BaseException, retry_on: Callable[[BaseException], bool | None] | None = None
 ) -> Decision:
-    """Decide whether ``exc`` is worth retrying, and the server's wait hint if any."""
-    status = status_code(exc)
-    hint = retry_after(exc)
-    rate_limited = status == 429 or (isinstance(exc, RetryableError) and _says_rate(exc))
+    """Decide who is at fault for ``exc``, whether to retry, and the server's hints."""
+    decision = _default(exc)
     if retry_on is not None:
         verdict = retry_on(exc)
-        if verdict is not None:
-            return Decision(bool(verdict), hint, rate_limited, status)
+        if verdict is not None and bool(verdict) != decision.retry:
+            kind: Kind = "transient" if verdict else "row"
+            return dataclasses.replace(
+                decision, retry=bool(verdict), kind=kind, bisect=not verdict,
+                retry_after=decision.hints.retry_after if verdict else None,
+                rate_limited=decision.rate_limited and bool(verdict),
+            )
+    return decision
+
+
+def _default(exc: BaseException) -> Decision:
+    status = status_code(exc)
+    hints = _hints(exc)
+    hint = hints.retry_after
+
+    def make(kind: Kind, cause: str | None, *, bisect: bool = False) -> Decision:
+        retry = kind in ("transient", "rate_limited")
+        return Decision(retry, hint if retry else None, kind == "rate_limited", status, kind,
+                        cause, bisect, hints)
+
     if isinstance(exc, RetryableError):
-        return Decision(True, hint, rate_limited, status)
+        return make("rate_limited" if _says_rate(exc) else "transient", None)
+    if isinstance(exc, OutputError):
+        return make("row", "output")
     if isinstance(exc, FatalError):
-        return Decision(False, None, False, status)
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionError)):
-        return Decision(True, hint, False, status)
-    if any(cls.__name__ in _CONNECTION_ERRORS for cls in type(exc).__mro__):
-        return Decision(True, hint, False, status)
+        return make("row", None, bisect=True)
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or names & _TIMEOUT_ERRORS:
+        return make("transient", "timeout")
+    if isinstance(exc, ConnectionError) or names & _CONNECTION_ERRORS:
+        return make("transient", "connection")
     if status is None:
-        return Decision(False, None, False, None)
-    if status == 429 and _is_quota(exc):
-        return Decision(False, None, False, status)
-    retry = status in _RETRY_STATUS or status >= 500
-    return Decision(retry, hint if retry else None, status == 429, status)
+        return make("row", None, bisect=True)
+    return _by_status(exc, status, make)
+
+
+def _by_status(exc: BaseException, status: int, make: Callable[..., Decision]) -> Decision:
+    blob = _blob(exc)
+    if any(q in blob for q in _QUOTA_CODES) and status in (402, 403, 429):
+        return make("fatal_run", "quota")
+    if status == 401:
+        return make("fatal_run", "auth")
+    if status == 402:
+        return make("fatal_run", "quota")
+    if status == 403:
+        return make("fatal_run", "permission")
+    if status == 404 and (any(c in blob for c in _MODEL_CODES) or "model" in blob):
+        return make("fatal_run", "model_not_found")
+    if status == 429:
+        if "request too large" in blob:  # one request over the whole limit: waiting won't help
+            return make("row", "bad_request", bisect=True)
+        if not any(r in blob for r in _RATE_WORDS) and any(w in blob for w in _OVERLOAD_WORDS):
+            return make("transient", "overload")
+        return make("rate_limited", "rate_limit")
+    if status in (503, 529) and any(w in blob for w in _OVERLOAD_WORDS):
+        return make("transient", "overload")
+    if status >= 500:
+        return make("transient", "server")
+    if status in _RETRY_STATUS:
+        return make("transient", None)
+    return make("row", "bad_request", bisect=True)
+
+
+@dataclass(slots=True)
+class AttemptBudget:
+    """One batch's budget of tries: errors use up ``max_attempts``; rate-limit 429s use only
+    time (``patience_s`` since the batch's first one), so rows do not fail while a provider's
+    window is simply not over.
+
+    >>> from dfbatch.execute._retry import AttemptBudget, Decision
+    >>> budget = AttemptBudget(max_attempts=2, patience_s=60.0)
+    >>> limited = Decision(True, rate_limited=True, kind="rate_limited")
+    >>> [budget.may_retry(limited, now=t) for t in (0.0, 30.0, 59.0, 61.0)]
+    [True, True, True, False]
+    >>> error = Decision(True, kind="transient")
+    >>> errors = AttemptBudget(max_attempts=2)  # 2 tries in all: one retry
+    >>> errors.may_retry(error, now=0.0), errors.may_retry(error, now=0.0)
+    (True, False)
+    """
+
+    max_attempts: int
+    patience_s: float = 600.0
+    failed_tries: int = 0
+    first_limited: float | None = None
+
+    def may_retry(self, decision: Decision, *, now: float) -> bool:
+        """Record one failed try; may the batch be tried again?"""
+        if not decision.retry:
+            return False
+        if decision.kind == "rate_limited":
+            if self.first_limited is None:
+                self.first_limited = now
+            return now - self.first_limited < self.patience_s
+        self.failed_tries += 1
+        return self.failed_tries < self.max_attempts
+
+
+def fatal_message(exc: BaseException, decision: Decision | None = None) -> str:
+    """The run-stopping error for a ``fatal_run`` failure: the cause, the fix and the server's
+    own words.
+
+    >>> class E(Exception):
+    ...     status_code = 401
+    >>> fatal_message(E("Incorrect API key provided"))
+    'run stopped: the API key was refused; check api_key= / OPENAI_API_KEY (or the client you \
+passed) (HTTP 401: E: Incorrect API key provided)'
+    """
+    decision = decision or classify(exc)
+    fix = _FIXES.get(decision.cause or "", "an error that no retry can fix")
+    status = f"HTTP {decision.status}: " if decision.status is not None else ""
+    return f"run stopped: {fix} ({status}{describe(exc)})"
 
 
 def status_code(exc: BaseException) -> int | None:
@@ -104,37 +250,29 @@ def status_code(exc: BaseException) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def retry_after(exc: BaseException) -> float | None:
-    """Seconds the server asked us to wait, from ``exc.retry_after`` or response headers."""
-    value = getattr(exc, "retry_after", None)
-    if isinstance(value, (int, float)) and value >= 0:
-        return float(value)
+def _hints(exc: BaseException) -> RateHints:
     headers = getattr(exc, "headers", None)
     if headers is None:
         headers = getattr(getattr(exc, "response", None), "headers", None)
-    return parse_retry_after(headers) if headers is not None else None
+    hints = parse_headers(headers) if headers is not None else NO_HINTS
+    value = getattr(exc, "retry_after", None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        hints = dataclasses.replace(hints, retry_after=float(value))
+    return hints
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """Seconds the server asked us to wait, from ``exc.retry_after`` or response headers."""
+    return _hints(exc).retry_after
 
 
 def parse_retry_after(headers: Mapping[str, Any]) -> float | None:
-    """Parse ``retry-after-ms`` (ms) or ``retry-after`` (seconds or an HTTP date).
+    """The retry hint of a header mapping, in any spelling (see ``_headers``).
 
     >>> parse_retry_after({"retry-after-ms": "1500"}), parse_retry_after({"Retry-After": "3"})
     (1.5, 3.0)
     """
-    lower = {str(k).lower(): v for k, v in dict(headers).items()}
-    try:
-        if "retry-after-ms" in lower:
-            return max(0.0, float(lower["retry-after-ms"]) / 1000)
-        if "retry-after" in lower:
-            raw = str(lower["retry-after"])
-            try:
-                return max(0.0, float(raw))
-            except ValueError:
-                when = email.utils.parsedate_to_datetime(raw)
-                return max(0.0, when.timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-    return None
+    return parse_headers(headers).retry_after
 
 
 def backoff(
@@ -166,11 +304,14 @@ def describe(exc: BaseException) -> str:
     return f"{name}: {text}"[:2000] if text else name
 
 
-def _is_quota(exc: BaseException) -> bool:
-    code = getattr(exc, "code", None)
+def _blob(exc: BaseException) -> str:
+    """Everything an error says about itself (code, type, body, message), lower case."""
+    parts = [str(getattr(exc, "code", "") or ""), str(getattr(exc, "type", "") or "")]
     body = getattr(exc, "body", None)
-    blob = f"{code} {body} {exc}".lower()
-    return any(q in blob for q in _QUOTA_CODES)
+    if body is not None:
+        parts.append(str(body))
+    parts.append(str(exc))
+    return " ".join(parts).lower()
 
 
 def _says_rate(exc: BaseException) -> bool:

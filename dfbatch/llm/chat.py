@@ -32,6 +32,8 @@ from typing import Any, Literal
 import polars as pl
 
 from dfbatch.errors import ConfigError, RowError
+from dfbatch.execute._charge import bound, count_tokens, per_request, request
+from dfbatch.execute._headers import rate_headers
 from dfbatch.execute._usage import report_usage
 from dfbatch.llm import batchmode
 from dfbatch.llm.client import ClientSource, scrub
@@ -41,7 +43,6 @@ from dfbatch.llm.schema import ResponseFormat
 Mode = Literal["per_row", "batch"]
 _ROW_STATUSES = frozenset({400, 413, 422})  # the input itself is bad: fail that row only
 _STASH_MAX = 4096
-_RATE_HEADERS = ("x-ratelimit-", "retry-after")
 
 
 @dataclass
@@ -159,30 +160,54 @@ def _per_row_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | p
         failure = _worst(outcomes)
         if failure is not None:
             for p, outcome in zip(prompts, outcomes, strict=True):
-                if isinstance(outcome, RowError) or not isinstance(outcome, BaseException):
-                    _stash(spec, p, outcome)
+                if isinstance(outcome, _Row):
+                    _stash(spec, p, outcome)  # kept, and reported when the batch succeeds
             raise scrub(failure, spec.source.secrets)
-        return _column(spec, list(outcomes))
+        rows = [o for o in outcomes if isinstance(o, _Row)]
+        report_usage(
+            input_tokens=sum(r.input_tokens for r in rows),
+            output_tokens=sum(r.output_tokens for r in rows),
+            headers=next((r.headers for r in reversed(rows) if r.headers), None),
+        )
+        return _column(spec, [r.value for r in rows])
 
-    return fn
+    return per_request(fn)
 
 
-async def _one_row(spec: _Spec, client: Any, prompt: str) -> Any:
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """One row's answer (a value or a ``RowError``) and what its request used."""
+
+    value: Any
+    input_tokens: int = 0
+    output_tokens: int = 0
+    headers: dict[str, str] | None = None
+
+
+async def _one_row(spec: _Spec, client: Any, prompt: str) -> _Row:
     if prompt in spec.stash:
-        return spec.stash.pop(prompt)
+        return spec.stash.pop(prompt)  # type: ignore[no-any-return]
     messages = _messages(spec.system, prompt)
     kwargs = spec.params(spec.max_tokens)
     if spec.fmt.api is not None:
         kwargs["response_format"] = spec.fmt.api
     try:
-        raw = await client.chat.completions.with_raw_response.create(messages=messages, **kwargs)
+        async with request(tokens=_request_tokens(spec, messages, spec.max_tokens)) as req:
+            raw = await client.chat.completions.with_raw_response.create(
+                messages=messages, **kwargs
+            )
+            completion = raw.parse()
+            used = _used(completion)
+            req.report(headers=raw.headers, tokens=used[0] + used[1])
     except Exception as exc:
         if _status(exc) in _ROW_STATUSES:
             scrub(exc, spec.source.secrets)
-            return RowError(f"{type(exc).__name__}: {_message(exc)}")
+            return _Row(RowError(f"{type(exc).__name__}: {_message(exc)}"))
         raise
-    completion = raw.parse()
-    _report(completion, raw.headers)
+    return _Row(_answer(spec, completion), *used, rate_headers(raw.headers) or None)
+
+
+def _answer(spec: _Spec, completion: Any) -> Any:
     choice = completion.choices[0]
     refusal = getattr(choice.message, "refusal", None)
     if refusal:
@@ -195,6 +220,20 @@ async def _one_row(spec: _Spec, client: Any, prompt: str) -> Any:
         cut = " (cut at max_tokens)" if choice.finish_reason == "length" else ""
         return RowError(f"structured answer does not fit the schema: {problem}{cut}")
     return value
+
+
+def _request_tokens(spec: _Spec, messages: list[dict[str, str]], max_tokens: int) -> int:
+    """What the provider charges against its token limit: the prompt as it counts it (4 per
+    message + 3) and the whole output cap. 0 outside a run (nothing to charge)."""
+    if bound() is None:
+        return 0
+    counts = count_tokens([m["content"] for m in messages], spec.model)
+    return 3 + sum(4 + n for n in counts) + max_tokens
+
+
+def _used(completion: Any) -> tuple[int, int]:
+    usage = getattr(completion, "usage", None)
+    return (getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)
 
 
 def _batch_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | pl.Series]]:
@@ -211,21 +250,24 @@ def _batch_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | pl.
         budget = n * (spec.max_tokens + batchmode.ITEM_OVERHEAD_TOKENS) + 16
         try:
             client = await spec.source.get()
-            raw = await client.chat.completions.with_raw_response.create(
-                messages=messages, response_format=rf, **spec.params(budget)
-            )
+            async with request(tokens=_request_tokens(spec, messages, budget)) as req:
+                raw = await client.chat.completions.with_raw_response.create(
+                    messages=messages, response_format=rf, **spec.params(budget)
+                )
+                completion = raw.parse()
+                used = _used(completion)
+                req.report(headers=raw.headers, tokens=sum(used))
         except BaseException as exc:
             scrub(exc, spec.source.secrets)
             raise
-        completion = raw.parse()
-        _report(completion, raw.headers)
+        report_usage(*used, headers=rate_headers(raw.headers) or None)
         choice = completion.choices[0]
         values = batchmode.parse_results(
             choice.message.content, n, truncated=choice.finish_reason == "length"
         )
         return _column(spec, [v if isinstance(v, RowError) else _fit(spec, v) for v in values])
 
-    return fn
+    return per_request(fn, sends="one")
 
 
 def _fit(spec: _Spec, value: Any) -> Any:
@@ -247,16 +289,6 @@ def _column(spec: _Spec, values: list[Any]) -> list[Any] | pl.Series:
 def _messages(system: str | None, prompt: str) -> list[dict[str, str]]:
     user = {"role": "user", "content": prompt}
     return [{"role": "system", "content": system}, user] if system else [user]
-
-
-def _report(completion: Any, headers: Any) -> None:
-    usage = getattr(completion, "usage", None)
-    rate = {k: v for k, v in headers.items() if k.lower().startswith(_RATE_HEADERS)}
-    report_usage(
-        input_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-        output_tokens=getattr(usage, "completion_tokens", 0) or 0,
-        headers=rate or None,
-    )
 
 
 def _status(exc: BaseException) -> int | None:
@@ -296,7 +328,7 @@ def _retry_after(exc: BaseException) -> float:
     return retry_after(exc) or 0.0
 
 
-def _stash(spec: _Spec, prompt: str, outcome: Any) -> None:
+def _stash(spec: _Spec, prompt: str, outcome: _Row) -> None:
     spec.stash[prompt] = outcome
     while len(spec.stash) > _STASH_MAX:
         spec.stash.pop(next(iter(spec.stash)))

@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from dfbatch.errors import ConfigError, RowError
+from dfbatch.errors import ConfigError, OutputError, RowError
+from dfbatch.execute._charge import bound, count_tokens, per_request, request
+from dfbatch.execute._headers import rate_headers
 from dfbatch.execute._usage import report_usage
 from dfbatch.llm.client import ClientSource, scrub
 from dfbatch.llm.prompt import Template
-
-_RATE_HEADERS = ("x-ratelimit-", "retry-after")
 
 
 def embed(
@@ -70,24 +70,30 @@ def embed(
         keep = [i for i, t in enumerate(texts) if t.strip()]
         vectors: list[Any] = [RowError("empty text: nothing to embed")] * len(texts)
         if keep:
+            inputs = [texts[i] for i in keep]
+            tokens = sum(count_tokens(inputs, model)) if bound() is not None else 0
             try:
                 client = await source.get()
-                raw = await client.embeddings.with_raw_response.create(
-                    model=model, input=[texts[i] for i in keep], **extra
-                )
+                async with request(tokens=tokens) as req:
+                    raw = await client.embeddings.with_raw_response.create(
+                        model=model, input=inputs, **extra
+                    )
+                    response = raw.parse()
+                    usage = getattr(response, "usage", None)
+                    used = getattr(usage, "prompt_tokens", 0) or 0
+                    req.report(headers=raw.headers, tokens=used)
             except BaseException as exc:
                 scrub(exc, source.secrets)
                 raise
-            response = raw.parse()
-            usage = getattr(response, "usage", None)
-            rate = {k: v for k, v in raw.headers.items() if k.lower().startswith(_RATE_HEADERS)}
-            report_usage(input_tokens=getattr(usage, "prompt_tokens", 0) or 0, headers=rate or None)
-            for item in sorted(response.data, key=lambda d: d.index):
+            _check_indices(response.data, len(inputs))
+            report_usage(input_tokens=used, headers=rate_headers(raw.headers) or None)
+            for item in response.data:
                 vectors[keep[item.index]] = _vector(item.embedding)
         if len(keep) == len(texts):
             return pl.Series("output", vectors, dtype=pl.List(pl.Float32))
         return vectors
 
+    per_request(fn, sends="one")
     fn.__name__ = fn.__qualname__ = f"embed[{model}]"
     fn.dfbatch_fingerprint = {  # type: ignore[attr-defined]
         "kind": "embed",
@@ -97,6 +103,16 @@ def embed(
     }
     fn.dfbatch_output_tokens = 0  # type: ignore[attr-defined]
     return fn
+
+
+def _check_indices(data: Any, n: int) -> None:
+    """One vector per input, each index once: anything else is the server's error, for the
+    whole batch (an ``OutputError``: not retried, not bisected)."""
+    indices = sorted(getattr(item, "index", -1) for item in data)
+    if indices != list(range(n)):
+        got = f"{len(indices)} vectors" if len(indices) != n else f"vectors at indices {indices}"
+        msg = f"the embeddings API answered {got} for {n} inputs; expected one per input"
+        raise OutputError(msg)
 
 
 def _vector(values: Any) -> pl.Series:

@@ -1,0 +1,185 @@
+"""A circuit breaker: when the service is down, stop sending and probe with one call at a time.
+
+Closed (normal) until recent calls say the service is down: ``threshold`` outage failures in a
+row (connection errors, timeouts, 5xx; see ``Decision.outage``), or at least ``ratio`` of the
+calls of the last ``window_s`` seconds (with ``min_calls`` or more). Then open: every send
+waits, and exactly one probe goes through after ``first_s``, then at doubling intervals up to
+``max_s``, until one succeeds (or gets any answer that is not an outage, e.g. a 400 or a
+429: the service is up); then the breaker closes and every waiter goes. A success of a call
+sent *before* the breaker opened does not close it.
+
+Two ways to use it: ``async with breaker.admit(): ...`` (records the outcome itself, from the
+exception if any), or ``ticket = await breaker.wait()`` then ``breaker.record(ticket, health)``
+with ``health`` one of ``"ok"``, ``"outage"``, ``"other"``. ``clock`` and ``sleep`` can be
+injected (tests use a virtual clock).
+
+Examples
+--------
+>>> import asyncio
+>>> from dfbatch.execute._breaker import Breaker
+>>> async def demo():
+...     breaker = Breaker(threshold=2, first_s=0.05)
+...     for _ in range(2):
+...         breaker.record(await breaker.wait(), "outage")
+...     closed_before = breaker.closed
+...     probe = await breaker.wait()          # after 0.05 s: the one probe
+...     breaker.record(probe, "ok")
+...     return closed_before, probe.probe, breaker.closed
+>>> asyncio.run(demo())
+(False, True, True)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from dfbatch.execute._retry import classify
+
+Health = Literal["ok", "outage", "other"]
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """A pass through the breaker: ``probe`` when it is the one call of an open breaker."""
+
+    probe: bool
+    epoch: int
+
+
+class Breaker:
+    """Pause every send while the service is down; probe with one call (module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        threshold: int = 5,
+        window_s: float = 10.0,
+        min_calls: int = 10,
+        ratio: float = 0.5,
+        first_s: float = 1.0,
+        max_s: float = 30.0,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[object]] | None = None,
+    ) -> None:
+        self.threshold = threshold
+        self.window_s = window_s
+        self.min_calls = min_calls
+        self.ratio = ratio
+        self.first_s = first_s
+        self.max_s = max_s
+        self._clock = clock
+        self._sleep = sleep or asyncio.sleep
+        self.closed = True
+        self.opens = 0
+        self.probes = 0
+        self.epoch = 0
+        self.interval = first_s
+        self.next_probe = 0.0
+        self._probing = False
+        self._timer = False
+        self._in_a_row = 0
+        self._recent: deque[tuple[float, bool]] = deque()  # (time, outage?) of recent calls
+        self._changed: asyncio.Event | None = None
+
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def _changes(self) -> None:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        await self._changed.wait()
+
+    async def wait(self) -> Ticket:
+        """Wait until a call may be sent: at once while closed; when open, as the probe."""
+        while not self.closed:
+            now = self._now()
+            if not self._probing and now >= self.next_probe:
+                self._probing = True
+                self.probes += 1
+                return Ticket(True, self.epoch)
+            if self._probing or self._timer:
+                await self._changes()
+                continue
+            self._timer = True
+            try:
+                await self._sleep(self.next_probe - now)
+            finally:
+                self._timer = False
+                self._notify()
+        return Ticket(False, self.epoch)
+
+    def record(self, ticket: Ticket, health: Health) -> None:
+        """How the call let through by ``ticket`` ended."""
+        now = self._now()
+        if health == "outage":
+            self._recent.append((now, True))
+            self._trim(now)
+            if ticket.probe and not self.closed:
+                self.interval = min(self.max_s, 2 * self.interval)
+                self.next_probe = now + self.interval
+                self._probing = False
+                self._notify()
+            elif self.closed:
+                self._in_a_row += 1
+                if self._in_a_row >= self.threshold or self._mostly_failing():
+                    self._open(now)
+            return
+        self._recent.append((now, False))
+        self._trim(now)
+        self._in_a_row = 0
+        if not self.closed and (ticket.probe or ticket.epoch == self.epoch):
+            self._close()
+
+    def cancel(self, ticket: Ticket) -> None:
+        """The call of ``ticket`` was cancelled before it said anything: free the probe."""
+        if ticket.probe and not self.closed and ticket.epoch == self.epoch:
+            self._probing = False
+            self._notify()
+
+    @contextlib.asynccontextmanager
+    async def admit(self) -> AsyncIterator[Ticket]:
+        """``async with breaker.admit(): send()``: wait, send, record how it ended."""
+        ticket = await self.wait()
+        try:
+            yield ticket
+        except Exception as exc:
+            self.record(ticket, "outage" if classify(exc).outage else "other")
+            raise
+        except BaseException:
+            self.cancel(ticket)
+            raise
+        self.record(ticket, "ok")
+
+    def _mostly_failing(self) -> bool:
+        n = len(self._recent)
+        return n >= self.min_calls and sum(f for _, f in self._recent) >= self.ratio * n
+
+    def _trim(self, now: float) -> None:
+        while self._recent and self._recent[0][0] < now - self.window_s:
+            self._recent.popleft()
+
+    def _open(self, now: float) -> None:
+        self.closed = False
+        self.opens += 1
+        self.epoch += 1
+        self.interval = self.first_s
+        self.next_probe = now + self.first_s
+        self._probing = False
+        self._notify()
+
+    def _close(self) -> None:
+        self.closed = True
+        self._in_a_row = 0
+        self._recent.clear()
+        self._probing = False
+        self._notify()

@@ -1,0 +1,79 @@
+"""A global pause: when the provider says "slow down", no call of the run is sent until then.
+
+A 429 with a hint (``retry-after`` in any spelling) pauses every send until the hinted time.
+A 429 with no hint pauses for a growing floor (1 s, 2 s, 4 s … up to a minute): once per
+episode (429s of calls sent before the pause began do not grow it), reset by a success of a
+call sent after the pause. It is a limit like the others (``acquire`` / ``release``); put it
+last in a stack, so a call that waited for a bucket still sits out a pause that began meanwhile.
+
+Examples
+--------
+>>> import asyncio
+>>> from dfbatch.execute._limits import Cost, Outcome
+>>> from dfbatch.execute._pause import PauseGate
+>>> async def demo():
+...     gate, loop = PauseGate(), asyncio.get_running_loop()
+...     await gate.acquire(Cost())
+...     gate.release(Cost(), Outcome(ok=False, rate_limited=True, retry_after=0.2))
+...     t0 = loop.time(); await gate.acquire(Cost())
+...     return round(loop.time() - t0, 1)
+>>> asyncio.run(demo())
+0.2
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import math
+
+from dfbatch.execute._limits import Cost, Outcome
+
+
+class PauseGate:
+    """Every send waits while the run is paused (see the module docstring)."""
+
+    def __init__(self, *, first_s: float = 1.0, max_s: float = 60.0) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self.until = 0.0
+        self.floor = 0.0  # the last unhinted pause (0: none since the last success)
+        self.pauses = 0
+        self._paused_at = -math.inf
+        self._sent: contextvars.ContextVar[float] = contextvars.ContextVar("sent", default=-1.0)
+
+    async def acquire(self, cost: Cost | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        # a timed wait, re-checked because a later 429 may extend the pause
+        while (wait := self.until - loop.time()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(wait)
+        self._sent.set(loop.time())
+
+    def release(self, cost: Cost | None = None, outcome: Outcome | None = None) -> None:
+        if outcome is None:
+            return
+        if outcome.rate_limited:
+            self.on_rate_limited(outcome.retry_after)
+        elif outcome.ok and self._sent.get() >= self._paused_at:
+            self.floor = 0.0
+
+    def on_rate_limited(self, retry_after: float | None = None) -> float:
+        """This task's call got a rate-limit 429: pause every send. Returns the pause's end."""
+        if retry_after is not None and retry_after > 0:
+            self.pause(retry_after)
+        elif self._sent.get() >= self._paused_at:
+            self.floor = min(self.max_s, 2 * self.floor if self.floor else self.first_s)
+            self.pause(self.floor)
+        return self.until
+
+    def pause(self, seconds: float) -> None:
+        """Hold every send for ``seconds`` from now (never shortens a pause)."""
+        now = asyncio.get_running_loop().time()
+        if now + seconds > self.until:
+            self.until = now + seconds
+            self._paused_at = now
+            self.pauses += 1
+
+    @property
+    def paused(self) -> bool:
+        return self.until > asyncio.get_running_loop().time()

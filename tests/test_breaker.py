@@ -1,0 +1,139 @@
+"""The circuit breaker: opens on outages, probes with one call at growing intervals, closes on
+a sign of life (virtual clock: no real sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from benchmarks.simapi import run
+from dfbatch.execute._breaker import Breaker
+
+REQUEST = httpx.Request("POST", "http://sim.invalid/v1/chat/completions")
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+async def fail_n(breaker: Breaker, n: int) -> None:
+    for _ in range(n):
+        breaker.record(await breaker.wait(), "outage")
+
+
+def test_opens_after_threshold_outages_in_a_row_and_not_before():
+    async def main() -> list[bool]:
+        breaker = Breaker(threshold=3)
+        states = []
+        for health in ("outage", "outage", "other", "outage", "outage", "outage"):
+            breaker.record(await breaker.wait(), health)  # type: ignore[arg-type]
+            states.append(breaker.closed)
+        return states
+
+    assert run(main()) == [True, True, True, True, True, False]
+
+
+def test_a_dead_service_gets_one_probe_at_doubling_intervals_then_everyone_goes():
+    async def main() -> tuple[list[float], list[float], int]:
+        breaker = Breaker(threshold=2, first_s=1.0, max_s=8.0)
+        await fail_n(breaker, 2)
+        probes: list[float] = []
+        released: list[float] = []
+
+        async def client(i: int) -> None:
+            while True:
+                ticket = await breaker.wait()
+                if ticket.probe:
+                    probes.append(now())
+                    alive = now() >= 20.0  # the service comes back at t = 20
+                    breaker.record(ticket, "ok" if alive else "outage")
+                    if alive:
+                        released.append(now())
+                        return
+                else:
+                    released.append(now())
+                    return
+
+        await asyncio.gather(*(client(i) for i in range(50)))
+        return probes, released, breaker.opens
+
+    probes, released, opens = run(main())
+    assert probes == pytest.approx([1, 3, 7, 15, 23])  # 1, 2, 4, 8, 8 (capped) apart
+    assert released == pytest.approx([23.0] * 50) and opens == 1
+
+
+def test_a_success_of_a_call_sent_before_the_outage_does_not_close_it():
+    async def main() -> list[bool]:
+        breaker = Breaker(threshold=2)
+        old = await breaker.wait()
+        await fail_n(breaker, 2)
+        breaker.record(old, "ok")
+        out = [breaker.closed]
+        probe = await breaker.wait()
+        breaker.record(probe, "other")  # a 400 or a 429: the service answers
+        out.append(breaker.closed)
+        return out
+
+    assert run(main()) == [False, True]
+
+
+def test_opens_when_most_recent_calls_fail_even_with_successes_between():
+    async def main() -> bool:
+        breaker = Breaker(threshold=100, min_calls=10, ratio=0.5, window_s=10.0)
+        for i in range(10):
+            breaker.record(await breaker.wait(), "outage" if i % 2 else "ok")
+        return breaker.closed
+
+    assert run(main()) is False
+
+
+def test_a_cancelled_probe_lets_another_one_through():
+    async def main() -> list[bool]:
+        breaker = Breaker(threshold=1, first_s=1.0)
+        await fail_n(breaker, 1)
+        first = await breaker.wait()
+        breaker.cancel(first)
+        second = await breaker.wait()
+        return [first.probe, second.probe, now() == pytest.approx(1.0)]
+
+    assert run(main()) == [True, True, True]
+
+
+def test_admit_records_from_the_exception():
+    async def main() -> list[bool]:
+        breaker = Breaker(threshold=2)
+        out = []
+        for exc in (openai.APIConnectionError(request=REQUEST), httpx.ReadTimeout("slow")):
+            with pytest.raises(Exception):  # noqa: B017
+                async with breaker.admit():
+                    raise exc
+        out.append(breaker.closed)  # two outages: open
+        async with breaker.admit() as ticket:
+            out.append(ticket.probe)
+        out.append(breaker.closed)  # the probe answered
+        with pytest.raises(ValueError):
+            async with breaker.admit():
+                msg = "a bug in fn is not an outage"
+                raise ValueError(msg)
+        out.append(breaker.closed)
+        return out
+
+    assert run(main()) == [False, True, True, True]
+
+
+def test_injected_clock_and_sleep():
+    t = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        t[0] += seconds
+
+    async def main() -> tuple[bool, float]:
+        breaker = Breaker(threshold=1, first_s=2.0, clock=lambda: t[0], sleep=sleep)
+        breaker.record(await breaker.wait(), "outage")
+        ticket = await breaker.wait()
+        return ticket.probe, t[0]
+
+    assert asyncio.run(main()) == (True, 2.0)

@@ -1,0 +1,135 @@
+"""Charging the run's limits per request from inside fn (``dfbatch.limits.request``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+import dfbatch.limits
+from benchmarks.simapi import run
+from dfbatch.execute._breaker import Breaker
+from dfbatch.execute._charge import bind_run_limits, bound, charges_per_request, count_tokens
+from dfbatch.execute._limits import Limits, RateLimit
+from dfbatch.execute._pause import PauseGate
+
+REQUEST = httpx.Request("POST", "http://sim.invalid/v1/chat/completions")
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def rate_limited(headers: dict[str, str] | None = None) -> Exception:
+    body = {"error": {"message": "Rate limit reached", "type": "requests",
+                      "code": "rate_limit_exceeded"}}
+    response = httpx.Response(429, json=body, headers=headers or {}, request=REQUEST)
+    return openai.RateLimitError("Rate limit reached", response=response, body=body["error"])
+
+
+def test_outside_a_run_it_charges_nothing_and_never_waits():
+    async def main() -> float:
+        assert bound() is None
+        for _ in range(1000):
+            async with dfbatch.limits.request(tokens=10**9) as req:
+                req.report(headers={"retry-after": "60"}, tokens=5)
+        return now()
+
+    assert run(main()) == pytest.approx(0.0)
+
+
+def test_each_request_is_charged_to_rpm_and_tpm():
+    async def main() -> tuple[list[float], float]:
+        rpm, tpm = RateLimit(60), RateLimit(60_000, tokens=True)  # 1 request / 1,000 tokens a s
+        times = []
+        with bind_run_limits(Limits([rpm, tpm])):
+            for _ in range(4):
+                async with dfbatch.limits.request(tokens=500):
+                    times.append(now())
+        return times, tpm.level
+
+    times, level = run(main())
+    assert times == pytest.approx([0, 1, 2, 3])
+    assert level == pytest.approx(500)  # 1,000 a second refill, 500 a request
+
+
+def test_real_tokens_refund_the_estimate_and_headers_sync_the_bucket():
+    async def main() -> tuple[float, float]:
+        rpm, tpm = RateLimit(600), RateLimit(60_000, tokens=True)
+        with bind_run_limits(Limits([rpm, tpm])):
+            async with dfbatch.limits.request(tokens=900) as req:
+                req.report(headers={"x-ratelimit-remaining-requests": "300"}, tokens=100)
+        return tpm.level, rpm.capacity
+
+    level, capacity = run(main())
+    assert level == pytest.approx(900)  # 1,000 - 900 charged, 800 refunded
+    assert capacity == 301
+
+
+def test_a_429_inside_pauses_every_request_and_is_re_raised_unchanged():
+    async def main() -> tuple[float, int]:
+        gate = PauseGate()
+        stack = Limits([RateLimit(6000), gate])
+        exc = rate_limited({"retry-after-ms": "2500"})
+        with bind_run_limits(stack):
+            with pytest.raises(openai.RateLimitError) as info:
+                async with dfbatch.limits.request(tokens=1):
+                    raise exc
+            assert info.value is exc
+            async with dfbatch.limits.request(tokens=1):
+                t = now()
+        return t, gate.pauses
+
+    assert run(main()) == (pytest.approx(2.5), 1)
+
+
+def test_connection_errors_inside_open_the_breaker():
+    async def main() -> tuple[bool, float, bool]:
+        breaker = Breaker(threshold=3, first_s=1.0)
+        with bind_run_limits(Limits([]), breaker=breaker):
+            for _ in range(3):
+                with pytest.raises(openai.APIConnectionError):
+                    async with dfbatch.limits.request():
+                        raise openai.APIConnectionError(request=REQUEST)
+            opened = not breaker.closed
+            async with dfbatch.limits.request():  # the probe, after a second
+                t = now()
+        return opened, t, breaker.closed
+
+    assert run(main()) == (True, pytest.approx(1.0), True)
+
+
+def test_a_cancelled_request_gives_its_units_back():
+    async def main() -> float:
+        tpm = RateLimit(60_000, tokens=True)
+        with bind_run_limits(Limits([tpm])):
+
+            async def hang() -> None:
+                async with dfbatch.limits.request(tokens=100):
+                    await asyncio.sleep(10)
+
+            task = asyncio.create_task(hang())
+            await asyncio.sleep(1)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return tpm.level
+
+    assert run(main()) == pytest.approx(900)  # charged, then refilled for one second
+
+
+def test_per_request_marks_fn_and_count_tokens_uses_the_run_counter():
+    async def fn(batch):  # pragma: no cover - never called
+        return batch
+
+    assert not charges_per_request(fn)
+    assert dfbatch.limits.per_request(fn) is fn and charges_per_request(fn)
+    assert count_tokens(["hello world"]) == [2]
+    assert count_tokens(["hello world"], model="no-such-model") == [2]
+
+    async def main() -> list[int]:
+        with bind_run_limits(Limits([]), count=lambda texts: [len(t) for t in texts]):
+            return count_tokens(["hello world"])
+
+    assert run(main()) == [11]

@@ -1,0 +1,118 @@
+"""The rate-limit header family: every spelling providers and gateways use (pure functions)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from dfbatch.execute._headers import (
+    NO_HINTS,
+    RateHints,
+    parse_duration,
+    parse_headers,
+    parse_retry_after,
+    rate_headers,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1s", 1.0),
+        ("120ms", 0.12),
+        ("6m0s", 360.0),
+        ("1h2m3.5s", 3723.5),
+        ("20", 20.0),
+        ("0.25", 0.25),
+        ("17ms", 0.017),
+        ("1m30s", 90.0),
+        ("250us", 0.00025),
+        (" 2S ", 2.0),
+        ("1700000030", 30.0),  # a Unix timestamp (now = 1.7e9)
+    ],
+)
+def test_durations(text, seconds):
+    assert parse_duration(text, now=1.7e9) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "soon", "1x", "s", "-3", "1s junk", "nan", "inf"])
+def test_bad_durations_are_none(text):
+    assert parse_duration(text) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("3", 3.0), ("0", 0.0), ("2.5", 2.5), ("-1", 0.0),
+     ("Thu, 01 Jan 1970 00:01:00 GMT", 60.0), ("whenever", None)],
+)
+def test_retry_after_values(value, seconds):
+    assert parse_retry_after(value, now=0.0) == seconds
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        (  # OpenAI
+            {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "599",
+             "x-ratelimit-reset-requests": "100ms", "x-ratelimit-limit-tokens": "150000",
+             "x-ratelimit-remaining-tokens": "149000", "x-ratelimit-reset-tokens": "6m0s"},
+            RateHints(600, 150000, 599, 149000, 0.1, 360.0),
+        ),
+        (  # case does not matter
+            {"X-RateLimit-Limit-Requests": "10", "Retry-After": "2"},
+            RateHints(limit_requests=10, retry_after=2.0),
+        ),
+        (  # LiteLLM's per-key scope, and its router's only hint
+            {"x-ratelimit-api_key-limit-requests": "150",
+             "x-ratelimit-api_key-remaining-requests": "3",
+             "x-ratelimit-api_key-remaining-tokens": "900",
+             "llm_provider-retry-after": "60"},
+            RateHints(limit_requests=150, remaining_requests=3, remaining_tokens=900,
+                      retry_after=60.0),
+        ),
+        (  # several scopes: the tightest one counts, with its own reset
+            {"x-ratelimit-remaining-requests": "100", "x-ratelimit-reset-requests": "1s",
+             "x-ratelimit-org-remaining-requests": "5", "x-ratelimit-org-reset-requests": "30s",
+             "x-ratelimit-limit-requests": "600", "x-ratelimit-org-limit-requests": "300"},
+            RateHints(limit_requests=300, remaining_requests=5, reset_requests=30.0),
+        ),
+        (  # retry-after-ms is the precise hint
+            {"retry-after": "1", "retry-after-ms": "250"},
+            RateHints(retry_after=0.25),
+        ),
+        (  # without it, the longest hint
+            {"retry-after": "1", "llm_provider-retry-after": "60"},
+            RateHints(retry_after=60.0),
+        ),
+        ({"retry-after": "Thu, 01 Jan 1970 00:00:07 GMT"}, RateHints(retry_after=7.0)),
+        (  # junk values are ignored, not fatal
+            {"x-ratelimit-remaining-requests": "lots", "x-ratelimit-reset-tokens": "later",
+             "retry-after": "soon", "retry-after-ms": "x"},
+            NO_HINTS,
+        ),
+        ({"content-type": "application/json", "x-ratelimit-remaining-requests-day": "5"},
+         NO_HINTS),
+        (None, NO_HINTS),
+    ],
+    ids=["openai", "case", "litellm", "scopes", "ms", "longest", "http-date", "junk", "other",
+         "none"],
+)
+def test_parse_headers(headers, expected):
+    assert parse_headers(headers, now=0.0) == expected
+
+
+def test_httpx_headers_and_accessors():
+    headers = httpx.Headers([("X-RateLimit-Remaining-Tokens", "42"),
+                             ("x-ratelimit-limit-tokens", "1000")])
+    hints = parse_headers(headers)
+    assert (hints.remaining(tokens=True), hints.limit(tokens=True)) == (42.0, 1000.0)
+    assert hints.remaining(tokens=False) is None and hints.reset(tokens=True) is None
+    assert not hints.empty and NO_HINTS.empty
+
+
+def test_rate_headers_keeps_only_the_family():
+    raw = {"Content-Type": "json", "x-ratelimit-api_key-remaining-requests": "1",
+           "llm_provider-retry-after": "60", "retry-after-ms": "5", "server": "x"}
+    assert set(rate_headers(raw)) == {"x-ratelimit-api_key-remaining-requests",
+                                      "llm_provider-retry-after", "retry-after-ms"}
+    assert rate_headers(None) == {}

@@ -1,0 +1,292 @@
+"""Rate limits that learn how the provider enforces: one second's burst, AIMD on the rate,
+headers, unknown limits, and a global pause on 429s (virtual clock: no real sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from benchmarks.simapi import run
+from dfbatch.execute._headers import RateHints
+from dfbatch.execute._limits import AdaptiveLimit, Cost, Outcome, RateLimit
+from dfbatch.execute._pause import PauseGate
+
+ONE = Cost()
+LIMITED = Outcome(ok=False, rate_limited=True)
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+async def in_task(fn: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``fn`` in its own task (its own context: acquire and release pair up there)."""
+    return await asyncio.create_task(fn())
+
+
+def test_starts_with_one_second_of_burst():
+    async def main() -> list[float]:
+        rpm = RateLimit(600)  # 10 per second
+        times = []
+        for _ in range(20):
+            await rpm.acquire(ONE)
+            times.append(now())
+        return times
+
+    times = run(main())
+    assert times[9] == pytest.approx(0.0) and times[10] > 0.01
+    assert times[19] == pytest.approx(1.0)
+
+
+def test_never_more_than_one_second_of_burst_even_if_burst_allows_more():
+    assert RateLimit(600, burst=0.1).capacity == 10
+    assert RateLimit(6000, burst=0.001).capacity == 6  # burst (minutes) is still a ceiling
+    assert RateLimit(30).capacity == 1  # at least one request
+    assert RateLimit(150_000, tokens=True).capacity == 2500
+
+
+def test_headers_showing_a_bigger_bucket_let_it_grow():
+    async def main() -> tuple[float, float]:
+        rpm = RateLimit(600)
+        await rpm.acquire(ONE)
+        rpm.observe(RateHints(remaining_requests=500), ONE)
+        return rpm.capacity, rpm.level
+
+    capacity, level = run(main())
+    assert capacity == 501 and level == 500
+
+
+def test_rate_limit_429_lowers_the_rate_once_per_episode_and_clean_calls_regrow_it():
+    async def main() -> list[float]:
+        rpm = RateLimit(600, regrow_s=60.0)
+        seen = []
+
+        async def call(outcome: Outcome) -> None:
+            await rpm.acquire(ONE)
+            rpm.release(ONE, outcome)
+
+        early = asyncio.Event()
+
+        async def sent_before_the_drop() -> None:
+            await rpm.acquire(ONE)
+            await early.wait()
+            rpm.release(ONE, LIMITED)
+
+        straggler = asyncio.create_task(sent_before_the_drop())
+        await asyncio.sleep(0)
+        await in_task(lambda: call(LIMITED))
+        seen.append(rpm.rate)  # 10 * 0.7
+        early.set()
+        await straggler
+        seen.append(rpm.rate)  # unchanged: sent before the drop
+        await in_task(lambda: call(LIMITED))
+        seen.append(rpm.rate)  # a new episode: 10 * 0.49
+        for _ in range(80):
+            await in_task(lambda: call(Outcome()))
+            await asyncio.sleep(1.0)
+            if rpm.rate == 10.0:
+                break
+        seen.append(now())
+        return seen
+
+    first, after_straggler, second, t_back = run(main())
+    assert first == pytest.approx(7.0) and after_straggler == pytest.approx(7.0)
+    assert second == pytest.approx(4.9)
+    assert 30 <= t_back <= 35  # (10 - 4.9) / (10 / 60) = 30.6 s of clean calls
+
+
+def test_the_bucket_shrinks_on_a_429_and_headers_cannot_grow_it_for_a_while():
+    async def main() -> list[float]:
+        rpm = RateLimit(600)
+        out = []
+
+        async def call(outcome: Outcome, hints: RateHints | None = None) -> None:
+            await rpm.acquire(ONE)
+            rpm.release(ONE, outcome)
+            if hints is not None:
+                rpm.observe(hints, ONE)
+            out.append(rpm.capacity)
+
+        await in_task(lambda: call(Outcome(), RateHints(remaining_requests=500)))
+        await in_task(lambda: call(LIMITED))
+        await in_task(lambda: call(Outcome(), RateHints(remaining_requests=500)))
+        await asyncio.sleep(61)
+        await in_task(lambda: call(Outcome(), RateHints(remaining_requests=500)))
+        return out
+
+    assert run(main()) == pytest.approx([501, 7, 7, 501])
+
+
+def test_a_429_for_the_other_limit_does_not_lower_this_one():
+    async def main() -> tuple[float, float]:
+        rpm, tpm = RateLimit(600), RateLimit(60_000, tokens=True)
+        hints = RateHints(remaining_requests=5, remaining_tokens=0)
+        cost = Cost(tokens=100)
+
+        async def call() -> None:
+            for lim in (rpm, tpm):
+                await lim.acquire(cost)
+            for lim in (rpm, tpm):
+                lim.release(cost, Outcome(ok=False, rate_limited=True, hints=hints))
+
+        await in_task(call)
+        return rpm.rate, tpm.rate
+
+    assert run(main()) == (10.0, pytest.approx(700.0))
+
+
+def test_an_unknown_limit_passes_everything_then_learns_from_headers():
+    async def main() -> list[Any]:
+        rpm = RateLimit(None)
+        for _ in range(1000):
+            await rpm.acquire(ONE)
+        out: list[Any] = [now(), rpm.known]
+
+        async def call() -> None:
+            await rpm.acquire(ONE)
+            rpm.release(ONE, Outcome(hints=RateHints(limit_requests=120, remaining_requests=1)))
+
+        await in_task(call)
+        out += [rpm.per_minute, rpm.rate, rpm.capacity]
+        return out
+
+    t, known, *learned = run(main())
+    assert t == pytest.approx(0.0) and not known and learned == [120.0, 2.0, 2.0]
+
+
+def test_an_unknown_limit_paces_at_a_fraction_of_what_was_sent_when_429s_come():
+    async def main() -> tuple[float, float]:
+        rpm = RateLimit(None)
+
+        async def call(outcome: Outcome) -> None:
+            await rpm.acquire(ONE)
+            rpm.release(ONE, outcome)
+
+        for _ in range(10):  # 20 requests per second for 10 s
+            for _ in range(20):
+                await in_task(lambda: call(Outcome()))
+            await asyncio.sleep(1.0)
+        await in_task(lambda: call(LIMITED))
+        t0 = now()
+        for _ in range(29):
+            await rpm.acquire(ONE)
+        return rpm.rate, now() - t0
+
+    rate, elapsed = run(main())
+    assert rate == pytest.approx(0.7 * 20, rel=0.01)  # 20 a second were sent
+    assert elapsed == pytest.approx((29 - rate) / rate, rel=0.05)  # one second's burst, then paced
+
+
+def test_windows_hold_under_a_lowered_rate():
+    async def main() -> list[float]:
+        rpm = RateLimit(600)
+        await in_task(lambda: _limited(rpm))
+        times = []
+        for _ in range(100):
+            await rpm.acquire(ONE)
+            times.append(now())
+        return times
+
+    times = run(main())
+    for i, t in enumerate(times):  # any window [t, t + T]: at most burst + 7 / s * T
+        for j in range(i, len(times)):
+            assert j - i + 1 <= 7 + 7.0 * (times[j] - t) + 1e-6
+
+
+async def _limited(limit: RateLimit) -> None:
+    await limit.acquire(ONE)
+    limit.release(ONE, LIMITED)
+
+
+def test_pause_gate_grows_its_floor_once_per_episode_and_resets_after_a_success():
+    async def main() -> list[float]:
+        gate = PauseGate()
+        ends = []
+
+        async def call(outcome: Outcome) -> None:
+            await gate.acquire()
+            gate.release(None, outcome)
+
+        early = asyncio.Event()
+
+        async def old_call() -> None:
+            await gate.acquire()
+            await early.wait()
+            gate.release(None, LIMITED)
+
+        old = asyncio.create_task(old_call())
+        await asyncio.sleep(0)
+        for _ in range(4):
+            await in_task(lambda: call(LIMITED))
+            ends.append(gate.until - now())
+            if not early.is_set():
+                early.set()
+                await old  # sent before the pause began: no growth
+                ends.append(gate.until - now())
+        await in_task(lambda: call(Outcome()))  # waits out the pause, succeeds: floor resets
+        await in_task(lambda: call(LIMITED))
+        ends.append(gate.until - now())
+        return ends
+
+    assert run(main()) == pytest.approx([1.0, 1.0, 2.0, 4.0, 8.0, 1.0])
+
+
+def test_pause_floor_stops_at_a_minute_and_hints_win():
+    async def main() -> list[float]:
+        gate = PauseGate()
+        for _ in range(9):
+            await in_task(lambda: _gate_call(gate, LIMITED))
+        out = [gate.floor]
+        hinted = Outcome(ok=False, rate_limited=True, retry_after=90.0)
+        await in_task(lambda: _gate_call(gate, hinted))
+        out.append(gate.until - now())
+        t0 = now()
+        await gate.acquire()
+        out.append(now() - t0)
+        return out
+
+    assert run(main()) == pytest.approx([60.0, 90.0, 90.0])
+
+
+async def _gate_call(gate: PauseGate, outcome: Outcome) -> None:
+    await gate.acquire()
+    gate.release(None, outcome)
+
+
+def test_every_send_waits_out_a_pause():
+    async def main() -> list[float]:
+        gate = PauseGate()
+        gate_opened = []
+
+        async def sender() -> None:
+            await gate.acquire()
+            gate_opened.append(now())
+
+        await in_task(lambda: _gate_call(gate, Outcome(ok=False, rate_limited=True,
+                                                       retry_after=3.0)))
+        await asyncio.gather(*(sender() for _ in range(5)))
+        return gate_opened
+
+    assert run(main()) == pytest.approx([3.0] * 5)
+
+
+def test_overload_lowers_concurrency_even_when_a_rate_paces():
+    async def main() -> list[float]:
+        adaptive = AdaptiveLimit(16)
+        adaptive.rate_known = True
+        out = []
+        for outcome in (LIMITED, Outcome(ok=False, overloaded=True)):
+            await adaptive.acquire(ONE)
+            adaptive.release(ONE, Outcome(**{**_fields(outcome),
+                                             "started_seq": adaptive.next_seq()}))
+            out.append(adaptive.limit)
+        return out
+
+    assert run(main()) == [16.0, 8.0]
+
+
+def _fields(o: Outcome) -> dict[str, Any]:
+    return {name: getattr(o, name) for name in o.__slots__}
