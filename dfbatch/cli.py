@@ -217,6 +217,9 @@ def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: s
     if not out.parent.is_dir():
         msg = f"--out {str(out)!r}: directory {str(out.parent)!r} does not exist"
         raise click.UsageError(msg)
+    if out.exists() and out.resolve() == data.resolve():
+        msg = f"--out {str(out)!r} is the input file; write the result to another file"
+        raise click.UsageError(msg)
     lf = read_frame(data)
     _require_column(lf, text, "--text")
     if key is not None:

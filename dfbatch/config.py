@@ -18,6 +18,8 @@ dfbatch.errors.ConfigError: token_limit must be an integer > 0, got 0
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +33,10 @@ Progress = Literal["auto", "widget", "bar"] | bool
 _MAX_AGENTS = 65_535  # agent ids are UInt16
 _MAX_ITEMS = 1_000_000
 _MAX_TOKENS = 100_000_000
+# the keyword arguments of ``process`` / ``aprocess`` that are not settings: a typo of one of
+# them lands in ``**settings``, and the did-you-mean hint must know them
+RUN_KEYWORDS = ("config", "progress", "on_event", "checkpoint", "resume", "retry_errors", "key",
+                "out", "chunk_rows", "engine", "ray_address")
 
 
 def cpu_cores() -> int:
@@ -129,6 +135,7 @@ class BatchConfig:
     columns: Columns = field(default_factory=Columns)
 
     def __post_init__(self) -> None:
+        self._coerce()
         _positive_int("items_per_batch", self.items_per_batch, _MAX_ITEMS)
         _positive_int("token_limit", self.token_limit, _MAX_TOKENS)
         if self.agents is not None:
@@ -182,6 +189,23 @@ class BatchConfig:
             msg = f"columns must have distinct names, got {names}"
             raise ConfigError(msg)
 
+    def _coerce(self) -> None:
+        """NumPy scalars become Python numbers; a ``columns`` dict becomes ``Columns``."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or type(value) in (int, float):
+                continue
+            if isinstance(value, numbers.Integral):  # e.g. np.int64(4)
+                object.__setattr__(self, f.name, int(value))
+            elif isinstance(value, numbers.Real) and f.name != "encoding":
+                object.__setattr__(self, f.name, float(value))
+        if isinstance(self.columns, Mapping):
+            object.__setattr__(self, "columns", _columns(self.columns))
+        elif not isinstance(self.columns, Columns):
+            msg = (f"columns must be dfbatch.Columns(...) or a dict of its fields, e.g. "
+                   f"{{'output': 'answer'}}, got {type(self.columns).__name__}")
+            raise ConfigError(msg)
+
     # -- derived values --------------------------------------------------------------------
     @property
     def n_agents(self) -> int:
@@ -207,7 +231,8 @@ class BatchConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in kwargs:
             if key not in known:
-                msg = f"unknown setting {key!r}.{did_you_mean(key, known)}"
+                hint = did_you_mean(key, [*known, *RUN_KEYWORDS])
+                msg = f"unknown setting {key!r}.{hint}"
                 raise ConfigError(msg)
         base = config if config is not None else cls()
         return dataclasses.replace(base, **kwargs) if kwargs else base
@@ -217,6 +242,18 @@ class BatchConfig:
 
     def as_dict(self) -> Mapping[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _columns(names: Mapping[Any, Any]) -> Columns:
+    fields = [f.name for f in dataclasses.fields(Columns)]
+    for k, v in names.items():
+        if k not in fields:
+            msg = f"columns has no field {k!r}.{did_you_mean(str(k), fields)} (fields: {fields})"
+            raise ConfigError(msg)
+        if not isinstance(v, str) or not v:
+            msg = f"columns[{k!r}] must be a column name (a non-empty str), got {v!r}"
+            raise ConfigError(msg)
+    return Columns(**names)
 
 
 def _positive_int(name: str, value: object, upper: int) -> None:
@@ -236,9 +273,9 @@ def _non_negative_int(name: str, value: object) -> None:
 
 def _positive_float(name: str, value: object, *, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok and value == value:  # reject NaN
-        ok = value >= 0 if allow_zero else value > 0  # type: ignore[operator]
-    if not ok or value == float("inf"):
+    if ok:  # NaN compares false with everything: reject it explicitly, and infinity too
+        ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)  # type: ignore[arg-type,operator]
+    if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         msg = f"{name} must be a finite number {bound} (seconds / per minute), got {value!r}"
         raise ConfigError(msg)

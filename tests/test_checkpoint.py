@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import ClassVar
 
 import polars as pl
 import pytest
@@ -20,6 +21,7 @@ import dfbatch
 from dfbatch.config import BatchConfig
 from dfbatch.errors import CheckpointError, CheckpointWarning, ConfigError, RowError
 from dfbatch.persist._checkpoint import Journal
+from dfbatch.persist._store import MAX_QUEUED
 
 RUN_COLS = ("attempts", "run_batch_id", "run_agent_id", "started_at", "elapsed_s")
 FAST = {"progress": False, "agents": 2, "items_per_batch": 4}
@@ -42,7 +44,13 @@ class Crash(BaseException):
 
 
 class Recorder:
-    """A deterministic fn that records the ids of every call and can crash after ``crash_after``."""
+    """A deterministic fn that records the ids of every call and can crash after ``crash_after``.
+
+    Its attributes (``crash_after``, the lock) differ between the runs of a test, not its
+    outputs: it declares its identity (``dfbatch_fingerprint``) so that resuming is allowed.
+    """
+
+    dfbatch_fingerprint: ClassVar[dict[str, str]] = {"fn": "Recorder"}
 
     def __init__(self, crash_after: int | None = None, fail: set[int] | None = None) -> None:
         self.calls: list[list[int]] = []
@@ -96,7 +104,7 @@ def test_other_run_is_a_clear_error_unless_overwrite(tmp_path: Path) -> None:
     def other(batch: pl.DataFrame) -> list[str]:
         return ["x"] * batch.height
 
-    with pytest.raises(CheckpointError, match=r"fn: .*Recorder then, .*other now"):
+    with pytest.raises(CheckpointError, match=r"fn: .*Recorder .*then, .*other now"):
         dfbatch.process(df, other, checkpoint=tmp_path, **FAST)
     with pytest.raises(CheckpointError, match=r"input rows differ \(20 rows then, 21 now\)"):
         dfbatch.process(frame(21), Recorder(), checkpoint=tmp_path, **FAST)
@@ -231,7 +239,7 @@ def test_several_output_columns_round_trip(tmp_path: Path) -> None:
 # -- subprocess tests: SIGKILL and Ctrl-C --------------------------------------------------
 SCRIPT = r'''
 import asyncio, os, sys, time
-import polars as pl, dfbatch, dfbatch.persist._checkpoint as ck
+import polars as pl, dfbatch, dfbatch.persist._store as ck
 
 data, ckpt, calls_path, out, cap = sys.argv[1:6]
 pause_at = int(os.environ.get("PAUSE_AT", "0"))
@@ -344,7 +352,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
 def test_kill_during_a_journal_write(tmp_path: Path) -> None:
     df = frame(200)
     df.write_parquet(tmp_path / "data.parquet")
-    proc = _start(tmp_path, 1, PAUSE_AT="6")  # publish #1 is the manifest
+    proc = _start(tmp_path, 1, PAUSE_AT="5")
     line = _wait_for(proc, "WRITING")
     tmp = Path(line.split(maxsplit=1)[1].strip())
     assert tmp.exists() and tmp.stat().st_size > 0 and tmp.name.startswith(".")
@@ -356,7 +364,10 @@ def test_kill_during_a_journal_write(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     _check_final(tmp_path, df)
     calls = _calls(tmp_path)
-    assert len(calls) == df["id"].len() // 4 + 1  # only the unpublished batch ran twice
+    # the stalled part and the parts queued behind it (the writer thread is stalled, the run
+    # is not) ran twice: at most MAX_QUEUED + the stalled one + the one in flight
+    repeats = len(calls) - df["id"].len() // 4
+    assert 1 <= repeats <= MAX_QUEUED + 2
     assert not tmp.exists()
 
 

@@ -179,3 +179,13 @@ def test_in_process_plan_and_errors(work: Path, monkeypatch: pytest.MonkeyPatch)
     r = runner.invoke(main, ["run", "data.csv", "--fn", "fns:shout", "--out", "o.parquet",
                              "--text", "doc", "--key", "idd", "--checkpoint", "ck"])
     assert r.exit_code == 2 and "--key 'idd': no such column. Hint: did you mean 'id'?" in r.output
+
+
+def test_out_equal_to_the_input_is_refused(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(work)
+    before = (work / "data.parquet").read_bytes()
+    for out in ("data.parquet", "./data.parquet", str(work / "data.parquet")):
+        r = CliRunner().invoke(main, ["run", "data.parquet", "--fn", "fns:shout", "--out", out,
+                                      "--text", "doc", "--no-progress"])
+        assert r.exit_code == 2 and "is the input file" in r.output, r.output
+    assert (work / "data.parquet").read_bytes() == before

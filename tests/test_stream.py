@@ -84,6 +84,7 @@ def test_stream_checkpoint_resumes_chunk_by_chunk(tmp_path: Path) -> None:
         calls.extend(batch["id"].to_list())
         return batch["id"] * 10
 
+    fn.dfbatch_fingerprint = {"fn": "id * 10"}  # type: ignore[attr-defined] # crash_at changes
     lf = frame(300).lazy()
     opts = {"out": tmp_path / "o.parquet", "chunk_rows": 100, "checkpoint": tmp_path / "ck",
             "progress": False, "agents": 2, "items_per_batch": 10, "max_in_flight": 1}

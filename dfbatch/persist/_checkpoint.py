@@ -5,17 +5,26 @@ one Arrow IPC *part* file, and a rerun with the same directory calls ``fn`` only
 that are not in the journal. The layout::
 
     runs/sum/
-      manifest.json                  the run's fingerprint (rows, fn, config) and its digest
+      manifest.json                  the run's fingerprint (rows, fn, config), digest, checksum
       lock                           held (flock) by the process that writes the journal
-      parts/<digest>-00000007.arrow  one finished batch (or, after a run, all of them compacted)
-      parts/.<digest>-00000008.arrow.tmp   being written: invisible until renamed
+      parts/<digest>-00000007-<blake2b>.arrow   one finished batch (after a run: all, compacted)
+      parts/.<digest>-00000008.arrow.tmp        being written: invisible until renamed
 
-**Atomic parts.** A part is written under a temporary name and renamed (atomic on POSIX), so a
-crash leaves a complete part or an ignored ``.tmp`` file, never a half-written part. Parts are
-only ever added; a compacted part is written before the parts it replaces are deleted, and rows
-found twice are deduplicated (the newest wins), so each row is in the result exactly once. A
-part that cannot be read (e.g. truncated by a power loss) is set aside with a warning and its
-rows are redone. Nothing executable is read back: the manifest is JSON, parts are Arrow data.
+**Atomic, checksummed parts.** A part is written under a temporary name and renamed (atomic on
+POSIX) to a name that carries the checksum of its bytes, so a crash leaves a complete part or an
+ignored ``.tmp`` file, and a part is read only after its bytes match its checksum; a part that
+does not (flipped bits, truncation) is set aside with a ``CheckpointWarning`` and its rows are
+redone. Parts are only ever added; a compacted part is written before the parts it replaces are
+deleted, and rows found twice are deduplicated (the newest wins), so each row is in the result
+exactly once. A damaged manifest is a ``CheckpointError`` (pass ``resume='overwrite'``). Nothing
+executable is read back: the manifest is JSON, parts are Arrow data. Parts are encoded and
+written by a writer thread, off the event loop, in order; ``close`` waits for them.
+
+**Journaling can stop, the run does not.** When a write fails (directory removed, disk full)
+journaling stops, the run finishes in memory and returns everything, and ``close`` warns
+(``CheckpointWarning``) with the reason. Outputs a checkpoint cannot store (Python objects:
+Polars ``Object`` columns) are a ``CheckpointError`` at the first batch that returns them,
+never pointer bytes written to disk.
 
 **Fingerprint.** A run is identified by its input rows, the fn's identity and the config that
 changes outputs (see ``dfbatch.persist._fingerprint``). Another fingerprint is a
@@ -43,9 +52,7 @@ Examples
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -58,32 +65,35 @@ import polars as pl
 from dfbatch.config import BatchConfig
 from dfbatch.errors import CheckpointError, CheckpointWarning, ConfigError, did_you_mean
 from dfbatch.execute._pool import Batch, Outcomes
-from dfbatch.persist._fingerprint import (
-    HASH_COLUMN,
-    Fingerprint,
-    fingerprint_of_ids,
-    mismatch_error,
-    row_ids,
-)
 from dfbatch.persist._fingerprint import callable_name as callable_name  # re-exported
 from dfbatch.persist._fingerprint import fingerprint as fingerprint  # re-exported
+from dfbatch.persist._fingerprint import fingerprint_of_ids, row_ids, unsure_error
 from dfbatch.persist._fingerprint import fn_identity as fn_identity  # re-exported
+from dfbatch.persist._store import (
+    ATTEMPTS,
+    ELAPSED,
+    ERROR,
+    HASH,
+    KEY,
+    META,
+    ROW,
+    RUN_AGENT,
+    RUN_BATCH,
+    STARTED,
+    Store,
+)
 
 if TYPE_CHECKING:
-    import pyarrow as pa
+    pass
 
 Resume = Literal["auto", "overwrite"]
-FORMAT = "dfbatch-checkpoint"
-VERSION = 1
-MANIFEST = "manifest.json"
 
-_ROW, _HASH, _KEY = "__dfbatch_row", HASH_COLUMN, "__dfbatch_key"
-_ERROR, _ATTEMPTS = "__dfbatch_error", "__dfbatch_attempts"
-_RUN_BATCH, _RUN_AGENT = "__dfbatch_run_batch", "__dfbatch_run_agent"
-_STARTED, _ELAPSED = "__dfbatch_started", "__dfbatch_elapsed"
-_META = (_ROW, _HASH, _KEY, _ERROR, _ATTEMPTS, _RUN_BATCH, _RUN_AGENT, _STARTED, _ELAPSED)
+_ROW, _HASH, _KEY = ROW, HASH, KEY
+_ERROR, _ATTEMPTS = ERROR, ATTEMPTS
+_RUN_BATCH, _RUN_AGENT = RUN_BATCH, RUN_AGENT
+_STARTED, _ELAPSED = STARTED, ELAPSED
+_META = META
 _POS = "__dfbatch_pos"
-_COMPACT_AT = 2  # compact the parts into one when a run ends with at least this many
 
 
 # -- the journal of one run ----------------------------------------------------------------
@@ -112,7 +122,7 @@ class Journal:
     outcomes, and ``close`` (compacts the parts and unlocks).
     """
 
-    def __init__(self, store: _Store, planned: pl.DataFrame, ids: pl.Series, cfg: BatchConfig,
+    def __init__(self, store: Store, planned: pl.DataFrame, ids: pl.Series, cfg: BatchConfig,
                  key: str | None, done: pl.DataFrame) -> None:
         self.store = store
         self.cfg = cfg
@@ -122,6 +132,7 @@ class Journal:
         self.n = planned.height
         self.done = done  # journaled rows to keep, sorted by _POS
         self.closed = False
+        self._seen = 0  # pieces of the pool's outcomes already journaled
         done_pos = done[_POS].to_numpy().astype(np.int64)
         mask = np.ones(self.n, bool)
         mask[done_pos] = False
@@ -140,10 +151,13 @@ class Journal:
         _check_key(planned, key)
         ids = row_ids(planned, key, cfg)
         fp = fingerprint_of_ids(ids, fn, text, cfg, key)
-        store = _Store(Path(path))
+        unsure = "unsure" in fp.fn
+        if unsure and resume != "overwrite":
+            raise unsure_error(Path(path), fp)
+        store = Store(Path(path))
         store.lock()
-        try:
-            store.start(fp, overwrite=resume == "overwrite")
+        try:  # an fn of unsure identity never reuses a part, even of "the same" run
+            store.start(fp, overwrite=resume == "overwrite", keep_parts=not unsure)
             done = _done_rows(store.load(), ids, key, retry_errors)
         finally:
             store.unlock()  # held again from ``acquire`` (the run starts) to ``close``
@@ -191,9 +205,15 @@ class Journal:
         return frame[self.todo], out, tokens, nbytes
 
     def record(self, batch: Batch, out: Outcomes) -> None:
-        """``on_batch_done`` hook: journal the batch's rows (outputs or errors) as one part."""
+        """``on_batch_done`` hook: journal the batch's rows (outputs or errors) as one part.
+
+        The part is encoded and written by the store's writer thread, off the event loop.
+        Outputs that cannot be journaled (Python objects) are a ``CheckpointError`` at once.
+        """
         import pyarrow as pa  # imported on first use: `import dfbatch` stays light
 
+        if self.store.failure is not None:  # journaling stopped: the run goes on in memory
+            return
         local = batch.rows
         pos = self.todo[local]
         if self.hashes is not None:
@@ -208,14 +228,26 @@ class Journal:
             _ELAPSED: out.elapsed[local],
         }
         table = pa.table(cols)
-        if out.pieces and out.pieces[-1][0] is local:  # the pool just appended its outputs
+        outputs = self._outputs_of(batch, out)
+        if outputs is not None:
+            _check_storable(outputs)
             try:
-                outputs = out.pieces[-1][1].to_arrow()
+                arrow = outputs.to_arrow()
             except (pl.exceptions.PolarsError, pa.ArrowException) as exc:
                 raise _unstorable(exc) from None
-            for name, column in zip(outputs.column_names, outputs.columns, strict=True):
+            for name, column in zip(arrow.column_names, arrow.columns, strict=True):
                 table = table.append_column(name, column)
         self.store.write(table)
+
+    def _outputs_of(self, batch: Batch, out: Outcomes) -> pl.DataFrame | None:
+        """The output frame the pool recorded for ``batch`` (None for a failed batch)."""
+        rows = batch.rows
+        for i in range(len(out.pieces) - 1, max(self._seen, len(out.pieces) - 64) - 1, -1):
+            got, frame = out.pieces[i]
+            if got is rows or (len(got) == len(rows) and np.array_equal(got, rows)):
+                self._seen = len(out.pieces)
+                return frame
+        return None
 
     def merge(self, sub: Outcomes) -> Outcomes:
         """Outcomes of every row: the journaled rows plus the pool's (``sub``, todo rows)."""
@@ -245,16 +277,40 @@ class Journal:
         return out
 
     def close(self) -> None:
-        """Compact the parts into one, and release the lock (once; later calls do nothing)."""
+        """Write what is queued, compact the parts into one, and release the lock (once).
+
+        If journaling stopped during the run (the directory was removed, the disk is full), a
+        ``CheckpointWarning`` says so and why; the run's results are unaffected.
+        """
         if self.closed:
             return
         self.closed = True
         if not self.store.locked:  # the run never started: nothing was written
             return
         try:
+            self.store.flush()
+            if self.store.failure is not None:
+                msg = (f"checkpoint {str(self.store.root)!r}: journaling stopped during the run "
+                       f"({self.store.failure}); the run finished in memory and its result is "
+                       "complete, but a rerun will redo the rows that were not journaled")
+                warnings.warn(msg, CheckpointWarning, stacklevel=3)
+                return
             self.store.compact()
         finally:
             self.store.unlock()
+
+
+def _check_storable(frame: pl.DataFrame) -> None:
+    """Refuse outputs that would be journaled as pointer bytes (Python objects)."""
+    for name, dtype in frame.schema.items():
+        if dtype == pl.Object or "Object" in str(dtype):
+            sample = next((v for v in frame[name] if v is not None), None)
+            kind = type(sample).__name__ if sample is not None else "object"
+            msg = (f"fn returned Python objects ({kind}) in column {name!r}, which a checkpoint "
+                   "cannot store; return plain values (str, numbers, lists, dicts / structs), "
+                   "e.g. convert them with str() or dataclasses.asdict(), or run without "
+                   "checkpoint=")
+            raise CheckpointError(msg)
 
 
 def _check_key(df: pl.DataFrame, key: str | None) -> None:
@@ -298,171 +354,7 @@ def _done_rows(
     return j.sort(_POS)
 
 
-# -- the directory -------------------------------------------------------------------------
-class _Store:
-    """Manifest, lock and part files of one checkpoint directory."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.parts = root / "parts"
-        self.prefix = ""
-        self.seq = 0
-        self._lock_fd: int | None = None
-
-    def lock(self) -> None:
-        if self.root.exists() and not self.root.is_dir():
-            msg = f"checkpoint {str(self.root)!r} is a file; pass a directory path"
-            raise CheckpointError(msg)
-        if self.root.is_dir() and not (self.root / MANIFEST).exists():
-            strangers = sorted(p.name for p in self.root.iterdir()
-                               if p.name not in (MANIFEST, "lock", "parts"))
-            if strangers:
-                msg = (f"{str(self.root)!r} is not a dfbatch checkpoint (it holds "
-                       f"{strangers[:3]}); pass a new or empty directory")
-                raise CheckpointError(msg)
-        self.parts.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - no flock (Windows): no protection
-            pass
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            msg = (f"checkpoint {str(self.root)!r} is in use by another run (process {holder}); "
-                   "wait for it to end, or use another directory")
-            raise CheckpointError(msg) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
-
-    @property
-    def locked(self) -> bool:
-        return self._lock_fd is not None
-
-    def unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor releases the flock
-            self._lock_fd = None
-
-    def start(self, fp: Fingerprint, *, overwrite: bool) -> None:
-        """Check the manifest against ``fp`` (or write it), and drop stale files."""
-        path = self.root / MANIFEST
-        old = _read_manifest(path) if path.exists() else None
-        if old is not None and old["digest"] != fp.digest and not overwrite:
-            raise mismatch_error(self.root, fp, old)
-        if old is None or old["digest"] != fp.digest:
-            manifest = {"format": FORMAT, "version": VERSION, "digest": fp.digest,
-                        "polars": pl.__version__, "fingerprint": fp.as_dict()}
-            tmp = self.root / f".{MANIFEST}.tmp"
-            tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            _publish(tmp, path)
-        self.prefix = fp.digest
-        for p in self.parts.iterdir():  # tmp files of a crash, parts of an overwritten run
-            if p.name.startswith(".") or not p.name.startswith(self.prefix):
-                with contextlib.suppress(OSError):
-                    p.unlink()
-        seqs = [_seq(p) for p in self._part_files()]
-        self.seq = max(seqs, default=-1) + 1
-
-    def _part_files(self) -> list[Path]:
-        return sorted(self.parts.glob(f"{self.prefix}-*.arrow"), key=_seq)
-
-    def write(self, table: pa.Table) -> None:
-        """Write one part: to a temporary name first, then renamed (atomic)."""
-        import pyarrow as pa
-        import pyarrow.ipc as ipc
-
-        name = f"{self.prefix}-{self.seq:08d}.arrow"
-        self.seq += 1
-        tmp = self.parts / f".{name}.tmp"
-        try:
-            with pa.OSFile(str(tmp), "wb") as f, ipc.new_file(f, table.schema) as writer:
-                writer.write_table(table)
-        except pa.ArrowException as exc:
-            tmp.unlink(missing_ok=True)
-            raise _unstorable(exc) from None
-        _publish(tmp, self.parts / name)
-
-    def load(self) -> pl.DataFrame | None:
-        frames = [f for f in map(self._read_part, self._part_files()) if f is not None]
-        if not frames:
-            return None
-        try:
-            return pl.concat(frames, how="diagonal_relaxed")
-        except (pl.exceptions.PolarsError, TypeError):
-            msg = "fn returned different types in different batches; outputs were cast to text"
-            warnings.warn(msg, stacklevel=4)
-            return pl.concat([f.with_columns(pl.exclude(*_META).cast(pl.Utf8)) for f in frames],
-                             how="diagonal_relaxed")
-
-    def _read_part(self, path: Path) -> pl.DataFrame | None:
-        import pyarrow as pa
-        import pyarrow.ipc as ipc
-
-        try:
-            with pa.OSFile(str(path)) as f:
-                table = ipc.open_file(f).read_all()
-            return pl.DataFrame(pl.from_arrow(table))
-        except (pa.ArrowInvalid, OSError) as exc:
-            aside = path.with_name(f".{path.name}.damaged")
-            with contextlib.suppress(OSError):
-                os.replace(path, aside)
-            msg = f"checkpoint part {path.name} is damaged ({exc}); its rows will run again"
-            warnings.warn(msg, CheckpointWarning, stacklevel=5)
-            return None
-
-    def compact(self) -> None:
-        """Rewrite the parts as one (newest entry of a row wins), then delete the old ones."""
-        import pyarrow as pa
-
-        files = self._part_files()
-        if len(files) < _COMPACT_AT:
-            return
-        try:
-            joined = self.load()
-            if joined is None:
-                return
-            ident = _KEY if _KEY in joined.columns else _ROW
-            self.write(joined.unique(ident, keep="last", maintain_order=True).to_arrow())
-        except (OSError, pl.exceptions.PolarsError, pa.ArrowException, CheckpointError) as exc:
-            msg = f"could not compact checkpoint {str(self.root)!r} ({exc}); it stays usable"
-            warnings.warn(msg, CheckpointWarning, stacklevel=3)
-            return
-        for p in files:
-            with contextlib.suppress(OSError):
-                p.unlink()
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Make a fully written file visible under its final name (atomic rename)."""
-    os.replace(tmp, final)
-
-
 def _unstorable(exc: BaseException) -> CheckpointError:
     msg = (f"cannot journal fn's outputs ({exc}); return plain values (str, numbers, lists, "
            "structs), not Python objects")
     return CheckpointError(msg)
-
-
-def _seq(path: Path) -> int:
-    return int(path.stem.rsplit("-", 1)[1])
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        msg = (f"checkpoint manifest {str(path)!r} is damaged ({exc}); delete the directory or "
-               "pass resume='overwrite'")
-        raise CheckpointError(msg) from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or "digest" not in data:
-        msg = f"{str(path)!r} is not a dfbatch checkpoint manifest"
-        raise CheckpointError(msg)
-    if data.get("version") != VERSION:
-        msg = (f"checkpoint {str(path.parent)!r} has format version {data.get('version')}, this "
-               f"dfbatch writes version {VERSION}; use another directory or resume='overwrite'")
-        raise CheckpointError(msg)
-    return data

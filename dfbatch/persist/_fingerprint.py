@@ -2,8 +2,9 @@
 
 A run is identified by its input rows (the ``key`` column's values as a set if given, else
 content hashes of every input column, in order), the fn's identity (qualified name,
-``functools.partial`` arguments, and the ``fn.dfbatch_fingerprint`` dict the llm adapters set
-with their model and prompt) and the config that changes outputs (text, output column names,
+``functools.partial`` arguments, a digest of its code and captured values, see
+``dfbatch.persist._code``, and the ``fn.dfbatch_fingerprint`` dict the llm adapters set with
+their model and prompt) and the config that changes outputs (text, output column names,
 ``oversize``, ``token_limit``, ``encoding``, ``request_overhead_tokens``,
 ``output_tokens_per_row``). ``items_per_batch``, agents and limits do not change the outputs of a
 pure fn and may change between runs. Another fingerprint is a ``CheckpointError`` that says what
@@ -43,6 +44,7 @@ import polars as pl
 
 from dfbatch.config import BatchConfig
 from dfbatch.errors import CheckpointError, ConfigError
+from dfbatch.persist._code import Unsure, code_identity
 
 HASH_COLUMN = "__dfbatch_hash"  # the name of ``row_ids``'s Series when there is no key
 _HASH = HASH_COLUMN
@@ -81,7 +83,7 @@ class Fingerprint:
         if old.get("rows") != self.rows:
             out.append(f"input rows differ ({old.get('n_rows')} rows then, {self.n_rows} now)")
         if old.get("fn") != self.fn:
-            out.append(f"fn: {_short(old.get('fn'))} then, {_short(self.fn)} now")
+            out.append(_fn_change(old.get("fn"), self.fn))
         old_cfg = old.get("config") or {}
         for name in sorted(set(old_cfg) | set(self.config)):
             if old_cfg.get(name) != self.config.get(name):
@@ -123,11 +125,15 @@ def _hash(df: pl.DataFrame) -> np.ndarray:
 
 
 def fn_identity(fn: Callable[..., Any]) -> dict[str, Any]:
-    """Qualified name, ``partial`` arguments and ``fn.dfbatch_fingerprint`` of ``fn``.
+    """Qualified name, ``partial`` arguments, code digest and ``fn.dfbatch_fingerprint``.
+
+    The code digest (``dfbatch.persist._code``) covers fn's code and captured values; when it
+    cannot be established, ``unsure`` says why instead (and a checkpoint refuses the run).
 
     >>> import functools
-    >>> fn_identity(functools.partial(round, ndigits=2))
-    {'name': 'builtins.round', 'partial': {'args': [], 'keywords': {'ndigits': 2}}}
+    >>> ident = fn_identity(functools.partial(round, ndigits=2))
+    >>> ident["name"], ident["partial"], len(ident["code"])
+    ('builtins.round', {'args': [], 'keywords': {'ndigits': 2}}, 32)
     """
     target: Any = fn
     out: dict[str, Any] = {}
@@ -135,6 +141,10 @@ def fn_identity(fn: Callable[..., Any]) -> dict[str, Any]:
         target = fn.func
         out["partial"] = _plain({"args": list(fn.args), "keywords": fn.keywords})
     out = {"name": callable_name(target), **out}
+    try:
+        out["code"] = code_identity(fn)
+    except Unsure as exc:  # the checkpoint refuses to resume with it (``unsure_error``)
+        out["unsure"] = str(exc)
     details = getattr(fn, "dfbatch_fingerprint", None)
     if details is not None:
         if not isinstance(details, Mapping):
@@ -171,8 +181,35 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=lambda o: callable_name(o)))
 
 
-def _short(fn: Any) -> str:
-    return str(fn.get("name")) if isinstance(fn, Mapping) and len(fn) == 1 else repr(fn)
+def _fn_change(old: Any, new: Mapping[str, Any]) -> str:
+    if not isinstance(old, Mapping) or old.get("name") != new.get("name"):
+        return f"fn: {_brief(old)} then, {_brief(new)} now"
+    words = {"code": "its code or the values it captured", "partial": "its partial arguments",
+             "details": "its declared dfbatch_fingerprint", "unsure": "its identity"}
+    changed = []
+    for k in sorted(set(old) | set(new)):
+        if k != "name" and old.get(k) != new.get(k):
+            shown = k in ("partial", "details")
+            then_now = f" ({old.get(k)!r} then, {new.get(k)!r} now)" if shown else ""
+            changed.append(f"{words.get(k, k)}{then_now}")
+    return f"fn {new.get('name')}: {', '.join(changed)} changed"
+
+
+def _brief(fn: Any) -> str:
+    if not isinstance(fn, Mapping):
+        return repr(fn)
+    rest = {k: v for k, v in fn.items() if k not in ("name", "code", "unsure")}
+    return f"{fn.get('name')}{' ' + repr(rest) if rest else ''}"
+
+
+def unsure_error(root: Path, fp: Fingerprint) -> CheckpointError:
+    """The error for an fn whose identity cannot be established (``fp.fn["unsure"]``)."""
+    msg = (f"checkpoint {str(root)!r}: cannot tell whether fn {fp.fn.get('name')} is the fn "
+           f"that wrote it: {fp.fn.get('unsure')}. Declare what identifies fn, e.g. "
+           "fn.dfbatch_fingerprint = {'version': 1} (change it whenever fn changes what it "
+           "returns), or pass resume='overwrite' to run afresh (such a checkpoint can only be "
+           "resumed once fn declares its identity)")
+    return CheckpointError(msg)
 
 
 def mismatch_error(root: Path, fp: Fingerprint, old: Mapping[str, Any]) -> CheckpointError:

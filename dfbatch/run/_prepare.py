@@ -25,6 +25,7 @@ from dfbatch.execute._pool import Batch, Pool
 from dfbatch.execute._result import assemble
 from dfbatch.execute._stack import RunLimits
 from dfbatch.persist._checkpoint import Journal
+from dfbatch.run._checks import check_frame
 from dfbatch.run._wiring import open_display, safe, tick
 
 Fn = Callable[[pl.DataFrame], Any]
@@ -63,6 +64,7 @@ class _Job:
         if not isinstance(df, pl.DataFrame):
             msg = f"df must be a polars DataFrame or LazyFrame, got {type(df).__name__}"
             raise ConfigError(msg)
+        check_frame(df, cfg)  # clashing or damaged columns fail before any call
         planned = _planned(df, text, cfg)
         send, row_tokens = _to_send(planned, text, cfg)
         row_bytes = _row_bytes(planned, text)
@@ -215,9 +217,9 @@ def _batches(
         return [[] for _ in range(n_agents)]
     bid = planned[c.batch_id].to_numpy()
     aid = planned[c.agent_id].to_numpy().astype(np.int64)
-    n_agents = max(n_agents, int(aid.max()) + 1)
     order = np.argsort(bid, kind="stable")
     ids, starts = np.unique(bid[order], return_index=True)
+    n_agents = max(min(n_agents, len(ids)), int(aid.max()) + 1)  # no agent without work
     groups = np.split(order, starts[1:])
     counts = np.diff(np.append(starts, len(order)))
     btok = np.add.reduceat(tokens[order], starts)
