@@ -33,6 +33,17 @@ The runners (fixed batches of ``items_per_batch`` rows in input order, unless sa
 ``seed-lpt``
     As ``seed-rr``, but batches are assigned by LPT on tokens (heaviest first, to the least
     loaded agent), the seed's ``LoadBalancer``.
+``handwritten``
+    The ~80-line client a careful engineer writes against a provider that enforces per
+    second (``HandWritten``; the bar dfbatch must beat): RPM and TPM token buckets holding
+    *one second* of the limits, each request charged its exact cost (prompt + ``max_tokens``)
+    before it is sent, at most ``max_in_flight`` in flight, and on a 429 a *global* pause of
+    every send for the server's ``retry-after`` / ``retry-after-ms`` (else 1 s, doubling up to
+    60 s while 429s keep coming); 429s do not use up attempts. Other retryable errors back off
+    per request (full jitter); non-retryable ones take the shared per-row fallback.
+
+A server's retry hint is read as the OpenAI SDK exposes it: ``exc.retry_after`` if set, else
+the ``retry-after-ms`` / ``retry-after`` headers (``hint_of``).
 """
 
 from __future__ import annotations
@@ -102,15 +113,28 @@ Call = Callable[[list[int]], Awaitable[Reply]]
 
 
 # -- the shared retry policy ---------------------------------------------------------------
+def hint_of(exc: BaseException) -> float | None:
+    """The server's wait hint: ``exc.retry_after``, else ``retry-after-ms`` / ``retry-after``."""
+    value = getattr(exc, "retry_after", None)
+    if isinstance(value, (int, float)):
+        return float(value)
+    headers = getattr(exc, "headers", None) or {}
+    if "retry-after-ms" in headers:
+        return float(headers["retry-after-ms"]) / 1000
+    if "retry-after" in headers:
+        return float(headers["retry-after"])
+    return None
+
+
 def retryable(exc: BaseException) -> tuple[bool, float | None]:
     """(retry?, server's retry-after) -- the same rules dfbatch.execute._retry applies."""
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionError)):
         return True, None
     status = getattr(exc, "status_code", None)
     if not isinstance(status, int):
         return False, None
     retry = status in _RETRY_STATUS or status >= 500
-    return retry, getattr(exc, "retry_after", None) if retry else None
+    return retry, hint_of(exc) if retry else None
 
 
 def wait_s(attempt: int, hint: float | None, k: Knobs, rng: random.Random) -> float:
@@ -349,6 +373,100 @@ async def run_seed(api: SimAPI, wl: Workload, k: Knobs, seed: int, assign: Assig
     return sink
 
 
+# -- 6. the hand-written client: 1-s buckets, exact cost, a global pause on 429 ---------------
+class _Second:
+    """A client-side token bucket holding one second of a per-minute limit, starting full."""
+
+    def __init__(self, per_minute: float | None) -> None:
+        self.rate = (per_minute or math.inf) / 60.0
+        self.level = self.capacity = self.rate
+        self.t = 0.0
+
+    def wait(self, now: float, units: float) -> float:
+        if self.rate == math.inf:
+            return 0.0
+        self.level = min(self.capacity, self.level + (now - self.t) * self.rate)
+        self.t = now
+        return max(0.0, (min(units, self.capacity) - self.level) / self.rate)
+
+
+class HandWritten:
+    """One dispatcher sends requests in order when both buckets can pay and no pause holds."""
+
+    def __init__(self, api: SimAPI, wl: Workload, k: Knobs, seed: int) -> None:
+        self.api, self.wl, self.k = api, wl, k
+        self.sink, self.rng = Sink(), random.Random(seed)
+        self.rpm, self.tpm = _Second(k.rpm), _Second(k.tpm)
+        self.slots = asyncio.Semaphore(k.max_in_flight)
+        self.pause_until, self.pause_s = 0.0, 0.0
+        self.queue: asyncio.Queue[tuple[list[int], int] | None] = asyncio.Queue()
+        self.open = 0
+
+    async def run(self) -> Sink:
+        for ids in fixed_batches(self.wl.n, self.k.items_per_batch):
+            self.queue.put_nowait((ids, 0))
+        self.open = self.queue.qsize()
+        async with asyncio.TaskGroup() as tg:
+            while (item := await self.queue.get()) is not None:  # None: every row is done
+                ids, attempt = item
+                await self._admit(self.k.request_tokens(self.wl, ids))
+                await self.slots.acquire()
+                tg.create_task(self._send(ids, attempt))
+        return self.sink
+
+    async def _admit(self, cost: int) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            wait = max(self.pause_until - now, self.rpm.wait(now, 1), self.tpm.wait(now, cost))
+            if wait <= 0:
+                self.rpm.level -= 1
+                self.tpm.level -= cost
+                return
+            await asyncio.sleep(wait)
+
+    async def _send(self, ids: list[int], attempt: int) -> None:
+        try:
+            reply = await asyncio.wait_for(self.api.call(ids), self.k.timeout)
+        except Exception as exc:
+            self.slots.release()
+            await self._failed(ids, attempt, exc)
+        else:
+            self.slots.release()
+            self.pause_s = 0.0
+            self.sink.ok(ids, reply.outputs)
+            self._done()
+
+    async def _failed(self, ids: list[int], attempt: int, exc: Exception) -> None:
+        retry, hint = retryable(exc)
+        if getattr(exc, "status_code", None) == 429 and attempt < 50:
+            self.pause_s = min(60.0, max(1.0, 2 * self.pause_s))  # no hint: 1, 2, 4 ... 60 s
+            wait = hint if hint is not None else self.pause_s
+            self.pause_until = max(self.pause_until, asyncio.get_running_loop().time() + wait)
+            self.queue.put_nowait((ids, attempt + 1))  # 429s do not use up attempts
+            return
+        if retry and attempt + 1 < self.k.max_attempts:
+            await asyncio.sleep(wait_s(attempt + 1, hint, self.k, self.rng))
+            self.queue.put_nowait((ids, attempt + 1))
+            return
+        if not retry and len(ids) > 1:  # the shared per-row fallback
+            self.open += len(ids)
+            for i in ids:
+                self.queue.put_nowait(([i], 0))
+        else:
+            self.sink.fail(ids, exc)
+        self._done()
+
+    def _done(self) -> None:
+        self.open -= 1
+        if self.open == 0:
+            self.queue.put_nowait(None)
+
+
+async def run_handwritten(api: SimAPI, wl: Workload, k: Knobs, seed: int) -> Sink:
+    return await HandWritten(api, wl, k, seed).run()
+
+
 Runner = Callable[[SimAPI, Workload, Knobs, int], Awaitable[Sink]]
 BASELINES: dict[str, Runner] = {
     "gather": run_gather,
@@ -356,4 +474,5 @@ BASELINES: dict[str, Runner] = {
     "cookbook": run_cookbook,
     "seed-rr": partial(run_seed, assign=round_robin),
     "seed-lpt": partial(run_seed, assign=lpt),
+    "handwritten": run_handwritten,
 }

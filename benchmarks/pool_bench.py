@@ -33,6 +33,36 @@ tpm-1s   (extra) as tpm, but the server's bucket holds 1 s of refill (a provider
          its per-minute limit per second): clients that assume a minute's burst get 429s.
 tpm-blind (extra) as tpm, but no runner is told rpm / tpm: only 429s and retry-after guide them.
 
+Provider models (``--only providers`` runs them all; each prints the issue's target and a
+PASS / FAIL per dfbatch row). ``row-*`` scenarios use a *per-row adapter*: the fn sends one
+request per row of its batch, concurrently, like ``dfbatch.llm.chat`` in its default mode, and
+charges each request to the run's limits through ``dfbatch.limits.request(tokens=n)`` where
+this dfbatch has it (feature-detected; otherwise it charges nothing itself). Baselines send one
+row per request there (what a hand-written per-row client does). Bounds count one request per
+row.
+
+row-tpm-1s       per-row, TPM-bound, 1-s buckets, OpenAI headers.
+row-tpm-1s-none  the same with no rate-limit headers at all (a 429 says nothing).
+row-rpm-1s-none  per-row, RPM-bound, 1-s buckets, no headers.
+row-rpm          per-row, RPM-bound, a minute's bucket: is ``rpm`` charged per request?
+tpm-1s-none      a batch fn (one request per batch), TPM-bound, 1-s buckets, no headers.
+rpm-1s-none      a batch fn, RPM-bound, 1-s buckets, no headers (bigger batches help here).
+row-blind-1s     as row-tpm-1s-none, but nobody is told the limits.
+gateway-minute   a gateway (LiteLLM): calendar-minute window, the clock at :30 at the start,
+                 per-key ``x-ratelimit-api_key-*`` headers and 429s whose only hint is
+                 ``llm_provider-retry-after: 60``; per-row, told the true rpm. Bound: the
+                 start of the calendar window that admits the last request, + L.
+gateway-rpm60    the same gateway (150 RPM) with every runner told ``rpm=60``: the server must
+                 never see more than 60 x T / 60 + 1 requests in any T s (T = 10, 60).
+outage           as tpm with a 60-s bucket and a 20-s outage from t = 30 s (connections
+                 refused; calls in service then are reset). Bound: tpm's + 20 s.
+bad-key          every call is a 401 ``invalid_api_key``: how many calls until the run stops
+                 (stopped after 600 simulated s).
+
+Extra columns: 429/req (429s / requests), calls/row (requests / rows); per scenario: failed
+(good rows that ended with an error, worst seed), dead r/s (most requests reaching the dead
+server in any 1 s), max/10s and max/60s (most requests the server saw in any 10 / 60 s).
+
 Columns: makespan (median over seeds, simulated s), x bound (median makespan / bound), ok /
 lost / dup (good rows answered correctly, good rows without their answer, rows answered more
 than once -- worst seed), poison alone (poison rows whose last call held only that row, worst
@@ -42,7 +72,8 @@ that lost no row (if every baseline lost rows: the one that lost the fewest).
 
 ``dfbatch`` runs with its defaults; ``dfbatch+`` with ``rate_burst=1.0`` (a minute's burst, like
 the provider's bucket) and ``dynamic_batching=True``; ``dfbatch-hedge`` (latency only) with
-``hedge_after=0.9``. Settings this dfbatch does not know are dropped.
+``hedge_after=0.9``. Settings this dfbatch does not know are dropped. ``handwritten`` is the
+issue's bar: 1-s client buckets, exact cost, a global pause on 429 (see ``baselines.py``).
 """
 
 from __future__ import annotations
@@ -50,6 +81,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import math
 import multiprocessing
 import statistics
 import sys
@@ -69,8 +101,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dfbatch
 from benchmarks.baselines import BASELINES, Knobs, Runner, Sink, fixed_batches
-from benchmarks.simapi import SimAPI, SimConfig, Workload, expected_output, run
+from benchmarks.simapi import SimAPI, SimConfig, SimError, Workload, expected_output, run
 from dfbatch.config import cpu_cores
+from dfbatch.sim.stats import max_in_sliding_window
 
 OVERSIZE_TOKENS = 40_000
 DEADLINE = 8.0  # a run is stopped after this many times its lower bound (simulated time)
@@ -103,12 +136,63 @@ def api_fn(api: SimAPI) -> Callable[[pl.DataFrame], Any]:
     return fn
 
 
+def request_charger() -> Callable[..., Any] | None:
+    """``dfbatch.limits.request`` (charge one HTTP request to the run's limits) where this
+    dfbatch has it -- the planned API -- else None (the fn then charges nothing itself)."""
+    try:
+        from dfbatch import limits
+    except ImportError:
+        return None
+    return getattr(limits, "request", None)
+
+
+def per_row_fn(api: SimAPI, wl: Workload, k: Knobs) -> Callable[[pl.DataFrame], Any]:
+    """A per-row adapter, like ``dfbatch.llm.chat(mode="per_row")``: one request per row, the
+    batch's requests concurrently; a row the server rejects as bad (400) is that row's error;
+    any other failure fails the call (the worst: a 429 with the longest hint), and rows
+    already answered are kept for the retry instead of being requested again."""
+    charge = request_charger()
+    kept: dict[int, Any] = {}
+
+    async def one(i: int) -> Any:
+        if i in kept:
+            return kept.pop(i)
+        if charge is None:
+            return await api.call([i])
+        async with charge(tokens=k.request_tokens(wl, [i])):
+            return await api.call([i])
+
+    async def fn(batch: pl.DataFrame) -> list[Any]:
+        ids = batch["id"].to_list()
+        outcomes = await asyncio.gather(*(one(i) for i in ids), return_exceptions=True)
+        out: list[Any] = []
+        for o in outcomes:
+            if isinstance(o, SimError) and o.status_code in (400, 413, 422):
+                o = dfbatch.RowError(str(o))
+            elif not isinstance(o, BaseException):
+                dfbatch.report_usage(o.input_tokens, o.output_tokens, headers=o.headers)
+            out.append(o)
+        failures = [o for o in out if isinstance(o, BaseException)
+                    and not isinstance(o, dfbatch.RowError)]
+        if failures:
+            kept.update((i, o) for i, o in zip(ids, outcomes, strict=True)
+                        if not isinstance(o, BaseException))
+            limited = [f for f in failures if getattr(f, "status_code", None) == 429]
+            raise max(limited, key=lambda f: getattr(f, "retry_after", None) or 0.0) \
+                if limited else failures[0]
+        return [o if isinstance(o, dfbatch.RowError) else o.outputs[0] for o in out]
+
+    return fn
+
+
 async def run_dfbatch(api: SimAPI, wl: Workload, k: Knobs, seed: int,
-                      on_event: Callable[[Any], None] | None = None, **extra: Any) -> Sink:
+                      on_event: Callable[[Any], None] | None = None, per_row: bool = False,
+                      **extra: Any) -> Sink:
     df, encoding = frame_of(wl)
     known = {f.name for f in dataclasses.fields(dfbatch.BatchConfig)}
     settings = {**dfbatch_settings(k, seed), **{n: v for n, v in extra.items() if n in known}}
-    out = await dfbatch.aprocess(df, api_fn(api), text="text", encoding=encoding,
+    fn = per_row_fn(api, wl, k) if per_row else api_fn(api)
+    out = await dfbatch.aprocess(df, fn, text="text", encoding=encoding,
                                  on_event=on_event, **settings)
     sink = Sink()
     for i, value, err in out.select("id", "output", "error").iter_rows():
@@ -133,6 +217,40 @@ VARIANTS: dict[str, Runner] = {"dfbatch-hedge": partial(run_dfbatch, hedge_after
 
 # -- scenarios -----------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Target:
+    """The issue's targets for dfbatch (default settings) in one scenario; None = no target."""
+
+    x_bound: float | None = None  # makespan / lower bound
+    n429: float | None = None  # 429s / requests
+    failed: int | None = None  # good rows ending with an error
+    dead_rps: float | None = None  # requests reaching the dead server in any 1 s
+    calls: int | None = None  # requests in all (bad key: until the run stops)
+    vs_best: float | None = None  # makespan / the best baseline's
+    vs: str | None = None  # at least as fast as this baseline (same run)
+    window_rpm: float | None = None  # never more than rpm x T / 60 + 1 requests in T s
+
+    def text(self) -> str:
+        parts = []
+        if self.x_bound is not None:
+            parts.append(f"<={self.x_bound:g}x bound")
+        if self.n429 is not None:
+            parts.append(f"429s <={self.n429:.1%}")
+        if self.failed is not None:
+            parts.append(f"failed <={self.failed}")
+        if self.dead_rps is not None:
+            parts.append(f"<={self.dead_rps:g} req/s to the dead server")
+        if self.calls is not None:
+            parts.append(f"<={self.calls} calls")
+        if self.vs_best is not None:
+            parts.append(f"<={self.vs_best:g}x best baseline")
+        if self.vs is not None:
+            parts.append(f"<= {self.vs}'s makespan")
+        if self.window_rpm is not None:
+            parts.append(f"<={self.window_rpm:g}xT/60+1 requests in any T s")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     rows: int
@@ -144,6 +262,11 @@ class Scenario:
     timeout: float = 60.0
     told: bool = True  # are the runners told the server's rpm / tpm?
     extra_runners: tuple[str, ...] = ()  # dfbatch variants worth showing here only
+    per_row: bool = False  # the fn sends one request per row (baselines: 1 row / request)
+    told_rpm: float | None = None  # tell the runners this rpm instead of the server's
+    deadline_s: float | None = None  # stop after this many simulated s (default: 8 x bound)
+    target: Target | None = None
+    columns: tuple[str, ...] = ()  # extra metrics: failed, dead r/s, max/10s, max/60s
 
     def workload(self, seed: int, rows_scale: float) -> Workload:
         n = max(40, round(self.rows * rows_scale))
@@ -155,6 +278,7 @@ class Scenario:
     def knobs(self) -> Knobs:
         s = self.server
         rpm, tpm = (s.rpm, s.tpm) if self.told else (None, None)
+        rpm = self.told_rpm if self.told_rpm is not None else rpm
         return Knobs(rpm=rpm, tpm=tpm, token_limit=s.max_request_tokens,
                      overhead_tokens=s.overhead_tokens,
                      output_tokens_per_row=s.output_tokens_per_row, timeout=self.timeout)
@@ -177,28 +301,82 @@ SCENARIOS = [
     Scenario("tpm-blind", 2000, replace(_SERVER, tpm=150_000, rpm=3_000), told=False),
 ]
 
+# -- provider models (issue 12): what providers document, not what dfbatch assumes ------------
+_TOLD_1S = Target(x_bound=1.03, n429=0.005, failed=0, vs="handwritten")
+_1S = replace(_SERVER, burst_s=1.0)
+_GATEWAY = replace(_SERVER, rpm=150, limit_mode="calendar", burst_s=60.0,
+                   calendar_offset_s=30.0, headers="litellm")
+PROVIDERS = [
+    Scenario("row-tpm-1s", 1000, replace(_1S, tpm=150_000, rpm=600), per_row=True,
+             target=_TOLD_1S, columns=("failed",)),
+    Scenario("row-tpm-1s-none", 1000, replace(_1S, tpm=150_000, rpm=600, headers="none"),
+             per_row=True, target=_TOLD_1S, columns=("failed",)),
+    Scenario("row-rpm-1s-none", 600, replace(_1S, rpm=300, tpm=1_000_000, headers="none"),
+             mean_tokens=60.0, per_row=True, target=_TOLD_1S, columns=("failed",)),
+    Scenario("row-rpm", 600, replace(_SERVER, rpm=300, tpm=1_000_000), mean_tokens=60.0,
+             per_row=True, target=Target(x_bound=1.03, n429=0.005, failed=0),
+             columns=("failed", "max/10s")),
+    Scenario("tpm-1s-none", 2000, replace(_1S, tpm=150_000, rpm=3_000, headers="none"),
+             target=_TOLD_1S, columns=("failed",)),
+    Scenario("rpm-1s-none", 2000, replace(_1S, rpm=200, tpm=1_000_000, headers="none"),
+             mean_tokens=60.0, target=Target(n429=0.005, failed=0, vs_best=0.55),
+             columns=("failed",)),
+    Scenario("row-blind-1s", 1000, replace(_1S, tpm=150_000, rpm=600, headers="none"),
+             per_row=True, told=False, target=Target(x_bound=1.25, n429=0.10, failed=0),
+             columns=("failed",)),
+    Scenario("gateway-minute", 600, _GATEWAY, mean_tokens=60.0, per_row=True,
+             target=Target(n429=0.005, failed=0), columns=("failed", "max/60s")),
+    Scenario("gateway-rpm60", 200, _GATEWAY, mean_tokens=60.0, per_row=True, told_rpm=60.0,
+             target=Target(failed=0, window_rpm=60.0), columns=("failed", "max/10s", "max/60s")),
+    Scenario("outage", 1500, replace(_SERVER, tpm=150_000, rpm=3_000, outage=(30.0, 20.0)),
+             target=Target(failed=0, dead_rps=1.0), columns=("failed", "dead r/s")),
+    Scenario("bad-key", 1000, replace(_SERVER, tpm=150_000, rpm=3_000, bad_key=True),
+             deadline_s=600.0, target=Target(calls=2 * Knobs().agents), columns=()),
+]
+SCENARIOS += PROVIDERS
+
 
 # -- bounds --------------------------------------------------------------------------------
+def _calendar_bound(units: float, per_minute: float, s: SimConfig) -> float:
+    """When the last of ``units`` can be admitted by fixed windows (calendar mode)."""
+    cap = per_minute * s.burst_s / 60
+    last = max(0, math.ceil(units / cap) - 1)  # index of the window that admits the last unit
+    return 0.0 if last == 0 else last * s.burst_s - s.calendar_offset_s % s.burst_s
+
+
 def lower_bound(sc: Scenario, wl: Workload, k: Knobs) -> tuple[float, str]:
     s = sc.server
+    if s.bad_key:
+        return s.rtt, "one call"
     bad = set(wl.poison) | {i for i in range(wl.n)
                             if s.request_tokens(1, int(wl.tokens[i])) > s.max_request_tokens}
     good = [i for i in range(wl.n) if i not in bad]
-    batches = [[good[j] for j in b] for b in fixed_batches(len(good), k.items_per_batch)]
+    per_request = 1 if sc.per_row else k.items_per_batch
+    batches = [[good[j] for j in b] for b in fixed_batches(len(good), per_request)]
     sizes = [(len(b), int(wl.tokens[b].sum())) for b in batches]
     fixed = np.array([s.fixed_latency(n, t) for n, t in sizes])
     lat_min = float(fixed.min()) * s.min_multiplier
+    total = sum(s.request_tokens(n, t) for n, t in sizes)
     parts: dict[str, float] = {}
-    if s.rpm:
-        parts["rpm"] = max(0.0, len(batches) - s.rpm * s.burst_s / 60) / (s.rpm / 60) + lat_min
-    if s.tpm:
-        total = sum(s.request_tokens(n, t) for n, t in sizes)
-        parts["tpm"] = max(0.0, total - s.tpm * s.burst_s / 60) / (s.tpm / 60) + lat_min
+    if s.limit_mode == "calendar":
+        for kind, limit, units in (("rpm", s.rpm, len(batches)), ("tpm", s.tpm, total)):
+            if limit:
+                parts[kind] = _calendar_bound(units, limit, s) + lat_min
+    else:
+        if s.rpm:
+            parts["rpm"] = (max(0.0, len(batches) - s.rpm * s.burst_s / 60) / (s.rpm / 60)
+                            + lat_min)
+        if s.tpm:
+            parts["tpm"] = max(0.0, total - s.tpm * s.burst_s / 60) / (s.tpm / 60) + lat_min
     if s.max_concurrency:  # the server's slots cap every client (the cookbook has no cap)
         parts["work"] = float(fixed.sum()) * s.mean_multiplier() / s.max_concurrency
     parts["one call"] = lat_min
     kind = max(parts, key=parts.__getitem__)
-    return parts[kind], kind
+    bound = parts[kind]
+    if s.outage is not None and bound > s.outage[0]:  # nothing is served while it is down
+        bound += s.outage[1]
+        kind += " + outage"
+    return bound, kind
 
 
 # -- one run -------------------------------------------------------------------------------
@@ -217,6 +395,9 @@ class Result:
     tokens: int  # charged by the server, all attempts
     cpu_s: float
     stuck: bool = False  # stopped at the deadline (DEADLINE x bound)
+    rows: int = 0
+    failed: int = 0  # good rows that ended with an error
+    metrics: dict[str, float] = field(default_factory=dict)  # the scenario's extra columns
 
 
 async def _timed(runner: Runner, api: SimAPI, wl: Workload, k: Knobs, seed: int,
@@ -232,16 +413,43 @@ async def _timed(runner: Runner, api: SimAPI, wl: Workload, k: Knobs, seed: int,
     return sink, loop.time() - t0, False
 
 
+def runner_for(sc: Scenario, runner: str, k: Knobs) -> tuple[Runner, Knobs]:
+    """The runner and its knobs: per-row scenarios give dfbatch the per-row adapter and the
+    baselines one row per request."""
+    fn = {**RUNNERS, **VARIANTS}[runner]
+    if not sc.per_row:
+        return fn, k
+    if runner.startswith("dfbatch"):
+        return partial(fn, per_row=True), k
+    return fn, replace(k, items_per_batch=1)
+
+
 def run_one(sc: Scenario, runner: str, seed: int, rows_scale: float) -> Result:
     wl = sc.workload(seed, rows_scale)
     k = sc.knobs()
     api = SimAPI(replace(sc.server, seed=seed), wl)
     bound, _ = lower_bound(sc, wl, k)
+    fn, k = runner_for(sc, runner, k)
     cpu0 = time.process_time()
-    fn = {**RUNNERS, **VARIANTS}[runner]
-    sink, makespan, stuck = run(_timed(fn, api, wl, k, seed, DEADLINE * bound))
+    deadline = sc.deadline_s if sc.deadline_s is not None else DEADLINE * bound
+    sink, makespan, stuck = run(_timed(fn, api, wl, k, seed, deadline))
     cpu = time.process_time() - cpu0
-    return score(api, wl, sink, makespan, bound, cpu, stuck)
+    result = score(api, wl, sink, makespan, bound, cpu, stuck)
+    result.metrics = extra_metrics(sc, api)
+    return result
+
+
+def extra_metrics(sc: Scenario, api: SimAPI) -> dict[str, float]:
+    """The scenario's extra columns, from the server's call log."""
+    starts = [e["t"] for e in api.stats.log]
+    out: dict[str, float] = {}
+    for name in sc.columns:
+        if name == "dead r/s":
+            down = [e["t"] for e in api.stats.log if e["outcome"] == "down"]
+            out[name] = max_in_sliding_window(down, 1.0)
+        elif name.startswith("max/"):
+            out[name] = max_in_sliding_window(starts, float(name[4:-1]))
+    return out
 
 
 def score(api: SimAPI, wl: Workload, sink: Sink, makespan: float, bound: float,
@@ -254,9 +462,10 @@ def score(api: SimAPI, wl: Workload, sink: Sink, makespan: float, bound: float,
     served_twice = sum(1 for c in api.stats.served.values() if c > 1)
     alone_calls = Counter(e["ids"][0] for e in api.stats.log if len(e["ids"]) == 1)
     alone = sum(1 for p in wl.poison if alone_calls[p] and p in sink.errors)
+    failed = sum(1 for i in sink.errors if i not in bad)
     return Result(makespan, bound, ok, good - ok, sink.duplicates + served_twice, alone,
                   len(wl.poison), api.stats.n429, api.stats.calls, api.stats.hangs,
-                  api.stats.tokens_charged, cpu, stuck)
+                  api.stats.tokens_charged, cpu, stuck, wl.n, failed)
 
 
 # -- tables --------------------------------------------------------------------------------
@@ -273,7 +482,23 @@ class Row:
     def lost(self) -> int:
         return max(r.lost for r in self.results)
 
-    def cell(self) -> str:
+    @property
+    def ratio(self) -> float:
+        return statistics.median(r.makespan / r.bound for r in self.results)
+
+    @property
+    def frac429(self) -> float:
+        return statistics.median(r.n429 / max(1, r.calls) for r in self.results)
+
+    @property
+    def failed(self) -> int:
+        return max(r.failed for r in self.results)
+
+    def metric(self, name: str) -> float:
+        """A scenario column, worst (largest) over seeds."""
+        return max(r.metrics.get(name, 0.0) for r in self.results)
+
+    def cell(self, columns: tuple[str, ...] = ()) -> str:
         rs = self.results
         ratio = statistics.median(r.makespan / r.bound for r in rs)
         worst = min(rs, key=lambda r: r.ok)
@@ -284,11 +509,65 @@ class Row:
         return (f"{self.runner:<13} {self.makespan:9.1f} {ratio:8.3f} {worst.ok:6d} "
                 f"{self.lost:5d} {max(r.dup for r in rs):4d} {poison:>7} "
                 f"{med(lambda r: r.n429):6d} {med(lambda r: r.calls):6d} "
-                f"{med(lambda r: r.tokens) / 1000:8.0f} {sum(r.cpu_s for r in rs):6.1f}{note}")
+                f"{med(lambda r: r.tokens) / 1000:8.0f} {sum(r.cpu_s for r in rs):6.1f} "
+                f"{self.frac429:8.1%} {statistics.median(r.calls / r.rows for r in rs):9.2f}"
+                + "".join(f" {self._extra(c):>8}" for c in columns) + note)
+
+    def _extra(self, name: str) -> str:
+        if name == "failed":
+            return str(self.failed)
+        return f"{self.metric(name):g}"
 
 
-HEADER = (f"{'runner':<13} {'makespan':>9} {'x bound':>8} {'ok':>6} {'lost':>5} {'dup':>4} "
-          f"{'poison':>7} {'429s':>6} {'calls':>6} {'ktokens':>8} {'cpu s':>6}")
+def header(columns: tuple[str, ...] = ()) -> str:
+    return (f"{'runner':<13} {'makespan':>9} {'x bound':>8} {'ok':>6} {'lost':>5} {'dup':>4} "
+            f"{'poison':>7} {'429s':>6} {'calls':>6} {'ktokens':>8} {'cpu s':>6} "
+            f"{'429/req':>8} {'calls/row':>9}" + "".join(f" {c:>8}" for c in columns))
+
+
+HEADER = header()
+
+
+def best_baseline(rows: dict[str, Row]) -> Row | None:
+    base = [r for name, r in rows.items() if not name.startswith("dfbatch")]
+    return min(base, key=lambda r: (r.lost, r.makespan)) if base else None
+
+
+def verdicts(sc: Scenario, rows: dict[str, Row]) -> list[str]:
+    """One line per dfbatch row: PASS / FAIL against the scenario's target, and why."""
+    t = sc.target
+    if t is None:
+        return []
+    best = best_baseline(rows)
+    lines = [f"target (dfbatch, defaults): {t.text()}"]
+    for name, row in rows.items():
+        if not name.startswith("dfbatch"):
+            continue
+        misses = []
+        if t.x_bound is not None and row.ratio > t.x_bound:
+            misses.append(f"{row.ratio:.3f}x bound")
+        if t.n429 is not None and row.frac429 > t.n429:
+            misses.append(f"429s {row.frac429:.1%}")
+        if t.failed is not None and row.failed > t.failed:
+            misses.append(f"{row.failed} rows failed")
+        if t.dead_rps is not None and row.metric("dead r/s") > t.dead_rps:
+            misses.append(f"{row.metric('dead r/s'):g} req/s to the dead server")
+        calls = max(r.calls for r in row.results)
+        if t.calls is not None and calls > t.calls:
+            misses.append(f"{calls} calls")
+        if t.vs_best is not None and best is not None:
+            if row.makespan > t.vs_best * best.makespan:
+                misses.append(f"{row.makespan / best.makespan:.3f}x {best.runner}")
+        if t.vs is not None and t.vs in rows and row.makespan > rows[t.vs].makespan:
+            misses.append(f"{row.makespan / rows[t.vs].makespan:.3f}x {t.vs}")
+        if t.window_rpm is not None:
+            for c in (c for c in sc.columns if c.startswith("max/")):
+                cap = t.window_rpm * float(c[4:-1]) / 60 + 1
+                if row.metric(c) > cap:
+                    misses.append(f"{row.metric(c):g} requests in {c[4:]} (cap {cap:g})")
+        verdict = "PASS" if not misses else "FAIL: " + ", ".join(misses)
+        lines.append(f"  {name}: {verdict}")
+    return lines
 
 
 def runner_names(sc: Scenario, runners: list[str]) -> list[str]:
@@ -310,10 +589,9 @@ def collect(futures: dict[str, list[Future[Result]]]) -> dict[str, Row]:
 
 
 def headline(rows: dict[str, Row]) -> str:
-    base = [r for name, r in rows.items() if not name.startswith("dfbatch")]
-    if not base:
+    best = best_baseline(rows)  # lost no row, else the fewest
+    if best is None:
         return ""
-    best = min(base, key=lambda r: (r.lost, r.makespan))  # lost no row, else the fewest
     label = best.runner if best.lost == 0 else f"{best.runner}, which lost {best.lost} rows"
     parts = [f"{name} / best baseline ({label}) = {r.makespan / best.makespan:.3f}"
              for name, r in rows.items() if name.startswith("dfbatch")]
@@ -326,9 +604,15 @@ def describe(sc: Scenario, rows_scale: float) -> str:
     bound, kind = lower_bound(sc, wl, k)
     s = sc.server
     limits = ", ".join(f"{n}={v:g}" for n, v in (("rpm", s.rpm), ("tpm", s.tpm)) if v) or "none"
-    limits += f" (bucket {s.burst_s:g} s{'' if sc.told else ', not told'})"
+    window = "calendar window" if s.limit_mode == "calendar" else "bucket"
+    told = "" if sc.told else ", not told"
+    told = f", told rpm={sc.told_rpm:g}" if sc.told_rpm is not None else told
+    limits += f" ({window} {s.burst_s:g} s, headers {s.headers}{told})"
+    extra = "".join(f", {x}" for x, on in (("per-row fn", sc.per_row), ("bad key", s.bad_key),
+                                            (f"outage {s.outage}", s.outage)) if on)
     return (f"== {sc.name}: {wl.n} rows, limits {limits}, server slots "
-            f"{s.max_concurrency or 'unlimited'}; lower bound (seed 0) {bound:.1f} s [{kind}]")
+            f"{s.max_concurrency or 'unlimited'}{extra}; lower bound (seed 0) {bound:.1f} s "
+            f"[{kind}]")
 
 
 def trace(sc: Scenario, rows_scale: float) -> None:
@@ -339,7 +623,7 @@ def trace(sc: Scenario, rows_scale: float) -> None:
     events: list[Any] = []
 
     async def go() -> Sink:
-        return await run_dfbatch(api, wl, k, 0, on_event=events.append)
+        return await run_dfbatch(api, wl, k, 0, on_event=events.append, per_row=sc.per_row)
 
     run(go())
     print(Counter(type(e).__name__ for e in events))
@@ -357,13 +641,17 @@ def trace(sc: Scenario, rows_scale: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--only", default="")
+    p.add_argument("--only", default="", help="scenario names, comma-separated; "
+                   "'providers' = every provider model")
     p.add_argument("--runners", default=",".join(RUNNERS))
     p.add_argument("--rows", type=float, default=1.0, help="scale the scenarios' row counts")
     p.add_argument("--trace", default="", help="print dfbatch's timeline for one scenario")
     p.add_argument("--jobs", type=int, default=cpu_cores(), help="processes (default: cores)")
     a = p.parse_args(argv)
-    picked = [s for s in SCENARIOS if not a.only or s.name in a.only.split(",")]
+    only = set(a.only.split(",")) if a.only else set()
+    if "providers" in only:  # the provider models of issue 12
+        only |= {s.name for s in PROVIDERS}
+    picked = [s for s in SCENARIOS if not only or s.name in only]
     if a.trace:
         trace(next(s for s in SCENARIOS if s.name == a.trace), a.rows)
         return
@@ -375,10 +663,12 @@ def main(argv: list[str] | None = None) -> None:
         for sc, futures in pending:
             rows = collect(futures)
             print(describe(sc, a.rows))
-            print(HEADER)
+            print(header(sc.columns))
             for r in rows.values():
-                print(r.cell())
+                print(r.cell(sc.columns))
             print(headline(rows))
+            for line in verdicts(sc, rows):
+                print(line)
             print(flush=True)
     print(f"({a.seeds} seeds, {a.jobs} processes, wall {time.perf_counter() - t0:.0f} s)")
 

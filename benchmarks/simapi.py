@@ -13,11 +13,26 @@ the order a gateway runs them:
    -> ``SimError(400)`` after one RTT.
 2. **Rate limits**: an RPM and a TPM token bucket, refilled continuously, each holding
    ``burst_s`` seconds of refill (default 60 s = one minute's limit, as OpenAI documents its
-   per-minute limits) and starting full. A request both buckets can pay for is charged at once
-   (a rejected one is not charged); otherwise ``SimError(429, retry_after=...)`` after one RTT,
-   where ``retry_after`` is the time until both buckets hold enough. A request short by less
-   than 1 ms of refill is admitted: the server's clock granularity (a client that waits exactly
-   until its own copy of the bucket holds enough is not punished for float rounding).
+   per-minute limits; 1 s = a per-minute limit enforced per second, as OpenAI says it may and
+   Azure OpenAI does) and starting full. With ``limit_mode="calendar"`` they are instead fixed
+   windows of ``burst_s`` seconds aligned on the clock (a gateway's calendar minute: LiteLLM
+   counts per wall minute), the clock reading ``calendar_offset_s`` at the first call. A
+   request every limit can pay for is charged at once (a rejected one is not charged);
+   otherwise ``SimError(429)`` after one RTT. A request short by less than 1 ms of refill is
+   admitted: the server's clock granularity (a client that waits exactly until its own copy
+   of the bucket holds enough is not punished for float rounding).
+
+   What the 429 and the replies say depends on ``headers``: ``"openai"`` -- ``retry_after``
+   (the true wait) and ``retry-after`` / ``retry-after-ms`` headers, ``x-ratelimit-*`` on
+   every reply; ``"none"`` -- nothing at all (no headers, ``retry_after=None``);
+   ``"litellm"`` -- per-key ``x-ratelimit-api_key-{limit,remaining}-*`` on replies and a 429
+   whose only hint is the header ``llm_provider-retry-after`` = the window's length (``60``
+   for a calendar minute), whatever the true wait.
+0. **Dead or refusing server** (checked first): during ``outage = (start, duration)``
+   (seconds since the first call) every call raises ``SimConnectionError`` (a
+   ``ConnectionError``, as the OpenAI SDK's ``APIConnectionError`` is to a client) after one
+   RTT, and calls being served when it starts fail at its start. With ``bad_key`` every call
+   gets ``SimError(401)`` (``code="invalid_api_key"``) after one RTT.
 3. **Server concurrency**: ``max_concurrency`` slots. Excess requests *wait* in a FIFO queue
    (like vLLM or a load balancer: latency grows, nothing is rejected), unless ``queue_limit`` is
    set and the queue is full: then ``SimError(429, "server overloaded", retry_after=
@@ -144,11 +159,16 @@ class SimError(Exception):
     """An HTTP-like error of the simulated API (``status_code``, ``retry_after``, headers)."""
 
     def __init__(self, status_code: int, message: str, retry_after: float | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, code: str | None = None) -> None:
         super().__init__(f"{status_code}: {message}")
         self.status_code = status_code
         self.retry_after = retry_after
         self.headers = headers or {}
+        self.code = code
+
+
+class SimConnectionError(ConnectionError):
+    """The server is down: the connection was refused or reset (no HTTP status)."""
 
 
 @dataclass(frozen=True)
@@ -228,6 +248,17 @@ class SimConfig:
     p_500: float = 0.0
     p_hang: float = 0.0
     seed: int = 0
+    limit_mode: Literal["bucket", "calendar"] = "bucket"
+    calendar_offset_s: float = 0.0
+    headers: Literal["openai", "none", "litellm"] = "openai"
+    outage: tuple[float, float] | None = None
+    bad_key: bool = False
+
+    def is_down(self, t: float) -> bool:
+        if self.outage is None:
+            return False
+        start, duration = self.outage
+        return start <= t < start + duration
 
     def request_tokens(self, n_rows: int, row_tokens: int) -> int:
         return self.overhead_tokens + row_tokens + self.output_tokens_per_row * n_rows
@@ -246,6 +277,35 @@ class SimConfig:
         return float(m.mean())
 
 
+class _Window:
+    """A gateway's fixed window: ``per_minute x window_s / 60`` per window, reset at each
+    boundary (``offset_s``: where the clock stands in its window at time 0)."""
+
+    def __init__(self, per_minute: float, window_s: float, offset_s: float) -> None:
+        self.capacity = per_minute * window_s / 60.0
+        self.rate = per_minute / 60.0  # for the headers' per-minute limit
+        self.window_s, self.offset_s = window_s, offset_s
+        self.level = self.capacity
+        self.index: int | None = None
+        self.stamp = 0.0
+
+    def refill(self, now: float) -> None:
+        self.stamp = now
+        index = math.floor((now + self.offset_s) / self.window_s)
+        if index != self.index:
+            self.index, self.level = index, self.capacity
+
+    def wait_for(self, units: float) -> float:
+        if units > self.capacity:
+            return math.inf
+        if units <= self.level:
+            return 0.0
+        return self.window_s - (self.stamp + self.offset_s) % self.window_s
+
+    def reset_s(self) -> float:
+        return self.window_s - (self.stamp + self.offset_s) % self.window_s
+
+
 class _Bucket:
     def __init__(self, per_minute: float, burst_s: float) -> None:
         self.rate = per_minute / 60.0
@@ -262,6 +322,9 @@ class _Bucket:
             return math.inf
         return max(0.0, (units - self.level) / self.rate)
 
+    def reset_s(self) -> float:
+        return (self.capacity - self.level) / self.rate
+
 
 @dataclass
 class SimStats:
@@ -270,6 +333,8 @@ class SimStats:
     n500: int = 0
     n400: int = 0
     hangs: int = 0
+    down: int = 0  # calls that reached the server while it was down
+    n401: int = 0
     tokens_charged: int = 0
     served: Counter[int] = field(default_factory=Counter)
     log: list[dict[str, Any]] = field(default_factory=list)
@@ -284,11 +349,14 @@ class SimAPI:
         self.rng = random.Random(cfg.seed)
         self.stats = SimStats()
         self.keep_log = keep_log
-        self.buckets: dict[str, _Bucket] = {}
-        if cfg.rpm:
-            self.buckets["requests"] = _Bucket(cfg.rpm, cfg.burst_s)
-        if cfg.tpm:
-            self.buckets["tokens"] = _Bucket(cfg.tpm, cfg.burst_s)
+        self.buckets: dict[str, _Bucket | _Window] = {}
+        for name, limit in (("requests", cfg.rpm), ("tokens", cfg.tpm)):
+            if not limit:
+                continue
+            if cfg.limit_mode == "calendar":
+                self.buckets[name] = _Window(limit, cfg.burst_s, cfg.calendar_offset_s)
+            else:
+                self.buckets[name] = _Bucket(limit, cfg.burst_s)
         self.in_service = 0
         self.queued = 0
         self.max_in_service = 0
@@ -320,6 +388,18 @@ class SimAPI:
                       tokens: int, now: float) -> Reply:
         cfg = self.cfg
         fault, mult, frac = self._draw()
+        if cfg.is_down(now):
+            entry["outcome"] = "down"
+            self.stats.down += 1
+            await asyncio.sleep(cfg.rtt)
+            msg = "Connection error (simulated outage)"
+            raise SimConnectionError(msg)
+        if cfg.bad_key:
+            entry["outcome"] = "401"
+            self.stats.n401 += 1
+            await asyncio.sleep(cfg.rtt)
+            msg = "Incorrect API key provided: sk-wrong. (simulated)"
+            raise SimError(401, msg, None, {}, code="invalid_api_key")
         if tokens > cfg.max_request_tokens:
             return await self._reject(entry, 400, f"request of {tokens} tokens exceeds the "
                                       f"context limit {cfg.max_request_tokens}", None)
@@ -328,7 +408,7 @@ class SimAPI:
             return await self._reject(entry, 400, f"request of {tokens} tokens exceeds the "
                                       "rate limit's whole bucket", None)
         if wait > _GRACE_S:
-            return await self._reject(entry, 429, "rate limit reached", wait)
+            return await self._rate_limited(entry, wait)
         if cfg.queue_limit is not None and self._busy() and self.queued >= cfg.queue_limit:
             return await self._reject(entry, 429, "server overloaded", cfg.overload_retry_s)
         self._charge(tokens)
@@ -337,12 +417,29 @@ class SimAPI:
             return await self._serve(entry, ids, row_tokens, fault, mult, frac, headers)
 
     def headers(self) -> dict[str, str]:
+        """Rate-limit headers of a reply, in the server's ``headers`` style."""
+        style = self.cfg.headers
+        if style == "none":
+            return {}
+        infix = "api_key-" if style == "litellm" else ""
         out: dict[str, str] = {}
         for name, b in self.buckets.items():
-            out[f"x-ratelimit-limit-{name}"] = str(int(b.rate * 60))  # per minute, as OpenAI
-            out[f"x-ratelimit-remaining-{name}"] = str(max(0, int(b.level)))
-            out[f"x-ratelimit-reset-{name}"] = f"{(b.capacity - b.level) / b.rate:.3f}s"
+            out[f"x-ratelimit-{infix}limit-{name}"] = str(int(b.rate * 60))  # per minute
+            out[f"x-ratelimit-{infix}remaining-{name}"] = str(max(0, int(b.level)))
+            if style == "openai":
+                out[f"x-ratelimit-reset-{name}"] = f"{b.reset_s():.3f}s"
         return out
+
+    async def _rate_limited(self, entry: dict[str, Any], wait: float) -> Reply:
+        """A rate-limit 429 with the hints of the server's header style."""
+        style = self.cfg.headers
+        if style == "openai":
+            hints = {"retry-after": str(max(1, math.ceil(wait))),
+                     "retry-after-ms": str(max(1, math.ceil(wait * 1000)))}
+            return await self._reject(entry, 429, "rate limit reached", wait, hints)
+        hints = ({"llm_provider-retry-after": str(max(1, math.ceil(self.cfg.burst_s)))}
+                 if style == "litellm" else {})
+        return await self._reject(entry, 429, "rate limit reached", None, hints)
 
     # -- internals -------------------------------------------------------------------------
     def _draw(self) -> tuple[str | None, float, float]:
@@ -376,14 +473,14 @@ class SimAPI:
         return cap is not None and self.in_service >= cap
 
     async def _reject(self, entry: dict[str, Any], status: int, msg: str,
-                      retry_after: float | None) -> Reply:
+                      retry_after: float | None, hints: dict[str, str] | None = None) -> Reply:
         entry["outcome"] = str(status)
         if status == 429:
             self.stats.n429 += 1
         else:
             self.stats.n400 += 1
         await asyncio.sleep(self.cfg.rtt)
-        raise SimError(status, msg, retry_after, self.headers())
+        raise SimError(status, msg, retry_after, {**self.headers(), **(hints or {})})
 
     def _server_slot(self) -> _Slot:
         if self._slots is None:
@@ -409,11 +506,24 @@ class SimAPI:
             entry["outcome"] = "hang"
             self.stats.hangs += 1
             await asyncio.get_running_loop().create_future()  # never set: only a timeout ends it
-        await asyncio.sleep(latency)
+        await self._sleep_unless_outage(entry, latency)
         self.stats.served.update(ids)
         input_tokens = cfg.overhead_tokens + row_tokens
         return Reply([expected_output(i) for i in ids], input_tokens,
                      cfg.output_tokens_per_row * len(ids), headers)
+
+
+    async def _sleep_unless_outage(self, entry: dict[str, Any], latency: float) -> None:
+        """Serve for ``latency``; a call still in service when the outage starts dies then."""
+        out = self.cfg.outage
+        now = self.now()
+        if out is None or not now < out[0] < now + latency:
+            await asyncio.sleep(latency)
+            return
+        await asyncio.sleep(out[0] - now)
+        entry["outcome"] = "reset"
+        msg = "Connection reset (simulated outage)"
+        raise SimConnectionError(msg)
 
 
 class _Slot:

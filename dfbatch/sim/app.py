@@ -2,10 +2,13 @@
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/embeddings``, ``GET /v1/models`` and, specific
 to the simulator, ``GET /v1/sim/stats`` (a JSON snapshot of ``SimStats``). Errors have OpenAI's
-shape ``{"error": {"message", "type", "param", "code"}}``. A request goes through: parse and
-validate (400), key check (401, when ``api_key`` is set; the message echoes the presented key,
-as a worst case for client-side redaction), poison marker (400), rate limiter (429), injected
-fault (500 / hang / reset), then the deterministic answer after the simulated latency.
+shape ``{"error": {"message", "type", "param", "code"}}``. A request goes through: outage
+(connection reset or 503 while ``SimConfig.outage`` says the server is down), key check (401,
+when ``api_key`` is set; the message echoes the presented key, as a worst case for client-side
+redaction), parse and validate (400), model check (404 unknown with ``strict_models``, 403
+forbidden), poison marker (400), overload (a 429 that is not a rate limit), rate limiter (429,
+headers in the configured style), injected fault (500 / hang / reset), then the deterministic
+answer after the simulated latency.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import random
 import socket
 import struct
 import time
@@ -25,7 +29,7 @@ from dfbatch.sim.config import SimConfig
 from dfbatch.sim.content import answer_text, batch_items, fill_schema, keywords, summary
 from dfbatch.sim.embedding import embed_texts, encode_vector
 from dfbatch.sim.latency import Dice
-from dfbatch.sim.ratelimit import Decision, RateLimiter
+from dfbatch.sim.ratelimit import Decision, RateLimiter, rejection_headers
 from dfbatch.sim.stats import SimStats
 from dfbatch.sim.tokenizer import chat_prompt_tokens, encoder_for, message_text, truncate
 
@@ -35,9 +39,10 @@ _MAX_DIMENSIONS = 8192
 class _Reject(Exception):
     """Internal: answer the current request with an error response."""
 
-    def __init__(self, response: web.Response) -> None:
+    def __init__(self, response: web.Response, kind: str | None = None) -> None:
         super().__init__(response.status)
         self.response = response
+        self.kind = kind
 
 
 def error_response(
@@ -60,7 +65,16 @@ class SimApp:
         self.config = config
         self.stats = stats
         self.dice = Dice(config)
-        self.limiter = RateLimiter(config.rpm, config.tpm, config.window_s)
+        self.limiter = RateLimiter(
+            config.rpm,
+            config.tpm,
+            config.window_s,
+            hold_s=config.limit_window_real_s,
+            mode=config.limit_mode,
+            offset_s=config.calendar_offset_s * config.time_scale,
+            style=config.headers,
+        )
+        self._overload_rng = random.Random(config.seed + 1)  # own draws: others unchanged
         self._closing: asyncio.Event | None = None
         self._ids = 0
 
@@ -95,16 +109,28 @@ class SimApp:
             self.stats.enter()
             t = self.stats.now()
             try:
+                if self.config.is_down(t / self.config.time_scale):
+                    return self._down(request, endpoint, t)
                 return await handler(request, t)
             except _Reject as rej:
-                wait = rej.response.headers.get("retry-after-ms")
-                retry_after = int(wait) / 1000 if wait else None
-                self.stats.record(endpoint, rej.response.status, retry_after_s=retry_after, t=t)
+                retry_after = _hint_s(rej.response.headers)
+                status = rej.response.status
+                self.stats.record(endpoint, status, retry_after_s=retry_after, t=t, kind=rej.kind)
                 return rej.response
             finally:
                 self.stats.leave()
 
         return wrapped
+
+    def _down(self, request: web.Request, endpoint: str, t: float) -> web.Response:
+        """Answer a request that arrived during the outage: reset it, or a 503."""
+        if self.config.outage_kind == "reset":
+            self.stats.record(endpoint, 0, t=t, kind="outage", down=True)
+            _reset(request)
+            return web.Response(status=503)  # never reaches the client: connection is gone
+        self.stats.record(endpoint, 503, t=t, kind="outage", down=True)
+        msg = "The server is temporarily unavailable (simulated outage)."
+        return error_response(503, msg, type_="server_error", code="service_unavailable")
 
     # -- shared steps ---------------------------------------------------------------------
     async def _body(self, request: web.Request) -> dict[str, Any]:
@@ -117,7 +143,19 @@ class SimApp:
             raise _Reject(error_response(400, "request body must be a JSON object"))
         if not isinstance(body.get("model"), str) or not body["model"]:
             raise _Reject(error_response(400, "you must provide a model parameter", param="model"))
+        self._check_model(body["model"])
         return body
+
+    def _check_model(self, model: str) -> None:
+        if model in self.config.forbidden_models:
+            msg = f"You are not allowed to sample from model `{model}`. (dfbatch simulator)"
+            raise _Reject(error_response(403, msg, code="model_not_allowed"), "permission")
+        if self.config.strict_models and model not in self.config.models:
+            msg = (
+                f"The model `{model}` does not exist or you do not have access to it. "
+                "(dfbatch simulator)"
+            )
+            raise _Reject(error_response(404, msg, code="model_not_found"), "model_not_found")
 
     def _check_key(self, request: web.Request) -> None:
         key = self.config.api_key
@@ -126,7 +164,7 @@ class SimApp:
         presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if presented != key:
             msg = f"Incorrect API key provided: {presented}. (dfbatch simulator)"
-            raise _Reject(error_response(401, msg, code="invalid_api_key"))
+            raise _Reject(error_response(401, msg, code="invalid_api_key"), "auth")
 
     def _check_poison(self, texts: list[str], param: str) -> None:
         marker = self.config.poison_marker
@@ -135,9 +173,26 @@ class SimApp:
             raise _Reject(error_response(400, msg, code="poison", param=param))
 
     def _admit(self, model: str, tokens: int) -> dict[str, str]:
-        decision = self.limiter.admit(tokens, now=time.monotonic())
+        c = self.config
+        if c.overload_rate and self._overload_rng.random() < c.overload_rate:
+            msg = "The engine is currently overloaded, please try again later. (simulated)"
+            response = error_response(
+                429,
+                msg,
+                type_="server_error",
+                code="engine_overloaded",
+                headers=self.limiter.headers(),
+            )
+            raise _Reject(response, "overload")
+        decision = self.limiter.admit(tokens, now=self.stats.now())
         if not decision.ok:
-            raise _Reject(_rate_limited(model, tokens, decision))
+            hints = rejection_headers(
+                c.headers,
+                decision.retry_after_s,
+                window_s=c.limit_window_real_s,
+                retry_after_ms=c.retry_after_ms,
+            )
+            raise _Reject(_rate_limited(model, tokens, decision, hints, c.headers), "rate_limit")
         return decision.headers
 
     async def _fault(self, request: web.Request, endpoint: str, t: float) -> None:
@@ -294,11 +349,36 @@ def _max_tokens(body: dict[str, Any], default: int) -> int:
     return default
 
 
-def _rate_limited(model: str, tokens: int, decision: Decision) -> web.Response:
+def _hint_s(headers: Any) -> float | None:
+    """The wait a 429 told the client (seconds), whatever the spelling; None without one."""
+    for name, scale in (
+        ("retry-after-ms", 1000.0),
+        ("retry-after", 1.0),
+        ("llm_provider-retry-after", 1.0),
+    ):
+        value = headers.get(name)
+        if value:
+            return float(value) / scale
+    return None
+
+
+def _rate_limited(
+    model: str, tokens: int, decision: Decision, hints: dict[str, str], style: str
+) -> web.Response:
     kind = decision.limited_by
     unit = "RPM" if kind == "requests" else "TPM"
     limit = decision.headers.get(f"x-ratelimit-limit-{kind}", "?")
     requested = 1 if kind == "requests" else tokens
+    if style == "litellm":  # the proxy's shape: code is a string, type and param "None"
+        msg = (
+            f"Rate limit exceeded for api_key: sim. Limit type: {kind}. "
+            f"Current limit: {limit}, Remaining: 0. (simulated LiteLLM)"
+        )
+        body = {"error": {"message": msg, "type": "None", "param": "None", "code": "429"}}
+        return web.json_response(body, status=429, headers={**decision.headers, **hints})
+    if style == "none":
+        msg = f"Rate limit reached for {model} on {kind} per min ({unit}). (simulated)"
+        return error_response(429, msg, type_=kind, code="rate_limit_exceeded")
     if math.isinf(decision.retry_after_s):
         msg = (
             f"Request too large for {model} on {kind} per min ({unit}): Limit {limit}, "
@@ -312,11 +392,7 @@ def _rate_limited(model: str, tokens: int, decision: Decision) -> web.Response:
         f"Rate limit reached for {model} on {kind} per min ({unit}): Limit {limit}, "
         f"Requested {requested}. Please try again in {wait:.3f}s. (simulated)"
     )
-    headers = {
-        **decision.headers,
-        "retry-after": str(max(1, math.ceil(wait))),
-        "retry-after-ms": str(max(1, math.ceil(wait * 1000))),
-    }
+    headers = {**decision.headers, **hints}
     return error_response(429, msg, type_=kind, code="rate_limit_exceeded", headers=headers)
 
 

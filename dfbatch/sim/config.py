@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from dfbatch.errors import ConfigError, did_you_mean
 
@@ -48,6 +48,48 @@ class SimConfig:
     Content: deterministic for a given input (extractive summary, keyword list, JSON matching
     a ``json_schema`` response format, hashed pseudo-embeddings of ``embedding_dimensions``).
     ``seed`` seeds latency and fault draws. ``api_key``: when set, requests must carry it.
+
+    Provider models (how a real provider or gateway enforces and reports its limits):
+
+    ``limit_window_s``
+        Simulated seconds of budget the limiter holds. In ``"bucket"`` mode the token buckets
+        hold ``limit x limit_window_s / 60`` and refill continuously at ``limit / 60`` per
+        second: 60 (default) is a full-minute bucket, 1.0 enforces a per-minute limit per
+        second (as OpenAI may and Azure OpenAI does), so a client that bursts a minute's worth
+        gets 429s. In ``"calendar"`` mode it is the length of the fixed window.
+    ``limit_mode``
+        ``"bucket"`` (token buckets, above) or ``"calendar"``: fixed windows of
+        ``limit_window_s`` aligned on the simulated clock (``calendar_offset_s`` + simulated
+        seconds since the server started); each window admits ``limit x limit_window_s / 60``
+        and its counters reset at the boundary, as gateways (LiteLLM) count per wall minute.
+    ``calendar_offset_s``
+        What the simulated wall clock reads at server start, within the window (45 = the run
+        starts 15 s before a minute boundary).
+    ``headers``
+        ``"openai"``: ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` on every answer
+        (limits per real minute, resets as durations such as ``6m0s`` / ``120ms``) and a 429
+        with ``retry-after`` (whole seconds) and, if ``retry_after_ms``, ``retry-after-ms``.
+        ``"none"``: no rate-limit headers at all, and a 429 with no hint (body included).
+        ``"litellm"``: the LiteLLM proxy's per-key headers
+        ``x-ratelimit-api_key-{limit,remaining}-{requests,tokens}`` (no reset) and a 429 whose
+        only hint is ``llm_provider-retry-after`` = the window length in whole real seconds
+        (``60`` for a calendar minute at ``time_scale=1``), whatever the true wait.
+    ``retry_after_ms``
+        Send ``retry-after-ms`` beside ``retry-after`` (``"openai"`` style only).
+    ``outage``
+        ``(start_s, duration_s)`` in simulated seconds since server start, or ``None``. While
+        down, every request is answered per ``outage_kind``: ``"reset"`` aborts the TCP
+        connection (the OpenAI SDK raises ``APIConnectionError``), ``"503"`` answers 503.
+        Such requests are logged with ``down=True`` (``SimSnapshot.down_requests``).
+    ``overload_rate``
+        Probability that a request is refused with a 429 that is *not* a rate limit (OpenAI's
+        "engine is currently overloaded", ``type: "server_error"``, ``code:
+        "engine_overloaded"``, no retry hint); it is not charged to the limits. Drawn from its
+        own seeded generator, so other draws are unchanged.
+    ``strict_models``
+        Unknown models (not in ``models``) get OpenAI's 404 ``model_not_found``.
+    ``forbidden_models``
+        Models the key may not use: 403 (``openai.PermissionDeniedError``).
     """
 
     rpm: float | None = 600.0
@@ -71,6 +113,16 @@ class SimConfig:
     default_max_tokens: int = 256
     api_key: str | None = None
     models: tuple[str, ...] = ("sim-chat", "sim-embed")
+    limit_window_s: float = 60.0
+    limit_mode: Literal["bucket", "calendar"] = "bucket"
+    calendar_offset_s: float = 0.0
+    headers: Literal["openai", "none", "litellm"] = "openai"
+    retry_after_ms: bool = True
+    outage: tuple[float, float] | None = None
+    outage_kind: Literal["reset", "503"] = "reset"
+    overload_rate: float = 0.0
+    strict_models: bool = False
+    forbidden_models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm"):
@@ -80,7 +132,7 @@ class SimConfig:
         for name in ("ttft_s", "per_input_token_s", "per_token_s", "embed_latency_s", "hang_s"):
             _non_negative(name, getattr(self, name))
         _non_negative("time_scale", self.time_scale, strict=True)
-        for name in ("tail_prob", "error_rate", "hang_rate", "reset_rate"):
+        for name in ("tail_prob", "error_rate", "hang_rate", "reset_rate", "overload_rate"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 msg = f"{name} must be a probability in [0, 1], got {value!r}"
@@ -96,11 +148,38 @@ class SimConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 msg = f"{name} must be an integer > 0, got {value!r}"
                 raise ConfigError(msg)
+        self._check_provider()
+
+    def _check_provider(self) -> None:
+        _non_negative("limit_window_s", self.limit_window_s, strict=True)
+        _non_negative("calendar_offset_s", self.calendar_offset_s)
+        _one_of("limit_mode", self.limit_mode, ("bucket", "calendar"))
+        _one_of("headers", self.headers, ("openai", "none", "litellm"))
+        _one_of("outage_kind", self.outage_kind, ("reset", "503"))
+        if self.outage is not None:
+            ok = isinstance(self.outage, tuple) and len(self.outage) == 2
+            if not ok:
+                msg = f"outage must be (start_s, duration_s) or None, got {self.outage!r}"
+                raise ConfigError(msg)
+            _non_negative("outage start_s", self.outage[0])
+            _non_negative("outage duration_s", self.outage[1], strict=True)
 
     @property
     def window_s(self) -> float:
         """Real seconds in one simulated rate-limit minute."""
         return 60.0 * self.time_scale
+
+    @property
+    def limit_window_real_s(self) -> float:
+        """Real seconds of the enforcement window (``limit_window_s x time_scale``)."""
+        return self.limit_window_s * self.time_scale
+
+    def is_down(self, sim_t: float) -> bool:
+        """Whether simulated second ``sim_t`` (since server start) falls in the outage."""
+        if self.outage is None:
+            return False
+        start, duration = self.outage
+        return start <= sim_t < start + duration
 
     @property
     def real_rpm(self) -> float | None:
@@ -137,4 +216,11 @@ def _non_negative(name: str, value: object, *, strict: bool = False) -> None:
     if not ok or value == float("inf"):
         bound = "> 0" if strict else ">= 0"
         msg = f"{name} must be a finite number {bound}, got {value!r}"
+        raise ConfigError(msg)
+
+
+def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        options = ", ".join(repr(a) for a in allowed)
+        msg = f"{name} must be one of {options}, got {value!r}"
         raise ConfigError(msg)

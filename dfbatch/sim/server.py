@@ -51,7 +51,7 @@ class SimServer:
         self.config = SimConfig.from_kwargs(config, **overrides)
         self.host = host
         self.port = port
-        self.stats = SimStats()
+        self.stats = SimStats(time_scale=self.config.time_scale)
         self._runner: Any = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -93,6 +93,7 @@ class SimServer:
             raise
         self.port = runner.addresses[0][1]
         self._runner = runner
+        self.stats.start()  # simulated time (outage, calendar windows) counts from here
         return self.url
 
     async def stop(self) -> None:
