@@ -180,17 +180,15 @@ class FnCaller:
                                          rates=(limits.tpm, limits.rpm),
                                          units=(cost.tokens, cost.requests))
 
-        def on_hedge() -> None:
-            loop = asyncio.get_running_loop()
-            self.report.event(batch, BatchHedged(loop.time(), batch.id, a))
-
         return await race(lambda: self._call(batch, df),
-                          lambda: self._hedge_call(batch, df, cost), plan,
-                          queued=self.queued, may_hedge=may_hedge, on_hedge=on_hedge)
+                          lambda: self._hedge_call(a, batch, df, cost), plan,
+                          queued=self.queued, may_hedge=may_hedge)
 
-    async def _hedge_call(self, batch: Batch, df: pl.DataFrame,
+    async def _hedge_call(self, a: int, batch: Batch, df: pl.DataFrame,
                           cost: Cost) -> tuple[Any, _usage.Usage]:
         async with self.limits.shared.hold(cost) as held:
+            # reported once the duplicate is really sent: a hedge is one more attempt per row
+            self.report.event(batch, BatchHedged(asyncio.get_running_loop().time(), batch.id, a))
             result = await self._call(batch, df)
             held.outcome = Outcome(True)
             return result

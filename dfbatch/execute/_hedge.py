@@ -169,8 +169,7 @@ def binding(rate: RateLimit | None, units: float) -> bool:
 
 
 async def race(call: Callable[[], Awaitable[T]], hedge: Callable[[], Awaitable[T]], plan: Plan,
-               *, queued: Callable[[], bool], may_hedge: Callable[[bool], bool],
-               on_hedge: Callable[[], None]) -> T:
+               *, queued: Callable[[], bool], may_hedge: Callable[[bool], bool]) -> T:
     """Run ``call``; per ``plan``, add ``hedge`` or cut both. The first answer wins; the other
     copy is cancelled. Every copy failed: the first copy's error is raised."""
     loop = asyncio.get_running_loop()
@@ -190,7 +189,6 @@ async def race(call: Callable[[], Awaitable[T]], hedge: Callable[[], Awaitable[T
                 continue  # one copy failed: wait for the other (or raise below)
             age = loop.time() - t0
             if hedged_at is None and plan.hedge_due(age, q := queued()) and may_hedge(q):
-                on_hedge()
                 hedged_at = age
                 copy: asyncio.Future[T] = asyncio.ensure_future(hedge())
                 tasks.append(copy)
