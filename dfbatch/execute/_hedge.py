@@ -1,8 +1,8 @@
 """Tail defenses: a size-aware latency model, hedged duplicates on a budget, adaptive timeouts.
 
 Every answered call reports ``(tokens, latency)``. ``LatencyModel`` fits a resistant line
-``latency ~ a + b * tokens`` (Tukey's three-group line: medians, so the tail it is meant to find
-does not bend it) over the last 256 calls, and the spread of ``latency / expected`` around it.
+``latency ~ a + b * tokens`` (medians of size buckets and the median slope between them, so the
+tail it is meant to find does not bend it) over the last 256 calls, and the spread of ``latency / expected`` around it.
 A call is a straggler when its age passes its *own size's* expected latency times the
 ``hedge_after`` quantile of that ratio, so a 20k-token request is not a straggler at a duration
 that is ordinary for its size.
@@ -15,7 +15,8 @@ too has run ``stall_after``. A cut raises ``StragglerTimeoutError``: the batch r
 transient error. ``race`` runs the copies: the first answer wins and the other is cancelled, so
 a row never gets two answers.
 
-Budget: at most ``hedge_budget`` x attempts so far (+ ``SPARE_HEDGES`` for short runs) hedges;
+Budget: at most ``hedge_budget`` x attempts so far (+ ``SPARE_HEDGES`` for short runs, unless the
+budget is 0) hedges;
 and no hedge while work is queued and a rate bucket (TPM / RPM) is the binding limit, so a
 duplicate never spends tokens that pending work needs.
 
@@ -48,6 +49,7 @@ T = TypeVar("T")
 
 WINDOW = 256  # recent calls the model fits
 MIN_SAMPLES = 16  # no hedging / adaptive timeout before this many answered calls
+BUCKET_MIN = 3  # calls a size bucket needs to count in the slope
 OUTLIER_Q = 0.99  # an outlier: past this quantile of latency / expected (hedged at any time)
 SPARE_HEDGES = 2  # hedges a short run may send beyond hedge_budget x attempts
 TIMEOUT_FLOOR_S = 1.0  # the adaptive timeout is never shorter than this
@@ -90,16 +92,25 @@ class LatencyModel:
         if n < MIN_SAMPLES or (self.ratios and self._stale < max(1, n // 16)):
             return
         self._stale = 0
-        pts = sorted(self.samples)
-        third = max(1, n // 3)
-        t_lo, t_hi = median(t for t, _ in pts[:third]), median(t for t, _ in pts[-third:])
-        b = 0.0
-        if t_hi > 1.2 * t_lo and t_hi > t_lo:  # sizes differ enough to show a slope
-            l_lo, l_hi = median(x for _, x in pts[:third]), median(x for _, x in pts[-third:])
-            b = max(0.0, (l_hi - l_lo) / (t_hi - t_lo))
-        self.a, self.b = max(0.0, median(x - b * t for t, x in pts)), b
+        pts = list(self.samples)
+        self.a, self.b = _resistant_line(pts)
         self.least = 0.25 * sorted(x for _, x in pts)[n // 4]
         self.ratios = sorted(x / max(self.least, self.a + self.b * t) for t, x in pts)
+
+
+def _resistant_line(pts: list[tuple[float, float]]) -> tuple[float, float]:
+    """``(a, b)`` of ``latency ~ a + b * tokens``: the median slope between the medians of
+    size buckets (powers of two, >= ``BUCKET_MIN`` calls each, so a run of mostly small calls
+    still sees its few big ones), and the median intercept of every call."""
+    buckets: dict[int, list[tuple[float, float]]] = {}
+    for t, x in pts:
+        buckets.setdefault(int(math.log2(t + 1)), []).append((t, x))
+    mids = [(median(t for t, _ in b), median(x for _, x in b))
+            for _, b in sorted(buckets.items()) if len(b) >= BUCKET_MIN]
+    slopes = [(x2 - x1) / (t2 - t1) for i, (t1, x1) in enumerate(mids)
+              for t2, x2 in mids[i + 1:] if t2 > t1]
+    b = max(0.0, median(slopes)) if slopes else 0.0
+    return max(0.0, median(x - b * t for t, x in pts)), b
 
 
 @dataclass(frozen=True)
@@ -153,7 +164,8 @@ class TailState:
     def may_hedge(self, budget: float, *, queued: bool,
                   rates: tuple[RateLimit | None, ...], units: tuple[float, ...]) -> bool:
         """Within budget, and no binding rate bucket that queued work needs? Counts the hedge."""
-        if self.hedges >= budget * self.attempts + SPARE_HEDGES:
+        spare = SPARE_HEDGES if budget > 0 else 0  # hedge_budget=0: no hedge at all
+        if self.hedges >= budget * self.attempts + spare:
             return False
         if queued and any(binding(r, u) for r, u in zip(rates, units, strict=True)):
             return False
