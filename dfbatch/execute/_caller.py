@@ -171,9 +171,10 @@ class FnCaller:
         """Call fn; with ``hedge_after``, a straggler for its size gets a duplicate (the first
         answer wins) or is cut by the adaptive timeout (``dfbatch.execute._hedge``)."""
         cfg, limits = self.cfg, self.limits
-        plan = limits.tail.plan(batch.tokens, float(cfg.hedge_after)) if cfg.hedge_after else None
-        if plan is None:
+        if not cfg.hedge_after:
             return await self._call(batch, df)
+        q, tail = float(cfg.hedge_after), limits.tail
+        tail.attempts += 1
 
         def may_hedge(queued: bool) -> bool:
             return limits.tail.may_hedge(cfg.hedge_budget, queued=queued,
@@ -181,7 +182,8 @@ class FnCaller:
                                          units=(cost.tokens, cost.requests))
 
         return await race(lambda: self._call(batch, df),
-                          lambda: self._hedge_call(a, batch, df, cost), plan,
+                          lambda: self._hedge_call(a, batch, df, cost),
+                          lambda: tail.plan(batch.tokens, q),
                           queued=self.queued, may_hedge=may_hedge)
 
     async def _hedge_call(self, a: int, batch: Batch, df: pl.DataFrame,

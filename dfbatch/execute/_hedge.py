@@ -2,12 +2,13 @@
 
 Every answered call reports ``(tokens, latency)``. ``LatencyModel`` fits a resistant line
 ``latency ~ a + b * tokens`` (medians of size buckets and the median slope between them, so the
-tail it is meant to find does not bend it) over the last 256 calls, and the spread of ``latency / expected`` around it.
-A call is a straggler when its age passes its *own size's* expected latency times the
-``hedge_after`` quantile of that ratio, so a 20k-token request is not a straggler at a duration
-that is ordinary for its size.
+tail it is meant to find does not bend it) over the last 256 calls, and the spread of
+``latency / expected`` around it; beyond the biggest call seen it assumes latency grows in
+proportion to tokens. A call is a straggler when its age passes its *own size's* expected
+latency times the ``hedge_after`` quantile of that ratio, so a 20k-token request is not a
+straggler at a duration that is ordinary for its size.
 
-``TailState.plan(tokens)`` gives one attempt its ages (``Plan``): hedge after ``tail_after`` when
+``TailState.plan(tokens, q)`` gives a call its ages (``Plan``): hedge after ``tail_after`` when
 nothing is queued (the run's tail) and after ``outlier_after`` at any time; with no hedge sent,
 cut the call at ``deadline`` (an adaptive timeout, never under ``TIMEOUT_FLOOR_S``; the
 configured ``timeout`` still applies to each copy); after a hedge, cut both copies once the hedge
@@ -55,6 +56,7 @@ SPARE_HEDGES = 2  # hedges a short run may send beyond hedge_budget x attempts
 TIMEOUT_FLOOR_S = 1.0  # the adaptive timeout is never shorter than this
 TIMEOUT_K = 3.0  # no hedge sent: cut at 3 x the outlier age (about 7-10 x the expected latency)
 STALL_K = 2.0  # a hedge sent: cut when the hedge too has run 2 x the outlier age
+POLL_S, MAX_POLL_S = 0.05, 5.0  # a call that started before the model was fitted looks again
 
 
 class LatencyModel:
@@ -65,6 +67,7 @@ class LatencyModel:
         self.a = 0.0  # seconds
         self.b = 0.0  # seconds per token
         self.least = 0.0  # the smallest expected latency (a fit's intercept may be ~0)
+        self.cover = 1.0  # the biggest call (tokens) the fit has seen
         self.ratios: list[float] = []  # sorted latency / expected of the samples
         self._stale = 0
 
@@ -78,8 +81,13 @@ class LatencyModel:
         return len(self.samples) >= MIN_SAMPLES
 
     def expected(self, tokens: float) -> float:
+        """Beyond the biggest call seen, latency is assumed to grow at least in proportion to
+        tokens (a model fitted on small calls must not call an unseen big one late)."""
         self._refit()
-        return max(self.least, self.a + self.b * tokens)
+        line = max(self.least, self.a + self.b * tokens)
+        if tokens <= self.cover:
+            return line
+        return max(line, max(self.least, self.a + self.b * self.cover) * tokens / self.cover)
 
     def ratio(self, q: float) -> float:
         """The ``q`` quantile of latency / expected (1.0 before any fit)."""
@@ -95,6 +103,7 @@ class LatencyModel:
         pts = list(self.samples)
         self.a, self.b = _resistant_line(pts)
         self.least = 0.25 * sorted(x for _, x in pts)[n // 4]
+        self.cover = max(1.0, max(t for t, _ in pts))
         self.ratios = sorted(x / max(self.least, self.a + self.b * t) for t, x in pts)
 
 
@@ -150,8 +159,7 @@ class TailState:
         self.model.observe(tokens, latency)
 
     def plan(self, tokens: float, q: float) -> Plan | None:
-        """One attempt's plan (counted toward the budget); ``None`` until the model is fitted."""
-        self.attempts += 1
+        """The plan for a call of ``tokens``; ``None`` until the model is fitted."""
         m = self.model
         if not m.ready:
             return None
@@ -180,32 +188,40 @@ def binding(rate: RateLimit | None, units: float) -> bool:
     return rate.recent_wait > 0.01 or rate.level < units
 
 
-async def race(call: Callable[[], Awaitable[T]], hedge: Callable[[], Awaitable[T]], plan: Plan,
-               *, queued: Callable[[], bool], may_hedge: Callable[[bool], bool]) -> T:
-    """Run ``call``; per ``plan``, add ``hedge`` or cut both. The first answer wins; the other
-    copy is cancelled. Every copy failed: the first copy's error is raised."""
+async def race(call: Callable[[], Awaitable[T]], hedge: Callable[[], Awaitable[T]],
+               plan: Callable[[], Plan | None], *, queued: Callable[[], bool],
+               may_hedge: Callable[[bool], bool]) -> T:
+    """Run ``call``; per ``plan()`` (asked again at each decision, so a call that started before
+    the model was fitted is covered too), add ``hedge`` or cut both. The first answer wins; the
+    other copy is cancelled. Every copy failed: the first copy's error is raised."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     first: asyncio.Future[T] = asyncio.ensure_future(call())
     tasks, pending = [first], {first}
     hedged_at: float | None = None
+    poll = POLL_S  # no plan yet: look again after 0.05 s, 0.1 s, 0.2 s ...
     try:
         while pending:
-            wake = plan.next_wake(loop.time() - t0, hedged_at)
+            age = loop.time() - t0
+            p = plan()
+            if p is None:
+                wake, poll = poll, min(2 * poll, MAX_POLL_S)
+            else:
+                wake = p.next_wake(age, hedged_at)
             done, pending = await asyncio.wait(pending, timeout=wake,
                                                return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task.exception() is None:
                     return task.result()
-            if done:
-                continue  # one copy failed: wait for the other (or raise below)
+            if done or p is None:
+                continue  # one copy failed: wait for the other (or raise below); or no plan
             age = loop.time() - t0
-            if hedged_at is None and plan.hedge_due(age, q := queued()) and may_hedge(q):
+            if hedged_at is None and p.hedge_due(age, q := queued()) and may_hedge(q):
                 hedged_at = age
                 copy: asyncio.Future[T] = asyncio.ensure_future(hedge())
                 tasks.append(copy)
                 pending.add(copy)
-            elif age >= plan.cut_at(hedged_at):
+            elif age >= p.cut_at(hedged_at):
                 msg = (f"the call ran {age:.1f} s, far past the latency expected for its size "
                        f"(adaptive timeout, hedge_after; set hedge_after=None to turn it off)")
                 raise StragglerTimeoutError(msg)
