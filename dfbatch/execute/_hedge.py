@@ -51,7 +51,8 @@ T = TypeVar("T")
 WINDOW = 256  # recent calls the model fits
 MIN_SAMPLES = 16  # no hedging / adaptive timeout before this many answered calls
 BUCKET_MIN = 3  # calls a size bucket needs to count in the slope
-OUTLIER_Q = 0.99  # an outlier: past this quantile of latency / expected (hedged at any time)
+OUTLIER_Q = 0.99  # an outlier: past this quantile of latency / expected ...
+OUTLIER_K = 2.0  # ... times this (hedged at any time)
 SPARE_HEDGES = 2  # hedges a short run may send beyond hedge_budget x attempts
 TIMEOUT_FLOOR_S = 1.0  # the adaptive timeout is never shorter than this
 TIMEOUT_K = 3.0  # no hedge sent: cut at 3 x the outlier age (about 7-10 x the expected latency)
@@ -167,7 +168,9 @@ class TailState:
         tail = e * m.ratio(q)
         outlier = max(e * m.ratio(OUTLIER_Q), 1.5 * tail)
         deadline = max(TIMEOUT_FLOOR_S, TIMEOUT_K * outlier, 1.5 * e * m.ratio(1.0))
-        return Plan(tail, outlier, deadline, max(TIMEOUT_FLOOR_S, STALL_K * outlier))
+        stall = max(TIMEOUT_FLOOR_S, STALL_K * outlier)
+        # a duplicate while work is queued takes capacity from it: only for a clear outlier
+        return Plan(tail, OUTLIER_K * outlier, deadline, stall)
 
     def may_hedge(self, budget: float, *, queued: bool,
                   rates: tuple[RateLimit | None, ...], units: tuple[float, ...]) -> bool:
