@@ -100,8 +100,13 @@ class BatchConfig:
     busy ones), ``dynamic_batching`` (resize pending batches from recent errors / latency /
     a binding request rate; see ``dfbatch.execute._sizing``), ``target_latency_s`` (grow batches
     while calls are faster than this),
-    ``hedge_after`` (a latency quantile, e.g. 0.95: a call slower than that gets a duplicate,
-    the first answer wins; costs tokens, off by default), ``sync_workers`` (threads for a
+    ``hedge_after`` (tail defenses, on by default: a latency quantile, default 0.9; a call
+    older than its *size's* expected latency (fitted online from answered calls) times that
+    quantile of the spread gets a duplicate in the run's tail, an outlier at any time, the first
+    answer wins; a call far past its size's latency is cut and retried (adaptive timeout, never
+    over ``timeout``); ``None`` / ``False`` turns them off), ``hedge_budget`` (the most
+    duplicates, as a fraction of calls so far, default 0.05; never while work is queued and the
+    TPM / RPM bucket binds), ``sync_workers`` (threads for a
     plain-function fn; None = min(64, global in-flight cap)), ``seed`` (jitter RNG).
 
     Result: ``columns`` (the names of the added columns, ``Columns`` or a dict of its fields),
@@ -134,7 +139,8 @@ class BatchConfig:
     steal: bool = True
     dynamic_batching: bool = True
     target_latency_s: float | None = None
-    hedge_after: float | None = None
+    hedge_after: float | bool | None = 0.9
+    hedge_budget: float = 0.05
     sync_workers: int | None = None
     seed: int | None = None
     columns: Columns = field(default_factory=Columns)
@@ -171,12 +177,20 @@ class BatchConfig:
             raise ConfigError(msg)
         if self.target_latency_s is not None:
             _positive_float("target_latency_s", self.target_latency_s)
+        if self.hedge_after is False or self.hedge_after is True:  # off / the default quantile
+            object.__setattr__(self, "hedge_after", 0.9 if self.hedge_after else None)
         if self.hedge_after is not None and not (
             isinstance(self.hedge_after, float) and 0 < self.hedge_after < 1
         ):
             msg = (
-                "hedge_after must be a latency quantile in (0, 1), e.g. 0.95, "
-                f"got {self.hedge_after!r}"
+                "hedge_after must be a latency quantile in (0, 1), e.g. 0.9, or None / False "
+                f"to turn hedging off, got {self.hedge_after!r}"
+            )
+            raise ConfigError(msg)
+        if not (isinstance(self.hedge_budget, (int, float)) and 0 <= self.hedge_budget <= 1):
+            msg = (
+                "hedge_budget must be the most hedged calls as a fraction of calls in [0, 1], "
+                f"e.g. 0.05, got {self.hedge_budget!r}"
             )
             raise ConfigError(msg)
         if self.sync_workers is not None:

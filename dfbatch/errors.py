@@ -10,6 +10,7 @@ gets ``error`` text and the run goes on. The tree::
     ├── CheckpointError             a checkpoint that belongs to another run, or is damaged
     ├── BatchError                  raised *by your fn* to steer the pool (never escapes a run)
     │   ├── RetryableError          try this batch again later (``retry_after`` seconds hint)
+    │   │   └── StragglerTimeoutError  a call ran far past its size's latency (adaptive timeout)
     │   └── FatalError              do not retry; bisect a multi-row batch to isolate the cause
     │       └── OutputError         fn's return value does not fit its batch (recorded, not raised)
     └── FrameError (RuntimeError)   the dashboard's frame process failed (the run goes on)
@@ -60,6 +61,11 @@ class RetryableError(BatchError):
     def __init__(self, message: str = "retryable error", *, retry_after: float | None = None):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class StragglerTimeoutError(RetryableError):
+    """A call ran far beyond the latency expected for its size (``hedge_after``'s adaptive
+    timeout); it is cancelled and retried as a transient error."""
 
 
 class FatalError(BatchError):

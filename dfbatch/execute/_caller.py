@@ -4,9 +4,9 @@
 shared limits (``async with``: released once on every path, with the attempt's outcome), runs
 with the configured timeout (a plain fn in a daemon worker thread), retries what ``classify``
 calls transient after a jittered backoff during which the agent's slot is given back, and may
-send a straggler a duplicate (``hedge_after``). It returns ``Answered`` or ``GaveUp``; the pool
-records it. Anything that calls batches elsewhere (the Ray engine) is another ``Caller``, made
-by another ``CallerFactory`` (an engine).
+send a straggler for its size a duplicate or cut it (``hedge_after``, see ``_hedge``). It
+returns ``Answered`` or ``GaveUp``; the pool records it. Anything that calls batches elsewhere
+(the Ray engine) is another ``Caller``, made by another ``CallerFactory`` (an engine).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from dfbatch.config import BatchConfig
 from dfbatch.errors import OutputError, RetryableError
 from dfbatch.events import BatchHedged, BatchRetried, Event
 from dfbatch.execute import _usage
+from dfbatch.execute._hedge import race
 from dfbatch.execute._limits import Cost, Hold, Outcome
 from dfbatch.execute._outputs import normalize
 from dfbatch.execute._recorder import Answered, GaveUp, Verdict
@@ -141,6 +142,7 @@ class FnCaller:
             now = loop.time()
             if error is None:
                 limits.latencies.append(now - t_call)
+                limits.tail.observe(batch.tokens, now - t_call)
                 if limits.sizer is not None:
                     limits.sizer.observe(ok=True, latency_s=now - t_call)
                 if used.headers:
@@ -166,48 +168,32 @@ class FnCaller:
 
     async def _call_hedged(self, a: int, batch: Batch, df: pl.DataFrame,
                            cost: Cost) -> tuple[Any, _usage.Usage]:
-        """Call fn; with ``hedge_after``, a straggler gets a duplicate and the first answer wins."""
-        delay = self._hedge_delay()
-        if delay is None:
+        """Call fn; with ``hedge_after``, a straggler for its size gets a duplicate (the first
+        answer wins) or is cut by the adaptive timeout (``dfbatch.execute._hedge``)."""
+        cfg, limits = self.cfg, self.limits
+        if not cfg.hedge_after:
             return await self._call(batch, df)
-        first = asyncio.ensure_future(self._call(batch, df))
-        tasks = {first}
-        try:
-            done, _ = await asyncio.wait(tasks, timeout=delay)
-            if not done:
-                loop = asyncio.get_running_loop()
-                self.report.event(batch, BatchHedged(loop.time(), batch.id, a))
-                tasks.add(asyncio.ensure_future(self._hedge_call(batch, df, cost)))
-            pending = set(tasks)
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    if task.exception() is None:
-                        return task.result()
-            return first.result()  # every copy failed: raise the original call's error
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        q, tail = float(cfg.hedge_after), limits.tail
+        tail.attempts += 1
 
-    async def _hedge_call(self, batch: Batch, df: pl.DataFrame,
+        def may_hedge(queued: bool) -> bool:
+            return limits.tail.may_hedge(cfg.hedge_budget, queued=queued,
+                                         rates=(limits.tpm, limits.rpm),
+                                         units=(cost.tokens, cost.requests))
+
+        return await race(lambda: self._call(batch, df),
+                          lambda: self._hedge_call(a, batch, df, cost),
+                          lambda: tail.plan(batch.tokens, q),
+                          queued=self.queued, may_hedge=may_hedge)
+
+    async def _hedge_call(self, a: int, batch: Batch, df: pl.DataFrame,
                           cost: Cost) -> tuple[Any, _usage.Usage]:
         async with self.limits.shared.hold(cost) as held:
+            # reported once the duplicate is really sent: a hedge is one more attempt per row
+            self.report.event(batch, BatchHedged(asyncio.get_running_loop().time(), batch.id, a))
             result = await self._call(batch, df)
             held.outcome = Outcome(True)
             return result
-
-    def _hedge_delay(self) -> float | None:
-        """Hedge once latencies are known, and, under a TPM limit, only in the tail of the run
-        (nothing queued), so duplicates never spend tokens that pending work needs."""
-        q = self.cfg.hedge_after
-        latencies = self.limits.latencies
-        if q is None or len(latencies) < 20:
-            return None
-        if self.limits.tpm is not None and self.queued():
-            return None
-        ordered = sorted(latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     async def _call(self, batch: Batch, df: pl.DataFrame) -> tuple[Any, _usage.Usage]:
         used, token = _usage.begin()

@@ -6,8 +6,8 @@ run (``mark_run`` marks a run's context), re-entering that run's loop mid-step b
 scheduler, so the inner run gets a fresh loop in a worker thread while the calling fn waits.
 While the coroutine runs, the first Ctrl-C (or kernel interrupt) calls the graceful stop the
 coroutine registered with ``on_interrupt`` (it returns the partial result; before one is
-registered, Ctrl-C raises); a second Ctrl-C raises ``KeyboardInterrupt`` at once. So ``process`` is just
-``run_sync(aprocess(...))``.
+registered, Ctrl-C raises); a second Ctrl-C raises ``KeyboardInterrupt`` at once. So
+``process`` is just ``run_sync(aprocess(...))``.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from dfbatch.config import BatchConfig
+from dfbatch.execute._hedge import TailState
 from dfbatch.execute._limits import AdaptiveLimit, CapacityLimit, Cost, Limit, Limits, RateLimit
 from dfbatch.execute._sizing import BatchSizer
 
@@ -40,6 +41,7 @@ class RunLimits:
     burst: float = 0.1
     learns: bool = True  # adopt x-ratelimit-limit-* headers when no rpm / tpm is configured
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+    tail: TailState = field(default_factory=TailState)  # latency model + hedge budget
     _per_agent: dict[int, Limits] = field(default_factory=dict)
 
     @classmethod

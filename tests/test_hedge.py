@@ -1,0 +1,171 @@
+"""Tail defenses: size-aware hedging on a budget, no hedge on a binding TPM, adaptive timeout.
+
+The runs use ``benchmarks.simapi.run`` (a virtual-clock loop): fn's sleeps are simulated time,
+so makespans are exact and the runs are deterministic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import polars as pl
+import pytest
+
+import dfbatch
+from benchmarks.simapi import run
+from dfbatch.config import BatchConfig
+from dfbatch.errors import ConfigError, RetryableError
+from dfbatch.events import BatchHedged, BatchRetried, BatchStarted, fold
+from dfbatch.execute._hedge import TIMEOUT_FLOOR_S, TailState
+
+FAST = {"progress": False, "seed": 7, "backoff_base": 0.001, "backoff_max": 0.005}
+
+
+def _words(ts: list[str]) -> list[int]:
+    return [len(t.split()) for t in ts]
+
+
+def _frame(n: int, words: int = 10) -> pl.DataFrame:
+    return pl.DataFrame({"id": range(n), "text": [" ".join(["w"] * words)] * n})
+
+
+class Straggly:
+    """1 s per call; the first call of each batch whose first id is in ``slow`` takes
+    ``slow_s``. Counts calls per first id and answers ``id * 2``."""
+
+    def __init__(self, slow: set[int], slow_s: float = 100.0, base_s: float = 1.0) -> None:
+        self.slow, self.slow_s, self.base_s = slow, slow_s, base_s
+        self.calls: Counter[int] = Counter()
+
+    async def __call__(self, batch: pl.DataFrame) -> list[int]:
+        first = batch["id"][0]
+        self.calls[first] += 1
+        slow = first in self.slow and self.calls[first] == 1
+        await asyncio.sleep(self.slow_s if slow else self.base_s * (1 + 0.05 * (first % 5)))
+        return (batch["id"] * 2).to_list()
+
+
+def _once(out: pl.DataFrame, df: pl.DataFrame) -> None:
+    """Every row answered exactly once, with its own answer."""
+    assert out["id"].to_list() == df["id"].to_list()
+    assert out["error"].is_null().all()
+    assert out["output"].to_list() == (df["id"] * 2).to_list()
+
+
+def test_straggler_of_ordinary_size_is_hedged_and_the_run_ends_early() -> None:
+    df = _frame(400)
+    fn = Straggly(slow={380})  # a batch near the end hangs for 100 s on its first try
+    events: list = []
+    out = run(dfbatch.aprocess(df, fn, encoding=_words, agents=2, on_event=events.append,
+                               **FAST))
+    _once(out, df)
+    assert fold(events).hedges >= 1
+    assert events[-1].t - events[0].t < 30  # not the 100 s straggler's
+
+    off_events: list = []
+    out = run(dfbatch.aprocess(df, Straggly(slow={380}), encoding=_words, agents=2,
+                               hedge_after=None, on_event=off_events.append, **FAST))
+    _once(out, df)
+    assert fold(off_events).hedges == 0
+    assert off_events[-1].t - off_events[0].t >= 100  # opted out: the straggler sets it
+
+
+def test_big_request_with_proportional_latency_is_not_hedged() -> None:
+    # 200 small rows (10 tokens, ~0.06 s) and 20 big ones (1000-2900 tokens, 1-3 s, in
+    # proportion). Half the big rows fail once with retry_after=20: their second try runs in
+    # the run's tail, long after the model has seen big calls, where a size-blind quantile
+    # (everything slower than 90% of calls) would hedge every one of them.
+    small = [" ".join(["w"] * 10)] * 200
+    big = [" ".join(["w"] * (1000 + 100 * i)) for i in range(20)]
+    df = pl.DataFrame({"id": range(220), "text": small + big})
+    tries: Counter[int] = Counter()
+
+    async def proportional(batch: pl.DataFrame) -> list[int]:
+        i, tokens = batch["id"][0], sum(_words(batch["text"].to_list()))
+        tries[i] += 1
+        if i >= 200 and i % 2 == 0 and tries[i] == 1:
+            msg = "busy"
+            raise RetryableError(msg, retry_after=20.0)
+        jitter = 1 + 0.2 * (i % 5) / 4 if tokens < 100 else 1.0
+        await asyncio.sleep((0.05 + 0.001 * tokens) * jitter)
+        return (batch["id"] * 2).to_list()
+
+    events: list = []
+    out = run(dfbatch.aprocess(df, proportional, encoding=_words, agents=2, items_per_batch=1,
+                               hedge_after=0.9, dynamic_batching=False,
+                               on_event=events.append, **FAST))
+    _once(out, df)
+    late_big = [e for e in events if isinstance(e, BatchStarted) and e.tokens >= 1000
+                and e.attempt == 2]
+    assert len(late_big) == 10 and min(e.t for e in late_big) >= 20  # in the tail, model fitted
+    assert not [e for e in events if isinstance(e, BatchHedged)]
+
+
+def test_budget_caps_extra_calls() -> None:
+    df = _frame(800)
+    slow = set(range(0, 800, 12))  # a third of the batches straggle on their first try
+    for budget in (0.05, 0.0):
+        fn = Straggly(slow=slow, slow_s=30.0)
+        events: list = []
+        out = run(dfbatch.aprocess(df, fn, encoding=_words, agents=2, hedge_budget=budget,
+                                   on_event=events.append, **FAST))
+        _once(out, df)
+        attempts = sum(isinstance(e, BatchStarted) for e in events)
+        hedges = fold(events).hedges
+        assert hedges <= budget * attempts + (2 if budget else 0)
+        assert hedges >= (1 if budget else 0)
+
+
+def test_no_hedge_while_a_binding_tpm_has_queued_work() -> None:
+    df = _frame(400)  # 100 batches of 40 tokens; 1200 TPM = 30 batches a minute: TPM binds
+    fn = Straggly(slow={40, 120, 200, 380}, slow_s=500.0)
+    events: list = []
+    out = run(dfbatch.aprocess(df, fn, encoding=_words, agents=2, tpm=1200, rate_burst=0.05,
+                               dynamic_batching=False, on_event=events.append, **FAST))
+    _once(out, df)
+    first_tries = [e.t for e in events if isinstance(e, BatchStarted) and e.attempt == 1]
+    last_start = max(first_tries)  # the queue is empty from here on
+    hedged = [e.t for e in events if isinstance(e, BatchHedged)]
+    assert all(t >= last_start for t in hedged)
+    cut = [e for e in events if isinstance(e, BatchRetried) and "StragglerTimeout" in e.error]
+    assert len(cut) >= 1  # the mid-run stragglers were cut and retried instead
+    assert events[-1].t - events[0].t < 500
+
+
+def test_adaptive_timeout_cuts_a_hang_and_retries_it() -> None:
+    df = _frame(200)
+    fn = Straggly(slow={100}, slow_s=1000.0, base_s=0.01)
+    events: list = []
+    out = run(dfbatch.aprocess(df, fn, encoding=_words, agents=2, hedge_budget=0.0,
+                               timeout=900.0, on_event=events.append, **FAST))
+    _once(out, df)
+    cut = [e for e in events if isinstance(e, BatchRetried) and "StragglerTimeout" in e.error]
+    assert len(cut) == 1 and fold(events).hedges == 0
+    started = next(e.t for e in events if isinstance(e, BatchStarted) and e.batch_id
+                   == cut[0].batch_id)
+    assert TIMEOUT_FLOOR_S <= cut[0].t - started < 10  # the floor, not 900 s or 1000 s
+    assert fn.calls[100] == 2
+
+
+def test_plan_is_size_aware_and_never_under_the_floor() -> None:
+    state = TailState()
+    for i in range(64):
+        tokens = 100 if i % 2 else 10_000
+        state.observe(tokens, 0.01 + 0.0001 * tokens * (1 + 0.01 * (i % 7)))
+    small, big = state.plan(100, 0.9), state.plan(10_000, 0.9)
+    assert small is not None and big is not None
+    assert small.tail_after < 0.1 < 1.0 < big.tail_after  # a 1 s big call is not late
+    assert small.outlier_after >= small.tail_after
+    assert small.deadline >= TIMEOUT_FLOOR_S and small.stall_after >= TIMEOUT_FLOOR_S
+    assert big.deadline > big.outlier_after
+
+
+def test_hedge_settings() -> None:
+    assert BatchConfig().hedge_after == 0.9 and BatchConfig().hedge_budget == 0.05
+    assert BatchConfig(hedge_after=False).hedge_after is None
+    assert BatchConfig(hedge_after=True).hedge_after == 0.9
+    with pytest.raises(ConfigError, match="hedge_budget"):
+        BatchConfig(hedge_budget=1.5)
+    with pytest.raises(ConfigError, match="hedge_after"):
+        BatchConfig(hedge_after=2.0)
