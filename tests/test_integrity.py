@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -593,15 +595,28 @@ def test_blocking_process_inside_an_async_fn_of_another_run() -> None:
 
 
 def test_blocking_process_inside_an_async_fn_of_aprocess() -> None:
-    df = pl.DataFrame({"text": [str(i) for i in range(12)]})
-
-    async def main() -> tuple[pl.DataFrame, pl.DataFrame]:
-        out = await dfbatch.aprocess(df, _outer_fn, items_per_batch=1, **QUIET)
+    # in a subprocess: the last step takes the nest-asyncio2 path (as in Jupyter), which patches
+    # asyncio for the whole process once applied
+    script = """if True:
+        import asyncio, polars as pl, dfbatch
         from dfbatch.execute._loop import _IN_RUN
-
-        assert not _IN_RUN.get()  # the mark does not outlive the run in the caller's task
-        return out, dfbatch.process(df, upper, **QUIET)  # nest-asyncio2 path, as in Jupyter
-
-    out, after = asyncio.run(main())
-    assert out["error"].null_count() == 12 and set(out["output"]) == {"X,Y,Z"}
-    assert after["error"].null_count() == 12
+        q = dict(progress=False)
+        def upper(b):
+            return b["text"].str.to_uppercase()
+        async def outer(batch):
+            await asyncio.sleep(0)
+            inner = dfbatch.process(pl.DataFrame({"text": ["x", "y", "z"]}), upper,
+                                    items_per_batch=1, **q)
+            return [",".join(inner["output"])] * batch.height
+        df = pl.DataFrame({"text": [str(i) for i in range(12)]})
+        async def main():
+            out = await dfbatch.aprocess(df, outer, items_per_batch=1, **q)
+            assert not _IN_RUN.get()  # the mark does not outlive the run in the caller's task
+            return out, dfbatch.process(df, upper, **q)
+        out, after = asyncio.run(main())
+        print(out["error"].null_count(), sorted(set(out["output"])), after["error"].null_count())
+    """
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "12 ['X,Y,Z'] 12"
