@@ -182,7 +182,8 @@ def per_row_fn(api: SimAPI, wl: Workload, k: Knobs) -> Callable[[pl.DataFrame], 
                 if limited else failures[0]
         return [o if isinstance(o, dfbatch.RowError) else o.outputs[0] for o in out]
 
-    return fn
+    mark = getattr(getattr(dfbatch, "limits", None), "per_request", None)
+    return mark(fn) if charge is not None and mark is not None else fn  # charges per request
 
 
 async def run_dfbatch(api: SimAPI, wl: Workload, k: Knobs, seed: int,
@@ -192,8 +193,12 @@ async def run_dfbatch(api: SimAPI, wl: Workload, k: Knobs, seed: int,
     known = {f.name for f in dataclasses.fields(dfbatch.BatchConfig)}
     settings = {**dfbatch_settings(k, seed), **{n: v for n, v in extra.items() if n in known}}
     fn = per_row_fn(api, wl, k) if per_row else api_fn(api)
-    out = await dfbatch.aprocess(df, fn, text="text", encoding=encoding,
-                                 on_event=on_event, **settings)
+    stopped = getattr(dfbatch, "RunStoppedError", ())  # (this dfbatch may not stop runs)
+    try:
+        out = await dfbatch.aprocess(df, fn, text="text", encoding=encoding,
+                                     on_event=on_event, **settings)
+    except stopped as exc:  # a fatal error stopped the run: its partial result counts
+        out = exc.partial
     sink = Sink()
     for i, value, err in out.select("id", "output", "error").iter_rows():
         if err is None:

@@ -2,33 +2,84 @@
 
 A ``BatchConfig`` is configuration; ``RunLimits.from_config(cfg, n_agents)`` is the per-run state
 (aiometer's ``new_state()``): the global in-flight cap, the adaptive (AIMD) limit, the RPM / TPM
-buckets, the per-agent concurrency slots and bytes in flight, the dynamic batch sizer and recent
-latencies. A streamed run builds it once and passes it to each chunk's pool, so the agents and
-their limits carry over from chunk to chunk.
+buckets, the global pause on 429s (``PauseGate``, last), the circuit breaker, a warm-up cap (a
+handful of sends until the first answer, so a bad key costs few calls), the per-agent
+concurrency slots and bytes in flight, the dynamic batch sizer and recent latencies. A streamed
+run builds it once and passes it to each chunk's pool, so the agents and their limits carry over
+from chunk to chunk.
+
+Two ways to charge a call: a plain ``fn`` acquires ``shared`` (every limit) once per call; an fn
+that charges its own HTTP requests (``dfbatch.limits.request``) acquires ``calls`` (in-flight,
+adaptive) per call and ``per_request`` (warm-up, RPM, TPM, pause) per request.
+
+With no ``rpm`` / ``tpm`` configured the buckets start unknown (``RateLimit(None)``) and adopt
+the limits the provider states in its ``x-ratelimit-limit-*`` headers (``Outcome.hints``).
 
 Examples
 --------
 >>> from dfbatch import BatchConfig
 >>> limits = RunLimits.from_config(BatchConfig(rpm=600), n_agents=2)
->>> len(limits.agent_slots), limits.rpm.per_minute, limits.tpm is None
-(2, 600.0, True)
->>> limits.learn({"x-ratelimit-limit-tokens": "9000"}); limits.tpm.per_minute
-9000.0
+>>> len(limits.agent_slots), limits.rpm.per_minute, limits.tpm.known
+(2, 600.0, False)
+>>> type(limits.shared.limits[-1]).__name__
+'PauseGate'
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
 from dfbatch.config import BatchConfig
-from dfbatch.execute._limits import AdaptiveLimit, CapacityLimit, Cost, Limit, Limits, RateLimit
+from dfbatch.execute._breaker import Breaker
+from dfbatch.execute._limits import (
+    AdaptiveLimit,
+    CapacityLimit,
+    Cost,
+    Limit,
+    Limits,
+    Outcome,
+    RateLimit,
+)
+from dfbatch.execute._pause import PauseGate
 from dfbatch.execute._sizing import BatchSizer
+
+
+class WarmUp:
+    """At most ``capacity`` sends in flight until the first one is answered, then no limit:
+    a run whose every call fails (a bad key) stops after a handful of calls, not N."""
+
+    def __init__(self, capacity: int) -> None:
+        self.slots: CapacityLimit | None = CapacityLimit(max(1, capacity))
+
+    async def acquire(self, cost: Cost) -> None:
+        slots = self.slots
+        if slots is not None:
+            await slots.acquire(_ONE)
+            if self.slots is not slots:  # warmed up while this send waited
+                slots.release(_ONE)
+
+    def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
+        slots = self.slots  # (None once warm: a send taken before that was released with it)
+        if slots is None:
+            return
+        slots.release(_ONE)
+        if outcome is not None and outcome.ok:
+            self.slots = None  # the service answers: no more warm-up
+            slots.set_capacity(math.inf)
+
+    @property
+    def warm(self) -> bool:
+        return self.slots is None
+
+
+_ONE = Cost(tokens=0, nbytes=0)
 
 
 @dataclass(eq=False)
 class RunLimits:
-    """Every limit of one run; ``shared`` is the stack each call acquires (global ones)."""
+    """Every limit of one run (see the module docstring)."""
 
     shared: Limits
     agent_slots: list[CapacityLimit]
@@ -40,6 +91,10 @@ class RunLimits:
     burst: float = 0.1
     learns: bool = True  # adopt x-ratelimit-limit-* headers when no rpm / tpm is configured
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+    calls: Limits = field(default_factory=lambda: Limits([]))
+    per_request: Limits = field(default_factory=lambda: Limits([]))
+    pause: PauseGate | None = None
+    breaker: Breaker | None = None
 
     @classmethod
     def from_config(cls, cfg: BatchConfig, n_agents: int, *, rates_elsewhere: bool = False
@@ -50,24 +105,29 @@ class RunLimits:
         adaptive = AdaptiveLimit(cfg.in_flight_cap) if cfg.adaptive else None
         burst = cfg.rate_burst
         local = not rates_elsewhere
-        rpm = RateLimit(cfg.rpm, burst=burst) if cfg.rpm and local else None
-        tpm = RateLimit(cfg.tpm, tokens=True, burst=burst) if cfg.tpm and local else None
+        rpm = tpm = pause = breaker = None
+        warm: WarmUp | None = None
+        if local:
+            rpm = RateLimit(cfg.rpm or None, burst=burst)
+            tpm = RateLimit(cfg.tpm or None, tokens=True, burst=burst)
+            pause, breaker, warm = PauseGate(), Breaker(), WarmUp(n_agents)
         if adaptive is not None:
             adaptive.rate_known = bool(cfg.rpm or cfg.tpm)
-        stack: list[Limit] = [global_slots]
-        stack += [x for x in (adaptive, rpm, tpm) if x is not None]
+        calls: list[Limit] = [global_slots, *([adaptive] if adaptive is not None else [])]
+        rates: list[Limit] = [x for x in (warm, rpm, tpm, pause) if x is not None]
         sizer = (
             BatchSizer(cfg.items_per_batch, max_items=max(6, cfg.items_per_batch),
                        target_latency_s=cfg.target_latency_s)
             if cfg.dynamic_batching else None
         )
         return cls(
-            shared=Limits(stack),
+            shared=Limits([*calls, *rates]),
             agent_slots=[CapacityLimit(cfg.max_concurrent_batches) for _ in range(n_agents)],
             agent_bytes=[CapacityLimit(cfg.max_bytes_per_agent, _nbytes)
                          for _ in range(n_agents)],
             adaptive=adaptive, rpm=rpm, tpm=tpm, sizer=sizer, burst=burst,
-            learns=local,
+            learns=local, calls=Limits(calls), per_request=Limits(rates), pause=pause,
+            breaker=breaker,
         )
 
     def rate_bound(self) -> bool:
@@ -76,41 +136,12 @@ class RunLimits:
             return False
         return self.tpm is None or self.rpm.recent_wait > 2 * self.tpm.recent_wait
 
-    def learn(self, headers: dict[str, str]) -> None:
-        """Adopt the provider's x-ratelimit-limit-* when the user configured no rpm / tpm."""
-        if not self.learns:
-            return
-        lower = {k.lower(): v for k, v in headers.items()}
-        for key, tokens in (("x-ratelimit-limit-requests", False),
-                            ("x-ratelimit-limit-tokens", True)):
-            if (self.tpm if tokens else self.rpm) is not None or key not in lower:
-                continue
-            try:
-                per_minute = float(lower[key])
-            except ValueError:
-                continue
-            if per_minute > 0:
-                limit = RateLimit(per_minute, tokens=tokens, burst=self.burst)
-                if tokens:
-                    self.tpm = limit
-                else:
-                    self.rpm = limit
-                self.shared.add(limit)
-
-    def sync(self, headers: dict[str, str], cost: Cost) -> None:
-        """``x-ratelimit-remaining-*`` says how full the provider's buckets really are."""
-        lower = {k.lower(): v for k, v in headers.items()}
-        for key, limit in (("x-ratelimit-remaining-requests", self.rpm),
-                           ("x-ratelimit-remaining-tokens", self.tpm)):
-            if limit is None or key not in lower:
-                continue
-            try:
-                remaining = float(lower[key])
-            except ValueError:
-                continue
-            limit.sync(remaining, cost)
+    def learned(self) -> None:
+        """After an outcome reached the limits: AIMD on concurrency stays off for rate-limit
+        429s once a stated limit paces (configured, or from ``x-ratelimit-limit-*``)."""
         if self.adaptive is not None and self.learns:
-            self.adaptive.rate_known = self.rpm is not None or self.tpm is not None
+            self.adaptive.rate_known = any(r is not None and r.per_minute > 0
+                                           for r in (self.rpm, self.tpm))
 
 
 def _nbytes(cost: Cost) -> float:
