@@ -159,8 +159,12 @@ def per_row_fn(api: SimAPI, wl: Workload, k: Knobs) -> Callable[[pl.DataFrame], 
             return kept.pop(i)
         if charge is None:
             return await api.call([i])
-        async with charge(tokens=k.request_tokens(wl, [i])):
-            return await api.call([i])
+        async with charge(tokens=k.request_tokens(wl, [i])) as req:
+            answer = await api.call([i])
+            if hasattr(req, "report"):  # the answer's rate-limit headers and real tokens
+                req.report(headers=answer.headers,
+                           tokens=answer.input_tokens + answer.output_tokens)
+            return answer
 
     async def fn(batch: pl.DataFrame) -> list[Any]:
         ids = batch["id"].to_list()

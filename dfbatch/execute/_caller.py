@@ -151,8 +151,10 @@ class FnCaller:
         attempt = 0
         while True:
             attempt += 1
-            async with Hold(limits.agent_bytes[a], cost), self._admit() as ticket, \
-                    self.stack.hold(cost) as held:
+            # the breaker last: a call that waited for a bucket while the service went down
+            # does not go out then
+            async with Hold(limits.agent_bytes[a], cost), self.stack.hold(cost) as held, \
+                    self._admit() as ticket:
                 seq = limits.adaptive.next_seq() if limits.adaptive else 0
                 if attempt == 1:
                     wall0, t_first = time.time(), loop.time()

@@ -121,12 +121,11 @@ async def request(tokens: int = 0) -> AsyncIterator[Request]:
         return
     cost = Cost(tokens=req.tokens)
     breaker = binding.breaker
-    ticket = await breaker.wait() if breaker is not None else None
-    try:
-        await binding.limits.acquire(cost)
+    await binding.limits.acquire(cost)
+    try:  # the breaker last: a request that waited for a bucket while the service went down
+        ticket = await breaker.wait() if breaker is not None else None  # does not go out then
     except BaseException:
-        if breaker is not None and ticket is not None:
-            breaker.cancel(ticket)
+        binding.limits.release(cost, None)
         raise
     req.charged = True
     try:

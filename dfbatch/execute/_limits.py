@@ -239,7 +239,7 @@ class RateLimit:
         i = self._last.get() - self._base
         return self._charges[i] if 0 <= i < len(self._charges) else None
 
-    def sync(self, remaining: float, cost: Cost) -> None:
+    def sync(self, remaining: float, cost: Cost, *, lower_only: bool = False) -> None:
         """The provider said its bucket held ``remaining`` right after admitting this task's call.
 
         Learn the provider's bucket size (at least ``remaining`` + this call) and set our level
@@ -252,17 +252,19 @@ class RateLimit:
         if mine is None or not self.known:
             return
         now = asyncio.get_running_loop().time()
-        self.server_capacity = max(self.server_capacity, remaining + self._units(cost))
-        trusted = now >= self._decreased_at + self.regrow_s
-        bucket = min(self.per_minute or math.inf, self.server_capacity)
-        self.capacity = max(1.0, bucket if trusted else min(bucket, self._small_bucket()))
+        if not lower_only:
+            self.server_capacity = max(self.server_capacity, remaining + self._units(cost))
+            trusted = now >= self._decreased_at + self.regrow_s
+            bucket = min(self.per_minute or math.inf, self.server_capacity)
+            self.capacity = max(1.0, bucket if trusted else min(bucket, self._small_bucket()))
         i = self._last.get() - self._base
         level, t = remaining, mine[0]
         for ts, units in self._charges[i + 1:]:
             level = min(self.capacity, level + (ts - t) * self.rate) - units
             t = ts
         self._refill(now)
-        self.level = min(self.capacity, level + (now - t) * self.rate)
+        level = min(self.capacity, level + (now - t) * self.rate)
+        self.level = min(self.level, level) if lower_only else level
 
     def observe(self, hints: RateHints, cost: Cost) -> None:
         """Learn from one answer's headers: adopt the stated limit, sync to ``remaining``."""
@@ -271,7 +273,10 @@ class RateLimit:
             self.set_ceiling(limit)
         remaining = hints.remaining(self.tokens)
         if remaining is not None:
-            self.sync(remaining, cost)
+            # told a lower limit than the provider's: its bucket says nothing about ours,
+            # except that it may be emptier (shared with other clients)
+            ours = bool(self.per_minute) and limit is not None and limit > self.per_minute
+            self.sync(remaining, cost, lower_only=ours)
 
     def on_rate_limited(self, hints: RateHints | None = None) -> bool:
         """A rate-limit 429 came back for this task's call: lower the effective rate, once per
