@@ -95,6 +95,9 @@ class FnCancelledError(RetryableError):
 
 
 _NOTHING = Limits([])
+# an attempt: (error, its decision) or (None, None, outputs, row errors, usage)
+_Tried = tuple[Exception | None, Decision | None, pl.DataFrame | None,
+               list[str | None] | None, _usage.Usage | None]
 
 
 @dataclass(slots=True)
@@ -151,48 +154,32 @@ class FnCaller:
         attempt = 0
         while True:
             attempt += 1
-            # the breaker last: a call that waited for a bucket while the service went down
-            # does not go out then
-            async with Hold(limits.agent_bytes[a], cost), self.stack.hold(cost) as held, \
-                    self._admit() as ticket:
-                seq = limits.adaptive.next_seq() if limits.adaptive else 0
-                if attempt == 1:
-                    wall0, t_first = time.time(), loop.time()
-                t_call = loop.time()
-                self.report.started(a, batch, attempt, t_call)
-                try:
-                    try:
-                        value, used = await self._call_hedged(a, batch, df, cost)
-                    except asyncio.CancelledError as exc:
-                        task = asyncio.current_task()
-                        if task is None or task.cancelling():
-                            raise  # the run is stopping, or a timeout fired
-                        msg = "fn raised asyncio.CancelledError (nobody cancelled the run)"
-                        raise FnCancelledError(msg) from exc
-                    frame, row_errors = normalize(value, len(batch.rows), cfg.columns.output,
-                                                  reserved=self.reserved)
-                except Exception as exc:
-                    error: Exception | None = exc
-                    decision = classify(exc, cfg.retry_on)
-                    held.outcome = Outcome(
-                        False, decision.rate_limited, decision.cause == "timeout",
-                        decision.retry_after, None, seq, overloaded=decision.overloaded,
-                        hints=None if decision.hints.empty else decision.hints)
-                    ticket.record("outage" if decision.outage else "other")
-                else:
-                    error = None
-                    actual = used.input_tokens + used.output_tokens if used.input_tokens else None
-                    hints = parse_headers(used.headers) if used.headers else None
-                    held.outcome = Outcome(True, actual_tokens=actual, started_seq=seq,
-                                           hints=None if hints is None or hints.empty else hints)
-                    ticket.record("ok")
+            try:
+                # the breaker last: a call that waited for a bucket while the service went down
+                # does not go out then
+                async with Hold(limits.agent_bytes[a], cost), self.stack.hold(cost) as held, \
+                        self._admit() as ticket:
+                    if attempt == 1:
+                        wall0, t_first = time.time(), loop.time()
+                    t_call = loop.time()
+                    self.report.started(a, batch, attempt, t_call)
+                    tried = await self._attempt(a, batch, df, cost, held, ticket)
+            except BaseException as exc:
+                if limits.breaker is None or exc is not limits.breaker.stopped:
+                    raise
+                # another call found the run cannot succeed (a refused key): do not send
+                return GaveUp(fatal_message(exc), False, wall0, loop.time() - t_first,
+                              fatal=True)
+            error, decision, frame, row_errors, used = tried
             limits.learned()
             now = loop.time()
             if error is None:
+                assert frame is not None and used is not None
                 limits.latencies.append(now - t_call)
                 if limits.sizer is not None:
                     limits.sizer.observe(ok=True, latency_s=now - t_call)
                 return Answered(frame, row_errors, wall0, now - t_first, used)
+            assert decision is not None
             if decision.kind == "fatal_run":
                 return GaveUp(fatal_message(error, decision), False, wall0, now - t_first,
                               fatal=True)
@@ -210,6 +197,39 @@ class FnCaller:
                 continue
             bisect = (decision.kind == "row" and decision.bisect) or self._hung(decision)
             return GaveUp(describe(error), bisect, wall0, now - t_first)
+
+    async def _attempt(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost, held: Hold,
+                       ticket: _Pass) -> _Tried:
+        """Call fn once; tell the limits (``held.outcome``) and the breaker how it ended."""
+        limits, cfg = self.limits, self.cfg
+        seq = limits.adaptive.next_seq() if limits.adaptive else 0
+        try:
+            try:
+                value, used = await self._call_hedged(a, batch, df, cost)
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # the run is stopping, or a timeout fired
+                msg = "fn raised asyncio.CancelledError (nobody cancelled the run)"
+                raise FnCancelledError(msg) from exc
+            frame, row_errors = normalize(value, len(batch.rows), cfg.columns.output,
+                                          reserved=self.reserved)
+        except Exception as exc:
+            decision = classify(exc, cfg.retry_on)
+            held.outcome = Outcome(False, decision.rate_limited, decision.cause == "timeout",
+                                   decision.retry_after, None, seq,
+                                   overloaded=decision.overloaded,
+                                   hints=None if decision.hints.empty else decision.hints)
+            ticket.record("outage" if decision.outage else "other")
+            if decision.kind == "fatal_run" and limits.breaker is not None:
+                limits.breaker.stop(exc)  # no later call of the run goes out
+            return exc, decision, None, None, None
+        actual = used.input_tokens + used.output_tokens if used.input_tokens else None
+        hints = parse_headers(used.headers) if used.headers else None
+        held.outcome = Outcome(True, actual_tokens=actual, started_seq=seq,
+                               hints=None if hints is None or hints.empty else hints)
+        ticket.record("ok")
+        return None, None, frame, row_errors, used
 
     def _hung(self, decision: Decision) -> bool:
         """Every try timed out while the service answers others: a row may hang it (or the

@@ -139,6 +139,8 @@ async def request(tokens: int = 0) -> AsyncIterator[Request]:
         ))
         if breaker is not None and ticket is not None:
             breaker.record(ticket, "outage" if d.outage else "other")
+        if breaker is not None and d.kind == "fatal_run":
+            breaker.stop(exc)  # no later request of the run goes out
         raise
     except BaseException:
         binding.limits.release(cost, None)

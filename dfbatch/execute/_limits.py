@@ -310,10 +310,11 @@ class RateLimit:
         return (self.per_minute / 60.0 / 20.0) if self.per_minute else 1e-3
 
     def _recent_rate(self, now: float, window: float = 10.0) -> float:
-        """Units per second sent over the last ``window`` seconds (at least one second)."""
+        """Units per second sent over the last ``window`` seconds (at least one second; 0
+        while the first charge is under a second old)."""
         recent = [(t, u) for t, u in self._charges if t >= now - window]
-        if not recent:
-            return 0.0
+        if not recent or now - self._charges[0][0] < 1.0:
+            return 0.0  # less than a second of history says nothing about a rate
         span = max(1.0, now - recent[0][0])
         return sum(u for _, u in recent) / span
 

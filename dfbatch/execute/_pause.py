@@ -4,8 +4,9 @@ A 429 with a hint (``retry-after`` in any spelling) pauses every send until the 
 A 429 with no hint pauses for a growing floor (1 s, 2 s, 4 s … up to a minute): once per
 episode (429s of calls sent before the pause began do not grow it), and only while no call
 succeeds (a provider that answers some calls counts a rate; the buckets slow down instead of
-the pause growing); reset by a success of a call sent after the pause. It is a limit like the others (``acquire`` / ``release``); put it
-last in a stack, so a call that waited for a bucket still sits out a pause that began meanwhile.
+the pause growing); reset by a success of a call sent after the pause. It is a limit like the
+others (``acquire`` / ``release``); put it last in a stack, so a call that waited for a bucket
+still sits out a pause that began meanwhile.
 
 Examples
 --------
