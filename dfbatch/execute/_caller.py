@@ -292,7 +292,8 @@ class FnCaller:
         latencies = self.limits.latencies
         if q is None or len(latencies) < 20:
             return None
-        if self.limits.tpm is not None and self.queued():
+        tpm = self.limits.tpm
+        if tpm is not None and tpm.known and self.queued():  # (an unknown TPM limits nothing)
             return None
         ordered = sorted(latencies)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -174,6 +174,9 @@ class RateLimit:
         self.recent_wait = 0.0  # moving average of seconds an acquire waited (is it binding?)
         self.server_capacity = 0.0  # learned from x-ratelimit-remaining-*: provider bucket size
         self.decreases = 0
+        # unknown limit: a 429 makes the rate a guess (decrease x what was sent); off, an
+        # unknown limit waits for headers and leaves 429s to the pause and concurrency AIMD
+        self.guess = True
         self._slope = 0.0  # regrowth, units/s per second
         self._decreased_at = -math.inf
         self._grown_at = 0.0
@@ -289,6 +292,8 @@ class RateLimit:
             return False
         now = asyncio.get_running_loop().time()
         if not self.known:
+            if not self.guess:
+                return False
             sent = self._recent_rate(now)
             if sent <= 0:
                 return False
