@@ -154,3 +154,26 @@ def test_a_hintless_429_pauses_every_send():
     later = [t for t in starts if t > t429 + 0.005]
     assert later and min(later) >= t429 + 1.0 - 1e-3  # every agent sat out the 1 s pause
     assert sum(isinstance(e, BatchStarted) for e in events) == 13
+
+
+def test_a_refused_key_stops_a_streamed_run_with_what_was_written(tmp_path):
+    class AuthError(Exception):
+        status_code = 401
+
+    calls: list[int] = []
+
+    async def fn(batch: pl.DataFrame) -> list[str]:
+        calls.append(batch.height)
+        if len(calls) > 3:  # the key is revoked during the run
+            msg = "Incorrect API key provided"
+            raise AuthError(msg)
+        return batch["text"].to_list()
+
+    df = pl.DataFrame({"text": [f"row {i}" for i in range(200)]})
+    out = tmp_path / "o.parquet"
+    with pytest.raises(dfbatch.RunStoppedError, match="API key was refused") as info:
+        df.lazy().batch.process(fn, out=out, chunk_rows=40, items_per_batch=4, agents=1,
+                                max_concurrent_batches=1, encoding=_count, **FAST)
+    summary = info.value.partial
+    assert isinstance(summary, pl.DataFrame) and summary["rows_ok"][0] == 12
+    assert len(calls) <= 4 + 2  # stopped at once, not after every row
