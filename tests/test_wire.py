@@ -177,3 +177,25 @@ def test_a_refused_key_stops_a_streamed_run_with_what_was_written(tmp_path):
     summary = info.value.partial
     assert isinstance(summary, pl.DataFrame) and summary["rows_ok"][0] == 12
     assert len(calls) <= 4 + 2  # stopped at once, not after every row
+
+
+def test_the_timeout_of_a_per_request_fn_counts_from_its_last_request_sent():
+    from dfbatch.limits import per_request, request
+
+    sent: list[float] = []
+
+    @per_request
+    async def fn(batch: pl.DataFrame) -> list[str]:
+        async def one(text: str) -> str:
+            async with request(tokens=1):
+                sent.append(asyncio.get_running_loop().time())
+                await asyncio.sleep(0.01)
+            return text
+
+        return list(await asyncio.gather(*(one(t) for t in batch["text"])))
+
+    # 8 requests at 240/min (4/s, a 1 s burst of 4): the call lasts ~1 s, the timeout 0.5 s
+    out = dfbatch.process(FRAME.head(8), fn, encoding=_count, items_per_batch=8, agents=1,
+                          rpm=240, timeout=0.5, max_attempts=1, **FAST)
+    assert out["error"].null_count() == 8
+    assert max(sent) - min(sent) > 0.5  # the requests waited for the rate longer than that

@@ -301,11 +301,32 @@ class FnCaller:
     async def _call(self, batch: Batch, df: pl.DataFrame) -> tuple[Any, _usage.Usage]:
         used, token = _usage.begin()
         try:
-            with bind_run_limits(self.binding[0], breaker=self.binding[1]):
-                value = await self._call_bound(batch, df)
+            if self.per_request and self.is_async and self.cfg.timeout is not None \
+                    and sys.version_info >= (3, 11):
+                value = await self._call_paced(df, self.cfg.timeout)
+            else:
+                with bind_run_limits(self.binding[0], breaker=self.binding[1]):
+                    value = await self._call_bound(batch, df)
         finally:
             _usage.end(token)
         return value, used
+
+    async def _call_paced(self, df: pl.DataFrame, timeout: float) -> Any:
+        """An fn that charges per request: the timeout counts from its last request sent, not
+        from the call's start (its requests may wait for the run's limits meanwhile)."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout) as deadline:
+
+            def sent() -> None:
+                when = deadline.when()
+                if when is not None and loop.time() + timeout > when:
+                    deadline.reschedule(loop.time() + timeout)
+
+            with bind_run_limits(self.binding[0], breaker=self.binding[1], sent=sent):
+                value = await self.fn(df)
+            if inspect.isawaitable(value):
+                value = await value
+            return value
 
     async def _call_bound(self, batch: Batch, df: pl.DataFrame) -> Any:
         if self.is_async:

@@ -36,6 +36,7 @@ class Binding:
     limits: Limit
     breaker: Breaker | None = None
     count: Callable[[list[str]], Any] | None = None
+    sent: Callable[[], None] | None = None
 
 
 _bound: ContextVar[Binding | None] = ContextVar("dfbatch_limits", default=None)
@@ -47,11 +48,13 @@ def bind_run_limits(
     *,
     breaker: Breaker | None = None,
     count: Callable[[list[str]], Any] | None = None,
+    sent: Callable[[], None] | None = None,
 ) -> Iterator[Binding]:
     """Make ``limits`` (acquired and released once per request) and ``breaker`` the ones that
     ``request()`` charges, in this context (the run wraps each fn call in it; a sync fn's
-    thread gets it through ``contextvars.copy_context``)."""
-    binding = Binding(limits, breaker, count)
+    thread gets it through ``contextvars.copy_context``). ``sent`` is called as each request
+    goes out (the run's call timeout counts from then)."""
+    binding = Binding(limits, breaker, count, sent)
     token = _bound.set(binding)
     try:
         yield binding
@@ -128,6 +131,8 @@ async def request(tokens: int = 0) -> AsyncIterator[Request]:
         binding.limits.release(cost, None)
         raise
     req.charged = True
+    if binding.sent is not None:
+        binding.sent()
     try:
         yield req
     except Exception as exc:
