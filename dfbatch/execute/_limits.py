@@ -177,6 +177,7 @@ class RateLimit:
         # unknown limit: a 429 makes the rate a guess (decrease x what was sent); off, an
         # unknown limit waits for headers and leaves 429s to the pause and concurrency AIMD
         self.guess = True
+        self._admitted: deque[tuple[float, float]] = deque()  # (time, units) answered
         self._slope = 0.0  # regrowth, units/s per second
         self._decreased_at = -math.inf
         self._grown_at = 0.0
@@ -294,11 +295,12 @@ class RateLimit:
         if not self.known:
             if not self.guess:
                 return False
-            sent = self._recent_rate(now)
-            if sent <= 0:
+            admitted = self._admitted_rate(now)
+            if admitted <= 0:
                 return False
-            self.rate = sent
-            self._slope = sent / self.regrow_s
+            # what the provider let through while it refused the rest: at most its limit
+            self.rate = admitted / self.decrease
+            self._slope = admitted / self.regrow_s
         self.rate = max(self._floor(), self.rate * self.decrease)
         self.capacity = self._small_bucket()
         self._refill(now)
@@ -313,6 +315,16 @@ class RateLimit:
 
     def _floor(self) -> float:
         return (self.per_minute / 60.0 / 20.0) if self.per_minute else 1e-3
+
+    def _admitted_rate(self, now: float, window: float = 10.0) -> float:
+        """Units per second of calls answered (not refused) over the last ``window`` seconds;
+        0 while the first charge is under a second old."""
+        while self._admitted and self._admitted[0][0] < now - window:
+            self._admitted.popleft()
+        if not self._charges or now - self._charges[0][0] < 1.0 or not self._admitted:
+            return 0.0
+        span = min(window, now - self._charges[0][0])
+        return sum(u for _, u in self._admitted) / span
 
     def _recent_rate(self, now: float, window: float = 10.0) -> float:
         """Units per second sent over the last ``window`` seconds (at least one second; 0
@@ -340,6 +352,10 @@ class RateLimit:
             self.on_rate_limited(outcome.hints)
         elif outcome.ok:
             self._regrow()
+            if not self.known:  # (what a guess of the rate would start from)
+                now = asyncio.get_running_loop().time()
+                self._admitted.append((now, outcome.actual_tokens if self.tokens and
+                                       outcome.actual_tokens is not None else self._units(cost)))
         if outcome.hints is not None:
             self.observe(outcome.hints, cost)
 

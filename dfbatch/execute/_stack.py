@@ -110,10 +110,7 @@ class RunLimits:
         if local:
             rpm = RateLimit(cfg.rpm or None, burst=burst)
             tpm = RateLimit(cfg.tpm or None, tokens=True, burst=burst)
-            # an unknown limit waits for headers to state it; 429s meanwhile are left to the
-            # pause and the concurrency AIMD (a guessed rate measured no better: pool_bench)
-            rpm.guess = tpm.guess = False
-            pause, breaker, warm = PauseGate(), Breaker(), WarmUp(n_agents)
+            pause, breaker, warm = PauseGate(), Breaker(), WarmUp(2 * n_agents)
         if adaptive is not None:
             adaptive.rate_known = bool(cfg.rpm or cfg.tpm)
         calls: list[Limit] = [global_slots, *([adaptive] if adaptive is not None else [])]
