@@ -323,7 +323,7 @@ class RateLimit:
             self._admitted.popleft()
         if not self._charges or now - self._charges[0][0] < 1.0 or not self._admitted:
             return 0.0
-        span = min(window, now - self._charges[0][0])
+        span = max(1.0, now - self._admitted[0][0])
         return sum(u for _, u in self._admitted) / span
 
     def _recent_rate(self, now: float, window: float = 10.0) -> float:
@@ -354,8 +354,7 @@ class RateLimit:
             self._regrow()
             if not self.known:  # (what a guess of the rate would start from)
                 now = asyncio.get_running_loop().time()
-                self._admitted.append((now, outcome.actual_tokens if self.tokens and
-                                       outcome.actual_tokens is not None else self._units(cost)))
+                self._admitted.append((now, self._units(cost)))
         if outcome.hints is not None:
             self.observe(outcome.hints, cost)
 

@@ -48,10 +48,16 @@ from dfbatch.execute._sizing import BatchSizer
 
 class WarmUp:
     """At most ``capacity`` sends in flight until the first one is answered, then no limit:
-    a run whose every call fails (a bad key) stops after a handful of calls, not N."""
+    a run whose every call fails (a bad key) stops after a handful of calls, not N.
 
-    def __init__(self, capacity: int) -> None:
+    ``slow``: (limits unknown) after the first answer, one more send in flight per answer
+    (doubling per round trip, a TCP slow start; halved by a rate-limit 429) until
+    ``maximum``, so an unknown per-second limit is not flooded while its rate is learned.
+    """
+
+    def __init__(self, capacity: int, *, slow: bool = False, maximum: float = 0.0) -> None:
         self.slots: CapacityLimit | None = CapacityLimit(max(1, capacity))
+        self.slow, self.maximum = slow, maximum
 
     async def acquire(self, cost: Cost) -> None:
         slots = self.slots
@@ -65,7 +71,13 @@ class WarmUp:
         if slots is None:
             return
         slots.release(_ONE)
-        if outcome is not None and outcome.ok:
+        if outcome is None:
+            return
+        if self.slow and outcome.rate_limited:
+            slots.set_capacity(max(1.0, slots.capacity // 2))
+        elif outcome.ok and self.slow and slots.capacity + 1 < self.maximum:
+            slots.set_capacity(slots.capacity + 1)
+        elif outcome.ok:
             self.slots = None  # the service answers: no more warm-up
             slots.set_capacity(math.inf)
 
@@ -110,7 +122,9 @@ class RunLimits:
         if local:
             rpm = RateLimit(cfg.rpm or None, burst=burst)
             tpm = RateLimit(cfg.tpm or None, tokens=True, burst=burst)
-            pause, breaker, warm = PauseGate(), Breaker(), WarmUp(2 * n_agents)
+            told = bool(cfg.rpm or cfg.tpm)
+            warm = WarmUp(2 * n_agents, slow=not told, maximum=cfg.in_flight_cap)
+            pause, breaker = PauseGate(), Breaker()
         if adaptive is not None:
             adaptive.rate_known = bool(cfg.rpm or cfg.tpm)
         calls: list[Limit] = [global_slots, *([adaptive] if adaptive is not None else [])]
