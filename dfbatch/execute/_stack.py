@@ -27,6 +27,7 @@ Examples
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -47,21 +48,27 @@ from dfbatch.execute._sizing import BatchSizer
 
 
 class WarmUp:
-    """At most ``capacity`` sends in flight until the first one is answered, then no limit:
-    a run whose every call fails (a bad key) stops after a handful of calls, not N.
+    """At most ``capacity`` sends in flight until the first one is answered (or for
+    ``open_after_s``: an error like a refused key comes back far sooner than an answer), then
+    no limit: a run whose every call fails (a bad key) stops after a handful of calls, not N.
 
     ``slow``: (limits unknown) after the first answer, one more send in flight per answer
     (doubling per round trip, a TCP slow start; halved by a rate-limit 429) until
     ``maximum``, so an unknown per-second limit is not flooded while its rate is learned.
     """
 
-    def __init__(self, capacity: int, *, slow: bool = False, maximum: float = 0.0) -> None:
+    def __init__(self, capacity: int, *, slow: bool = False, maximum: float = 0.0,
+                 open_after_s: float | None = None) -> None:
         self.slots: CapacityLimit | None = CapacityLimit(max(1, capacity))
-        self.slow, self.maximum = slow, maximum
+        self.slow, self.maximum, self.open_after_s = slow, maximum, open_after_s
+        self._timer: asyncio.TimerHandle | None = None
 
     async def acquire(self, cost: Cost) -> None:
         slots = self.slots
         if slots is not None:
+            if self.open_after_s is not None and self._timer is None:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self.open_after_s, self._open)
             await slots.acquire(_ONE)
             if self.slots is not slots:  # warmed up while this send waited
                 slots.release(_ONE)
@@ -78,7 +85,11 @@ class WarmUp:
         elif outcome.ok and self.slow and slots.capacity + 1 < self.maximum:
             slots.set_capacity(slots.capacity + 1)
         elif outcome.ok:
-            self.slots = None  # the service answers: no more warm-up
+            self._open()  # the service answers: no more warm-up
+
+    def _open(self) -> None:
+        slots, self.slots = self.slots, None
+        if slots is not None:
             slots.set_capacity(math.inf)
 
     @property
@@ -117,30 +128,37 @@ class RunLimits:
         adaptive = AdaptiveLimit(cfg.in_flight_cap) if cfg.adaptive else None
         burst = cfg.rate_burst
         local = not rates_elsewhere
+        told = bool(cfg.rpm or cfg.tpm)
+        per_call: list[Limit] = [global_slots, *([adaptive] if adaptive is not None else [])]
+        per_request: list[Limit] = []
         rpm = tpm = pause = breaker = None
-        warm: WarmUp | None = None
         if local:
             rpm = RateLimit(cfg.rpm or None, burst=burst)
             tpm = RateLimit(cfg.tpm or None, tokens=True, burst=burst)
-            told = bool(cfg.rpm or cfg.tpm)
-            warm = WarmUp(2 * n_agents, slow=not told, maximum=cfg.in_flight_cap)
             pause, breaker = PauseGate(), Breaker()
+            # a plain fn sends one request per call (its 429s meet the adaptive concurrency);
+            # an fn charging per request gets, while the limits are unknown, a slow start of
+            # its requests (its calls' concurrency says little about its requests')
+            rates: list[Limit] = [rpm, tpm, pause]
+            per_call = [*per_call, WarmUp(2 * n_agents, open_after_s=1.0), *rates]
+            slow = WarmUp(2 * n_agents, slow=not told, maximum=cfg.in_flight_cap,
+                          open_after_s=1.0 if told else None)
+            per_request = [slow, *rates]
         if adaptive is not None:
-            adaptive.rate_known = bool(cfg.rpm or cfg.tpm)
-        calls: list[Limit] = [global_slots, *([adaptive] if adaptive is not None else [])]
-        rates: list[Limit] = [x for x in (warm, rpm, tpm, pause) if x is not None]
+            adaptive.rate_known = told
         sizer = (
             BatchSizer(cfg.items_per_batch, max_items=max(6, cfg.items_per_batch),
                        target_latency_s=cfg.target_latency_s)
             if cfg.dynamic_batching else None
         )
+        calls = per_call[:2] if adaptive is not None else per_call[:1]
         return cls(
-            shared=Limits([*calls, *rates]),
+            shared=Limits(per_call),
             agent_slots=[CapacityLimit(cfg.max_concurrent_batches) for _ in range(n_agents)],
             agent_bytes=[CapacityLimit(cfg.max_bytes_per_agent, _nbytes)
                          for _ in range(n_agents)],
             adaptive=adaptive, rpm=rpm, tpm=tpm, sizer=sizer, burst=burst,
-            learns=local, calls=Limits(calls), per_request=Limits(rates), pause=pause,
+            learns=local, calls=Limits(calls), per_request=Limits(per_request), pause=pause,
             breaker=breaker,
         )
 
