@@ -164,8 +164,12 @@ def per_row_fn(api: SimAPI, wl: Workload, k: Knobs) -> Callable[[pl.DataFrame], 
             return kept.pop(i)
         if charge is None:
             return await api.call([i])
-        async with charge(tokens=k.request_tokens(wl, [i])):
-            return await api.call([i])
+        async with charge(tokens=k.request_tokens(wl, [i])) as req:
+            answer = await api.call([i])
+            if hasattr(req, "report"):  # the answer's rate-limit headers and real tokens
+                req.report(headers=answer.headers,
+                           tokens=answer.input_tokens + answer.output_tokens)
+            return answer
 
     async def fn(batch: pl.DataFrame) -> list[Any]:
         ids = batch["id"].to_list()
@@ -187,7 +191,8 @@ def per_row_fn(api: SimAPI, wl: Workload, k: Knobs) -> Callable[[pl.DataFrame], 
                 if limited else failures[0]
         return [o if isinstance(o, dfbatch.RowError) else o.outputs[0] for o in out]
 
-    return fn
+    mark = getattr(getattr(dfbatch, "limits", None), "per_request", None)
+    return mark(fn) if charge is not None and mark is not None else fn  # charges per request
 
 
 async def run_dfbatch(api: SimAPI, wl: Workload, k: Knobs, seed: int,
@@ -197,8 +202,12 @@ async def run_dfbatch(api: SimAPI, wl: Workload, k: Knobs, seed: int,
     known = {f.name for f in dataclasses.fields(dfbatch.BatchConfig)}
     settings = {**dfbatch_settings(k, seed), **{n: v for n, v in extra.items() if n in known}}
     fn = per_row_fn(api, wl, k) if per_row else api_fn(api)
-    out = await dfbatch.aprocess(df, fn, text="text", encoding=encoding,
-                                 on_event=on_event, **settings)
+    stopped = getattr(dfbatch, "RunStoppedError", ())  # (this dfbatch may not stop runs)
+    try:
+        out = await dfbatch.aprocess(df, fn, text="text", encoding=encoding,
+                                     on_event=on_event, **settings)
+    except stopped as exc:  # a fatal error stopped the run: its partial result counts
+        out = exc.partial
     sink = Sink()
     for i, value, err in out.select("id", "output", "error").iter_rows():
         if err is None:

@@ -27,6 +27,7 @@ from dfbatch.errors import (
     PartialResultWarning,
     RetryableError,
     RowError,
+    RunStoppedError,
     StillRunningWarning,
     TokenizerError,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "RetryableError",
     "RowError",
     "RunStats",
+    "RunStoppedError",
     "StillRunningWarning",
     "TokenizerError",
     "__version__",

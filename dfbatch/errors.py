@@ -13,7 +13,9 @@ gets ``error`` text and the run goes on. The tree::
     │   │   └── StragglerTimeoutError  a call ran far past its size's latency (adaptive timeout)
     │   └── FatalError              do not retry; bisect a multi-row batch to isolate the cause
     │       └── OutputError         fn's return value does not fit its batch (recorded, not raised)
-    └── FrameError (RuntimeError)   the dashboard's frame process failed (the run goes on)
+    ├── FrameError (RuntimeError)   the dashboard's frame process failed (the run goes on)
+    └── RunStoppedError             an error no retry can fix (bad key, no permission, unknown
+                                    model, no quota) stopped the run; ``.partial`` holds the rows
 
     PartialResultWarning            the run stopped before every row finished
     CheckpointWarning               a damaged checkpoint part was set aside; its rows run again
@@ -78,6 +80,21 @@ class OutputError(FatalError):
 
 class FrameError(DfbatchError, RuntimeError):
     """The dashboard's frame process could not be started or stopped answering."""
+
+
+class RunStoppedError(DfbatchError):
+    """The run stopped at once: a call failed with an error that no retry can fix (the API key
+    refused, no permission, an unknown model, no quota).
+
+    The message says the cause, the fix and the server's words. ``partial`` is the result so
+    far (a DataFrame like the one the run returns; unfinished rows have ``error="cancelled"``),
+    ``None`` when nothing could be assembled. A checkpointed run resumes where it stopped once
+    the cause is fixed.
+    """
+
+    def __init__(self, message: str, *, partial: object = None) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 class PartialResultWarning(UserWarning):

@@ -108,7 +108,9 @@ def test_concurrency_drops_after_429s_then_grows_back() -> None:
     assert _peak(s, 0.0, 1.0) == 32  # before: the cap
     assert _peak(s, 1.6, 1.9) <= 8  # right after the 429 phase: far fewer calls in flight
     end = max(c["end"] for c in api.calls)
-    assert _peak(s, 2.5, end - 0.2) >= 24  # and back up with the successes (additive increase)
+    # and back up with the successes (additive increase); with no limit told, the rate the
+    # server answered during the 429s also paces the sends for a while (regrowing slowly)
+    assert _peak(s, 2.5, end - 0.2) >= 2 * _peak(s, 1.6, 1.9)
 
 
 def _starts_during(calls: list[dict[str, Any]], pauses: list[tuple[float, float]]) -> list[float]:

@@ -291,10 +291,11 @@ def test_api_key_never_appears_in_errors_or_reprs(make_sim, mode):
     assert "[redacted]" in text and "Incorrect API key provided" in text
     assert SECRET not in text
     assert SECRET not in repr(fn) and SECRET not in str(fn.dfbatch_fingerprint)
-    out = dfbatch.process(FRAME.head(2), fn, progress=False, max_attempts=1)
-    assert out["error"].null_count() == 0
-    assert not any(SECRET in e for e in out["error"].to_list())
-    assert "AuthenticationError" in out["error"][0]
+    with pytest.raises(dfbatch.RunStoppedError) as stopped:  # a refused key stops the run
+        dfbatch.process(FRAME.head(2), fn, progress=False, max_attempts=1)
+    assert "[redacted]" in str(stopped.value) and SECRET not in str(stopped.value)
+    partial = stopped.value.partial
+    assert partial is not None and not any(SECRET in e for e in partial["error"].to_list())
 
 
 def test_api_key_from_the_environment_never_leaks(make_sim, monkeypatch):

@@ -15,6 +15,8 @@ from benchmarks.simapi import run
 from dfbatch.config import BatchConfig
 from dfbatch.errors import RetryableError
 from dfbatch.events import fold
+from dfbatch.execute._headers import parse_headers
+from dfbatch.execute._limits import Cost, Outcome
 from dfbatch.execute._stack import RunLimits
 from tests.fakes import texts
 
@@ -111,12 +113,17 @@ def test_hedging_keeps_one_answer_per_row() -> None:
 
 
 def test_limits_learned_from_headers() -> None:
+    async def learn(limits: RunLimits, headers: dict[str, str]) -> None:
+        await limits.shared.acquire(Cost(tokens=10))
+        limits.shared.release(Cost(tokens=10), Outcome(hints=parse_headers(headers)))
+
     limits = RunLimits.from_config(BatchConfig(), n_agents=2)
-    assert limits.rpm is None and limits.tpm is None
-    limits.learn({"X-RateLimit-Limit-Requests": "600", "x-ratelimit-limit-tokens": "90000"})
-    assert limits.rpm is not None and limits.rpm.per_minute == 600
+    assert limits.rpm is not None and not limits.rpm.known  # unknown until headers say
+    asyncio.run(learn(limits, {"X-RateLimit-Limit-Requests": "600",
+                               "x-ratelimit-limit-tokens": "90000"}))
+    assert limits.rpm.per_minute == 600
     assert limits.tpm is not None and limits.tpm.per_minute == 90000
     assert limits.rpm in limits.shared.limits and limits.tpm in limits.shared.limits
     configured = RunLimits.from_config(BatchConfig(rpm=100), n_agents=2)
-    configured.learn({"x-ratelimit-limit-requests": "600"})
+    asyncio.run(learn(configured, {"x-ratelimit-limit-requests": "600"}))
     assert configured.rpm is not None and configured.rpm.per_minute == 100  # user wins

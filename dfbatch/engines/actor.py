@@ -138,8 +138,9 @@ class AgentActor:
             rates = LeasedRates(limiter.lease.remote, client, requests=bool(cfg.rpm),
                                 tokens=bool(cfg.tpm), extra=extra, ttl=ttl)
         local = cfg.replace(rpm=None, tpm=None, adaptive=False, dynamic_batching=False)
-        limits = RunLimits.from_config(local, 1)
-        limits.shared, limits.learns = Limits([rates, _OutcomeTap()]), False
+        limits = RunLimits.from_config(local, 1, rates_elsewhere=True)
+        limits.shared = Limits([rates, _OutcomeTap()])
+        limits.calls, limits.per_request = Limits([_OutcomeTap()]), Limits([rates])
         if cfg.dynamic_batching:  # the driver sizes batches: it gets what the caller observes
             limits.sizer = _SizerTap()  # type: ignore[assignment]
         self.slots = limits.agent_slots[0]

@@ -85,6 +85,7 @@ class Breaker:
         self._in_a_row = 0
         self._recent: deque[tuple[float, bool]] = deque()  # (time, outage?) of recent calls
         self._changed: asyncio.Event | None = None
+        self.stopped: BaseException | None = None  # see ``stop``
 
     def _now(self) -> float:
         return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
@@ -99,8 +100,17 @@ class Breaker:
             self._changed = asyncio.Event()
         await self._changed.wait()
 
+    def stop(self, exc: BaseException) -> None:
+        """No call can succeed (a refused key …): every later ``wait`` raises ``exc``."""
+        if self.stopped is None:
+            self.stopped = exc
+            self._notify()
+
     async def wait(self) -> Ticket:
-        """Wait until a call may be sent: at once while closed; when open, as the probe."""
+        """Wait until a call may be sent: at once while closed; when open, as the probe.
+        Raises the run-stopping error after ``stop``."""
+        if self.stopped is not None:
+            raise self.stopped
         while not self.closed:
             now = self._now()
             if not self._probing and now >= self.next_probe:
@@ -109,6 +119,8 @@ class Breaker:
                 return Ticket(True, self.epoch)
             if self._probing or self._timer:
                 await self._changes()
+                if self.stopped is not None:
+                    raise self.stopped
                 continue
             self._timer = True
             try:

@@ -12,26 +12,38 @@ returns ``Answered`` or ``GaveUp``; the pool records it. Anything that calls bat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import polars as pl
 
 from dfbatch.config import BatchConfig
-from dfbatch.errors import OutputError, RetryableError
+from dfbatch.errors import RetryableError
 from dfbatch.events import BatchHedged, BatchRetried, Event
 from dfbatch.execute import _usage
+from dfbatch.execute._breaker import Breaker, Health, Ticket
+from dfbatch.execute._charge import bind_run_limits, charges_per_request
+from dfbatch.execute._headers import parse_headers
 from dfbatch.execute._hedge import race
-from dfbatch.execute._limits import Cost, Hold, Outcome
+from dfbatch.execute._limits import Cost, Hold, Limits, Outcome
 from dfbatch.execute._outputs import normalize
 from dfbatch.execute._recorder import Answered, GaveUp, Verdict
-from dfbatch.execute._retry import backoff, classify, describe
+from dfbatch.execute._retry import (
+    AttemptBudget,
+    Decision,
+    backoff,
+    classify,
+    describe,
+    fatal_message,
+)
 from dfbatch.execute._scheduler import Batch
 from dfbatch.execute._stack import RunLimits
 from dfbatch.execute._threads import DaemonThreads
@@ -83,6 +95,26 @@ class FnCancelledError(RetryableError):
     """fn raised ``asyncio.CancelledError`` though nobody cancelled the run: a transient error."""
 
 
+_NOTHING = Limits([])
+# an attempt: (error, its decision) or (None, None, outputs, row errors, usage)
+_Tried = tuple[Exception | None, Decision | None, pl.DataFrame | None,
+               list[str | None] | None, _usage.Usage | None]
+
+
+@dataclass(slots=True)
+class _Pass:
+    """One call's pass through the breaker (``ticket`` None: no breaker for this call)."""
+
+    breaker: Breaker | None
+    ticket: Ticket | None
+    done: bool = False
+
+    def record(self, health: Health) -> None:
+        if self.breaker is not None and self.ticket is not None and not self.done:
+            self.breaker.record(self.ticket, health)
+            self.done = True
+
+
 class FnCaller:
     """Calls ``fn`` in this process; see the module docstring."""
 
@@ -94,6 +126,14 @@ class FnCaller:
         self.workers = workers or cfg.sync_workers or min(64, cfg.in_flight_cap)
         self.rng = random.Random(cfg.seed)
         self.is_async = _is_async(fn)
+        # an fn that charges each HTTP request itself (dfbatch.limits.request) is charged the
+        # in-flight and adaptive limits per call, and the rates, pause and breaker per request
+        self.per_request = charges_per_request(fn)
+        self.stack = limits.calls if self.per_request else limits.shared
+        # what dfbatch.limits.request charges inside fn: nothing more for a plain fn (its
+        # call was charged), every request for one that charges per request
+        self.binding = ((limits.per_request, limits.breaker) if self.per_request
+                        else (_NOTHING, None))
         self.threads: DaemonThreads | None = None
         self.in_threads: list[tuple[Future[Any], int]] = []  # calls that outlived their await
 
@@ -111,47 +151,43 @@ class FnCaller:
         limits, cfg = self.limits, self.cfg
         cost = Cost(tokens=batch.tokens, nbytes=batch.nbytes)
         wall0, t_first = time.time(), loop.time()
-        for attempt in range(1, cfg.max_attempts + 1):
-            async with limits.for_agent(a).hold(cost) as held:  # bytes, then the shared stack
-                seq = limits.adaptive.next_seq() if limits.adaptive else 0
-                if attempt == 1:
-                    wall0, t_first = time.time(), loop.time()
-                t_call = loop.time()
-                self.report.started(a, batch, attempt, t_call)
-                try:
-                    try:
-                        value, used = await self._call_hedged(a, batch, df, cost)
-                    except asyncio.CancelledError as exc:
-                        task = asyncio.current_task()
-                        if task is None or task.cancelling():
-                            raise  # the run is stopping, or a timeout fired
-                        msg = "fn raised asyncio.CancelledError (nobody cancelled the run)"
-                        raise FnCancelledError(msg) from exc
-                    frame, row_errors = normalize(value, len(batch.rows), cfg.columns.output,
-                                                  reserved=self.reserved)
-                except Exception as exc:
-                    error: Exception | None = exc
-                    decision = classify(exc, cfg.retry_on)
-                    timed_out = isinstance(exc, (TimeoutError, asyncio.TimeoutError))
-                    held.outcome = Outcome(False, decision.rate_limited, timed_out,
-                                           decision.retry_after, None, seq)
-                else:
-                    error = None
-                    actual = used.input_tokens + used.output_tokens if used.input_tokens else None
-                    held.outcome = Outcome(True, actual_tokens=actual, started_seq=seq)
+        budget = AttemptBudget(cfg.max_attempts)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                # the breaker last: a call that waited for a bucket while the service went down
+                # does not go out then
+                async with Hold(limits.agent_bytes[a], cost), self.stack.hold(cost) as held, \
+                        self._admit() as ticket:
+                    if attempt == 1:
+                        wall0, t_first = time.time(), loop.time()
+                    t_call = loop.time()
+                    self.report.started(a, batch, attempt, t_call)
+                    tried = await self._attempt(a, batch, df, cost, held, ticket)
+            except BaseException as exc:
+                if limits.breaker is None or exc is not limits.breaker.stopped:
+                    raise
+                # another call found the run cannot succeed (a refused key): do not send
+                return GaveUp(fatal_message(exc), False, wall0, loop.time() - t_first,
+                              fatal=True)
+            error, decision, frame, row_errors, used = tried
+            limits.learned()
             now = loop.time()
             if error is None:
+                assert frame is not None and used is not None
                 limits.latencies.append(now - t_call)
                 limits.tail.observe(batch.tokens, now - t_call)
                 if limits.sizer is not None:
                     limits.sizer.observe(ok=True, latency_s=now - t_call)
-                if used.headers:
-                    limits.learn(used.headers)
-                    limits.sync(used.headers, cost)
                 return Answered(frame, row_errors, wall0, now - t_first, used)
+            assert decision is not None
+            if decision.kind == "fatal_run":
+                return GaveUp(fatal_message(error, decision), False, wall0, now - t_first,
+                              fatal=True)
             if limits.sizer is not None and _size_related(error, decision.status):
                 limits.sizer.observe(ok=False, latency_s=now - t_call)
-            if decision.retry and attempt < cfg.max_attempts:
+            if budget.may_retry(decision, now=now):
                 delay = backoff(attempt, base=cfg.backoff_base, cap=cfg.backoff_max,
                                 retry_after=decision.retry_after, rng=self.rng)
                 self.report.event(batch, BatchRetried(now, batch.id, a, batch.tokens, attempt,
@@ -161,10 +197,62 @@ class FnCaller:
                 await asyncio.sleep(delay)
                 await slot.reacquire()
                 continue
-            return GaveUp(describe(error), not isinstance(error, OutputError), wall0,
-                          now - t_first)
-        msg = "max_attempts must be >= 1"  # pragma: no cover - BatchConfig validates it
-        raise AssertionError(msg)
+            bisect = (decision.kind == "row" and decision.bisect) or self._hung(decision)
+            return GaveUp(describe(error), bisect, wall0, now - t_first)
+
+    async def _attempt(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost, held: Hold,
+                       ticket: _Pass) -> _Tried:
+        """Call fn once; tell the limits (``held.outcome``) and the breaker how it ended."""
+        limits, cfg = self.limits, self.cfg
+        seq = limits.adaptive.next_seq() if limits.adaptive else 0
+        try:
+            try:
+                value, used = await self._call_hedged(a, batch, df, cost)
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # the run is stopping, or a timeout fired
+                msg = "fn raised asyncio.CancelledError (nobody cancelled the run)"
+                raise FnCancelledError(msg) from exc
+            frame, row_errors = normalize(value, len(batch.rows), cfg.columns.output,
+                                          reserved=self.reserved)
+        except Exception as exc:
+            decision = classify(exc, cfg.retry_on)
+            held.outcome = Outcome(False, decision.rate_limited, decision.cause == "timeout",
+                                   decision.retry_after, None, seq,
+                                   overloaded=decision.overloaded,
+                                   hints=None if decision.hints.empty else decision.hints)
+            ticket.record("outage" if decision.outage else "other")
+            if decision.kind == "fatal_run" and limits.breaker is not None:
+                limits.breaker.stop(exc)  # no later call of the run goes out
+            return exc, decision, None, None, None
+        actual = used.input_tokens + used.output_tokens if used.input_tokens else None
+        hints = parse_headers(used.headers) if used.headers else None
+        held.outcome = Outcome(True, actual_tokens=actual, started_seq=seq,
+                               hints=None if hints is None or hints.empty else hints)
+        ticket.record("ok")
+        return None, None, frame, row_errors, used
+
+    def _hung(self, decision: Decision) -> bool:
+        """Every try timed out while the service answers others: a row may hang it (or the
+        batch is too big); split it. Not while the breaker says the service is down."""
+        breaker = self.limits.breaker
+        return decision.cause == "timeout" and (breaker is None or breaker.closed)
+
+    @contextlib.asynccontextmanager
+    async def _admit(self) -> AsyncIterator[_Pass]:
+        """The breaker's pass for one plain call (fns that charge per request pass it per
+        request, inside ``dfbatch.limits.request``); a call that ends unrecorded frees it."""
+        breaker = None if self.per_request else self.limits.breaker
+        if breaker is None:
+            yield _Pass(None, None)
+            return
+        ticket = _Pass(breaker, await breaker.wait())
+        try:
+            yield ticket
+        finally:
+            if not ticket.done:
+                breaker.cancel(ticket.ticket)  # type: ignore[arg-type]
 
     async def _call_hedged(self, a: int, batch: Batch, df: pl.DataFrame,
                            cost: Cost) -> tuple[Any, _usage.Usage]:
@@ -188,7 +276,7 @@ class FnCaller:
 
     async def _hedge_call(self, a: int, batch: Batch, df: pl.DataFrame,
                           cost: Cost) -> tuple[Any, _usage.Usage]:
-        async with self.limits.shared.hold(cost) as held:
+        async with self.stack.hold(cost) as held:
             # reported once the duplicate is really sent: a hedge is one more attempt per row
             self.report.event(batch, BatchHedged(asyncio.get_running_loop().time(), batch.id, a))
             result = await self._call(batch, df)
@@ -198,15 +286,41 @@ class FnCaller:
     async def _call(self, batch: Batch, df: pl.DataFrame) -> tuple[Any, _usage.Usage]:
         used, token = _usage.begin()
         try:
-            if self.is_async:
-                value = await _timed(self.fn(df), self.cfg.timeout)
+            if self.per_request and self.is_async and self.cfg.timeout is not None \
+                    and sys.version_info >= (3, 11):
+                value = await self._call_paced(df, self.cfg.timeout)
             else:
-                value = await self._in_thread(batch, df)
-            if inspect.isawaitable(value):  # a plain function that returned a coroutine
-                value = await _timed(value, self.cfg.timeout)
+                with bind_run_limits(self.binding[0], breaker=self.binding[1]):
+                    value = await self._call_bound(batch, df)
         finally:
             _usage.end(token)
         return value, used
+
+    async def _call_paced(self, df: pl.DataFrame, timeout: float) -> Any:
+        """An fn that charges per request: the timeout counts from its last request sent, not
+        from the call's start (its requests may wait for the run's limits meanwhile)."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout) as deadline:
+
+            def sent() -> None:
+                when = deadline.when()
+                if when is not None and loop.time() + timeout > when:
+                    deadline.reschedule(loop.time() + timeout)
+
+            with bind_run_limits(self.binding[0], breaker=self.binding[1], sent=sent):
+                value = await self.fn(df)
+            if inspect.isawaitable(value):
+                value = await value
+            return value
+
+    async def _call_bound(self, batch: Batch, df: pl.DataFrame) -> Any:
+        if self.is_async:
+            value = await _timed(self.fn(df), self.cfg.timeout)
+        else:
+            value = await self._in_thread(batch, df)
+        if inspect.isawaitable(value):  # a plain function that returned a coroutine
+            value = await _timed(value, self.cfg.timeout)
+        return value
 
     async def _in_thread(self, batch: Batch, df: pl.DataFrame) -> Any:
         assert self.threads is not None

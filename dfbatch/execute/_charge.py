@@ -36,6 +36,7 @@ class Binding:
     limits: Limit
     breaker: Breaker | None = None
     count: Callable[[list[str]], Any] | None = None
+    sent: Callable[[], None] | None = None
 
 
 _bound: ContextVar[Binding | None] = ContextVar("dfbatch_limits", default=None)
@@ -47,11 +48,13 @@ def bind_run_limits(
     *,
     breaker: Breaker | None = None,
     count: Callable[[list[str]], Any] | None = None,
+    sent: Callable[[], None] | None = None,
 ) -> Iterator[Binding]:
     """Make ``limits`` (acquired and released once per request) and ``breaker`` the ones that
     ``request()`` charges, in this context (the run wraps each fn call in it; a sync fn's
-    thread gets it through ``contextvars.copy_context``)."""
-    binding = Binding(limits, breaker, count)
+    thread gets it through ``contextvars.copy_context``). ``sent`` is called as each request
+    goes out (the run's call timeout counts from then)."""
+    binding = Binding(limits, breaker, count, sent)
     token = _bound.set(binding)
     try:
         yield binding
@@ -121,14 +124,15 @@ async def request(tokens: int = 0) -> AsyncIterator[Request]:
         return
     cost = Cost(tokens=req.tokens)
     breaker = binding.breaker
-    ticket = await breaker.wait() if breaker is not None else None
-    try:
-        await binding.limits.acquire(cost)
+    await binding.limits.acquire(cost)
+    try:  # the breaker last: a request that waited for a bucket while the service went down
+        ticket = await breaker.wait() if breaker is not None else None  # does not go out then
     except BaseException:
-        if breaker is not None and ticket is not None:
-            breaker.cancel(ticket)
+        binding.limits.release(cost, None)
         raise
     req.charged = True
+    if binding.sent is not None:
+        binding.sent()
     try:
         yield req
     except Exception as exc:
@@ -140,6 +144,8 @@ async def request(tokens: int = 0) -> AsyncIterator[Request]:
         ))
         if breaker is not None and ticket is not None:
             breaker.record(ticket, "outage" if d.outage else "other")
+        if breaker is not None and d.kind == "fatal_run":
+            breaker.stop(exc)  # no later request of the run goes out
         raise
     except BaseException:
         binding.limits.release(cost, None)

@@ -174,6 +174,10 @@ class RateLimit:
         self.recent_wait = 0.0  # moving average of seconds an acquire waited (is it binding?)
         self.server_capacity = 0.0  # learned from x-ratelimit-remaining-*: provider bucket size
         self.decreases = 0
+        # unknown limit: a 429 makes the rate a guess (decrease x what was sent); off, an
+        # unknown limit waits for headers and leaves 429s to the pause and concurrency AIMD
+        self.guess = True
+        self._admitted: deque[tuple[float, float]] = deque()  # (time, units) answered
         self._slope = 0.0  # regrowth, units/s per second
         self._decreased_at = -math.inf
         self._grown_at = 0.0
@@ -239,7 +243,7 @@ class RateLimit:
         i = self._last.get() - self._base
         return self._charges[i] if 0 <= i < len(self._charges) else None
 
-    def sync(self, remaining: float, cost: Cost) -> None:
+    def sync(self, remaining: float, cost: Cost, *, lower_only: bool = False) -> None:
         """The provider said its bucket held ``remaining`` right after admitting this task's call.
 
         Learn the provider's bucket size (at least ``remaining`` + this call) and set our level
@@ -252,17 +256,19 @@ class RateLimit:
         if mine is None or not self.known:
             return
         now = asyncio.get_running_loop().time()
-        self.server_capacity = max(self.server_capacity, remaining + self._units(cost))
-        trusted = now >= self._decreased_at + self.regrow_s
-        bucket = min(self.per_minute or math.inf, self.server_capacity)
-        self.capacity = max(1.0, bucket if trusted else min(bucket, self._small_bucket()))
+        if not lower_only:
+            self.server_capacity = max(self.server_capacity, remaining + self._units(cost))
+            trusted = now >= self._decreased_at + self.regrow_s
+            bucket = min(self.per_minute or math.inf, self.server_capacity)
+            self.capacity = max(1.0, bucket if trusted else min(bucket, self._small_bucket()))
         i = self._last.get() - self._base
         level, t = remaining, mine[0]
         for ts, units in self._charges[i + 1:]:
             level = min(self.capacity, level + (ts - t) * self.rate) - units
             t = ts
         self._refill(now)
-        self.level = min(self.capacity, level + (now - t) * self.rate)
+        level = min(self.capacity, level + (now - t) * self.rate)
+        self.level = min(self.level, level) if lower_only else level
 
     def observe(self, hints: RateHints, cost: Cost) -> None:
         """Learn from one answer's headers: adopt the stated limit, sync to ``remaining``."""
@@ -271,7 +277,10 @@ class RateLimit:
             self.set_ceiling(limit)
         remaining = hints.remaining(self.tokens)
         if remaining is not None:
-            self.sync(remaining, cost)
+            # told a lower limit than the provider's: its bucket says nothing about ours,
+            # except that it may be emptier (shared with other clients)
+            ours = bool(self.per_minute) and limit is not None and limit > self.per_minute
+            self.sync(remaining, cost, lower_only=ours)
 
     def on_rate_limited(self, hints: RateHints | None = None) -> bool:
         """A rate-limit 429 came back for this task's call: lower the effective rate, once per
@@ -284,11 +293,14 @@ class RateLimit:
             return False
         now = asyncio.get_running_loop().time()
         if not self.known:
-            sent = self._recent_rate(now)
-            if sent <= 0:
+            if not self.guess:
                 return False
-            self.rate = sent
-            self._slope = sent / self.regrow_s
+            admitted = self._admitted_rate(now)
+            if admitted <= 0:
+                return False
+            # what the provider let through while it refused the rest: at most its limit
+            self.rate = admitted / self.decrease
+            self._slope = admitted / self.regrow_s
         self.rate = max(self._floor(), self.rate * self.decrease)
         self.capacity = self._small_bucket()
         self._refill(now)
@@ -304,11 +316,22 @@ class RateLimit:
     def _floor(self) -> float:
         return (self.per_minute / 60.0 / 20.0) if self.per_minute else 1e-3
 
-    def _recent_rate(self, now: float, window: float = 10.0) -> float:
-        """Units per second sent over the last ``window`` seconds (at least one second)."""
-        recent = [(t, u) for t, u in self._charges if t >= now - window]
-        if not recent:
+    def _admitted_rate(self, now: float, window: float = 10.0) -> float:
+        """Units per second of calls answered (not refused) over the last ``window`` seconds;
+        0 while the first charge is under a second old."""
+        while self._admitted and self._admitted[0][0] < now - window:
+            self._admitted.popleft()
+        if not self._charges or now - self._charges[0][0] < 1.0 or not self._admitted:
             return 0.0
+        span = max(1.0, now - self._admitted[0][0])
+        return sum(u for _, u in self._admitted) / span
+
+    def _recent_rate(self, now: float, window: float = 10.0) -> float:
+        """Units per second sent over the last ``window`` seconds (at least one second; 0
+        while the first charge is under a second old)."""
+        recent = [(t, u) for t, u in self._charges if t >= now - window]
+        if not recent or now - self._charges[0][0] < 1.0:
+            return 0.0  # less than a second of history says nothing about a rate
         span = max(1.0, now - recent[0][0])
         return sum(u for _, u in recent) / span
 
@@ -329,6 +352,9 @@ class RateLimit:
             self.on_rate_limited(outcome.hints)
         elif outcome.ok:
             self._regrow()
+            if not self.known:  # (what a guess of the rate would start from)
+                now = asyncio.get_running_loop().time()
+                self._admitted.append((now, self._units(cost)))
         if outcome.hints is not None:
             self.observe(outcome.hints, cost)
 

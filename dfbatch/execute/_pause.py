@@ -2,9 +2,11 @@
 
 A 429 with a hint (``retry-after`` in any spelling) pauses every send until the hinted time.
 A 429 with no hint pauses for a growing floor (1 s, 2 s, 4 s … up to a minute): once per
-episode (429s of calls sent before the pause began do not grow it), reset by a success of a
-call sent after the pause. It is a limit like the others (``acquire`` / ``release``); put it
-last in a stack, so a call that waited for a bucket still sits out a pause that began meanwhile.
+episode (429s of calls sent before the pause began do not grow it), and only while no call
+succeeds (a provider that answers some calls counts a rate; the buckets slow down instead of
+the pause growing); reset by a success of a call sent after the pause. It is a limit like the
+others (``acquire`` / ``release``); put it last in a stack, so a call that waited for a bucket
+still sits out a pause that began meanwhile.
 
 Examples
 --------
@@ -39,6 +41,7 @@ class PauseGate:
         self.until = 0.0
         self.floor = 0.0  # the last unhinted pause (0: none since the last success)
         self.pauses = 0
+        self._answered = False  # a call succeeded since the floor last grew
         self._paused_at = -math.inf
         self._sent: contextvars.ContextVar[float] = contextvars.ContextVar("sent", default=-1.0)
 
@@ -54,15 +57,21 @@ class PauseGate:
             return
         if outcome.rate_limited:
             self.on_rate_limited(outcome.retry_after)
-        elif outcome.ok and self._sent.get() >= self._paused_at:
-            self.floor = 0.0
+        elif outcome.ok:
+            self._answered = True
+            if self._sent.get() >= self._paused_at:
+                self.floor = 0.0
 
     def on_rate_limited(self, retry_after: float | None = None) -> float:
         """This task's call got a rate-limit 429: pause every send. Returns the pause's end."""
         if retry_after is not None and retry_after > 0:
             self.pause(retry_after)
         elif self._sent.get() >= self._paused_at:
-            self.floor = min(self.max_s, 2 * self.floor if self.floor else self.first_s)
+            # the provider still answers some calls: a rate it counts (the buckets slow
+            # down), not a closed window; only when nothing got through does the floor grow
+            grow = self.floor and not self._answered
+            self.floor = min(self.max_s, 2 * self.floor) if grow else self.first_s
+            self._answered = False
             self.pause(self.floor)
         return self.until
 

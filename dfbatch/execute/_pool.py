@@ -24,6 +24,7 @@ from dfbatch.config import BatchConfig
 from dfbatch.errors import StillRunningWarning
 from dfbatch.events import Event
 from dfbatch.execute._caller import LOCAL, CallerFactory
+from dfbatch.execute._charge import one_request_per_call
 from dfbatch.execute._limits import Cost, Hold
 from dfbatch.execute._recorder import Answered, Outcomes, Recorder, Verdict
 from dfbatch.execute._scheduler import Batch, Scheduler
@@ -57,8 +58,10 @@ class Pool:
             limits = RunLimits.from_config(cfg, len(batches),
                                            rates_elsewhere=engine.rates_elsewhere)
         self.limits = limits
+        # bigger batches only where they mean fewer requests (not a per-row adapter)
+        sizer = limits.sizer if one_request_per_call(fn) else None
         self.sched = Scheduler(batches, cfg, row_tokens=row_tokens, row_bytes=row_bytes,
-                               sizer=limits.sizer, rate_bound=limits.rate_bound,
+                               sizer=sizer, rate_bound=limits.rate_bound,
                                on_change=self._notify)
         self.recorder = Recorder(frame.height, emit, on_batch_done)
         self.caller = engine.caller(fn, cfg, limits, self.recorder, reserved=reserved,
@@ -66,6 +69,7 @@ class Pool:
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
         self.crash: BaseException | None = None
+        self.fatal: str | None = None  # why the run stopped at once (RunStoppedError's message)
         self._wake: asyncio.Event | None = None
         self._finished: asyncio.Event | None = None
 
@@ -148,6 +152,10 @@ class Pool:
     def _record(self, a: int, batch: Batch, verdict: Verdict) -> None:
         if isinstance(verdict, Answered):
             self.recorder.answered(a, batch, verdict)
+        elif verdict.fatal:  # the rows stay unfinished (resumable); the run stops
+            if self.fatal is None:
+                self.fatal = verdict.error
+            self.stop()
         elif verdict.bisect and len(batch.rows) > 1:
             self.recorder.bisected(a, batch, verdict.error, verdict.elapsed)
             self.sched.requeue(a, self.sched.halves(batch))

@@ -59,12 +59,14 @@ class Answered:
 
 @dataclass(slots=True)
 class GaveUp:
-    """Every attempt failed; ``bisect``: splitting the batch may isolate the bad row."""
+    """Every attempt failed; ``bisect``: splitting the batch may isolate the bad row;
+    ``fatal``: no call of the run can succeed (a refused key …): the run stops with ``error``."""
 
     error: str
     bisect: bool
     wall0: float
     elapsed: float
+    fatal: bool = False
 
 
 Verdict = Answered | GaveUp

@@ -2,34 +2,108 @@
 
 A ``BatchConfig`` is configuration; ``RunLimits.from_config(cfg, n_agents)`` is the per-run state
 (aiometer's ``new_state()``): the global in-flight cap, the adaptive (AIMD) limit, the RPM / TPM
-buckets, the per-agent concurrency slots and bytes in flight, the dynamic batch sizer and recent
-latencies. A streamed run builds it once and passes it to each chunk's pool, so the agents and
-their limits carry over from chunk to chunk.
+buckets, the global pause on 429s (``PauseGate``, last), the circuit breaker, a warm-up cap (a
+handful of sends until the first answer, so a bad key costs few calls), the per-agent
+concurrency slots and bytes in flight, the dynamic batch sizer and recent latencies. A streamed
+run builds it once and passes it to each chunk's pool, so the agents and their limits carry over
+from chunk to chunk.
+
+Two ways to charge a call: a plain ``fn`` acquires ``shared`` (every limit) once per call; an fn
+that charges its own HTTP requests (``dfbatch.limits.request``) acquires ``calls`` (in-flight,
+adaptive) per call and ``per_request`` (warm-up, RPM, TPM, pause) per request.
+
+With no ``rpm`` / ``tpm`` configured the buckets start unknown (``RateLimit(None)``) and adopt
+the limits the provider states in its ``x-ratelimit-limit-*`` headers (``Outcome.hints``).
 
 Examples
 --------
 >>> from dfbatch import BatchConfig
 >>> limits = RunLimits.from_config(BatchConfig(rpm=600), n_agents=2)
->>> len(limits.agent_slots), limits.rpm.per_minute, limits.tpm is None
-(2, 600.0, True)
->>> limits.learn({"x-ratelimit-limit-tokens": "9000"}); limits.tpm.per_minute
-9000.0
+>>> len(limits.agent_slots), limits.rpm.per_minute, limits.tpm.known
+(2, 600.0, False)
+>>> type(limits.shared.limits[-1]).__name__
+'PauseGate'
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
 from dfbatch.config import BatchConfig
+from dfbatch.execute._breaker import Breaker
 from dfbatch.execute._hedge import TailState
-from dfbatch.execute._limits import AdaptiveLimit, CapacityLimit, Cost, Limit, Limits, RateLimit
+from dfbatch.execute._limits import (
+    AdaptiveLimit,
+    CapacityLimit,
+    Cost,
+    Limit,
+    Limits,
+    Outcome,
+    RateLimit,
+)
+from dfbatch.execute._pause import PauseGate
 from dfbatch.execute._sizing import BatchSizer
+
+
+class WarmUp:
+    """At most ``capacity`` sends in flight until the first one is answered (or for
+    ``open_after_s``: an error like a refused key comes back far sooner than an answer), then
+    no limit: a run whose every call fails (a bad key) stops after a handful of calls, not N.
+
+    ``slow``: (limits unknown) after the first answer, one more send in flight per answer
+    (doubling per round trip, a TCP slow start; halved by a rate-limit 429) until
+    ``maximum``, so an unknown per-second limit is not flooded while its rate is learned.
+    """
+
+    def __init__(self, capacity: int, *, slow: bool = False, maximum: float = 0.0,
+                 open_after_s: float | None = None) -> None:
+        self.slots: CapacityLimit | None = CapacityLimit(max(1, capacity))
+        self.slow, self.maximum, self.open_after_s = slow, maximum, open_after_s
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def acquire(self, cost: Cost) -> None:
+        slots = self.slots
+        if slots is not None:
+            if self.open_after_s is not None and self._timer is None:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self.open_after_s, self._open)
+            await slots.acquire(_ONE)
+            if self.slots is not slots:  # warmed up while this send waited
+                slots.release(_ONE)
+
+    def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
+        slots = self.slots  # (None once warm: a send taken before that was released with it)
+        if slots is None:
+            return
+        slots.release(_ONE)
+        if outcome is None:
+            return
+        if self.slow and outcome.rate_limited:
+            slots.set_capacity(max(1.0, slots.capacity // 2))
+        elif outcome.ok and self.slow and slots.capacity + 1 < self.maximum:
+            slots.set_capacity(slots.capacity + 1)
+        elif outcome.ok:
+            self._open()  # the service answers: no more warm-up
+
+    def _open(self) -> None:
+        slots, self.slots = self.slots, None
+        if slots is not None:
+            slots.set_capacity(math.inf)
+
+    @property
+    def warm(self) -> bool:
+        return self.slots is None
+
+
+_ONE = Cost(tokens=0, nbytes=0)
 
 
 @dataclass(eq=False)
 class RunLimits:
-    """Every limit of one run; ``shared`` is the stack each call acquires (global ones)."""
+    """Every limit of one run (see the module docstring)."""
 
     shared: Limits
     agent_slots: list[CapacityLimit]
@@ -42,7 +116,10 @@ class RunLimits:
     learns: bool = True  # adopt x-ratelimit-limit-* headers when no rpm / tpm is configured
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
     tail: TailState = field(default_factory=TailState)  # latency model + hedge budget
-    _per_agent: dict[int, Limits] = field(default_factory=dict)
+    calls: Limits = field(default_factory=lambda: Limits([]))
+    per_request: Limits = field(default_factory=lambda: Limits([]))
+    pause: PauseGate | None = None
+    breaker: Breaker | None = None
 
     @classmethod
     def from_config(cls, cfg: BatchConfig, n_agents: int, *, rates_elsewhere: bool = False
@@ -53,32 +130,39 @@ class RunLimits:
         adaptive = AdaptiveLimit(cfg.in_flight_cap) if cfg.adaptive else None
         burst = cfg.rate_burst
         local = not rates_elsewhere
-        rpm = RateLimit(cfg.rpm, burst=burst) if cfg.rpm and local else None
-        tpm = RateLimit(cfg.tpm, tokens=True, burst=burst) if cfg.tpm and local else None
+        told = bool(cfg.rpm or cfg.tpm)
+        per_call: list[Limit] = [global_slots, *([adaptive] if adaptive is not None else [])]
+        per_request: list[Limit] = []
+        rpm = tpm = pause = breaker = None
+        if local:
+            rpm = RateLimit(cfg.rpm or None, burst=burst)
+            tpm = RateLimit(cfg.tpm or None, tokens=True, burst=burst)
+            pause, breaker = PauseGate(), Breaker()
+            # a plain fn sends one request per call (its 429s meet the adaptive concurrency);
+            # an fn charging per request gets, while the limits are unknown, a slow start of
+            # its requests (its calls' concurrency says little about its requests')
+            rates: list[Limit] = [rpm, tpm, pause]
+            per_call = [*per_call, WarmUp(2 * n_agents, open_after_s=1.0), *rates]
+            slow = WarmUp(2 * n_agents, slow=not told, maximum=cfg.in_flight_cap,
+                          open_after_s=1.0 if told else None)
+            per_request = [slow, *rates]
         if adaptive is not None:
-            adaptive.rate_known = bool(cfg.rpm or cfg.tpm)
-        stack: list[Limit] = [global_slots]
-        stack += [x for x in (adaptive, rpm, tpm) if x is not None]
+            adaptive.rate_known = told
         sizer = (
             BatchSizer(cfg.items_per_batch, max_items=max(6, cfg.items_per_batch),
                        target_latency_s=cfg.target_latency_s)
             if cfg.dynamic_batching else None
         )
+        calls = per_call[:2] if adaptive is not None else per_call[:1]
         return cls(
-            shared=Limits(stack),
+            shared=Limits(per_call),
             agent_slots=[CapacityLimit(cfg.max_concurrent_batches) for _ in range(n_agents)],
             agent_bytes=[CapacityLimit(cfg.max_bytes_per_agent, _nbytes)
                          for _ in range(n_agents)],
             adaptive=adaptive, rpm=rpm, tpm=tpm, sizer=sizer, burst=burst,
-            learns=local,
+            learns=local, calls=Limits(calls), per_request=Limits(per_request), pause=pause,
+            breaker=breaker,
         )
-
-    def for_agent(self, a: int) -> Limits:
-        """What one call of agent ``a`` holds: its bytes in flight, then the shared stack."""
-        stack = self._per_agent.get(a)
-        if stack is None:
-            stack = self._per_agent[a] = Limits([self.agent_bytes[a], self.shared])
-        return stack
 
     def rate_bound(self) -> bool:
         """Is the request rate the binding limit (so fewer, larger requests finish sooner)?"""
@@ -86,41 +170,12 @@ class RunLimits:
             return False
         return self.tpm is None or self.rpm.recent_wait > 2 * self.tpm.recent_wait
 
-    def learn(self, headers: dict[str, str]) -> None:
-        """Adopt the provider's x-ratelimit-limit-* when the user configured no rpm / tpm."""
-        if not self.learns:
-            return
-        lower = {k.lower(): v for k, v in headers.items()}
-        for key, tokens in (("x-ratelimit-limit-requests", False),
-                            ("x-ratelimit-limit-tokens", True)):
-            if (self.tpm if tokens else self.rpm) is not None or key not in lower:
-                continue
-            try:
-                per_minute = float(lower[key])
-            except ValueError:
-                continue
-            if per_minute > 0:
-                limit = RateLimit(per_minute, tokens=tokens, burst=self.burst)
-                if tokens:
-                    self.tpm = limit
-                else:
-                    self.rpm = limit
-                self.shared.add(limit)
-
-    def sync(self, headers: dict[str, str], cost: Cost) -> None:
-        """``x-ratelimit-remaining-*`` says how full the provider's buckets really are."""
-        lower = {k.lower(): v for k, v in headers.items()}
-        for key, limit in (("x-ratelimit-remaining-requests", self.rpm),
-                           ("x-ratelimit-remaining-tokens", self.tpm)):
-            if limit is None or key not in lower:
-                continue
-            try:
-                remaining = float(lower[key])
-            except ValueError:
-                continue
-            limit.sync(remaining, cost)
+    def learned(self) -> None:
+        """After an outcome reached the limits: AIMD on concurrency stays off for rate-limit
+        429s once a stated limit paces (configured, or from ``x-ratelimit-limit-*``)."""
         if self.adaptive is not None and self.learns:
-            self.adaptive.rate_known = self.rpm is not None or self.tpm is not None
+            self.adaptive.rate_known = any(r is not None and r.per_minute > 0
+                                           for r in (self.rpm, self.tpm))
 
 
 def _nbytes(cost: Cost) -> float:

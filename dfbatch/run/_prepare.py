@@ -18,7 +18,7 @@ import polars as pl
 
 from dfbatch.config import BatchConfig, Progress
 from dfbatch.engines import select
-from dfbatch.errors import ConfigError, PartialResultWarning
+from dfbatch.errors import ConfigError, PartialResultWarning, RunStoppedError
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
 from dfbatch.execute._caller import LOCAL, CallerFactory
 from dfbatch.execute._loop import mark_run, unmark_run
@@ -135,6 +135,10 @@ class _Job:
                 safe(display.close, acc.snapshot())
             if self.journal is not None:
                 self.journal.close()
+        if pool.fatal is not None:
+            if self.journal is not None:
+                outcomes = self.journal.merge(outcomes)
+            raise RunStoppedError(pool.fatal, partial=assemble(self.planned, outcomes, c))
         if unfinished:
             msg = (
                 f"run stopped: {unfinished} of {self.planned.height} rows unfinished "

@@ -56,7 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dfbatch.config import BatchConfig, Progress
-from dfbatch.errors import ConfigError, PartialResultWarning
+from dfbatch.errors import ConfigError, PartialResultWarning, RunStoppedError
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
 from dfbatch.execute._pool import Pool
 from dfbatch.execute._recorder import Outcomes
@@ -95,6 +95,7 @@ class _Stream:
     limits: RunLimits | None = None  # built once, shared by every chunk's pool
     batch_offset: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    fatal: str | None = None  # why the run stopped at once (RunStoppedError)
     _stop: asyncio.Event | None = None
 
     @classmethod
@@ -151,12 +152,16 @@ class _Stream:
             emit(RunFinished(loop.time(), cancelled=self.stopping))
             if display is not None:
                 safe(display.close, acc.snapshot())
+        summary = pl.DataFrame({"out": [str(self.out)],
+                                **{k: [v] for k, v in self.counts.items()},
+                                "elapsed_s": [time.monotonic() - t0]})
+        if self.fatal is not None:  # the rows written so far are the partial result
+            raise RunStoppedError(self.fatal, partial=summary)
         if self.stopping:
             msg = (f"run stopped: {self.counts['rows']} of {total} rows written to {self.out}, "
                    f"{self.counts['rows_cancelled']} of them unfinished (error='cancelled')")
             warnings.warn(msg, PartialResultWarning, stacklevel=3)
-        return pl.DataFrame({"out": [str(self.out)], **{k: [v] for k, v in self.counts.items()},
-                             "elapsed_s": [time.monotonic() - t0]})
+        return summary
 
     # -- the chunk pipeline ------------------------------------------------------------------
     async def _run(self, emit: Callable[[Event], None], writer: _Writer) -> None:
@@ -255,6 +260,9 @@ class _Stream:
             if chunk.journal is not None:
                 await asyncio.to_thread(chunk.journal.close)
         self.live.popleft()
+        if chunk.pool.fatal is not None and self.fatal is None:
+            self.fatal = chunk.pool.fatal  # e.g. a refused key: stop every chunk now
+            self.stop()
         if chunk.journal is not None:
             outcomes = chunk.journal.merge(outcomes)
         offset = self.batch_offset
