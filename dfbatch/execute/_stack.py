@@ -75,7 +75,7 @@ class RunLimits:
         """What one call of agent ``a`` holds: its bytes in flight, then the shared stack."""
         stack = self._per_agent.get(a)
         if stack is None:
-            stack = self._per_agent[a] = Limits([self.agent_bytes[a], self.shared])
+            stack = self._per_agent[a] = Limits([self.agent_bytes[a], *self.shared.limits])
         return stack
 
     def rate_bound(self) -> bool:
@@ -104,6 +104,7 @@ class RunLimits:
                 else:
                     self.rpm = limit
                 self.shared.add(limit)
+                self._per_agent.clear()  # the agents' stacks take it from their next call
 
     def sync(self, headers: dict[str, str], cost: Cost) -> None:
         """``x-ratelimit-remaining-*`` says how full the provider's buckets really are."""
