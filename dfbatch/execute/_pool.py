@@ -11,7 +11,6 @@ knows nothing else about Polars.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 import warnings
 from collections.abc import Callable
@@ -54,6 +53,7 @@ class Pool:
         engine: CallerFactory = LOCAL,
     ) -> None:
         self.frame = frame
+        self.token_limit = cfg.token_limit
         if limits is None:
             limits = RunLimits.from_config(cfg, len(batches),
                                            rates_elsewhere=engine.rates_elsewhere)
@@ -66,7 +66,7 @@ class Pool:
         self.recorder = Recorder(frame.height, emit, on_batch_done)
         self.caller = engine.caller(fn, cfg, limits, self.recorder, reserved=reserved,
                                     queued=self.sched.queued)
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: dict[asyncio.Task[None], Hold] = {}  # each batch's task and its slot
         self.stopping = False
         self.crash: BaseException | None = None
         self.fatal: str | None = None  # why the run stopped at once (RunStoppedError's message)
@@ -133,12 +133,13 @@ class Pool:
                 await self._wake.wait()
                 continue
             task = asyncio.create_task(self._run_batch(a, batch, slot))
-            self.tasks.add(task)
-            task.add_done_callback(functools.partial(self._task_done, slot))
+            self.tasks[task] = slot
+            task.add_done_callback(self._task_done)
 
     async def _run_batch(self, a: int, batch: Batch, slot: Hold) -> None:
         try:
-            error = self.sched.oversize(a, batch)
+            over = batch.tokens > self.token_limit and not batch.call_anyway
+            error = self.sched.oversize(a, batch) if over else None
             if error is None:
                 verdict = await self.caller.call(a, batch, self._slice(batch), slot)
                 self._record(a, batch, verdict)
@@ -174,9 +175,8 @@ class Pool:
         if self._wake is not None:
             self._wake.set()
 
-    def _task_done(self, slot: Hold, task: asyncio.Task[None]) -> None:
-        slot.release()  # (a task cancelled before it started never ran its finally)
-        self.tasks.discard(task)
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.pop(task).release()  # (a task cancelled before it started ran no finally)
         if not task.cancelled() and task.exception() is not None and self.crash is None:
             self.crash = task.exception()  # a bug in dfbatch itself: surface it, do not hang
             self.stop()

@@ -40,6 +40,7 @@ class BatchSizer:
     rate_bound: bool = False
     _outcomes: deque[tuple[bool, float]] = field(init=False)
     _since_change: int = 0
+    _failed: int = 0  # failures among _outcomes (kept as it goes: observe runs once per call)
 
     def __post_init__(self) -> None:
         self.target = self.initial
@@ -47,24 +48,28 @@ class BatchSizer:
 
     def observe(self, *, ok: bool, latency_s: float) -> None:
         """Record one finished call and maybe move the target by one step."""
+        if len(self._outcomes) == self.window:
+            self._failed -= not self._outcomes[0][0]
         self._outcomes.append((ok, latency_s))
+        self._failed += not ok
         self._since_change += 1
         if self._since_change < self.window // 2 or len(self._outcomes) < self.window // 2:
             return
-        errors = sum(not o for o, _ in self._outcomes) / len(self._outcomes)
-        mean = sum(t for _, t in self._outcomes) / len(self._outcomes)
+        errors = self._failed / len(self._outcomes)
         if errors > self.high_error_rate:
             self._move(max(min(self.minimum, self.initial), self.target - 1))
-        elif errors <= self.low_error_rate and self._may_grow(mean):
+        elif errors <= self.low_error_rate and self._may_grow():
             step = max(1, self.target // 2) if self.rate_bound else 1  # the rate binds: grow fast
             cap = self.rate_bound_items if self.rate_bound else self.max_items
             self._move(min(cap, self.target + step))
 
-    def _may_grow(self, mean_latency: float) -> bool:
+    def _may_grow(self) -> bool:
         if self.rate_bound:
             return self.target < self.rate_bound_items
-        fast = self.target_latency_s is not None and mean_latency < self.target_latency_s
-        return fast and self.target < self.max_items
+        if self.target_latency_s is None or self.target >= self.max_items:
+            return False
+        mean = sum(t for _, t in self._outcomes) / len(self._outcomes)
+        return mean < self.target_latency_s
 
     def _move(self, target: int) -> None:
         if target != self.target:
