@@ -82,5 +82,5 @@ def test_sync_calls_stuck_in_threads_do_not_keep_the_process(tmp_path: Path) -> 
     # first ^C returned the partial result (a warning names those batches), or the second raised
     if proc.returncode == 0:
         assert "still run in worker threads" in stdout and "rows unfinished" in stdout
-    else:
-        assert "KeyboardInterrupt" in stderr
+    else:  # the second ^C raised (a traceback), or came at exit (killed by SIGINT)
+        assert "KeyboardInterrupt" in stderr or proc.returncode == -signal.SIGINT
