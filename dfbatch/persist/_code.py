@@ -84,15 +84,15 @@ class _Walker:
     # -- callables ----------------------------------------------------------------------------
     def callable(self, fn: Any, where: str, depth: int) -> None:
         if id(fn) in self.seen:  # recursion (a function that calls itself)
-            self.put("seen", _name(fn))
+            self.put("seen", callable_name(fn))
             return
         self.seen.add(id(fn))
         if depth > _MAX_DEPTH:
-            self.put("deep", _name(fn))
+            self.put("deep", callable_name(fn))
             return
         declared = getattr(fn, "dfbatch_fingerprint", None)
         if declared is not None:
-            self.put("declared", _name(fn))  # the declared dict itself is in the fingerprint
+            self.put("declared", callable_name(fn))  # (the declared dict is in the fingerprint)
         elif isinstance(fn, functools.partial):
             self.put("partial")
             self.callable(fn.func, f"{where}.func", depth + 1)
@@ -112,7 +112,7 @@ class _Walker:
             self.compiled(fn, where)
         elif callable(fn):  # a callable object: its class's __call__ and its state
             call = getattr(type(fn), "__call__", None)  # noqa: B004
-            self.put("object", _name(type(fn)))
+            self.put("object", callable_name(type(fn)))
             if isinstance(call, types.FunctionType):
                 self.function(call, f"{where}.__call__", depth + 1)
             else:
@@ -123,7 +123,7 @@ class _Walker:
             raise Unsure(msg)
 
     def function(self, fn: types.FunctionType, where: str, depth: int) -> None:
-        self.put("function", _name(fn))
+        self.put("function", callable_name(fn))
         self.code(fn.__code__, where)
         for i, default in enumerate(fn.__defaults__ or ()):
             self.value(default, f"{where} default {i}", depth + 1, strict=True)
@@ -168,20 +168,20 @@ class _Walker:
         module = getattr(fn, "__module__", None) or getattr(type(fn), "__module__", "")
         top = (module or "").partition(".")[0]
         if top == "builtins" or top in sys.stdlib_module_names:
-            self.put("compiled", _name(fn), sys.version_info[:2])
+            self.put("compiled", callable_name(fn), sys.version_info[:2])
             return
         version = getattr(sys.modules.get(top), "__version__", None)
         if version is None:
-            msg = f"{where} is compiled code ({_name(fn)}) of an unversioned package"
+            msg = f"{where} is compiled code ({callable_name(fn)}) of an unversioned package"
             raise Unsure(msg)
-        self.put("compiled", _name(fn), top, version)
+        self.put("compiled", callable_name(fn), top, version)
 
     # -- values -------------------------------------------------------------------------------
     def state(self, obj: Any, where: str, depth: int) -> None:
         """An object's attributes: plain values by value, anything else by its type."""
         attrs = getattr(obj, "__dict__", None)
         if not isinstance(attrs, dict):
-            self.put("opaque", _name(type(obj)))
+            self.put("opaque", callable_name(type(obj)))
             return
         for k in sorted(attrs):
             self.put(k)
@@ -191,11 +191,11 @@ class _Walker:
         if isinstance(v, _PLAIN):
             self.put(type(v).__name__, v)
         elif isinstance(v, enum.Enum):
-            self.put("enum", _name(type(v)), v.name)
+            self.put("enum", callable_name(type(v)), v.name)
         elif isinstance(v, _REPRS):
-            self.put(_name(type(v)), repr(v))
+            self.put(callable_name(type(v)), repr(v))
         elif dataclasses.is_dataclass(v) and not isinstance(v, type):
-            self.put("dataclass", _name(type(v)))
+            self.put("dataclass", callable_name(type(v)))
             for f in dataclasses.fields(v):
                 self.put(f.name)
                 self.value(getattr(v, f.name), f"{where}.{f.name}", depth + 1, strict=strict)
@@ -209,18 +209,19 @@ class _Walker:
         elif isinstance(v, types.ModuleType):
             self.put("module", v.__name__)
         elif isinstance(v, type):
-            self.put("class", _name(v))
+            self.put("class", callable_name(v))
         elif inspect.isroutine(v) or isinstance(v, functools.partial):
             self.callable(v, where, depth + 1)
         elif _is_data(v):
             self.put("data", _data_digest(v))
         elif getattr(v, "dfbatch_fingerprint", None) is not None:
-            self.put("declared", _name(type(v)), repr(getattr(v, "dfbatch_fingerprint", None)))
+            declared = repr(getattr(v, "dfbatch_fingerprint", None))
+            self.put("declared", callable_name(type(v)), declared)
         elif strict:
-            msg = f"{where} holds a {_name(type(v))}, which has no stable value"
+            msg = f"{where} holds a {callable_name(type(v))}, which has no stable value"
             raise Unsure(msg)
         else:
-            self.put("object", _name(type(v)))
+            self.put("object", callable_name(type(v)))
 
 
 def _names(code: types.CodeType) -> list[str]:
@@ -254,7 +255,8 @@ def _data_digest(v: Any) -> str:
     return h.hexdigest()
 
 
-def _name(obj: Any) -> str:
+def callable_name(obj: Any) -> str:
+    """``module.qualname`` of a function, or of the class of a callable object."""
     qual = getattr(obj, "__qualname__", None)
     if not isinstance(qual, str):
         obj = type(obj)

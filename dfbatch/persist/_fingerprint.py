@@ -44,7 +44,7 @@ import polars as pl
 
 from dfbatch.config import BatchConfig
 from dfbatch.errors import CheckpointError, ConfigError
-from dfbatch.persist._code import Unsure, code_identity
+from dfbatch.persist._code import Unsure, callable_name, code_identity
 
 HASH_COLUMN = "__dfbatch_hash"  # the name of ``row_ids``'s Series when there is no key
 _HASH = HASH_COLUMN
@@ -152,15 +152,6 @@ def fn_identity(fn: Callable[..., Any]) -> dict[str, Any]:
             raise ConfigError(msg)
         out["details"] = _plain(dict(details))
     return out
-
-
-def callable_name(obj: Any) -> str:
-    """``module.qualname`` of a function, or of the class of a callable object."""
-    qual = getattr(obj, "__qualname__", None)
-    if not isinstance(qual, str):
-        obj = type(obj)
-        qual = obj.__qualname__
-    return f"{getattr(obj, '__module__', None) or 'builtins'}.{qual}"
 
 
 def _config_identity(text: str | pl.Expr, cfg: BatchConfig) -> dict[str, Any]:
