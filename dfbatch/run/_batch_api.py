@@ -1,0 +1,220 @@
+"""``process`` with an adapter built with ``api="batch"``: the frame runs as Batch API jobs.
+
+The plan is made as usual (``n_tokens``, ``batch_id``, ``agent_id`` stay in the result); then
+every row still to answer becomes one JSONL line whose ``custom_id`` is ``<row>-<hash of its
+request>``, the lines are cut into files within the provider's limits
+(``dfbatch.llm.batch_api.split_files``), and each file is uploaded and made a job. Every
+step is journaled first (``dfbatch.run._batch_journal``), so a rerun after a crash polls the
+jobs that exist and never uploads or creates them twice. Jobs are polled with a doubling wait;
+when one is over its output and error files are read back: outputs as a synchronous run gives
+them, per-row errors as values, and rows in neither file (expired or cancelled jobs) get an
+error ``batch_<status>: ...``; the next run submits them again. ``retry_errors=True``
+resubmits the rows that ended in error too. Ctrl-C stops waiting (the jobs go on at the
+provider; a rerun collects them) and returns what was collected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sys
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from dfbatch.config import BatchConfig, Progress
+from dfbatch.errors import ConfigError, PartialResultWarning, RowError
+from dfbatch.execute._loop import on_interrupt
+from dfbatch.execute._recorder import Outcomes
+from dfbatch.execute._result import assemble
+from dfbatch.llm import batch_api as api
+from dfbatch.llm.batch_api import Answer, BatchAdapter
+from dfbatch.run._batch_journal import BatchJournal, FileEntry, Stored
+from dfbatch.run._prepare import Fn, _Job
+
+_STILL_RUNNING = "batch job not finished yet: rerun with the same settings to collect it"
+
+
+async def run_batch_api(
+    df: Any, fn: Fn, text: str | pl.Expr, config: BatchConfig | None, settings: dict[str, Any],
+    *, checkpoint: Any = None, resume: str = "auto", retry_errors: bool = False,
+    progress: Progress = "auto", engine: str = "asyncio", out: Any = None,
+) -> pl.DataFrame:
+    """Run ``df`` through the Batch API adapter of ``fn`` (see the module docstring)."""
+    if out is not None or engine != "asyncio":
+        msg = "an adapter with api='batch' runs as provider jobs: drop out= and engine="
+        raise ConfigError(msg)
+    adapter: BatchAdapter = fn.dfbatch_batch_api  # type: ignore[attr-defined]
+    job = _Job.prepare(df, fn, text, config, settings)
+    fingerprint = {"fn": getattr(fn, "dfbatch_fingerprint", None), "api": "batch"}
+    journal = BatchJournal.open(checkpoint, fingerprint, overwrite=resume == "overwrite")
+    run = _BatchRun(adapter, job, journal, retry_errors, progress)
+    on_interrupt(run.stop)
+    await run.go()
+    return run.result()
+
+
+class _BatchRun:
+    def __init__(self, adapter: BatchAdapter, job: _Job, journal: BatchJournal,
+                 retry_errors: bool, progress: Progress) -> None:
+        self.adapter = adapter
+        self.job = job
+        self.journal = journal
+        self.retry_errors = retry_errors
+        self.verbose = progress is not False
+        self.lines = [b""] * job.planned.height
+        self.ids = self._custom_ids()
+        self._stopping = asyncio.Event()
+        self._shown: dict[str, str] = {}
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _custom_ids(self) -> list[str]:
+        bodies = self.adapter.bodies(self.job.send)
+        ids = []
+        for i, body in enumerate(bodies):
+            digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+            cid = f"{i}-{digest}"
+            self.lines[i] = api.request_line(cid, self.adapter.endpoint, body)
+            ids.append(cid)
+        return ids
+
+    # -- which rows still need what ------------------------------------------------------
+    def _answered(self, cid: str) -> bool:
+        got = self.journal.answers.get(cid)
+        if got is None or got.resumable:
+            return False
+        return not (self.retry_errors and got.error is not None and got.file < self._round)
+
+    def _todo(self) -> list[int]:
+        wanted = {cid for cid in self.ids if not self._answered(cid)}
+        for entry in self.journal.live():
+            if wanted.intersection(entry.rows):
+                wanted.difference_update(entry.rows)  # in a job already: poll it, never resend
+        return [i for i, cid in enumerate(self.ids) if cid in wanted]
+
+    async def go(self) -> None:
+        self._round = len(self.journal.files)  # errors from earlier runs are retried once
+        client = await self.adapter.source.get()
+        mine = set(self.ids)
+        live = [e for e in self.journal.live() if mine.intersection(e.rows)]
+        for entry in live:
+            await self._submit(client, entry)
+        for part in self._parts(self._todo()):
+            entry = self.journal.add_file([self.ids[i] for i in part])  # the intent first
+            live.append(entry)
+            await self._submit(client, entry)
+        await self._poll(client, live)
+
+    def _parts(self, rows: list[int]) -> list[list[int]]:
+        if not rows:
+            return []
+        idx = np.asarray(rows, dtype=np.int64)
+        sizes = np.fromiter((len(self.lines[i]) for i in rows), np.int64, len(rows))
+        cfg = self.job.cfg
+        tokens = (self.job.row_tokens[idx] + cfg.request_overhead_tokens
+                  + cfg.output_tokens_per_row)
+        return [idx[p].tolist() for p in api.split_files(sizes, self.adapter.limits, tokens)]
+
+    async def _submit(self, client: Any, entry: FileEntry) -> None:
+        """Upload and create what ``entry`` still lacks; look before doing it twice."""
+        if entry.job_id is not None:
+            return
+        if entry.file_id is None:
+            entry.file_id = await api.find_file(client, entry.name)
+        if entry.file_id is None:
+            where = {cid: i for i, cid in enumerate(self.ids)}
+            data = b"".join(self.lines[where[cid]] for cid in entry.rows if cid in where)
+            entry.file_id = await api.upload(client, data, entry.name)
+        self.journal.save()
+        batch = await api.find_job(client, entry.file_id)
+        if batch is None:
+            batch = await api.create(client, entry.file_id, self.adapter, entry.name)
+        entry.job_id, entry.status = str(batch.id), str(batch.status)
+        entry.created_at = float(batch.created_at)
+        self.journal.save()
+        self._show(entry, batch)
+
+    async def _poll(self, client: Any, live: list[FileEntry]) -> None:
+        wait = self.adapter.limits.poll_s
+        while live and not self._stopping.is_set():
+            for entry in list(live):
+                batch = await client.batches.retrieve(entry.job_id)
+                self._show(entry, batch)
+                if batch.status in api.TERMINAL:
+                    await self._collect(client, entry, batch)
+                    live.remove(entry)
+                    wait = self.adapter.limits.poll_s
+            if live:
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), timeout=wait)
+                except asyncio.TimeoutError:
+                    wait = self.adapter.limits.next_poll(wait)
+
+    async def _collect(self, client: Any, entry: FileEntry, batch: Any) -> None:
+        found: dict[str, Answer] = {}
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            found.update(api.read_results(await api.download(client, file_id), self.adapter))
+        index = self.journal.files.index(entry)
+        why = f"batch_{batch.status}: job {batch.id} gave no answer for this row; rerun to resubmit"
+        if batch.status == "failed" and batch.errors is not None and batch.errors.data:
+            why = f"batch_failed: {batch.errors.data[0].message}; rerun to resubmit"
+        for cid in entry.rows:
+            got = found.get(cid)
+            if got is None:
+                self.journal.answers[cid] = Stored(error=why, resumable=True, file=index)
+            elif isinstance(got.value, RowError):
+                self.journal.answers[cid] = Stored(error=str(got.value), file=index)
+            else:
+                self.journal.answers[cid] = Stored(got.value, None, False, got.input_tokens,
+                                                   got.output_tokens, index)
+        entry.status, entry.collected, entry.finished_at = str(batch.status), True, time.time()
+        self.journal.save()
+
+    def _show(self, entry: FileEntry, batch: Any) -> None:
+        counts = batch.request_counts
+        entry.counts = {"total": counts.total, "completed": counts.completed,
+                        "failed": counts.failed} if counts is not None else {}
+        line = (f"dfbatch: batch job {batch.id} ({entry.name}, {len(entry.rows):,} rows): "
+                f"{batch.status} {entry.counts.get('completed', 0):,} done, "
+                f"{entry.counts.get('failed', 0):,} failed")
+        if self.verbose and self._shown.get(str(batch.id)) != line:
+            print(line, file=sys.stderr)
+        self._shown[str(batch.id)] = line
+
+    # -- the result frame ------------------------------------------------------------------
+    def result(self) -> pl.DataFrame:
+        n = len(self.ids)
+        out = Outcomes(n)
+        values: list[Any] = [None] * n
+        answered: list[int] = []
+        for i, cid in enumerate(self.ids):
+            got = self.journal.answers.get(cid)
+            if got is None:
+                out.errors[i] = _STILL_RUNNING
+                continue
+            entry = self.journal.files[got.file] if 0 <= got.file < len(self.journal.files) \
+                else None
+            out.done[i] = True
+            out.attempts[i] = 1
+            out.errors[i] = got.error
+            out.run_batch[i] = max(got.file, 0)
+            if entry is not None and entry.created_at is not None:
+                out.started[i] = entry.created_at
+                out.elapsed[i] = (entry.finished_at or entry.created_at) - entry.created_at
+            values[i] = got.value
+            answered.append(i)
+        if answered:
+            column = pl.Series(self.job.cfg.columns.output, [values[i] for i in answered],
+                               dtype=self.adapter.dtype, strict=False)
+            out.pieces.append((np.asarray(answered, dtype=np.int64), column.to_frame()))
+        waiting = sum(1 for e in out.errors if e == _STILL_RUNNING)
+        if waiting:
+            msg = f"{waiting} of {n} rows are in batch jobs still running; rerun to collect them"
+            warnings.warn(msg, PartialResultWarning, stacklevel=4)
+        return assemble(self.job.planned, out, self.job.cfg.columns, self.job.cfg.output_dtype)
