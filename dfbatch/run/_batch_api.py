@@ -164,17 +164,18 @@ class _BatchRun:
         why = f"batch_{batch.status}: job {batch.id} gave no answer for this row; rerun to resubmit"
         if batch.status == "failed" and batch.errors is not None and batch.errors.data:
             why = f"batch_failed: {batch.errors.data[0].message}; rerun to resubmit"
+        answers: dict[str, Stored] = {}
         for cid in entry.rows:
             got = found.get(cid)
             if got is None:
-                self.journal.answers[cid] = Stored(error=why, resumable=True, file=index)
+                answers[cid] = Stored(error=why, resumable=True, file=index)
             elif isinstance(got.value, RowError):
-                self.journal.answers[cid] = Stored(error=str(got.value), file=index)
+                answers[cid] = Stored(error=str(got.value), file=index)
             else:
-                self.journal.answers[cid] = Stored(got.value, None, False, got.input_tokens,
-                                                   got.output_tokens, index)
-        entry.status, entry.collected, entry.finished_at = str(batch.status), True, time.time()
-        self.journal.save()
+                answers[cid] = Stored(got.value, None, False, got.input_tokens,
+                                      got.output_tokens, index)
+        entry.status, entry.finished_at = str(batch.status), time.time()
+        self.journal.collected(entry, answers)
 
     def _show(self, entry: FileEntry, batch: Any) -> None:
         counts = batch.request_counts

@@ -1,7 +1,10 @@
 """The journal of a Batch API run: which files and jobs exist, and the answers collected.
 
-One JSON file, rewritten atomically (temporary file + ``os.replace``) at every step that spends
-money or learns an answer, so no crash, Ctrl-C or closed laptop loses a job or pays twice:
+A folder: ``journal.json`` (the files and jobs, small) rewritten atomically (temporary file +
+``os.replace``) at every step that spends money, and one ``answers-<k>.json`` per collected
+job (written atomically before the job is marked collected; a crash in between only makes the
+rerun download that job's files again), so no crash, Ctrl-C or closed laptop loses a job or
+pays twice:
 
 1. *intent*: the file's name and its rows (``custom_id`` s) are written before the upload,
 2. the file id right after the upload (a rerun that finds an intent without it looks the file
@@ -10,8 +13,8 @@ money or learns an answer, so no crash, Ctrl-C or closed laptop loses a job or p
    for a job of that file on the provider before creating one),
 4. the answers of every row when the job is over, and the job marked collected.
 
-It lives in ``checkpoint=`` (``batch_api.json``) or, without one, in
-``.dfbatch/batch_api/<fingerprint>.json`` under the working directory.
+It lives in ``checkpoint=`` (``batch_api/``) or, without one, in
+``.dfbatch/batch_api/<fingerprint>/`` under the working directory.
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dfbatch.errors import ConfigError
 
 _VERSION = 1
-_NAME = "batch_api.json"
+_NAME = "batch_api"
+_MAIN = "journal.json"
 
 
 @dataclass
@@ -61,8 +65,9 @@ class Stored:
 class BatchJournal:
     """Load / save the JSON journal of one Batch API run."""
 
-    def __init__(self, path: Path, run: str) -> None:
-        self.path = path
+    def __init__(self, folder: Path, run: str) -> None:
+        self.folder = folder
+        self.path = folder / _MAIN
         self.run = run
         self.files: list[FileEntry] = []
         self.answers: dict[str, Stored] = {}
@@ -75,9 +80,9 @@ class BatchJournal:
         if checkpoint is not None:
             path = Path(checkpoint) / _NAME
         else:
-            path = Path.cwd() / ".dfbatch" / "batch_api" / f"{run}.json"
+            path = Path.cwd() / ".dfbatch" / "batch_api" / run
         journal = cls(path, run)
-        if path.exists() and not overwrite:
+        if journal.path.exists() and not overwrite:
             journal._load()
         return journal
 
@@ -93,20 +98,36 @@ class BatchJournal:
                    "prompt or settings); use another checkpoint= or resume='overwrite'")
             raise ConfigError(msg)
         self.files = [FileEntry(**f) for f in data.get("files", [])]
-        self.answers = {k: Stored(**v) for k, v in data.get("answers", {}).items()}
+        for k, entry in enumerate(self.files):
+            if entry.collected:
+                rows = json.loads((self.folder / f"answers-{k}.json").read_text())
+                for cid, value, error, resumable, n_in, n_out in rows:
+                    self.answers[cid] = Stored(value, error, resumable, n_in, n_out, k)
 
     def save(self) -> None:
-        """Write the journal atomically (never a half-written file)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"version": _VERSION, "run": self.run, "files": [asdict(f) for f in self.files],
-                "answers": {k: asdict(v) for k, v in self.answers.items()}}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".batch_api.", suffix=".tmp")
+        """Write the files and jobs atomically (never a half-written journal)."""
+        data = {"version": _VERSION, "run": self.run, "files": [vars(f) for f in self.files]}
+        self._write(self.path, data)
+
+    def collected(self, entry: FileEntry, answers: dict[str, Stored]) -> None:
+        """Keep a finished job's answers, then mark it collected."""
+        k = self.files.index(entry)
+        rows = [[cid, a.value, a.error, a.resumable, a.input_tokens, a.output_tokens]
+                for cid, a in answers.items()]
+        self._write(self.folder / f"answers-{k}.json", rows)
+        self.answers.update(answers)
+        entry.collected = True
+        self.save()
+
+    def _write(self, path: Path, data: Any) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp.", suffix=".json")
         try:
             with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, separators=(",", ":"))
+                fh.write(json.dumps(data, separators=(",", ":")))
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

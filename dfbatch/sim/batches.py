@@ -219,7 +219,8 @@ class BatchStore:
 
     def _finish(self, b: _Batch, view: dict[str, Any], status: str, done: int) -> dict[str, Any]:
         """Answer the first ``done`` lines, write the output / error files, freeze the view."""
-        out, err = [], []
+        out: list[dict[str, Any]] = []
+        err: list[dict[str, Any]] = []
         for line in b.lines[:done]:
             status_code, body = self._respond(line)
             record = {"id": f"batch_req_{b.id}_{line['custom_id']}",
