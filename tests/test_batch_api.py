@@ -315,3 +315,86 @@ def test_stop_while_waiting_returns_what_is_collected(tmp_path: Path) -> None:
         assert out["error"].to_list() == [_batch_api._STILL_RUNNING] * 2
         client = openai.OpenAI(base_url=url, api_key="x")
         assert len(list(client.batches.list())) == 1
+
+
+def test_error_lines_of_unrun_or_passing_failures_are_resumable() -> None:
+    fn = chat("sim-chat", base_url="http://127.0.0.1:9/v1", api="batch")
+    lines = [
+        {"custom_id": "expired", "response": None,
+         "error": {"code": "batch_expired", "message": "not run in time"}},
+        {"custom_id": "busy", "response": {"status_code": 500, "body": {}}, "error": None},
+        {"custom_id": "bad", "response": {"status_code": 400, "body": {
+            "error": {"message": "no"}}}, "error": None},
+    ]
+    got = read_results("\n".join(json.dumps(x) for x in lines), fn.dfbatch_batch_api)
+    assert [got[k].resumable for k in ("expired", "busy", "bad")] == [True, True, False]
+    assert str(got["bad"].value) == "HTTP 400: no"
+    assert str(got["expired"].value) == "batch error batch_expired: not run in time"
+
+
+def test_embed_api_batch_gives_the_vectors_of_a_synchronous_run(tmp_path: Path) -> None:
+    from dfbatch.llm import embed
+
+    df = pl.DataFrame({"text": ["the cat sat", "a dog ran", "polars"]})
+    with serve(time_scale=0.001, batch_completion_s=5) as url:
+        sync = dfbatch.process(df, embed("sim-embed", dimensions=8, base_url=url),
+                               progress=False)
+        fn = embed("sim-embed", dimensions=8, base_url=url, api="batch", batch_limits=FAST)
+        out = dfbatch.process(df, fn, checkpoint=tmp_path, progress=False)
+    assert out["output"].dtype == pl.List(pl.Float32)
+    assert out["output"].to_list() == sync["output"].to_list()
+
+
+def test_without_checkpoint_the_journal_sits_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    df = pl.DataFrame({"text": ["one.", "two."]})
+    with serve(time_scale=0.001, batch_completion_s=5) as url:
+        fn = chat("sim-chat", "{text}", max_tokens=8, base_url=url, api="batch",
+                  batch_limits=FAST)
+        first = dfbatch.process(df, fn, progress=False)
+        again = dfbatch.process(df, fn, progress=False)
+        client = openai.OpenAI(base_url=url, api_key="x")
+        assert len(list(client.batches.list())) == 1  # the rerun read the journal
+    assert again.equals(first)
+    assert len(list((tmp_path / ".dfbatch" / "batch_api").glob("*/journal.json"))) == 1
+
+
+def test_a_journal_of_another_run_is_refused_unless_overwritten(tmp_path: Path) -> None:
+    df = pl.DataFrame({"text": ["one."]})
+    with serve(time_scale=0.001, batch_completion_s=5) as url:
+        def fn(prompt: str) -> Any:
+            return chat("sim-chat", prompt, max_tokens=8, base_url=url, api="batch",
+                        batch_limits=FAST)
+
+        dfbatch.process(df, fn("{text}"), checkpoint=tmp_path, progress=False)
+        with pytest.raises(ConfigError, match="another run"):
+            dfbatch.process(df, fn("Say: {text}"), checkpoint=tmp_path, progress=False)
+        out = dfbatch.process(df, fn("Say: {text}"), checkpoint=tmp_path, resume="overwrite",
+                              progress=False)
+    assert out["error"].to_list() == [None]
+
+
+def test_polling_rides_out_passing_failures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openai.resources.batches import AsyncBatches
+
+    real = AsyncBatches.retrieve
+    calls = {"n": 0}
+
+    async def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] <= 3:
+            request = __import__("httpx").Request("GET", "http://sim")
+            raise openai.APIConnectionError(request=request)
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncBatches, "retrieve", flaky)
+    df = pl.DataFrame({"text": ["one.", "two."]})
+    with serve(time_scale=0.001, batch_completion_s=5) as url:
+        fn = chat("sim-chat", "{text}", max_tokens=8, base_url=url, api="batch",
+                  batch_limits=FAST)
+        out = dfbatch.process(df, fn, checkpoint=tmp_path, progress=False)
+    assert calls["n"] > 3 and out["output"].to_list() == ["one.", "two."]

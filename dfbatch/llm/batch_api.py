@@ -35,6 +35,7 @@ from dfbatch.llm.client import ClientSource
 STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "expired",
             "cancelling", "cancelled")
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+_NOT_RUN = frozenset({"batch_expired", "batch_cancelled"})  # error-line codes of unrun requests
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,14 @@ class BatchLimits:
 
 @dataclass(frozen=True)
 class Answer:
-    """One row's answer from an output or error line: its value (or ``RowError``) and usage."""
+    """One row's answer from an output or error line: its value (or ``RowError``) and usage;
+    ``resumable``: the provider did not get to it (expired, cancelled) or failed it for a
+    passing reason (429, 5xx), so a rerun sends it again."""
 
     value: Any
     input_tokens: int = 0
     output_tokens: int = 0
+    resumable: bool = False
 
 
 @dataclass
@@ -172,7 +176,9 @@ def _answer_line(line: dict[str, Any], adapter: BatchAdapter) -> Answer:
     status = response.get("status_code") if isinstance(response, dict) else None
     body = response.get("body") if isinstance(response, dict) else None
     if error or status != 200 or not isinstance(body, dict):
-        return Answer(RowError(_error_text(error, status, body)))
+        code = error.get("code") if isinstance(error, dict) else None
+        passing = code in _NOT_RUN or (isinstance(status, int) and (status == 429 or status >= 500))
+        return Answer(RowError(_error_text(error, status, body)), resumable=passing)
     try:
         return adapter.answer(body)
     except Exception as exc:  # a malformed answer fails its row only

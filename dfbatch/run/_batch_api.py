@@ -37,6 +37,14 @@ from dfbatch.run._batch_journal import BatchJournal, FileEntry, Stored
 from dfbatch.run._prepare import Fn, _Job
 
 _STILL_RUNNING = "batch job not finished yet: rerun with the same settings to collect it"
+_MAX_MISSES = 8
+
+
+def _transient() -> tuple[type[BaseException], ...]:
+    from dfbatch.llm.client import import_openai
+
+    openai = import_openai()
+    return (openai.APIConnectionError, openai.APIStatusError)
 
 
 async def run_batch_api(
@@ -70,6 +78,7 @@ class _BatchRun:
         self.ids = self._custom_ids()
         self._stopping = asyncio.Event()
         self._shown: dict[str, str] = {}
+        self._misses = 0
 
     def stop(self) -> None:
         self._stopping.set()
@@ -144,7 +153,9 @@ class _BatchRun:
         wait = self.adapter.limits.poll_s
         while live and not self._stopping.is_set():
             for entry in list(live):
-                batch = await client.batches.retrieve(entry.job_id)
+                batch = await self._retrieve(client, entry)
+                if batch is None:
+                    continue  # a passing failure: ask again at the next round
                 self._show(entry, batch)
                 if batch.status in api.TERMINAL:
                     await self._collect(client, entry, batch)
@@ -155,6 +166,21 @@ class _BatchRun:
                     await asyncio.wait_for(self._stopping.wait(), timeout=wait)
                 except asyncio.TimeoutError:
                     wait = self.adapter.limits.next_poll(wait)
+
+    async def _retrieve(self, client: Any, entry: FileEntry) -> Any:
+        """The job's state, or None after a passing failure (connection, 429, 5xx); the
+        ``_MAX_MISSES``-th one in a row is raised."""
+        try:
+            batch = await client.batches.retrieve(entry.job_id)
+        except Exception as exc:
+            status = getattr(exc, "status_code", None)
+            passing = status is None or status == 429 or status >= 500
+            self._misses += 1
+            if not passing or self._misses >= _MAX_MISSES or not isinstance(exc, _transient()):
+                raise
+            return None
+        self._misses = 0
+        return batch
 
     async def _collect(self, client: Any, entry: FileEntry, batch: Any) -> None:
         found: dict[str, Answer] = {}
@@ -170,7 +196,7 @@ class _BatchRun:
             if got is None:
                 answers[cid] = Stored(error=why, resumable=True, file=index)
             elif isinstance(got.value, RowError):
-                answers[cid] = Stored(error=str(got.value), file=index)
+                answers[cid] = Stored(error=str(got.value), resumable=got.resumable, file=index)
             else:
                 answers[cid] = Stored(got.value, None, False, got.input_tokens,
                                       got.output_tokens, index)
