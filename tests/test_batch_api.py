@@ -398,3 +398,33 @@ def test_polling_rides_out_passing_failures(
                   batch_limits=FAST)
         out = dfbatch.process(df, fn, checkpoint=tmp_path, progress=False)
     assert calls["n"] > 3 and out["output"].to_list() == ["one.", "two."]
+
+
+def test_cli_run_batch_api_then_jobs_list_collect_cancel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from dfbatch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    pl.DataFrame({"text": ["one.", "two.", "x <<poison>>"]}).write_parquet("in.parquet")
+    runner = CliRunner()
+    with serve(time_scale=0.001, batch_completion_s=5) as url:
+        r = runner.invoke(main, ["run", "in.parquet", "--model", "sim-chat", "--base-url", url,
+                                 "--batch-api", "--out", "out.parquet", "--no-progress"])
+        assert r.exit_code == 3, r.output  # one row failed (the poison line)
+        out = pl.read_parquet("out.parquet")
+        assert out["output"].to_list() == ["one.", "two.", None]
+        r = runner.invoke(main, ["jobs", "--base-url", url, "list"])
+        assert r.exit_code == 0 and "2/3 done, 1 failed" in r.output and "completed" in r.output
+        job_id = r.output.split()[0]
+        r = runner.invoke(main, ["jobs", "--base-url", url, "collect", job_id, "--out", "a.jsonl"])
+        assert r.exit_code == 0 and "wrote 3 lines" in r.output
+        assert len(Path("a.jsonl").read_text().splitlines()) == 3
+        r = runner.invoke(main, ["jobs", "--base-url", url, "cancel", job_id])
+        assert r.exit_code == 0 and "completed" in r.output  # over already: nothing to cancel
+        r = runner.invoke(main, ["run", "in.parquet", "--fn", "x:y", "--batch-api",
+                                 "--out", "o.parquet"])
+        assert r.exit_code == 2 and "--batch-api needs --model" in r.output

@@ -229,3 +229,32 @@ async def download(client: Any, file_id: str | None) -> str:
         return ""
     content = await client.files.content(file_id)
     return str(content.text)
+
+
+# -- jobs outside a run (``dfbatch jobs``) -------------------------------------------------
+def job_rows(client: Any, limit: int = 100) -> list[dict[str, Any]]:
+    """The provider's batch jobs, newest first, as plain rows (synchronous ``openai.OpenAI``)."""
+    rows = []
+    for job in client.batches.list(limit=min(limit, 100)):
+        counts = job.request_counts
+        rows.append({
+            "id": job.id, "status": job.status, "endpoint": job.endpoint,
+            "total": counts.total if counts else None,
+            "completed": counts.completed if counts else None,
+            "failed": counts.failed if counts else None,
+            "created_at": job.created_at,
+            "dfbatch": (job.metadata or {}).get("dfbatch"),
+        })
+        if len(rows) >= limit:
+            break
+    return rows
+
+
+def collect_job(client: Any, job_id: str) -> tuple[Any, bytes]:
+    """A job and the lines of its output and error files (JSONL bytes, outputs first)."""
+    job = client.batches.retrieve(job_id)
+    data = b""
+    for file_id in (job.output_file_id, job.error_file_id):
+        if file_id:
+            data += client.files.content(file_id).content
+    return job, data
