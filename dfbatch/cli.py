@@ -150,8 +150,10 @@ def _write(df: pl.DataFrame, path: Path) -> None:
 @_plan_options
 @click.option("--price-in", type=click.FloatRange(min=0), help="USD per 1,000 input tokens.")
 @click.option("--price-out", type=click.FloatRange(min=0), help="USD per 1,000 output tokens.")
+@click.option("--batch-discount", type=click.FloatRange(min=0, max=1, min_open=True),
+              help="Show the Batch API's price beside the synchronous one (0.5 = half price).")
 def plan(data: Path, text: str, price_in: float | None, price_out: float | None,
-         **options: Any) -> None:
+         batch_discount: float | None, **options: Any) -> None:
     """Print how DATA would be batched: rows, batches, tokens, agent balance, cost."""
     import dfbatch
 
@@ -161,7 +163,7 @@ def plan(data: Path, text: str, price_in: float | None, price_out: float | None,
     try:
         planned = dfbatch.plan(lf.collect(), text, **settings)
         summary = dfbatch.summary(planned, price_in_per_1k=price_in, price_out_per_1k=price_out,
-                                  **settings)
+                                  batch_discount=batch_discount, **settings)
     except DfbatchError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(str(summary))

@@ -428,3 +428,22 @@ def test_cli_run_batch_api_then_jobs_list_collect_cancel(
         r = runner.invoke(main, ["run", "in.parquet", "--fn", "x:y", "--batch-api",
                                  "--out", "o.parquet"])
         assert r.exit_code == 2 and "--batch-api needs --model" in r.output
+
+
+def test_plan_summary_shows_the_batch_price_beside_the_synchronous_one(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from dfbatch.cli import main
+
+    df = pl.DataFrame({"text": ["hello world"] * 10})
+    planned = dfbatch.plan(df)
+    s = dfbatch.summary(planned, price_in_per_1k=1.0, price_out_per_1k=2.0, batch_discount=0.5)
+    assert s.cost is not None and s.batch_cost == pytest.approx(s.cost / 2)
+    assert f"batch API: ${s.cost / 2:,.4f} vs ${s.cost:,.4f} synchronous" in str(s)
+    assert "batch API" not in str(dfbatch.summary(planned, price_in_per_1k=1.0))
+    with pytest.raises(ConfigError, match="batch_discount"):
+        dfbatch.summary(planned, price_in_per_1k=1.0, batch_discount=2)
+    df.write_parquet(tmp_path / "in.parquet")
+    r = CliRunner().invoke(main, ["plan", str(tmp_path / "in.parquet"), "--price-in", "1",
+                                  "--batch-discount", "0.5"])
+    assert r.exit_code == 0 and "batch API: $" in r.output and "saves $" in r.output
