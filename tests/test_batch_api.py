@@ -447,3 +447,59 @@ def test_plan_summary_shows_the_batch_price_beside_the_synchronous_one(tmp_path:
     r = CliRunner().invoke(main, ["plan", str(tmp_path / "in.parquet"), "--price-in", "1",
                                   "--batch-discount", "0.5"])
     assert r.exit_code == 0 and "batch API: $" in r.output and "saves $" in r.output
+
+
+def test_key_names_rows_so_a_reordered_frame_is_not_sent_again(tmp_path: Path) -> None:
+    df = pl.DataFrame({"id": ["a", "b", "c"], "text": ["one.", "two.", "three."]})
+    with serve(time_scale=0.001, batch_completion_s=5) as url:
+        fn = chat("sim-chat", "{text}", max_tokens=8, base_url=url, api="batch",
+                  batch_limits=FAST)
+        dfbatch.process(df, fn, checkpoint=tmp_path, key="id", progress=False)
+        shuffled = df.reverse()
+        out = dfbatch.process(shuffled, fn, checkpoint=tmp_path, key="id", progress=False)
+        assert len(list(openai.OpenAI(base_url=url, api_key="x").batches.list())) == 1
+        with pytest.raises(ConfigError, match="unique"):
+            dfbatch.process(pl.DataFrame({"id": ["a", "a"], "text": ["x", "y"]}), fn,
+                            checkpoint=tmp_path / "other", key="id", progress=False)
+    assert out["output"].to_list() == ["three.", "two.", "one."]
+
+
+def test_an_upload_the_provider_refused_is_split_anew_on_the_rerun(tmp_path: Path) -> None:
+    df = pl.DataFrame({"text": [f"Row {i}." for i in range(40)]})
+    with serve(time_scale=0.001, batch_completion_s=5, batch_max_file_bytes=3_000) as url:
+        client = openai.OpenAI(base_url=url, api_key="x")
+
+        def fn(max_bytes: int) -> Any:
+            limits = BatchLimits(max_bytes=max_bytes, poll_s=0.005, poll_max_s=0.05)
+            return chat("sim-chat", "{text}", max_tokens=8, base_url=url, api="batch",
+                        batch_limits=limits)
+
+        with pytest.raises(openai.BadRequestError, match="too large"):
+            dfbatch.process(df, fn(1_000_000), checkpoint=tmp_path, progress=False)
+        out = dfbatch.process(df, fn(3_000), checkpoint=tmp_path, progress=False)
+        inputs = batch_inputs(client)
+    assert len(inputs) >= 2 and sum(len(x) for x in inputs) == 40
+    assert out["error"].null_count() == 40
+
+
+def test_a_job_cancelled_at_the_provider_marks_its_rows_for_the_rerun(tmp_path: Path) -> None:
+    from dfbatch.run import _batch_api
+
+    df = pl.DataFrame({"text": ["one.", "two."]})
+    with serve(time_scale=0.001, batch_completion_s=1e6) as url:
+        client = openai.OpenAI(base_url=url, api_key="x")
+        fn = chat("sim-chat", "{text}", max_tokens=8, base_url=url, api="batch",
+                  batch_limits=FAST)
+        original = _batch_api._BatchRun._submit
+
+        async def submit_then_cancel(self: Any, aclient: Any, entry: Any) -> None:
+            await original(self, aclient, entry)
+            await aclient.batches.cancel(entry.job_id)  # as `dfbatch jobs cancel` would
+
+        _batch_api._BatchRun._submit = submit_then_cancel  # type: ignore[method-assign]
+        try:
+            out = dfbatch.process(df, fn, checkpoint=tmp_path, progress=False)
+        finally:
+            _batch_api._BatchRun._submit = original  # type: ignore[method-assign]
+        assert all(e.startswith("batch_cancelled") for e in out["error"])
+        assert len(list(client.batches.list())) == 1

@@ -37,7 +37,9 @@ from dfbatch.run._batch_journal import BatchJournal, FileEntry, Stored
 from dfbatch.run._prepare import Fn, _Job
 
 _STILL_RUNNING = "batch job not finished yet: rerun with the same settings to collect it"
+_NOT_SENT = "not submitted: the run was stopped first; rerun to submit"
 _MAX_MISSES = 8
+_ABANDONED = "abandoned"  # an intent whose upload never reached the provider
 
 
 def _transient() -> tuple[type[BaseException], ...]:
@@ -50,7 +52,7 @@ def _transient() -> tuple[type[BaseException], ...]:
 async def run_batch_api(
     df: Any, fn: Fn, text: str | pl.Expr, config: BatchConfig | None, settings: dict[str, Any],
     *, checkpoint: Any = None, resume: str = "auto", retry_errors: bool = False,
-    progress: Progress = "auto", engine: str = "asyncio", out: Any = None,
+    progress: Progress = "auto", engine: str = "asyncio", out: Any = None, key: str | None = None,
 ) -> pl.DataFrame:
     """Run ``df`` through the Batch API adapter of ``fn`` (see the module docstring)."""
     if out is not None or engine != "asyncio":
@@ -60,7 +62,10 @@ async def run_batch_api(
     job = _Job.prepare(df, fn, text, config, settings)
     fingerprint = {"fn": getattr(fn, "dfbatch_fingerprint", None), "api": "batch"}
     journal = BatchJournal.open(checkpoint, fingerprint, overwrite=resume == "overwrite")
-    run = _BatchRun(adapter, job, journal, retry_errors, progress)
+    if key is not None and key not in job.planned.columns:
+        msg = f"key={key!r} is not a column of the frame; name a unique id column"
+        raise ConfigError(msg)
+    run = _BatchRun(adapter, job, journal, retry_errors, progress, key)
     on_interrupt(run.stop)
     await run.go()
     return run.result()
@@ -68,14 +73,14 @@ async def run_batch_api(
 
 class _BatchRun:
     def __init__(self, adapter: BatchAdapter, job: _Job, journal: BatchJournal,
-                 retry_errors: bool, progress: Progress) -> None:
+                 retry_errors: bool, progress: Progress, key: str | None = None) -> None:
         self.adapter = adapter
         self.job = job
         self.journal = journal
         self.retry_errors = retry_errors
         self.verbose = progress is not False
         self.lines = [b""] * job.planned.height
-        self.ids = self._custom_ids()
+        self.ids = self._custom_ids(key)
         self._stopping = asyncio.Event()
         self._shown: dict[str, str] = {}
         self._misses = 0
@@ -83,12 +88,18 @@ class _BatchRun:
     def stop(self) -> None:
         self._stopping.set()
 
-    def _custom_ids(self) -> list[str]:
+    def _custom_ids(self, key: str | None) -> list[str]:
+        """``<row>-<hash of the request>``: the row's position, or its ``key`` value."""
         bodies = self.adapter.bodies(self.job.send)
+        names: list[Any] = (list(range(len(bodies))) if key is None
+                            else self.job.planned[key].cast(pl.String).to_list())
+        if key is not None and len(set(names)) != len(names):
+            msg = f"key={key!r} must be unique per row (it names each row's request)"
+            raise ConfigError(msg)
         ids = []
         for i, body in enumerate(bodies):
             digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
-            cid = f"{i}-{digest}"
+            cid = f"{names[i]}-{digest}"
             self.lines[i] = api.request_line(cid, self.adapter.endpoint, body)
             ids.append(cid)
         return ids
@@ -111,10 +122,21 @@ class _BatchRun:
         self._round = len(self.journal.files)  # errors from earlier runs are retried once
         client = await self.adapter.source.get()
         mine = set(self.ids)
-        live = [e for e in self.journal.live() if mine.intersection(e.rows)]
-        for entry in live:
+        live = []
+        for entry in self.journal.live():
+            if not mine.intersection(entry.rows):
+                continue
+            if entry.file_id is None:
+                entry.file_id = await api.find_file(client, entry.name)
+            if entry.file_id is None:  # never reached the provider: its rows are split anew
+                entry.status, entry.collected = _ABANDONED, True
+                self.journal.save()
+                continue
+            live.append(entry)
             await self._submit(client, entry)
         for part in self._parts(self._todo()):
+            if self._stopping.is_set():
+                break
             entry = self.journal.add_file([self.ids[i] for i in part])  # the intent first
             live.append(entry)
             await self._submit(client, entry)
@@ -215,15 +237,19 @@ class _BatchRun:
         self._shown[str(batch.id)] = line
 
     # -- the result frame ------------------------------------------------------------------
+    def _sent(self) -> set[str]:
+        return {cid for e in self.journal.live() for cid in e.rows}
+
     def result(self) -> pl.DataFrame:
         n = len(self.ids)
         out = Outcomes(n)
         values: list[Any] = [None] * n
         answered: list[int] = []
+        sent = self._sent()
         for i, cid in enumerate(self.ids):
             got = self.journal.answers.get(cid)
             if got is None:
-                out.errors[i] = _STILL_RUNNING
+                out.errors[i] = _STILL_RUNNING if cid in sent else _NOT_SENT
                 continue
             entry = self.journal.files[got.file] if 0 <= got.file < len(self.journal.files) \
                 else None
@@ -240,8 +266,9 @@ class _BatchRun:
             column = pl.Series(self.job.cfg.columns.output, [values[i] for i in answered],
                                dtype=self.adapter.dtype, strict=False)
             out.pieces.append((np.asarray(answered, dtype=np.int64), column.to_frame()))
-        waiting = sum(1 for e in out.errors if e == _STILL_RUNNING)
+        waiting = sum(1 for e in out.errors if e in (_STILL_RUNNING, _NOT_SENT))
         if waiting:
-            msg = f"{waiting} of {n} rows are in batch jobs still running; rerun to collect them"
+            msg = (f"{waiting} of {n} rows are in batch jobs still running or not submitted; "
+                   "rerun with the same settings to collect / submit them")
             warnings.warn(msg, PartialResultWarning, stacklevel=4)
         return assemble(self.job.planned, out, self.job.cfg.columns, self.job.cfg.output_dtype)

@@ -99,7 +99,7 @@ class BatchJournal:
             raise ConfigError(msg)
         self.files = [FileEntry(**f) for f in data.get("files", [])]
         for k, entry in enumerate(self.files):
-            if entry.collected:
+            if entry.collected and entry.status != "abandoned":
                 rows = json.loads((self.folder / f"answers-{k}.json").read_text())
                 for cid, value, error, resumable, n_in, n_out in rows:
                     self.answers[cid] = Stored(value, error, resumable, n_in, n_out, k)
