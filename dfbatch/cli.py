@@ -303,14 +303,23 @@ def _make_fn(fn_spec: str | None, model: str | None, prompt: str, system: str | 
               show_default=True, help="Where result.parquet and timeline.png go.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show the progress display.")
-def demo(rows: int | None, model: str | None, out_dir: Path, progress: bool) -> None:
+@click.option("--batch-api", is_flag=True,
+              help="Send the rows as Batch API jobs to the simulator, after the plan's price "
+                   "comparison (synchronous vs batch).")
+def demo(rows: int | None, model: str | None, out_dir: Path, progress: bool,
+         batch_api: bool) -> None:
     """Enrich the stdlib-docs dataset with an LLM: the local simulator, or OPENAI_API_KEY /
     OPENAI_BASE_URL's endpoint when set."""
-    from dfbatch.demo import run_demo
+    from dfbatch.demo import run_batch_demo, run_demo
 
     try:
-        report = run_demo(rows=rows, model=model, out_dir=out_dir,
-                          progress="auto" if progress else False)
+        report: Any
+        if batch_api:
+            report = run_batch_demo(rows=rows, out_dir=out_dir,
+                                    progress="auto" if progress else False)
+        else:
+            report = run_demo(rows=rows, model=model, out_dir=out_dir,
+                              progress="auto" if progress else False)
     except (DfbatchError, FileNotFoundError, ImportError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(str(report))

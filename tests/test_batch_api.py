@@ -503,3 +503,16 @@ def test_a_job_cancelled_at_the_provider_marks_its_rows_for_the_rerun(tmp_path: 
             _batch_api._BatchRun._submit = original  # type: ignore[method-assign]
         assert all(e.startswith("batch_cancelled") for e in out["error"])
         assert len(list(client.batches.list())) == 1
+
+
+@pytest.mark.slow
+def test_batch_demo_prints_the_price_comparison_and_enriches_the_rows(tmp_path: Path) -> None:
+    from dfbatch.demo import run_batch_demo
+
+    report = run_batch_demo(rows=24, out_dir=tmp_path, progress=False)
+    text = str(report)
+    assert "batch API: $" in text and "synchronous (saves $" in text
+    assert (report.rows, report.rows_ok, report.jobs) == (24, 24, 1)
+    result = pl.read_parquet(report.result_path)
+    assert result.schema["output"] == pl.Struct(
+        {"summary": pl.String, "keywords": pl.List(pl.String)})
