@@ -251,13 +251,18 @@ def test_expired_rows_are_marked_and_a_rerun_submits_only_them(tmp_path: Path) -
 _KILLER = """
 import os, signal, sys, polars as pl, dfbatch
 from dfbatch.llm import batch_api, chat
-real_create = batch_api.create
+real_upload, real_create = batch_api.upload, batch_api.create
+async def upload(*args, **kwargs):
+    file_id = await real_upload(*args, **kwargs)
+    if sys.argv[3] == "in_upload":  # uploaded, and its id not journaled yet
+        os.kill(os.getpid(), signal.SIGKILL)
+    return file_id
 async def create(*args, **kwargs):
     if sys.argv[3] == "after_upload":
         os.kill(os.getpid(), signal.SIGKILL)
     job = await real_create(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)  # created, and not journaled yet: the worst moment
-batch_api.create = create
+batch_api.upload, batch_api.create = upload, create
 df = pl.DataFrame({"text": [f"Row {i}." for i in range(30)]})
 limits = batch_api.BatchLimits(max_requests=100, poll_s=0.005)
 fn = chat("sim-chat", "{text}", max_tokens=8, base_url=sys.argv[1], api="batch",
@@ -267,7 +272,7 @@ dfbatch.process(df, fn, checkpoint=sys.argv[2], progress=False)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", ["after_upload", "after_create"])
+@pytest.mark.parametrize("moment", ["in_upload", "after_upload", "after_create"])
 def test_kill_9_then_rerun_polls_and_never_resubmits(tmp_path: Path, moment: str) -> None:
     script = tmp_path / "killer.py"
     script.write_text(textwrap.dedent(_KILLER))
@@ -302,8 +307,8 @@ def test_stop_while_waiting_returns_what_is_collected(tmp_path: Path) -> None:
 
         original = _batch_api._BatchRun._submit
 
-        async def submit_then_stop(self: Any, client: Any, entry: Any) -> None:
-            await original(self, client, entry)
+        async def submit_then_stop(self: Any, client: Any, entry: Any, **kw: Any) -> None:
+            await original(self, client, entry, **kw)
             stop_at_once(self)
 
         _batch_api._BatchRun._submit = submit_then_stop  # type: ignore[method-assign]
@@ -492,8 +497,8 @@ def test_a_job_cancelled_at_the_provider_marks_its_rows_for_the_rerun(tmp_path: 
                   batch_limits=FAST)
         original = _batch_api._BatchRun._submit
 
-        async def submit_then_cancel(self: Any, aclient: Any, entry: Any) -> None:
-            await original(self, aclient, entry)
+        async def submit_then_cancel(self: Any, aclient: Any, entry: Any, **kw: Any) -> None:
+            await original(self, aclient, entry, **kw)
             await aclient.batches.cancel(entry.job_id)  # as `dfbatch jobs cancel` would
 
         _batch_api._BatchRun._submit = submit_then_cancel  # type: ignore[method-assign]

@@ -84,6 +84,7 @@ class _BatchRun:
         self._stopping = asyncio.Event()
         self._shown: dict[str, str] = {}
         self._misses = 0
+        self._rows_of: dict[str, int] | None = None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -139,8 +140,13 @@ class _BatchRun:
                 break
             entry = self.journal.add_file([self.ids[i] for i in part])  # the intent first
             live.append(entry)
-            await self._submit(client, entry)
+            await self._submit(client, entry, fresh=True)
         await self._poll(client, live)
+
+    def _where(self) -> dict[str, int]:
+        if self._rows_of is None:
+            self._rows_of = {cid: i for i, cid in enumerate(self.ids)}
+        return self._rows_of
 
     def _parts(self, rows: list[int]) -> list[list[int]]:
         if not rows:
@@ -152,18 +158,21 @@ class _BatchRun:
                   + cfg.output_tokens_per_row)
         return [idx[p].tolist() for p in api.split_files(sizes, self.adapter.limits, tokens)]
 
-    async def _submit(self, client: Any, entry: FileEntry) -> None:
-        """Upload and create what ``entry`` still lacks; look before doing it twice."""
+    async def _submit(self, client: Any, entry: FileEntry, fresh: bool = False) -> None:
+        """Upload and create what ``entry`` still lacks. An entry from an earlier run looks
+        at the provider first (its upload or create may have happened, unjournaled); a
+        ``fresh`` one cannot have either, and lists nothing."""
         if entry.job_id is not None:
             return
-        if entry.file_id is None:
+        if entry.file_id is None and not fresh:
             entry.file_id = await api.find_file(client, entry.name)
         if entry.file_id is None:
-            where = {cid: i for i, cid in enumerate(self.ids)}
+            where = self._where()
             data = b"".join(self.lines[where[cid]] for cid in entry.rows if cid in where)
             entry.file_id = await api.upload(client, data, entry.name)
+            fresh = True  # just uploaded: no job can exist for it yet
         self.journal.save()
-        batch = await api.find_job(client, entry.file_id)
+        batch = None if fresh else await api.find_job(client, entry.file_id)
         if batch is None:
             batch = await api.create(client, entry.file_id, self.adapter, entry.name)
         entry.job_id, entry.status = str(batch.id), str(batch.status)
