@@ -521,3 +521,26 @@ def test_batch_demo_prints_the_price_comparison_and_enriches_the_rows(tmp_path: 
     result = pl.read_parquet(report.result_path)
     assert result.schema["output"] == pl.Struct(
         {"summary": pl.String, "keywords": pl.List(pl.String)})
+
+
+def test_jobs_reach_on_event_as_batches_so_run_stats_add_up(tmp_path: Path) -> None:
+    from dfbatch.events import BatchFinished, RunStarted, StatsAccumulator
+
+    df = pl.DataFrame({"text": [f"Row {i}." for i in range(9)] + ["x <<poison>>"]})
+    acc = StatsAccumulator()
+    seen: list[Any] = []
+
+    def on_event(ev: Any) -> None:
+        seen.append(ev)
+        acc.apply(ev)
+
+    limits = BatchLimits(max_requests=4, poll_s=0.005, poll_max_s=0.05)
+    with serve(time_scale=0.001, batch_completion_s=5) as url:
+        fn = chat("sim-chat", "{text}", max_tokens=8, base_url=url, api="batch",
+                  batch_limits=limits)
+        dfbatch.process(df, fn, checkpoint=tmp_path, progress=False, on_event=on_event)
+    stats = acc.snapshot()
+    assert isinstance(seen[0], RunStarted) and seen[0].total_rows == 10
+    assert sum(isinstance(e, BatchFinished) for e in seen) == 3  # 4 + 4 + 2 rows
+    assert (stats.rows_done, stats.rows_ok, stats.rows_failed) == (10, 9, 1)
+    assert stats.input_tokens > 0 and stats.output_tokens > 0

@@ -21,6 +21,7 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ import polars as pl
 
 from dfbatch.config import BatchConfig, Progress
 from dfbatch.errors import ConfigError, PartialResultWarning, RowError
+from dfbatch.events import BatchFinished, BatchStarted, Event, RunFinished, RunStarted
 from dfbatch.execute._loop import on_interrupt
 from dfbatch.execute._recorder import Outcomes
 from dfbatch.execute._result import assemble
@@ -53,6 +55,7 @@ async def run_batch_api(
     df: Any, fn: Fn, text: str | pl.Expr, config: BatchConfig | None, settings: dict[str, Any],
     *, checkpoint: Any = None, resume: str = "auto", retry_errors: bool = False,
     progress: Progress = "auto", engine: str = "asyncio", out: Any = None, key: str | None = None,
+    on_event: Callable[[Event], None] | None = None,
 ) -> pl.DataFrame:
     """Run ``df`` through the Batch API adapter of ``fn`` (see the module docstring)."""
     if out is not None or engine != "asyncio":
@@ -66,9 +69,18 @@ async def run_batch_api(
         msg = f"key={key!r} is not a column of the frame; name a unique id column"
         raise ConfigError(msg)
     run = _BatchRun(adapter, job, journal, retry_errors, progress, key)
+    run.emit = on_event or _ignore
     on_interrupt(run.stop)
-    await run.go()
+    loop = asyncio.get_running_loop()
+    try:
+        await run.go()
+    finally:
+        run.emit(RunFinished(loop.time(), cancelled=run._stopping.is_set()))
     return run.result()
+
+
+def _ignore(ev: Event) -> None:
+    return None
 
 
 class _BatchRun:
@@ -85,6 +97,7 @@ class _BatchRun:
         self._shown: dict[str, str] = {}
         self._misses = 0
         self._rows_of: dict[str, int] | None = None
+        self.emit: Callable[[Event], None] = _ignore
 
     def stop(self) -> None:
         self._stopping.set()
@@ -135,13 +148,29 @@ class _BatchRun:
                 continue
             live.append(entry)
             await self._submit(client, entry)
-        for part in self._parts(self._todo()):
+        parts = self._parts(self._todo())
+        self._started(live, parts)
+        for part in parts:
             if self._stopping.is_set():
                 break
             entry = self.journal.add_file([self.ids[i] for i in part])  # the intent first
             live.append(entry)
             await self._submit(client, entry, fresh=True)
+            self._job_started(entry)
         await self._poll(client, live)
+
+    def _started(self, live: list[FileEntry], parts: list[list[int]]) -> None:
+        """Events: each job is one "batch" of agent 0 (``on_event`` / ``RunStats`` see them)."""
+        t = asyncio.get_running_loop().time()
+        rows = sum(len(e.rows) for e in live) + sum(len(p) for p in parts)
+        self.emit(RunStarted(t, rows, len(live) + len(parts), 0, (0,)))
+        for entry in live:
+            self._job_started(entry)
+
+    def _job_started(self, entry: FileEntry) -> None:
+        index = self.journal.files.index(entry)
+        t = asyncio.get_running_loop().time()
+        self.emit(BatchStarted(t, index, 0, 0, len(entry.rows), 0, 1))
 
     def _where(self) -> dict[str, int]:
         if self._rows_of is None:
@@ -233,6 +262,12 @@ class _BatchRun:
                                       got.output_tokens, index)
         entry.status, entry.finished_at = str(batch.status), time.time()
         self.journal.collected(entry, answers)
+        failed = sum(1 for a in answers.values() if a.error is not None)
+        elapsed = entry.finished_at - (entry.created_at or entry.finished_at)
+        self.emit(BatchFinished(
+            asyncio.get_running_loop().time(), index, 0, 0, len(entry.rows), 0, elapsed,
+            len(entry.rows) - failed, failed, sum(a.input_tokens for a in answers.values()),
+            sum(a.output_tokens for a in answers.values())))
 
     def _show(self, entry: FileEntry, batch: Any) -> None:
         counts = batch.request_counts
