@@ -76,7 +76,7 @@ async def run_batch_api(
         await run.go()
     finally:
         run.emit(RunFinished(loop.time(), cancelled=run._stopping.is_set()))
-    return run.result()
+    return _result(run)
 
 
 def _ignore(ev: Event) -> None:
@@ -280,39 +280,38 @@ class _BatchRun:
             print(line, file=sys.stderr)
         self._shown[str(batch.id)] = line
 
-    # -- the result frame ------------------------------------------------------------------
-    def _sent(self) -> set[str]:
-        return {cid for e in self.journal.live() for cid in e.rows}
 
-    def result(self) -> pl.DataFrame:
-        n = len(self.ids)
-        out = Outcomes(n)
-        values: list[Any] = [None] * n
-        answered: list[int] = []
-        sent = self._sent()
-        for i, cid in enumerate(self.ids):
-            got = self.journal.answers.get(cid)
-            if got is None:
-                out.errors[i] = _STILL_RUNNING if cid in sent else _NOT_SENT
-                continue
-            entry = self.journal.files[got.file] if 0 <= got.file < len(self.journal.files) \
-                else None
-            out.done[i] = True
-            out.attempts[i] = 1
-            out.errors[i] = got.error
-            out.run_batch[i] = max(got.file, 0)
-            if entry is not None and entry.created_at is not None:
-                out.started[i] = entry.created_at
-                out.elapsed[i] = (entry.finished_at or entry.created_at) - entry.created_at
-            values[i] = got.value
-            answered.append(i)
-        if answered:
-            column = pl.Series(self.job.cfg.columns.output, [values[i] for i in answered],
-                               dtype=self.adapter.dtype, strict=False)
-            out.pieces.append((np.asarray(answered, dtype=np.int64), column.to_frame()))
-        waiting = sum(1 for e in out.errors if e in (_STILL_RUNNING, _NOT_SENT))
-        if waiting:
-            msg = (f"{waiting} of {n} rows are in batch jobs still running or not submitted; "
-                   "rerun with the same settings to collect / submit them")
-            warnings.warn(msg, PartialResultWarning, stacklevel=4)
-        return assemble(self.job.planned, out, self.job.cfg.columns, self.job.cfg.output_dtype)
+# -- the result frame ------------------------------------------------------------------------
+def _result(run: _BatchRun) -> pl.DataFrame:
+    """One row per input row: journaled answers as outputs / errors, the rest marked."""
+    journal, job = run.journal, run.job
+    n = len(run.ids)
+    out = Outcomes(n)
+    values: list[Any] = [None] * n
+    answered: list[int] = []
+    sent = {cid for e in journal.live() for cid in e.rows}
+    for i, cid in enumerate(run.ids):
+        got = journal.answers.get(cid)
+        if got is None:
+            out.errors[i] = _STILL_RUNNING if cid in sent else _NOT_SENT
+            continue
+        entry = journal.files[got.file] if 0 <= got.file < len(journal.files) else None
+        out.done[i] = True
+        out.attempts[i] = 1
+        out.errors[i] = got.error
+        out.run_batch[i] = max(got.file, 0)
+        if entry is not None and entry.created_at is not None:
+            out.started[i] = entry.created_at
+            out.elapsed[i] = (entry.finished_at or entry.created_at) - entry.created_at
+        values[i] = got.value
+        answered.append(i)
+    if answered:
+        column = pl.Series(job.cfg.columns.output, [values[i] for i in answered],
+                           dtype=run.adapter.dtype, strict=False)
+        out.pieces.append((np.asarray(answered, dtype=np.int64), column.to_frame()))
+    waiting = sum(1 for e in out.errors if e in (_STILL_RUNNING, _NOT_SENT))
+    if waiting:
+        msg = (f"{waiting} of {n} rows are in batch jobs still running or not submitted; "
+               "rerun with the same settings to collect / submit them")
+        warnings.warn(msg, PartialResultWarning, stacklevel=4)
+    return assemble(job.planned, out, job.cfg.columns, job.cfg.output_dtype)
