@@ -544,3 +544,30 @@ def test_jobs_reach_on_event_as_batches_so_run_stats_add_up(tmp_path: Path) -> N
     assert sum(isinstance(e, BatchFinished) for e in seen) == 3  # 4 + 4 + 2 rows
     assert (stats.rows_done, stats.rows_ok, stats.rows_failed) == (10, 9, 1)
     assert stats.input_tokens > 0 and stats.output_tokens > 0
+
+
+def test_lookups_of_lost_uploads_stop_at_older_files() -> None:
+    import asyncio
+
+    from dfbatch.llm.batch_api import find_file, find_job
+
+    with serve(time_scale=0.001) as url:
+        sync = openai.OpenAI(base_url=url, api_key="x")
+        a = sync.files.create(file=("a.jsonl", jsonl([line(0, "x")])), purpose="batch")
+        b = sync.files.create(file=("b.jsonl", jsonl([line(0, "y")])), purpose="batch")
+        assert [f.filename for f in sync.files.list(order="asc")] == ["a.jsonl", "b.jsonl"]
+        job = sync.batches.create(input_file_id=a.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+        sync.batches.create(input_file_id=b.id, endpoint="/v1/chat/completions",
+                            completion_window="24h")
+
+        async def look(since: float) -> tuple[Any, Any]:
+            client = openai.AsyncOpenAI(base_url=url, api_key="x")
+            async with client:
+                return (await find_file(client, "a.jsonl", since),
+                        await find_job(client, a.id, since))
+
+        found, got = asyncio.run(look(0.0))
+        assert found == a.id and got.id == job.id
+        later = time.time() + 10_000  # an intent journaled long after these: not ours
+        assert asyncio.run(look(later)) == (None, None)

@@ -207,19 +207,28 @@ async def create(client: Any, file_id: str, adapter: BatchAdapter, tag: str) -> 
     )
 
 
-async def find_job(client: Any, file_id: str) -> Any | None:
-    """The job already created for ``file_id`` (a create whose answer was lost), or None."""
+_SKEW_S = 600.0  # provider and local clocks may disagree by this much
+
+
+async def find_job(client: Any, file_id: str, since: float = 0.0) -> Any | None:
+    """The job already created for ``file_id`` (a create whose answer was lost), or None.
+    Jobs come newest first; the search stops at those older than ``since`` (epoch seconds)."""
     async for job in client.batches.list(limit=100):
         if job.input_file_id == file_id:
             return job
+        if job.created_at < since - _SKEW_S:
+            break
     return None
 
 
-async def find_file(client: Any, filename: str) -> str | None:
-    """The id of an uploaded file named ``filename`` (an upload whose answer was lost)."""
-    async for file in client.files.list():
+async def find_file(client: Any, filename: str, since: float = 0.0) -> str | None:
+    """The id of an uploaded file named ``filename`` (an upload whose answer was lost); the
+    search (newest first) stops at files older than ``since`` (epoch seconds)."""
+    async for file in client.files.list(purpose="batch", order="desc", limit=100):
         if file.filename == filename and file.purpose == "batch":
             return str(file.id)
+        if file.created_at < since - _SKEW_S:
+            break
     return None
 
 

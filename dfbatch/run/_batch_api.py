@@ -141,7 +141,7 @@ class _BatchRun:
             if not mine.intersection(entry.rows):
                 continue
             if entry.file_id is None:
-                entry.file_id = await api.find_file(client, entry.name)
+                entry.file_id = await api.find_file(client, entry.name, entry.intent_at)
             if entry.file_id is None:  # never reached the provider: its rows are split anew
                 entry.status, entry.collected = _ABANDONED, True
                 self.journal.save()
@@ -194,14 +194,14 @@ class _BatchRun:
         if entry.job_id is not None:
             return
         if entry.file_id is None and not fresh:
-            entry.file_id = await api.find_file(client, entry.name)
+            entry.file_id = await api.find_file(client, entry.name, entry.intent_at)
         if entry.file_id is None:
             where = self._where()
             data = b"".join(self.lines[where[cid]] for cid in entry.rows if cid in where)
             entry.file_id = await api.upload(client, data, entry.name)
             fresh = True  # just uploaded: no job can exist for it yet
         self.journal.save()
-        batch = None if fresh else await api.find_job(client, entry.file_id)
+        batch = None if fresh else await api.find_job(client, entry.file_id, entry.intent_at)
         if batch is None:
             batch = await api.create(client, entry.file_id, self.adapter, entry.name)
         entry.job_id, entry.status = str(batch.id), str(batch.status)

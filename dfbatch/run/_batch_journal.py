@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class FileEntry:
     created_at: float | None = None
     finished_at: float | None = None
     collected: bool = False
+    intent_at: float = 0.0  # epoch seconds: no upload or job of this file is older
 
 
 @dataclass
@@ -134,7 +136,8 @@ class BatchJournal:
 
     def add_file(self, rows: list[str]) -> FileEntry:
         """Journal the intent to upload ``rows`` as a new file (saved before any upload)."""
-        entry = FileEntry(f"dfbatch-{self.run}-{len(self.files)}.jsonl", rows)
+        entry = FileEntry(f"dfbatch-{self.run}-{len(self.files)}.jsonl", rows,
+                          intent_at=time.time())
         self.files.append(entry)
         self.save()
         return entry

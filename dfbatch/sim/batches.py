@@ -1,7 +1,8 @@
 """The simulator's ``/v1/files`` and ``/v1/batches``: OpenAI's Batch API, offline.
 
 Files: ``POST /v1/files`` (multipart, ``purpose`` and ``file``), ``GET /v1/files`` (cursor
-pages: ``after``, ``limit``), ``GET /v1/files/{id}`` and ``GET /v1/files/{id}/content``.
+pages: ``after``, ``limit``; ``order``, ``purpose``), ``GET /v1/files/{id}`` and
+``GET /v1/files/{id}/content``.
 Batches: ``POST /v1/batches`` (``input_file_id``, ``endpoint``, ``completion_window``,
 ``metadata``), ``GET /v1/batches`` (cursor pages), ``GET /v1/batches/{id}`` and
 ``POST /v1/batches/{id}/cancel``.
@@ -108,8 +109,13 @@ class BatchStore:
         return web.json_response(file.view())
 
     async def list_files(self, request: web.Request, t: float) -> web.Response:
+        """Files, newest first (``order=asc``: oldest first), of one ``purpose`` if asked."""
         self._check_key(request)
-        return _page(request, [f.view() for f in self.files.values()])
+        purpose = request.query.get("purpose")
+        views = [f.view() for f in self.files.values() if purpose in (None, f.purpose)]
+        if request.query.get("order", "desc") != "asc":
+            views.reverse()
+        return _page(request, views)
 
     async def file(self, request: web.Request, t: float) -> web.Response:
         self._check_key(request)
