@@ -276,9 +276,36 @@ class _BatchRun:
         line = (f"dfbatch: batch job {batch.id} ({entry.name}, {len(entry.rows):,} rows): "
                 f"{batch.status} {entry.counts.get('completed', 0):,} done, "
                 f"{entry.counts.get('failed', 0):,} failed")
+        eta = eta_s(entry.counts, getattr(batch, "in_progress_at", None) or entry.created_at,
+                    time.time()) if batch.status == "in_progress" else None
+        if eta is not None:
+            line += f", about {_duration(eta)} left"
         if self.verbose and self._shown.get(str(batch.id)) != line:
             print(line, file=sys.stderr)
         self._shown[str(batch.id)] = line
+
+
+def eta_s(counts: dict[str, int], since: float | None, now: float) -> float | None:
+    """Seconds left for a job at the pace its request counts show since ``since``.
+
+    >>> eta_s({"total": 100, "completed": 20, "failed": 5}, since=1000.0, now=1050.0)
+    150.0
+    >>> eta_s({"total": 100, "completed": 0, "failed": 0}, since=1000.0, now=1050.0) is None
+    True
+    """
+    done = counts.get("completed", 0) + counts.get("failed", 0)
+    total = counts.get("total", 0)
+    if since is None or done <= 0 or now <= since or total <= done:
+        return None
+    return (now - since) / done * (total - done)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 # -- the result frame ------------------------------------------------------------------------

@@ -201,7 +201,8 @@ class BatchStore:
         if age < total:
             done = self._done_at(b, age)
             view["request_counts"] = self._counts(b, done)
-            return {**view, "status": "in_progress"}
+            started = b.created_at + _EDGE * total * c.time_scale
+            return {**view, "status": "in_progress", "in_progress_at": int(started)}
         if age < (1 + _EDGE) * total:
             view["request_counts"] = self._counts(b, n)
             return {**view, "status": "finalizing"}
