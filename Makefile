@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m dfbatch demo
+	$(BIN)/python -m dfbatch demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check dfbatch tests benchmarks datasets

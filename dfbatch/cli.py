@@ -150,8 +150,10 @@ def _write(df: pl.DataFrame, path: Path) -> None:
 @_plan_options
 @click.option("--price-in", type=click.FloatRange(min=0), help="USD per 1,000 input tokens.")
 @click.option("--price-out", type=click.FloatRange(min=0), help="USD per 1,000 output tokens.")
+@click.option("--batch-discount", type=click.FloatRange(min=0, max=1, min_open=True),
+              help="Show the Batch API's price beside the synchronous one (0.5 = half price).")
 def plan(data: Path, text: str, price_in: float | None, price_out: float | None,
-         **options: Any) -> None:
+         batch_discount: float | None, **options: Any) -> None:
     """Print how DATA would be batched: rows, batches, tokens, agent balance, cost."""
     import dfbatch
 
@@ -161,7 +163,7 @@ def plan(data: Path, text: str, price_in: float | None, price_out: float | None,
     try:
         planned = dfbatch.plan(lf.collect(), text, **settings)
         summary = dfbatch.summary(planned, price_in_per_1k=price_in, price_out_per_1k=price_out,
-                                  **settings)
+                                  batch_discount=batch_discount, **settings)
     except DfbatchError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(str(summary))
@@ -201,10 +203,13 @@ def plan(data: Path, text: str, price_in: float | None, price_out: float | None,
               help="Rows per chunk when streaming to .parquet.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr (default: when stderr is a terminal).")
+@click.option("--batch-api", is_flag=True,
+              help="With --model: send the rows as the provider's Batch API jobs (half price, "
+                   "answered within 24 h; rerun to collect after a stop). See `dfbatch jobs`.")
 def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: str | None,
         system: str | None, max_tokens: int, base_url: str | None, out: Path,
         checkpoint: Path | None, resume: str, retry_errors: bool, key: str | None,
-        chunk_rows: int, progress: bool | None, **options: Any) -> None:
+        chunk_rows: int, progress: bool | None, batch_api: bool, **options: Any) -> None:
     """Run a function over the rows of DATA in batches and write the result to --out."""
     import warnings
 
@@ -224,14 +229,18 @@ def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: s
     _require_column(lf, text, "--text")
     if key is not None:
         _require_column(lf, key, "--key")
-    fn = _make_fn(fn_spec, model, prompt or f"{{{text}}}", system, max_tokens, base_url)
+    if batch_api and model is None:
+        msg = "--batch-api needs --model (the built-in chat adapter)"
+        raise click.UsageError(msg)
+    fn = _make_fn(fn_spec, model, prompt or f"{{{text}}}", system, max_tokens, base_url,
+                  api="batch" if batch_api else "sync")
     show: Any = "bar" if (sys.stderr.isatty() if progress is None else progress) else False
     common = dict(progress=show, checkpoint=checkpoint, resume=resume, key=key,
                   retry_errors=retry_errors, **_settings(**options))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PartialResultWarning)
         try:
-            if out.suffix.lower() in (".parquet", ".pq"):
+            if out.suffix.lower() in (".parquet", ".pq") and not batch_api:
                 s = dfbatch.process(lf, fn, text, out=out, chunk_rows=chunk_rows, **common)
                 rows, ok = int(s["rows"].item()), int(s["rows_ok"].item())
                 cancelled = int(s["rows_cancelled"].item())
@@ -263,7 +272,7 @@ def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: s
 
 
 def _make_fn(fn_spec: str | None, model: str | None, prompt: str, system: str | None,
-             max_tokens: int, base_url: str | None) -> Callable[..., Any]:
+             max_tokens: int, base_url: str | None, api: Any = "sync") -> Callable[..., Any]:
     if fn_spec is not None and model is not None:
         msg = "pass either --fn or --model, not both"
         raise click.UsageError(msg)
@@ -278,7 +287,8 @@ def _make_fn(fn_spec: str | None, model: str | None, prompt: str, system: str | 
         msg = f"--model needs the llm extra: pip install 'dfbatch[llm]' ({exc})"
         raise click.UsageError(msg) from None
     try:
-        return chat(model, prompt, system=system, max_tokens=max_tokens, base_url=base_url)
+        return chat(model, prompt, system=system, max_tokens=max_tokens, base_url=base_url,
+                    api=api)
     except DfbatchError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -293,14 +303,23 @@ def _make_fn(fn_spec: str | None, model: str | None, prompt: str, system: str | 
               show_default=True, help="Where result.parquet and timeline.png go.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show the progress display.")
-def demo(rows: int | None, model: str | None, out_dir: Path, progress: bool) -> None:
+@click.option("--batch-api", is_flag=True,
+              help="Send the rows as Batch API jobs to the simulator, after the plan's price "
+                   "comparison (synchronous vs batch).")
+def demo(rows: int | None, model: str | None, out_dir: Path, progress: bool,
+         batch_api: bool) -> None:
     """Enrich the stdlib-docs dataset with an LLM: the local simulator, or OPENAI_API_KEY /
     OPENAI_BASE_URL's endpoint when set."""
-    from dfbatch.demo import run_demo
+    from dfbatch.demo import run_batch_demo, run_demo
 
     try:
-        report = run_demo(rows=rows, model=model, out_dir=out_dir,
-                          progress="auto" if progress else False)
+        report: Any
+        if batch_api:
+            report = run_batch_demo(rows=rows, out_dir=out_dir,
+                                    progress="auto" if progress else False)
+        else:
+            report = run_demo(rows=rows, model=model, out_dir=out_dir,
+                              progress="auto" if progress else False)
     except (DfbatchError, FileNotFoundError, ImportError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(str(report))
@@ -335,6 +354,9 @@ def demo(rows: int | None, model: str | None, out_dir: Path, progress: bool) -> 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--api-key", envvar="DFBATCH_SIM_API_KEY",
               help="Require this key (env DFBATCH_SIM_API_KEY); default: accept any.")
+@click.option("--batch-time", "batch_completion_s", type=click.FloatRange(min=0, min_open=True),
+              default=600.0, show_default=True,
+              help="Simulated seconds a Batch API job takes (/v1/batches).")
 def sim(host: str, port: int, no_limits: bool, **options: Any) -> None:
     """Serve the local OpenAI-compatible SIMULATOR (/v1/chat/completions, /v1/embeddings,
     /v1/models) until Ctrl-C. Answers are deterministic stand-ins, not a language model."""
@@ -364,3 +386,60 @@ def sim(host: str, port: int, no_limits: bool, **options: Any) -> None:
     except KeyboardInterrupt:
         snap = server.stats.snapshot()
         click.echo(f"served {snap.requests:,} requests ({snap.rate_limited:,} x 429)", err=True)
+
+
+# -- jobs ----------------------------------------------------------------------------------
+@main.group()
+@click.option("--base-url", envvar="OPENAI_BASE_URL",
+              help="OpenAI-compatible endpoint (env OPENAI_BASE_URL); key from OPENAI_API_KEY.")
+@click.pass_context
+def jobs(ctx: click.Context, base_url: str | None) -> None:
+    """The provider's Batch API jobs (those `dfbatch run --batch-api` created, and others)."""
+    try:
+        from dfbatch.llm.client import import_openai
+
+        openai = import_openai()
+    except ImportError as exc:
+        raise click.ClickException(str(exc)) from None
+    key = os.environ.get("OPENAI_API_KEY") or ("sk-local-no-key-needed" if base_url else None)
+    if key is None:
+        msg = "set OPENAI_API_KEY, or pass --base-url for a local server (e.g. dfbatch sim)"
+        raise click.UsageError(msg)
+    ctx.obj = openai.OpenAI(base_url=base_url, api_key=key, max_retries=2)
+
+
+@jobs.command("list")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.pass_obj
+def jobs_list(client: Any, limit: int) -> None:
+    """One line per job, newest first: id, status, request counts, the dfbatch file."""
+    from dfbatch.llm.batch_api import job_rows
+
+    for r in job_rows(client, limit):
+        click.echo(f"{r['id']}  {r['status']:<11} {r['completed']}/{r['total']} done, "
+                   f"{r['failed']} failed  {r['endpoint']}  {r['dfbatch'] or ''}".rstrip())
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@click.pass_obj
+def jobs_cancel(client: Any, job_id: str) -> None:
+    """Cancel JOB_ID; its unanswered rows come back marked, and a rerun resubmits them."""
+    job = client.batches.cancel(job_id)
+    click.echo(f"{job.id}: {job.status}")
+
+
+@jobs.command("collect")
+@click.argument("job_id")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where the output and error lines go (JSONL).")
+@click.pass_obj
+def jobs_collect(client: Any, job_id: str, out: Path) -> None:
+    """Download the answers of JOB_ID (output lines, then error lines) to --out. To put them
+    back on their rows, rerun the `dfbatch run --batch-api` that created the job."""
+    from dfbatch.llm.batch_api import collect_job
+
+    job, data = collect_job(client, job_id)
+    out.write_bytes(data)
+    lines = data.count(b"\n")
+    click.echo(f"{job.id}: {job.status}; wrote {lines:,} lines to {out}")

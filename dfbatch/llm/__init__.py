@@ -6,7 +6,8 @@ Ollama, llama.cpp) and dfbatch's local simulator (``dfbatch.sim``). Each returne
 real token usage to the run, lets API errors reach dfbatch's retry logic unchanged (with the
 server's ``retry-after``), carries ``dfbatch_fingerprint`` (for checkpoints; never a key or an
 endpoint) and ``dfbatch_output_tokens`` (charged against ``tpm``), and never shows the API key
-in results, errors or reprs.
+in results, errors or reprs. With ``api="batch"`` they run as the provider's Batch API jobs
+instead (half price; ``dfbatch.llm.batch_api``, limits in ``BatchLimits``).
 
 Examples
 --------
@@ -24,7 +25,8 @@ Examples
 
 from __future__ import annotations
 
+from dfbatch.llm.batch_api import BatchLimits
 from dfbatch.llm.chat import chat
 from dfbatch.llm.embed import embed
 
-__all__ = ["chat", "embed"]
+__all__ = ["BatchLimits", "chat", "embed"]

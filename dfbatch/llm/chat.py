@@ -36,11 +36,13 @@ from dfbatch.execute._charge import bound, count_tokens, per_request, request
 from dfbatch.execute._headers import rate_headers
 from dfbatch.execute._usage import report_usage
 from dfbatch.llm import batchmode
-from dfbatch.llm.client import ClientSource, scrub
+from dfbatch.llm.batch_api import Answer, BatchAdapter, BatchLimits
+from dfbatch.llm.client import ClientSource, import_openai, scrub
 from dfbatch.llm.prompt import Template
 from dfbatch.llm.schema import ResponseFormat
 
 Mode = Literal["per_row", "batch"]
+Api = Literal["sync", "batch"]
 _ROW_STATUSES = frozenset({400, 413, 422})  # the input itself is bad: fail that row only
 _STASH_MAX = 4096
 
@@ -78,6 +80,8 @@ def chat(
     api_key: str | None = None,
     timeout: float | None = None,
     extra_body: dict[str, Any] | None = None,
+    api: Api = "sync",
+    batch_limits: BatchLimits | None = None,
 ) -> Callable[[pl.DataFrame], Awaitable[list[Any] | pl.Series]]:
     """Build an async ``fn(batch)`` that answers ``prompt`` for every row with a chat model.
 
@@ -103,6 +107,14 @@ def chat(
         client is used with ``max_retries=0``.
     extra_body
         Extra request fields (e.g. ``{"seed": 1}``), recorded in the fingerprint.
+    api
+        ``"sync"`` (calls as the pool runs) or ``"batch"``: ``dfbatch.process`` sends the rows
+        as the provider's Batch API jobs (half price, answered within the completion window;
+        see ``dfbatch.run._batch_api``). Needs ``mode="per_row"``. Calling ``fn`` directly
+        still makes synchronous calls.
+    batch_limits
+        ``dfbatch.llm.batch_api.BatchLimits`` for ``api="batch"`` (file limits, polling,
+        discount); the default is OpenAI's.
     """
     if mode not in ("per_row", "batch"):
         msg = f"mode must be 'per_row' or 'batch', got {mode!r}"
@@ -117,6 +129,12 @@ def chat(
         raise ConfigError(msg)
     if not isinstance(model, str) or not model:
         msg = f"model must be a non-empty string, got {model!r}"
+        raise ConfigError(msg)
+    if api not in ("sync", "batch"):
+        msg = f"api must be 'sync' or 'batch', got {api!r}"
+        raise ConfigError(msg)
+    if api == "batch" and mode != "per_row":
+        msg = "api='batch' sends one request per row: use mode='per_row' (the default)"
         raise ConfigError(msg)
     spec = _Spec(
         model,
@@ -143,7 +161,30 @@ def chat(
         "extra_body": spec.extra,
     }
     fn.dfbatch_output_tokens = per_row_out  # type: ignore[attr-defined]
+    if api == "batch":
+        fn.dfbatch_fingerprint["api"] = "batch"  # type: ignore[attr-defined]
+        fn.dfbatch_batch_api = _batch_adapter(spec, batch_limits)  # type: ignore[attr-defined]
     return fn
+
+
+def _batch_adapter(spec: _Spec, limits: BatchLimits | None) -> BatchAdapter:
+    """How a row becomes one line of a Batch API file, and its answer a value."""
+    completion_type = import_openai().types.chat.ChatCompletion
+
+    def bodies(frame: pl.DataFrame) -> list[dict[str, Any]]:
+        base = spec.params(spec.max_tokens)
+        if spec.fmt.api is not None:
+            base["response_format"] = spec.fmt.api
+        return [{"messages": _messages(spec.system, p), **base}
+                for p in spec.template.render(frame)]
+
+    def answer(body: dict[str, Any]) -> Answer:
+        completion = completion_type.model_validate(body)
+        return Answer(_answer(spec, completion), *_used(completion))
+
+    dtype = spec.fmt.dtype if spec.fmt.structured else pl.String()
+    return BatchAdapter("/v1/chat/completions", spec.model, spec.source, bodies, answer, dtype,
+                        limits or BatchLimits())
 
 
 def _per_row_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | pl.Series]]:

@@ -17,7 +17,7 @@ Examples
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -26,6 +26,7 @@ from dfbatch.errors import ConfigError, OutputError, RowError
 from dfbatch.execute._charge import bound, count_tokens, per_request, request
 from dfbatch.execute._headers import rate_headers
 from dfbatch.execute._usage import report_usage
+from dfbatch.llm.batch_api import Answer, BatchAdapter, BatchLimits
 from dfbatch.llm.client import ClientSource, scrub
 from dfbatch.llm.prompt import Template
 
@@ -39,6 +40,8 @@ def embed(
     base_url: str | None = None,
     api_key: str | None = None,
     timeout: float | None = None,
+    api: Literal["sync", "batch"] = "sync",
+    batch_limits: BatchLimits | None = None,
 ) -> Callable[[pl.DataFrame], Awaitable[list[Any] | pl.Series]]:
     """Build an async ``fn(batch)`` returning one embedding (``List(Float32)``) per row.
 
@@ -52,7 +55,13 @@ def embed(
         Output size for models that support shortening (``None``: the model's default).
     client, base_url, api_key, timeout
         As for ``dfbatch.llm.chat``.
+    api, batch_limits
+        ``api="batch"``: ``dfbatch.process`` sends one Batch API line per row (half price,
+        answered within the completion window); see ``dfbatch.llm.chat``.
     """
+    if api not in ("sync", "batch"):
+        msg = f"api must be 'sync' or 'batch', got {api!r}"
+        raise ConfigError(msg)
     if not isinstance(model, str) or not model:
         msg = f"model must be a non-empty string, got {model!r}"
         raise ConfigError(msg)
@@ -102,7 +111,23 @@ def embed(
         "dimensions": dimensions,
     }
     fn.dfbatch_output_tokens = 0  # type: ignore[attr-defined]
+    if api == "batch":
+        fn.dfbatch_fingerprint["api"] = "batch"  # type: ignore[attr-defined]
+        fn.dfbatch_batch_api = BatchAdapter(  # type: ignore[attr-defined]
+            "/v1/embeddings", model, source,
+            lambda frame: [{"model": model, "input": t, **extra} for t in template.render(frame)],
+            _batch_answer, pl.List(pl.Float32), batch_limits or BatchLimits())
     return fn
+
+
+def _batch_answer(body: dict[str, Any]) -> Answer:
+    """One Batch API answer (one input per line) as the row's vector."""
+    data = body["data"]
+    if len(data) != 1:
+        msg = f"expected one vector for one input, got {len(data)}"
+        raise ValueError(msg)  # the row gets this as its error (batch_api.read_results)
+    used = (body.get("usage") or {}).get("prompt_tokens", 0) or 0
+    return Answer(_vector(data[0]["embedding"]).to_list(), used)
 
 
 def _check_indices(data: Any, n: int) -> None:

@@ -237,6 +237,7 @@ class PlanSummary:
     lower_bound: float
     cost_in: float | None = None
     cost_out: float | None = None
+    batch_discount: float | None = None  # the Batch API's price / the synchronous price
 
     @property
     def flagged(self) -> int:
@@ -247,6 +248,13 @@ class PlanSummary:
         if self.cost_in is None and self.cost_out is None:
             return None
         return (self.cost_in or 0.0) + (self.cost_out or 0.0)
+
+    @property
+    def batch_cost(self) -> float | None:
+        """The estimated cost through the provider's Batch API (``batch_discount`` given)."""
+        if self.cost is None or self.batch_discount is None:
+            return None
+        return self.cost * self.batch_discount
 
     def __str__(self) -> str:
         lines = [
@@ -262,6 +270,12 @@ class PlanSummary:
                 f"est. cost: ${self.cost:,.4f} (input ${self.cost_in or 0:,.4f}, "
                 f"output ${self.cost_out or 0:,.4f})"
             )
+        if self.cost is not None and self.batch_discount is not None:
+            batch = self.cost * self.batch_discount
+            lines.append(
+                f"batch API: ${batch:,.4f} vs ${self.cost:,.4f} synchronous "
+                f"(saves ${self.cost - batch:,.4f}, {1 - self.batch_discount:.0%})"
+            )
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -273,6 +287,7 @@ def summary(
     price_in_per_1k: float | None = None,
     price_out_per_1k: float | None = None,
     config: BatchConfig | None = None,
+    batch_discount: float | None = None,
     **kwargs: Any,
 ) -> PlanSummary:
     """Summarize a planned frame: rows, batches, tokens, flagged rows, agent loads and cost.
@@ -280,7 +295,8 @@ def summary(
     Pass the ``config`` / settings used to plan (overhead, output tokens, agents) for exact
     request tokens and loads. The cost estimate counts every row but ``null_text`` ones (an
     oversize row counts in full): input = text tokens + ``request_overhead_tokens`` per
-    request, output = ``output_tokens_per_row`` per row.
+    request, output = ``output_tokens_per_row`` per row. ``batch_discount`` (0.5 for OpenAI's
+    Batch API) adds the price of the same requests sent as batch jobs beside it.
 
     Examples
     --------
@@ -294,6 +310,9 @@ def summary(
     flagged: 1 null_text, 0 oversize
     balance: heaviest agent 1.0000 x lower bound 18 (load = per-request weight + tokens)
     est. cost: $0.0060 (input $0.0060, output $0.0000)
+    >>> print(dfbatch.summary(planned, price_in_per_1k=0.5, batch_discount=0.5, agents=2,
+    ...                       request_weight=10).batch_cost)
+    0.003
     >>> s.loads
     shape: (2, 5)
     ┌──────────┬─────────┬──────┬────────┬──────┐
@@ -340,7 +359,15 @@ def summary(
         cost_out=None
         if price_out_per_1k is None
         else cfg.output_tokens_per_row * sent_rows / 1000 * price_out_per_1k,
+        batch_discount=_discount(batch_discount),
     )
+
+
+def _discount(value: float | None) -> float | None:
+    if value is not None and not (isinstance(value, (int, float)) and 0 < value <= 1):
+        msg = f"batch_discount must be in (0, 1] (0.5 = the Batch API's half price), got {value!r}"
+        raise ConfigError(msg)
+    return value
 
 
 def _per_batch(planned: pl.DataFrame, cfg: BatchConfig) -> pl.DataFrame:

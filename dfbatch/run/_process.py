@@ -57,6 +57,12 @@ async def aprocess(
     >>> out["output"].to_list()
     ['X']
     """
+    if getattr(fn, "dfbatch_batch_api", None) is not None:  # chat(..., api="batch")
+        from dfbatch.run._batch_api import run_batch_api
+
+        return await run_batch_api(df, fn, text, config, settings, checkpoint=checkpoint,
+                                   resume=resume, retry_errors=retry_errors, progress=progress,
+                                   engine=engine, out=out, key=key, on_event=on_event)
     run: _Job | _Stream
     if out is not None:
         asyncio_only(engine, "out=")

@@ -1,6 +1,7 @@
 """The aiohttp application of the simulated OpenAI-compatible endpoint (routes and handlers).
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/embeddings``, ``GET /v1/models`` and, specific
+Routes: ``POST /v1/chat/completions``, ``POST /v1/embeddings``, ``GET /v1/models``, the Batch
+API's ``/v1/files`` and ``/v1/batches`` (``dfbatch.sim.batches``) and, specific
 to the simulator, ``GET /v1/sim/stats`` (a JSON snapshot of ``SimStats``). Errors have OpenAI's
 shape ``{"error": {"message", "type", "param", "code"}}``. A request goes through: outage
 (connection reset or 503 while ``SimConfig.outage`` says the server is down), key check (401,
@@ -25,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
+from dfbatch.sim.batches import BatchStore
 from dfbatch.sim.config import SimConfig
 from dfbatch.sim.content import answer_text, batch_items, fill_schema, keywords, summary
 from dfbatch.sim.embedding import embed_texts, encode_vector
@@ -77,6 +79,7 @@ class SimApp:
         self._overload_rng = random.Random(config.seed + 1)  # own draws: others unchanged
         self._closing: asyncio.Event | None = None
         self._ids = 0
+        self.batches = BatchStore(config, stats.sim_now, chat_answer, self._check_key)
 
     def build(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -84,6 +87,7 @@ class SimApp:
         app.router.add_post("/v1/embeddings", self._guard("embeddings", self.embeddings))
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/sim/stats", self.stats_view)
+        self.batches.routes(app.router, self._guard)  # /v1/files, /v1/batches
         app.on_startup.append(self._startup)
         app.on_shutdown.append(self._shutdown)
         return app

@@ -90,6 +90,11 @@ class SimConfig:
         Unknown models (not in ``models``) get OpenAI's 404 ``model_not_found``.
     ``forbidden_models``
         Models the key may not use: 403 (``openai.PermissionDeniedError``).
+
+    Batch API (``dfbatch.sim.batches``): a batch takes ``batch_completion_s`` simulated
+    seconds; one whose completion window (``batch_window_s``, else its ``completion_window``)
+    ends first expires with the lines done by then. Uploads over ``batch_max_file_bytes`` are
+    refused; a file of more than ``batch_max_requests`` lines fails its batch.
     """
 
     rpm: float | None = 600.0
@@ -123,6 +128,10 @@ class SimConfig:
     overload_rate: float = 0.0
     strict_models: bool = False
     forbidden_models: tuple[str, ...] = ()
+    batch_completion_s: float = 600.0
+    batch_window_s: float | None = None
+    batch_max_requests: int = 50_000
+    batch_max_file_bytes: int = 200_000_000
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm"):
@@ -149,6 +158,14 @@ class SimConfig:
                 msg = f"{name} must be an integer > 0, got {value!r}"
                 raise ConfigError(msg)
         self._check_provider()
+        _non_negative("batch_completion_s", self.batch_completion_s, strict=True)
+        if self.batch_window_s is not None:
+            _non_negative("batch_window_s", self.batch_window_s, strict=True)
+        for name in ("batch_max_requests", "batch_max_file_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                msg = f"{name} must be an integer > 0, got {value!r}"
+                raise ConfigError(msg)
 
     def _check_provider(self) -> None:
         _non_negative("limit_window_s", self.limit_window_s, strict=True)
