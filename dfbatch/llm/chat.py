@@ -143,6 +143,7 @@ def chat(
         "extra_body": spec.extra,
     }
     fn.dfbatch_output_tokens = per_row_out  # type: ignore[attr-defined]
+    fn.dfbatch_inputs = spec.template.fields  # type: ignore[attr-defined]  # the cache's key
     return fn
 
 

@@ -102,6 +102,7 @@ def embed(
         "dimensions": dimensions,
     }
     fn.dfbatch_output_tokens = 0  # type: ignore[attr-defined]
+    fn.dfbatch_inputs = (text,)  # type: ignore[attr-defined]  # the cache's key
     return fn
 
 

@@ -126,6 +126,12 @@ class Cache:
             self._local.conn = conn
         return conn
 
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Close this thread's connection (reopened on next use)."""
         conn = getattr(self._local, "conn", None)
@@ -207,10 +213,13 @@ class Cache:
         if size <= limit:
             return 0
         target, gone = int(limit * 0.9), 0
-        while size > target:
+        count = conn.execute("SELECT count(*) FROM entries").fetchone()[0]
+        mean = max(size / max(count, 1), 1.0)
+        while size > target:  # the oldest first, about as many as the excess, never many more
+            n = int(min(1024, max(1, (size - target) // mean)))
             freed = conn.execute(
                 "DELETE FROM entries WHERE (k1, k2) IN (SELECT k1, k2 FROM entries "
-                "ORDER BY accessed LIMIT 256) RETURNING size").fetchall()
+                "ORDER BY accessed LIMIT ?) RETURNING size", (n,)).fetchall()
             if not freed:
                 break
             gone += len(freed)

@@ -107,7 +107,8 @@ def row_keys(frame: pl.DataFrame, ns: dict[str, Any], inputs: tuple[str, ...] | 
     else:
         missing = [c for c in inputs if c not in frame.columns]
         if missing and strict:
-            msg = f"cache_key column {missing[0]!r} not found.{did_you_mean(missing[0], frame.columns)}"
+            hint = did_you_mean(missing[0], frame.columns)
+            msg = f"cache key column {missing[0]!r} not found (cache_key= or fn's inputs).{hint}"
             raise ConfigError(msg)
         cols = [c for c in inputs if c in frame.columns]
     sub = frame.select(cols)
@@ -264,6 +265,7 @@ class CacheRun:
     def _write(self, items: list[tuple[np.ndarray, pl.DataFrame | None, list[str | None]]]
                ) -> None:
         for pos, frame, errors in items:
+            values: list[bytes | None]
             if frame is None or frame.width == 0:
                 schema, values = None, [None] * len(pos)
             else:

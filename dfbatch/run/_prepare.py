@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,7 +178,7 @@ class _Job:
         return self.finish(assemble(self.planned, self.merge(outcomes), c, self.cfg.output_dtype))
 
 
-def _chain(hooks: list[Callable[[Batch, Outcomes], None]]
+def _chain(hooks: Sequence[Callable[[Batch, Outcomes], None]]
            ) -> Callable[[Batch, Outcomes], None] | None:
     if len(hooks) <= 1:
         return hooks[0] if hooks else None
