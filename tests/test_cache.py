@@ -328,3 +328,50 @@ def test_kill_9_keeps_what_was_answered(tmp_path: Path) -> None:
     out = dfbatch.process(df, counted, cache=path, **FAST)
     assert len(rest) == 2000 - n and out["cached"].sum() == n
     assert np.array_equal(out["output"].to_numpy(), df["text"].str.to_uppercase().to_numpy())
+
+
+def test_summary_counts_cached_rows_and_prices_the_rest(tmp_path: Path) -> None:
+    df = frame(100)
+    fn = Counter()
+    dfbatch.process(df.head(40), fn, cache=tmp_path / "c", **FAST)
+    planned = df.batch.plan(items_per_batch=10)
+    full = planned.batch.summary(price_in_per_1k=1.0, items_per_batch=10)
+    s = planned.batch.summary(fn=fn, cache=tmp_path / "c", price_in_per_1k=1.0,
+                              items_per_batch=10)
+    assert s.cached == 40 and s.rows == 60 and full.cached == 0
+    assert s.cost_in is not None and full.cost_in is not None and s.cost_in < full.cost_in
+    assert "40 more rows answered by the cache" in str(s)
+    with pytest.raises(dfbatch.ConfigError, match="needs fn="):
+        planned.batch.summary(cache=tmp_path / "c")
+
+
+def test_stats_count_hits_apart_from_calls(tmp_path: Path) -> None:
+    from dfbatch.events import fold
+
+    df = frame(30)
+    dfbatch.process(df.head(20), Counter(), cache=tmp_path / "c", **FAST)
+    events: list[object] = []
+    dfbatch.process(df, Counter(), cache=tmp_path / "c", on_event=events.append, **FAST)
+    stats = fold(events)  # type: ignore[arg-type]
+    assert stats.cached_rows == 20 and stats.total_rows == 10 and stats.rows_done == 10
+    assert stats.calls == 1  # one batch of the 10 new rows
+
+
+def test_cli_info_prune_clear(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from dfbatch.cli import main
+
+    path = tmp_path / "c.sqlite"
+    dfbatch.process(frame(50), Counter(), cache=path, **FAST)
+    runner = CliRunner()
+    got = runner.invoke(main, ["cache", "--path", str(path), "info"])
+    assert got.exit_code == 0, got.output
+    assert json.loads(got.output)["entries"] == 50
+    got = runner.invoke(main, ["cache", "--path", str(path), "prune", "--max-size", "2000"])
+    assert got.exit_code == 0 and "deleted" in got.output
+    assert 0 < dfbatch.Cache(path).info()["entries"] < 50
+    got = runner.invoke(main, ["cache", "--path", str(path), "clear", "--yes"])
+    assert got.exit_code == 0 and dfbatch.Cache(path).info()["entries"] == 0

@@ -141,11 +141,12 @@ class Cache:
 
     # -- reads -------------------------------------------------------------------------------
     def lookup(self, k1: np.ndarray, k2: np.ndarray, *, errors: bool = False,
-               touch: bool = True) -> tuple[np.ndarray, list[tuple[np.ndarray, bytes, list[bytes]]],
+               touch: bool = True, values: bool = True) -> tuple[np.ndarray, list[tuple[np.ndarray, bytes, list[bytes]]],
                                             dict[int, str]]:
         """Which keys are stored: (hit positions, [(positions, schema, messages)], {pos: error}).
 
         Entries that hold an error count only with ``errors=True``. Hits are touched (LRU).
+        ``values=False``: only the positions (nothing decoded).
         """
         conn = self._conn()
         found_pos: list[int] = []
@@ -169,7 +170,7 @@ class Cache:
                             continue
                         errs[pos] = error
                     found_pos.append(pos)
-                    if value is not None:
+                    if value is not None and values:
                         got = by_schema.setdefault(sid, ([], []))
                         got[0].append(pos)
                         got[1].append(value)

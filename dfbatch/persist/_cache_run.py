@@ -128,6 +128,21 @@ def row_keys(frame: pl.DataFrame, ns: dict[str, Any], inputs: tuple[str, ...] | 
     return k1 ^ p1, k2 ^ p2
 
 
+def cached_rows(frame: pl.DataFrame, fn: Callable[..., Any], text: str | pl.Expr,
+                cfg: BatchConfig, cache: CacheArg, cache_key: Sequence[str] | None = None
+                ) -> np.ndarray:
+    """A boolean mask: the rows of ``frame`` whose answer ``cache`` holds (for summaries)."""
+    store, refresh = as_cache(cache)
+    mask = np.zeros(frame.height, bool)
+    if store is None or refresh or frame.height == 0:
+        return mask
+    k1, k2 = row_keys(frame, namespace(fn, text, cfg), _inputs(fn, cache_key), cfg, strict=True)
+    with store:
+        hits, _, _ = store.lookup(k1, k2, touch=False, values=False)
+    mask[hits] = True
+    return mask
+
+
 class CacheRun:
     """The cache hooks of one run (``restrict`` / ``record`` / ``merge`` / ``close``)."""
 

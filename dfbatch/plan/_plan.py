@@ -237,6 +237,7 @@ class PlanSummary:
     lower_bound: float
     cost_in: float | None = None
     cost_out: float | None = None
+    cached: int = 0  # rows the response cache answers: not counted above, not priced
 
     @property
     def flagged(self) -> int:
@@ -262,6 +263,8 @@ class PlanSummary:
                 f"est. cost: ${self.cost:,.4f} (input ${self.cost_in or 0:,.4f}, "
                 f"output ${self.cost_out or 0:,.4f})"
             )
+        if self.cached:
+            lines.append(f"cached: {self.cached:,} more rows answered by the cache (not sent)")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -273,6 +276,7 @@ def summary(
     price_in_per_1k: float | None = None,
     price_out_per_1k: float | None = None,
     config: BatchConfig | None = None,
+    cached: Any = None,
     **kwargs: Any,
 ) -> PlanSummary:
     """Summarize a planned frame: rows, batches, tokens, flagged rows, agent loads and cost.
@@ -280,7 +284,9 @@ def summary(
     Pass the ``config`` / settings used to plan (overhead, output tokens, agents) for exact
     request tokens and loads. The cost estimate counts every row but ``null_text`` ones (an
     oversize row counts in full): input = text tokens + ``request_overhead_tokens`` per
-    request, output = ``output_tokens_per_row`` per row.
+    request, output = ``output_tokens_per_row`` per row. ``cached`` (a boolean mask, one per
+    row; ``df.batch.summary(fn=..., cache=...)`` computes it) leaves out the rows the response
+    cache answers: they are counted in ``cached`` and priced at nothing.
 
     Examples
     --------
@@ -314,6 +320,11 @@ def summary(
     if missing:
         msg = f"summary needs a planned frame, missing {missing}; call df.batch.plan(...) first"
         raise ColumnError(msg)
+    n_cached = 0
+    if cached is not None:
+        mask = pl.Series(cached, dtype=pl.Boolean)
+        n_cached = int(mask.sum())
+        planned = planned.filter(~mask)
     per_batch = _per_batch(planned, cfg)
     max_agent = int(per_batch["agent_id"].max() or 0) if per_batch.height else 0  # type: ignore[arg-type]
     n_agents = max(cfg.n_agents if explicit_agents else 1, max_agent + 1)
@@ -340,6 +351,7 @@ def summary(
         cost_out=None
         if price_out_per_1k is None
         else cfg.output_tokens_per_row * sent_rows / 1000 * price_out_per_1k,
+        cached=n_cached,
     )
 
 
