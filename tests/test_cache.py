@@ -100,6 +100,9 @@ def test_refresh_asks_again_and_overwrites(tmp_path: Path) -> None:
     assert refreshed["output"].str.ends_with("?").all() and not refreshed["cached"].any()
     assert dfbatch.process(df, fn, cache=path, **FAST)["output"].str.ends_with("?").all()
     assert dfbatch.Cache(path).info()["entries"] == before == 30
+    suffix[0] = "#"  # Cache(path, refresh=True): the same for a cache of one's own
+    again = dfbatch.process(df, fn, cache=dfbatch.Cache(path, refresh=True), **FAST)
+    assert again["output"].str.ends_with("#").all()
 
 
 def failing(batch: pl.DataFrame) -> list[object]:

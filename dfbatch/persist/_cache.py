@@ -91,6 +91,9 @@ class Cache:
     max_size
         Bytes of stored outputs kept at most (least recently used entries are evicted first);
         None: unbounded.
+    refresh
+        Look nothing up: call every row and overwrite the stored answers (``cache="refresh"``
+        is ``Cache(refresh=True)``).
 
     >>> import tempfile, os
     >>> c = Cache(os.path.join(tempfile.mkdtemp(), "x.sqlite"), max_size=10_000)
@@ -99,13 +102,14 @@ class Cache:
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None,
-                 max_size: int | None = DEFAULT_MAX_SIZE) -> None:
+                 max_size: int | None = DEFAULT_MAX_SIZE, *, refresh: bool = False) -> None:
         if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int)
                                      or max_size <= 0):
             msg = f"max_size must be a number of bytes > 0 or None, got {max_size!r}"
             raise ConfigError(msg)
         self.path = Path(path) if path is not None else default_path()
         self.max_size = max_size
+        self.refresh = refresh
         self._local = threading.local()
 
     def __repr__(self) -> str:

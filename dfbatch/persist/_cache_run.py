@@ -52,9 +52,9 @@ def as_cache(cache: CacheArg) -> tuple[Cache | None, bool]:
     if cache is True:
         return Cache(), False
     if isinstance(cache, str) and cache == "refresh":
-        return Cache(), True
+        return Cache(refresh=True), True
     if isinstance(cache, Cache):
-        return cache, False
+        return cache, cache.refresh
     if isinstance(cache, (str, os.PathLike)):
         return Cache(cache), False
     msg = (f"cache must be True, 'refresh', a file path or dfbatch.Cache(...), got {cache!r}")
