@@ -10,11 +10,13 @@ the run's hooks.
 may read and write it at once: writes are short ``BEGIN IMMEDIATE`` transactions, a writer waits
 for another (``busy_timeout``), and a key is stored once (its primary key); a crash mid-write
 rolls the transaction back, so every entry read back is whole. Nothing executable is stored:
-an output row is an Arrow IPC record-batch message, its schema is stored once (``schemas``).
+the answers of one write are one Arrow IPC stream (a *chunk*), and an entry (the key, its
+chunk, its row in it, its error) points into it.
 
 **Size.** ``max_size`` bounds the bytes of stored outputs (default 2 GiB; None: unbounded);
-when a write passes it, the least recently used entries are evicted down to 90% of it (every
-hit refreshes an entry's ``accessed`` time). ``dfbatch cache info / clear / prune`` on the CLI.
+when a write passes it, the least recently used chunks and their entries are evicted down to
+90% of it (a hit refreshes its chunk's ``accessed`` time, at most once a minute).
+``dfbatch cache info / clear / prune`` on the CLI.
 
 Examples
 --------
@@ -36,6 +38,7 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sqlite3
 import threading
@@ -49,25 +52,24 @@ import numpy as np
 from dfbatch.errors import ConfigError
 
 DEFAULT_MAX_SIZE = 2 * 1024**3
-_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 _BUSY_MS = 60_000
 _CHUNK = 50_000  # keys per lookup statement
+_ROW_BYTES = 48  # what an entry costs besides its share of a chunk
+_FRESH_S = 60.0  # a chunk used less than this long ago is not touched again (LRU)
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY, data BLOB, size INTEGER NOT NULL, accessed REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS chunks_accessed ON chunks (accessed);
 CREATE TABLE IF NOT EXISTS entries (
-    k1 INTEGER NOT NULL, k2 INTEGER NOT NULL,
-    schema_id INTEGER, value BLOB, error TEXT,
-    size INTEGER NOT NULL, created REAL NOT NULL, accessed REAL NOT NULL,
-    PRIMARY KEY (k1, k2)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS entries_accessed ON entries (accessed);
-CREATE TABLE IF NOT EXISTS schemas (id INTEGER PRIMARY KEY, bytes BLOB NOT NULL UNIQUE);
+    k1 INTEGER NOT NULL, k2 INTEGER NOT NULL, chunk INTEGER NOT NULL, idx INTEGER NOT NULL,
+    error TEXT, PRIMARY KEY (k1, k2));
+CREATE INDEX IF NOT EXISTS entries_chunk ON entries (chunk);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('size', 0);
-CREATE TRIGGER IF NOT EXISTS size_ins AFTER INSERT ON entries BEGIN
+CREATE TRIGGER IF NOT EXISTS size_ins AFTER INSERT ON chunks BEGIN
     UPDATE meta SET value = value + NEW.size WHERE name = 'size'; END;
-CREATE TRIGGER IF NOT EXISTS size_del AFTER DELETE ON entries BEGIN
+CREATE TRIGGER IF NOT EXISTS size_del AFTER DELETE ON chunks BEGIN
     UPDATE meta SET value = value - OLD.size WHERE name = 'size'; END;
-CREATE TRIGGER IF NOT EXISTS size_upd AFTER UPDATE OF size ON entries BEGIN
-    UPDATE meta SET value = value + NEW.size - OLD.size WHERE name = 'size'; END;
 """
 
 
@@ -145,90 +147,118 @@ class Cache:
 
     # -- reads -------------------------------------------------------------------------------
     def lookup(self, k1: np.ndarray, k2: np.ndarray, *, errors: bool = False,
-               touch: bool = True, values: bool = True) -> tuple[np.ndarray, list[tuple[np.ndarray, bytes, list[bytes]]],
-                                            dict[int, str]]:
-        """Which keys are stored: (hit positions, [(positions, schema, messages)], {pos: error}).
+               touch: bool = True, values: bool = True,
+               ) -> tuple[np.ndarray, list[tuple[np.ndarray, Any]], dict[int, str]]:
+        """Which keys are stored: (hit positions, [(positions, Arrow table)], {pos: error}).
 
         Entries that hold an error count only with ``errors=True``. Hits are touched (LRU).
         ``values=False``: only the positions (nothing decoded).
         """
         conn = self._conn()
-        found_pos: list[int] = []
-        by_schema: dict[int, tuple[list[int], list[bytes]]] = {}
+        pos_l: list[int] = []
+        chunk_l: list[int] = []
+        idx_l: list[int] = []
         errs: dict[int, str] = {}
-        now = time.time()
         a, b = _signed(k1), _signed(k2)
-        with _write(conn) if touch else contextlib.nullcontext():
+        with _write(conn, "BEGIN"):
             conn.execute("CREATE TEMP TABLE IF NOT EXISTS q (k1 INTEGER, k2 INTEGER, pos INTEGER)")
             for s in range(0, len(a), _CHUNK):
                 conn.execute("DELETE FROM temp.q")
                 conn.executemany("INSERT INTO temp.q VALUES (?, ?, ?)",
                                  zip(a[s:s + _CHUNK].tolist(), b[s:s + _CHUNK].tolist(),
                                      range(s, min(s + _CHUNK, len(a))), strict=True))
-                rows = conn.execute(
-                    "SELECT q.pos, e.schema_id, e.value, e.error FROM temp.q q "
-                    "JOIN entries e ON e.k1 = q.k1 AND e.k2 = q.k2").fetchall()
-                for pos, sid, value, error in rows:
+                for pos, chunk, idx, error in conn.execute(
+                        "SELECT q.pos, e.chunk, e.idx, e.error FROM temp.q q "
+                        "JOIN entries e ON e.k1 = q.k1 AND e.k2 = q.k2"):
                     if error is not None:
                         if not errors:
                             continue
                         errs[pos] = error
-                    found_pos.append(pos)
-                    if value is not None and values:
-                        got = by_schema.setdefault(sid, ([], []))
-                        got[0].append(pos)
-                        got[1].append(value)
-                if touch and rows:
-                    conn.execute("UPDATE entries SET accessed = ? WHERE (k1, k2) IN "
-                                 "(SELECT k1, k2 FROM temp.q)", (now,))
-        schemas = dict(conn.execute("SELECT id, bytes FROM schemas").fetchall()) if by_schema \
-            else {}
-        groups = [(np.asarray(p, np.int64), schemas[sid], msgs)
-                  for sid, (p, msgs) in by_schema.items()]
-        return np.asarray(sorted(found_pos), np.int64), groups, errs
+                    pos_l.append(pos)
+                    chunk_l.append(chunk)
+                    idx_l.append(idx)
+            pos, chunk, idx = (np.asarray(x, np.int64) for x in (pos_l, chunk_l, idx_l))
+            pieces = self._values(conn, pos, chunk, idx, errs) if values and len(pos) else []
+        if touch and len(pos):
+            self._touch(conn, np.unique(chunk))
+        return np.sort(pos), pieces, errs
+
+    def _values(self, conn: sqlite3.Connection, pos: np.ndarray, chunk: np.ndarray,
+                idx: np.ndarray, errs: dict[int, str]) -> list[tuple[np.ndarray, Any]]:
+        """Decode each chunk once, take the rows asked for, one table per output schema."""
+        import pyarrow as pa
+
+        order = np.argsort(chunk, kind="stable")
+        ids, starts = np.unique(chunk[order], return_index=True)
+        by_schema: dict[Any, tuple[list[np.ndarray], list[Any]]] = {}
+        data: dict[int, bytes | None] = {}
+        id_list = ids.tolist()
+        for s in range(0, len(id_list), 500):
+            part = id_list[s:s + 500]
+            marks = ",".join("?" * len(part))
+            data.update(conn.execute(f"SELECT id, data FROM chunks WHERE id IN ({marks})", part))
+        for i, rows in zip(id_list, np.split(order, starts[1:]), strict=True):
+            blob = data.get(i)
+            if blob is None:  # errors only (or a chunk evicted under us: those rows miss)
+                continue
+            table = pa.ipc.open_stream(pa.py_buffer(blob)).read_all().take(pa.array(idx[rows]))
+            got = by_schema.setdefault(table.schema, ([], []))
+            got[0].append(pos[rows])
+            got[1].append(table)
+        return [(np.concatenate(p), pa.concat_tables(t)) for p, t in by_schema.values()]
+
+    def _touch(self, conn: sqlite3.Connection, chunks: np.ndarray) -> None:
+        now = time.time()
+        ids = chunks.tolist()
+        with _write(conn):
+            for s in range(0, len(ids), 500):
+                part = ids[s:s + 500]
+                marks = ",".join("?" * len(part))
+                conn.execute(f"UPDATE chunks SET accessed = ? WHERE id IN ({marks}) AND "
+                             "accessed < ?", (now, *part, now - _FRESH_S))
 
     # -- writes ------------------------------------------------------------------------------
-    def store(self, k1: np.ndarray, k2: np.ndarray, schema: bytes | None,
-              values: Sequence[bytes | None], errors: Sequence[str | None], *,
-              overwrite: bool = False) -> None:
-        """Store entries (one short transaction); an existing key is kept unless ``overwrite``."""
+    def store(self, k1: np.ndarray, k2: np.ndarray, table: Any, errors: Sequence[str | None],
+              *, overwrite: bool = False) -> None:
+        """Store one group of answers (one Arrow table, row i for key i, or None when every
+        row failed) in one short transaction; an existing key is kept unless ``overwrite``."""
+        data = None if table is None else encode(table)
+        size = (len(data) if data is not None else 0) + _ROW_BYTES * len(errors)
+        verb = ("ON CONFLICT (k1, k2) DO UPDATE SET chunk = excluded.chunk, idx = excluded.idx, "
+                "error = excluded.error" if overwrite else "ON CONFLICT DO NOTHING")
         conn = self._conn()
-        now = time.time()
-        verb = ("ON CONFLICT (k1, k2) DO UPDATE SET schema_id = excluded.schema_id, value = "
-                "excluded.value, error = excluded.error, size = excluded.size, accessed = "
-                "excluded.accessed" if overwrite else "ON CONFLICT DO NOTHING")
         with _write(conn):
-            sid = None
-            if schema is not None:
-                conn.execute("INSERT OR IGNORE INTO schemas (bytes) VALUES (?)", (schema,))
-                sid = conn.execute("SELECT id FROM schemas WHERE bytes = ?",
-                                   (schema,)).fetchone()[0]
+            chunk = conn.execute("INSERT INTO chunks (data, size, accessed) VALUES (?, ?, ?)",
+                                 (data, size, time.time())).lastrowid
+            before = conn.total_changes
             conn.executemany(
-                "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?) " + verb,
-                ((x, y, sid if v is not None else None, v, e,
-                  (len(v) if v is not None else 0) + len(e or "") + 16, now, now)
-                 for x, y, v, e in zip(_signed(k1).tolist(), _signed(k2).tolist(), values,
-                                       errors, strict=True)))
+                "INSERT INTO entries VALUES (?, ?, ?, ?, ?) " + verb,
+                zip(_signed(k1).tolist(), _signed(k2).tolist(), itertools.repeat(chunk),
+                    range(len(errors)), errors))
+            if conn.total_changes == before:  # another process stored every key first
+                conn.execute("DELETE FROM chunks WHERE id = ?", (chunk,))
             if self.max_size is not None:
                 self._evict(conn, self.max_size)
 
     def _evict(self, conn: sqlite3.Connection, limit: int) -> int:
-        """Delete the least recently used entries until the size is <= 90% of ``limit``."""
+        """Delete the least recently used chunks (and their entries) until the size is <= 90%
+        of ``limit``; returns how many entries went."""
         size = self._size(conn)
-        if size <= limit:
-            return 0
         target, gone = int(limit * 0.9), 0
-        count = conn.execute("SELECT count(*) FROM entries").fetchone()[0]
-        mean = max(size / max(count, 1), 1.0)
-        while size > target:  # the oldest first, about as many as the excess, never many more
-            n = int(min(1024, max(1, (size - target) // mean)))
-            freed = conn.execute(
-                "DELETE FROM entries WHERE (k1, k2) IN (SELECT k1, k2 FROM entries "
-                "ORDER BY accessed LIMIT ?) RETURNING size", (n,)).fetchall()
-            if not freed:
+        while size > target:
+            old = conn.execute("SELECT id, size FROM chunks ORDER BY accessed, id LIMIT 64"
+                               ).fetchall()
+            if not old:
                 break
-            gone += len(freed)
-            size -= sum(f[0] for f in freed)
+            ids = []
+            for i, n in old:
+                if size <= target:
+                    break
+                ids.append(i)
+                size -= n
+            marks = ",".join("?" * len(ids))
+            gone += conn.execute(f"DELETE FROM entries WHERE chunk IN ({marks})", ids).rowcount
+            conn.execute(f"DELETE FROM chunks WHERE id IN ({marks})", ids)
         return gone
 
     @staticmethod
@@ -239,8 +269,8 @@ class Cache:
     def info(self) -> dict[str, Any]:
         """Entries, errors stored, bytes of outputs, file bytes, bounds, oldest/newest access."""
         conn = self._conn()
-        n, errs, old, new = conn.execute(
-            "SELECT count(*), count(error), min(accessed), max(accessed) FROM entries").fetchone()
+        n, errs = conn.execute("SELECT count(*), count(error) FROM entries").fetchone()
+        old, new = conn.execute("SELECT min(accessed), max(accessed) FROM chunks").fetchone()
         files = sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*")
                     if p.is_file())
         return {"path": str(self.path), "entries": n, "errors": errs,
@@ -252,7 +282,7 @@ class Cache:
         conn = self._conn()
         with _write(conn):
             n = conn.execute("DELETE FROM entries").rowcount
-            conn.execute("DELETE FROM schemas")
+            conn.execute("DELETE FROM chunks")
         conn.execute("VACUUM")
         return int(n)
 
@@ -263,8 +293,10 @@ class Cache:
         gone = 0
         with _write(conn):
             if older_than_s is not None:
-                gone += conn.execute("DELETE FROM entries WHERE accessed < ?",
-                                     (time.time() - older_than_s,)).rowcount
+                old = "SELECT id FROM chunks WHERE accessed < ?"
+                cut = (time.time() - older_than_s,)
+                gone += conn.execute(f"DELETE FROM entries WHERE chunk IN ({old})", cut).rowcount
+                conn.execute(f"DELETE FROM chunks WHERE id IN ({old})", cut)
             limit = max_size if max_size is not None else self.max_size
             if limit is not None:
                 gone += self._evict(conn, limit)
@@ -272,28 +304,21 @@ class Cache:
         return gone
 
 
-def decode(schema: bytes, messages: list[bytes]) -> Any:
-    """One Arrow table from a schema message and record-batch messages (one IPC stream)."""
+def encode(table: Any) -> bytes:
+    """An Arrow table as the bytes of one IPC stream (data only: nothing executable)."""
     import pyarrow as pa
 
-    buf = b"".join([schema, *messages, _EOS])
-    return pa.ipc.open_stream(pa.py_buffer(buf)).read_all()
-
-
-def encode(table: Any) -> tuple[bytes, list[bytes]]:
-    """The schema message and one record-batch message per row of an Arrow table."""
-    import pyarrow as pa
-
-    schema = table.schema.serialize().to_pybytes()
-    batch = pa.RecordBatch.from_arrays(
-        [c.combine_chunks() for c in table.columns], schema=table.schema)
-    return schema, [batch.slice(i, 1).serialize().to_pybytes() for i in range(batch.num_rows)]
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
 
 
 @contextlib.contextmanager
-def _write(conn: sqlite3.Connection) -> Iterator[None]:
-    """One short write transaction (taken at once: no deadlock between readers upgrading)."""
-    conn.execute("BEGIN IMMEDIATE")
+def _write(conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
+    """One short transaction; a write one is taken at once (no deadlock between readers
+    upgrading to writers)."""
+    conn.execute(begin)
     try:
         yield
     except BaseException:

@@ -38,7 +38,7 @@ import polars as pl
 from dfbatch.config import BatchConfig
 from dfbatch.errors import CheckpointWarning, ConfigError, did_you_mean
 from dfbatch.execute._pool import Batch, Outcomes
-from dfbatch.persist._cache import Cache, decode, encode
+from dfbatch.persist._cache import Cache
 from dfbatch.persist._fingerprint import fn_identity
 
 CacheArg = bool | str | os.PathLike[str] | Cache | None
@@ -154,7 +154,7 @@ class CacheRun:
         self.k1 = self.k2 = np.zeros(0, np.uint64)
         self.todo = np.zeros(0, np.int64)
         self.hits = np.zeros(0, np.int64)
-        self._groups: list[tuple[np.ndarray, bytes, list[bytes]]] = []
+        self._pieces: list[tuple[np.ndarray, Any]] = []
         self._errs: dict[int, str] = {}
         self._seen = 0
         self._queue: queue.Queue[Any] = queue.Queue()
@@ -168,7 +168,7 @@ class CacheRun:
         if self.refresh or self.n == 0:
             self.hits = np.zeros(0, np.int64)
         else:
-            self.hits, self._groups, self._errs = self.store.lookup(
+            self.hits, self._pieces, self._errs = self.store.lookup(
                 self.k1, self.k2, errors=self.cache_errors)
         mask = np.ones(self.n, bool)
         mask[self.hits] = False
@@ -241,8 +241,9 @@ class CacheRun:
             out.errors[i] = e
         for i, e in self._errs.items():
             out.errors[i] = e
-        for rows, schema, messages in self._groups:
-            out.pieces.append((rows, pl.from_arrow(decode(schema, messages))))  # type: ignore[arg-type]
+        for rows, table in self._pieces:
+            out.pieces.append((rows, pl.DataFrame(pl.from_arrow(table))))
+        self._pieces = []  # decoded once
         out.pieces.extend((t[rows], frame) for rows, frame in sub.pieces)
         return out
 
@@ -279,15 +280,23 @@ class CacheRun:
 
     def _write(self, items: list[tuple[np.ndarray, pl.DataFrame | None, list[str | None]]]
                ) -> None:
-        for pos, frame, errors in items:
-            values: list[bytes | None]
-            if frame is None or frame.width == 0:
-                schema, values = None, [None] * len(pos)
+        """Store queued batches, those with the same output schema as one chunk."""
+        groups: list[list[tuple[np.ndarray, pl.DataFrame | None, list[str | None]]]] = []
+        for item in items:
+            frame = item[1]
+            last = groups[-1][0][1] if groups else None
+            if (groups and frame is not None and last is not None
+                    and last.schema == frame.schema):
+                groups[-1].append(item)
             else:
-                schema, msgs = encode(frame.to_arrow())
-                values = [None if e is not None else m for m, e in zip(msgs, errors, strict=True)]
-            self.store.store(self.k1[pos], self.k2[pos], schema, values, errors,
-                             overwrite=self.refresh)
+                groups.append([item])
+        for group in groups:
+            pos = np.concatenate([g[0] for g in group])
+            errors = [e for g in group for e in g[2]]
+            first = group[0][1]
+            table = None if first is None or first.width == 0 else pl.concat(
+                [g[1] for g in group if g[1] is not None]).to_arrow()
+            self.store.store(self.k1[pos], self.k2[pos], table, errors, overwrite=self.refresh)
 
     def close(self) -> None:
         """Wait for the queued writes; warn if caching stopped during the run."""
