@@ -112,7 +112,7 @@ class _Stream:
         if journal_opts["checkpoint"] is None:  # key= etc. without checkpoint= is an error
             open_journal(None, empty, fn, text, cfg, key=journal_opts["key"],
                          resume=journal_opts["resume"], retry_errors=journal_opts["retry_errors"])
-        cache_opts = cache_opts or {}
+        cache_opts = {"cache": None, **(cache_opts or {})}
         if open_cache(fn=fn, text=text, cfg=cfg, **cache_opts) is None:  # checks the options
             cache_opts = {}
         counts = dict.fromkeys(("rows", "rows_ok", "rows_failed", "rows_cancelled", "chunks"), 0)
