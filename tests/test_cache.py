@@ -106,10 +106,12 @@ def test_refresh_asks_again_and_overwrites(tmp_path: Path) -> None:
 
 def failing(batch: pl.DataFrame) -> list[object]:
     CALLS.extend(batch["text"].to_list())
-    return [dfbatch.RowError("bad row") if t.endswith("7") else t for t in batch["text"]]
+    return [dfbatch.RowError("bad row") if FAIL[0] and t.endswith("7") else t
+            for t in batch["text"]]
 
 
 CALLS: list[str] = []
+FAIL = [True]  # a list: fn's identity does not change with it (run state, not code)
 
 
 @pytest.mark.parametrize("cache_errors", [False, True])
@@ -380,3 +382,28 @@ def test_cli_info_prune_clear(tmp_path: Path) -> None:
     assert 0 < dfbatch.Cache(path).info()["entries"] < 50
     got = runner.invoke(main, ["cache", "--path", str(path), "clear", "--yes"])
     assert got.exit_code == 0 and dfbatch.Cache(path).info()["entries"] == 0
+
+
+def test_an_answer_replaces_a_cached_error(tmp_path: Path) -> None:
+    df = frame(20)
+    dfbatch.process(df, failing, cache=tmp_path / "c", cache_errors=True, **FAST)
+    CALLS.clear()
+    FAIL[0] = False  # the provider is fixed
+    try:  # without cache_errors the errors are asked again ...
+        dfbatch.process(df, failing, cache=tmp_path / "c", **FAST)
+        assert sorted(CALLS) == ["row 17", "row 7"]
+        CALLS.clear()  # ... and their answers replace the stored errors
+        out = dfbatch.process(df, failing, cache=tmp_path / "c", cache_errors=True, **FAST)
+    finally:
+        FAIL[0] = True
+    assert CALLS == [] and out["error"].is_null().all()
+
+
+def test_an_input_column_named_cached_is_an_error(tmp_path: Path) -> None:
+    df = frame(3).with_columns(cached=pl.lit(True))
+    with pytest.raises(dfbatch.ConfigError, match=r"columns=dfbatch\.Columns"):
+        dfbatch.process(df, Counter(), cache=tmp_path / "c", **FAST)
+    out = dfbatch.process(df, Counter(), cache=tmp_path / "c",
+                          config=dfbatch.BatchConfig(columns=dfbatch.Columns(cached="hit")),
+                          **FAST)
+    assert out["cached"].all() and not out["hit"].any()

@@ -219,11 +219,14 @@ class Cache:
     def store(self, k1: np.ndarray, k2: np.ndarray, table: Any, errors: Sequence[str | None],
               *, overwrite: bool = False) -> None:
         """Store one group of answers (one Arrow table, row i for key i, or None when every
-        row failed) in one short transaction; an existing key is kept unless ``overwrite``."""
+        row failed) in one short transaction; an existing key is kept unless ``overwrite`` or
+        it holds an error and the new entry an answer."""
         data = None if table is None else encode(table)
         size = (len(data) if data is not None else 0) + _ROW_BYTES * len(errors)
         verb = ("ON CONFLICT (k1, k2) DO UPDATE SET chunk = excluded.chunk, idx = excluded.idx, "
-                "error = excluded.error" if overwrite else "ON CONFLICT DO NOTHING")
+                "error = excluded.error")
+        if not overwrite:  # an answer replaces a stored error, nothing else is replaced
+            verb += " WHERE entries.error IS NOT NULL AND excluded.error IS NULL"
         conn = self._conn()
         with _write(conn):
             chunk = conn.execute("INSERT INTO chunks (data, size, accessed) VALUES (?, ?, ?)",

@@ -76,6 +76,15 @@ def open_cache(
                     cache_errors=cache_errors, refresh=is_refresh)
 
 
+def check_cached_column(frame: pl.DataFrame, cfg: BatchConfig) -> None:
+    """The result's ``cached`` column must not overwrite an input column."""
+    name = cfg.columns.cached
+    if name in frame.columns:
+        msg = (f"the input already has a column {name!r}, which cache= adds to the result; "
+               f"drop it, or rename the added one with columns=dfbatch.Columns(cached='...')")
+        raise ConfigError(msg)
+
+
 def namespace(fn: Callable[..., Any], text: str | pl.Expr, cfg: BatchConfig) -> dict[str, Any]:
     """What besides the row's values decides fn's answer (ConfigError if fn is unknowable)."""
     ident = fn_identity(fn)

@@ -17,7 +17,7 @@ from dfbatch.config import BatchConfig, Progress
 from dfbatch.engines import Engine, asyncio_only
 from dfbatch.events import Event
 from dfbatch.execute._loop import on_interrupt, run_sync
-from dfbatch.persist._cache_run import CacheArg, open_cache
+from dfbatch.persist._cache_run import CacheArg, check_cached_column, open_cache
 from dfbatch.persist._checkpoint import Resume, open_journal
 from dfbatch.run._prepare import Fn, _Job
 
@@ -76,6 +76,8 @@ async def aprocess(
                                    resume=resume, retry_errors=retry_errors)
         run.cache = open_cache(cache, fn, text, run.cfg, cache_key=cache_key,
                                cache_errors=cache_errors)
+        if run.cache is not None:
+            check_cached_column(run.planned, run.cfg)
     blocking = on_interrupt(run.stop)  # under process(): the first Ctrl-C stops the run
     result: pl.DataFrame = await run.execute(progress, on_event, stoppable=not blocking)
     return result
