@@ -169,10 +169,11 @@ class CacheRun:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self.failure: str | None = None
+        self._looked: pl.DataFrame | None = None  # the frame ``lookup`` last keyed
 
     def lookup(self, frame: pl.DataFrame) -> np.ndarray:
         """Key ``frame``'s rows and find the cached ones (positions); nothing under refresh."""
-        self.n = frame.height
+        self.n, self._looked = frame.height, frame
         self.k1, self.k2 = row_keys(frame, self.ns, self.inputs, self.cfg, strict=True)
         if self.refresh or self.n == 0:
             self.hits = np.zeros(0, np.int64)
@@ -188,8 +189,12 @@ class CacheRun:
         self, frame: pl.DataFrame, batches: list[list[Batch]], row_tokens: np.ndarray,
         row_bytes: np.ndarray,
     ) -> tuple[pl.DataFrame, list[list[Batch]], np.ndarray, np.ndarray]:
-        """The frame, batches, tokens and bytes of the rows not cached (rows renumbered)."""
-        self.lookup(frame)
+        """The frame, batches, tokens and bytes of the rows not cached (rows renumbered).
+
+        ``frame`` is looked up unless ``lookup`` was already called with it (a stream looks a
+        chunk up in its reader thread, off the event loop)."""
+        if self._looked is not frame:
+            self.lookup(frame)
         self._start()
         if len(self.todo) == self.n:
             return frame, batches, row_tokens, row_bytes

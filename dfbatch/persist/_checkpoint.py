@@ -134,7 +134,9 @@ class Journal:
         self.done = done  # journaled rows to keep, sorted by _POS
         self.closed = False
         self._seen = 0  # pieces of the pool's outcomes already journaled
-        self.inner: np.ndarray | None = None  # the pool's rows -> this journal's todo indices
+        # with cache=, the pool runs only the uncached rows of ``todo``: its row i is todo
+        # index inner[i] (``dfbatch.persist._cache_run``)
+        self.inner: np.ndarray | None = None
         done_pos = done[_POS].to_numpy().astype(np.int64)
         mask = np.ones(self.n, bool)
         mask[done_pos] = False

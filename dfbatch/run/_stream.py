@@ -232,6 +232,8 @@ class _Stream:
         job.journal = open_journal(where, job.planned, self.fn, self.text, self.cfg, **opts)
         if self.cache_opts:
             job.cache = open_cache(fn=self.fn, text=self.text, cfg=self.cfg, **self.cache_opts)
+            if job.cache is not None and job.journal is None:
+                job.cache.lookup(job.send)  # here, in the reader thread, not on the loop
         return _Chunk(offset, job, job.journal)
 
     def _start(self, chunk: _Chunk, emit: Callable[[Event], None]) -> None:
