@@ -407,3 +407,22 @@ def test_an_input_column_named_cached_is_an_error(tmp_path: Path) -> None:
                           config=dfbatch.BatchConfig(columns=dfbatch.Columns(cached="hit")),
                           **FAST)
     assert out["cached"].all() and not out["hit"].any()
+
+
+def test_chat_adapter_is_keyed_by_its_prompt_fields(make_sim: Any, tmp_path: Path) -> None:
+    from dfbatch.llm import chat
+
+    sim = make_sim(rpm=1000)
+    fn = chat("sim-chat", "Summarize: {text}", max_tokens=40, base_url=sim.url)
+    assert fn.dfbatch_inputs == ("text",)  # type: ignore[attr-defined]
+    df = frame(12).with_columns(note=pl.lit("a"))
+    first = dfbatch.process(df, fn, cache=tmp_path / "c", **FAST)
+    sent = sim.stats.snapshot().requests
+    # another column the prompt does not read: the same questions, no request
+    again = dfbatch.process(df.with_columns(note=pl.lit("b")), fn, cache=tmp_path / "c", **FAST)
+    assert sim.stats.snapshot().requests == sent and again["cached"].all()
+    assert again["output"].to_list() == first["output"].to_list()
+    other = chat("sim-chat", "Summarize: {text}", max_tokens=40, temperature=0.7,
+                 base_url=sim.url)  # another sampling setting: another question
+    dfbatch.process(df, other, cache=tmp_path / "c", **FAST)
+    assert sim.stats.snapshot().requests > sent
