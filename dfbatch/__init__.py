@@ -33,6 +33,7 @@ from dfbatch.errors import (
 )
 from dfbatch.events import RunStats
 from dfbatch.execute._usage import report_usage
+from dfbatch.persist._cache import Cache
 from dfbatch.plan import PlanSummary, plan, summary
 from dfbatch.run._process import aprocess, process
 
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchConfig",
     "BatchError",
+    "Cache",
     "CheckpointError",
     "CheckpointWarning",
     "ColumnError",

@@ -443,3 +443,41 @@ def jobs_collect(client: Any, job_id: str, out: Path) -> None:
     out.write_bytes(data)
     lines = data.count(b"\n")
     click.echo(f"{job.id}: {job.status}; wrote {lines:,} lines to {out}")
+
+# -- the response cache ----------------------------------------------------------------------
+@main.group()
+@click.option("--path", type=click.Path(dir_okay=False, path_type=Path), envvar="DFBATCH_CACHE",
+              help="The cache file (default: the user cache directory's responses.sqlite).")
+@click.pass_context
+def cache(ctx: click.Context, path: Path | None) -> None:
+    """Inspect or shrink the response cache that process(..., cache=True) uses."""
+    from dfbatch.persist._cache import Cache
+
+    ctx.obj = Cache(path)
+
+
+@cache.command("info")
+@click.pass_obj
+def cache_info(store: Any) -> None:
+    """Print the cache's path, entries and sizes as JSON."""
+    click.echo(json.dumps(store.info(), indent=2))
+
+
+@cache.command("clear")
+@click.confirmation_option(prompt="Delete every cached answer?")
+@click.pass_obj
+def cache_clear(store: Any) -> None:
+    """Delete every entry."""
+    click.echo(f"deleted {store.clear():,} entries from {store.path}")
+
+
+@cache.command("prune")
+@click.option("--max-size", type=click.IntRange(min=1), help="Keep at most this many bytes.")
+@click.option("--older-than-days", type=click.FloatRange(min=0),
+              help="Delete entries not used for this many days.")
+@click.pass_obj
+def cache_prune(store: Any, max_size: int | None, older_than_days: float | None) -> None:
+    """Evict the least recently used entries (down to --max-size) and stale ones."""
+    age = None if older_than_days is None else older_than_days * 86_400
+    gone = store.prune(max_size=max_size, older_than_s=age)
+    click.echo(f"deleted {gone:,} entries; {store.info()['size']:,} bytes of answers kept")

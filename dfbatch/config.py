@@ -62,6 +62,7 @@ class Columns:
     run_agent_id: str = "run_agent_id"
     started_at: str = "started_at"
     elapsed_s: str = "elapsed_s"
+    cached: str = "cached"  # only with process(..., cache=): True where the cache answered
 
     def plan_names(self) -> tuple[str, ...]:
         return (self.n_tokens, self.batch_id, self.agent_id, self.flag)

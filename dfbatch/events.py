@@ -31,6 +31,7 @@ class RunStarted:
     total_batches: int
     total_tokens: int
     planned_tokens: tuple[int, ...]  # per agent; len() is the number of agents
+    cached_rows: int = 0  # rows answered from the response cache (never sent; not in total_rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +135,7 @@ class RunStats:
     total_batches: int = 0
     total_tokens: int = 0
     rows_done: int = 0
+    cached_rows: int = 0  # answered from the response cache: no call, not in total_rows
     rows_ok: int = 0
     rows_failed: int = 0
     batches_done: int = 0
@@ -246,6 +248,7 @@ class StatsAccumulator:
             s["total_rows"] += ev.total_rows
             s["total_batches"] += ev.total_batches
             s["total_tokens"] += ev.total_tokens
+            s["cached_rows"] += ev.cached_rows
             for i, tok in enumerate(ev.planned_tokens):
                 self._agent(i).planned_tokens += tok
             self.finished = False

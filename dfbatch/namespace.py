@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import polars as pl
 
+from dfbatch.errors import ConfigError
 from dfbatch.run._process import aprocess as _aprocess
 from dfbatch.run._process import process as _process
 
@@ -52,10 +53,24 @@ class BatchFrame:
 
         return plan(self._df, text, **config)
 
-    def summary(self, **kwargs: Any) -> PlanSummary:
-        """Summarize a planned frame; see ``dfbatch.summary``."""
+    def summary(self, *, fn: Callable[..., Any] | None = None, cache: Any = None,
+                cache_key: list[str] | None = None, text: str | pl.Expr = "text",
+                **kwargs: Any) -> PlanSummary:
+        """Summarize a planned frame; see ``dfbatch.summary``. With ``fn=`` and ``cache=``
+        (as in ``process``) the rows already cached are counted apart and not priced."""
         from dfbatch.plan import summary
 
+        if cache is not None and cache is not False:
+            from dfbatch.config import BatchConfig
+            from dfbatch.persist._cache_run import cached_rows
+
+            if fn is None:
+                msg = "summary(cache=...) needs fn= (the fn the run will call)"
+                raise ConfigError(msg)
+            cfg = BatchConfig.from_kwargs(kwargs.get("config"), **{
+                k: v for k, v in kwargs.items() if k not in ("config", "price_in_per_1k",
+                                                             "price_out_per_1k")})
+            kwargs["cached"] = cached_rows(self._df, fn, text, cfg, cache, cache_key)
         return summary(self._df, **kwargs)
 
     @_after_frame(_process)

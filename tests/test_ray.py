@@ -298,3 +298,20 @@ def test_killed_actor_loses_and_duplicates_no_row() -> None:
     while _named_actors("-agent") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _named_actors("-agent")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
+def test_cache_is_read_and_written_by_the_driver(tmp_path: Path) -> None:
+    df = texts(60)
+    kw = {"encoding": _counter, "agents": 3, "items_per_batch": 4, **SIMPLE}
+    cache = tmp_path / "cache.sqlite"
+    first = dfbatch.process(df.head(30), _Flaky(), cache=cache, **kw)
+    remote = dfbatch.process(df, _Flaky(), engine="ray", cache=cache, **kw)
+    assert remote["cached"].sum() == 30 and (remote.head(30)["attempts"] == 0).all()
+    assert (remote.tail(30)["attempts"] >= 1).all()  # the actors saw only the misses
+    assert remote.head(30).select("output").equals(first.select("output"))
+    again_fn = _Flaky()  # the driver wrote the actors' answers: no call at all now
+    again = dfbatch.process(df, again_fn, cache=cache, **kw)
+    assert again_fn.calls == 0 and again["cached"].all()
+    assert again.select("output", "error").equals(remote.select("output", "error"))

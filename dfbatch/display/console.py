@@ -14,6 +14,8 @@ Examples
 >>> bar.close(s)
 >>> "8/8 rows" in out.getvalue() and "1×429" in out.getvalue()
 True
+>>> postfix(RunStats(cached_rows=990)).endswith("0 errors, 990 cached")  # answered by cache=
+True
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def postfix(stats: RunStats) -> str:
     return (
         f"{fmt_count(stats.rows_per_s)} rows/s, {fmt_count(stats.tokens_per_s)} tok/s, "
         f"{stats.in_flight} in flight, {stats.retries} retries, {stats.rate_limited}×429, "
-        f"{stats.errors} errors"
+        f"{stats.errors} errors" + (f", {stats.cached_rows:,} cached" if stats.cached_rows else "")
     )
 
 

@@ -164,6 +164,7 @@ def chat(
     if api == "batch":
         fn.dfbatch_fingerprint["api"] = "batch"  # type: ignore[attr-defined]
         fn.dfbatch_batch_api = _batch_adapter(spec, batch_limits)  # type: ignore[attr-defined]
+    fn.dfbatch_inputs = spec.template.fields  # type: ignore[attr-defined]  # the cache's key
     return fn
 
 

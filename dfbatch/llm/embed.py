@@ -117,6 +117,7 @@ def embed(
             "/v1/embeddings", model, source,
             lambda frame: [{"model": model, "input": t, **extra} for t in template.render(frame)],
             _batch_answer, pl.List(pl.Float32), batch_limits or BatchLimits())
+    fn.dfbatch_inputs = (text,)  # type: ignore[attr-defined]  # the cache's key
     return fn
 
 

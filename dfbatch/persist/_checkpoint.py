@@ -134,6 +134,9 @@ class Journal:
         self.done = done  # journaled rows to keep, sorted by _POS
         self.closed = False
         self._seen = 0  # pieces of the pool's outcomes already journaled
+        # with cache=, the pool runs only the uncached rows of ``todo``: its row i is todo
+        # index inner[i] (``dfbatch.persist._cache_run``)
+        self.inner: np.ndarray | None = None
         done_pos = done[_POS].to_numpy().astype(np.int64)
         mask = np.ones(self.n, bool)
         mask[done_pos] = False
@@ -217,7 +220,7 @@ class Journal:
         if self.store.failure is not None:  # journaling stopped: the run goes on in memory
             return
         local = batch.rows
-        pos = self.todo[local]
+        pos = self.todo[local if self.inner is None else self.inner[local]]
         if self.hashes is not None:
             ident = {_ROW: pa.array(pos, pa.int64()), _HASH: self.hashes[pos]}
         else:

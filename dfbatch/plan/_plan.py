@@ -238,6 +238,7 @@ class PlanSummary:
     cost_in: float | None = None
     cost_out: float | None = None
     batch_discount: float | None = None  # the Batch API's price / the synchronous price
+    cached: int = 0  # rows the response cache answers: not counted above, not priced
 
     @property
     def flagged(self) -> int:
@@ -276,6 +277,8 @@ class PlanSummary:
                 f"batch API: ${batch:,.4f} vs ${self.cost:,.4f} synchronous "
                 f"(saves ${self.cost - batch:,.4f}, {1 - self.batch_discount:.0%})"
             )
+        if self.cached:
+            lines.append(f"cached: {self.cached:,} more rows answered by the cache (not sent)")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -288,6 +291,7 @@ def summary(
     price_out_per_1k: float | None = None,
     config: BatchConfig | None = None,
     batch_discount: float | None = None,
+    cached: Any = None,
     **kwargs: Any,
 ) -> PlanSummary:
     """Summarize a planned frame: rows, batches, tokens, flagged rows, agent loads and cost.
@@ -296,7 +300,9 @@ def summary(
     request tokens and loads. The cost estimate counts every row but ``null_text`` ones (an
     oversize row counts in full): input = text tokens + ``request_overhead_tokens`` per
     request, output = ``output_tokens_per_row`` per row. ``batch_discount`` (0.5 for OpenAI's
-    Batch API) adds the price of the same requests sent as batch jobs beside it.
+    Batch API) adds the price of the same requests sent as batch jobs beside it. ``cached`` (a
+    boolean mask, one per row; ``df.batch.summary(fn=..., cache=...)`` computes it) leaves out
+    the rows the response cache answers: they are counted in ``cached`` and priced at nothing.
 
     Examples
     --------
@@ -333,6 +339,11 @@ def summary(
     if missing:
         msg = f"summary needs a planned frame, missing {missing}; call df.batch.plan(...) first"
         raise ColumnError(msg)
+    n_cached = 0
+    if cached is not None:
+        mask = pl.Series(cached, dtype=pl.Boolean)
+        n_cached = int(mask.sum())
+        planned = planned.filter(~mask)
     per_batch = _per_batch(planned, cfg)
     max_agent = int(per_batch["agent_id"].max() or 0) if per_batch.height else 0  # type: ignore[arg-type]
     n_agents = max(cfg.n_agents if explicit_agents else 1, max_agent + 1)
@@ -360,6 +371,7 @@ def summary(
         if price_out_per_1k is None
         else cfg.output_tokens_per_row * sent_rows / 1000 * price_out_per_1k,
         batch_discount=_discount(batch_discount),
+        cached=n_cached,
     )
 
 

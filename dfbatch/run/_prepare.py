@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +22,11 @@ from dfbatch.errors import ConfigError, PartialResultWarning, RunStoppedError
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
 from dfbatch.execute._caller import LOCAL, CallerFactory
 from dfbatch.execute._loop import mark_run, unmark_run
-from dfbatch.execute._pool import Pool
+from dfbatch.execute._pool import Outcomes, Pool
 from dfbatch.execute._result import assemble, attach_partial
 from dfbatch.execute._scheduler import Batch
 from dfbatch.execute._stack import RunLimits
+from dfbatch.persist._cache_run import CacheRun
 from dfbatch.persist._checkpoint import Journal
 from dfbatch.run._checks import check_frame
 from dfbatch.run._wiring import open_display, safe, tick
@@ -47,6 +48,7 @@ class _Job:
     pool: Pool | None = None
     journal: Journal | None = None  # checkpoint=: skip journaled rows, journal finished ones
     engine: CallerFactory = LOCAL  # how batches are called (Ray actors under engine="ray")
+    cache: CacheRun | None = None  # cache=: skip cached rows, write new answers as they arrive
 
     @classmethod
     def prepare(
@@ -84,12 +86,42 @@ class _Job:
         frame, batches, tokens, nbytes = self.send, self.batches, self.row_tokens, self.row_bytes
         if self.journal is not None:
             frame, batches, tokens, nbytes = self.journal.restrict(frame, batches, tokens, nbytes)
+        if self.cache is not None:  # then the cached rows (the driver's work under ray)
+            frame, batches, tokens, nbytes = self.cache.restrict(frame, batches, tokens, nbytes)
+            if self.journal is not None:
+                self.journal.inner = self.cache.todo
+        hooks = [h.record for h in (self.journal, self.cache) if h is not None]
         self.pool = Pool(
             self.fn, frame, batches, self.cfg, row_tokens=tokens, row_bytes=nbytes, emit=emit,
             reserved=reserved, limits=limits or self.limits(), engine=self.engine,
-            on_batch_done=self.journal.record if self.journal is not None else None,
+            on_batch_done=_chain(hooks),
         )
         return self.pool
+
+    def merge(self, outcomes: Outcomes) -> Outcomes:
+        """The pool's outcomes plus the rows the cache and the checkpoint already held."""
+        if self.cache is not None:
+            outcomes = self.cache.merge(outcomes)
+        if self.journal is not None:
+            outcomes = self.journal.merge(outcomes)
+        return outcomes
+
+    def finish(self, result: pl.DataFrame) -> pl.DataFrame:
+        """Under cache=: the result with the ``cached`` column (True: taken from the cache)."""
+        if self.cache is None:
+            return result
+        mask = self.cache.cached_mask()
+        if self.journal is not None:
+            full = np.zeros(result.height, bool)
+            full[self.journal.todo[mask]] = True
+            mask = full
+        return result.with_columns(pl.Series(self.cfg.columns.cached, mask, dtype=pl.Boolean))
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+        if self.cache is not None:
+            self.cache.close()
 
     def stop(self) -> None:
         if self.pool is not None:
@@ -112,16 +144,16 @@ class _Job:
         c = self.cfg.columns
         queues = pool.sched.queues
         per_agent = tuple(sum(b.tokens for b in q) for q in queues)  # request tokens, as done
+        hits = len(self.cache.hits) if self.cache is not None else 0
         emit(RunStarted(loop.time(), pool.frame.height, pool.sched.pending, sum(per_agent),
-                        per_agent))
+                        per_agent, cached_rows=hits))
         display = open_display(progress, pool.frame.height, pool.stop if stoppable else None)
         ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
         in_run = mark_run()  # a blocking process() in fn runs on its own loop (execute._loop)
         try:
             outcomes = await pool.run()
         except BaseException as exc:  # paid answers are never lost: exc.partial holds them
-            attach_partial(exc, self.planned, pool.out, c, self.cfg.output_dtype,
-                           self.journal.merge if self.journal is not None else None)
+            attach_partial(exc, self.planned, pool.out, c, self.cfg.output_dtype, self.merge)
             raise
         finally:
             unmark_run(in_run)
@@ -133,21 +165,29 @@ class _Job:
             emit(RunFinished(loop.time(), cancelled=unfinished > 0))
             if display is not None:
                 safe(display.close, acc.snapshot())
-            if self.journal is not None:
-                self.journal.close()
+            self.close()
         if pool.fatal is not None:
-            if self.journal is not None:
-                outcomes = self.journal.merge(outcomes)
-            raise RunStoppedError(pool.fatal, partial=assemble(self.planned, outcomes, c))
+            partial = self.finish(assemble(self.planned, self.merge(outcomes), c))
+            raise RunStoppedError(pool.fatal, partial=partial)
         if unfinished:
             msg = (
                 f"run stopped: {unfinished} of {self.planned.height} rows unfinished "
                 "(error='cancelled'); their outputs are null"
             )
             warnings.warn(msg, PartialResultWarning, stacklevel=3)
-        if self.journal is not None:
-            outcomes = self.journal.merge(outcomes)
-        return assemble(self.planned, outcomes, c, self.cfg.output_dtype)
+        return self.finish(assemble(self.planned, self.merge(outcomes), c, self.cfg.output_dtype))
+
+
+def _chain(hooks: Sequence[Callable[[Batch, Outcomes], None]]
+           ) -> Callable[[Batch, Outcomes], None] | None:
+    if len(hooks) <= 1:
+        return hooks[0] if hooks else None
+
+    def both(batch: Batch, out: Outcomes) -> None:
+        for hook in hooks:
+            hook(batch, out)
+
+    return both
 
 
 def resolve(

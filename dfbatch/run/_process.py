@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import polars as pl
@@ -17,6 +17,7 @@ from dfbatch.config import BatchConfig, Progress
 from dfbatch.engines import Engine, asyncio_only
 from dfbatch.events import Event
 from dfbatch.execute._loop import on_interrupt, run_sync
+from dfbatch.persist._cache_run import CacheArg, check_cached_column, open_cache
 from dfbatch.persist._checkpoint import Resume, open_journal
 from dfbatch.run._prepare import Fn, _Job
 
@@ -43,6 +44,9 @@ async def aprocess(
     chunk_rows: int = 100_000,
     engine: Engine = "asyncio",
     ray_address: str | None = None,
+    cache: CacheArg = None,
+    cache_key: Sequence[str] | None = None,
+    cache_errors: bool = False,
     **settings: Any,
 ) -> pl.DataFrame:
     """``await``-able ``process`` for code already inside an event loop (e.g. a notebook cell).
@@ -70,11 +74,16 @@ async def aprocess(
 
         run = _Stream.create(df, fn, text, out, chunk_rows, config, settings,
                              dict(checkpoint=checkpoint, resume=resume,
-                                  retry_errors=retry_errors, key=key))
+                                  retry_errors=retry_errors, key=key),
+                             dict(cache=cache, cache_key=cache_key, cache_errors=cache_errors))
     else:
         run = _Job.prepare(df, fn, text, config, settings, engine, ray_address)
         run.journal = open_journal(checkpoint, run.planned, fn, text, run.cfg, key=key,
                                    resume=resume, retry_errors=retry_errors)
+        run.cache = open_cache(cache, fn, text, run.cfg, cache_key=cache_key,
+                               cache_errors=cache_errors)
+        if run.cache is not None:
+            check_cached_column(run.planned, run.cfg)
     blocking = on_interrupt(run.stop)  # under process(): the first Ctrl-C stops the run
     result: pl.DataFrame = await run.execute(progress, on_event, stoppable=not blocking)
     return result
@@ -112,6 +121,14 @@ def process(*args: Any, **kwargs: Any) -> pl.DataFrame:
     ``retry_errors=True`` reruns rows that ended in error, ``key=`` names a unique id column).
     ``out="out.parquet"`` streams a LazyFrame in chunks of ``chunk_rows`` rows to a Parquet
     file and returns a one-row summary (``dfbatch.run._stream``).
+
+    ``cache=True`` (or a file path, or ``dfbatch.Cache(path, max_size=...)``) reuses answers
+    across runs: a row whose (fn, inputs) was answered before takes the stored output
+    (``attempts = 0``, ``cached = True``) and is never sent; new answers are written as they
+    arrive. ``cache="refresh"`` asks every row again and overwrites. ``cache_key=[cols]`` names
+    the columns that decide fn's answer (default: all input columns, or an adapter's prompt
+    fields); ``cache_errors=True`` caches rows that ended in error too
+    (``dfbatch.persist._cache``).
 
     ``engine="ray"`` runs the same plan on a Ray cluster (the one joined with ``ray.init``,
     else ``ray_address=`` / ``RAY_ADDRESS``, else a local one): each agent is a Ray actor and

@@ -62,6 +62,7 @@ from dfbatch.execute._pool import Pool
 from dfbatch.execute._recorder import Outcomes
 from dfbatch.execute._result import assemble
 from dfbatch.execute._stack import RunLimits
+from dfbatch.persist._cache_run import open_cache
 from dfbatch.persist._checkpoint import Journal, open_journal
 from dfbatch.run._prepare import _Job, resolve
 from dfbatch.run._wiring import open_display, safe, tick
@@ -96,12 +97,13 @@ class _Stream:
     batch_offset: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     fatal: str | None = None  # why the run stopped at once (RunStoppedError)
+    cache_opts: dict[str, Any] = field(default_factory=dict)  # cache=, cache_key=, ... per chunk
     _stop: asyncio.Event | None = None
 
     @classmethod
     def create(cls, df: Any, fn: Fn, text: str | pl.Expr, out: str | os.PathLike[str],
                chunk_rows: int, config: BatchConfig | None, settings: dict[str, Any],
-               journal_opts: dict[str, Any]) -> _Stream:
+               journal_opts: dict[str, Any], cache_opts: dict[str, Any] | None = None) -> _Stream:
         df, path = _checked(df, out, chunk_rows)
         # validates fn, settings and text against the schema before reading any data
         empty = pl.DataFrame(schema=df.collect_schema())
@@ -110,8 +112,12 @@ class _Stream:
         if journal_opts["checkpoint"] is None:  # key= etc. without checkpoint= is an error
             open_journal(None, empty, fn, text, cfg, key=journal_opts["key"],
                          resume=journal_opts["resume"], retry_errors=journal_opts["retry_errors"])
+        cache_opts = {"cache": None, **(cache_opts or {})}
+        if open_cache(fn=fn, text=text, cfg=cfg, **cache_opts) is None:  # checks the options
+            cache_opts = {}
         counts = dict.fromkeys(("rows", "rows_ok", "rows_failed", "rows_cancelled", "chunks"), 0)
-        return cls(df, fn, text, path, chunk_rows, cfg, journal_opts, counts=counts)
+        return cls(df, fn, text, path, chunk_rows, cfg, journal_opts, counts=counts,
+                   cache_opts=cache_opts)
 
     def stop(self) -> None:
         """Graceful stop (first Ctrl-C / Stop button): read no more chunks, stop the pools."""
@@ -224,6 +230,10 @@ class _Stream:
         base = opts.pop("checkpoint")
         where = None if base is None else Path(base) / f"chunk-{offset:012d}-{df.height}"
         job.journal = open_journal(where, job.planned, self.fn, self.text, self.cfg, **opts)
+        if self.cache_opts:
+            job.cache = open_cache(fn=self.fn, text=self.text, cfg=self.cfg, **self.cache_opts)
+            if job.cache is not None and job.journal is None:
+                job.cache.lookup(job.send)  # here, in the reader thread, not on the loop
         return _Chunk(offset, job, job.journal)
 
     def _start(self, chunk: _Chunk, emit: Callable[[Event], None]) -> None:
@@ -257,18 +267,17 @@ class _Stream:
         try:
             outcomes = await chunk.task
         finally:
-            if chunk.journal is not None:
-                await asyncio.to_thread(chunk.journal.close)
+            await asyncio.to_thread(chunk.job.close)
         self.live.popleft()
         if chunk.pool.fatal is not None and self.fatal is None:
             self.fatal = chunk.pool.fatal  # e.g. a refused key: stop every chunk now
             self.stop()
-        if chunk.journal is not None:
-            outcomes = chunk.journal.merge(outcomes)
+        outcomes = chunk.job.merge(outcomes)
         offset = self.batch_offset
         self.batch_offset += max(chunk.pool.sched.next_id, 1)
         result = await asyncio.to_thread(_chunk_result, chunk.job.planned, outcomes, offset,
                                          self.cfg, self.counts)
+        result = chunk.job.finish(result)
         await asyncio.to_thread(writer.write, result)
         del chunk, outcomes, result
         gc.collect()  # a finished pool sits in reference cycles: free its chunk's memory now
@@ -279,8 +288,7 @@ class _Stream:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for c in self.live:
-            if c.journal is not None:
-                c.journal.close()
+            c.job.close()
         self.live.clear()
 
 
