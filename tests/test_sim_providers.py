@@ -95,7 +95,7 @@ def test_calendar_window_retry_after_is_the_time_to_the_boundary(make_sim):
             ask(c)
     headers = info.value.response.headers
     rejected = server.stats.frame().row(1, named=True)
-    assert rejected["t"] + int(headers["retry-after-ms"]) / 1000 == pytest.approx(3.0, abs=0.002)
+    assert rejected["t"] + int(headers["retry-after-ms"]) / 1000 == pytest.approx(3.0, abs=0.02)
     assert headers["retry-after"] == "3"
     assert headers["x-ratelimit-reset-requests"].endswith("s")
 
