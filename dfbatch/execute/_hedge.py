@@ -175,6 +175,17 @@ class TailState:
         # a duplicate while work is queued takes capacity from it: only for a clear outlier
         return Plan(tail, OUTLIER_K * outlier, deadline, stall)
 
+    def ordinary_within(self, tokens: float, seconds: float | None) -> bool:
+        """Do calls of ``tokens`` finish well within ``seconds`` (at the outlier
+        quantile)? A timeout of such a call is a hang, not a sign its batch is too big."""
+        m = self.model
+        if seconds is None:
+            return False
+        if not m.ready:  # early: calls at least half as big (scaled) ended well within it
+            seen = [x * max(1.0, tokens / max(1.0, t)) for t, x in m.samples if 2 * t >= tokens]
+            return len(seen) >= 2 and max(seen) < 0.8 * seconds
+        return m.expected(tokens) * m.ratio(OUTLIER_Q) < seconds
+
     def may_hedge(self, budget: float, *, queued: bool,
                   rates: tuple[RateLimit | None, ...], units: tuple[float, ...]) -> bool:
         """Within budget, and no binding rate bucket that queued work needs? Counts the hedge."""
