@@ -375,10 +375,11 @@ TAILS = [
              target=Target(vs="gather", vs_x=0.8, hedged=0.05), columns=("hedged",)),
     # calls of ~1.5 s, so the 4 s timeout catches the hangs, not ordinary calls
     Scenario("tail-hangs", 3000, replace(_FREE, p_hang=0.01, per_output_token_s=0.006),
-             timeout=4.0,
-             target=Target(vs_best=0.8, among=_CAPPED, failed=0, hedged=0.05), columns=("failed", "hedged")),
+             timeout=4.0, target=Target(vs_best=0.8, among=_CAPPED, failed=0, hedged=0.05),
+             columns=("failed", "hedged")),
     Scenario("tail-skewed", 3000, replace(_FREE, per_input_token_s=0.001), skew=0.6,
-             oversize=1, target=Target(vs_best=0.9, among=_CAPPED, hedged=0.05), columns=("hedged",)),
+             oversize=1, target=Target(vs_best=0.9, among=_CAPPED, hedged=0.05),
+             columns=("hedged",)),
 ]
 SCENARIOS += TAILS
 
@@ -491,7 +492,8 @@ def run_one(sc: Scenario, runner: str, seed: int, rows_scale: float) -> Result:
     result = score(api, wl, sink, makespan, bound, cpu, stuck)
     result.metrics = extra_metrics(sc, api)
     if "hedged" in sc.columns:
-        result.metrics["hedged"] = api.stats.client["hedged"] / max(1, api.stats.client["started"])
+        client = api.stats.client
+        result.metrics["hedged"] = client["hedged"] / max(1, client["started"])
     return result
 
 

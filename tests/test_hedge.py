@@ -185,7 +185,7 @@ def test_a_few_slow_calls_in_a_sparse_size_bucket_do_not_tilt_the_line() -> None
 def test_a_timeout_of_an_ordinary_size_is_a_hang() -> None:
     state = TailState()
     assert not state.ordinary_within(100, 4.0)  # nothing seen: cannot tell
-    for i in range(2):
+    for _ in range(2):
         state.observe(100, 1.0)
     assert state.ordinary_within(100, 4.0) and not state.ordinary_within(100, 1.0)
     assert not state.ordinary_within(1000, 4.0)  # 10x bigger than anything seen
@@ -237,7 +237,8 @@ def test_race_adds_no_task_to_a_call_that_is_not_hedged() -> None:
         return "first"
 
     async def hedge() -> str:
-        raise AssertionError("no hedge for a call this fast")
+        msg = "no hedge for a call this fast"
+        raise AssertionError(msg)
 
     async def go() -> str:
         return await race(call, hedge, lambda: state.plan(100, 0.9), queued=lambda: False,

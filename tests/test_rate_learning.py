@@ -11,8 +11,9 @@ import pytest
 
 from benchmarks.simapi import run
 from dfbatch.execute._headers import RateHints
-from dfbatch.execute._limits import AdaptiveLimit, Cost, Outcome, RateLimit
+from dfbatch.execute._limits import AdaptiveLimit, Cost, Outcome
 from dfbatch.execute._pause import PauseGate
+from dfbatch.execute._rate import RateLimit
 
 ONE = Cost()
 LIMITED = Outcome(ok=False, rate_limited=True)

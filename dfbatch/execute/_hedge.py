@@ -44,7 +44,7 @@ from statistics import median
 from typing import Any, Generic, TypeVar
 
 from dfbatch.errors import StragglerTimeoutError
-from dfbatch.execute._limits import RateLimit
+from dfbatch.execute._rate import RateLimit
 
 T = TypeVar("T")
 
@@ -296,8 +296,9 @@ class _Race(Generic[T]):
         self._arm()
 
     def _copy_done(self, copy: asyncio.Task[T]) -> None:
-        if not self.closed and self.ended is None and not copy.cancelled() and copy.exception() is None \
-                and self.first_error is None:
+        if self.closed or self.ended is not None or self.first_error is not None:
+            return
+        if not copy.cancelled() and copy.exception() is None:
             self._end("won", self.loop.time() - self.t0)
 
     def _end(self, how: str, age: float) -> None:
