@@ -264,7 +264,9 @@ class FnCaller:
         """Call fn; with ``hedge_after``, a straggler for its size gets a duplicate (the first
         answer wins) or is cut by the adaptive timeout (``dfbatch.execute._hedge``)."""
         cfg, limits = self.cfg, self.limits
-        if not cfg.hedge_after:
+        if not cfg.hedge_after or self.per_request:
+            # an fn charging per request waits for the run's limits inside its call: its
+            # duration says nothing of a straggler, and a copy would resend every request
             return await self._call(batch, df)
         q, tail = float(cfg.hedge_after), limits.tail
         tail.attempts += 1

@@ -27,6 +27,7 @@ from dfbatch.execute._headers import RateHints
 from dfbatch.execute._limits import Cost, Outcome
 
 _JOURNAL_S = 120.0  # charges older than this are forgotten (a reply that late is not synced)
+_WINDOW_S = 60.0  # a per-minute limit's window (the windowed mode's log)
 
 
 class RateLimit:
@@ -45,6 +46,10 @@ class RateLimit:
       episode: 429s of calls sent before the drop are ignored) and the bucket shrinks back to
       one second's worth; clean calls regrow the rate additively, back to the ceiling within
       ``regrow_s`` seconds.
+    - **Windows.** Headers that state ``remaining`` but no ``reset`` (a gateway's fixed
+      calendar-minute window, LiteLLM style) say nothing of how the provider refills:
+      ``windowed`` then also keeps at most ``per_minute`` units in any 60 s (a log of the
+      charges), which no per-minute enforcement refuses -- a fixed window included.
     - **Unknown limit.** ``per_minute=None`` lets everything through until headers state a
       ``x-ratelimit-limit-*`` (adopted) or a 429 arrives (the rate becomes ``decrease`` x the
       rate recently sent, then regrows with no ceiling).
@@ -86,6 +91,9 @@ class RateLimit:
         self._charges: list[tuple[float, float]] = []  # (time, units) of charge number i + base
         self._base = 0  # charge number of self._charges[0]
         self._last: contextvars.ContextVar[int] = contextvars.ContextVar("charge", default=-1)
+        self.windowed = False
+        self._win_n = 0  # charge number of the oldest charge in the window log
+        self._win_sum = 0.0  # units charged in the last _WINDOW_S seconds
         if per_minute is not None:
             self.set_ceiling(per_minute)
 
@@ -121,17 +129,46 @@ class RateLimit:
         t0 = loop.time()
         async with self._lock:  # FIFO: the head waits for the refill, the rest queue behind
             self._refill(loop.time())
-            while self.level < (need := min(self._units(cost), self.capacity)):
-                await asyncio.sleep((need - self.level) / self.rate)
+            while True:
+                need = min(self._units(cost), self.capacity)
+                wait = (need - self.level) / self.rate if self.level < need else 0.0
+                wait = max(wait, self._window_wait(loop.time(), self._units(cost)))
+                if wait <= 0:
+                    break
+                await asyncio.sleep(wait)
                 self._refill(loop.time())
             self.level -= self._units(cost)
             self._journal(loop.time(), self._units(cost))
         self.recent_wait += 0.1 * ((loop.time() - t0) - self.recent_wait)
 
+    def _window_wait(self, now: float, units: float) -> float:
+        """Windowed: seconds until ``units`` more keep the last minute within ``per_minute``."""
+        if not self.windowed or not self.per_minute:
+            return 0.0
+        self._expire(now)
+        over = self._win_sum + min(units, self.per_minute) - self.per_minute
+        if over <= 0:
+            return 0.0
+        freed, n = 0.0, self._win_n - self._base
+        for t, u in self._charges[max(0, n):]:
+            freed += u
+            if freed >= over:
+                return max(1e-3, t + _WINDOW_S - now)
+        return _WINDOW_S  # (not reached: the log holds what the sum counts)
+
+    def _expire(self, now: float) -> None:
+        n = self._win_n - self._base
+        while 0 <= n < len(self._charges) and self._charges[n][0] <= now - _WINDOW_S:
+            self._win_sum -= self._charges[n][1]
+            n += 1
+        self._win_n = self._base + max(0, n)
+
     def _journal(self, now: float, units: float) -> None:
         """Remember recent charges (for ``sync``); the caller's task remembers its number."""
         self._last.set(self._base + len(self._charges))
         self._charges.append((now, units))
+        self._win_sum += units
+        self._expire(now)  # (before pruning: the window is shorter than the journal)
         stale = 0
         while stale < len(self._charges) and self._charges[stale][0] < now - _JOURNAL_S:
             stale += 1
@@ -176,6 +213,10 @@ class RateLimit:
         if limit is not None and limit > 0:
             self.set_ceiling(limit)
         remaining = hints.remaining(self.tokens)
+        if remaining is not None and hints.reset(self.tokens) is None and not self.windowed:
+            self.windowed = True  # no reset stated: keep any minute within the limit
+            self._win_n, self._win_sum = self._base, sum(u for _, u in self._charges)
+            self._expire(asyncio.get_running_loop().time())
         if remaining is not None:
             # told a lower limit than the provider's: its bucket says nothing about ours,
             # except that it may be emptier (shared with other clients)
