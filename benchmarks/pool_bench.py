@@ -64,6 +64,17 @@ outage           as tpm with a 60-s bucket and a 20-s outage from t = 30 s (conn
 bad-key          every call is a 401 ``invalid_api_key``: how many calls until the run stops
                  (stopped after 600 simulated s).
 
+Tail scenarios (``--only tails``; issue 12 item 5): no rate limit and no server slot cap, so
+the only cap is the runners' 32 in flight. Bound (mean-value): sum(fixed latency) x E[m] / 32.
+Targets compare dfbatch with the baselines under that same cap (the cookbook, told no limit,
+sends every request at once).
+
+tail-lognormal   latency x lognormal(sigma = 1): <= 0.8x gather's makespan.
+tail-hangs       1% of calls never return, timeout 4 s (calls of ~1.5 s, so the timeout catches
+                 the hangs, not ordinary calls): <= 0.8x the best baseline.
+tail-skewed      Pareto-sized rows, prefill-heavy latency, one oversize row: <= 0.9x the best.
+Each: hedged duplicates <= 5% of dfbatch's attempts (column hedged, from its events).
+
 Extra columns: 429/req (429s / requests), calls/row (requests / rows); per scenario: failed
 (good rows that ended with an error, worst seed), dead r/s (most requests reaching the dead
 server in any 1 s), max/10s and max/60s (most requests the server saw in any 10 / 60 s).
