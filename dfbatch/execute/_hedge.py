@@ -71,6 +71,7 @@ class LatencyModel:
         self.cover = 1.0  # the biggest call (tokens) the fit has seen
         self.ratios: list[float] = []  # sorted latency / expected of the samples
         self._stale = 0
+        self._memo: dict[float, float] = {}
 
     def observe(self, tokens: float, latency: float) -> None:
         if latency > 0 and math.isfinite(latency):
@@ -93,14 +94,18 @@ class LatencyModel:
     def ratio(self, q: float) -> float:
         """The ``q`` quantile of latency / expected (1.0 before any fit)."""
         self._refit()
-        r = self.ratios
-        return max(1.0, r[min(len(r) - 1, int(q * len(r)))]) if r else 1.0
+        got = self._memo.get(q)
+        if got is None:  # (asked for the same few quantiles at every call: kept per fit)
+            r = self.ratios
+            got = self._memo[q] = max(1.0, r[min(len(r) - 1, int(q * len(r)))]) if r else 1.0
+        return got
 
     def _refit(self) -> None:
         n = len(self.samples)
         if n < MIN_SAMPLES or (self.ratios and self._stale < max(1, n // 16)):
             return
         self._stale = 0
+        self._memo.clear()
         pts = list(self.samples)
         self.a, self.b = _resistant_line(pts)
         self.least = 0.25 * sorted(x for _, x in pts)[n // 4]
