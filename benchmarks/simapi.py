@@ -338,6 +338,7 @@ class SimStats:
     tokens_charged: int = 0
     served: Counter[int] = field(default_factory=Counter)
     log: list[dict[str, Any]] = field(default_factory=list)
+    client: Counter[str] = field(default_factory=Counter)  # what a runner reports of itself
 
 
 class SimAPI:

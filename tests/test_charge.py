@@ -12,8 +12,9 @@ import dfbatch.limits
 from benchmarks.simapi import run
 from dfbatch.execute._breaker import Breaker
 from dfbatch.execute._charge import bind_run_limits, bound, charges_per_request, count_tokens
-from dfbatch.execute._limits import Limits, RateLimit
+from dfbatch.execute._limits import Limits
 from dfbatch.execute._pause import PauseGate
+from dfbatch.execute._rate import RateLimit
 
 REQUEST = httpx.Request("POST", "http://sim.invalid/v1/chat/completions")
 

@@ -17,7 +17,7 @@ from benchmarks.simapi import run
 from dfbatch.config import BatchConfig
 from dfbatch.errors import ConfigError, RetryableError
 from dfbatch.events import BatchHedged, BatchRetried, BatchStarted, fold
-from dfbatch.execute._hedge import TIMEOUT_FLOOR_S, TailState
+from dfbatch.execute._hedge import TIMEOUT_FLOOR_S, TailState, race
 
 FAST = {"progress": False, "seed": 7, "backoff_base": 0.001, "backoff_max": 0.005}
 
@@ -169,3 +169,111 @@ def test_hedge_settings() -> None:
         BatchConfig(hedge_budget=1.5)
     with pytest.raises(ConfigError, match="hedge_after"):
         BatchConfig(hedge_after=2.0)
+
+
+def test_a_few_slow_calls_in_a_sparse_size_bucket_do_not_tilt_the_line() -> None:
+    # 250 calls of ~900 tokens at ~3 s, and 6 of ~1100 tokens that happened to be slow (the
+    # slow ones finish last): the line must not make a 900-token call "expected" at 60 s
+    state = TailState()
+    for i in range(250):
+        state.observe(850 + i % 100, 3.0 * (1 + 0.2 * (i % 5)))
+    for i in range(6):
+        state.observe(1100 + i, 20.0)
+    assert state.model.expected(900) < 6.0
+
+
+def test_a_timeout_of_an_ordinary_size_is_a_hang() -> None:
+    state = TailState()
+    assert not state.ordinary_within(100, 4.0)  # nothing seen: cannot tell
+    for _ in range(2):
+        state.observe(100, 1.0)
+    assert state.ordinary_within(100, 4.0) and not state.ordinary_within(100, 1.0)
+    assert not state.ordinary_within(1000, 4.0)  # 10x bigger than anything seen
+    for i in range(40):
+        state.observe(100 + 10 * (i % 4), 1.0 + 0.05 * (i % 5))
+    assert state.ordinary_within(120, 4.0)
+    assert not state.ordinary_within(120, 1.1)  # its own size's calls take about that long
+    assert not state.ordinary_within(120, None)
+
+
+class Hangs:
+    """0.2 s per call; the first call of the batches in ``hang`` (first ids) never returns."""
+
+    def __init__(self, hang: set[int]) -> None:
+        self.hang, self.calls = hang, Counter[int]()
+
+    async def __call__(self, batch: pl.DataFrame) -> list[int]:
+        first = batch["id"][0]
+        self.calls[first] += 1
+        await asyncio.sleep(10_000 if first in self.hang and self.calls[first] == 1 else 0.2)
+        return (batch["id"] * 2).to_list()
+
+
+def test_a_hang_shrinks_neither_the_batches_nor_the_concurrency() -> None:
+    df = _frame(4000)
+    events: list = []
+    fn = Hangs(hang={200, 204, 208})  # 3 of 16 calls in a row: not a size problem
+    out = run(dfbatch.aprocess(df, fn, encoding=_words, agents=2, timeout=2.0,
+                               hedge_after=None, on_event=events.append, **FAST))
+    _once(out, df)
+    sizes = [e.rows for e in events if isinstance(e, BatchStarted)]
+    assert fn.calls[204] == 2 and min(sizes) == max(sizes)  # no batch shrank
+    starts = sorted(e.t for e in events if isinstance(e, BatchStarted))
+    after = [t for t in starts if 2.5 < t - starts[0] < 4.5]  # the two seconds after the hang
+    before = [t for t in starts if 0.2 < t - starts[0] < 2.2]
+    assert len(after) >= 0.8 * len(before)  # the concurrency was not halved
+
+
+def test_race_adds_no_task_to_a_call_that_is_not_hedged() -> None:
+    state = TailState()
+    for _ in range(40):
+        state.observe(100, 1.0)
+    tasks: list[int] = []
+
+    async def call() -> str:
+        tasks.append(len(asyncio.all_tasks()))
+        await asyncio.sleep(0.5)
+        tasks.append(len(asyncio.all_tasks()))
+        return "first"
+
+    async def hedge() -> str:
+        msg = "no hedge for a call this fast"
+        raise AssertionError(msg)
+
+    async def go() -> str:
+        return await race(call, hedge, lambda: state.plan(100, 0.9), queued=lambda: False,
+                          may_hedge=lambda q: True)
+
+    assert run(go()) == "first"
+    assert tasks == [1, 1]  # the caller's task only
+
+
+def test_race_hedge_wins_and_the_first_copy_is_cancelled() -> None:
+    state = TailState()
+    for _ in range(40):
+        state.observe(100, 1.0)
+    cancelled: list[bool] = []
+
+    async def call() -> str:
+        try:
+            await asyncio.sleep(100)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return "first"
+
+    async def hedge() -> str:
+        await asyncio.sleep(1.0)
+        return "hedge"
+
+    async def go() -> tuple[str, float, int]:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        got = await race(call, hedge, lambda: state.plan(100, 0.9), queued=lambda: False,
+                         may_hedge=lambda q: True)
+        task = asyncio.current_task()
+        assert task is not None
+        return got, loop.time() - t0, task.cancelling()
+
+    got, took, cancelling = run(go())
+    assert got == "hedge" and cancelled == [True] and took < 5 and cancelling == 0

@@ -11,8 +11,9 @@ import pytest
 
 from benchmarks.simapi import run
 from dfbatch.execute._headers import RateHints
-from dfbatch.execute._limits import AdaptiveLimit, Cost, Outcome, RateLimit
+from dfbatch.execute._limits import AdaptiveLimit, Cost, Outcome
 from dfbatch.execute._pause import PauseGate
+from dfbatch.execute._rate import RateLimit
 
 ONE = Cost()
 LIMITED = Outcome(ok=False, rate_limited=True)
@@ -290,3 +291,52 @@ def test_overload_lowers_concurrency_even_when_a_rate_paces():
 
 def _fields(o: Outcome) -> dict[str, Any]:
     return {name: getattr(o, name) for name in o.__slots__}
+
+
+def test_remaining_without_a_reset_keeps_every_minute_within_the_limit():
+    # a gateway's fixed window (LiteLLM: remaining, no reset): after a burst of the whole
+    # window, the bucket's steady refill would send on into a window that is empty
+    async def main(reset: float | None) -> list[float]:
+        rpm = RateLimit(150)
+        times = []
+
+        async def one() -> None:
+            await rpm.acquire(ONE)
+            times.append(now())
+            left = max(0, 150 - len(times))
+            rpm.release(ONE, Outcome(hints=RateHints(limit_requests=150,
+                                                     remaining_requests=left,
+                                                     reset_requests=reset)))
+
+        for _ in range(300):
+            await in_task(one)
+        return times
+
+    times = run(main(None))
+    assert max(sum(1 for u in times if t <= u < t + 60) for t in times) <= 150
+    assert times[149] < 1.0 and times[150] >= 60.0  # the window's burst, then the next minute
+    stated = run(main(1.0))  # a reset stated: the provider refills as a bucket (no log)
+    assert stated[150] < 60.0
+
+
+def test_a_per_request_fn_is_neither_hedged_nor_cut():
+    import polars as pl
+
+    import dfbatch
+
+    slow = {0}
+
+    @dfbatch.limits.per_request
+    async def fn(batch: pl.DataFrame) -> list[int]:
+        first = batch["id"][0]
+        async with dfbatch.limits.request(tokens=1):
+            await asyncio.sleep(50.0 if first in slow else 0.1)  # (its limits may hold it)
+        return batch["id"].to_list()
+
+    events: list[Any] = []
+    df = pl.DataFrame({"id": range(400), "text": ["w"] * 400})
+    out = run(dfbatch.aprocess(df, fn, encoding=lambda ts: [1] * len(ts), progress=False,
+                               on_event=events.append, timeout=600.0))
+    assert out["error"].is_null().all()
+    kinds = {type(e).__name__ for e in events}
+    assert "BatchHedged" not in kinds and "BatchRetried" not in kinds

@@ -185,7 +185,9 @@ class FnCaller:
             if decision.kind == "fatal_run":
                 return GaveUp(fatal_message(error, decision), False, wall0, now - t_first,
                               fatal=True)
-            if limits.sizer is not None and _size_related(error, decision.status):
+            if limits.sizer is not None and _size_related(error, decision.status) and not (
+                    decision.cause == "timeout"
+                    and limits.tail.ordinary_within(batch.tokens, cfg.timeout)):  # it hung
                 limits.sizer.observe(ok=False, latency_s=now - t_call)
             if budget.may_retry(decision, now=now):
                 delay = backoff(attempt, base=cfg.backoff_base, cap=cfg.backoff_max,
@@ -218,7 +220,10 @@ class FnCaller:
                                           reserved=self.reserved)
         except Exception as exc:
             decision = classify(exc, cfg.retry_on)
-            held.outcome = Outcome(False, decision.rate_limited, decision.cause == "timeout",
+            # a call of an ordinary size that timed out hung: not a sign of overload
+            hung = limits.tail.ordinary_within(batch.tokens, cfg.timeout)
+            held.outcome = Outcome(False, decision.rate_limited,
+                                   decision.cause == "timeout" and not hung,
                                    decision.retry_after, None, seq,
                                    overloaded=decision.overloaded,
                                    hints=None if decision.hints.empty else decision.hints)
@@ -259,7 +264,9 @@ class FnCaller:
         """Call fn; with ``hedge_after``, a straggler for its size gets a duplicate (the first
         answer wins) or is cut by the adaptive timeout (``dfbatch.execute._hedge``)."""
         cfg, limits = self.cfg, self.limits
-        if not cfg.hedge_after:
+        if not cfg.hedge_after or self.per_request:
+            # an fn charging per request waits for the run's limits inside its call: its
+            # duration says nothing of a straggler, and a copy would resend every request
             return await self._call(batch, df)
         q, tail = float(cfg.hedge_after), limits.tail
         tail.attempts += 1

@@ -41,10 +41,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from statistics import median
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 from dfbatch.errors import StragglerTimeoutError
-from dfbatch.execute._limits import RateLimit
+from dfbatch.execute._rate import RateLimit
 
 T = TypeVar("T")
 
@@ -71,6 +71,7 @@ class LatencyModel:
         self.cover = 1.0  # the biggest call (tokens) the fit has seen
         self.ratios: list[float] = []  # sorted latency / expected of the samples
         self._stale = 0
+        self._memo: dict[float, float] = {}
 
     def observe(self, tokens: float, latency: float) -> None:
         if latency > 0 and math.isfinite(latency):
@@ -93,14 +94,18 @@ class LatencyModel:
     def ratio(self, q: float) -> float:
         """The ``q`` quantile of latency / expected (1.0 before any fit)."""
         self._refit()
-        r = self.ratios
-        return max(1.0, r[min(len(r) - 1, int(q * len(r)))]) if r else 1.0
+        got = self._memo.get(q)
+        if got is None:  # (asked for the same few quantiles at every call: kept per fit)
+            r = self.ratios
+            got = self._memo[q] = max(1.0, r[min(len(r) - 1, int(q * len(r)))]) if r else 1.0
+        return got
 
     def _refit(self) -> None:
         n = len(self.samples)
         if n < MIN_SAMPLES or (self.ratios and self._stale < max(1, n // 16)):
             return
         self._stale = 0
+        self._memo.clear()
         pts = list(self.samples)
         self.a, self.b = _resistant_line(pts)
         self.least = 0.25 * sorted(x for _, x in pts)[n // 4]
@@ -120,6 +125,9 @@ def _resistant_line(pts: list[tuple[float, float]]) -> tuple[float, float]:
     slopes = [(x2 - x1) / (t2 - t1) for i, (t1, x1) in enumerate(mids)
               for t2, x2 in mids[i + 1:] if t2 > t1]
     b = max(0.0, median(slopes)) if slopes else 0.0
+    # never steeper than latency in proportion to tokens: a few slow calls in a sparse bucket
+    # (the slow ones finish last) must not tilt the line until small calls look "late"
+    b = min(b, median(x / max(1.0, t) for t, x in pts))
     return max(0.0, median(x - b * t for t, x in pts)), b
 
 
@@ -172,6 +180,17 @@ class TailState:
         # a duplicate while work is queued takes capacity from it: only for a clear outlier
         return Plan(tail, OUTLIER_K * outlier, deadline, stall)
 
+    def ordinary_within(self, tokens: float, seconds: float | None) -> bool:
+        """Do calls of ``tokens`` finish well within ``seconds`` (at the outlier
+        quantile)? A timeout of such a call is a hang, not a sign its batch is too big."""
+        m = self.model
+        if seconds is None:
+            return False
+        if not m.ready:  # early: calls at least half as big (scaled) ended well within it
+            seen = [x * max(1.0, tokens / max(1.0, t)) for t, x in m.samples if 2 * t >= tokens]
+            return len(seen) >= 2 and max(seen) < 0.8 * seconds
+        return m.expected(tokens) * m.ratio(OUTLIER_Q) < seconds
+
     def may_hedge(self, budget: float, *, queued: bool,
                   rates: tuple[RateLimit | None, ...], units: tuple[float, ...]) -> bool:
         """Within budget, and no binding rate bucket that queued work needs? Counts the hedge."""
@@ -194,42 +213,125 @@ def binding(rate: RateLimit | None, units: float) -> bool:
 async def race(call: Callable[[], Awaitable[T]], hedge: Callable[[], Awaitable[T]],
                plan: Callable[[], Plan | None], *, queued: Callable[[], bool],
                may_hedge: Callable[[bool], bool]) -> T:
-    """Run ``call``; per ``plan()`` (asked again at each decision, so a call that started before
-    the model was fitted is covered too), add ``hedge`` or cut both. The first answer wins; the
-    other copy is cancelled. Every copy failed: the first copy's error is raised."""
+    """Await ``call`` in this task; per ``plan()`` (asked again at each decision, so a call
+    that started before the model was fitted is covered too), add ``hedge`` or cut the call.
+    The first answer wins; the other copy is cancelled. Every copy failed: the first copy's
+    error is raised.
+
+    The decisions run in one ``loop.call_at`` timer (re-armed for the next one), not in a
+    task: an ordinary call costs a timer, and a task starts only when a hedge is sent."""
     loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    first: asyncio.Future[T] = asyncio.ensure_future(call())
-    tasks, pending = [first], {first}
-    hedged_at: float | None = None
-    poll = POLL_S  # no plan yet: look again after 0.05 s, 0.1 s, 0.2 s ...
+    me = asyncio.current_task()
+    assert me is not None
+    race_ = _Race(loop, me, hedge, plan, queued, may_hedge)
     try:
-        while pending:
-            age = loop.time() - t0
-            p = plan()
-            if p is None:
-                wake, poll = poll, min(2 * poll, MAX_POLL_S)
-            else:
-                wake = p.next_wake(age, hedged_at)
-            done, pending = await asyncio.wait(pending, timeout=wake,
-                                               return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task.exception() is None:
-                    return task.result()
-            if done or p is None:
-                continue  # one copy failed: wait for the other (or raise below); or no plan
-            age = loop.time() - t0
-            if hedged_at is None and p.hedge_due(age, q := queued()) and may_hedge(q):
-                hedged_at = age
-                copy: asyncio.Future[T] = asyncio.ensure_future(hedge())
-                tasks.append(copy)
-                pending.add(copy)
-            elif age >= p.cut_at(hedged_at):
-                msg = (f"the call ran {age:.1f} s, far past the latency expected for its size "
-                       f"(adaptive timeout, hedge_after; set hedge_after=None to turn it off)")
-                raise StragglerTimeoutError(msg)
-        return first.result()
+        try:
+            result = await call()
+        except asyncio.CancelledError:
+            if race_.ended is None or _uncancel(me) > 0:
+                raise  # not (only) ours: the run stops, or a timeout fired
+            return race_.outcome()
+        except Exception as exc:
+            if race_.ended is not None:  # fn turned our cancel into an error
+                _uncancel(me)
+                return race_.outcome()
+            if race_.copy is not None and not race_.copy.done():
+                race_.first_error = exc  # the first copy failed: wait for the hedge
+                return await race_.wait_copy()
+            raise
+        if race_.ended is not None:  # fn swallowed our cancel
+            _uncancel(me)
+            return race_.outcome()
+        return result
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        race_.close()
+        if race_.copy is not None and not race_.copy.done():
+            race_.copy.cancel()
+            await asyncio.gather(race_.copy, return_exceptions=True)
+
+
+def _uncancel(task: asyncio.Task[Any]) -> int:
+    """Take back one cancel request of ours; the requests left (others' cancels)."""
+    undo = getattr(task, "uncancel", None)  # Python >= 3.11
+    return int(undo()) if undo is not None else 0
+
+
+class _Race(Generic[T]):
+    """The timer and the hedge of one ``race``: ``ended`` is "won" (the hedge answered first,
+    the call's task was cancelled) or "cut" (past the plan's deadline); None while it runs."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any],
+                 hedge: Callable[[], Awaitable[T]], plan: Callable[[], Plan | None],
+                 queued: Callable[[], bool], may_hedge: Callable[[bool], bool]) -> None:
+        self.loop, self.task, self.hedge, self.plan = loop, task, hedge, plan
+        self.queued, self.may_hedge = queued, may_hedge
+        self.t0 = loop.time()
+        self.hedged_at: float | None = None
+        self.copy: asyncio.Task[T] | None = None
+        self.ended: str | None = None
+        self.first_error: Exception | None = None
+        self.age = 0.0
+        self.poll = POLL_S  # no plan yet: look again after 0.05 s, 0.1 s, 0.2 s ...
+        self.timer: asyncio.TimerHandle | None = None
+        self.closed = False
+        self._arm()
+
+    def _arm(self) -> None:
+        p = self.plan()
+        if p is None:
+            wake, self.poll = self.poll, min(2 * self.poll, MAX_POLL_S)
+        else:
+            wake = p.next_wake(self.loop.time() - self.t0, self.hedged_at)
+        self.timer = self.loop.call_at(self.loop.time() + max(wake, 1e-3), self._decide)
+
+    def _decide(self) -> None:
+        self.timer = None
+        if self.closed or self.ended is not None or self.task.done():
+            return
+        p = self.plan()
+        age = self.loop.time() - self.t0
+        if p is not None and self.hedged_at is None and p.hedge_due(age, q := self.queued()) \
+                and self.may_hedge(q):
+            self.hedged_at = age
+            self.copy = self.loop.create_task(self.hedge())  # type: ignore[arg-type]
+            self.copy.add_done_callback(self._copy_done)
+        elif p is not None and age >= p.cut_at(self.hedged_at):
+            self._end("cut", age)
+            return
+        self._arm()
+
+    def _copy_done(self, copy: asyncio.Task[T]) -> None:
+        if self.closed or self.ended is not None or self.first_error is not None:
+            return
+        if not copy.cancelled() and copy.exception() is None:
+            self._end("won", self.loop.time() - self.t0)
+
+    def _end(self, how: str, age: float) -> None:
+        self.ended, self.age = how, age
+        self.task.cancel()
+
+    async def wait_copy(self) -> T:
+        """The first copy failed and the hedge still runs: its answer, or the first error."""
+        assert self.copy is not None and self.first_error is not None
+        try:
+            return await asyncio.shield(self.copy)
+        except asyncio.CancelledError:
+            if self.ended is None or _uncancel(self.task) > 0:
+                raise
+            return self.outcome()
+        except Exception:
+            raise self.first_error from None
+
+    def outcome(self) -> T:
+        if self.ended == "won":
+            assert self.copy is not None
+            return self.copy.result()
+        msg = (f"the call ran {self.age:.1f} s, far past the latency expected for its size "
+               f"(adaptive timeout, hedge_after; set hedge_after=None to turn it off)")
+        raise StragglerTimeoutError(msg)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None

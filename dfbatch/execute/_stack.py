@@ -42,9 +42,9 @@ from dfbatch.execute._limits import (
     Limit,
     Limits,
     Outcome,
-    RateLimit,
 )
 from dfbatch.execute._pause import PauseGate
+from dfbatch.execute._rate import RateLimit
 from dfbatch.execute._sizing import BatchSizer
 
 
