@@ -92,7 +92,15 @@ def _outputs(out: Outcomes, n: int, name: str, output_dtype: Any = None) -> pl.D
     rows = np.concatenate([r for r, _ in out.pieces])
     schema = decide_schema([f for _, f in out.pieces], declared(output_dtype, name))
     frames = []
+    fine: dict[tuple[Any, ...], bool] = {}  # a piece already of the run's types needs no cast
     for piece_rows, frame in out.pieces:
+        key = tuple(frame.schema.items())
+        ok = fine.get(key)
+        if ok is None:
+            ok = fine[key] = all(schema.get(n, d) == d for n, d in key)
+        if ok:
+            frames.append(frame)
+            continue
         fitted, errors = conform(frame, schema)
         if errors is not None:
             for i, err in zip(piece_rows.tolist(), errors, strict=True):

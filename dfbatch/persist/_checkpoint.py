@@ -134,6 +134,8 @@ class Journal:
         self.done = done  # journaled rows to keep, sorted by _POS
         self.closed = False
         self._seen = 0  # pieces of the pool's outcomes already journaled
+        # the pool's run position -> position in the restricted frame (None: the same)
+        self.order: np.ndarray | None = None
         done_pos = done[_POS].to_numpy().astype(np.int64)
         mask = np.ones(self.n, bool)
         mask[done_pos] = False
@@ -217,7 +219,7 @@ class Journal:
         if self.store.failure is not None:  # journaling stopped: the run goes on in memory
             return
         local = batch.rows
-        pos = self.todo[local]
+        pos = self.todo[local if self.order is None else self.order[local]]
         if self.hashes is not None:
             ident = {_ROW: pa.array(pos, pa.int64()), _HASH: self.hashes[pos]}
         else:

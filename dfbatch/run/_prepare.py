@@ -89,6 +89,8 @@ class _Job:
             reserved=reserved, limits=limits or self.limits(), engine=self.engine,
             on_batch_done=self.journal.record if self.journal is not None else None,
         )
+        if self.journal is not None:  # the pool runs the rows in batch order: map them back
+            self.journal.order = self.pool.order
         return self.pool
 
     def stop(self) -> None:
@@ -115,6 +117,8 @@ class _Job:
         emit(RunStarted(loop.time(), pool.frame.height, pool.sched.pending, sum(per_agent),
                         per_agent))
         display = open_display(progress, pool.frame.height, pool.stop if stoppable else None)
+        if display is None and on_event is None:
+            pool.recorder.emit = None  # nobody listens: the hot path builds no batch events
         ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
         in_run = mark_run()  # a blocking process() in fn runs on its own loop (execute._loop)
         try:
