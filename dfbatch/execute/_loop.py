@@ -120,32 +120,21 @@ def _run_in_thread(coro: Coroutine[Any, Any, T], on_interrupt: _Interrupt,
     loop = asyncio.new_event_loop()
     ctx = contextvars.copy_context()  # the caller's (a kernel routes output by context)
 
+    done = threading.Event()  # (not Thread.join: a join cut by Ctrl-C may lose the thread)
+
     def target() -> None:
         try:
             box["value"] = ctx.run(_run_own_loop, coro, on_interrupt, loop, box)
         except BaseException as exc:  # handed to the caller below
             box["error"] = exc
+        finally:
+            done.set()
 
     thread = threading.Thread(target=target, name="dfbatch-run", daemon=True)
     thread.start()
     try:
-        try:
-            _wait(thread, pump)
-        except KeyboardInterrupt:  # the first Ctrl-C stops the run gracefully
-            if on_interrupt.stop is None:
-                _cancel(loop, box)
-                raise
-            _soon(loop, on_interrupt)
-            try:
-                _wait(thread, pump)
-            except KeyboardInterrupt:  # a second one cancels it (paid answers: exc.partial)
-                _cancel(loop, box)
-                _wait(thread, pump)
-                interrupt = KeyboardInterrupt()
-                partial = getattr(box.get("error"), "partial", None)
-                if partial is not None:
-                    interrupt.partial = partial  # type: ignore[attr-defined]
-                raise interrupt from None
+        with _interruptible():
+            _wait_stopping(done, pump, loop, box, on_interrupt)
     finally:
         if pump is not None:
             pump.close()
@@ -154,13 +143,45 @@ def _run_in_thread(coro: Coroutine[Any, Any, T], on_interrupt: _Interrupt,
     return box["value"]  # type: ignore[no-any-return]
 
 
-def _wait(thread: threading.Thread, pump: Pump | None) -> None:
-    if pump is None:
-        thread.join()
+def _wait_stopping(done: threading.Event, pump: Pump | None, loop: asyncio.AbstractEventLoop,
+                   box: dict[str, Any], on_interrupt: _Interrupt) -> None:
+    try:
+        _wait(done, pump)
+    except KeyboardInterrupt:  # the first Ctrl-C stops the run gracefully
+        if on_interrupt.stop is None:
+            _cancel(loop, box)
+            raise
+        _soon(loop, on_interrupt)
+        try:
+            _wait(done, pump)
+        except KeyboardInterrupt:  # a second one cancels it (paid answers: exc.partial)
+            _cancel(loop, box)
+            _wait(done, pump)
+            interrupt = KeyboardInterrupt()
+            partial = getattr(box.get("error"), "partial", None)
+            if partial is not None:
+                interrupt.partial = partial  # type: ignore[attr-defined]
+            raise interrupt from None
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Ctrl-C raises ``KeyboardInterrupt`` in this (main) thread while it waits, even where
+    SIGINT was ignored or handled elsewhere (a kernel raises it too)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    while thread.is_alive():
-        thread.join(_PUMP_S)
-        pump.poll()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _wait(done: threading.Event, pump: Pump | None) -> None:
+    while not done.wait(_PUMP_S if pump is not None else 0.5):
+        if pump is not None:
+            pump.poll()
 
 
 def _soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
