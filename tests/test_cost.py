@@ -80,7 +80,8 @@ def test_row_errors_and_bisection_land_on_the_right_rows_after_reordering() -> N
 
     def fn(batch: pl.DataFrame) -> list[object]:
         if 7 in batch["id"].to_list():
-            raise ValueError("poison")  # bisected down to row 7 alone
+            msg = "poison"
+            raise ValueError(msg)  # bisected down to row 7 alone
         return [RowError("odd") if i % 2 else i for i in batch["id"]]
 
     out = dfbatch.process(df, fn, agents=2, progress=False, max_attempts=1)
@@ -92,7 +93,8 @@ def test_row_errors_and_bisection_land_on_the_right_rows_after_reordering() -> N
 
 def test_no_batch_events_are_built_when_nobody_listens(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("an event was built though nobody listens")
+        msg = "an event was built though nobody listens"
+        raise AssertionError(msg)
 
     monkeypatch.setattr(_recorder, "BatchStarted", refuse)
     monkeypatch.setattr(_recorder, "BatchFinished", refuse)
@@ -102,3 +104,30 @@ def test_no_batch_events_are_built_when_nobody_listens(monkeypatch: pytest.Monke
     with pytest.raises(AssertionError, match="nobody listens"):  # a listener gets them built
         dfbatch.process(df, lambda b: b["text"], items_per_batch=4, progress=False,
                         on_event=lambda ev: None)
+
+
+def test_plain_list_outputs_are_kept_and_built_into_one_column_at_the_end() -> None:
+    from dfbatch.execute._outputs import Values, normalize
+    from dfbatch.execute._result import _frames
+
+    piece, errors = normalize([1, None, 3], 3, "output", reserved=set())
+    assert isinstance(piece, Values) and errors is None and piece.kind is int
+    o = Outcomes(6)
+    o.pieces = [(np.array([0, 1]), Values("output", [None, None])),
+                (np.array([2, 3]), Values("output", [1, 2], int)),
+                (np.array([4, 5]), Values("output", [3, 4], int))]
+    (merged,) = _frames(o)  # one column for the three batches
+    assert merged[0].tolist() == list(range(6))
+    assert merged[1]["output"].to_list() == [None, None, 1, 2, 3, 4]
+    o.pieces.append((np.array([6]), Values("output", ["x"], str)))
+    o.n = 7
+    assert [len(r) for r, _ in _frames(o)] == [6, 1]  # another type: not merged
+
+
+def test_kept_outputs_are_a_copy_of_fns_list() -> None:
+    from dfbatch.execute._outputs import Values, normalize
+
+    returned = [1, 2]
+    piece, _ = normalize(returned, 2, "output", reserved=set())
+    returned[0] = 9  # fn reuses its list for the next batch
+    assert isinstance(piece, Values) and piece.values == [1, 2]

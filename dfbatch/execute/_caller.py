@@ -34,7 +34,7 @@ from dfbatch.execute._charge import bind_run_limits, charges_per_request
 from dfbatch.execute._headers import parse_headers
 from dfbatch.execute._hedge import race
 from dfbatch.execute._limits import Cost, Hold, Limits, Outcome
-from dfbatch.execute._outputs import normalize
+from dfbatch.execute._outputs import Output, normalize
 from dfbatch.execute._recorder import Answered, GaveUp, Verdict
 from dfbatch.execute._retry import (
     AttemptBudget,
@@ -97,7 +97,7 @@ class FnCancelledError(RetryableError):
 
 _NOTHING = Limits([])
 # an attempt: (error, its decision) or (None, None, outputs, row errors, usage)
-_Tried = tuple[Exception | None, Decision | None, pl.DataFrame | None,
+_Tried = tuple[Exception | None, Decision | None, Output | None,
                list[str | None] | None, _usage.Usage | None]
 
 

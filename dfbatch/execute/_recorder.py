@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import polars as pl
 
 from dfbatch.events import BatchFailed, BatchFinished, BatchHedged, BatchStarted, Event
 from dfbatch.execute import _usage
+from dfbatch.execute._outputs import Output
 from dfbatch.execute._scheduler import Batch
 
 CANCELLED = "cancelled"
@@ -34,7 +34,7 @@ class Outcomes:
     elapsed: np.ndarray = field(init=False)
     done: np.ndarray = field(init=False)
     errors: list[str | None] = field(init=False)
-    pieces: list[tuple[np.ndarray, pl.DataFrame]] = field(default_factory=list)
+    pieces: list[tuple[np.ndarray, Output]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.attempts = np.zeros(self.n, np.uint16)
@@ -64,7 +64,7 @@ class Outcomes:
 class Answered:
     """fn answered: one output per row (``frame``), some rows may carry their own error."""
 
-    frame: pl.DataFrame
+    frame: Output
     row_errors: list[str | None] | None
     wall0: float
     elapsed: float

@@ -64,7 +64,7 @@ import polars as pl
 
 from dfbatch.config import BatchConfig
 from dfbatch.errors import CheckpointError, CheckpointWarning, ConfigError, did_you_mean
-from dfbatch.execute._outputs import declared
+from dfbatch.execute._outputs import as_frame, declared
 from dfbatch.execute._pool import Batch, Outcomes
 from dfbatch.persist._fingerprint import callable_name as callable_name  # re-exported
 from dfbatch.persist._fingerprint import fingerprint as fingerprint  # re-exported
@@ -250,7 +250,7 @@ class Journal:
             got, frame = out.pieces[i]
             if got is rows or (len(got) == len(rows) and np.array_equal(got, rows)):
                 self._seen = len(out.pieces)
-                return frame
+                return as_frame(frame)
         return None
 
     def merge(self, sub: Outcomes) -> Outcomes:
