@@ -40,6 +40,8 @@ class BatchSizer:
     rate_bound: bool = False
     _outcomes: deque[tuple[bool, float]] = field(init=False)
     _since_change: int = 0
+    _errors: int = 0  # failures in the window (running sums: observe is on the hot path)
+    _latency: float = 0.0
 
     def __post_init__(self) -> None:
         self.target = self.initial
@@ -47,12 +49,19 @@ class BatchSizer:
 
     def observe(self, *, ok: bool, latency_s: float) -> None:
         """Record one finished call and maybe move the target by one step."""
-        self._outcomes.append((ok, latency_s))
+        window = self._outcomes
+        if len(window) == window.maxlen:
+            old_ok, old_latency = window[0]
+            self._errors -= not old_ok
+            self._latency -= old_latency
+        window.append((ok, latency_s))
+        self._errors += not ok
+        self._latency += latency_s
         self._since_change += 1
-        if self._since_change < self.window // 2 or len(self._outcomes) < self.window // 2:
+        if self._since_change < self.window // 2 or len(window) < self.window // 2:
             return
-        errors = sum(not o for o, _ in self._outcomes) / len(self._outcomes)
-        mean = sum(t for _, t in self._outcomes) / len(self._outcomes)
+        errors = self._errors / len(window)
+        mean = self._latency / len(window)
         if errors > self.high_error_rate:
             self._move(max(min(self.minimum, self.initial), self.target - 1))
         elif errors <= self.low_error_rate and self._may_grow(mean):
