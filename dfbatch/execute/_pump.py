@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 from typing import Any
 
 log = logging.getLogger("dfbatch")
@@ -90,8 +91,9 @@ Pump = KernelPump | UiPollPump
 
 
 def open_pump() -> Pump | None:
-    """A pump for the kernel this cell runs in; None outside a kernel or for an unknown one."""
-    if "ipykernel" not in sys.modules:
+    """A pump for the kernel this cell runs in; None outside a kernel, for an unknown one, or
+    off the kernel's main thread (its sockets belong to that thread)."""
+    if "ipykernel" not in sys.modules or threading.current_thread() is not threading.main_thread():
         return None
     with contextlib.suppress(Exception):
         from IPython import get_ipython
