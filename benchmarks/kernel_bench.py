@@ -13,7 +13,8 @@ kernel driven by nbclient, as one blocking cell (``dfbatch.process(...)``, ``pro
 Each side reports the best of ``--repeat`` runs in rows per wall second and per CPU second
 of the process (steadier on a shared machine; the kernel's own threads count too), and bare
 ``asyncio.gather`` + ``Semaphore`` over the same number of no-op coroutines (in the kernel: on
-a loop in a worker thread, as dfbatch runs). Ratio = kernel rows/s / script rows/s (the goal: >= 0.95).
+a loop in a worker thread, as dfbatch runs). Ratio = kernel rows/s / script rows/s (the goal:
+>= 0.95).
 """
 
 from __future__ import annotations
