@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from dfbatch.execute._pump import Pump
 
 T = TypeVar("T")
-_PUMP_S = 0.02  # how often a waiting kernel cell hands widget messages to their handlers
+_PUMP_S = 0.05  # the longest a waiting kernel cell sleeps between looks for widget messages
 _IN_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("dfbatch_in_run", default=False)
 
 
@@ -179,9 +179,13 @@ def _interruptible() -> Iterator[None]:
 
 
 def _wait(done: threading.Event, pump: Pump | None) -> None:
-    while not done.wait(_PUMP_S if pump is not None else 0.5):
-        if pump is not None:
-            pump.poll()
+    if pump is None:
+        while not done.wait(0.5):
+            pass
+        return
+    while not done.is_set():  # wakes for a message, else a few times a second only
+        pump.idle(_PUMP_S)
+        pump.poll()
 
 
 def _soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import sys
 import threading
+import time
 from typing import Any
 
 log = logging.getLogger("dfbatch")
@@ -35,6 +36,11 @@ class KernelPump:
         self.kernel, self.stream = kernel, stream
         self.socket = stream.socket
         self.held: list[Any] = []
+
+    def idle(self, timeout_s: float) -> None:
+        """Sleep until a message comes or ``timeout_s`` passes (without the interpreter lock:
+        the run's thread keeps it)."""
+        self.socket.poll(int(timeout_s * 1000))
 
     def poll(self) -> int:
         """Handle the pending comm messages (hold the others); how many were handled."""
@@ -78,6 +84,9 @@ class UiPollPump:
 
         self._cm = ui_events()
         self._poll = self._cm.__enter__()
+
+    def idle(self, timeout_s: float) -> None:
+        time.sleep(timeout_s)
 
     def poll(self) -> int:
         self._poll(10)
