@@ -30,21 +30,30 @@ print("cancelled:", (res["error"] == "cancelled").sum(), res.height)
 PLOT = """
 out.batch.plot_timeline()
 """
+BLOCKING_STOP = """
+res2 = pl.concat([df, df]).batch.process(fn, progress="widget", **opts)  # ~8 s unless stopped
+print("blocking cancelled:", (res2["error"] == "cancelled").sum(), res2.height)
+"""
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 class RecordingClient(NotebookClient):
-    """Records every iopub message with its arrival time; clicks Stop in the await cell."""
+    """Records every iopub message with its arrival time; clicks Stop in the ``click_cells``
+    (the await cell and a blocking one)."""
 
-    def __init__(self, nb: Any, click_cell: int, **kw: Any) -> None:
+    def __init__(self, nb: Any, click_cells: tuple[int, ...], **kw: Any) -> None:
         super().__init__(nb, **kw)
         self.log_msgs: list[tuple[float, int, dict[str, Any]]] = []
-        self.click_cell = click_cell
-        self.clicked_at: float | None = None
+        self.click_cells = click_cells
+        self.clicks: dict[int, float] = {}
+
+    @property
+    def clicked_at(self) -> float | None:
+        return self.clicks.get(self.click_cells[0])
 
     def process_message(self, msg: dict[str, Any], cell: Any, cell_index: int) -> Any:
         self.log_msgs.append((time.monotonic(), cell_index, msg))
-        if cell_index == self.click_cell and self.clicked_at is None:
+        if cell_index in self.click_cells and cell_index not in self.clicks:
             self._maybe_click(cell_index)
         return super().process_message(msg, cell, cell_index)
 
@@ -56,7 +65,7 @@ class RecordingClient(NotebookClient):
             click = {"comm_id": buttons[0],
                      "data": {"method": "custom", "content": {"event": "click"}}}
             self.kc.shell_channel.send(self.kc.session.msg("comm_msg", click))
-            self.clicked_at = time.monotonic()
+            self.clicks[cell_index] = time.monotonic()
 
 
 def models_by_name(log: list[tuple[float, int, dict[str, Any]]], cell: int) -> dict[str, list[str]]:
@@ -97,8 +106,9 @@ def chip(html: str, label: str) -> str:
 @pytest.fixture(scope="module")
 def run() -> tuple[RecordingClient, Any]:
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(s) for s in (SETUP, BLOCKING, AWAITED, PLOT)]
-    client = RecordingClient(nb, click_cell=2, timeout=120, kernel_name="python3",
+    nb.cells = [nbformat.v4.new_code_cell(s)
+                for s in (SETUP, BLOCKING, AWAITED, PLOT, BLOCKING_STOP, PLOT)]
+    client = RecordingClient(nb, click_cells=(2, 4), timeout=120, kernel_name="python3",
                              allow_errors=False, store_widget_state=True)
     client.execute()
     return client, nb
@@ -163,3 +173,26 @@ def test_plot_timeline_displays_as_png_once(run: Any) -> None:
     _, nb = run
     images = [o for o in nb.cells[3].outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1
+
+
+@pytest.mark.slow
+def test_stop_button_stops_a_blocking_run(run: Any) -> None:
+    """Under the blocking ``process()`` the cell's thread pumps the click to the run."""
+    client, nb = run
+    clicked = client.clicks.get(4)
+    assert clicked is not None, "the Stop button never became clickable"
+    models = models_by_name(client.log_msgs, 4)
+    button = client.widget_state[models["ButtonModel"][0]]
+    assert button["description"] == "Stopping" and button["disabled"]
+    start, end = cell_span(client.log_msgs, 4)
+    assert end - clicked < 2.0, "the blocking run went on after Stop"
+    assert end - start < 6.0  # the full run takes ~8 s
+    text = "".join(o.get("text", "") for o in nb.cells[4].outputs)
+    found = re.search(r"blocking cancelled: (\d+) (\d+)", text)
+    assert found, text
+    cancelled, height = map(int, found.groups())
+    assert height == 120 and 0 < cancelled < 120
+    bar = client.widget_state[models["IntProgressModel"][0]]
+    assert bar["bar_style"] == "danger" and bar["value"] == 120 - cancelled
+    images = [o for o in nb.cells[5].outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 1  # the kernel runs the next cell normally after the pumped one

@@ -595,8 +595,7 @@ def test_blocking_process_inside_an_async_fn_of_another_run() -> None:
 
 
 def test_blocking_process_inside_an_async_fn_of_aprocess() -> None:
-    # in a subprocess: the last step takes the nest-asyncio2 path (as in Jupyter), which patches
-    # asyncio for the whole process once applied
+    # in a subprocess: the last step is a blocking run inside a running loop (as in Jupyter)
     script = """if True:
         import asyncio, polars as pl, dfbatch
         from dfbatch.execute._loop import _IN_RUN

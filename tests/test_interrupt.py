@@ -31,11 +31,21 @@ print("WARN", [str(w.message) for w in caught], flush=True)
 '''
 
 
+# a blocking process() inside a running loop that leaves SIGINT alone (as a Jupyter kernel
+# does): the run goes on its own loop in a worker thread while this thread waits
+IN_LOOP = SCRIPT.replace(
+    "    out = dfbatch.process(df, fn, agents=2, max_concurrent_batches=4, progress=False)",
+    "    async def cell():\n"
+    "        return dfbatch.process(df, fn, agents=2, max_concurrent_batches=4, progress=False)\n"
+    "    out = asyncio.new_event_loop().run_until_complete(cell())")
+
+
 @pytest.mark.slow
-def test_sigint_returns_partial_result(tmp_path: Path) -> None:
+@pytest.mark.parametrize("script", [SCRIPT, IN_LOOP], ids=["script", "in_running_loop"])
+def test_sigint_returns_partial_result(tmp_path: Path, script: str) -> None:
     out_path = tmp_path / "partial.parquet"
     proc = subprocess.Popen(
-        [sys.executable, "-X", "dev", "-c", SCRIPT, str(out_path)],
+        [sys.executable, "-X", "dev", "-c", script, str(out_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONASYNCIODEBUG": "0"},
     )

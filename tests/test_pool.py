@@ -237,20 +237,22 @@ def test_aprocess_inside_a_running_loop() -> None:
     assert out["output"].to_list() == [expected(t) for t in texts(9)["text"]]
 
 
-def test_process_inside_a_running_loop_uses_nested_loop() -> None:
-    # in a subprocess: nest-asyncio2 patches asyncio for the whole process once applied
-    script = """if True:
-        import asyncio, polars as pl, dfbatch
-        async def inner():
-            df = pl.DataFrame({"text": ["a", "b", "c"]})
-            return dfbatch.process(df, lambda b: b["text"], progress=False)
-        out = asyncio.run(inner())
-        print(out["output"].to_list(), out["error"].null_count())
-    """
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, check=False)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "['a', 'b', 'c'] 3"
+def test_process_inside_a_running_loop_runs_on_its_own_loop_in_a_worker_thread() -> None:
+    seen: list[tuple[str, asyncio.AbstractEventLoop]] = []
+
+    async def fn(batch: pl.DataFrame) -> pl.Series:
+        seen.append((threading.current_thread().name, asyncio.get_running_loop()))
+        return batch["text"]
+
+    async def inner() -> tuple[pl.DataFrame, asyncio.AbstractEventLoop]:
+        df = pl.DataFrame({"text": ["a", "b", "c"]})
+        return dfbatch.process(df, fn, progress=False), asyncio.get_running_loop()
+
+    out, outer = asyncio.run(inner())
+    assert out["output"].to_list() == ["a", "b", "c"] and out["error"].null_count() == 3
+    assert {name for name, _ in seen} == {"dfbatch-run"}
+    assert all(loop is not outer for _, loop in seen)  # the caller's loop is not re-entered
+    assert not hasattr(outer, "_nest_patched")  # and not patched
 
 
 def test_retry_after_with_one_slot_per_agent_does_not_deadlock() -> None:

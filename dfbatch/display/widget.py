@@ -13,8 +13,8 @@ message, which the kernel's IOPub thread pays for); figure frames are drawn by a
 waits for the interpreter lock, at most once per second, and less often when drawing is slow
 (a token bucket keeps the drawing CPU time under ~2% of wall time). Finished frames are
 published as PNG bytes into an ``ipywidgets.Image`` from the loop thread, in the cell's
-context. No ``Output`` widget and no ``with out:`` is used, so updates work under nested
-event loops (nest-asyncio2) too.
+context. No ``Output`` widget and no ``with out:`` is used, so updates work from the worker
+thread of a blocking run too (ipykernel routes them by context, which the worker copies).
 
 Stop button
 -----------
@@ -26,12 +26,12 @@ and the partial result is returned (unfinished rows get ``error='cancelled'``).
   holds the shell lock), so the click reaches ``stop`` during the run. Checked with ipykernel
   7.4 (tests/test_display_kernel.py clicks it). ipykernel 6 handles shell messages one at a
   time, so there the click should wait until the cell ends (not tested); interrupt instead.
-- ``df.batch.process(...)`` (blocking): cannot work, so the run passes ``stop=None`` and the
-  button is disabled. The kernel does receive the click, but it handles shell messages in
-  one shared ``contextvars.Context`` that the running cell has entered, and nest-asyncio2
-  defers such handles until the nested loop exits, i.e. until the run is over. Interrupt
-  the kernel (the stop button of the notebook, or Ctrl-C in a terminal) instead: the first
-  interrupt stops the run gracefully and returns the partial result.
+- ``df.batch.process(...)`` (blocking): works too. The run gets its own loop in a worker
+  thread (``dfbatch.execute._loop``) while the cell's thread waits and pumps the kernel's
+  widget messages (``dfbatch.execute._pump``: ipykernel 7 read directly, ipykernel 6 through
+  jupyter-ui-poll), so the click reaches ``stop``, which the run hands to its own loop. With a
+  kernel the pump does not know, the button is disabled: interrupt the kernel instead (the
+  first interrupt stops the run gracefully and returns the partial result).
 
 Examples
 --------
@@ -63,8 +63,8 @@ log = logging.getLogger("dfbatch.display")
 _now = time.monotonic  # the throttle's clock (tests replace it)
 
 _STOP_HELP = (
-    "Stop works under `await df.batch.aprocess(...)`. "
-    "For a blocking call, interrupt the kernel (returns the partial result)."
+    "Stop cannot reach this blocking call from this kernel; "
+    "interrupt the kernel instead (returns the partial result)."
 )
 
 

@@ -61,7 +61,7 @@ class BatchMeta:
     call_anyway: bool
 
 
-def to_wire(df: pl.DataFrame) -> Any:
+def to_wire(df: Any) -> Any:
     """A frame as an Arrow table (zero-copy in Ray's object store), or as is if it cannot be."""
     try:
         return df.to_arrow()

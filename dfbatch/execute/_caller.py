@@ -12,13 +12,12 @@ returns ``Answered`` or ``GaveUp``; the pool records it. Anything that calls bat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import inspect
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -34,7 +33,7 @@ from dfbatch.execute._charge import bind_run_limits, charges_per_request
 from dfbatch.execute._headers import parse_headers
 from dfbatch.execute._hedge import race
 from dfbatch.execute._limits import Cost, Hold, Limits, Outcome
-from dfbatch.execute._outputs import normalize
+from dfbatch.execute._outputs import Output, normalize
 from dfbatch.execute._recorder import Answered, GaveUp, Verdict
 from dfbatch.execute._retry import (
     AttemptBudget,
@@ -97,7 +96,7 @@ class FnCancelledError(RetryableError):
 
 _NOTHING = Limits([])
 # an attempt: (error, its decision) or (None, None, outputs, row errors, usage)
-_Tried = tuple[Exception | None, Decision | None, pl.DataFrame | None,
+_Tried = tuple[Exception | None, Decision | None, Output | None,
                list[str | None] | None, _usage.Usage | None]
 
 
@@ -113,6 +112,27 @@ class _Pass:
         if self.breaker is not None and self.ticket is not None and not self.done:
             self.breaker.record(self.ticket, health)
             self.done = True
+
+
+class _Admit:
+    """``async with``: a call's pass through the breaker (a class, not a generator-based
+    context manager: it is entered once per attempt)."""
+
+    __slots__ = ("breaker", "ticket")
+
+    def __init__(self, breaker: Breaker | None) -> None:
+        self.breaker = breaker
+        self.ticket = _Pass(None, None)
+
+    async def __aenter__(self) -> _Pass:
+        if self.breaker is not None:
+            self.ticket = _Pass(self.breaker, await self.breaker.wait())
+        return self.ticket
+
+    async def __aexit__(self, *exc: object) -> None:
+        ticket = self.ticket
+        if ticket.breaker is not None and not ticket.done:
+            ticket.breaker.cancel(ticket.ticket)  # type: ignore[arg-type]
 
 
 class FnCaller:
@@ -244,20 +264,10 @@ class FnCaller:
         breaker = self.limits.breaker
         return decision.cause == "timeout" and (breaker is None or breaker.closed)
 
-    @contextlib.asynccontextmanager
-    async def _admit(self) -> AsyncIterator[_Pass]:
+    def _admit(self) -> _Admit:
         """The breaker's pass for one plain call (fns that charge per request pass it per
         request, inside ``dfbatch.limits.request``); a call that ends unrecorded frees it."""
-        breaker = None if self.per_request else self.limits.breaker
-        if breaker is None:
-            yield _Pass(None, None)
-            return
-        ticket = _Pass(breaker, await breaker.wait())
-        try:
-            yield ticket
-        finally:
-            if not ticket.done:
-                breaker.cancel(ticket.ticket)  # type: ignore[arg-type]
+        return _Admit(None if self.per_request else self.limits.breaker)
 
     async def _call_hedged(self, a: int, batch: Batch, df: pl.DataFrame,
                            cost: Cost) -> tuple[Any, _usage.Usage]:

@@ -26,16 +26,76 @@ import polars as pl
 
 from dfbatch.errors import OutputError
 
+_SCALARS = (int, float, str, bool)
+
+
+class Values:
+    """A batch's outputs as fn returned them: a list of plain scalars of one Python type (None
+    allowed). Polars needs ~20 µs to build a Series however short it is, so the run keeps the
+    list and builds one column for many batches at the end (``dfbatch.execute._result``);
+    ``frame()`` builds this batch's alone (the journal, a mixed run)."""
+
+    __slots__ = ("kind", "name", "values")
+
+    def __init__(self, name: str, values: list[Any], kind: type | None = None) -> None:
+        self.name, self.values, self.kind = name, values, kind  # kind None: all values None
+
+    @property
+    def height(self) -> int:
+        return len(self.values)
+
+    def frame(self) -> pl.DataFrame:
+        return _column(self.name, self.values)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # (shipped back by Ray actors)
+        return (Values, (self.name, self.values, self.kind))
+
+
+Output = pl.DataFrame | Values
+
+
+def as_frame(piece: Output) -> pl.DataFrame:
+    """A batch's outputs as a frame."""
+    return piece.frame() if isinstance(piece, Values) else piece
+
+
+def _column(name: str, values: list[Any]) -> pl.DataFrame:
+    try:
+        return pl.Series(name, values, strict=False).to_frame()
+    except Exception as exc:
+        msg = f"fn returned values polars cannot put in one column ({exc}); return one type"
+        raise OutputError(msg) from None
+
+
+def _scalar_kind(values: list[Any]) -> tuple[bool, type | None]:
+    """Are ``values`` plain scalars of one Python type, and which (None: all None)?"""
+    kind: type | None = None
+    for v in values:
+        if v is None:
+            continue
+        if kind is None:
+            kind = type(v)
+            if kind not in _SCALARS:
+                return False, None
+        elif type(v) is not kind:
+            return False, None
+    return True, kind
+
 
 def normalize(
     value: Any, n_rows: int, name: str, *, reserved: set[str]
-) -> tuple[pl.DataFrame, list[str | None] | None]:
+) -> tuple[Output, list[str | None] | None]:
     """Validate fn's return value for a batch of ``n_rows`` rows.
 
-    Returns the output frame (``n_rows`` rows) and the per-row error texts (None when no row
-    failed). Raises ``OutputError`` with a message that says what fn should return.
+    Returns the outputs (``n_rows`` rows: a frame, or ``Values`` for a list of plain scalars of
+    one type) and the per-row error texts (None when no row failed). Raises ``OutputError``
+    with a message that says what fn should return.
     """
     errors: list[str | None] | None = None
+    if type(value) is list and len(value) == n_rows:
+        plain, kind = _scalar_kind(value)
+        if plain:
+            return Values(name, list(value), kind), None  # (a copy: fn may reuse its list)
     if isinstance(value, pl.DataFrame):
         frame = value
         clash = sorted(set(frame.columns) & reserved)
@@ -51,11 +111,7 @@ def normalize(
         frame = pl.Series(name, value).to_frame()
     elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         values, errors = _split_errors(value)
-        try:
-            frame = pl.Series(name, values, strict=False).to_frame()
-        except Exception as exc:
-            msg = f"fn returned values polars cannot put in one column ({exc}); return one type"
-            raise OutputError(msg) from None
+        frame = _column(name, values)
     else:
         msg = (
             "fn must return one output per row: a list, a pl.Series or a pl.DataFrame, "

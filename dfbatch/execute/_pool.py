@@ -4,8 +4,14 @@ Each agent takes a concurrency slot, asks the ``Scheduler`` for its next batch a
 task: the ``Caller`` turns the batch into a verdict, the ``Recorder`` records it (or the
 scheduler bisects a failed multi-row batch). The limits come in as a ``RunLimits`` built once
 per run. Cancelling ``run()`` (Ctrl-C) or ``stop()`` (the Stop button) cancels every call in
-flight and marks unfinished rows ``"cancelled"``. The pool slices the frame it is given and
-knows nothing else about Polars.
+flight and marks unfinished rows ``"cancelled"``.
+
+**Contiguous batches.** The pool reorders the frame it is given once, by batch (one gather for
+the whole frame), so each batch is a zero-copy ``frame.slice`` and its outcomes are stamped
+through basic slices; bisected and resized batches stay contiguous ranges. ``order`` maps the
+run's positions back to the frame's (``None``: the frame was in batch order already), and
+``run`` / ``out`` return the outcomes in the frame's order. The pool knows nothing else about
+Polars.
 """
 
 from __future__ import annotations
@@ -46,12 +52,16 @@ class Pool:
         *,
         row_tokens: np.ndarray,
         row_bytes: np.ndarray | None = None,
-        emit: Callable[[Event], None],
+        emit: Callable[[Event], None] | None,
         reserved: set[str],
         on_batch_done: Callable[[Batch, Outcomes], None] | None = None,
         limits: RunLimits | None = None,
         engine: CallerFactory = LOCAL,
     ) -> None:
+        self.order, frame, batches = contiguous(frame, batches)
+        if self.order is not None:
+            row_tokens = row_tokens[self.order]
+            row_bytes = row_bytes[self.order] if row_bytes is not None else None
         self.frame = frame
         self.token_limit = cfg.token_limit
         if limits is None:
@@ -75,7 +85,9 @@ class Pool:
 
     @property
     def out(self) -> Outcomes:
-        return self.recorder.out
+        """The outcomes so far, in the order of the frame the pool was given."""
+        out = self.recorder.out
+        return out if self.order is None else out.reordered(self.order)
 
     async def run(self) -> Outcomes:
         """Run to completion, or until ``stop()``: then unfinished rows are ``"cancelled"``.
@@ -164,12 +176,10 @@ class Pool:
             self.recorder.failed(a, batch, verdict.error, verdict.wall0, verdict.elapsed)
 
     def _slice(self, batch: Batch) -> pl.DataFrame:
-        """The rows fn gets for ``batch``."""
-        rows = batch.rows
-        n = len(rows)
-        if n and rows[-1] - rows[0] == n - 1 and (n < 3 or bool((np.diff(rows) == 1).all())):
-            return self.frame.slice(int(rows[0]), n)  # contiguous rows: a zero-copy slice
-        return self.frame[rows]
+        """The rows fn gets for ``batch``: a zero-copy slice where they are contiguous."""
+        if batch.at >= 0:
+            return self.frame.slice(batch.at, len(batch.rows))
+        return self.frame[batch.rows]
 
     def _notify(self) -> None:
         if self._wake is not None:
@@ -180,3 +190,32 @@ class Pool:
         if not task.cancelled() and task.exception() is not None and self.crash is None:
             self.crash = task.exception()  # a bug in dfbatch itself: surface it, do not hang
             self.stop()
+
+
+def contiguous(
+    frame: pl.DataFrame, batches: list[list[Batch]]
+) -> tuple[np.ndarray | None, pl.DataFrame, list[list[Batch]]]:
+    """``frame`` reordered so each batch's rows are one contiguous range (one gather), the
+    batches renumbered to those ranges, and the order (run position -> frame position; None
+    when the frame needs no reordering). Rows in no batch go last."""
+    flat = [b for q in batches for b in q]
+    if not flat:
+        return None, frame, batches
+    order = np.concatenate([b.rows for b in flat]).astype(np.int64, copy=False)
+    if len(order) < frame.height:
+        order = np.concatenate([order, np.setdiff1d(np.arange(frame.height), order)])
+    identity = len(order) == frame.height and bool((order == np.arange(len(order))).all())
+    positions = np.arange(len(order))
+    renumbered: list[list[Batch]] = []
+    at = 0
+    for q in batches:
+        moved = []
+        for b in q:
+            n = len(b.rows)
+            moved.append(Batch(b.id, b.planned_agent, positions[at:at + n], b.tokens, b.nbytes,
+                               b.call_anyway, b.frozen, at))
+            at += n
+        renumbered.append(moved)
+    if identity:
+        return None, frame, renumbered
+    return order, frame[order], renumbered

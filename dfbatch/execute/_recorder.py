@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import polars as pl
 
 from dfbatch.events import BatchFailed, BatchFinished, BatchHedged, BatchStarted, Event
 from dfbatch.execute import _usage
+from dfbatch.execute._outputs import Output
 from dfbatch.execute._scheduler import Batch
 
 CANCELLED = "cancelled"
@@ -34,7 +34,7 @@ class Outcomes:
     elapsed: np.ndarray = field(init=False)
     done: np.ndarray = field(init=False)
     errors: list[str | None] = field(init=False)
-    pieces: list[tuple[np.ndarray, pl.DataFrame]] = field(default_factory=list)
+    pieces: list[tuple[np.ndarray, Output]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.attempts = np.zeros(self.n, np.uint16)
@@ -45,12 +45,26 @@ class Outcomes:
         self.done = np.zeros(self.n, bool)
         self.errors = [None] * self.n
 
+    def reordered(self, order: np.ndarray) -> Outcomes:
+        """These outcomes, kept by run position, in the frame's order (``order[i]``: where
+        run position ``i`` is in the frame)."""
+        out = Outcomes(self.n)
+        for mine, theirs in ((out.attempts, self.attempts), (out.run_batch, self.run_batch),
+                             (out.run_agent, self.run_agent), (out.started, self.started),
+                             (out.elapsed, self.elapsed), (out.done, self.done)):
+            mine[order] = theirs
+        errors = np.empty(self.n, object)
+        errors[order] = self.errors
+        out.errors = errors.tolist()
+        out.pieces = [(order[rows], frame) for rows, frame in self.pieces]
+        return out
+
 
 @dataclass(slots=True)
 class Answered:
     """fn answered: one output per row (``frame``), some rows may carry their own error."""
 
-    frame: pl.DataFrame
+    frame: Output
     row_errors: list[str | None] | None
     wall0: float
     elapsed: float
@@ -75,27 +89,30 @@ Verdict = Answered | GaveUp
 class Recorder:
     """Turns what happened to each batch into ``Outcomes`` rows and events."""
 
-    def __init__(self, n_rows: int, emit: Callable[[Event], None],
+    def __init__(self, n_rows: int, emit: Callable[[Event], None] | None,
                  on_batch_done: Callable[[Batch, Outcomes], None] | None = None) -> None:
         self.out = Outcomes(n_rows)
-        self.emit = emit
+        self.emit = emit  # None: nobody listens, no event is built
         self.on_batch_done = on_batch_done
 
     def started(self, a: int, batch: Batch, attempt: int, t: float) -> None:
-        self.out.attempts[batch.rows] += 1
-        self.emit(BatchStarted(t, batch.id, a, batch.planned_agent, len(batch.rows),
-                               batch.tokens, attempt))
+        self.out.attempts[batch.index] += 1
+        if self.emit is not None:
+            self.emit(BatchStarted(t, batch.id, a, batch.planned_agent, len(batch.rows),
+                                   batch.tokens, attempt))
 
     def event(self, batch: Batch, ev: Event) -> None:
         """An event from the caller (retried, hedged); a hedge is one more attempt per row."""
         if isinstance(ev, BatchHedged):
-            self.out.attempts[batch.rows] += 1
-        self.emit(ev)
+            self.out.attempts[batch.index] += 1
+        if self.emit is not None:
+            self.emit(ev)
 
     def bisected(self, a: int, batch: Batch, error: str, elapsed: float) -> None:
-        t = asyncio.get_running_loop().time()
-        self.emit(BatchFailed(t, batch.id, a, batch.planned_agent, len(batch.rows),
-                              batch.tokens, elapsed, error, bisected=True))
+        if self.emit is not None:
+            t = asyncio.get_running_loop().time()
+            self.emit(BatchFailed(t, batch.id, a, batch.planned_agent, len(batch.rows),
+                                  batch.tokens, elapsed, error, bisected=True))
 
     def answered(self, a: int, batch: Batch, v: Answered) -> None:
         self._stamp(a, batch, v.wall0, v.elapsed)
@@ -105,10 +122,11 @@ class Recorder:
             for i, err in zip(batch.rows.tolist(), v.row_errors, strict=True):
                 self.out.errors[i] = err
                 n_err += err is not None
-        t = asyncio.get_running_loop().time()
-        self.emit(BatchFinished(t, batch.id, a, batch.planned_agent, len(batch.rows),
-                                batch.tokens, v.elapsed, len(batch.rows) - n_err, n_err,
-                                v.used.input_tokens, v.used.output_tokens))
+        if self.emit is not None:
+            t = asyncio.get_running_loop().time()
+            self.emit(BatchFinished(t, batch.id, a, batch.planned_agent, len(batch.rows),
+                                    batch.tokens, v.elapsed, len(batch.rows) - n_err, n_err,
+                                    v.used.input_tokens, v.used.output_tokens))
         if self.on_batch_done is not None:
             self.on_batch_done(batch, self.out)
 
@@ -116,9 +134,10 @@ class Recorder:
         self._stamp(a, batch, wall0, elapsed)
         for i in batch.rows.tolist():
             self.out.errors[i] = msg
-        t = asyncio.get_running_loop().time()
-        self.emit(BatchFailed(t, batch.id, a, batch.planned_agent, len(batch.rows),
-                              batch.tokens, elapsed, msg))
+        if self.emit is not None:
+            t = asyncio.get_running_loop().time()
+            self.emit(BatchFailed(t, batch.id, a, batch.planned_agent, len(batch.rows),
+                                  batch.tokens, elapsed, msg))
         if self.on_batch_done is not None:
             self.on_batch_done(batch, self.out)
 
@@ -131,7 +150,7 @@ class Recorder:
         return int((~self.out.done).sum())
 
     def _stamp(self, a: int, batch: Batch, wall0: float, elapsed: float) -> None:
-        rows, o = batch.rows, self.out
+        rows, o = batch.index, self.out
         o.run_batch[rows] = batch.id
         o.run_agent[rows] = a
         o.started[rows] = wall0

@@ -16,8 +16,8 @@ import numpy as np
 import polars as pl
 
 from dfbatch.config import Columns
-from dfbatch.errors import ColumnError
-from dfbatch.execute._outputs import conform, decide_schema, declared
+from dfbatch.errors import ColumnError, OutputError
+from dfbatch.execute._outputs import Values, conform, decide_schema, declared
 from dfbatch.execute._recorder import Outcomes
 
 _ROW = "__dfbatch_row"
@@ -85,14 +85,23 @@ def attach_partial(
 def _outputs(out: Outcomes, n: int, name: str, output_dtype: Any = None) -> pl.DataFrame:
     """The output columns, one type per column for the whole run (``conform``): values that
     do not fit the type decided by ``output_dtype`` or the first batch become row errors."""
-    if not out.pieces:
+    pieces = _frames(out)
+    if not pieces:
         empty = pl.DataFrame({name: pl.Series(name, [None] * n, dtype=pl.Null)})
         schema = declared(output_dtype, name)
         return empty if schema is None else conform(empty, schema)[0]
-    rows = np.concatenate([r for r, _ in out.pieces])
-    schema = decide_schema([f for _, f in out.pieces], declared(output_dtype, name))
+    rows = np.concatenate([r for r, _ in pieces])
+    schema = decide_schema([f for _, f in pieces], declared(output_dtype, name))
     frames = []
-    for piece_rows, frame in out.pieces:
+    fine: dict[tuple[Any, ...], bool] = {}  # a piece already of the run's types needs no cast
+    for piece_rows, frame in pieces:
+        key = tuple(frame.schema.items())
+        ok = fine.get(key)
+        if ok is None:
+            ok = fine[key] = all(schema.get(n, d) == d for n, d in key)
+        if ok:
+            frames.append(frame)
+            continue
         fitted, errors = conform(frame, schema)
         if errors is not None:
             for i, err in zip(piece_rows.tolist(), errors, strict=True):
@@ -103,6 +112,60 @@ def _outputs(out: Outcomes, n: int, name: str, output_dtype: Any = None) -> pl.D
     joined = joined.with_columns(pl.Series(_ROW, rows, dtype=pl.Int64))
     base = pl.DataFrame({_ROW: pl.int_range(n, eager=True, dtype=pl.Int64)})
     return base.join(joined, on=_ROW, how="left", maintain_order="left").drop(_ROW)
+
+
+def _frames(out: Outcomes) -> list[tuple[np.ndarray, pl.DataFrame]]:
+    """The pieces as frames; each run of consecutive ``Values`` pieces of one Python type
+    becomes one frame built at once where that changes nothing (the type its first batch alone
+    would get, no value lost), else one frame per piece. A piece polars cannot build fails its
+    rows."""
+    result: list[tuple[np.ndarray, pl.DataFrame]] = []
+    run: list[tuple[np.ndarray, Values]] = []
+    kind: list[type | None] = [None]  # the run's one Python type (None: no value yet)
+
+    def flush() -> None:
+        merged = _merged(run)
+        if merged is not None:
+            result.append(merged)
+        else:
+            for rows, piece in run:
+                try:
+                    result.append((rows, piece.frame()))
+                except OutputError as exc:
+                    for i in rows.tolist():
+                        out.errors[i] = out.errors[i] or str(exc)
+        run.clear()
+        kind[0] = None
+
+    for rows, piece in out.pieces:
+        if isinstance(piece, Values):
+            if run and (run[0][1].name != piece.name
+                        or (None not in (kind[0], piece.kind) and kind[0] is not piece.kind)):
+                flush()
+            run.append((rows, piece))
+            kind[0] = kind[0] or piece.kind
+            continue
+        if run:
+            flush()
+        result.append((rows, piece))
+    if run:
+        flush()
+    return result
+
+
+def _merged(run: list[tuple[np.ndarray, Values]]) -> tuple[np.ndarray, pl.DataFrame] | None:
+    if len(run) == 1:
+        return None
+    first = next((v for _, v in run if any(x is not None for x in v.values)), None)
+    values = [x for _, v in run for x in v.values]
+    try:
+        column = pl.Series(run[0][1].name, values, strict=False)
+        alone = first.frame().to_series().dtype if first is not None else pl.Null
+    except Exception:
+        return None
+    if column.dtype != alone or column.null_count() != sum(x is None for x in values):
+        return None
+    return np.concatenate([r for r, _ in run]), column.to_frame()
 
 
 def _require(result: pl.DataFrame, columns: Columns) -> None:

@@ -33,7 +33,11 @@ from dfbatch.execute._sizing import BatchSizer
 
 @dataclass(slots=True)
 class Batch:
-    """Rows (positions in the frame) that go to fn in one call."""
+    """Rows (positions in the frame) that go to fn in one call.
+
+    ``at`` >= 0: the rows are the contiguous range ``at .. at + len(rows)`` (the pool cuts them
+    as a zero-copy slice and stamps outcomes through ``index``, a basic slice); -1: scattered.
+    """
 
     id: int
     planned_agent: int
@@ -42,6 +46,12 @@ class Batch:
     nbytes: int
     call_anyway: bool = False  # a single oversize row sent under oversize="call"
     frozen: bool = False  # made by bisection: dynamic sizing never merges it back
+    at: int = -1
+
+    @property
+    def index(self) -> slice | np.ndarray:
+        """What indexes this batch's rows in per-row arrays: a slice where contiguous."""
+        return slice(self.at, self.at + len(self.rows)) if self.at >= 0 else self.rows
 
 
 class Scheduler:
@@ -111,7 +121,8 @@ class Scheduler:
     def halves(self, batch: Batch) -> list[Batch]:
         """``batch`` cut in two (frozen: dynamic sizing never merges them back)."""
         mid = len(batch.rows) // 2
-        halves = [self._new_batch(batch, rows) for rows in (batch.rows[:mid], batch.rows[mid:])]
+        halves = [self._new_batch(batch, batch.rows[:mid], _at(batch, 0)),
+                  self._new_batch(batch, batch.rows[mid:], _at(batch, mid))]
         for half in halves:
             half.frozen = True
         return halves
@@ -124,29 +135,39 @@ class Scheduler:
         if batch.call_anyway or batch.frozen or n == target or target == self.sizer.initial:
             return batch
         if n > target:
-            rest = [batch.rows[i:i + target] for i in range(target, n, target)]
-            self.requeue(qi, [self._new_batch(batch, r) for r in rest])
-            return self._new_batch(batch, batch.rows[:target])
+            rest = [self._new_batch(batch, batch.rows[i:i + target], _at(batch, i))
+                    for i in range(target, n, target)]
+            self.requeue(qi, rest)
+            return self._new_batch(batch, batch.rows[:target], _at(batch, 0))
         q, parts, overhead = self.queues[qi], [batch.rows], self.cfg.request_overhead_tokens
+        at = batch.at  # stays contiguous while each merged batch starts where the last ends
         tokens = batch.tokens
         while q and n + len(q[0].rows) <= target and not (q[0].call_anyway or q[0].frozen) and (
             tokens + q[0].tokens - overhead <= self.cfg.token_limit
         ):
             nxt = q.popleft()
+            if at >= 0 and nxt.at != at + n:
+                at = -1
             self.queued_load[qi] -= nxt.tokens
             self.pending -= 1  # merged into this batch
             parts.append(nxt.rows)
             tokens += nxt.tokens - overhead
             n += len(nxt.rows)
-        return batch if len(parts) == 1 else self._new_batch(batch, np.concatenate(parts))
+        return batch if len(parts) == 1 else self._new_batch(batch, np.concatenate(parts), at)
 
-    def _new_batch(self, parent: Batch, rows: np.ndarray) -> Batch:
+    def _new_batch(self, parent: Batch, rows: np.ndarray, at: int = -1) -> Batch:
         """A batch made of some rows of ``parent`` (split, bisected or merged), with a new id."""
-        nbytes = int(self.row_bytes[rows].sum()) if self.row_bytes is not None else parent.nbytes
+        idx = slice(at, at + len(rows)) if at >= 0 else rows
+        nbytes = int(self.row_bytes[idx].sum()) if self.row_bytes is not None else parent.nbytes
         self.next_id += 1
-        return Batch(self.next_id - 1, parent.planned_agent, rows, self._tokens(rows), nbytes)
+        return Batch(self.next_id - 1, parent.planned_agent, rows, self._tokens(idx, len(rows)),
+                     nbytes, at=at)
 
-    def _tokens(self, rows: np.ndarray) -> int:
+    def _tokens(self, idx: slice | np.ndarray, n: int) -> int:
         per_row = self.cfg.output_tokens_per_row
-        return int(self.cfg.request_overhead_tokens + self.row_tokens[rows].sum()
-                   + per_row * len(rows))
+        return int(self.cfg.request_overhead_tokens + self.row_tokens[idx].sum() + per_row * n)
+
+
+def _at(batch: Batch, offset: int) -> int:
+    """Where a part of ``batch`` starting ``offset`` rows in begins (-1: scattered)."""
+    return batch.at + offset if batch.at >= 0 else -1

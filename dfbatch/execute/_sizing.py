@@ -40,7 +40,8 @@ class BatchSizer:
     rate_bound: bool = False
     _outcomes: deque[tuple[bool, float]] = field(init=False)
     _since_change: int = 0
-    _failed: int = 0  # failures among _outcomes (kept as it goes: observe runs once per call)
+    _errors: int = 0  # failures in the window (running sums: observe is on the hot path)
+    _latency: float = 0.0
 
     def __post_init__(self) -> None:
         self.target = self.initial
@@ -48,28 +49,31 @@ class BatchSizer:
 
     def observe(self, *, ok: bool, latency_s: float) -> None:
         """Record one finished call and maybe move the target by one step."""
-        if len(self._outcomes) == self.window:
-            self._failed -= not self._outcomes[0][0]
-        self._outcomes.append((ok, latency_s))
-        self._failed += not ok
+        window = self._outcomes
+        if len(window) == window.maxlen:
+            old_ok, old_latency = window[0]
+            self._errors -= not old_ok
+            self._latency -= old_latency
+        window.append((ok, latency_s))
+        self._errors += not ok
+        self._latency += latency_s
         self._since_change += 1
-        if self._since_change < self.window // 2 or len(self._outcomes) < self.window // 2:
+        if self._since_change < self.window // 2 or len(window) < self.window // 2:
             return
-        errors = self._failed / len(self._outcomes)
+        errors = self._errors / len(window)
+        mean = self._latency / len(window)
         if errors > self.high_error_rate:
             self._move(max(min(self.minimum, self.initial), self.target - 1))
-        elif errors <= self.low_error_rate and self._may_grow():
+        elif errors <= self.low_error_rate and self._may_grow(mean):
             step = max(1, self.target // 2) if self.rate_bound else 1  # the rate binds: grow fast
             cap = self.rate_bound_items if self.rate_bound else self.max_items
             self._move(min(cap, self.target + step))
 
-    def _may_grow(self) -> bool:
+    def _may_grow(self, mean_latency: float) -> bool:
         if self.rate_bound:
             return self.target < self.rate_bound_items
-        if self.target_latency_s is None or self.target >= self.max_items:
-            return False
-        mean = sum(t for _, t in self._outcomes) / len(self._outcomes)
-        return mean < self.target_latency_s
+        fast = self.target_latency_s is not None and mean_latency < self.target_latency_s
+        return fast and self.target < self.max_items
 
     def _move(self, target: int) -> None:
         if target != self.target:

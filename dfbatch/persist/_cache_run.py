@@ -37,6 +37,7 @@ import polars as pl
 
 from dfbatch.config import BatchConfig
 from dfbatch.errors import CheckpointWarning, ConfigError, did_you_mean
+from dfbatch.execute._outputs import as_frame
 from dfbatch.execute._pool import Batch, Outcomes
 from dfbatch.persist._cache import Cache
 from dfbatch.persist._fingerprint import fn_identity
@@ -162,6 +163,8 @@ class CacheRun:
         self.n = 0
         self.k1 = self.k2 = np.zeros(0, np.uint64)
         self.todo = np.zeros(0, np.int64)
+        # the pool's run position -> position in the frame it was given (None: the same)
+        self.order: np.ndarray | None = None
         self.hits = np.zeros(0, np.int64)
         self._pieces: list[tuple[np.ndarray, Any]] = []
         self._errs: dict[int, str] = {}
@@ -222,7 +225,7 @@ class CacheRun:
         if self.failure is not None:
             return
         local = batch.rows
-        pos = self.todo[local]
+        pos = self.todo[local if self.order is None else self.order[local]]
         errors = [out.errors[i] for i in local.tolist()]
         keep = np.array([e is None or self.cache_errors for e in errors], bool)
         if not keep.any():
@@ -237,7 +240,7 @@ class CacheRun:
             got, frame = out.pieces[i]
             if got is rows or (len(got) == len(rows) and np.array_equal(got, rows)):
                 self._seen = len(out.pieces)
-                return frame
+                return as_frame(frame)
         return None
 
     def merge(self, sub: Outcomes) -> Outcomes:

@@ -64,7 +64,7 @@ import polars as pl
 
 from dfbatch.config import BatchConfig
 from dfbatch.errors import CheckpointError, CheckpointWarning, ConfigError, did_you_mean
-from dfbatch.execute._outputs import declared
+from dfbatch.execute._outputs import as_frame, declared
 from dfbatch.execute._pool import Batch, Outcomes
 from dfbatch.persist._fingerprint import callable_name as callable_name  # re-exported
 from dfbatch.persist._fingerprint import fingerprint as fingerprint  # re-exported
@@ -137,6 +137,8 @@ class Journal:
         # with cache=, the pool runs only the uncached rows of ``todo``: its row i is todo
         # index inner[i] (``dfbatch.persist._cache_run``)
         self.inner: np.ndarray | None = None
+        # the pool's run position -> position in the frame it was given (None: the same)
+        self.order: np.ndarray | None = None
         done_pos = done[_POS].to_numpy().astype(np.int64)
         mask = np.ones(self.n, bool)
         mask[done_pos] = False
@@ -220,7 +222,8 @@ class Journal:
         if self.store.failure is not None:  # journaling stopped: the run goes on in memory
             return
         local = batch.rows
-        pos = self.todo[local if self.inner is None else self.inner[local]]
+        given = local if self.order is None else self.order[local]
+        pos = self.todo[given if self.inner is None else self.inner[given]]
         if self.hashes is not None:
             ident = {_ROW: pa.array(pos, pa.int64()), _HASH: self.hashes[pos]}
         else:
@@ -251,7 +254,7 @@ class Journal:
             got, frame = out.pieces[i]
             if got is rows or (len(got) == len(rows) and np.array_equal(got, rows)):
                 self._seen = len(out.pieces)
-                return frame
+                return as_frame(frame)
         return None
 
     def merge(self, sub: Outcomes) -> Outcomes:

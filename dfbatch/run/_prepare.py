@@ -96,6 +96,9 @@ class _Job:
             reserved=reserved, limits=limits or self.limits(), engine=self.engine,
             on_batch_done=_chain(hooks),
         )
+        for hook in (self.journal, self.cache):  # the pool runs rows in batch order: map back
+            if hook is not None:
+                hook.order = self.pool.order
         return self.pool
 
     def merge(self, outcomes: Outcomes) -> Outcomes:
@@ -148,6 +151,8 @@ class _Job:
         emit(RunStarted(loop.time(), pool.frame.height, pool.sched.pending, sum(per_agent),
                         per_agent, cached_rows=hits))
         display = open_display(progress, pool.frame.height, pool.stop if stoppable else None)
+        if display is None and on_event is None:
+            pool.recorder.emit = None  # nobody listens: the hot path builds no batch events
         ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
         in_run = mark_run()  # a blocking process() in fn runs on its own loop (execute._loop)
         try:

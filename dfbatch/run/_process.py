@@ -51,8 +51,8 @@ async def aprocess(
 ) -> pl.DataFrame:
     """``await``-able ``process`` for code already inside an event loop (e.g. a notebook cell).
 
-    The dashboard's Stop button works here (it stops the run and the partial result is
-    returned); under the blocking ``process`` use Ctrl-C / the kernel's interrupt instead.
+    The dashboard's Stop button stops the run and the partial result is returned (under the
+    blocking ``process`` too, in a Jupyter kernel); so does Ctrl-C / the kernel's interrupt.
 
     >>> import asyncio, polars as pl, dfbatch
     >>> async def shout(batch):
@@ -84,8 +84,10 @@ async def aprocess(
                                cache_errors=cache_errors)
         if run.cache is not None:
             check_cached_column(run.planned, run.cfg)
-    blocking = on_interrupt(run.stop)  # under process(): the first Ctrl-C stops the run
-    result: pl.DataFrame = await run.execute(progress, on_event, stoppable=not blocking)
+    # under process(): the first Ctrl-C stops the run; the Stop button works where the caller
+    # delivers widget clicks while it blocks (a notebook cell)
+    unclickable = on_interrupt(run.stop)
+    result: pl.DataFrame = await run.execute(progress, on_event, stoppable=not unclickable)
     return result
 
 
@@ -113,8 +115,10 @@ def process(*args: Any, **kwargs: Any) -> pl.DataFrame:
     (``items_per_batch``, ``token_limit``, ``rpm``, ``tpm``, ``timeout`` …). A frame that
     already carries a plan (``df.batch.plan(...)``) runs as planned.
 
-    Works in scripts and inside Jupyter's running loop. The first Ctrl-C stops the run and
-    returns the partial result (unfinished rows get ``error="cancelled"``); a second one raises.
+    Works in scripts and inside Jupyter's running loop (there the run gets a loop of its own in a
+    worker thread while the cell waits, and the dashboard's Stop button works). The first Ctrl-C
+    (or Stop) stops the run and returns the partial result (unfinished rows get
+    ``error="cancelled"``); a second Ctrl-C raises.
 
     ``checkpoint="dir"`` journals finished batches there; a rerun skips the rows already done
     (``dfbatch.persist._checkpoint``: ``resume="overwrite"`` discards a checkpoint of another run,

@@ -5,6 +5,7 @@ folded ``RunStats`` a few times a second, and never let a display break the run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -16,11 +17,24 @@ REFRESH_S = 0.25
 
 
 def open_display(progress: Progress, total: int, stop: Callable[[], None] | None) -> Any:
+    """The live view; its Stop button calls ``stop`` on the run's loop, whichever thread
+    delivers the click (a blocking notebook cell pumps clicks on its own thread)."""
     if progress is False:
         return None
     from dfbatch.display import open_display as open_view
 
-    return open_view(progress, total_rows=total, stop=stop)
+    return open_view(progress, total_rows=total, stop=None if stop is None else on_loop(stop))
+
+
+def on_loop(stop: Callable[[], None]) -> Callable[[], None]:
+    """``stop``, called on the running loop from any thread."""
+    loop = asyncio.get_running_loop()
+
+    def soon() -> None:
+        with contextlib.suppress(RuntimeError):  # the run's loop closed: nothing to stop
+            loop.call_soon_threadsafe(stop)
+
+    return soon
 
 
 async def tick(display: Any, acc: StatsAccumulator) -> None:

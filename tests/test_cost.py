@@ -1,0 +1,133 @@
+"""The pool's own cost: contiguous (zero-copy) batches, events built only when someone listens."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+import dfbatch
+from dfbatch.config import BatchConfig
+from dfbatch.errors import RowError
+from dfbatch.execute import _recorder
+from dfbatch.execute._pool import contiguous
+from dfbatch.execute._recorder import Outcomes
+from dfbatch.execute._scheduler import Batch, Scheduler
+
+
+def _scattered(n: int, n_batches: int) -> pl.DataFrame:
+    """A planned frame whose batches interleave: row i is in batch i % n_batches."""
+    return pl.DataFrame({
+        "id": range(n), "text": [f"row {i}" for i in range(n)],
+        "n_tokens": pl.Series([1] * n, dtype=pl.UInt32),
+        "batch_id": pl.Series([i % n_batches for i in range(n)], dtype=pl.UInt32),
+        "agent_id": pl.Series([(i % n_batches) % 2 for i in range(n)], dtype=pl.UInt16),
+        "plan_flag": pl.Series([None] * n, dtype=pl.Utf8),
+    })
+
+
+def test_scattered_batches_reach_fn_as_zero_copy_slices_and_come_back_in_input_order() -> None:
+    df = _scattered(40, 5)
+    seen: list[list[int]] = []
+
+    def fn(batch: pl.DataFrame) -> list[int]:
+        seen.append(batch["id"].to_list())
+        return [i * 10 for i in batch["id"]]
+
+    out = dfbatch.process(df, fn, agents=2, progress=False)
+    assert out["id"].to_list() == list(range(40))  # input order
+    assert out["output"].to_list() == [i * 10 for i in range(40)]
+    assert out["run_batch_id"].to_list() == [i % 5 for i in range(40)]
+    assert sorted(sorted(s) for s in seen) == [list(range(b, 40, 5)) for b in range(5)]
+
+
+def test_contiguous_reorders_the_frame_once_and_numbers_ranges() -> None:
+    frame = pl.DataFrame({"x": [0, 1, 2, 3, 4, 5]})
+    batches = [[Batch(0, 0, np.array([4, 0]), 1, 0)], [Batch(1, 1, np.array([5, 1, 3, 2]), 1, 0)]]
+    order, sorted_frame, moved = contiguous(frame, batches)
+    assert order is not None and order.tolist() == [4, 0, 5, 1, 3, 2]
+    assert sorted_frame["x"].to_list() == [4, 0, 5, 1, 3, 2]
+    assert [(b.at, b.rows.tolist()) for q in moved for b in q] == [(0, [0, 1]), (2, [2, 3, 4, 5])]
+    ordered = [[Batch(0, 0, np.array([0, 1]), 1, 0)], [Batch(1, 1, np.array([2, 3, 4, 5]), 1, 0)]]
+    assert contiguous(frame, ordered)[0] is None  # in batch order already: no gather
+
+
+def test_bisected_and_resized_batches_stay_contiguous_ranges() -> None:
+    cfg = BatchConfig(request_overhead_tokens=0)
+    b = Batch(0, 0, np.arange(10, 18), 80, 0, at=10)
+    s = Scheduler([[b]], cfg, row_tokens=np.ones(20, np.int64))
+    halves = s.halves(b)
+    assert [(h.at, h.rows.tolist(), h.index) for h in halves] == [
+        (10, [10, 11, 12, 13], slice(10, 14)), (14, [14, 15, 16, 17], slice(14, 18))]
+    assert [h.tokens for h in halves] == [4 + 4 * cfg.output_tokens_per_row] * 2
+    scattered = Batch(1, 0, np.array([3, 1]), 20, 0)
+    assert [h.at for h in s.halves(scattered)] == [-1, -1]
+
+
+def test_outcomes_reordered_back_to_frame_order() -> None:
+    o = Outcomes(3)
+    o.attempts[:] = [1, 2, 3]
+    o.errors = ["a", None, "c"]
+    o.pieces = [(np.array([0, 1]), pl.DataFrame({"output": [7, 8]}))]
+    back = o.reordered(np.array([2, 0, 1]))
+    assert back.attempts.tolist() == [2, 3, 1]
+    assert back.errors == [None, "c", "a"]
+    assert back.pieces[0][0].tolist() == [2, 0]
+
+
+def test_row_errors_and_bisection_land_on_the_right_rows_after_reordering() -> None:
+    df = _scattered(24, 3)
+
+    def fn(batch: pl.DataFrame) -> list[object]:
+        if 7 in batch["id"].to_list():
+            msg = "poison"
+            raise ValueError(msg)  # bisected down to row 7 alone
+        return [RowError("odd") if i % 2 else i for i in batch["id"]]
+
+    out = dfbatch.process(df, fn, agents=2, progress=False, max_attempts=1)
+    errors = dict(zip(out["id"].to_list(), out["error"].to_list(), strict=True))
+    assert errors[7] is not None and "poison" in errors[7]
+    assert all((errors[i] is None) == (i % 2 == 0) for i in range(24) if i != 7)
+    assert out.filter(pl.col("error").is_null())["output"].to_list() == list(range(0, 24, 2))
+
+
+def test_no_batch_events_are_built_when_nobody_listens(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        msg = "an event was built though nobody listens"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(_recorder, "BatchStarted", refuse)
+    monkeypatch.setattr(_recorder, "BatchFinished", refuse)
+    df = pl.DataFrame({"text": [f"t{i}" for i in range(20)]})
+    out = dfbatch.process(df, lambda b: b["text"], items_per_batch=4, progress=False)
+    assert out["error"].is_null().all()
+    with pytest.raises(AssertionError, match="nobody listens"):  # a listener gets them built
+        dfbatch.process(df, lambda b: b["text"], items_per_batch=4, progress=False,
+                        on_event=lambda ev: None)
+
+
+def test_plain_list_outputs_are_kept_and_built_into_one_column_at_the_end() -> None:
+    from dfbatch.execute._outputs import Values, normalize
+    from dfbatch.execute._result import _frames
+
+    piece, errors = normalize([1, None, 3], 3, "output", reserved=set())
+    assert isinstance(piece, Values) and errors is None and piece.kind is int
+    o = Outcomes(6)
+    o.pieces = [(np.array([0, 1]), Values("output", [None, None])),
+                (np.array([2, 3]), Values("output", [1, 2], int)),
+                (np.array([4, 5]), Values("output", [3, 4], int))]
+    (merged,) = _frames(o)  # one column for the three batches
+    assert merged[0].tolist() == list(range(6))
+    assert merged[1]["output"].to_list() == [None, None, 1, 2, 3, 4]
+    o.pieces.append((np.array([6]), Values("output", ["x"], str)))
+    o.n = 7
+    assert [len(r) for r, _ in _frames(o)] == [6, 1]  # another type: not merged
+
+
+def test_kept_outputs_are_a_copy_of_fns_list() -> None:
+    from dfbatch.execute._outputs import Values, normalize
+
+    returned = [1, 2]
+    piece, _ = normalize(returned, 2, "output", reserved=set())
+    returned[0] = 9  # fn reuses its list for the next batch
+    assert isinstance(piece, Values) and piece.values == [1, 2]
