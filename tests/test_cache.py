@@ -426,3 +426,25 @@ def test_chat_adapter_is_keyed_by_its_prompt_fields(make_sim: Any, tmp_path: Pat
                  base_url=sim.url)  # another sampling setting: another question
     dfbatch.process(df, other, cache=tmp_path / "c", **FAST)
     assert sim.stats.snapshot().requests > sent
+
+
+def test_scattered_batches_with_cache_and_checkpoint_map_rows_back(tmp_path: Path) -> None:
+    # the pool runs rows in batch order; both journal hooks must map them back to their rows
+    n = 40
+    planned = pl.DataFrame({"text": [f"t{i}" for i in range(n)]}).batch.plan(items_per_batch=4)
+    planned = planned.with_columns(pl.Series("batch_id", [i % 10 for i in range(n)], pl.UInt32))
+    calls: list[int] = []
+
+    def fn(b: pl.DataFrame) -> pl.Series:
+        calls.append(b.height)
+        return b["text"].str.to_uppercase()
+
+    fn.dfbatch_fingerprint = {"v": 1}  # type: ignore[attr-defined]
+    cache, ck = str(tmp_path / "c.sqlite"), tmp_path / "ck"
+    out = planned.batch.process(fn, cache=cache, checkpoint=ck, progress=False)
+    assert out["output"].to_list() == [f"T{i}" for i in range(n)]
+    calls.clear()
+    again = planned.batch.process(fn, cache=cache, progress=False)
+    assert sum(calls) == 0 and again["output"].to_list() == out["output"].to_list()
+    resumed = planned.batch.process(fn, checkpoint=ck, progress=False)
+    assert sum(calls) == 0 and resumed["output"].to_list() == out["output"].to_list()
