@@ -86,6 +86,7 @@ def test_refresh_asks_again_and_overwrites(tmp_path: Path) -> None:
     def fn(batch: pl.DataFrame) -> pl.Series:
         return batch["text"] + suffix[0]
 
+    fn.dfbatch_fingerprint = {"version": 1}  # type: ignore[attr-defined]  # its declared identity
     dfbatch.process(df, fn, cache=path, **FAST)
     suffix[0] = "?"  # a non-deterministic fn: the cache keeps the first answer ...
     assert dfbatch.process(df, fn, cache=path, **FAST)["output"].str.ends_with("!").all()
@@ -111,7 +112,8 @@ def failing(batch: pl.DataFrame) -> list[object]:
 
 
 CALLS: list[str] = []
-FAIL = [True]  # a list: fn's identity does not change with it (run state, not code)
+FAIL = [True]  # the provider's state: a list fn reads is part of its identity, so ...
+failing.dfbatch_fingerprint = {"provider": "flaky"}  # type: ignore[attr-defined]  # ... declare it
 
 
 @pytest.mark.parametrize("cache_errors", [False, True])
