@@ -128,3 +128,74 @@ def test_class_attributes_and_helper_class_methods_are_part_of_the_identity() ->
     assert code_identity(one[1]) != code_identity(two[1])
     assert code_identity(one[0]) == code_identity(again[0])
     assert code_identity(one[1]) == code_identity(again[1])
+
+
+# -- 2. / 3. one type per batch, decided strictly; a declared Float32 takes floats --------------
+def _one_batch(values: list[Any], **kw: Any) -> pl.DataFrame:
+    df = pl.DataFrame({"text": [f"r{i}" for i in range(len(values))]})
+    return dfbatch.process(df, lambda b: values, items_per_batch=len(values), **QUIET, **kw)
+
+
+def test_mixed_values_in_one_batch_become_row_errors_not_text() -> None:
+    out = _one_batch([1, "s", 2, 3])
+    assert out["output"].dtype == pl.Int64 and out["output"].to_list() == [1, None, 2, 3]
+    assert "'s' (str) does not fit" in out["error"][1]
+    out = _one_batch([True, 1, 2, 3])  # a bool is not an int, nor an int a bool
+    assert out["output"].to_list() == [True, None, None, None]
+    assert out["error"][1] is not None and "(int) does not fit" in out["error"][1]
+    out = _one_batch([1, 2.5])  # numbers mix
+    assert out["output"].to_list() == [1.0, 2.5] and out["error"].null_count() == 2
+    out = _one_batch([[1, "a"], [2, 3]])  # a list polars would turn to text
+    assert out["output"].to_list() == [None, [2, 3]] and "does not fit" in out["error"][0]
+    out = _one_batch([{"a": 1}, {"b": "x"}])  # dicts with other keys still make one struct
+    assert out["output"].to_list() == [{"a": 1, "b": None}, {"a": None, "b": "x"}]
+
+
+def test_a_bool_after_an_int_batch_is_an_error_not_one() -> None:
+    df = pl.DataFrame({"text": list("abcd")})
+    out = dfbatch.process(df, lambda b: [1 if b["text"][0] == "a" else True] * b.height,
+                          items_per_batch=2, agents=1, max_concurrent_batches=1, **QUIET)
+    assert out["output"].to_list() == [1, 1, None, None]
+    assert "True (Boolean) does not fit" in out["error"][2]
+
+
+def test_a_declared_float32_accepts_floats_and_refuses_what_it_cannot_hold() -> None:
+    out = _one_batch([0.1, 2, 1e300, None], output_dtype=pl.Float32)
+    assert out["output"].dtype == pl.Float32
+    assert out["output"].to_list()[:2] == pytest.approx([0.1, 2.0]) and out["error"][0] is None
+    assert out["output"][2] is None and "1e+300" in out["error"][2]
+    out = _one_batch([[0.1, 0.2], [1e300]], output_dtype=pl.List(pl.Float32))
+    assert out["output"].dtype == pl.List(pl.Float32) and out["error"][0] is None
+    assert out["output"][0].to_list() == pytest.approx([0.1, 0.2])
+    assert out["output"][1] is None and out["error"][1] is not None
+
+
+# -- 4. out= never replaces the input, and is a .parquet file ----------------------------------
+def test_out_that_the_lazyframe_reads_is_refused_before_any_call(tmp_path: Path) -> None:
+    src = tmp_path / "in.parquet"
+    pl.DataFrame({"text": ["a", "b"]}).write_parquet(src)
+    calls: list[int] = []
+
+    def fn(batch: pl.DataFrame) -> pl.Series:
+        calls.append(batch.height)
+        return batch["text"]
+
+    for lf in (pl.scan_parquet(src).filter(pl.col("text") != ""),
+               pl.scan_parquet(tmp_path / "*.parquet")):
+        with pytest.raises(dfbatch.ConfigError, match=r"out=.*reads"):
+            dfbatch.process(lf, fn, out=src, **QUIET)
+    with pytest.raises(dfbatch.ConfigError, match=r"out=.*reads"):  # a glob that would match it
+        dfbatch.process(pl.scan_parquet(tmp_path / "*.parquet"), fn,
+                        out=tmp_path / "out.parquet", **QUIET)
+    assert calls == [] and pl.read_parquet(src).columns == ["text"]
+    other = tmp_path / "sub"
+    other.mkdir()
+    dfbatch.process(pl.scan_parquet(src), fn, out=other / "in.parquet", **QUIET)
+    assert pl.read_parquet(other / "in.parquet")["output"].to_list() == ["a", "b"]
+
+
+def test_out_must_be_a_parquet_file(tmp_path: Path) -> None:
+    lf = pl.DataFrame({"text": ["a"]}).lazy()
+    with pytest.raises(dfbatch.ConfigError, match=r"out=.*\.parquet"):
+        dfbatch.process(lf, lambda b: b["text"], out=tmp_path / "x.csv", **QUIET)
+    assert not (tmp_path / "x.csv").exists()
