@@ -199,3 +199,22 @@ def test_out_must_be_a_parquet_file(tmp_path: Path) -> None:
     with pytest.raises(dfbatch.ConfigError, match=r"out=.*\.parquet"):
         dfbatch.process(lf, lambda b: b["text"], out=tmp_path / "x.csv", **QUIET)
     assert not (tmp_path / "x.csv").exists()
+
+
+# -- 5. SystemExit / KeyboardInterrupt from fn carry the partial result -------------------------
+@pytest.mark.parametrize("kind", [SystemExit, KeyboardInterrupt])
+def test_system_exit_or_keyboard_interrupt_from_fn_carries_the_partial_result(
+    kind: type[BaseException],
+) -> None:
+    df = pl.DataFrame({"text": [f"t{i}" for i in range(16)]})
+
+    def fn(batch: pl.DataFrame) -> list[str]:
+        if batch["text"][0] == "t8":
+            raise kind(3)
+        return list(batch["text"])
+
+    with pytest.raises(kind) as info:
+        dfbatch.process(df, fn, items_per_batch=8, agents=1, max_concurrent_batches=1, **QUIET)
+    partial = info.value.partial  # type: ignore[attr-defined]
+    assert partial["output"].to_list()[:8] == [f"t{i}" for i in range(8)]
+    assert partial["error"][8].startswith(f"not finished: the run raised {kind.__name__}")

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import polars as pl
 
 from dfbatch.config import BatchConfig
-from dfbatch.errors import RetryableError
+from dfbatch.errors import FnInterrupt, RetryableError
 from dfbatch.events import BatchHedged, BatchRetried, Event
 from dfbatch.execute import _usage
 from dfbatch.execute._breaker import Breaker, Health, Ticket
@@ -327,6 +327,8 @@ class FnCaller:
         fut = self.threads.submit(contextvars.copy_context().run, self.fn, df)
         try:
             return await _timed(asyncio.wrap_future(fut), self.cfg.timeout)
+        except (KeyboardInterrupt, SystemExit) as exc:  # fn's: let the run attach exc.partial
+            raise FnInterrupt(exc) from exc
         finally:
             if not fut.done():  # timed out or cancelled: a thread cannot be stopped
                 self.in_threads.append((fut, batch.id))
