@@ -218,3 +218,21 @@ def test_system_exit_or_keyboard_interrupt_from_fn_carries_the_partial_result(
     partial = info.value.partial  # type: ignore[attr-defined]
     assert partial["output"].to_list()[:8] == [f"t{i}" for i in range(8)]
     assert partial["error"][8].startswith(f"not finished: the run raised {kind.__name__}")
+
+
+def test_a_pydantic_model_fn_uses_is_taken_by_its_fields() -> None:
+    pydantic = pytest.importorskip("pydantic")
+
+    def model(default: float) -> Any:
+        class Answer(pydantic.BaseModel):  # type: ignore[name-defined,misc]
+            label: str
+            score: float = default
+            tags: list[str] = []  # noqa: RUF012
+
+        def fn(batch: pl.DataFrame) -> list[str]:
+            return [Answer.model_validate({"label": t}).label for t in batch["text"]]
+
+        return fn
+
+    assert code_identity(model(0.0)) == code_identity(model(0.0))  # no Unsure: its schema
+    assert code_identity(model(0.0)) != code_identity(model(1.0))  # is bookkeeping, not state

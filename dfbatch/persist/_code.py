@@ -223,8 +223,12 @@ class _Walker:
             if base is not object:
                 self.klass(base, f"{where} base {base.__name__}", depth + 1)
         for k, v in sorted(vars(cls).items()):
-            if k in _CLASS_SKIP:
+            dunder = k.startswith("__") and k.endswith("__")
+            if k in ("__annotations__", "__pydantic_fields__"):  # fields: types, defaults
+                self.put(k, re.sub(r" at 0x[0-9a-fA-F]+", "", repr(v)))
                 continue
+            if k in _CLASS_SKIP or (dunder and not isinstance(v, types.FunctionType)):
+                continue  # Python's or a framework's bookkeeping (pydantic's schema ...)
             self.put(k)
             if isinstance(v, (staticmethod, classmethod)):
                 v = v.__func__
