@@ -202,16 +202,22 @@ def test_out_must_be_a_parquet_file(tmp_path: Path) -> None:
 
 
 # -- 5. SystemExit / KeyboardInterrupt from fn carry the partial result -------------------------
+@pytest.mark.parametrize("is_async", [False, True])
 @pytest.mark.parametrize("kind", [SystemExit, KeyboardInterrupt])
 def test_system_exit_or_keyboard_interrupt_from_fn_carries_the_partial_result(
-    kind: type[BaseException],
+    kind: type[BaseException], is_async: bool,
 ) -> None:
     df = pl.DataFrame({"text": [f"t{i}" for i in range(16)]})
 
-    def fn(batch: pl.DataFrame) -> list[str]:
+    def plain(batch: pl.DataFrame) -> list[str]:
         if batch["text"][0] == "t8":
             raise kind(3)
         return list(batch["text"])
+
+    async def coro(batch: pl.DataFrame) -> list[str]:
+        return plain(batch)
+
+    fn = coro if is_async else plain
 
     with pytest.raises(kind) as info:
         dfbatch.process(df, fn, items_per_batch=8, agents=1, max_concurrent_batches=1, **QUIET)

@@ -315,7 +315,10 @@ class FnCaller:
 
     async def _call_bound(self, batch: Batch, df: pl.DataFrame) -> Any:
         if self.is_async:
-            value = await _timed(self.fn(df), self.cfg.timeout)
+            try:
+                value = await _timed(self.fn(df), self.cfg.timeout)
+            except (KeyboardInterrupt, SystemExit) as exc:  # let the run attach exc.partial
+                raise FnInterrupt(exc) from exc
         else:
             value = await self._in_thread(batch, df)
         if inspect.isawaitable(value):  # a plain function that returned a coroutine
