@@ -112,6 +112,16 @@ class StillRunningWarning(UserWarning):
     """
 
 
+class FnInterrupt(BaseException):  # a carrier, never seen by the user
+    """Carries a ``KeyboardInterrupt`` / ``SystemExit`` that fn raised in a worker thread.
+
+    asyncio lets those two escape its loop at once, past the run's handler that attaches the
+    partial result; wrapped, they travel like any other exception from fn and are unwrapped
+    (``args[0]``) when the pool re-raises them, so the user sees fn's own exception with
+    ``exc.partial``.
+    """
+
+
 class RowError(Exception):
     """A per-row error value: return it in fn's output list in place of that row's output.
 

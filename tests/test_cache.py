@@ -86,6 +86,7 @@ def test_refresh_asks_again_and_overwrites(tmp_path: Path) -> None:
     def fn(batch: pl.DataFrame) -> pl.Series:
         return batch["text"] + suffix[0]
 
+    fn.dfbatch_fingerprint = {"version": 1}  # type: ignore[attr-defined]  # its declared identity
     dfbatch.process(df, fn, cache=path, **FAST)
     suffix[0] = "?"  # a non-deterministic fn: the cache keeps the first answer ...
     assert dfbatch.process(df, fn, cache=path, **FAST)["output"].str.ends_with("!").all()
@@ -111,7 +112,8 @@ def failing(batch: pl.DataFrame) -> list[object]:
 
 
 CALLS: list[str] = []
-FAIL = [True]  # a list: fn's identity does not change with it (run state, not code)
+FAIL = [True]  # the provider's state: a list fn reads is part of its identity, so ...
+failing.dfbatch_fingerprint = {"provider": "flaky"}  # type: ignore[attr-defined]  # ... declare it
 
 
 @pytest.mark.parametrize("cache_errors", [False, True])
@@ -370,7 +372,9 @@ def test_cli_info_prune_clear(tmp_path: Path) -> None:
     from dfbatch.cli import main
 
     path = tmp_path / "c.sqlite"
-    dfbatch.process(frame(50), Counter(), cache=path, **FAST)
+    rows = frame(50)  # three runs: three chunks at least (eviction is by chunk)
+    for part in (rows[:17], rows[17:34], rows[34:]):
+        dfbatch.process(part, Counter(), cache=path, **FAST)
     runner = CliRunner()
     got = runner.invoke(main, ["cache", "--path", str(path), "info"])
     assert got.exit_code == 0, got.output

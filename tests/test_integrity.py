@@ -531,11 +531,12 @@ class Boom(BaseException):
 
 def test_exception_after_calls_carries_the_partial_result(tmp_path: Path) -> None:
     done: list[int] = []
-    limit = [3]
+    budget = [1, 1, 1]  # fn writes it (pop): run state, not part of fn's identity
 
     def fn(batch: pl.DataFrame) -> pl.Series:
-        if len(done) >= limit[0]:
+        if not budget:
             raise Boom
+        budget.pop()
         done.extend(batch["id"].to_list())
         return batch["text"].str.to_uppercase()
 
@@ -551,7 +552,7 @@ def test_exception_after_calls_carries_the_partial_result(tmp_path: Path) -> Non
     assert partial.filter(pl.col("error").is_not_null())["error"].str.contains(
         "not finished: the run raised Boom").all()
     assert any("exc.partial" in n for n in getattr(info.value, "__notes__", []))
-    limit[0] = 100  # the checkpoint holds the paid rows: only the others are called
+    budget.extend([1] * 100)  # the checkpoint holds the paid rows: only the others are called
     out = dfbatch.process(df, fn, checkpoint=tmp_path, **QUIET)
     assert out["error"].null_count() == 20 and len(done) == 20
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import polars as pl
 
 from dfbatch.config import BatchConfig
-from dfbatch.errors import RetryableError
+from dfbatch.errors import FnInterrupt, RetryableError
 from dfbatch.events import BatchHedged, BatchRetried, Event
 from dfbatch.execute import _usage
 from dfbatch.execute._breaker import Breaker, Health, Ticket
@@ -332,7 +332,10 @@ class FnCaller:
 
     async def _call_bound(self, batch: Batch, df: pl.DataFrame) -> Any:
         if self.is_async:
-            value = await _timed(self.fn(df), self.cfg.timeout)
+            try:
+                value = await _timed(self.fn(df), self.cfg.timeout)
+            except (KeyboardInterrupt, SystemExit) as exc:  # let the run attach exc.partial
+                raise FnInterrupt(exc) from exc
         else:
             value = await self._in_thread(batch, df)
         if inspect.isawaitable(value):  # a plain function that returned a coroutine
@@ -344,6 +347,8 @@ class FnCaller:
         fut = self.threads.submit(contextvars.copy_context().run, self.fn, df)
         try:
             return await _timed(asyncio.wrap_future(fut), self.cfg.timeout)
+        except (KeyboardInterrupt, SystemExit) as exc:  # fn's: let the run attach exc.partial
+            raise FnInterrupt(exc) from exc
         finally:
             if not fut.done():  # timed out or cancelled: a thread cannot be stopped
                 self.in_threads.append((fut, batch.id))

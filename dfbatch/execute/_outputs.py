@@ -111,7 +111,13 @@ def normalize(
         frame = pl.Series(name, value).to_frame()
     elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         values, errors = _split_errors(value)
-        frame = _column(name, values)
+        values, errors = _one_family(values, errors)
+        try:
+            series, errors = _nested(name, values, errors)
+            frame = series.to_frame()
+        except Exception as exc:
+            msg = f"fn returned values polars cannot put in one column ({exc}); return one type"
+            raise OutputError(msg) from None
     else:
         msg = (
             "fn must return one output per row: a list, a pl.Series or a pl.DataFrame, "
@@ -137,8 +143,99 @@ def _split_errors(values: Sequence[Any]) -> tuple[list[Any], list[str | None] | 
     return out, errs
 
 
+def _family(v: Any) -> str:
+    if isinstance(v, bool):  # not a number: True is not 1
+        return "bool"
+    if isinstance(v, (int, float)):
+        return "number"
+    if isinstance(v, (list, tuple)):
+        return "list"
+    return type(v).__name__
+
+
+def _one_family(
+    values: list[Any], errors: list[str | None] | None
+) -> tuple[list[Any], list[str | None] | None]:
+    """One kind of value per batch, decided by its first value; other rows become errors.
+
+    Numbers mix (ints and floats make floats); booleans, text, bytes, lists and dicts do not
+    mix with each other or with numbers, and are never turned into text.
+    """
+    first = next((v for v in values if v is not None), None)
+    if first is None:
+        return values, errors
+    family = _family(first)
+    out = list(values)
+    for i, v in enumerate(values):
+        if v is None or _family(v) == family:
+            continue
+        errors = errors if errors is not None else [None] * len(values)
+        errors[i] = (f"output {_short(v)} ({type(v).__name__}) does not fit this batch's "
+                     f"output type, decided by its first value {_short(first)} "
+                     f"({type(first).__name__}): return one type from every row")
+        out[i] = None
+    if family == "number" and any(isinstance(v, float) for v in out):
+        out = [None if v is None else float(v) for v in out]
+    return out, errors
+
+
+def _nested(
+    name: str, values: list[Any], errors: list[str | None] | None
+) -> tuple[pl.Series, list[str | None] | None]:
+    """The batch's column; a list / dict that polars would change (text from numbers, a lost
+    field or fraction, 1 from True) becomes that row's error instead."""
+    first = next((v for v in values if v is not None), None)
+    if not isinstance(first, (list, tuple, dict)):
+        return pl.Series(name, values, strict=True), errors
+    series = pl.Series(name, values, strict=False)
+    if series.dtype == pl.Object:
+        return series, errors
+    bad = _changed(values, series)
+    if not bad:
+        return series, errors
+    if len(bad) == sum(v is not None for v in values):  # no common type: the first that
+        alone = ((v, pl.Series(name, [v], strict=False)) for v in values if v is not None)
+        dtype = next((a.dtype for v, a in alone if a.dtype != pl.Object and not _changed(
+            [v], a)), None)  # polars keeps unchanged decides
+        if dtype is not None:
+            series = pl.Series(name, values, dtype=dtype, strict=False)
+            bad = _changed(values, series)
+    errors = errors if errors is not None else [None] * len(values)
+    kept = list(values)
+    for i in bad:
+        errors[i] = (f"output {_short(values[i])} does not fit one column with this batch's "
+                     f"other outputs ({series.dtype}) unchanged: return one type from every row")
+        kept[i] = None
+    return pl.Series(name, kept, strict=False), errors
+
+
+def _changed(values: list[Any], series: pl.Series) -> list[int]:
+    return [i for i, (v, got) in enumerate(zip(values, series.to_list(), strict=True))
+            if not _same(v, got)]
+
+
+def _same(v: Any, got: Any) -> bool:
+    """``got`` (read back from polars) is ``v``, with no coercion (True is not 1, 1 not "1")."""
+    if v is None or isinstance(v, (bool, str, bytes)):
+        return type(got) is type(v) and got == v
+    if isinstance(v, (int, float)):
+        return (isinstance(got, (int, float)) and not isinstance(got, bool)
+                and (got == v or (got != got and v != v)))  # NaN is NaN
+    if isinstance(v, (list, tuple)):
+        return (isinstance(got, list) and len(got) == len(v)
+                and all(_same(a, b) for a, b in zip(v, got, strict=True)))
+    if isinstance(v, dict):
+        return isinstance(got, dict) and set(v) <= set(got) and all(
+            _same(v.get(k), got[k]) for k in got)
+    try:
+        return bool(got == v)
+    except Exception:  # an object that cannot compare: polars keeps objects
+        return True
+
+
 # -- one output type per run ------------------------------------------------------------------
-_KINDS = (("numeric", lambda t: t.is_numeric() or t == pl.Boolean),
+_KINDS = (("numeric", lambda t: t.is_numeric()),
+          ("boolean", lambda t: t == pl.Boolean),
           ("text", lambda t: t in (pl.String, pl.Categorical, pl.Enum)),
           ("temporal", lambda t: t.is_temporal()),
           ("list", lambda t: isinstance(t, (pl.List, pl.Array))),
@@ -217,12 +314,42 @@ def _fitting(s: pl.Series, target: pl.DataType) -> tuple[np.ndarray, pl.Series]:
     if _kind(s.dtype) != _kind(target):
         return s.is_null().to_numpy(), pl.Series(s.name, [None] * s.len(), dtype=target)
     try:
-        cast = s.cast(target, strict=False)
+        wide = _widened(target)  # a declared Float32 accepts floats: the precision is asked for
+        cast = s.cast(wide, strict=False)
         back = cast.cast(s.dtype, strict=False)
         ok = s.is_null() | (cast.is_not_null() & back.eq_missing(s))
+        if wide != target:
+            narrow = cast.cast(target, strict=False)
+            ok = ok & (s.is_null() | narrow.is_not_null())
+            ok = ok & (_infinities(narrow) == _infinities(cast))  # out of Float32's range
+            cast = narrow
     except pl.exceptions.PolarsError:
         return s.is_null().to_numpy(), pl.Series(s.name, [None] * s.len(), dtype=target)
     return ok.to_numpy(), cast
+
+
+def _infinities(s: pl.Series) -> pl.Series:
+    """Per row, how many infinite floats ``s`` holds (floats and lists of floats; else 0)."""
+    if s.dtype.is_float():
+        return s.is_infinite().fill_null(False).cast(pl.UInt32)
+    if isinstance(s.dtype, pl.Array):
+        s = s.cast(pl.List(s.dtype.inner))
+    if isinstance(s.dtype, pl.List) and s.dtype.inner.is_float():
+        return s.list.eval(pl.element().is_infinite().sum()).list.first().fill_null(0)
+    return pl.Series([0] * s.len(), dtype=pl.UInt32)
+
+
+def _widened(dtype: Any) -> pl.DataType:
+    """``dtype`` with Float32 (also inside lists / arrays / structs) read as Float64."""
+    if dtype == pl.Float32:
+        return pl.Float64()
+    if isinstance(dtype, pl.List):
+        return pl.List(_widened(dtype.inner))
+    if isinstance(dtype, pl.Array):
+        return pl.Array(_widened(dtype.inner), dtype.shape)
+    if isinstance(dtype, pl.Struct):
+        return pl.Struct({f.name: _widened(f.dtype) for f in dtype.fields})
+    return dtype
 
 
 def _short(v: Any) -> str:

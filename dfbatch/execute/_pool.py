@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 
 from dfbatch.config import BatchConfig
-from dfbatch.errors import StillRunningWarning
+from dfbatch.errors import FnInterrupt, StillRunningWarning
 from dfbatch.events import Event
 from dfbatch.execute._caller import LOCAL, CallerFactory
 from dfbatch.execute._charge import one_request_per_call
@@ -112,7 +112,7 @@ class Pool:
             await asyncio.gather(*live, return_exceptions=True)
             running = self.caller.close()
         if self.crash is not None:
-            raise self.crash
+            raise self.crash.args[0] if isinstance(self.crash, FnInterrupt) else self.crash
         if running:
             msg = (f"the fn calls of batches {running} (run_batch_id) timed out or were "
                    "stopped but still run in worker threads; their rows carry an error")

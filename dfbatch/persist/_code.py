@@ -6,8 +6,10 @@ is refused instead of returning the old outputs. The digest covers:
 
 - a Python function's code object: bytecode, constants (nested functions' code recursively),
   names; its defaults and keyword defaults; its closure cells' values; the module globals it
-  reads (plain values by value, functions of the same module by their code, anything else by
-  its type);
+  reads (plain values by value, functions by their code, anything else by its type), and the
+  attributes it reads of the user's own modules (``mycfg.PREFIX``, ``mycfg.tag(t)``);
+- the user's classes fn uses (``Helper.go(t)``, a callable object's class): their plain
+  attributes by value and their methods by their code;
 - ``functools.partial``: the function and its arguments; a bound method: the function and its
   object; a callable object: its class's ``__call__`` code and its attributes;
 - an adapter's declared identity (``fn.dfbatch_fingerprint``, set by ``dfbatch.llm.chat`` and
@@ -16,8 +18,10 @@ is refused instead of returning the old outputs. The digest covers:
 Values are taken by value when that is sure: None, booleans, numbers, str, bytes, tuples /
 frozensets of such, enums, dataclasses, paths, dates, decimals, compiled regexes, NumPy arrays,
 Polars frames, modules, classes and functions.
-Mutable containers (list, dict, set) held by fn are taken as run state (a call log, a cache),
-identified by their type only, and so are the attributes of a callable object that are not
+Lists, dicts and sets are taken by their content (up to 10,000 items of such values, else fn
+is *unsure*), except those fn's code writes to (``calls.append(n)``, ``cache[k] = v``,
+``self.log.append(x)``): those are run state (a call log, a cache), identified by their type
+only, and so are the attributes of a callable object that are not
 plain values (a client, a lock). A value captured by a closure or a ``partial`` that has no
 stable value (an arbitrary object, a C function outside a versioned package) makes fn
 *unsure*: ``code_identity`` raises ``Unsure`` naming it, and the checkpoint refuses the run
@@ -52,12 +56,20 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from dfbatch.persist._bytecode import _attr_chains, _self_written, _written
+
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
 _MUTABLE = (list, dict, set, bytearray)
 # immutable values whose repr is their value
 _REPRS = (pathlib.PurePath, datetime.date, datetime.time, datetime.timedelta, datetime.tzinfo,
           decimal.Decimal, fractions.Fraction, uuid.UUID, re.Pattern, range, slice)
 _MAX_DEPTH = 6
+_MAX_ITEMS = 10_000  # elements of one container taken by value; beyond that fn is unsure
+# class attributes that are Python's bookkeeping, not state fn reads
+_CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__doc__", "__module__", "__qualname__",
+                         "__annotations__", "__slots__", "__dataclass_fields__",
+                         "__dataclass_params__", "__match_args__", "__orig_bases__",
+                         "__parameters__", "__abstractmethods__", "_abc_impl"})
 
 
 class Unsure(Exception):
@@ -104,7 +116,11 @@ class _Walker:
         elif isinstance(fn, types.MethodType):
             self.put("method")
             self.callable(fn.__func__, where, depth + 1)
-            self.state(fn.__self__, f"{where}.__self__", depth + 1)
+            owner = fn.__self__ if isinstance(fn.__self__, type) else type(fn.__self__)
+            self.klass(owner, f"{where}'s class", depth + 1)
+            func = fn.__func__
+            written = _self_written(func) if isinstance(func, types.FunctionType) else set()
+            self.state(fn.__self__, f"{where}.__self__", depth + 1, written)
         elif isinstance(fn, types.FunctionType):
             self.function(fn, where, depth)
         elif isinstance(fn, (types.BuiltinFunctionType, types.MethodDescriptorType,
@@ -115,9 +131,11 @@ class _Walker:
             self.put("object", callable_name(type(fn)))
             if isinstance(call, types.FunctionType):
                 self.function(call, f"{where}.__call__", depth + 1)
+                self.klass(type(fn), f"{where}'s class", depth + 1)
             else:
                 self.compiled(fn, where)
-            self.state(fn, where, depth + 1)
+            self.state(fn, where, depth + 1,
+                       _self_written(call) if isinstance(call, types.FunctionType) else set())
         else:
             msg = f"{where} ({type(fn).__name__}) is not callable"
             raise Unsure(msg)
@@ -136,6 +154,9 @@ class _Walker:
                 content = cell.cell_contents
             except ValueError:  # an empty cell (a name assigned later)
                 self.put("<empty>")
+                continue
+            if isinstance(content, _MUTABLE) and (name,) in _written(fn.__code__):
+                self.put("state", type(content).__name__)  # fn writes it: a log, a cache
                 continue
             self.value(content, f"{where}'s closure variable {name!r}", depth + 1, strict=True)
         self.globals(fn, where, depth)
@@ -158,10 +179,67 @@ class _Walker:
                 continue
             value = env[name]
             self.put(name)
-            if isinstance(value, types.FunctionType) and value.__module__ == fn.__module__:
+            if isinstance(value, _MUTABLE) and (name,) in _written(fn.__code__):
+                self.put("state", type(value).__name__)  # fn writes it: a log, a cache
+            elif isinstance(value, types.FunctionType) and value.__module__ == fn.__module__:
                 self.callable(value, f"{where}'s global {name!r}", depth + 1)
+            elif isinstance(value, types.ModuleType) and _is_user_module(value):
+                self.put("module", value.__name__)
+                self.module_attrs(value, _attr_chains(fn.__code__, name), f"{where}'s {name}",
+                                  depth + 1)
             else:
                 self.value(value, f"{where}'s global {name!r}", depth + 1, strict=False)
+
+    def module_attrs(self, module: types.ModuleType, chains: set[tuple[str, ...]], where: str,
+                     depth: int) -> None:
+        """The attributes of a user module that fn reads (``mycfg.PREFIX``, ``mycfg.tag(t)``)."""
+        for chain in sorted(chains):
+            obj: Any = module
+            for i, attr in enumerate(chain):
+                if not isinstance(obj, types.ModuleType):
+                    break
+                if not _is_user_module(obj):
+                    self.value(obj, where, depth, strict=False)
+                    break
+                self.put(attr)
+                obj = getattr(obj, attr, _MISSING)
+                if obj is _MISSING:
+                    self.put("<missing>")
+                    break
+                if i == len(chain) - 1 or not isinstance(obj, types.ModuleType):
+                    self.value(obj, f"{where}.{'.'.join(chain[:i + 1])}", depth + 1,
+                               strict=False)
+
+    def klass(self, cls: type, where: str, depth: int) -> None:
+        """A user class fn uses: its plain attributes by value and its methods by their code."""
+        if id(cls) in self.seen or not _is_user_module(sys.modules.get(cls.__module__)):
+            self.put("class", callable_name(cls))
+            return
+        self.seen.add(id(cls))
+        self.put("class", callable_name(cls))
+        if depth > _MAX_DEPTH:
+            return
+        for base in cls.__bases__:
+            if base is not object:
+                self.klass(base, f"{where} base {base.__name__}", depth + 1)
+        for k, v in sorted(vars(cls).items()):
+            dunder = k.startswith("__") and k.endswith("__")
+            if k in ("__annotations__", "__pydantic_fields__"):  # fields: types, defaults
+                self.put(k, re.sub(r" at 0x[0-9a-fA-F]+", "", repr(v)))
+                continue
+            if k in _CLASS_SKIP or (dunder and not isinstance(v, types.FunctionType)):
+                continue  # Python's or a framework's bookkeeping (pydantic's schema ...)
+            self.put(k)
+            if isinstance(v, (staticmethod, classmethod)):
+                v = v.__func__
+            if isinstance(v, property):
+                for part in (v.fget, v.fset, v.fdel):
+                    if part is not None:
+                        self.callable(part, f"{where}.{k}", depth + 1)
+            elif isinstance(v, types.FunctionType):
+                self.callable(v, f"{where}.{k}", depth + 1)
+            else:
+                self.value(v, f"{where}.{k}", depth + 1, strict=False)
 
     def compiled(self, fn: Any, where: str) -> None:
         """A C function / class: its name, and its package's version outside the stdlib."""
@@ -177,15 +255,21 @@ class _Walker:
         self.put("compiled", callable_name(fn), top, version)
 
     # -- values -------------------------------------------------------------------------------
-    def state(self, obj: Any, where: str, depth: int) -> None:
-        """An object's attributes: plain values by value, anything else by its type."""
+    def state(self, obj: Any, where: str, depth: int, written: set[str]) -> None:
+        """An object's attributes: plain values by value, anything else by its type.
+
+        A list / dict / set attribute the method writes (``self.calls.append``) is run state.
+        """
         attrs = getattr(obj, "__dict__", None)
         if not isinstance(attrs, dict):
             self.put("opaque", callable_name(type(obj)))
             return
         for k in sorted(attrs):
             self.put(k)
-            self.value(attrs[k], f"{where}.{k}", depth + 1, strict=False)
+            if k in written and isinstance(attrs[k], _MUTABLE):
+                self.put("state", type(attrs[k]).__name__)
+            else:
+                self.value(attrs[k], f"{where}.{k}", depth + 1, strict=False)
 
     def value(self, v: Any, where: str, depth: int, *, strict: bool) -> None:
         if isinstance(v, _PLAIN):
@@ -205,11 +289,11 @@ class _Walker:
             for i, item in enumerate(items):
                 self.value(item, f"{where}[{i}]", depth + 1, strict=strict)
         elif isinstance(v, _MUTABLE):
-            self.put("state", type(v).__name__)  # run state (a log, a cache): type only
+            self.container(v, where, depth)
         elif isinstance(v, types.ModuleType):
             self.put("module", v.__name__)
         elif isinstance(v, type):
-            self.put("class", callable_name(v))
+            self.klass(v, where, depth + 1)
         elif inspect.isroutine(v) or isinstance(v, functools.partial):
             self.callable(v, where, depth + 1)
         elif _is_data(v):
@@ -222,6 +306,46 @@ class _Walker:
             raise Unsure(msg)
         else:
             self.put("object", callable_name(type(v)))
+
+
+    def container(self, v: list[Any] | dict[Any, Any] | set[Any] | bytearray, where: str,
+                  depth: int) -> None:
+        """A list / dict / set by its content; unsure when too large or holding objects."""
+        if isinstance(v, bytearray):
+            self.put("bytearray", bytes(v))
+            return
+        if len(v) > _MAX_ITEMS or depth > _MAX_DEPTH:
+            msg = (f"{where} is a {type(v).__name__} of {len(v)} items, too large (or too deep) "
+                   f"to take by value")
+            raise Unsure(msg)
+        if id(v) in self.seen:
+            msg = f"{where} is a {type(v).__name__} that contains itself"
+            raise Unsure(msg)
+        self.seen.add(id(v))
+        self.put(type(v).__name__, len(v))
+        if isinstance(v, dict):
+            for i, (k, item) in enumerate(v.items()):
+                self.value(k, f"{where} key {i}", depth + 1, strict=True)
+                self.value(item, f"{where}[{k!r}]", depth + 1, strict=True)
+        else:
+            items = sorted(v, key=repr) if isinstance(v, set) else v
+            for i, item in enumerate(items):
+                self.value(item, f"{where}[{i}]", depth + 1, strict=True)
+        self.seen.discard(id(v))
+
+
+_MISSING = object()
+
+
+def _is_user_module(module: types.ModuleType | None) -> bool:
+    """Code of the user's own (unversioned) modules; not the stdlib, site-packages or dfbatch."""
+    if module is None:
+        return False
+    top = module.__name__.partition(".")[0]
+    if top in ("builtins", "dfbatch") or top in sys.stdlib_module_names:
+        return False
+    path = getattr(sys.modules.get(top), "__file__", None) or ""
+    return "site-packages" not in path and "dist-packages" not in path
 
 
 def _names(code: types.CodeType) -> list[str]:

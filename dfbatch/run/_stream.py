@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import gc
 import os
+import re
 import time
 import warnings
 from collections import deque
@@ -302,10 +304,46 @@ def _checked(df: Any, out: str | os.PathLike[str], chunk_rows: int) -> tuple[pl.
         msg = f"chunk_rows must be an integer > 0, got {chunk_rows!r}"
         raise ConfigError(msg)
     path = Path(out)
+    if path.suffix.lower() != ".parquet":
+        msg = (f"out={str(out)!r}: the result is written as Parquet; name the file *.parquet "
+               "(e.g. out='result.parquet'), and convert it afterwards if needed")
+        raise ConfigError(msg)
     if not path.parent.is_dir():
         msg = f"out={str(out)!r}: directory {str(path.parent)!r} does not exist; create it"
         raise ConfigError(msg)
+    if _scans(df, path):
+        msg = (f"out={str(out)!r} is a file the LazyFrame reads: writing it would replace the "
+               "input; write the result to another file")
+        raise ConfigError(msg)
     return df, path
+
+
+def _scans(lf: pl.LazyFrame, path: Path) -> bool:
+    """Whether ``lf``'s plan reads ``path`` (its scans' sources, in the plan or its bytes)."""
+    target = path.resolve()
+    try:
+        plan = lf.explain(optimized=False)
+    except Exception:
+        plan = ""
+    for listed in re.findall(r"SCAN \[(.*?)\]", plan):
+        for source in listed.split(", "):
+            if source and not source.startswith("...") and Path(source).resolve() == target:
+                return True
+    try:  # a long source list is shortened in the plan; the serialized plan holds all
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            blob = lf.serialize()
+    except Exception:
+        return False
+    if re.search(re.escape(str(target).encode()) + rb"(?![\w.\-/])", blob) is not None:
+        return True
+    parent = str(target.parent).encode()  # a glob over out's directory (``dir/*.parquet``)
+    for m in re.finditer(re.escape(parent) + rb"/([\x20-\x7e]{1,300})", blob):
+        run = m.group(1).decode()
+        if any(c in run for c in "*?[") and any(
+                fnmatch.fnmatchcase(target.name, run[:i]) for i in range(1, len(run) + 1)):
+            return True
+    return False
 
 
 def _chunk_result(planned: pl.DataFrame, outcomes: Outcomes, offset: int, cfg: BatchConfig,
