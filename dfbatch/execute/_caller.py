@@ -206,8 +206,7 @@ class FnCaller:
                 return GaveUp(fatal_message(error, decision), False, wall0, now - t_first,
                               fatal=True)
             if limits.sizer is not None and _size_related(error, decision.status) and not (
-                    decision.cause == "timeout"
-                    and limits.tail.ordinary_within(batch.tokens, cfg.timeout)):  # it hung
+                    decision.cause == "timeout" and self._hung_call(batch, now - t_call)):
                 limits.sizer.observe(ok=False, latency_s=now - t_call)
             if budget.may_retry(decision, now=now):
                 delay = backoff(attempt, base=cfg.backoff_base, cap=cfg.backoff_max,
@@ -227,6 +226,7 @@ class FnCaller:
         """Call fn once; tell the limits (``held.outcome``) and the breaker how it ended."""
         limits, cfg = self.limits, self.cfg
         seq = limits.adaptive.next_seq() if limits.adaptive else 0
+        t0 = asyncio.get_running_loop().time()
         try:
             try:
                 value, used = await self._call_hedged(a, batch, df, cost)
@@ -241,7 +241,7 @@ class FnCaller:
         except Exception as exc:
             decision = classify(exc, cfg.retry_on)
             # a call of an ordinary size that timed out hung: not a sign of overload
-            hung = limits.tail.ordinary_within(batch.tokens, cfg.timeout)
+            hung = self._hung_call(batch, asyncio.get_running_loop().time() - t0)
             held.outcome = Outcome(False, decision.rate_limited,
                                    decision.cause == "timeout" and not hung,
                                    decision.retry_after, None, seq,
@@ -257,6 +257,13 @@ class FnCaller:
                                hints=None if hints is None or hints.empty else hints)
         ticket.record("ok")
         return None, None, frame, row_errors, used
+
+    def _hung_call(self, batch: Batch, elapsed: float) -> bool:
+        """A call of an ordinary size that ran into dfbatch's own timeout hung (it says nothing
+        about size or overload); a timeout that fn raised early is the upstream's word."""
+        timeout = self.cfg.timeout
+        return (timeout is not None and elapsed >= 0.9 * timeout
+                and self.limits.tail.ordinary_within(batch.tokens, timeout))
 
     def _hung(self, decision: Decision) -> bool:
         """Every try timed out while the service answers others: a row may hang it (or the
