@@ -27,12 +27,15 @@ from dfbatch.execute._result import assemble, attach_partial
 from dfbatch.execute._scheduler import Batch
 from dfbatch.execute._stack import RunLimits
 from dfbatch.persist._checkpoint import Journal
+from dfbatch.plan._plan import NULL_TEXT
 from dfbatch.run._checks import check_frame
 from dfbatch.run._wiring import open_display, safe, tick
 
 Fn = Callable[[pl.DataFrame], Any]
 _ROW_OVERHEAD_BYTES = 64
 _DEFAULT_OUTPUT_TOKENS = BatchConfig().output_tokens_per_row
+_NULL_ERROR = ("null_text: the text is null or empty, so it was not sent; pass send_null=True "
+               "to send it")
 
 
 @dataclass
@@ -227,8 +230,11 @@ def _batches(
     n_agents = cfg.n_agents
     if planned.height == 0:
         return [[] for _ in range(n_agents)]
-    bid = planned[c.batch_id].to_numpy()
+    bid = planned[c.batch_id].to_numpy().astype(np.int64)
     aid = planned[c.agent_id].to_numpy().astype(np.int64)
+    null = np.zeros(len(bid), bool) if cfg.send_null else (
+        planned[c.flag] == NULL_TEXT).fill_null(False).to_numpy()
+    bid = np.where(null, bid.max() + 1 + bid, bid)  # a planned batch's null rows: their own
     order = np.argsort(bid, kind="stable")
     ids, starts = np.unique(bid[order], return_index=True)
     n_agents = max(min(n_agents, len(ids)), int(aid.max()) + 1)  # no agent without work
@@ -241,8 +247,10 @@ def _batches(
     call = cfg.oversize == "call"
     out: list[list[Batch]] = [[] for _ in range(n_agents)]
     for i in range(len(ids)):  # one Batch object per batch (not per row)
+        reject = _NULL_ERROR if null[groups[i][0]] else None
         out[int(agents[i])].append(Batch(int(ids[i]), int(agents[i]), groups[i], int(btok[i]),
-                                         int(nbytes[i]), call and counts[i] == 1))
+                                         int(nbytes[i]), call and counts[i] == 1,
+                                         frozen=reject is not None, reject=reject))
     return out
 
 

@@ -1,0 +1,119 @@
+"""Trust at the edges (issue 15): honest cost, null texts not paid for, plans not ignored."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+import pytest
+
+import dfbatch
+from dfbatch.events import StatsAccumulator
+from dfbatch.llm import chat, prices
+
+DOCS = pl.DataFrame({
+    "title": [f"doc {i}" for i in range(24)],
+    "text": [("Polars is a fast DataFrame library written in Rust. " * (1 + i % 5)).strip()
+             for i in range(24)],
+})
+
+
+# -- item 1: the estimate prices what process sends ------------------------------------------
+@pytest.mark.parametrize("mode", ["per_row", "batch"])
+def test_summary_with_fn_prices_template_system_and_output_cap(sim: Any, mode: str) -> None:
+    fn = chat("sim-chat", "Summarize the document titled {title} in one line:\n{text}",
+              system="You are a careful technical writer. " * 8, max_tokens=48, mode=mode,
+              base_url=sim.url)
+    planned = DOCS.batch.plan(fn=fn, agents=2)
+    bare = planned.batch.summary(agents=2, price_in_per_1k=1.0, price_out_per_1k=1.0)
+    s = planned.batch.summary(fn=fn, agents=2, price_in_per_1k=1.0, price_out_per_1k=2.0)
+    acc = StatsAccumulator()
+    dfbatch.process(planned, fn, progress=False, on_event=acc.apply, agents=2)
+    used = acc.snapshot()
+    # input: the prompt as the provider counts it, within 10% of what the run really sent
+    assert s.tokens_in == pytest.approx(used.input_tokens, rel=0.10)
+    assert bare.tokens_in < 0.7 * used.input_tokens  # the old estimate: texts only
+    # output: the cap, never below what was produced
+    assert s.tokens_out >= used.output_tokens
+    per_row = 48 + (12 if mode == "batch" else 0)
+    assert s.tokens_out >= per_row * DOCS.height
+    assert s.cost_in == pytest.approx(s.tokens_in / 1000)
+    assert s.cost_out == pytest.approx(s.tokens_out / 1000 * 2.0)
+    assert "fn's prompt, system message and max_tokens" in str(s)
+
+
+def test_plan_with_fn_uses_its_output_tokens() -> None:
+    fn = chat("sim-chat", max_tokens=100, base_url="http://127.0.0.1:9")
+    planned = DOCS.batch.plan(fn=fn, agents=1, token_limit=300)
+    plain = DOCS.batch.plan(agents=1, token_limit=300)
+    assert planned["batch_id"].n_unique() > plain["batch_id"].n_unique()
+    # an explicit output_tokens_per_row still wins
+    assert DOCS.batch.plan(fn=fn, agents=1, token_limit=300, output_tokens_per_row=0).equals(
+        plain)
+
+
+def test_missing_price_is_said_not_printed_as_zero() -> None:
+    planned = DOCS.batch.plan(agents=1)
+    fn = chat("sim-chat", max_tokens=10, base_url="http://127.0.0.1:9")
+    s = planned.batch.summary(fn=fn)
+    assert s.cost is None and s.cost_in is None
+    text = str(s)
+    assert "$0.0000" not in text
+    assert "no price; pass price_in_per_1k= and price_out_per_1k=" in text
+    half = planned.batch.summary(fn=fn, price_in_per_1k=0.5)
+    assert half.cost is None
+    assert "for input only; pass price_out_per_1k=" in str(half)
+    assert "$0.0000" not in str(half)
+
+
+def test_known_model_is_priced_from_the_list() -> None:
+    planned = DOCS.batch.plan(agents=1)
+    fn = chat("gpt-4o-mini", max_tokens=10, api_key="sk-test", base_url="http://127.0.0.1:9")
+    s = planned.batch.summary(fn=fn)
+    p_in, p_out = prices.of("gpt-4o-mini")  # type: ignore[misc]
+    assert s.cost_in == pytest.approx(s.tokens_in / 1000 * p_in)
+    assert s.cost_out == pytest.approx(s.tokens_out / 1000 * p_out)
+    assert "est. cost: up to $" in str(s)
+
+
+# -- item 2: null and empty texts get an error value without a call --------------------------
+def _count_calls() -> tuple[list[list[Any]], Any]:
+    seen: list[list[Any]] = []
+
+    def fn(batch: pl.DataFrame) -> list[int]:
+        seen.append(batch["text"].to_list())
+        return [len(t) for t in batch["text"]]  # crashes on None
+
+    return seen, fn
+
+
+def test_null_and_empty_texts_are_not_sent_by_default() -> None:
+    df = pl.DataFrame({"text": ["abc", None, "de", "", "fghi"]})
+    seen, fn = _count_calls()
+    out = dfbatch.process(df, fn, progress=False, agents=1, items_per_batch=8)
+    assert [t for call in seen for t in call] == ["abc", "de", "fghi"]
+    assert out["output"].to_list() == [3, None, 2, None, 4]
+    errors = out["error"].to_list()
+    assert errors[0] is None and errors[2] is None and errors[4] is None
+    assert errors[1].startswith("null_text") and errors[3].startswith("null_text")
+    assert "send_null=True" in errors[1]
+    assert out["attempts"].to_list()[1] == 0
+
+
+def test_send_null_opt_in_sends_them() -> None:
+    df = pl.DataFrame({"text": ["abc", "", "de"]})
+    seen, fn = _count_calls()
+    out = dfbatch.process(df, fn, progress=False, agents=1, items_per_batch=8, send_null=True)
+    assert sorted(t for call in seen for t in call) == ["", "abc", "de"]
+    assert out["output"].to_list() == [3, 0, 2]
+    assert out["error"].null_count() == 3
+
+
+def test_summary_does_not_price_null_rows() -> None:
+    df = pl.DataFrame({"text": ["hello world", None, ""]})
+    planned = df.batch.plan(agents=1)
+    s = planned.batch.summary(price_in_per_1k=1.0, price_out_per_1k=1.0, output_tokens_per_row=5)
+    assert (s.null_text, s.tokens_in, s.tokens_out) == (2, 2, 5)
+    sent = planned.batch.summary(price_in_per_1k=1.0, price_out_per_1k=1.0,
+                                 output_tokens_per_row=5, send_null=True)
+    assert sent.tokens_out == 15
