@@ -117,3 +117,58 @@ def test_summary_does_not_price_null_rows() -> None:
     sent = planned.batch.summary(price_in_per_1k=1.0, price_out_per_1k=1.0,
                                  output_tokens_per_row=5, send_null=True)
     assert sent.tokens_out == 15
+
+
+# -- item 3: plan settings passed to process on a planned frame ------------------------------
+def _lengths(batch: pl.DataFrame) -> list[int]:
+    return [len(t) for t in batch["text"]]
+
+
+def test_process_replans_a_planned_frame_under_other_plan_settings() -> None:
+    df = pl.DataFrame({"text": [f"row {i}" for i in range(12)]})
+    planned = df.batch.plan(items_per_batch=6, agents=1)
+    with pytest.warns(dfbatch.ReplanWarning) as caught:
+        out = planned.batch.process(_lengths, progress=False, items_per_batch=2, agents=3)
+    text = str(caught[0].message)
+    assert "2 batches of up to 6 rows over 1 agents" in text  # the plan that was in force
+    assert "re-planned: 6 batches of up to 2 rows over 3 agents" in text
+    assert "agents, items_per_batch" in text
+    assert caught[0].filename == __file__
+    assert out["batch_id"].n_unique() == 6
+    assert out.group_by("run_batch_id").len()["len"].max() == 2
+
+
+def test_process_keeps_a_plan_the_settings_agree_with() -> None:
+    df = pl.DataFrame({"text": [f"row {i}" for i in range(12)]})
+    planned = df.batch.plan(items_per_batch=2, agents=2)
+    out = planned.batch.process(_lengths, progress=False, items_per_batch=2, agents=2,
+                                timeout=30)  # no warning (filterwarnings=error)
+    assert out["batch_id"].to_list() == planned["batch_id"].to_list()
+    out = planned.batch.process(_lengths, progress=False, timeout=30)  # no plan settings
+    assert out["batch_id"].n_unique() == 6
+
+
+def test_process_refuses_when_the_planned_text_is_gone() -> None:
+    df = pl.DataFrame({"doc": [f"row {i}" for i in range(12)]})
+    planned = df.batch.plan("doc", items_per_batch=6, agents=1).rename({"doc": "body"})
+    with pytest.raises(dfbatch.ConfigError, match=r"already planned \(2 batches of up to 6 rows"):
+        planned.batch.process(lambda b: b["body"], "doc", progress=False, items_per_batch=2)
+
+
+# -- item 5: PartialResultWarning points at the user's line ----------------------------------
+def test_partial_result_warning_points_at_the_callers_line() -> None:
+    import asyncio
+    import os
+    import signal
+
+    async def fn(batch: pl.DataFrame) -> list[int]:
+        if batch["id"][0] == 0:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the run stops
+        await asyncio.sleep(0 if batch["id"][0] == 0 else 30)
+        return batch["id"].to_list()
+
+    df = pl.DataFrame({"id": range(16), "text": ["x"] * 16})
+    with pytest.warns(dfbatch.PartialResultWarning) as caught:
+        out = df.batch.process(fn, progress=False, agents=2, items_per_batch=2)
+    assert caught[0].filename == __file__, caught[0].filename
+    assert (out["error"] == "cancelled").sum() > 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,14 @@ import polars as pl
 
 from dfbatch.config import BatchConfig, Progress
 from dfbatch.engines import select
-from dfbatch.errors import ConfigError, PartialResultWarning, RunStoppedError
+from dfbatch.errors import (
+    ColumnError,
+    ConfigError,
+    PartialResultWarning,
+    ReplanWarning,
+    RunStoppedError,
+    warn_user,
+)
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
 from dfbatch.execute._caller import LOCAL, CallerFactory
 from dfbatch.execute._loop import mark_run, unmark_run
@@ -58,11 +64,12 @@ class _Job:
     ) -> _Job:
         """Validate fn and the settings, resolve the config, plan ``df``."""
         cfg, chosen = resolve(fn, config, settings, engine, ray_address)
-        return cls.with_config(df, fn, text, cfg, chosen)
+        asked = frozenset(settings) | _set_in(config)
+        return cls.with_config(df, fn, text, cfg, chosen, asked=asked)
 
     @classmethod
     def with_config(cls, df: Any, fn: Fn, text: str | pl.Expr, cfg: BatchConfig,
-                    engine: CallerFactory = LOCAL) -> _Job:
+                    engine: CallerFactory = LOCAL, asked: frozenset[str] = frozenset()) -> _Job:
         """Plan ``df`` under a config ``resolve`` made (a stream's chunks share one)."""
         if isinstance(df, pl.LazyFrame):
             df = df.collect()
@@ -70,7 +77,7 @@ class _Job:
             msg = f"df must be a polars DataFrame or LazyFrame, got {type(df).__name__}"
             raise ConfigError(msg)
         check_frame(df, cfg)  # clashing or damaged columns fail before any call
-        planned = _planned(df, text, cfg)
+        planned = _planned(df, text, cfg, asked)
         send, row_tokens = _to_send(planned, text, cfg)
         row_bytes = _row_bytes(planned, text)
         batches = _batches(planned, row_tokens, row_bytes, cfg)
@@ -147,7 +154,7 @@ class _Job:
                 f"run stopped: {unfinished} of {self.planned.height} rows unfinished "
                 "(error='cancelled'); their outputs are null"
             )
-            warnings.warn(msg, PartialResultWarning, stacklevel=3)
+            warn_user(msg, PartialResultWarning)
         if self.journal is not None:
             outcomes = self.journal.merge(outcomes)
         return assemble(self.planned, outcomes, c, self.cfg.output_dtype)
@@ -173,15 +180,57 @@ def resolve(
     return cfg, chosen
 
 
-def _planned(df: pl.DataFrame, text: str | pl.Expr, cfg: BatchConfig) -> pl.DataFrame:
-    c = cfg.columns
-    names = c.plan_names()
-    present = [x for x in names if x in df.columns]
-    if len(present) == len(names):
-        return df  # already planned: run as planned
+def _planned(
+    df: pl.DataFrame, text: str | pl.Expr, cfg: BatchConfig, asked: frozenset[str] = frozenset()
+) -> pl.DataFrame:
+    """``df`` planned. A planned frame runs as planned, unless plan settings passed to
+    ``process`` make another plan: then it is re-planned (a ``ReplanWarning`` says so), or,
+    when its text is not there to re-plan, refused with the plan in force."""
     from dfbatch.plan import plan
 
-    return plan(df, text, config=cfg)
+    names = cfg.columns.plan_names()
+    if not all(x in df.columns for x in names):
+        return plan(df, text, config=cfg)
+    if not asked & _PLAN_FIELDS:
+        return df  # already planned: run as planned
+    base = df.drop(names)
+    try:
+        fresh = plan(base, text, config=cfg)
+    except ColumnError as e:
+        msg = (f"this frame is already planned ({_describe(df, cfg)}) and its text is not here "
+               f"to re-plan under {_asked(asked)}; drop the plan columns ({names}) and pass "
+               "text=, or run without those settings")
+        raise ConfigError(msg) from e
+    if fresh.select(names).equals(df.select(names)):
+        return df
+    msg = (f"the frame's plan ({_describe(df, cfg)}) was made with other settings than "
+           f"{_asked(asked)}; re-planned: {_describe(fresh, cfg)}. To keep a plan, pass no plan "
+           "settings to process (or plan with them: df.batch.plan(...))")
+    warn_user(msg, ReplanWarning)
+    return fresh
+
+
+_PLAN_FIELDS = frozenset({"items_per_batch", "token_limit", "agents", "agents_per_core",
+                          "encoding", "request_overhead_tokens", "output_tokens_per_row"})
+
+
+def _set_in(config: BatchConfig | None) -> frozenset[str]:
+    """The plan fields ``config`` sets to a value other than the default."""
+    if config is None:
+        return frozenset()
+    default = BatchConfig()
+    return frozenset(f for f in _PLAN_FIELDS if getattr(config, f) != getattr(default, f))
+
+
+def _asked(asked: frozenset[str]) -> str:
+    return ", ".join(sorted(asked & _PLAN_FIELDS))
+
+
+def _describe(planned: pl.DataFrame, cfg: BatchConfig) -> str:
+    c = cfg.columns
+    per = planned.group_by(c.batch_id).len()["len"]
+    return (f"{per.len():,} batches of up to {int(per.max() or 0)} rows over "  # type: ignore[arg-type]
+            f"{planned[c.agent_id].n_unique():,} agents")
 
 
 def _text_name(text: str | pl.Expr) -> str | None:
