@@ -172,3 +172,81 @@ def test_partial_result_warning_points_at_the_callers_line() -> None:
         out = df.batch.process(fn, progress=False, agents=2, items_per_batch=2)
     assert caught[0].filename == __file__, caught[0].filename
     assert (out["error"] == "cancelled").sum() > 0
+
+
+# -- items 5, 6, 8: what the views say after Stop, on resume, while waiting on a straggler ----
+def _events_with_a_straggler() -> list[Any]:
+    from dfbatch.events import BatchFinished, BatchStarted, RunStarted
+
+    evs: list[Any] = [RunStarted(0.0, 400, 100, 1000, (1000,))]
+    for b in range(100):
+        evs.append(BatchStarted(0.0, b, 0, 0, 4, 10, 1))
+    for b in range(99):
+        evs.append(BatchFinished(1.0, b, 0, 0, 4, 10, 1.0, 4, 0))
+    return evs
+
+
+def test_a_straggler_is_not_shown_as_100_percent_and_its_age_is_shown() -> None:
+    import io
+
+    from dfbatch.display.console import ConsoleDisplay
+    from dfbatch.display.widget import WidgetDisplay
+
+    acc = StatsAccumulator()
+    for ev in _events_with_a_straggler():
+        acc.apply(ev)
+    stats = acc.snapshot(now=26.0)
+    assert stats.rows_done == 396 and stats.in_flight == 1
+    assert stats.percent_done == 99
+    assert stats.oldest_in_flight_s == pytest.approx(26.0)
+    out = io.StringIO()
+    bar = ConsoleDisplay(400, file=out, mininterval=0)
+    bar.update(stats)
+    shown = out.getvalue().rsplit("\r", 1)[-1]
+    assert " 99%|" in shown and "100%" not in shown
+    assert "1 in flight (oldest 26s)" in shown or "1 in flight (oldest 0:26)" in shown, shown
+    w = WidgetDisplay(400, show=False, figure=False)
+    w.update(stats)
+    assert w.bar.description == "99%"
+    assert "(oldest" in w.header.value
+
+
+def test_after_stop_nothing_is_in_flight_and_cancelled_rows_are_counted() -> None:
+    from dfbatch.display.widget import WidgetDisplay
+    from dfbatch.events import RunFinished
+
+    acc = StatsAccumulator()
+    for ev in _events_with_a_straggler():
+        acc.apply(ev)
+    acc.apply(RunFinished(30.0, cancelled=True))
+    stats = acc.snapshot()
+    assert stats.in_flight == 0 and all(a.in_flight == 0 for a in stats.agents)
+    assert stats.rows_cancelled == 4
+    w = WidgetDisplay(400, show=False, figure=False)
+    w.close(stats)
+    assert ">0</b> <span style=\"opacity:.7\">in flight" in w.header.value
+    assert "4</b> <span style=\"opacity:.7\">cancelled rows" in w.header.value
+
+
+def test_a_resumed_run_says_so_and_counts_from_the_rows_already_done(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str],
+) -> None:
+    import io
+
+    from dfbatch.display.console import ConsoleDisplay
+
+    df = pl.DataFrame({"id": range(40), "text": [f"row {i}" for i in range(40)]})
+    first = df.head(30)
+    dfbatch.process(first, _lengths, checkpoint=tmp_path, progress=False, agents=1)
+    # the same frame again, larger: a journal of another frame is refused, so resume the same
+    acc = StatsAccumulator()
+    dfbatch.process(first, _lengths, checkpoint=tmp_path, progress="bar", agents=1,
+                    on_event=acc.apply)
+    err = capsys.readouterr().err
+    assert "resuming: 30 of 30 rows already done" in err
+    stats = acc.snapshot()
+    assert (stats.rows_before, stats.rows_shown, stats.total_shown) == (30, 30, 30)
+    out = io.StringIO()
+    bar = ConsoleDisplay(0, file=out, mininterval=0)
+    bar.close(stats)
+    assert "30/30 rows" in out.getvalue()

@@ -189,8 +189,9 @@ class WidgetDisplay:
 
     def _header(self, stats: RunStats, state: str) -> None:
         with self.bar.hold_sync():  # value and percentage in one message
-            self.bar.value = min(stats.rows_done, self.bar.max)
-            self.bar.description = f"{stats.fraction_done:.0%}"
+            self.bar.max = max(1, stats.total_shown or self.bar.max)
+            self.bar.value = min(stats.rows_shown, self.bar.max)
+            self.bar.description = f"{stats.percent_done}%"
         self.header.value = _header_html(stats, state)
 
     def _publish(self, frame: tuple[bytes, float] | None) -> None:
@@ -256,17 +257,24 @@ def _header_html(stats: RunStats, state: str) -> str:
     if state == "done" and stats.rows_failed:
         colour = COLORS["retried"]
     eta = stats.eta_s
+    flight = str(stats.in_flight)
+    if stats.in_flight and stats.oldest_in_flight_s >= 1:
+        flight += f" (oldest {fmt_duration(stats.oldest_in_flight_s)})"
     items = [
-        (f"{stats.rows_done:,} / {stats.total_rows:,}", "rows"),
+        (f"{stats.rows_shown:,} / {stats.total_shown:,}", "rows"),
         (fmt_count(stats.rows_per_s), "rows/s"),
         (fmt_count(stats.tokens_per_s), "tok/s"),
         (fmt_duration(stats.elapsed_s), "elapsed"),
         (fmt_duration(eta) if not stats.finished else "–", "ETA"),
-        (str(stats.in_flight), "in flight"),
+        (flight, "in flight"),
         (str(stats.retries), "retries"),
         (str(stats.rate_limited), "429s"),
         (str(stats.errors), "errors"),
     ]
+    if stats.rows_before:
+        items.append((f"{stats.rows_before:,}", "done before (resumed)"))
+    if stats.rows_cancelled:
+        items.append((f"{stats.rows_cancelled:,}", "cancelled rows"))
     if stats.rows_failed:
         items.append((f"{stats.rows_failed:,}", "failed rows"))
     stolen = sum(a.stolen for a in stats.agents)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -122,8 +123,12 @@ class _Job:
         c = self.cfg.columns
         queues = pool.sched.queues
         per_agent = tuple(sum(b.tokens for b in q) for q in queues)  # request tokens, as done
+        before = self.planned.height - pool.frame.height  # a resumed run: done by an earlier one
+        if before and progress is not False:
+            print(f"resuming: {before:,} of {self.planned.height:,} rows already done",
+                  file=sys.stderr, flush=True)
         emit(RunStarted(loop.time(), pool.frame.height, pool.sched.pending, sum(per_agent),
-                        per_agent))
+                        per_agent, rows_before=before))
         display = open_display(progress, pool.frame.height, pool.stop if stoppable else None)
         ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
         in_run = mark_run()  # a blocking process() in fn runs on its own loop (execute._loop)
