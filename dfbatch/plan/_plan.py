@@ -172,7 +172,9 @@ def _text_expr(schema: pl.Schema, text: str | pl.Expr, cols: Columns) -> pl.Expr
         raise ColumnError(msg)
     if isinstance(text, str):
         if text not in schema:
-            msg = f"text column {text!r} not found in {list(schema)}.{did_you_mean(text, schema)}"
+            strings = [n for n, t in schema.items() if t == pl.String] or list(schema) or ["doc"]
+            msg = (f"text column {text!r} not found in {list(schema)}.{did_you_mean(text, schema)}"
+                   f" Pass text= the column holding the text, e.g. text={strings[0]!r}")
             raise ColumnError(msg)
         expr, label = pl.col(text), text
     elif isinstance(text, pl.Expr):

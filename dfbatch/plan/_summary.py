@@ -65,7 +65,7 @@ class PlanSummary:
             f"flagged: {self.null_text:,} null_text, {self.oversize:,} oversize",
             f"balance: heaviest agent {self.balance_ratio:.4f} x lower bound "
             f"{self.lower_bound:,.0f} (load = per-request weight + tokens)",
-            f"est. sent: {self.tokens_in:,} input + up to {self.tokens_out:,} output tokens "
+            f"est. sent: {self.tokens_in:,} input + {self._cap}{self.tokens_out:,} output tokens "
             f"({self.basis})",
         ]
         lines.append(self._cost_line())
@@ -79,8 +79,13 @@ class PlanSummary:
             missing = "price_out_per_1k=" if self.cost_in is not None else "price_in_per_1k="
             return (f"est. cost: ${self.cost_in or self.cost_out or 0:,.4f} for {known} only; "
                     f"pass {missing} for the rest")
-        return (f"est. cost: up to ${self.cost:,.4f} (input ${self.cost_in:,.4f}, output "
-                f"up to ${self.cost_out:,.4f})")
+        return (f"est. cost: {self._cap}${self.cost:,.4f} (input ${self.cost_in:,.4f}, output "
+                f"{self._cap}${self.cost_out:,.4f})")
+
+    @property
+    def _cap(self) -> str:
+        """Output counted at its cap (an adapter's max_tokens): the cost is an upper bound."""
+        return "up to " if self.basis.startswith("fn") else ""
 
     __repr__ = __str__
 
@@ -113,7 +118,7 @@ def summary(
     tokens: 12 in texts, 12 in requests (max batch 8)
     flagged: 1 null_text, 0 oversize
     balance: heaviest agent 1.0000 x lower bound 18 (load = per-request weight + tokens)
-    est. sent: 12 input + up to 0 output tokens (texts, overhead, output_tokens_per_row)
+    est. sent: 12 input + 0 output tokens (texts, overhead, output_tokens_per_row)
     est. cost: $0.0060 for input only; pass price_out_per_1k= for the rest
     >>> s.loads
     shape: (2, 5)
