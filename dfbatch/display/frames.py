@@ -115,6 +115,7 @@ class FrameProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", _BOOT, package], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                start_new_session=True,  # a kernel Interrupt (SIGINT to the group) skips it
             )
         except (OSError, ValueError) as exc:
             msg = f"could not start the frame process ({sys.executable!r}): {exc}"
@@ -166,6 +167,9 @@ def child_main() -> None:
     """The frame process: read ``(run, stats, final)`` requests, reply ``("ok", png, cpu_s)``."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not corrupt the replies
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C / Interrupt is the run's business
     if hasattr(os, "nice"):
         os.nice(10)  # the run first
     drawer, run = ThreadDrawer(), None
@@ -374,16 +378,16 @@ class FrameWorker:
         try:
             if self.drawer is None:
                 self.drawer = self._open()
-                if isinstance(self.drawer, FrameProcess):
-                    try:
-                        return self.drawer.draw(stats, final)
-                    except FrameError as exc:  # the child could not run: draw here instead
-                        self.drawer.kill()
-                        self.drawer.close()
-                        if self._closed:  # killed by ``close``: no frame wanted any more
-                            return None
-                        log.info("dfbatch: %s; drawing the figure in a thread", exc)
-                        self.drawer = ThreadDrawer()
+            if isinstance(self.drawer, FrameProcess):
+                try:
+                    return self.drawer.draw(stats, final)
+                except FrameError as exc:  # the child could not run or is gone: draw here
+                    self.drawer.kill()
+                    self.drawer.close()
+                    if self._closed:  # killed by ``close``: no frame wanted any more
+                        return None
+                    log.info("dfbatch: %s; drawing the figure in a thread", exc)
+                    self.drawer = ThreadDrawer()
             return self.drawer.draw(stats, final)
         except Exception:
             log.exception("dfbatch: the live figure failed; showing the header only")
