@@ -250,3 +250,81 @@ def test_a_resumed_run_says_so_and_counts_from_the_rows_already_done(
     bar = ConsoleDisplay(0, file=out, mininterval=0)
     bar.close(stats)
     assert "30/30 rows" in out.getvalue()
+
+
+# -- item 9: figures a reviewer would sign (asserted on the matplotlib artists) ---------------
+def _ran(n_agents: int = 2, errors: bool = False) -> pl.DataFrame:
+    from tests.test_display_plots import synthetic_result
+
+    result = synthetic_result(n_agents=n_agents)
+    return result if errors else result.with_columns(error=pl.lit(None, pl.String))
+
+
+def test_busy_time_is_wall_clock_never_longer_than_the_run() -> None:
+    from dfbatch.display.plots import agent_table, batch_table
+
+    result = _ran(3)
+    table = batch_table(result)
+    run_s = float((table["start_s"] + table["elapsed_s"]).max())  # type: ignore[arg-type]
+    busy = agent_table(result)["busy_s"]
+    summed = table.group_by("agent").agg(pl.col("elapsed_s").sum()).sort("agent")["elapsed_s"]
+    assert (busy <= run_s + 1e-9).all()
+    assert (busy <= summed + 1e-9).all() and (busy < summed - 1e-9).any()  # overlaps once
+
+
+def test_an_error_panel_without_errors_has_a_0_to_1_integer_axis() -> None:
+    from dfbatch.display.plots import plot_agent_load
+
+    fig = plot_agent_load(_ran(3))
+    errors = fig.axes[3]
+    assert errors.get_ylim() == (0.0, 1.0)
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in errors.get_yticklabels() if t.get_text()]
+    assert ticks == ["0", "1"]
+
+
+def test_tick_labels_share_one_unit_per_axis() -> None:
+    from dfbatch.display.plots import plot_agent_load
+
+    result = _ran(4).with_columns(pl.col("n_tokens") * 40)  # tens of thousands of tokens
+    fig = plot_agent_load(result)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels() if t.get_text()]
+    non_zero = [x for x in labels if x != "0"]
+    assert non_zero and (all(x.endswith("k") for x in non_zero)
+                         or not any(x.endswith("k") for x in non_zero)), labels
+
+
+def test_the_token_measure_is_named_in_both_figures() -> None:
+    from dfbatch.display.live_figure import LiveFigure
+    from dfbatch.display.plots import plot_agent_load
+    from dfbatch.events import RunStats
+
+    assert plot_agent_load(_ran()).axes[0].get_title(loc="left") == "text tokens (n_tokens)"
+    live = LiveFigure()
+    live.render(RunStats(total_rows=4, rows_done=1, elapsed_s=1.0))
+    assert live.axes["load"].get_title(loc="left") == "Agent load (request tokens)"
+
+
+def test_the_incident_lanes_name_what_the_header_counts() -> None:
+    from dfbatch.display.live_figure import LiveFigure
+    from dfbatch.events import RunStats
+
+    live = LiveFigure()
+    stats = RunStats(total_rows=4, rows_done=1, elapsed_s=2.0, retries=2, rate_limited=2,
+                     incidents=((0.5, "429"), (1.0, "429")))
+    live.render(stats)
+    inc = live.axes["inc"]
+    assert [t.get_text() for t in inc.get_yticklabels()] == ["other retry", "429 retry", "error"]
+    assert len(live.points["429"].get_offsets()) == 2  # the header's 2 retries are drawn
+
+
+def test_the_agent_load_legend_sits_outside_the_panels() -> None:
+    from dfbatch.display.plots import plot_agent_load
+
+    fig = plot_agent_load(_ran(6))
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    box = legend.get_window_extent()
+    for ax in fig.axes:
+        assert not box.overlaps(ax.get_window_extent()), ax.get_title(loc="left")

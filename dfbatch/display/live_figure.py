@@ -31,6 +31,7 @@ __all__ = ["LiveFigure", "rates"]
 _TITLE = {"loc": "left", "fontsize": 10, "fontweight": "bold", "y": 1.0, "pad": 16}
 _GREY = "#555555"
 _KINDS = {"retry": COLORS["retried"], "429": COLORS["stolen"], "error": COLORS["failed"]}
+_LANES = {"retry": "other retry", "429": "429 retry", "error": "error"}
 
 
 class Limits(NamedTuple):
@@ -134,7 +135,7 @@ class LiveFigure:
         ax.grid(axis="x", visible=False)
         ax.yaxis.set_major_formatter(si_formatter())
         ax.set_xlabel("agent", fontsize=9)
-        ax.set_title("Agent load (tokens)", **_TITLE)
+        ax.set_title("Agent load (request tokens)", **_TITLE)
         handles = [Patch(facecolor="none", edgecolor=COLORS["planned"], linestyle="--",
                          label="planned")]
         handles += [Patch(color=COLORS[k], label=label) for k, label in
@@ -163,7 +164,7 @@ class LiveFigure:
                                             linewidths=1.3))
             for kind, colour in _KINDS.items()
         }
-        ax.set_yticks(range(3), list(_KINDS))
+        ax.set_yticks(range(3), [_LANES[k] for k in _KINDS])
         for label, colour in zip(ax.get_yticklabels(), _KINDS.values(), strict=True):
             label.set_color(colour)
             label.set_fontweight("bold")
@@ -173,7 +174,7 @@ class LiveFigure:
         ax.grid(axis="y", visible=False)
         ax.set_xlabel("time (s)", fontsize=9)
         ax.set_title("Retries, 429s, errors", **_TITLE)
-        _subtitle(ax, "one tick per event; counts in the header")
+        _subtitle(ax, "one tick per event; header retries = 429 + other")
 
     def _draw_data(self, stats: RunStats, t: Any, rows: Any) -> None:
         import numpy as np
