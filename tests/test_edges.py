@@ -328,3 +328,28 @@ def test_the_agent_load_legend_sits_outside_the_panels() -> None:
     box = legend.get_window_extent()
     for ax in fig.axes:
         assert not box.overlaps(ax.get_window_extent()), ax.get_title(loc="left")
+
+
+def test_the_live_figure_comes_as_three_panels_that_wrap_when_narrow() -> None:
+    import io
+
+    from PIL import Image
+
+    from dfbatch.display.live_figure import LiveFigure
+    from dfbatch.display.widget import WidgetDisplay, _png_width
+    from tests.test_display_widget import snapshots
+
+    live = LiveFigure()
+    stats = snapshots(3, n_agents=3, n_batches=30)[-1]
+    whole = Image.open(io.BytesIO(live.render(stats)))
+    panels = [Image.open(io.BytesIO(p)) for p in live.render_panels(stats)]
+    assert len(panels) == 3
+    assert sum(p.width for p in panels) == whole.width
+    assert all(p.height == whole.height for p in panels)
+    assert all(p.width > whole.width / 5 for p in panels)  # each panel readable on its own
+    # the widget lays them out in a wrapping row, each growing from its natural width
+    w = WidgetDisplay(90, show=False, figure=False)
+    w._publish((live.render_panels(stats), 0.01))
+    assert w.image.layout.flex_flow == "row wrap" and w.image.layout.display == "flex"
+    assert [i.layout.flex for i in w.images] == [f"1 1 {p.width}px" for p in panels]
+    assert _png_width(w.images[0].value) == panels[0].width

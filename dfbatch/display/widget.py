@@ -55,7 +55,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dfbatch.display import fmt_count, fmt_duration
-from dfbatch.display.frames import Draw, FrameWorker
+from dfbatch.display.frames import Draw, FrameWorker, Png
 from dfbatch.display.style import COLORS
 from dfbatch.events import RunStats
 
@@ -132,14 +132,17 @@ class WidgetDisplay:
         )
         self.button.on_click(self._on_stop)
         self.header = w.HTML(value=_header_html(RunStats(total_rows=total_rows), "starting"))
-        self.image = w.Image(format="png", layout=w.Layout(max_width="100%", height="auto"))
-        self.image.layout.display = "none"  # until the first frame
+        # one image per panel in a wrapping row: side by side when wide, stacked when narrow
+        self.images = [w.Image(format="png", layout=w.Layout(
+            max_width="100%", height="auto", flex="1 1 320px")) for _ in range(3)]
+        self.image = w.Box(self.images, layout=w.Layout(
+            display="none", flex_flow="row wrap", align_items="flex-start", width="100%"))
         self.box = w.VBox(
             [w.HBox([self.bar, self.button], layout=w.Layout(align_items="center")),
              self.header, self.image],
             layout=w.Layout(width="100%", max_width="1100px"),
         )
-        self.renderer = FrameWorker(draw) if figure else None
+        self.renderer = FrameWorker(draw, panels=True) if figure else None
         self.budget = _Budget(figure_budget, min_figure_interval_s)
         self.first_figure_after_s = first_figure_after_s
         self.header_interval_s = header_interval_s
@@ -194,7 +197,7 @@ class WidgetDisplay:
             self.bar.description = f"{stats.percent_done}%"
         self.header.value = _header_html(stats, state)
 
-    def _publish(self, frame: tuple[bytes, float] | None) -> None:
+    def _publish(self, frame: tuple[Png, float] | None) -> None:
         if frame is None:
             return
         png, cpu_s = frame
@@ -202,8 +205,12 @@ class WidgetDisplay:
             self.budget.spend(cpu_s)
         self.figure_draws += 1
         self.figure_cpu_s += cpu_s
-        self.image.value = png
-        self.image.layout.display = None
+        pngs = (png,) if isinstance(png, bytes) else png
+        for image, part in zip(self.images, pngs, strict=False):
+            if image.layout.flex != (basis := f"1 1 {_png_width(part)}px"):
+                image.layout.flex = basis  # natural width: the panels wrap below it
+            image.value = part
+        self.image.layout.display = "flex"
 
     def _on_stop(self, _button: Any) -> None:
         if self._stop is None or self._stopping:
@@ -249,6 +256,13 @@ class _Budget:
 
     def spend(self, cost: float) -> None:
         self.balance -= cost
+
+
+def _png_width(png: bytes) -> int:
+    """The pixel width in a PNG's header (IHDR), 320 when it is not a PNG."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or len(png) < 24:
+        return 320
+    return int.from_bytes(png[16:20], "big")
 
 
 def _header_html(stats: RunStats, state: str) -> str:
