@@ -32,6 +32,8 @@ class RunStarted:
     total_tokens: int
     planned_tokens: tuple[int, ...]  # per agent; len() is the number of agents
     rows_before: int = 0  # rows a checkpoint already holds (a resumed run skips them)
+    rpm: float | None = None  # the run's rate limits: the ETA is never shorter than they allow
+    tpm: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +163,8 @@ class RunStats:
     rows_before: int = 0  # done by an earlier run (resumed from a checkpoint); not in rows_done
     oldest_in_flight_s: float = 0.0  # age of the oldest call in flight (0 when none)
     rows_cancelled: int = 0  # rows a stopped run left unfinished
+    rpm: float | None = None
+    tpm: float | None = None
 
     @property
     def rows_shown(self) -> int:
@@ -196,7 +200,14 @@ class RunStats:
         rate = self.rows_per_s
         if self.finished:
             return 0.0
-        return (self.total_rows - self.rows_done) / rate if rate > 0 else None
+        if rate <= 0:
+            return None
+        eta = (self.total_rows - self.rows_done) / rate
+        if self.tpm:  # what is left cannot go faster than the token limit allows
+            eta = max(eta, 60.0 * max(0, self.total_tokens - self.tokens_done) / self.tpm)
+        if self.rpm:
+            eta = max(eta, 60.0 * max(0, self.total_batches - self.batches_done) / self.rpm)
+        return eta
 
 
 @dataclass
@@ -243,6 +254,8 @@ class StatsAccumulator:
     finished: bool = False
     cancelled: bool = False
     open_calls: dict[int, list[float]] = field(default_factory=dict)  # batch_id -> starts
+    rpm: float | None = None
+    tpm: float | None = None
 
     def __post_init__(self) -> None:
         keys = RunStats.__dataclass_fields__
@@ -268,6 +281,7 @@ class StatsAccumulator:
             s["total_batches"] += ev.total_batches
             s["total_tokens"] += ev.total_tokens
             s["rows_before"] += ev.rows_before
+            self.rpm, self.tpm = ev.rpm, ev.tpm
             for i, tok in enumerate(ev.planned_tokens):
                 self._agent(i).planned_tokens += tok
             self.finished = False
@@ -365,6 +379,8 @@ class StatsAccumulator:
         lat = sorted(self.latencies)
         oldest = min((ts[0] for ts in self.open_calls.values() if ts), default=None)
         return RunStats(
+            rpm=self.rpm,
+            tpm=self.tpm,
             oldest_in_flight_s=0.0 if oldest is None else max(0.0, end - oldest),
             **self.stats,
             elapsed_s=max(0.0, end - t0),

@@ -353,3 +353,29 @@ def test_the_live_figure_comes_as_three_panels_that_wrap_when_narrow() -> None:
     assert w.image.layout.flex_flow == "row wrap" and w.image.layout.display == "flex"
     assert [i.layout.flex for i in w.images] == [f"1 1 {p.width}px" for p in panels]
     assert _png_width(w.images[0].value) == panels[0].width
+
+
+# -- item 10: the ETA knows the rate limits --------------------------------------------------
+def test_eta_is_never_shorter_than_the_rate_limits_allow() -> None:
+    import io
+
+    from dfbatch.display.console import ConsoleDisplay
+    from dfbatch.events import BatchFinished, BatchStarted, RunStarted
+
+    acc = StatsAccumulator()
+    acc.apply(RunStarted(0.0, 100, 25, 100_000, (100_000,), tpm=60_000))
+    for b in range(3):  # a burst from the full bucket: 12 rows, 12k tokens in the first second
+        acc.apply(BatchStarted(0.0, b, 0, 0, 4, 4_000, 1))
+        acc.apply(BatchFinished(1.0, b, 0, 0, 4, 4_000, 1.0, 4, 0))
+    stats = acc.snapshot(now=1.0)
+    assert stats.rows_per_s == pytest.approx(12.0)  # (100 - 12) / 12 = 7 s at that rate
+    assert stats.eta_s == pytest.approx(60.0 * 88_000 / 60_000)  # 88 s at 60k TPM
+    out = io.StringIO()
+    bar = ConsoleDisplay(100, file=out, mininterval=0)
+    bar.update(stats)
+    assert "<1:28" in out.getvalue().rsplit("\r", 1)[-1]
+    rpm = StatsAccumulator()
+    rpm.apply(RunStarted(0.0, 100, 25, 100, (100,), rpm=10))
+    rpm.apply(BatchStarted(0.0, 0, 0, 0, 4, 4, 1))
+    rpm.apply(BatchFinished(1.0, 0, 0, 0, 4, 4, 1.0, 4, 0))
+    assert rpm.snapshot(now=1.0).eta_s == pytest.approx(60.0 * 24 / 10)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
 _FORMAT = (  # pct: whole percent rounded down (never 100% before the last row)
-    "{desc}{pct:3d}%|{bar}| {n_fmt}/{total_fmt} rows [{elapsed}<{remaining}{postfix}]"
+    "{desc}{pct:3d}%|{bar}| {n_fmt}/{total_fmt} rows [{elapsed}<{eta}{postfix}]"
 )
 
 
@@ -66,6 +66,7 @@ class ConsoleDisplay:
         if stats.total_shown and self.bar.total != stats.total_shown:  # a resumed run
             self.bar.total = stats.total_shown
         delta = stats.rows_shown - self.bar.n
+        self.bar.eta_text = fmt_duration(stats.eta_s)  # type: ignore[attr-defined]
         self.bar.set_postfix_str(postfix(stats), refresh=False)
         if delta > 0:
             self.bar.update(delta)  # refreshes at most every mininterval
@@ -84,6 +85,7 @@ class ConsoleDisplay:
         if stats.total_shown:
             self.bar.total = stats.total_shown
         self.bar.n = stats.rows_shown
+        self.bar.eta_text = fmt_duration(stats.eta_s)  # type: ignore[attr-defined]
         self.bar.set_postfix_str(postfix(stats), refresh=False)
         self.bar.close()  # draws the final state once
 
@@ -98,6 +100,7 @@ def _floor_percent(cls: type[tqdm]) -> type[tqdm]:
             d: dict[str, Any] = super().format_dict
             total = d.get("total") or 0
             d["pct"] = int(100 * d["n"] / total) if total else 0
+            d["eta"] = getattr(self, "eta_text", "?")  # the run's ETA, rate limits included
             return d
 
     return Bar

@@ -128,7 +128,7 @@ class _Job:
             print(f"resuming: {before:,} of {self.planned.height:,} rows already done",
                   file=sys.stderr, flush=True)
         emit(RunStarted(loop.time(), pool.frame.height, pool.sched.pending, sum(per_agent),
-                        per_agent, rows_before=before))
+                        per_agent, rows_before=before, rpm=self.cfg.rpm, tpm=self.cfg.tpm))
         display = open_display(progress, pool.frame.height, pool.stop if stoppable else None)
         ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
         in_run = mark_run()  # a blocking process() in fn runs on its own loop (execute._loop)
