@@ -166,8 +166,7 @@ def warn_user(message: str, category: type[Warning]) -> None:
         message, category, frame.f_code.co_filename, frame.f_lineno,
         module=module_globals.get("__name__"),
         registry=module_globals.setdefault("__warningregistry__", {}),
-        module_globals=module_globals,
-    )
+    )  # no module_globals: a `python -c` __main__'s loader cannot give its source
 
 
 def _user_frame(frame: FrameType | None) -> FrameType | None:
