@@ -130,10 +130,10 @@ class RowError(Exception):
     --------
     >>> import polars as pl, dfbatch
     >>> def fn(batch):
-    ...     return [dfbatch.RowError("empty") if t == "" else t.upper() for t in batch["text"]]
-    >>> out = dfbatch.process(pl.DataFrame({"text": ["a", ""]}), fn, text="text", progress=False)
+    ...     return [dfbatch.RowError("unclear") if t == "?" else t.upper() for t in batch["text"]]
+    >>> out = dfbatch.process(pl.DataFrame({"text": ["a", "?"]}), fn, text="text", progress=False)
     >>> out.select("output", "error").rows()
-    [('A', None), (None, 'RowError: empty')]
+    [('A', None), (None, 'RowError: unclear')]
     """
 
 
