@@ -371,6 +371,9 @@ def demo(rows: int | None, model: str | None, out_dir: Path, progress: bool) -> 
                               progress="auto" if progress else False)
         except (DfbatchError, FileNotFoundError, ImportError) as exc:
             raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:  # before the run started, or a second Ctrl-C
+            click.echo("stopped by Ctrl-C; no result was written", err=True)
+            sys.exit(EXIT_INTERRUPTED)
     click.echo(str(report))
     if report.rows_cancelled:
         click.echo(f"stopped by Ctrl-C: {report.rows - report.rows_cancelled:,} of "

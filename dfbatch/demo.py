@@ -23,7 +23,9 @@ latency-bound at about 2.5 minutes).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -172,7 +174,11 @@ def run_demo(
 
     df = df if rows is None else df.head(rows)
     server = serve(**DEMO_SIM)
-    with server as url:
+    # Ctrl-C drops the calls in flight: the simulator would log each dropped connection
+    quiet = logging.getLogger("aiohttp.server")
+    with contextlib.ExitStack() as restore, server as url:
+        restore.callback(quiet.setLevel, quiet.level)
+        quiet.setLevel(logging.CRITICAL)
         limits = {"rpm": server.config.real_rpm, "tpm": server.config.real_tpm}
         report = _enrich(df, model or SIM_MODEL, url, out, progress, limits=limits)
     snap = server.stats.snapshot()

@@ -138,3 +138,34 @@ def test_sim_prints_how_to_use_its_url() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_demo_exits_130_and_reports_cancelled_rows_apart(
+    tmp_path: Path,
+) -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "PYTHONPATH")}
+    out_dir = tmp_path / "demo_out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dfbatch", "demo", "--no-progress", "--rows", "3000",
+         "--out-dir", str(out_dir)],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not out_dir.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(8.0)  # the simulator is up and the run is under way
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    if "dfbatch demo:" in out:  # stopped mid-run: the report
+        assert "failed 0 / cancelled" in out, out
+        assert "stopped by Ctrl-C:" in err and "cancelled" in err
+        rate = float(out.split(" rows/s")[0].rsplit(", ", 1)[1].replace(",", ""))
+        done = 3000 - int(out.split("cancelled ")[1].split(" ")[0].replace(",", ""))
+        elapsed = float(out.split("elapsed ")[1].split(" s")[0])
+        assert rate == pytest.approx(done / elapsed, rel=0.05)
+    else:  # stopped before the run started
+        assert "stopped by Ctrl-C; no result was written" in err
+    assert "Traceback" not in err
