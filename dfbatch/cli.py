@@ -64,6 +64,21 @@ def _plan_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _model_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--model", help="Use the built-in chat adapter with this model (no --fn)."),
+        click.option("--prompt", help="Prompt template for --model (default: the text column)."),
+        click.option("--system", help="System message for --model."),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+                     help="Output cap per row for --model."),
+        click.option("--mode", type=click.Choice(["per_row", "batch"]), default="per_row",
+                     show_default=True, help="--model: one request per row, or per batch."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def _settings(**options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
@@ -152,18 +167,28 @@ def _write(df: pl.DataFrame, path: Path) -> None:
 @click.option("--price-out", type=click.FloatRange(min=0), help="USD per 1,000 output tokens.")
 @click.option("--batch-discount", type=click.FloatRange(min=0, max=1, min_open=True),
               help="Show the Batch API's price beside the synchronous one (0.5 = half price).")
+@_model_options
 def plan(data: Path, text: str, price_in: float | None, price_out: float | None,
-         batch_discount: float | None, **options: Any) -> None:
-    """Print how DATA would be batched: rows, batches, tokens, agent balance, cost."""
+         batch_discount: float | None, model: str | None, prompt: str | None,
+         system: str | None, max_tokens: int, mode: str, **options: Any) -> None:
+    """Print how DATA would be batched: rows, batches, tokens, agent balance, cost.
+
+    With --model (and --prompt, --system, --max-tokens, --mode as for `run`) the cost prices
+    what `run` sends: the prompt template, the system message and the output cap."""
     import dfbatch
 
     lf = read_frame(data)
     _require_column(lf, text, "--text")
     settings = _settings(**options)
+    fn = None
+    if model is not None:  # only counted, never called: no key or endpoint needed
+        fn = _chat(model, prompt or f"{{{text}}}", system, max_tokens, "http://127.0.0.1:9",
+                   mode)
     try:
-        planned = dfbatch.plan(lf.collect(), text, **settings)
-        summary = dfbatch.summary(planned, price_in_per_1k=price_in, price_out_per_1k=price_out,
-                                  batch_discount=batch_discount, **settings)
+        planned = dfbatch.plan(lf.collect(), text, fn=fn, **settings)
+        summary = dfbatch.summary(planned, fn=fn, price_in_per_1k=price_in,
+                                  price_out_per_1k=price_out, batch_discount=batch_discount,
+                                  **settings)
     except DfbatchError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(str(summary))
@@ -176,11 +201,7 @@ def plan(data: Path, text: str, price_in: float | None, price_out: float | None,
 @_plan_options
 @click.option("--fn", "fn_spec", metavar="MODULE:FUNCTION",
               help="Your fn(batch) -> outputs, e.g. mypkg.fns:summarize.")
-@click.option("--model", help="Use the built-in chat adapter with this model (no --fn).")
-@click.option("--prompt", help="Prompt template for --model (default: the text column).")
-@click.option("--system", help="System message for --model.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Output cap per row for --model.")
+@_model_options
 @click.option("--base-url", envvar="OPENAI_BASE_URL",
               help="OpenAI-compatible endpoint for --model (env OPENAI_BASE_URL); the key is "
                    "read from OPENAI_API_KEY.")
@@ -207,7 +228,7 @@ def plan(data: Path, text: str, price_in: float | None, price_out: float | None,
               help="With --model: send the rows as the provider's Batch API jobs (half price, "
                    "answered within 24 h; rerun to collect after a stop). See `dfbatch jobs`.")
 def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: str | None,
-        system: str | None, max_tokens: int, base_url: str | None, out: Path,
+        system: str | None, max_tokens: int, mode: str, base_url: str | None, out: Path,
         checkpoint: Path | None, resume: str, retry_errors: bool, key: str | None,
         chunk_rows: int, progress: bool | None, batch_api: bool, **options: Any) -> None:
     """Run a function over the rows of DATA in batches and write the result to --out."""
@@ -232,7 +253,7 @@ def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: s
     if batch_api and model is None:
         msg = "--batch-api needs --model (the built-in chat adapter)"
         raise click.UsageError(msg)
-    fn = _make_fn(fn_spec, model, prompt or f"{{{text}}}", system, max_tokens, base_url,
+    fn = _make_fn(fn_spec, model, prompt or f"{{{text}}}", system, max_tokens, base_url, mode,
                   api="batch" if batch_api else "sync")
     show: Any = "bar" if (sys.stderr.isatty() if progress is None else progress) else False
     common = dict(progress=show, checkpoint=checkpoint, resume=resume, key=key,
@@ -256,14 +277,15 @@ def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: s
     for w in caught:
         if issubclass(w.category, PartialResultWarning):
             stopped = True
-            click.echo(f"stopped: {w.message}", err=True)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     failed = rows - ok - cancelled
     click.echo(f"wrote {rows:,} rows to {out}: {ok:,} ok, {failed:,} failed"
                + (f", {cancelled:,} cancelled" if cancelled else "")
                + (" (see the error column)" if failed or cancelled else ""), err=True)
-    if stopped:  # do not wait at exit for calls still running in fn's threads: the output
+    if stopped:
+        click.echo(_stopped_note(rows, cancelled, out, checkpoint), err=True)
+        # do not wait at exit for calls still running in fn's threads: the output
         sys.stdout.flush()  # is written, and a sync fn's thread cannot be cancelled
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED)
@@ -271,8 +293,54 @@ def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: s
         sys.exit(EXIT_FAILED_ROWS)
 
 
+def _stopped_note(rows: int, cancelled: int, out: Path, checkpoint: Path | None) -> str:
+    """What a Ctrl-C left: rows done, rows not done, and the command that resumes."""
+    done = rows - cancelled
+    head = (f"stopped by Ctrl-C: {done:,} of {rows:,} rows done, {cancelled:,} not done "
+            f"(error 'cancelled' in {out})")
+    command = _command_line()
+    if checkpoint is not None:
+        return (f"{head}\nresume (the {done:,} done rows are not sent again):\n  {command}")
+    return (f"{head}\nno --checkpoint, so a rerun sends every row again; to make the next run "
+            f"resumable:\n  {command} --checkpoint {out.stem}_checkpoint")
+
+
+def _command_line() -> str:
+    """The command being run, rebuilt from its parameters (quoted for a shell)."""
+    import shlex
+
+    ctx = click.get_current_context()
+    words = ["dfbatch", *ctx.command_path.split()[1:]]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if isinstance(param, click.Argument):
+            words.append(str(value))
+        elif isinstance(param, click.Option) and value is not None and value != param.default:
+            if param.is_flag:
+                opts = param.opts if value else param.secondary_opts
+                words.extend(opts[:1])
+            else:
+                words.extend([param.opts[0], str(value)])
+    return shlex.join(words)
+
+
+def _chat(model: str, prompt: str, system: str | None, max_tokens: int, base_url: str | None,
+          mode: str, api: str = "sync") -> Callable[..., Any]:
+    try:
+        from dfbatch.llm import chat
+    except ImportError as exc:
+        msg = f"--model needs the llm extra: pip install 'dfbatch[llm]' ({exc})"
+        raise click.UsageError(msg) from None
+    try:
+        return chat(model, prompt, system=system, max_tokens=max_tokens, base_url=base_url,
+                    mode=mode, api=api)  # type: ignore[arg-type]
+    except DfbatchError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def _make_fn(fn_spec: str | None, model: str | None, prompt: str, system: str | None,
-             max_tokens: int, base_url: str | None, api: Any = "sync") -> Callable[..., Any]:
+             max_tokens: int, base_url: str | None, mode: str = "per_row",
+             api: str = "sync") -> Callable[..., Any]:
     if fn_spec is not None and model is not None:
         msg = "pass either --fn or --model, not both"
         raise click.UsageError(msg)
@@ -281,16 +349,12 @@ def _make_fn(fn_spec: str | None, model: str | None, prompt: str, system: str | 
     if model is None:
         msg = "pass --fn module:function, or --model NAME for the chat adapter"
         raise click.UsageError(msg)
-    try:
-        from dfbatch.llm import chat
-    except ImportError as exc:
-        msg = f"--model needs the llm extra: pip install 'dfbatch[llm]' ({exc})"
-        raise click.UsageError(msg) from None
-    try:
-        return chat(model, prompt, system=system, max_tokens=max_tokens, base_url=base_url,
-                    api=api)
-    except DfbatchError as exc:
-        raise click.UsageError(str(exc)) from None
+    if base_url is None and not os.environ.get("OPENAI_API_KEY"):
+        msg = (f"--model {model}: no API key; set OPENAI_API_KEY, or for a local "
+               "OpenAI-compatible server (e.g. `dfbatch sim`) pass --base-url URL "
+               "(or set OPENAI_BASE_URL)")
+        raise click.UsageError(msg)
+    return _chat(model, prompt, system, max_tokens, base_url, mode, api)
 
 
 # -- demo ----------------------------------------------------------------------------------
@@ -310,19 +374,31 @@ def demo(rows: int | None, model: str | None, out_dir: Path, progress: bool,
          batch_api: bool) -> None:
     """Enrich the stdlib-docs dataset with an LLM: the local simulator, or OPENAI_API_KEY /
     OPENAI_BASE_URL's endpoint when set."""
-    from dfbatch.demo import run_batch_demo, run_demo
+    import warnings
 
-    try:
-        report: Any
-        if batch_api:
-            report = run_batch_demo(rows=rows, out_dir=out_dir,
-                                    progress="auto" if progress else False)
-        else:
-            report = run_demo(rows=rows, model=model, out_dir=out_dir,
-                              progress="auto" if progress else False)
-    except (DfbatchError, FileNotFoundError, ImportError) as exc:
-        raise click.ClickException(str(exc)) from None
+    from dfbatch.demo import run_batch_demo, run_demo
+    from dfbatch.errors import PartialResultWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PartialResultWarning)  # the report says it
+        try:
+            report: Any
+            if batch_api:
+                report = run_batch_demo(rows=rows, out_dir=out_dir,
+                                        progress="auto" if progress else False)
+            else:
+                report = run_demo(rows=rows, model=model, out_dir=out_dir,
+                                  progress="auto" if progress else False)
+        except (DfbatchError, FileNotFoundError, ImportError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:  # before the run started, or a second Ctrl-C
+            click.echo("stopped by Ctrl-C; no result was written", err=True)
+            sys.exit(EXIT_INTERRUPTED)
     click.echo(str(report))
+    if report.rows_cancelled:
+        click.echo(f"stopped by Ctrl-C: {report.rows - report.rows_cancelled:,} of "
+                   f"{report.rows:,} rows done, {report.rows_cancelled:,} cancelled", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     if report.rows_failed:
         sys.exit(EXIT_FAILED_ROWS)
 
@@ -375,6 +451,10 @@ def sim(host: str, port: int, no_limits: bool, **options: Any) -> None:
         async with server as url:
             click.echo(f"dfbatch simulator at {url} (rpm={server.config.rpm}, "
                        f"tpm={server.config.tpm}); stats at {url}/sim/stats; Ctrl-C stops",
+                       err=True)
+            click.echo(f"use it: chat('sim-chat', ..., base_url='{url}') in Python, or "
+                       f"export OPENAI_BASE_URL={url} (any OPENAI_API_KEY works), or "
+                       f"dfbatch run DATA --model sim-chat --base-url {url} --out out.parquet",
                        err=True)
             await asyncio.Event().wait()
 

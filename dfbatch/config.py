@@ -95,7 +95,9 @@ class BatchConfig:
     bisecting / failing), ``backoff_base`` / ``backoff_max`` (seconds, full-jitter exponential),
     ``retry_on`` (predicate ``exc -> bool | None`` overriding the retry classification),
     ``oversize`` (a single row over ``token_limit``: "error" value, "truncate" the text, or
-    "call" anyway), ``rpm`` / ``tpm`` (global rate limits; token buckets that hold ``rate_burst``
+    "call" anyway), ``send_null`` (False: a null or empty text, flagged ``"null_text"`` by the
+    plan, gets the error value ``"null_text"`` without a call; True sends it), ``rpm`` /
+    ``tpm`` (global rate limits; token buckets that hold ``rate_burst``
     minutes' worth, default 0.1 = 6 s, so they never send a minute's quota at once),
     ``adaptive`` (AIMD concurrency on 429s), ``steal`` (idle agents take planned work from
     busy ones), ``dynamic_batching`` (resize pending batches from recent errors / latency /
@@ -133,6 +135,7 @@ class BatchConfig:
     backoff_max: float = 60.0
     retry_on: Callable[[BaseException], bool | None] | None = None
     oversize: Oversize = "error"
+    send_null: bool = False
     rpm: float | None = None
     tpm: float | None = None
     rate_burst: float = 0.1

@@ -23,7 +23,9 @@ latency-bound at about 2.5 minutes).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -48,11 +50,18 @@ SCHEMA: dict[str, Any] = {
     "required": ["summary", "keywords"],
 }
 MAX_TOKENS = 160
+NEXT_STEP = (
+    "next: open the notebooks with `.venv/bin/jupyter lab notebooks/` (quickstart.ipynb first),\n"
+    "      or run your own data: `.venv/bin/dfbatch run data.parquet --text doc --model sim-chat "
+    "--base-url URL --out out.parquet`\n"
+    "      (`.venv/bin/dfbatch sim` serves URL; `source .venv/bin/activate` puts dfbatch on PATH)"
+)
 RUN_SETTINGS: dict[str, Any] = {  # an API serves many calls at once: allow 128 in flight
     "max_in_flight": 128,
     "max_concurrent_batches": 32,
     "timeout": 60.0,
 }
+_PLAN = {k: v for k, v in RUN_SETTINGS.items() if k in ("items_per_batch", "agents")}
 DEMO_SIM: dict[str, Any] = {
     "rpm": 12_000,
     "tpm": 4_000_000,
@@ -84,16 +93,22 @@ class DemoReport:
     result_path: Path
     timeline_path: Path | None
     server: str = ""
+    rows_cancelled: int = 0  # left unfinished by Ctrl-C (not failed: a rerun would do them)
+    est_input_tokens: int = 0  # what summary(fn=...) estimated before the run
+    est_output_tokens: int = 0  # the output cap (max_tokens per row)
 
     @property
     def rows_per_s(self) -> float:
-        return self.rows / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        done = self.rows - self.rows_cancelled
+        return done / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def __str__(self) -> str:
+        stopped = f" / cancelled {self.rows_cancelled:,} (stopped)" if self.rows_cancelled else ""
         lines = [
             f"dfbatch demo: {self.rows:,} rows through {self.model} at {self.endpoint}",
-            f"  rows ok {self.rows_ok:,} / failed {self.rows_failed:,}",
-            f"  tokens {self.input_tokens:,} in + {self.output_tokens:,} out",
+            f"  rows ok {self.rows_ok:,} / failed {self.rows_failed:,}{stopped}",
+            f"  tokens {self.input_tokens:,} in + {self.output_tokens:,} out (estimated before "
+            f"the run: {self.est_input_tokens:,} in + up to {self.est_output_tokens:,} out)",
             f"  calls {self.calls:,}, retries {self.retries:,} "
             f"({self.rate_limited:,} rate-limited)",
             f"  elapsed {self.elapsed_s:.1f} s, {self.rows_per_s:,.1f} rows/s",
@@ -102,6 +117,7 @@ class DemoReport:
             lines.append(f"  {self.server}")
         wrote = [str(self.result_path)] + ([str(self.timeline_path)] if self.timeline_path else [])
         lines.append(f"  wrote {', '.join(wrote)}")
+        lines.append(NEXT_STEP)
         return "\n".join(lines)
 
 
@@ -158,7 +174,11 @@ def run_demo(
 
     df = df if rows is None else df.head(rows)
     server = serve(**DEMO_SIM)
-    with server as url:
+    # Ctrl-C drops the calls in flight: the simulator would log each dropped connection
+    quiet = logging.getLogger("aiohttp.server")
+    with contextlib.ExitStack() as restore, server as url:
+        restore.callback(quiet.setLevel, quiet.level)
+        quiet.setLevel(logging.CRITICAL)
         limits = {"rpm": server.config.real_rpm, "tpm": server.config.real_tpm}
         report = _enrich(df, model or SIM_MODEL, url, out, progress, limits=limits)
     snap = server.stats.snapshot()
@@ -190,6 +210,7 @@ def _enrich(
         mode="batch",
         base_url=base_url,
     )
+    estimate = dfbatch.summary(dfbatch.plan(df, "doc", fn=fn, **_PLAN), fn=fn, **_PLAN)
     acc = StatsAccumulator()
     t0 = time.perf_counter()
     result = dfbatch.process(
@@ -200,12 +221,13 @@ def _enrich(
     result_path = out / "result.parquet"
     result.write_parquet(result_path)
     timeline = _timeline(result, out / "timeline.png")
-    failed = int(result["error"].is_not_null().sum())
+    cancelled = int((result["error"] == "cancelled").sum())
+    failed = int(result["error"].is_not_null().sum()) - cancelled
     return DemoReport(
         endpoint=base_url or os.environ.get("OPENAI_BASE_URL") or "api.openai.com",
         model=model,
         rows=result.height,
-        rows_ok=result.height - failed,
+        rows_ok=result.height - failed - cancelled,
         rows_failed=failed,
         input_tokens=stats.input_tokens,
         output_tokens=stats.output_tokens,
@@ -215,6 +237,9 @@ def _enrich(
         elapsed_s=elapsed,
         result_path=result_path,
         timeline_path=timeline,
+        rows_cancelled=cancelled,
+        est_input_tokens=estimate.tokens_in,
+        est_output_tokens=estimate.tokens_out,
     )
 
 

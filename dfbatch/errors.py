@@ -27,7 +27,13 @@ gets ``error`` text and the run goes on. The tree::
 from __future__ import annotations
 
 import difflib
+import os
+import sys
+import sysconfig
+import threading
+import warnings
 from collections.abc import Iterable
+from types import FrameType
 
 
 class DfbatchError(Exception):
@@ -105,6 +111,11 @@ class CheckpointWarning(UserWarning):
     """A damaged checkpoint part was set aside; its rows run again."""
 
 
+class ReplanWarning(UserWarning):
+    """``process`` got plan settings that differ from the plan already in the frame: it ran
+    under a new plan made with them."""
+
+
 class StillRunningWarning(UserWarning):
     """A plain fn's call timed out (or the run stopped) but still runs in a worker thread.
 
@@ -129,10 +140,10 @@ class RowError(Exception):
     --------
     >>> import polars as pl, dfbatch
     >>> def fn(batch):
-    ...     return [dfbatch.RowError("empty") if t == "" else t.upper() for t in batch["text"]]
-    >>> out = dfbatch.process(pl.DataFrame({"text": ["a", ""]}), fn, text="text", progress=False)
+    ...     return [dfbatch.RowError("unclear") if t == "?" else t.upper() for t in batch["text"]]
+    >>> out = dfbatch.process(pl.DataFrame({"text": ["a", "?"]}), fn, text="text", progress=False)
     >>> out.select("output", "error").rows()
-    [('A', None), (None, 'RowError: empty')]
+    [('A', None), (None, 'RowError: unclear')]
     """
 
 
@@ -144,3 +155,38 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
     return f" Hint: did you mean {close[0]!r}?" if close else ""
+
+
+_OWN = os.path.dirname(os.path.abspath(__file__))
+_STDLIB = os.path.abspath(sysconfig.get_paths()["stdlib"])
+
+
+def warn_user(message: str, category: type[Warning]) -> None:
+    """Warn at the user's line: the first frame outside dfbatch, the standard library and
+    nest_asyncio. A run in a worker thread (a blocking ``process()`` under a running loop) has
+    no user frame: the caller waiting in the main thread is used."""
+    frame = _user_frame(sys._getframe(1))
+    if frame is None:
+        frame = _user_frame(sys._current_frames().get(threading.main_thread().ident or 0))
+    if frame is None:
+        warnings.warn(message, category, stacklevel=2)
+        return
+    module_globals = frame.f_globals
+    warnings.warn_explicit(
+        message, category, frame.f_code.co_filename, frame.f_lineno,
+        module=module_globals.get("__name__"),
+        registry=module_globals.setdefault("__warningregistry__", {}),
+    )  # no module_globals: a `python -c` __main__'s loader cannot give its source
+
+
+def _user_frame(frame: FrameType | None) -> FrameType | None:
+    while frame is not None:
+        name = frame.f_code.co_filename
+        path = os.path.abspath(name)
+        stdlib = path.startswith(_STDLIB) and "-packages" not in path
+        internal = (stdlib or path.startswith(_OWN) or name.startswith("<frozen")
+                    or "nest_asyncio" in name)
+        if not internal:
+            return frame
+        frame = frame.f_back
+    return None

@@ -32,6 +32,9 @@ class RunStarted:
     total_tokens: int
     planned_tokens: tuple[int, ...]  # per agent; len() is the number of agents
     cached_rows: int = 0  # rows answered from the response cache (never sent; not in total_rows)
+    rows_before: int = 0  # rows a checkpoint already holds (a resumed run skips them)
+    rpm: float | None = None  # the run's rate limits: the ETA is never shorter than they allow
+    tpm: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,10 +162,31 @@ class RunStats:
     history: tuple[tuple[float, int, int], ...] = ()
     # (seconds since start, "retry" | "429" | "error")
     incidents: tuple[tuple[float, str], ...] = ()
+    rows_before: int = 0  # done by an earlier run (resumed from a checkpoint); not in rows_done
+    oldest_in_flight_s: float = 0.0  # age of the oldest call in flight (0 when none)
+    rows_cancelled: int = 0  # rows a stopped run left unfinished
+    rpm: float | None = None
+    tpm: float | None = None
+
+    @property
+    def rows_shown(self) -> int:
+        """Rows done counting a resumed run's earlier rows: what a progress bar shows."""
+        return self.rows_before + self.rows_done
+
+    @property
+    def total_shown(self) -> int:
+        """All rows of the frame, a resumed run's earlier rows included."""
+        return self.rows_before + self.total_rows
 
     @property
     def fraction_done(self) -> float:
-        return self.rows_done / self.total_rows if self.total_rows else 1.0
+        total = self.total_shown
+        return self.rows_shown / total if total else 1.0
+
+    @property
+    def percent_done(self) -> int:
+        """Whole percent done, rounded down: 100 only once every row is done."""
+        return int(100 * self.fraction_done) if self.total_shown else 100
 
     @property
     def rows_per_s(self) -> float:
@@ -178,7 +202,14 @@ class RunStats:
         rate = self.rows_per_s
         if self.finished:
             return 0.0
-        return (self.total_rows - self.rows_done) / rate if rate > 0 else None
+        if rate <= 0:
+            return None
+        eta = (self.total_rows - self.rows_done) / rate
+        if self.tpm:  # what is left cannot go faster than the token limit allows
+            eta = max(eta, 60.0 * max(0, self.total_tokens - self.tokens_done) / self.tpm)
+        if self.rpm:
+            eta = max(eta, 60.0 * max(0, self.total_batches - self.batches_done) / self.rpm)
+        return eta
 
 
 @dataclass
@@ -224,6 +255,9 @@ class StatsAccumulator:
     latency_n: int = 0
     finished: bool = False
     cancelled: bool = False
+    open_calls: dict[int, list[float]] = field(default_factory=dict)  # batch_id -> starts
+    rpm: float | None = None
+    tpm: float | None = None
 
     def __post_init__(self) -> None:
         keys = RunStats.__dataclass_fields__
@@ -249,6 +283,8 @@ class StatsAccumulator:
             s["total_batches"] += ev.total_batches
             s["total_tokens"] += ev.total_tokens
             s["cached_rows"] += ev.cached_rows
+            s["rows_before"] += ev.rows_before
+            self.rpm, self.tpm = ev.rpm, ev.tpm
             for i, tok in enumerate(ev.planned_tokens):
                 self._agent(i).planned_tokens += tok
             self.finished = False
@@ -258,6 +294,7 @@ class StatsAccumulator:
             a.inflight_tokens += ev.tokens
             s["in_flight"] += 1
             s["calls"] += 1
+            self.open_calls.setdefault(ev.batch_id, []).append(ev.t)
         elif isinstance(ev, BatchRetried):
             self._end_call(ev.agent_id, ev)
             self._agent(ev.agent_id).retries += 1
@@ -304,6 +341,12 @@ class StatsAccumulator:
         elif isinstance(ev, RunFinished):
             self.finished = True
             self.cancelled = ev.cancelled
+            if ev.cancelled:  # calls still open were cancelled: none is in flight any more
+                s["rows_cancelled"] = max(0, s["total_rows"] - s["rows_done"])
+            s["in_flight"] = 0
+            for a in self.agents:
+                a.in_flight, a.inflight_tokens = 0, 0
+            self.open_calls.clear()
             self._sample(ev.t, force=True)
 
     def _end_call(self, agent_id: int, ev: BatchRetried | BatchFinished | BatchFailed) -> _Agent:
@@ -311,6 +354,11 @@ class StatsAccumulator:
         a.in_flight -= 1
         a.inflight_tokens -= ev.tokens
         self.stats["in_flight"] -= 1
+        starts = self.open_calls.get(ev.batch_id)
+        if starts:
+            starts.pop(0)
+            if not starts:
+                del self.open_calls[ev.batch_id]
         return a
 
     def _latency(self, x: float) -> None:
@@ -332,7 +380,11 @@ class StatsAccumulator:
         t0 = self.t0 if self.t0 is not None else 0.0
         end = self.t_last if (self.finished or now is None) else max(now, self.t_last)
         lat = sorted(self.latencies)
+        oldest = min((ts[0] for ts in self.open_calls.values() if ts), default=None)
         return RunStats(
+            rpm=self.rpm,
+            tpm=self.tpm,
+            oldest_in_flight_s=0.0 if oldest is None else max(0.0, end - oldest),
             **self.stats,
             elapsed_s=max(0.0, end - t0),
             mean_latency_s=self.latency_sum / self.latency_n if self.latency_n else 0.0,

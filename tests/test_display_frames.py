@@ -115,7 +115,7 @@ def test_without_a_child_process_frames_are_drawn_in_the_thread(
     worker.close()
 
 
-def test_a_child_that_dies_mid_run_ends_the_figure_not_the_run(
+def test_a_child_that_dies_mid_run_is_replaced_by_a_thread_without_a_traceback(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     worker = FrameWorker()
@@ -124,11 +124,31 @@ def test_a_child_that_dies_mid_run_ends_the_figure_not_the_run(
     assert worker.take() is not None
     assert isinstance(worker.drawer, FrameProcess)
     worker.drawer.kill()
-    with caplog.at_level(logging.ERROR, logger="dfbatch.display"):
+    with caplog.at_level(logging.INFO, logger="dfbatch.display"):
         assert worker.submit(runs[1]) and worker.wait(60)
-    assert worker.take() is None
+    assert worker.take() is not None  # drawn in the thread now
+    assert isinstance(worker.drawer, ThreadDrawer)
     assert "the frame process stopped" in caplog.text
-    assert worker.finish(runs[2]) is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert worker.finish(runs[2]) is not None
+
+
+def test_an_interrupt_does_not_reach_the_child(caplog: pytest.LogCaptureFixture) -> None:
+    import signal
+
+    worker = FrameWorker()
+    runs = snapshots(3)
+    assert worker.submit(runs[0]) and worker.wait(60)
+    child = worker.drawer
+    assert isinstance(child, FrameProcess)
+    assert os.getpgid(child.proc.pid) != os.getpgid(0)  # a kernel Interrupt signals the group
+    os.kill(child.proc.pid, signal.SIGINT)  # and a SIGINT sent to it anyway is ignored
+    with caplog.at_level(logging.INFO, logger="dfbatch.display"):
+        assert worker.submit(runs[1]) and worker.wait(60)
+        assert worker.take() is not None
+    assert worker.drawer is child and child.alive()
+    assert "frame process" not in caplog.text
+    assert worker.finish(runs[2]) is not None
 
 
 def test_close_kills_a_child_that_never_answers(monkeypatch: pytest.MonkeyPatch) -> None:

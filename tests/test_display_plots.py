@@ -56,7 +56,7 @@ def test_agent_table_counts_rows_tokens_stolen_busy_and_errors() -> None:
     assert a["tokens"].to_list() == [60, 220]
     assert a["planned_tokens"].to_list() == [100, 180]
     assert a["stolen_tokens"].to_list() == [0, 40]
-    assert a["busy_s"].to_list() == [3.0, 2.0]
+    assert a["busy_s"].to_list() == [2.0, 2.0]  # wall clock: agent 0's two batches overlap
     assert a["error_rows"].to_list() == [0, 2]
 
 
@@ -70,7 +70,8 @@ def test_timeline_draws_every_batch_in_its_status_colour() -> None:
     colours = {to_hex(c.get_facecolor()[0]): len(c.get_paths()) for c in ax.collections}
     assert colours == {COLORS[s]: 1 for s in ("ok", "retried", "stolen", "failed")}
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["ok (1)", "retried (1)", "stolen (1)", "failed (1)"]
+    assert labels == ["ok (1)", "retried (1)", "stolen (1)", "failed (1)",
+                      "cancelled (1 rows, not run)"]
     assert [int(t) for t in ax.get_yticks()] == [0, 1]
     assert ax.get_xlim()[1] >= 3.0  # the last batch ends 3.0 s after the first started
 
@@ -94,7 +95,7 @@ def test_timeline_draws_into_a_given_axes() -> None:
     fig = Figure()
     ax = fig.add_subplot()
     assert plot_timeline(small_result(), ax=ax) is fig
-    assert ax.get_title(loc="left") == "Batches per agent · 4 batches, 7 rows"
+    assert ax.get_title(loc="left") == "Batches per agent · 4 batches, 6 of 7 rows (stopped)"
     assert len(ax.collections) == 4
 
 
@@ -103,7 +104,8 @@ def test_agent_load_has_four_panels_with_one_bar_per_agent() -> None:
     fig = plot_agent_load(result)
     assert len(fig.axes) == 4
     titles = [ax.get_title(loc="left") for ax in fig.axes]
-    assert titles == ["tokens", "rows", "busy time (s)", "rows with errors"]
+    assert titles == ["text tokens (n_tokens)", "rows", "busy time (wall-clock s)",
+                      "rows with errors"]
     for ax in fig.axes[1:]:
         assert len(ax.patches) == 5
     assert len(fig.axes[0].patches) == 3 * 5  # planned outline, own, stolen

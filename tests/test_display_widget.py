@@ -126,7 +126,7 @@ def test_figure_is_a_png_and_redraws_are_throttled(monkeypatch: pytest.MonkeyPat
         clock[0] = i * 0.2  # 5 updates per second
         w.update(stats)
         assert w.renderer.wait(30)  # let the worker finish, as if drawing were instant
-    assert w.image.value[:8] == PNG
+    assert [i.value[:8] for i in w.images] == [PNG] * 3  # one image per panel
     assert w.figure_draws == 4  # submitted at t = 0, 0.6, 1.2, 1.8 (one per 0.5 s), shown
     w.close(frames[-1])  # at the next update; the final frame is always drawn
     assert w.figure_draws == 5
@@ -189,14 +189,14 @@ def test_a_broken_figure_is_logged_once_and_the_header_goes_on(
         msg = "agg exploded"
         raise RuntimeError(msg)
 
-    monkeypatch.setattr(LiveFigure, "render", broken)
+    monkeypatch.setattr(LiveFigure, "render_panels", broken)
     w = WidgetDisplay(240, show=False, min_figure_interval_s=0.0, draw="thread")
     for stats in snapshots(4):
         w.update(stats)
         assert w.renderer is not None and w.renderer.wait(30)
     w.close(snapshots(4)[-1])
     assert caplog.text.count("live figure failed") == 1
-    assert w.figure_draws == 0 and w.image.value == b""
+    assert w.figure_draws == 0 and all(i.value == b"" for i in w.images)
     assert w.bar.value == snapshots(4)[-1].rows_done
     assert w.bar.bar_style in ("success", "warning")
 

@@ -140,8 +140,12 @@ def test_plan_from_more_agents_still_runs() -> None:
     df = dfbatch.plan(pl.DataFrame({"text": [f"t{i}" for i in range(40)]}), agents=8,
                       items_per_batch=2)
     assert df["agent_id"].max() == 7
-    out = dfbatch.process(df, upper, agents=2, **QUIET)
+    with pytest.warns(dfbatch.ReplanWarning, match="over 8 agents"):  # issue 15 item 3
+        out = dfbatch.process(df, upper, agents=2, **QUIET)
     assert out["error"].null_count() == 40
+    assert out["agent_id"].max() == 1
+    out = dfbatch.process(df, upper, **QUIET)  # no plan settings: runs as planned
+    assert out["error"].null_count() == 40 and out["agent_id"].max() == 7
 
 
 def test_many_more_agents_than_batches_start_only_agents_with_work() -> None:

@@ -23,23 +23,28 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
-from dfbatch.display import fmt_count
+from dfbatch.display import fmt_count, fmt_duration
 from dfbatch.events import RunStats
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-_FORMAT = (
-    "{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} rows [{elapsed}<{remaining}{postfix}]"
+_FORMAT = (  # pct: whole percent rounded down (never 100% before the last row)
+    "{desc}{pct:3d}%|{bar}| {n_fmt}/{total_fmt} rows [{elapsed}<{eta}{postfix}]"
 )
 
 
 def postfix(stats: RunStats) -> str:
     """The key figures of a snapshot, as shown after the bar."""
+    oldest = ""
+    if stats.in_flight and stats.oldest_in_flight_s >= 1:
+        oldest = f" (oldest {fmt_duration(stats.oldest_in_flight_s)})"
+    cancelled = f", {stats.rows_cancelled:,} cancelled" if stats.rows_cancelled else ""
     return (
         f"{fmt_count(stats.rows_per_s)} rows/s, {fmt_count(stats.tokens_per_s)} tok/s, "
-        f"{stats.in_flight} in flight, {stats.retries} retries, {stats.rate_limited}×429, "
-        f"{stats.errors} errors" + (f", {stats.cached_rows:,} cached" if stats.cached_rows else "")
+        f"{stats.in_flight} in flight{oldest}, {stats.retries} retries, "
+        f"{stats.rate_limited}×429, {stats.errors} errors{cancelled}"
+        + (f", {stats.cached_rows:,} cached" if stats.cached_rows else "")
     )
 
 
@@ -54,14 +59,17 @@ class ConsoleDisplay:
             raise ImportError(msg) from exc
         options: dict[str, Any] = {"bar_format": _FORMAT, "dynamic_ncols": True,
                                    "mininterval": 0.2, "leave": True, **tqdm_kwargs}
-        self.bar: tqdm = tqdm_cls(
+        self.bar: tqdm = _floor_percent(tqdm_cls)(
             total=total_rows, file=file if file is not None else sys.stderr, **options
         )
         self._closed = False
 
     def update(self, stats: RunStats) -> None:
         """Advance the bar to ``stats.rows_done`` and refresh the postfix."""
-        delta = stats.rows_done - self.bar.n
+        if stats.total_shown and self.bar.total != stats.total_shown:  # a resumed run
+            self.bar.total = stats.total_shown
+        delta = stats.rows_shown - self.bar.n
+        self.bar.eta_text = fmt_duration(stats.eta_s)  # type: ignore[attr-defined]
         self.bar.set_postfix_str(postfix(stats), refresh=False)
         if delta > 0:
             self.bar.update(delta)  # refreshes at most every mininterval
@@ -77,7 +85,25 @@ class ConsoleDisplay:
             self.bar.set_description_str("stopped ", refresh=False)
         elif not stats.finished:
             self.bar.set_description_str("failed ", refresh=False)
-        self.bar.n = stats.rows_done
+        if stats.total_shown:
+            self.bar.total = stats.total_shown
+        self.bar.n = stats.rows_shown
+        self.bar.eta_text = fmt_duration(stats.eta_s)  # type: ignore[attr-defined]
         self.bar.set_postfix_str(postfix(stats), refresh=False)
         self.bar.close()  # draws the final state once
 
+
+
+def _floor_percent(cls: type[tqdm]) -> type[tqdm]:
+    """``cls`` with a ``pct`` field in its format: the whole percent done, rounded down."""
+
+    class Bar(cls):  # type: ignore[valid-type,misc]
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            d: dict[str, Any] = super().format_dict
+            total = d.get("total") or 0
+            d["pct"] = int(100 * d["n"] / total) if total else 0
+            d["eta"] = getattr(self, "eta_text", "?")  # the run's ETA, rate limits included
+            return d
+
+    return Bar

@@ -51,6 +51,7 @@ __all__ = [
     "KEEP_ALIVE_S",
     "FrameProcess",
     "FrameWorker",
+    "Png",
     "ThreadDrawer",
     "acquire",
     "child_main",
@@ -70,9 +71,12 @@ _BOOT = _BARE_PACKAGE + "from dfbatch.display.frames import child_main; child_ma
 KEEP_ALIVE_S = 300.0  # an idle frame process waits this long for the next run, then ends
 
 
+Png = bytes | tuple[bytes, ...]  # the figure, or one PNG per panel (``panels=True``)
+
+
 class Drawer(Protocol):
-    def draw(self, stats: RunStats, final: bool) -> tuple[bytes, float]:
-        """PNG bytes and the CPU seconds the frame took."""
+    def draw(self, stats: RunStats, final: bool, panels: bool = False) -> tuple[Png, float]:
+        """PNG bytes (a tuple of them, one per panel, with ``panels``) and the CPU seconds."""
         ...
 
     def close(self) -> None: ...
@@ -84,13 +88,14 @@ class ThreadDrawer:
     def __init__(self) -> None:
         self.live: Any = None
 
-    def draw(self, stats: RunStats, final: bool) -> tuple[bytes, float]:
+    def draw(self, stats: RunStats, final: bool, panels: bool = False) -> tuple[Png, float]:
         start = time.thread_time()
         if self.live is None:
             from dfbatch.display.live_figure import LiveFigure
 
             self.live = LiveFigure()
-        png = self.live.render(stats, final=final)
+        png: Png = (self.live.render_panels(stats, final=final) if panels
+                    else self.live.render(stats, final=final))
         return png, time.thread_time() - start
 
     def close(self) -> None:
@@ -115,6 +120,7 @@ class FrameProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", _BOOT, package], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                start_new_session=True,  # a kernel Interrupt (SIGINT to the group) skips it
             )
         except (OSError, ValueError) as exc:
             msg = f"could not start the frame process ({sys.executable!r}): {exc}"
@@ -124,12 +130,13 @@ class FrameProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def draw(self, stats: RunStats, final: bool) -> tuple[bytes, float]:
+    def draw(self, stats: RunStats, final: bool, panels: bool = False) -> tuple[Png, float]:
         stdin, stdout = self.proc.stdin, self.proc.stdout
         assert stdin is not None and stdout is not None
         msg = "the frame process stopped (exit code {})"
+        request = (self.run, stats, final, panels)
         try:
-            _send(stdin, pickle.dumps((self.run, stats, final), protocol=pickle.HIGHEST_PROTOCOL))
+            _send(stdin, pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL))
             reply = _receive(stdout)
         except (OSError, ValueError) as exc:  # a broken or closed pipe
             raise FrameError(msg.format(self.proc.poll())) from exc
@@ -166,16 +173,19 @@ def child_main() -> None:
     """The frame process: read ``(run, stats, final)`` requests, reply ``("ok", png, cpu_s)``."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not corrupt the replies
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C / Interrupt is the run's business
     if hasattr(os, "nice"):
         os.nice(10)  # the run first
     drawer, run = ThreadDrawer(), None
     while (request := _receive(stdin)) is not None:
         start = time.process_time()  # the first frame includes importing matplotlib
         try:
-            number, stats, final = pickle.loads(request)
+            number, stats, final, panels = pickle.loads(request)
             if number != run:
                 drawer, run = ThreadDrawer(), number
-            png, _ = drawer.draw(stats, final)
+            png, _ = drawer.draw(stats, final, panels)
             reply: tuple[Any, ...] = ("ok", png, time.process_time() - start)
         except Exception:
             import traceback
@@ -275,17 +285,19 @@ class FrameWorker:
         How long ``finish`` / ``close`` wait for a frame before giving up on it.
     """
 
-    def __init__(self, draw: Draw = "process", timeout_s: float = 60.0) -> None:
+    def __init__(self, draw: Draw = "process", timeout_s: float = 60.0,
+                 panels: bool = False) -> None:
         if draw not in ("process", "thread"):
             msg = f"draw must be 'process' or 'thread', got {draw!r}"
             raise ValueError(msg)
         self.draw = draw
         self.timeout_s = timeout_s
+        self.panels = panels  # one PNG per panel (the widget stacks them when narrow)
         self.drawer: Drawer | None = None
         self._cond = threading.Condition()
         self._job: tuple[RunStats, bool] | None = None
         self._busy = False
-        self._done: tuple[bytes, float] | None = None
+        self._done: tuple[Png, float] | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="dfbatch-figure", daemon=True)
 
@@ -308,7 +320,7 @@ class FrameWorker:
             self._thread.start()
         return True
 
-    def take(self) -> tuple[bytes, float] | None:
+    def take(self) -> tuple[Png, float] | None:
         """The last finished frame and the CPU seconds it took, once."""
         with self._cond:
             done, self._done = self._done, None
@@ -320,7 +332,7 @@ class FrameWorker:
             return self._cond.wait_for(lambda: not (self._busy or self._job is not None),
                                        timeout_s if timeout_s is not None else self.timeout_s)
 
-    def finish(self, stats: RunStats) -> tuple[bytes, float] | None:
+    def finish(self, stats: RunStats) -> tuple[Png, float] | None:
         """Draw the final frame, stop the thread, return the frame (None if drawing failed)."""
         self.wait()
         self.submit(stats, final=True)
@@ -370,21 +382,21 @@ class FrameWorker:
             self._busy = True
             return job
 
-    def _draw(self, stats: RunStats, final: bool) -> tuple[bytes, float] | None:
+    def _draw(self, stats: RunStats, final: bool) -> tuple[Png, float] | None:
         try:
             if self.drawer is None:
                 self.drawer = self._open()
-                if isinstance(self.drawer, FrameProcess):
-                    try:
-                        return self.drawer.draw(stats, final)
-                    except FrameError as exc:  # the child could not run: draw here instead
-                        self.drawer.kill()
-                        self.drawer.close()
-                        if self._closed:  # killed by ``close``: no frame wanted any more
-                            return None
-                        log.info("dfbatch: %s; drawing the figure in a thread", exc)
-                        self.drawer = ThreadDrawer()
-            return self.drawer.draw(stats, final)
+            if isinstance(self.drawer, FrameProcess):
+                try:
+                    return self.drawer.draw(stats, final, self.panels)
+                except FrameError as exc:  # the child could not run or is gone: draw here
+                    self.drawer.kill()
+                    self.drawer.close()
+                    if self._closed:  # killed by ``close``: no frame wanted any more
+                        return None
+                    log.info("dfbatch: %s; drawing the figure in a thread", exc)
+                    self.drawer = ThreadDrawer()
+            return self.drawer.draw(stats, final, self.panels)
         except Exception:
             log.exception("dfbatch: the live figure failed; showing the header only")
             return None

@@ -21,6 +21,7 @@ b'\\x89PNG\\r\\n\\x1a\\n'
 from __future__ import annotations
 
 import io
+import itertools
 from typing import Any, NamedTuple
 
 from dfbatch.display.style import COLORS, agent_ticks, new_figure, si_formatter
@@ -31,6 +32,7 @@ __all__ = ["LiveFigure", "rates"]
 _TITLE = {"loc": "left", "fontsize": 10, "fontweight": "bold", "y": 1.0, "pad": 16}
 _GREY = "#555555"
 _KINDS = {"retry": COLORS["retried"], "429": COLORS["stolen"], "error": COLORS["failed"]}
+_LANES = {"retry": "other retry", "429": "429 retry", "error": "error"}
 
 
 class Limits(NamedTuple):
@@ -54,9 +56,21 @@ class LiveFigure:
         self.rate_line: Any = None
         self.rate_fill: Any = None
         self.points: dict[str, Any] = {}
+        self.cuts: list[tuple[int, int]] = []  # pixel columns of the three panels
 
     def render(self, stats: RunStats, *, final: bool = False) -> bytes:
         """PNG bytes of the figure for ``stats``; ``final`` fits the limits to the data."""
+        self._frame(stats, final)
+        return _encode(self._image())
+
+    def render_panels(self, stats: RunStats, *, final: bool = False) -> tuple[bytes, ...]:
+        """The same frame as one PNG per panel (load, throughput, incidents), cut between the
+        panels, so that a narrow output can stack them instead of shrinking all three."""
+        self._frame(stats, final)
+        img = self._image()
+        return tuple(_encode(img.crop((x0, 0, x1, img.height))) for x0, x1 in self.cuts)
+
+    def _frame(self, stats: RunStats, final: bool) -> None:
         t, rows, _ = rates(stats.history)
         limits = self._limits(stats, rows, final=final)
         if self.limits is None or limits.agents != self.limits.agents:
@@ -66,7 +80,6 @@ class LiveFigure:
         else:
             self.fig.canvas.restore_region(self.background)  # type: ignore[attr-defined]
         self._draw_data(stats, t, rows)
-        return self._png()
 
     def _limits(self, stats: RunStats, rows: Any, *, final: bool) -> Limits:
         need_load = max((max(a.planned_tokens, a.done_tokens + max(0, a.inflight_tokens))
@@ -89,7 +102,7 @@ class LiveFigure:
     def _layout(self, stats: RunStats) -> None:
         """New axes with their static parts (once, and again if the number of agents changes)."""
         self.fig.clf()
-        gs = self.fig.add_gridspec(1, 3, width_ratios=[1.2, 1.0, 1.0], wspace=0.28,
+        gs = self.fig.add_gridspec(1, 3, width_ratios=[1.2, 1.0, 1.0], wspace=0.45,
                                    left=0.055, right=0.985, top=0.8, bottom=0.18)
         load, rate, inc = (_styled(self.fig.add_subplot(gs[i])) for i in range(3))
         self.axes = {"load": load, "rate": rate, "inc": inc}
@@ -108,6 +121,17 @@ class LiveFigure:
         self.background = self.fig.canvas.copy_from_bbox(self.fig.bbox)  # type: ignore
         self.limits = limits
         self.full_draws += 1
+        self.cuts = self._panel_cuts()
+
+    def _panel_cuts(self) -> list[tuple[int, int]]:
+        """Pixel columns of each panel (its labels, title and legend included), cut halfway
+        between neighbours."""
+        renderer = self.fig.canvas.get_renderer()  # type: ignore[attr-defined]
+        width = int(self.fig.bbox.width)
+        boxes = [self.axes[k].get_tightbbox(renderer) for k in ("load", "rate", "inc")]
+        edges = [0] + [int(b.x0 - 2 if a.x1 <= b.x0 - 2 else (a.x1 + b.x0) / 2)
+                       for a, b in itertools.pairwise(boxes)] + [width]
+        return [(max(0, x0), min(width, x1)) for x0, x1 in itertools.pairwise(edges)]
 
     def _animated(self, artist: Any) -> Any:
         artist.set_animated(True)
@@ -134,7 +158,7 @@ class LiveFigure:
         ax.grid(axis="x", visible=False)
         ax.yaxis.set_major_formatter(si_formatter())
         ax.set_xlabel("agent", fontsize=9)
-        ax.set_title("Agent load (tokens)", **_TITLE)
+        ax.set_title("Agent load (request tokens)", **_TITLE)
         handles = [Patch(facecolor="none", edgecolor=COLORS["planned"], linestyle="--",
                          label="planned")]
         handles += [Patch(color=COLORS[k], label=label) for k, label in
@@ -163,7 +187,7 @@ class LiveFigure:
                                             linewidths=1.3))
             for kind, colour in _KINDS.items()
         }
-        ax.set_yticks(range(3), list(_KINDS))
+        ax.set_yticks(range(3), [_LANES[k] for k in _KINDS])
         for label, colour in zip(ax.get_yticklabels(), _KINDS.values(), strict=True):
             label.set_color(colour)
             label.set_fontweight("bold")
@@ -173,7 +197,7 @@ class LiveFigure:
         ax.grid(axis="y", visible=False)
         ax.set_xlabel("time (s)", fontsize=9)
         ax.set_title("Retries, 429s, errors", **_TITLE)
-        _subtitle(ax, "one tick per event; counts in the header")
+        _subtitle(ax, "one tick each; retries = 429 + other")
 
     def _draw_data(self, stats: RunStats, t: Any, rows: Any) -> None:
         import numpy as np
@@ -195,15 +219,19 @@ class LiveFigure:
         for artist in self.dynamic:
             artist.axes.draw_artist(artist)
 
-    def _png(self) -> bytes:
+    def _image(self) -> Any:
         from PIL import Image
 
         canvas: Any = self.fig.canvas
         w, h = canvas.get_width_height()
         img = Image.frombuffer("RGBA", (w, h), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
-        buf = io.BytesIO()
-        img.convert("RGB").save(buf, format="PNG", compress_level=1)
-        return buf.getvalue()
+        return img.convert("RGB")
+
+
+def _encode(img: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def rates(history: tuple[tuple[float, int, int], ...]) -> tuple[Any, Any, Any]:

@@ -21,7 +21,7 @@ Examples
 >>> fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()
 ('time since run start (s)', 'agent')
 >>> [ax.get_title(loc="left") for ax in plot_agent_load(result).axes]
-['tokens', 'rows', 'busy time (s)', 'rows with errors']
+['text tokens (n_tokens)', 'rows', 'busy time (wall-clock s)', 'rows with errors']
 """
 
 from __future__ import annotations
@@ -119,7 +119,11 @@ def plot_timeline(
                     facecolors=COLORS[status], edgecolors="white", linewidths=0.3,
                 ))
             handles.append(Patch(color=COLORS[status], label=f"{status} ({n})"))
-        _timeline_axes(ax, table, handles, result.height)
+        cancelled = _cancelled_rows(result, columns or Columns())
+        if cancelled:  # a stopped run: rows that never ran (no bar to draw)
+            handles.append(Patch(facecolor="white", edgecolor=COLORS["planned"], hatch="///",
+                                 label=f"cancelled ({cancelled:,} rows, not run)"))
+        _timeline_axes(ax, table, handles, result.height - cancelled, result.height)
     return fig  # type: ignore[return-value]
 
 
@@ -144,12 +148,15 @@ def plot_agent_load(result: pl.DataFrame, *, columns: Columns | None = None) -> 
         ax.bar(x, own, width=0.6, color=COLORS["done"], label="ran (own)")
         ax.bar(x, per_agent["stolen_tokens"], width=0.6, bottom=own,
                color=COLORS["stolen"], label="ran (stolen)")
-        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=3, borderaxespad=0.1)
+        fig.legend(loc="outside upper right", ncols=3)  # above the panels, never on a bar
         ax.yaxis.set_major_formatter(si_formatter())
         _bars(axes[1], x, per_agent["rows"], COLORS["rows"])
         _bars(axes[2], x, per_agent["busy_s"], COLORS["ok"])
         _bars(axes[3], x, per_agent["error_rows"], COLORS["failed"])
-        titles = ["tokens", "rows", "busy time (s)", "rows with errors"]
+        _count_axis(axes[1], per_agent["rows"])
+        _count_axis(axes[3], per_agent["error_rows"])
+        titles = ["text tokens (n_tokens)", "rows", "busy time (wall-clock s)",
+                  "rows with errors"]
         for ax, title in zip(axes, titles, strict=True):
             ax.set_title(title)
             ax.grid(axis="x", visible=False)
@@ -183,7 +190,7 @@ def agent_table(result: pl.DataFrame, columns: Columns | None = None) -> pl.Data
     )
     busy = pl.DataFrame(schema={"agent": pl.Int64, "busy_s": pl.Float64})
     if c.started_at in result.columns and c.run_batch_id in result.columns:
-        busy = batch_table(result, c).group_by("agent").agg(busy_s=pl.col("elapsed_s").sum())
+        busy = _wall_busy(batch_table(result, c))
     agents = pl.concat([per_agent.select("agent"), planned.select("agent")]).unique()
     return (
         agents.join(per_agent, on="agent", how="left")
@@ -194,7 +201,14 @@ def agent_table(result: pl.DataFrame, columns: Columns | None = None) -> pl.Data
     )
 
 
-def _timeline_axes(ax: Axes, table: pl.DataFrame, handles: list[Any], n_rows: int) -> None:
+def _cancelled_rows(result: pl.DataFrame, c: Columns) -> int:
+    if c.error not in result.columns:
+        return 0
+    return int((result[c.error] == "cancelled").sum())
+
+
+def _timeline_axes(ax: Axes, table: pl.DataFrame, handles: list[Any], n_ran: int,
+                   n_rows: int) -> None:
     from matplotlib.figure import Figure
 
     agents = sorted(set(table["agent"].to_list())) or [0]
@@ -208,7 +222,8 @@ def _timeline_axes(ax: Axes, table: pl.DataFrame, handles: list[Any], n_rows: in
         ax.axhspan(a - 0.5, a + 0.5, color="#f2f4f7", zorder=0, linewidth=0)
     ax.set_xlabel("time since run start (s)")
     ax.set_ylabel("agent")
-    ax.set_title(f"Batches per agent · {table.height:,} batches, {n_rows:,} rows")
+    rows = f"{n_rows:,} rows" if n_ran == n_rows else f"{n_ran:,} of {n_rows:,} rows (stopped)"
+    ax.set_title(f"Batches per agent · {table.height:,} batches, {rows}")
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig = ax.get_figure(root=True)
     if isinstance(fig, Figure) and not fig.get_layout_engine():
@@ -243,6 +258,38 @@ def _boxes(table: pl.DataFrame, lane: list[int], lanes: list[int], mask: Any, ag
     y0 = agents[mask] - 0.42 + np.asarray(lane)[mask] * h
     y1 = y0 + h * 0.92
     return np.stack([np.c_[x0, y0], np.c_[x1, y0], np.c_[x1, y1], np.c_[x0, y1]], axis=1)
+
+
+def _wall_busy(table: pl.DataFrame) -> pl.DataFrame:
+    """Per agent, the wall-clock seconds at least one of its batches was running (the union
+    of its batches' intervals: concurrent batches count once, so it is <= the run's length)."""
+    out: dict[int, float] = {}
+    for (agent,), part in table.sort("start_s").group_by("agent"):
+        busy, end = 0.0, float("-inf")
+        for start, elapsed in zip(part["start_s"], part["elapsed_s"], strict=True):
+            stop = start + elapsed
+            if start > end:
+                busy += elapsed
+            elif stop > end:
+                busy += stop - end
+            end = max(end, stop)
+        out[int(agent)] = busy  # type: ignore[call-overload]
+    return pl.DataFrame({"agent": list(out), "busy_s": list(out.values())},
+                        schema={"agent": pl.Int64, "busy_s": pl.Float64})
+
+
+def _count_axis(ax: Axes, values: pl.Series) -> None:
+    """Whole numbers from 0 (a panel of zeros gets 0..1, not -0.04..0.04)."""
+    from matplotlib.ticker import MaxNLocator
+
+    top = float(values.max() or 0) if len(values) else 0.0  # type: ignore[arg-type]
+    ax.set_ylim(0, max(1.0, top * 1.08))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+    ax.yaxis.set_major_formatter(_si())
+
+
+def _si() -> Any:
+    return si_formatter()
 
 
 def _bars(ax: Axes, x: Any, values: pl.Series, color: str) -> None:

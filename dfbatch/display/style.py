@@ -67,11 +67,36 @@ def agent_ticks(ax: Axes, agents: Any, axis: str = "x") -> None:
 
 
 def si_formatter() -> Any:
-    """Tick labels as 1,234 / 45.6k / 2.5M."""
-    from matplotlib.ticker import FuncFormatter
+    """Tick labels as 1,234 / 45.6k / 2.5M, one unit and one number of decimals per axis (never
+    ``5,000`` beside ``10.0k``).
 
-    from dfbatch.display import fmt_count
+    >>> f = si_formatter()
+    >>> f.format_ticks([0, 5_000, 10_000, 15_000])
+    ['0', '5k', '10k', '15k']
+    >>> f.format_ticks([0, 2_500, 5_000, 7_500])
+    ['0', '2,500', '5,000', '7,500']
+    >>> f.format_ticks([0, 0.5, 1.0])
+    ['0.0', '0.5', '1.0']
+    """
+    from matplotlib.ticker import Formatter
 
-    return FuncFormatter(lambda v, _pos: fmt_count(v))
+    class SIFormatter(Formatter):  # type: ignore[misc]
+        scale, suffix, decimals = 1.0, "", 0
+
+        def set_locs(self, locs: Any) -> None:
+            super().set_locs(locs)
+            top = max((abs(float(v)) for v in locs), default=0.0)
+            self.scale, self.suffix = next(
+                ((s, x) for s, x in ((1e9, "G"), (1e6, "M"), (1e3, "k")) if top >= max(s, 1e4)),
+                (1.0, ""))
+            scaled = [float(v) / self.scale for v in locs]
+            self.decimals = 0 if all(abs(v - round(v)) < 1e-9 for v in scaled) else 1
+
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            if x == 0:
+                return "0" if self.suffix else f"{0:.{self.decimals}f}"
+            return f"{x / self.scale:,.{self.decimals}f}{self.suffix}"
+
+    return SIFormatter()
 
 

@@ -55,7 +55,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dfbatch.display import fmt_count, fmt_duration
-from dfbatch.display.frames import Draw, FrameWorker
+from dfbatch.display.frames import Draw, FrameWorker, Png
 from dfbatch.display.style import COLORS
 from dfbatch.events import RunStats
 
@@ -132,14 +132,17 @@ class WidgetDisplay:
         )
         self.button.on_click(self._on_stop)
         self.header = w.HTML(value=_header_html(RunStats(total_rows=total_rows), "starting"))
-        self.image = w.Image(format="png", layout=w.Layout(max_width="100%", height="auto"))
-        self.image.layout.display = "none"  # until the first frame
+        # one image per panel in a wrapping row: side by side when wide, stacked when narrow
+        self.images = [w.Image(format="png", layout=w.Layout(
+            max_width="100%", height="auto", flex="1 1 320px")) for _ in range(3)]
+        self.image = w.Box(self.images, layout=w.Layout(
+            display="none", flex_flow="row wrap", align_items="flex-start", width="100%"))
         self.box = w.VBox(
             [w.HBox([self.bar, self.button], layout=w.Layout(align_items="center")),
              self.header, self.image],
             layout=w.Layout(width="100%", max_width="1100px"),
         )
-        self.renderer = FrameWorker(draw) if figure else None
+        self.renderer = FrameWorker(draw, panels=True) if figure else None
         self.budget = _Budget(figure_budget, min_figure_interval_s)
         self.first_figure_after_s = first_figure_after_s
         self.header_interval_s = header_interval_s
@@ -189,11 +192,12 @@ class WidgetDisplay:
 
     def _header(self, stats: RunStats, state: str) -> None:
         with self.bar.hold_sync():  # value and percentage in one message
-            self.bar.value = min(stats.rows_done, self.bar.max)
-            self.bar.description = f"{stats.fraction_done:.0%}"
+            self.bar.max = max(1, stats.total_shown or self.bar.max)
+            self.bar.value = min(stats.rows_shown, self.bar.max)
+            self.bar.description = f"{stats.percent_done}%"
         self.header.value = _header_html(stats, state)
 
-    def _publish(self, frame: tuple[bytes, float] | None) -> None:
+    def _publish(self, frame: tuple[Png, float] | None) -> None:
         if frame is None:
             return
         png, cpu_s = frame
@@ -201,8 +205,12 @@ class WidgetDisplay:
             self.budget.spend(cpu_s)
         self.figure_draws += 1
         self.figure_cpu_s += cpu_s
-        self.image.value = png
-        self.image.layout.display = None
+        pngs = (png,) if isinstance(png, bytes) else png
+        for image, part in zip(self.images, pngs, strict=False):
+            if image.layout.flex != (basis := f"1 1 {_png_width(part)}px"):
+                image.layout.flex = basis  # natural width: the panels wrap below it
+            image.value = part
+        self.image.layout.display = "flex"
 
     def _on_stop(self, _button: Any) -> None:
         if self._stop is None or self._stopping:
@@ -250,23 +258,37 @@ class _Budget:
         self.balance -= cost
 
 
+def _png_width(png: bytes) -> int:
+    """The pixel width in a PNG's header (IHDR), 320 when it is not a PNG."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or len(png) < 24:
+        return 320
+    return int.from_bytes(png[16:20], "big")
+
+
 def _header_html(stats: RunStats, state: str) -> str:
     colour = {"done": COLORS["ok"], "stopped": COLORS["failed"], "failed": COLORS["failed"],
               "stopping": COLORS["retried"]}.get(state, COLORS["done"])
     if state == "done" and stats.rows_failed:
         colour = COLORS["retried"]
     eta = stats.eta_s
+    flight = str(stats.in_flight)
+    if stats.in_flight and stats.oldest_in_flight_s >= 1:
+        flight += f" (oldest {fmt_duration(stats.oldest_in_flight_s)})"
     items = [
-        (f"{stats.rows_done:,} / {stats.total_rows:,}", "rows"),
+        (f"{stats.rows_shown:,} / {stats.total_shown:,}", "rows"),
         (fmt_count(stats.rows_per_s), "rows/s"),
         (fmt_count(stats.tokens_per_s), "tok/s"),
         (fmt_duration(stats.elapsed_s), "elapsed"),
         (fmt_duration(eta) if not stats.finished else "–", "ETA"),
-        (str(stats.in_flight), "in flight"),
+        (flight, "in flight"),
         (str(stats.retries), "retries"),
         (str(stats.rate_limited), "429s"),
         (str(stats.errors), "errors"),
     ]
+    if stats.rows_before:
+        items.append((f"{stats.rows_before:,}", "done before (resumed)"))
+    if stats.rows_cancelled:
+        items.append((f"{stats.rows_cancelled:,}", "cancelled rows"))
     if stats.rows_failed:
         items.append((f"{stats.rows_failed:,}", "failed rows"))
     stolen = sum(a.stolen for a in stats.agents)

@@ -47,6 +47,7 @@ class Batch:
     call_anyway: bool = False  # a single oversize row sent under oversize="call"
     frozen: bool = False  # made by bisection: dynamic sizing never merges it back
     at: int = -1
+    reject: str | None = None  # rows that get this error value without a call (null texts)
 
     @property
     def index(self) -> slice | np.ndarray:
@@ -99,6 +100,8 @@ class Scheduler:
     def oversize(self, a: int, batch: Batch) -> str | None:
         """A batch over ``token_limit``: split it and requeue the halves (returns ``""``), or,
         a lone row, the error to record. ``None``: send it."""
+        if batch.reject:
+            return batch.reject
         if batch.tokens <= self.cfg.token_limit or batch.call_anyway:
             return None
         if len(batch.rows) > 1:

@@ -24,6 +24,7 @@ Examples
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from dfbatch.errors import ConfigError, RowError
 from dfbatch.execute._charge import bound, count_tokens, per_request, request
 from dfbatch.execute._headers import rate_headers
 from dfbatch.execute._usage import report_usage
-from dfbatch.llm import batchmode
+from dfbatch.llm import batchmode, prices
 from dfbatch.llm.batch_api import Answer, BatchAdapter, BatchLimits
 from dfbatch.llm.client import ClientSource, import_openai, scrub
 from dfbatch.llm.prompt import Template
@@ -165,6 +166,8 @@ def chat(
         fn.dfbatch_fingerprint["api"] = "batch"  # type: ignore[attr-defined]
         fn.dfbatch_batch_api = _batch_adapter(spec, batch_limits)  # type: ignore[attr-defined]
     fn.dfbatch_inputs = spec.template.fields  # type: ignore[attr-defined]  # the cache's key
+    fn.dfbatch_tokens = functools.partial(_tokens_of, spec, mode)  # type: ignore[attr-defined]
+    fn.dfbatch_price = prices.of(model)  # type: ignore[attr-defined]
     return fn
 
 
@@ -186,6 +189,21 @@ def _batch_adapter(spec: _Spec, limits: BatchLimits | None) -> BatchAdapter:
     dtype = spec.fmt.dtype if spec.fmt.structured else pl.String()
     return BatchAdapter("/v1/chat/completions", spec.model, spec.source, bodies, answer, dtype,
                         limits or BatchLimits())
+
+
+def _tokens_of(spec: _Spec, mode: Mode, batch: pl.DataFrame) -> tuple[int, int]:
+    """(input, output) tokens the requests for one batch send: the rendered template, the
+    system message and the chat framing counted as the run charges them; output at its cap
+    (``max_tokens`` per row). ``summary(fn=...)`` prices a plan with it."""
+    prompts = spec.template.render(batch)
+    if mode == "batch":
+        system = batchmode.system_message(spec.system, spec.fmt.schema)
+        messages = [{"role": "system", "content": system},
+                    {"role": "user", "content": batchmode.user_message(prompts)}]
+        return _prompt_tokens(spec, messages), len(prompts) * (
+            spec.max_tokens + batchmode.ITEM_OVERHEAD_TOKENS) + 16
+    tokens_in = sum(_prompt_tokens(spec, _messages(spec.system, p)) for p in prompts)
+    return tokens_in, len(prompts) * spec.max_tokens
 
 
 def _per_row_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | pl.Series]]:
@@ -269,8 +287,13 @@ def _request_tokens(spec: _Spec, messages: list[dict[str, str]], max_tokens: int
     message + 3) and the whole output cap. 0 outside a run (nothing to charge)."""
     if bound() is None:
         return 0
+    return _prompt_tokens(spec, messages) + max_tokens
+
+
+def _prompt_tokens(spec: _Spec, messages: list[dict[str, str]]) -> int:
+    """The prompt as the provider counts it: 4 tokens per message + 3, plus the contents."""
     counts = count_tokens([m["content"] for m in messages], spec.model)
-    return 3 + sum(4 + n for n in counts) + max_tokens
+    return 3 + sum(4 + n for n in counts)
 
 
 def _used(completion: Any) -> tuple[int, int]:

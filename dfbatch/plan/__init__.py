@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dfbatch.plan._balance import balance, balance_ratio
 from dfbatch.plan._pack import pack
-from dfbatch.plan._plan import PlanSummary, plan, summary
+from dfbatch.plan._plan import plan
+from dfbatch.plan._summary import PlanSummary, summary
 
 __all__ = ["PlanSummary", "balance", "balance_ratio", "pack", "plan", "summary"]

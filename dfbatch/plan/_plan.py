@@ -8,7 +8,8 @@ The algorithms live in ``dfbatch.plan._pack`` (rows into batches) and ``dfbatch.
 - ``n_tokens`` (UInt32): exact tokens of the row's text (0 for a null text).
 - ``batch_id`` (UInt32): ``0..B-1``, numbered in order of each batch's first row.
 - ``agent_id`` (UInt16): the agent planned to send the batch.
-- ``plan_flag`` (String): null when fine, ``"null_text"`` or ``"oversize"``.
+- ``plan_flag`` (String): null when fine, ``"null_text"`` (a null or empty text: not
+  sent unless ``send_null=True``) or ``"oversize"``.
 
 Token accounting. A batch becomes one request. Its request tokens are
 ``request_overhead_tokens + sum(n_tokens + output_tokens_per_row)`` over its rows (the system
@@ -42,7 +43,6 @@ shape: (4, 5)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -56,16 +56,20 @@ from dfbatch.plan._balance import balance, balance_ratio
 from dfbatch.plan._pack import pack
 from dfbatch.plan._tokens import count_tokens
 
+__all__ = ["NULL_TEXT", "OVERSIZE", "balance", "balance_ratio", "pack", "plan", "with_fn"]
+
 Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 
 NULL_TEXT = "null_text"
 OVERSIZE = "oversize"
 _FIELD = ("n_tokens", "batch_id", "agent_id", "flag")
+_DEFAULT_OUTPUT = BatchConfig().output_tokens_per_row
 
 
 # -- plan ----------------------------------------------------------------------------------
 def plan(
-    df: Frame, text: str | pl.Expr = "text", *, config: BatchConfig | None = None, **kwargs: Any
+    df: Frame, text: str | pl.Expr = "text", *, config: BatchConfig | None = None,
+    fn: Any = None, **kwargs: Any,
 ) -> Frame:
     """Add ``n_tokens``, ``batch_id``, ``agent_id`` and ``plan_flag`` columns (see the module doc).
 
@@ -79,6 +83,9 @@ def plan(
         A ``BatchConfig`` and/or its fields: ``items_per_batch``, ``token_limit``, ``agents``,
         ``encoding``, ``request_overhead_tokens``, ``output_tokens_per_row``,
         ``request_weight``, ``columns``.
+    fn
+        The ``fn`` you will ``process`` with: an adapter's expected output per row
+        (``dfbatch_output_tokens``) fills in ``output_tokens_per_row`` as ``process`` does.
 
     Examples
     --------
@@ -93,10 +100,10 @@ def plan(
     ╞═════════════╪══════════╪══════════╪══════════╪═══════════╡
     │ hello world ┆ 2        ┆ 0        ┆ 0        ┆ null      │
     │ 🧠 polars   ┆ 5        ┆ 0        ┆ 0        ┆ null      │
-    │             ┆ 0        ┆ 1        ┆ 0        ┆ null      │
+    │             ┆ 0        ┆ 1        ┆ 0        ┆ null_text │
     └─────────────┴──────────┴──────────┴──────────┴───────────┘
     """
-    cfg = BatchConfig.from_kwargs(config, **kwargs)
+    cfg = with_fn(BatchConfig.from_kwargs(config, **kwargs), fn, config, kwargs)
     _check_limits(cfg)
     if isinstance(df, pl.LazyFrame):
         schema = df.collect_schema()
@@ -114,6 +121,19 @@ def plan(
         msg = f"plan needs a polars DataFrame or LazyFrame, got {type(df).__name__}"
         raise ConfigError(msg)
     return _plan_frame(df, _text_expr(df.schema, text, cfg.columns), cfg)
+
+
+def with_fn(
+    cfg: BatchConfig, fn: Any, config: BatchConfig | None, settings: dict[str, Any]
+) -> BatchConfig:
+    """``cfg`` with ``fn``'s expected output per row (``dfbatch_output_tokens``) unless the user
+    set ``output_tokens_per_row`` (a keyword, or ``config=`` with a non-default value)."""
+    expected = getattr(fn, "dfbatch_output_tokens", None)
+    user_set = "output_tokens_per_row" in settings or (
+        config is not None and config.output_tokens_per_row != _DEFAULT_OUTPUT)
+    if isinstance(expected, int) and not isinstance(expected, bool) and not user_set:
+        return cfg.replace(output_tokens_per_row=expected)
+    return cfg
 
 
 def _plan_schema(cols: Columns) -> dict[str, pl.DataType]:
@@ -152,7 +172,9 @@ def _text_expr(schema: pl.Schema, text: str | pl.Expr, cols: Columns) -> pl.Expr
         raise ColumnError(msg)
     if isinstance(text, str):
         if text not in schema:
-            msg = f"text column {text!r} not found in {list(schema)}.{did_you_mean(text, schema)}"
+            strings = [n for n, t in schema.items() if t == pl.String] or list(schema) or ["doc"]
+            msg = (f"text column {text!r} not found in {list(schema)}.{did_you_mean(text, schema)}"
+                   f" Pass text= the column holding the text, e.g. text={strings[0]!r}")
             raise ColumnError(msg)
         expr, label = pl.col(text), text
     elif isinstance(text, pl.Expr):
@@ -199,7 +221,7 @@ def _plan_frame(df: pl.DataFrame, expr: pl.Expr, cfg: BatchConfig) -> pl.DataFra
     agent = balance(weights, cfg.n_agents)[batch] if len(batch) else np.zeros(0, np.uint16)
     cols = cfg.columns
     flag = (
-        pl.when(pl.lit(texts.is_null()))
+        pl.when(pl.lit(texts.fill_null("") == ""))
         .then(pl.lit(NULL_TEXT))
         .when(pl.lit(pl.Series(costs > limit)))
         .then(pl.lit(OVERSIZE))
@@ -217,207 +239,3 @@ def _batch_weights(batch: np.ndarray, costs: np.ndarray, cfg: BatchConfig) -> np
     """Latency-like load of each batch: request_weight + overhead + its rows' tokens."""
     tokens = np.bincount(batch, weights=costs) if len(batch) else np.zeros(0)
     return cfg.request_weight + cfg.request_overhead_tokens + tokens
-
-
-# -- summary -------------------------------------------------------------------------------
-@dataclass(frozen=True, repr=False, eq=False)
-class PlanSummary:
-    """What a plan will send: sizes, flagged rows, per-agent load, balance and estimated cost."""
-
-    rows: int
-    batches: int
-    agents: int
-    tokens: int
-    request_tokens: int
-    max_batch_tokens: int
-    null_text: int
-    oversize: int
-    loads: pl.DataFrame
-    balance_ratio: float
-    lower_bound: float
-    cost_in: float | None = None
-    cost_out: float | None = None
-    batch_discount: float | None = None  # the Batch API's price / the synchronous price
-    cached: int = 0  # rows the response cache answers: not counted above, not priced
-
-    @property
-    def flagged(self) -> int:
-        return self.null_text + self.oversize
-
-    @property
-    def cost(self) -> float | None:
-        if self.cost_in is None and self.cost_out is None:
-            return None
-        return (self.cost_in or 0.0) + (self.cost_out or 0.0)
-
-    @property
-    def batch_cost(self) -> float | None:
-        """The estimated cost through the provider's Batch API (``batch_discount`` given)."""
-        if self.cost is None or self.batch_discount is None:
-            return None
-        return self.cost * self.batch_discount
-
-    def __str__(self) -> str:
-        lines = [
-            f"plan: {self.rows:,} rows in {self.batches:,} batches over {self.agents:,} agents",
-            f"tokens: {self.tokens:,} in texts, {self.request_tokens:,} in requests "
-            f"(max batch {self.max_batch_tokens:,})",
-            f"flagged: {self.null_text:,} null_text, {self.oversize:,} oversize",
-            f"balance: heaviest agent {self.balance_ratio:.4f} x lower bound "
-            f"{self.lower_bound:,.0f} (load = per-request weight + tokens)",
-        ]
-        if self.cost is not None:
-            lines.append(
-                f"est. cost: ${self.cost:,.4f} (input ${self.cost_in or 0:,.4f}, "
-                f"output ${self.cost_out or 0:,.4f})"
-            )
-        if self.cost is not None and self.batch_discount is not None:
-            batch = self.cost * self.batch_discount
-            lines.append(
-                f"batch API: ${batch:,.4f} vs ${self.cost:,.4f} synchronous "
-                f"(saves ${self.cost - batch:,.4f}, {1 - self.batch_discount:.0%})"
-            )
-        if self.cached:
-            lines.append(f"cached: {self.cached:,} more rows answered by the cache (not sent)")
-        return "\n".join(lines)
-
-    __repr__ = __str__
-
-
-def summary(
-    planned: pl.DataFrame,
-    *,
-    price_in_per_1k: float | None = None,
-    price_out_per_1k: float | None = None,
-    config: BatchConfig | None = None,
-    batch_discount: float | None = None,
-    cached: Any = None,
-    **kwargs: Any,
-) -> PlanSummary:
-    """Summarize a planned frame: rows, batches, tokens, flagged rows, agent loads and cost.
-
-    Pass the ``config`` / settings used to plan (overhead, output tokens, agents) for exact
-    request tokens and loads. The cost estimate counts every row but ``null_text`` ones (an
-    oversize row counts in full): input = text tokens + ``request_overhead_tokens`` per
-    request, output = ``output_tokens_per_row`` per row. ``batch_discount`` (0.5 for OpenAI's
-    Batch API) adds the price of the same requests sent as batch jobs beside it. ``cached`` (a
-    boolean mask, one per row; ``df.batch.summary(fn=..., cache=...)`` computes it) leaves out
-    the rows the response cache answers: they are counted in ``cached`` and priced at nothing.
-
-    Examples
-    --------
-    >>> import polars as pl, dfbatch
-    >>> df = pl.DataFrame({"text": ["hello world"] * 6 + [None]})
-    >>> planned = dfbatch.plan(df, agents=2, request_weight=10)
-    >>> s = dfbatch.summary(planned, price_in_per_1k=0.5, agents=2, request_weight=10)
-    >>> s
-    plan: 7 rows in 2 batches over 2 agents
-    tokens: 12 in texts, 12 in requests (max batch 8)
-    flagged: 1 null_text, 0 oversize
-    balance: heaviest agent 1.0000 x lower bound 18 (load = per-request weight + tokens)
-    est. cost: $0.0060 (input $0.0060, output $0.0000)
-    >>> print(dfbatch.summary(planned, price_in_per_1k=0.5, batch_discount=0.5, agents=2,
-    ...                       request_weight=10).batch_cost)
-    0.003
-    >>> s.loads
-    shape: (2, 5)
-    ┌──────────┬─────────┬──────┬────────┬──────┐
-    │ agent_id ┆ batches ┆ rows ┆ tokens ┆ load │
-    │ ---      ┆ ---     ┆ ---  ┆ ---    ┆ ---  │
-    │ u16      ┆ u32     ┆ u32  ┆ i64    ┆ i64  │
-    ╞══════════╪═════════╪══════╪════════╪══════╡
-    │ 0        ┆ 1       ┆ 4    ┆ 8      ┆ 18   │
-    │ 1        ┆ 1       ┆ 3    ┆ 4      ┆ 14   │
-    └──────────┴─────────┴──────┴────────┴──────┘
-    """
-    explicit_agents = config is not None or "agents" in kwargs
-    cfg = BatchConfig.from_kwargs(config, **kwargs)
-    if isinstance(planned, pl.LazyFrame):
-        planned = planned.collect()
-    cols = cfg.columns
-    missing = [name for name in cols.plan_names() if name not in planned.columns]
-    if missing:
-        msg = f"summary needs a planned frame, missing {missing}; call df.batch.plan(...) first"
-        raise ColumnError(msg)
-    n_cached = 0
-    if cached is not None:
-        mask = pl.Series(cached, dtype=pl.Boolean)
-        n_cached = int(mask.sum())
-        planned = planned.filter(~mask)
-    per_batch = _per_batch(planned, cfg)
-    max_agent = int(per_batch["agent_id"].max() or 0) if per_batch.height else 0  # type: ignore[arg-type]
-    n_agents = max(cfg.n_agents if explicit_agents else 1, max_agent + 1)
-    loads = _agent_loads(per_batch, n_agents)
-    w = per_batch["load"].to_numpy()
-    sent_rows = int(per_batch["sent_rows"].sum())
-    tokens_in = int(per_batch["sent_tokens"].sum()) + cfg.request_overhead_tokens * int(
-        (per_batch["sent_rows"] > 0).sum()
-    )
-    flags = planned[cols.flag]
-    return PlanSummary(
-        rows=planned.height,
-        batches=per_batch.height,
-        agents=n_agents,
-        tokens=int(per_batch["tokens"].sum()),
-        request_tokens=int(per_batch["request_tokens"].sum()),
-        max_batch_tokens=int(per_batch["request_tokens"].max() or 0),  # type: ignore[arg-type]
-        null_text=int((flags == NULL_TEXT).sum()),
-        oversize=int((flags == OVERSIZE).sum()),
-        loads=loads,
-        balance_ratio=balance_ratio(w, per_batch["agent_id"].to_numpy(), n_agents),
-        lower_bound=float(max(w.sum() / n_agents, w.max())) if len(w) else 0.0,
-        cost_in=None if price_in_per_1k is None else tokens_in / 1000 * price_in_per_1k,
-        cost_out=None
-        if price_out_per_1k is None
-        else cfg.output_tokens_per_row * sent_rows / 1000 * price_out_per_1k,
-        batch_discount=_discount(batch_discount),
-        cached=n_cached,
-    )
-
-
-def _discount(value: float | None) -> float | None:
-    if value is not None and not (isinstance(value, (int, float)) and 0 < value <= 1):
-        msg = f"batch_discount must be in (0, 1] (0.5 = the Batch API's half price), got {value!r}"
-        raise ConfigError(msg)
-    return value
-
-
-def _per_batch(planned: pl.DataFrame, cfg: BatchConfig) -> pl.DataFrame:
-    cols = cfg.columns
-    sent = pl.col(cols.flag).fill_null("") != NULL_TEXT
-    tokens = pl.col(cols.n_tokens).cast(pl.Int64)
-    return (
-        planned.group_by(cols.batch_id)
-        .agg(
-            pl.col(cols.agent_id).first().alias("agent_id"),
-            pl.len().cast(pl.UInt32).alias("rows"),
-            tokens.sum().alias("tokens"),
-            sent.sum().cast(pl.UInt32).alias("sent_rows"),
-            tokens.filter(sent).sum().alias("sent_tokens"),
-        )
-        .with_columns(
-            request_tokens=cfg.request_overhead_tokens
-            + pl.col("tokens")
-            + cfg.output_tokens_per_row * pl.col("rows").cast(pl.Int64)
-        )
-        .with_columns(load=cfg.request_weight + pl.col("request_tokens"))
-        .sort(cols.batch_id)
-    )
-
-
-def _agent_loads(per_batch: pl.DataFrame, n_agents: int) -> pl.DataFrame:
-    agents = pl.DataFrame({"agent_id": pl.arange(0, n_agents, eager=True).cast(pl.UInt16)})
-    per_agent = per_batch.group_by("agent_id").agg(
-        pl.len().cast(pl.UInt32).alias("batches"),
-        pl.col("rows").sum().cast(pl.UInt32),
-        pl.col("tokens").sum(),
-        pl.col("load").sum(),
-    )
-    return (
-        agents.join(per_agent, on="agent_id", how="left")
-        .with_columns(
-            pl.col("batches", "rows").fill_null(0),
-            pl.col("tokens", "load").fill_null(0),
-        )
-        .sort("agent_id")
-    )

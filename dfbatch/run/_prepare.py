@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import warnings
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +18,14 @@ import polars as pl
 
 from dfbatch.config import BatchConfig, Progress
 from dfbatch.engines import select
-from dfbatch.errors import ConfigError, PartialResultWarning, RunStoppedError
+from dfbatch.errors import (
+    ColumnError,
+    ConfigError,
+    PartialResultWarning,
+    ReplanWarning,
+    RunStoppedError,
+    warn_user,
+)
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
 from dfbatch.execute._caller import LOCAL, CallerFactory
 from dfbatch.execute._loop import mark_run, unmark_run
@@ -28,12 +35,15 @@ from dfbatch.execute._scheduler import Batch
 from dfbatch.execute._stack import RunLimits
 from dfbatch.persist._cache_run import CacheRun
 from dfbatch.persist._checkpoint import Journal
+from dfbatch.plan._plan import NULL_TEXT
 from dfbatch.run._checks import check_frame
 from dfbatch.run._wiring import open_display, safe, tick
 
 Fn = Callable[[pl.DataFrame], Any]
 _ROW_OVERHEAD_BYTES = 64
 _DEFAULT_OUTPUT_TOKENS = BatchConfig().output_tokens_per_row
+_NULL_ERROR = ("null_text: the text is null or empty, so it was not sent; pass send_null=True "
+               "to send it")
 
 
 @dataclass
@@ -57,11 +67,12 @@ class _Job:
     ) -> _Job:
         """Validate fn and the settings, resolve the config, plan ``df``."""
         cfg, chosen = resolve(fn, config, settings, engine, ray_address)
-        return cls.with_config(df, fn, text, cfg, chosen)
+        asked = frozenset(settings) | _set_in(config)
+        return cls.with_config(df, fn, text, cfg, chosen, asked=asked)
 
     @classmethod
     def with_config(cls, df: Any, fn: Fn, text: str | pl.Expr, cfg: BatchConfig,
-                    engine: CallerFactory = LOCAL) -> _Job:
+                    engine: CallerFactory = LOCAL, asked: frozenset[str] = frozenset()) -> _Job:
         """Plan ``df`` under a config ``resolve`` made (a stream's chunks share one)."""
         if isinstance(df, pl.LazyFrame):
             df = df.collect()
@@ -69,7 +80,7 @@ class _Job:
             msg = f"df must be a polars DataFrame or LazyFrame, got {type(df).__name__}"
             raise ConfigError(msg)
         check_frame(df, cfg)  # clashing or damaged columns fail before any call
-        planned = _planned(df, text, cfg)
+        planned = _planned(df, text, cfg, asked)
         send, row_tokens = _to_send(planned, text, cfg)
         row_bytes = _row_bytes(planned, text)
         batches = _batches(planned, row_tokens, row_bytes, cfg)
@@ -148,8 +159,13 @@ class _Job:
         queues = pool.sched.queues
         per_agent = tuple(sum(b.tokens for b in q) for q in queues)  # request tokens, as done
         hits = len(self.cache.hits) if self.cache is not None else 0
+        before = self.planned.height - pool.frame.height - hits  # done by an earlier run
+        if before and progress is not False:
+            print(f"resuming: {before:,} of {self.planned.height:,} rows already done",
+                  file=sys.stderr, flush=True)
         emit(RunStarted(loop.time(), pool.frame.height, pool.sched.pending, sum(per_agent),
-                        per_agent, cached_rows=hits))
+                        per_agent, cached_rows=hits, rows_before=before, rpm=self.cfg.rpm,
+                        tpm=self.cfg.tpm))
         display = open_display(progress, pool.frame.height, pool.stop if stoppable else None)
         if display is None and on_event is None:
             pool.recorder.emit = None  # nobody listens: the hot path builds no batch events
@@ -179,7 +195,7 @@ class _Job:
                 f"run stopped: {unfinished} of {self.planned.height} rows unfinished "
                 "(error='cancelled'); their outputs are null"
             )
-            warnings.warn(msg, PartialResultWarning, stacklevel=3)
+            warn_user(msg, PartialResultWarning)
         return self.finish(assemble(self.planned, self.merge(outcomes), c, self.cfg.output_dtype))
 
 
@@ -215,15 +231,57 @@ def resolve(
     return cfg, chosen
 
 
-def _planned(df: pl.DataFrame, text: str | pl.Expr, cfg: BatchConfig) -> pl.DataFrame:
-    c = cfg.columns
-    names = c.plan_names()
-    present = [x for x in names if x in df.columns]
-    if len(present) == len(names):
-        return df  # already planned: run as planned
+def _planned(
+    df: pl.DataFrame, text: str | pl.Expr, cfg: BatchConfig, asked: frozenset[str] = frozenset()
+) -> pl.DataFrame:
+    """``df`` planned. A planned frame runs as planned, unless plan settings passed to
+    ``process`` make another plan: then it is re-planned (a ``ReplanWarning`` says so), or,
+    when its text is not there to re-plan, refused with the plan in force."""
     from dfbatch.plan import plan
 
-    return plan(df, text, config=cfg)
+    names = cfg.columns.plan_names()
+    if not all(x in df.columns for x in names):
+        return plan(df, text, config=cfg)
+    if not asked & _PLAN_FIELDS:
+        return df  # already planned: run as planned
+    base = df.drop(names)
+    try:
+        fresh = plan(base, text, config=cfg)
+    except ColumnError as e:
+        msg = (f"this frame is already planned ({_describe(df, cfg)}) and its text is not here "
+               f"to re-plan under {_asked(asked)}; drop the plan columns ({names}) and pass "
+               "text=, or run without those settings")
+        raise ConfigError(msg) from e
+    if fresh.select(names).equals(df.select(names)):
+        return df
+    msg = (f"the frame's plan ({_describe(df, cfg)}) was made with other settings than "
+           f"{_asked(asked)}; re-planned: {_describe(fresh, cfg)}. To keep a plan, pass no plan "
+           "settings to process (or plan with them: df.batch.plan(...))")
+    warn_user(msg, ReplanWarning)
+    return fresh
+
+
+_PLAN_FIELDS = frozenset({"items_per_batch", "token_limit", "agents", "agents_per_core",
+                          "encoding", "request_overhead_tokens", "output_tokens_per_row"})
+
+
+def _set_in(config: BatchConfig | None) -> frozenset[str]:
+    """The plan fields ``config`` sets to a value other than the default."""
+    if config is None:
+        return frozenset()
+    default = BatchConfig()
+    return frozenset(f for f in _PLAN_FIELDS if getattr(config, f) != getattr(default, f))
+
+
+def _asked(asked: frozenset[str]) -> str:
+    return ", ".join(sorted(asked & _PLAN_FIELDS))
+
+
+def _describe(planned: pl.DataFrame, cfg: BatchConfig) -> str:
+    c = cfg.columns
+    per = planned.group_by(c.batch_id).len()["len"]
+    return (f"{per.len():,} batches of up to {int(per.max() or 0)} rows over "  # type: ignore[arg-type]
+            f"{planned[c.agent_id].n_unique():,} agents")
 
 
 def _text_name(text: str | pl.Expr) -> str | None:
@@ -272,8 +330,11 @@ def _batches(
     n_agents = cfg.n_agents
     if planned.height == 0:
         return [[] for _ in range(n_agents)]
-    bid = planned[c.batch_id].to_numpy()
+    bid = planned[c.batch_id].to_numpy().astype(np.int64)
     aid = planned[c.agent_id].to_numpy().astype(np.int64)
+    null = np.zeros(len(bid), bool) if cfg.send_null else (
+        planned[c.flag] == NULL_TEXT).fill_null(False).to_numpy()
+    bid = np.where(null, bid.max() + 1 + bid, bid)  # a planned batch's null rows: their own
     order = np.argsort(bid, kind="stable")
     ids, starts = np.unique(bid[order], return_index=True)
     n_agents = max(min(n_agents, len(ids)), int(aid.max()) + 1)  # no agent without work
@@ -286,8 +347,10 @@ def _batches(
     call = cfg.oversize == "call"
     out: list[list[Batch]] = [[] for _ in range(n_agents)]
     for i in range(len(ids)):  # one Batch object per batch (not per row)
+        reject = _NULL_ERROR if null[groups[i][0]] else None
         out[int(agents[i])].append(Batch(int(ids[i]), int(agents[i]), groups[i], int(btok[i]),
-                                         int(nbytes[i]), call and counts[i] == 1))
+                                         int(nbytes[i]), call and counts[i] == 1,
+                                         frozen=reject is not None, reject=reject))
     return out
 
 

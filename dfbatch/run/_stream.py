@@ -58,7 +58,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dfbatch.config import BatchConfig, Progress
-from dfbatch.errors import ConfigError, PartialResultWarning, RunStoppedError
+from dfbatch.errors import ConfigError, PartialResultWarning, RunStoppedError, warn_user
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
 from dfbatch.execute._pool import Pool
 from dfbatch.execute._recorder import Outcomes
@@ -168,7 +168,7 @@ class _Stream:
         if self.stopping:
             msg = (f"run stopped: {self.counts['rows']} of {total} rows written to {self.out}, "
                    f"{self.counts['rows_cancelled']} of them unfinished (error='cancelled')")
-            warnings.warn(msg, PartialResultWarning, stacklevel=3)
+            warn_user(msg, PartialResultWarning)
         return summary
 
     # -- the chunk pipeline ------------------------------------------------------------------
