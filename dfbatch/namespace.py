@@ -69,9 +69,9 @@ class BatchFrame:
                 raise ConfigError(msg)
             cfg = BatchConfig.from_kwargs(kwargs.get("config"), **{
                 k: v for k, v in kwargs.items() if k not in ("config", "price_in_per_1k",
-                                                             "price_out_per_1k")})
+                                                             "price_out_per_1k", "batch_discount")})
             kwargs["cached"] = cached_rows(self._df, fn, text, cfg, cache, cache_key)
-        return summary(self._df, **kwargs)
+        return summary(self._df, fn=fn, **kwargs)
 
     @_after_frame(_process)
     def process(self, *args: Any, **kwargs: Any) -> pl.DataFrame:

@@ -450,7 +450,7 @@ def test_plan_summary_shows_the_batch_price_beside_the_synchronous_one(tmp_path:
         dfbatch.summary(planned, price_in_per_1k=1.0, batch_discount=2)
     df.write_parquet(tmp_path / "in.parquet")
     r = CliRunner().invoke(main, ["plan", str(tmp_path / "in.parquet"), "--price-in", "1",
-                                  "--batch-discount", "0.5"])
+                                  "--price-out", "2", "--batch-discount", "0.5"])
     assert r.exit_code == 0 and "batch API: $" in r.output and "saves $" in r.output
 
 

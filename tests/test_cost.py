@@ -34,7 +34,7 @@ def test_scattered_batches_reach_fn_as_zero_copy_slices_and_come_back_in_input_o
         seen.append(batch["id"].to_list())
         return [i * 10 for i in batch["id"]]
 
-    out = dfbatch.process(df, fn, agents=2, progress=False)
+    out = dfbatch.process(df, fn, progress=False)  # runs as planned (agent_id 0 and 1)
     assert out["id"].to_list() == list(range(40))  # input order
     assert out["output"].to_list() == [i * 10 for i in range(40)]
     assert out["run_batch_id"].to_list() == [i % 5 for i in range(40)]
@@ -84,7 +84,7 @@ def test_row_errors_and_bisection_land_on_the_right_rows_after_reordering() -> N
             raise ValueError(msg)  # bisected down to row 7 alone
         return [RowError("odd") if i % 2 else i for i in batch["id"]]
 
-    out = dfbatch.process(df, fn, agents=2, progress=False, max_attempts=1)
+    out = dfbatch.process(df, fn, progress=False, max_attempts=1)
     errors = dict(zip(out["id"].to_list(), out["error"].to_list(), strict=True))
     assert errors[7] is not None and "poison" in errors[7]
     assert all((errors[i] is None) == (i % 2 == 0) for i in range(24) if i != 7)

@@ -150,7 +150,7 @@ class Pool:
 
     async def _run_batch(self, a: int, batch: Batch, slot: Hold) -> None:
         try:
-            over = batch.tokens > self.token_limit and not batch.call_anyway
+            over = (batch.tokens > self.token_limit and not batch.call_anyway) or bool(batch.reject)
             error = self.sched.oversize(a, batch) if over else None
             if error is None:
                 verdict = await self.caller.call(a, batch, self._slice(batch), slot)
@@ -213,7 +213,7 @@ def contiguous(
         for b in q:
             n = len(b.rows)
             moved.append(Batch(b.id, b.planned_agent, positions[at:at + n], b.tokens, b.nbytes,
-                               b.call_anyway, b.frozen, at))
+                               b.call_anyway, b.frozen, at, b.reject))
             at += n
         renumbered.append(moved)
     if identity:

@@ -164,7 +164,7 @@ class Scheduler:
         nbytes = int(self.row_bytes[idx].sum()) if self.row_bytes is not None else parent.nbytes
         self.next_id += 1
         return Batch(self.next_id - 1, parent.planned_agent, rows, self._tokens(idx, len(rows)),
-                     nbytes, at=at)
+                     nbytes, at=at, reject=parent.reject)
 
     def _tokens(self, idx: slice | np.ndarray, n: int) -> int:
         per_row = self.cfg.output_tokens_per_row
