@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import polars as pl
 
 from dfbatch.config import BatchConfig
-from dfbatch.errors import RetryableError
+from dfbatch.errors import OutputError, RetryableError
 from dfbatch.events import BatchHedged, BatchRetried, Event
 from dfbatch.execute import _usage
 from dfbatch.execute._breaker import Breaker, Health, Ticket
@@ -34,7 +34,7 @@ from dfbatch.execute._charge import bind_run_limits, charges_per_request
 from dfbatch.execute._headers import parse_headers
 from dfbatch.execute._hedge import race
 from dfbatch.execute._limits import Cost, Hold, Limits, Outcome
-from dfbatch.execute._outputs import normalize
+from dfbatch.execute._outputs import normalize, partial_of
 from dfbatch.execute._recorder import Answered, GaveUp, Verdict
 from dfbatch.execute._retry import (
     AttemptBudget,
@@ -197,6 +197,9 @@ class FnCaller:
                 await asyncio.sleep(delay)
                 await slot.reacquire()
                 continue
+            kept = _partly_answered(error, batch, self, wall0, now - t_first)
+            if kept is not None:  # rows answered before the batch failed keep their answers
+                return kept
             bisect = (decision.kind == "row" and decision.bisect) or self._hung(decision)
             return GaveUp(describe(error), bisect, wall0, now - t_first)
 
@@ -330,6 +333,22 @@ class FnCaller:
         finally:
             if not fut.done():  # timed out or cancelled: a thread cannot be stopped
                 self.in_threads.append((fut, batch.id))
+
+
+def _partly_answered(error: BaseException, batch: Batch, caller: FnCaller, wall0: float,
+                     elapsed: float) -> Answered | None:
+    """The verdict of a batch given up on whose last error carries answers (``attach_partial``):
+    the answered rows keep them, the others get ``error``; no bisection."""
+    partial = partial_of(error)
+    if partial is None or len(partial.values) != len(batch.rows):
+        return None
+    try:
+        frame, row_errors = normalize(partial.outputs(error), len(batch.rows),
+                                      caller.cfg.columns.output, reserved=caller.reserved)
+    except OutputError:
+        return None
+    used = _usage.Usage(partial.input_tokens, partial.output_tokens)
+    return Answered(frame, row_errors, wall0, elapsed, used)
 
 
 async def _timed(aw: Any, timeout: float | None) -> Any:

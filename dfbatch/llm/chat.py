@@ -34,6 +34,7 @@ import polars as pl
 from dfbatch.errors import ConfigError, RowError
 from dfbatch.execute._charge import bound, count_tokens, per_request, request
 from dfbatch.execute._headers import rate_headers
+from dfbatch.execute._outputs import Partial, attach_partial
 from dfbatch.execute._usage import report_usage
 from dfbatch.llm import batchmode
 from dfbatch.llm.batch_api import Answer, BatchAdapter, BatchLimits
@@ -204,6 +205,12 @@ def _per_row_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | p
             for p, outcome in zip(prompts, outcomes, strict=True):
                 if isinstance(outcome, _Row):
                     _stash(spec, p, outcome)  # kept, and reported when the batch succeeds
+            if isinstance(failure, Exception):  # if the run gives up, the answers stay
+                done = [o for o in outcomes if isinstance(o, _Row)]
+                attach_partial(failure, Partial(
+                    [o.value if isinstance(o, _Row) else None for o in outcomes],
+                    [isinstance(o, _Row) for o in outcomes],
+                    sum(r.input_tokens for r in done), sum(r.output_tokens for r in done)))
             raise scrub(failure, spec.source.secrets)
         rows = [o for o in outcomes if isinstance(o, _Row)]
         report_usage(

@@ -1,0 +1,96 @@
+"""The chat adapter against hostile servers: failing rows, malformed or odd replies."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import polars as pl
+import pytest
+
+import dfbatch  # noqa: F401 - registers df.batch
+from dfbatch.llm import chat
+
+ROWS = pl.DataFrame({"text": [f"Row number {i} is unique." for i in range(40)]})
+
+
+@pytest.mark.parametrize("config", [{"error_rate": 0.6, "seed": 1},
+                                    {"overload_rate": 0.5, "seed": 3}])
+def test_rows_answered_before_the_batch_gave_up_keep_their_answers(make_sim, config):
+    server = make_sim(**config)
+    fn = chat("sim-chat", "Summarize: {text}", max_tokens=32, base_url=server.url)
+    events: list[Any] = []
+    out = ROWS.batch.process(fn, progress=False, max_attempts=2, backoff_max=0.05,
+                             on_event=events.append)
+    answered = server.stats.snapshot().by_status.get(200, 0)
+    ok = out.filter(pl.col("error").is_null())
+    assert ok.height == answered  # every answer the server sent (and billed) is kept
+    assert ok["output"].null_count() == 0
+    failed = out.filter(pl.col("error").is_not_null())
+    assert failed["output"].null_count() == failed.height
+    assert not any(getattr(e, "bisected", False) for e in events)  # not bisected
+
+
+# -- a scripted server ------------------------------------------------------------------------
+def _completion(content: Any, finish_reason: str = "stop") -> bytes:
+    return json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                       "choices": [{"index": 0, "finish_reason": finish_reason,
+                                    "message": {"role": "assistant", "content": content}}]}
+                      ).encode()
+
+
+REPLIES: dict[str, tuple[int, str, bytes]] = {
+    "garbage": (200, "application/json", b"{not json"),
+    "html": (200, "text/html", b"<html>502 Bad Gateway</html>"),
+    "empty_choices": (200, "application/json", json.dumps(
+        {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}
+    ).encode()),
+    "200_error_body": (200, "application/json", b'{"error":{"message":"internal","code":500}}'),
+    "null_content": (200, "application/json", _completion(None)),
+    "content_filter": (200, "application/json", _completion("", "content_filter")),
+    "length": (200, "application/json", _completion("trunc", "length")),
+    "length_json": (200, "application/json", _completion('{"a": 1', "length")),
+    "429forever": (429, "application/json",
+                   b'{"error":{"message":"slow down","code":"rate_limit_exceeded"}}'),
+}
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[[str], tuple[str, list[int]]]]:
+    servers: list[ThreadingHTTPServer] = []
+
+    def make(mode: str) -> tuple[str, list[int]]:
+        status, ctype, body = REPLIES[mode]
+        hits = [0]
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                hits[0] += 1
+                self.send_response(status)
+                self.send_header("content-type", ctype)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}/v1", hits
+
+    yield make
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _process(url: str, **kw: Any) -> pl.DataFrame:
+    frame = pl.DataFrame({"text": [f"row {i}" for i in range(3)]})
+    fn = chat("m", "S: {text}", max_tokens=8, base_url=url, **kw)
+    return frame.batch.process(fn, progress=False, timeout=5, max_attempts=2, backoff_max=0.01)
