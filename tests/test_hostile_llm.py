@@ -94,3 +94,40 @@ def _process(url: str, **kw: Any) -> pl.DataFrame:
     frame = pl.DataFrame({"text": [f"row {i}" for i in range(3)]})
     fn = chat("m", "S: {text}", max_tokens=8, base_url=url, **kw)
     return frame.batch.process(fn, progress=False, timeout=5, max_attempts=2, backoff_max=0.01)
+
+
+@pytest.mark.parametrize("mode", ["garbage", "html", "empty_choices", "200_error_body"])
+def test_a_malformed_reply_is_a_clear_transient_error(scripted, mode):
+    url, hits = scripted(mode)
+    out = _process(url)
+    assert hits[0] == 6  # 3 rows, retried once each: transient
+    errors = out["error"].to_list()
+    assert all(e.startswith("MalformedReplyError: the provider's reply was malformed (HTTP 200")
+               for e in errors), errors
+    assert out["output"].null_count() == 3
+
+
+@pytest.mark.parametrize(("mode", "error"), [
+    ("null_content", "RowError: empty answer, finish_reason=stop"),
+    ("content_filter", "RowError: the provider's content filter blocked the answer"),
+])
+def test_an_empty_or_blocked_answer_is_a_row_error(scripted, mode, error):
+    url, hits = scripted(mode)
+    out = _process(url)
+    assert hits[0] == 3  # a row error: not retried
+    assert out["output"].null_count() == 3
+    assert all(e.startswith(error) for e in out["error"].to_list())
+
+
+def test_an_answer_cut_at_max_tokens_is_kept_as_text(scripted):
+    url, _ = scripted("length")
+    out = _process(url)
+    assert out["output"].to_list() == ["trunc"] * 3 and out["error"].null_count() == 3
+
+
+def test_a_structured_answer_cut_at_max_tokens_is_a_row_error(scripted):
+    url, _ = scripted("length_json")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    out = _process(url, response_format=schema)
+    assert out["output"].null_count() == 3
+    assert all("(cut at max_tokens)" in e for e in out["error"].to_list())

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import polars as pl
 
-from dfbatch.errors import ConfigError, RowError
+from dfbatch.errors import ConfigError, MalformedReplyError, RowError
 from dfbatch.execute._charge import bound, count_tokens, per_request, request
 from dfbatch.execute._headers import rate_headers
 from dfbatch.execute._outputs import Partial, attach_partial
@@ -245,7 +245,7 @@ async def _one_row(spec: _Spec, client: Any, prompt: str) -> _Row:
             raw = await client.chat.completions.with_raw_response.create(
                 messages=messages, **kwargs
             )
-            completion = raw.parse()
+            completion = parsed(raw)
             used = _used(completion)
             req.report(headers=raw.headers, tokens=used[0] + used[1])
     except Exception as exc:
@@ -256,12 +256,43 @@ async def _one_row(spec: _Spec, client: Any, prompt: str) -> _Row:
     return _Row(_answer(spec, completion), *used, rate_headers(raw.headers) or None)
 
 
+def parsed(raw: Any) -> Any:
+    """The completion in a raw response, or ``MalformedReplyError`` (transient) when the reply
+    is not one (not JSON, an HTML page, no ``choices``, an error body sent with status 200)."""
+    try:
+        completion = raw.parse()
+        choices = completion.choices
+        if isinstance(choices, list) and choices and choices[0].message is not None:
+            return completion
+        problem = "no choices"
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        problem = type(exc).__name__
+    try:
+        text = " ".join(str(raw.text).split())
+    except Exception:  # noqa: BLE001 - only for the message
+        text = ""
+    excerpt = text if len(text) <= 120 else text[:117] + "..."
+    msg = (f"the provider's reply was malformed (HTTP {getattr(raw, 'status_code', '?')}, "
+           f"{problem}): {excerpt!r}")
+    raise MalformedReplyError(msg)
+
+
 def _answer(spec: _Spec, completion: Any) -> Any:
+    """A row's value from its completion, or a ``RowError``: a refusal, a blocked or empty
+    answer. An answer cut at ``max_tokens`` (``finish_reason="length"``) is kept as text (it
+    was paid for; raise ``max_tokens`` to avoid it); a cut structured answer that does not
+    parse is a row error."""
     choice = completion.choices[0]
     refusal = getattr(choice.message, "refusal", None)
     if refusal:
         return RowError(f"the model refused: {refusal}")
     content = choice.message.content
+    reason = choice.finish_reason
+    if reason == "content_filter":
+        return RowError("the provider's content filter blocked the answer "
+                        "(finish_reason=content_filter)")
+    if content is None:
+        return RowError(f"empty answer, finish_reason={reason}")
     if not spec.fmt.structured:
         return content
     value, problem = spec.fmt.parse(content)
@@ -303,7 +334,7 @@ def _batch_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | pl.
                 raw = await client.chat.completions.with_raw_response.create(
                     messages=messages, response_format=rf, **spec.params(budget)
                 )
-                completion = raw.parse()
+                completion = parsed(raw)
                 used = _used(completion)
                 req.report(headers=raw.headers, tokens=sum(used))
         except BaseException as exc:
