@@ -131,3 +131,14 @@ def test_a_structured_answer_cut_at_max_tokens_is_a_row_error(scripted):
     out = _process(url, response_format=schema)
     assert out["output"].null_count() == 3
     assert all("(cut at max_tokens)" in e for e in out["error"].to_list())
+
+
+def test_waiting_for_the_runs_own_limits_is_no_call_timeout(make_sim):
+    # every answer is an instant 500: the breaker opens and holds the batch's other requests
+    # client-side; that wait is not the call's timeout, and the rows keep the real error
+    server = make_sim(error_rate=1.0)
+    fn = chat("sim-chat", "Summarize: {text}", max_tokens=16, base_url=server.url)
+    out = ROWS.head(8).batch.process(fn, progress=False, timeout=0.3, max_attempts=2,
+                                     backoff_max=0.01)
+    errors = out["error"].to_list()
+    assert all(e.startswith("InternalServerError: Error code: 500") for e in errors), errors

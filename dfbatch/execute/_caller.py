@@ -302,15 +302,9 @@ class FnCaller:
     async def _call_paced(self, df: pl.DataFrame, timeout: float) -> Any:
         """An fn that charges per request: the timeout counts from its last request sent, not
         from the call's start (its requests may wait for the run's limits meanwhile)."""
-        loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout) as deadline:
-
-            def sent() -> None:
-                when = deadline.when()
-                if when is not None and loop.time() + timeout > when:
-                    deadline.reschedule(loop.time() + timeout)
-
-            with bind_run_limits(self.binding[0], breaker=self.binding[1], sent=sent):
+            pace = _Pace(deadline, timeout)
+            with bind_run_limits(self.binding[0], breaker=self.binding[1], pace=pace):
                 value = await self.fn(df)
             if inspect.isawaitable(value):
                 value = await value
@@ -333,6 +327,40 @@ class FnCaller:
         finally:
             if not fut.done():  # timed out or cancelled: a thread cannot be stopped
                 self.in_threads.append((fut, batch.id))
+
+
+class _Pace:
+    """A per-request fn's call timeout: it counts from the last request sent, and stops while
+    the call's requests only wait for the run's limits, pause or breaker (none in flight)."""
+
+    def __init__(self, deadline: asyncio.Timeout, timeout: float) -> None:
+        self.deadline, self.timeout = deadline, timeout
+        self.loop = asyncio.get_running_loop()
+        self.waits = self.flying = 0
+
+    def waiting(self) -> None:
+        self.waits += 1
+        self._update()
+
+    def sent(self) -> None:
+        self.waits -= 1
+        self.flying += 1
+        self.deadline.reschedule(self.loop.time() + self.timeout)
+
+    def ended(self, sent: bool) -> None:
+        if sent:
+            self.flying -= 1
+        else:
+            self.waits -= 1
+        self._update()
+
+    def _update(self) -> None:
+        if self.deadline.expired():
+            return
+        if self.waits and not self.flying:
+            self.deadline.reschedule(None)
+        elif self.deadline.when() is None:
+            self.deadline.reschedule(self.loop.time() + self.timeout)
 
 
 def _partly_answered(error: BaseException, batch: Batch, caller: FnCaller, wall0: float,

@@ -194,9 +194,7 @@ def _per_row_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | p
         prompts = spec.template.render(batch)
         try:
             client = await spec.source.get()
-            outcomes = await asyncio.gather(
-                *(_one_row(spec, client, p) for p in prompts), return_exceptions=True
-            )
+            outcomes = await _rows(spec, client, prompts)
         except BaseException as exc:
             scrub(exc, spec.source.secrets)
             raise
@@ -233,7 +231,33 @@ class _Row:
     headers: dict[str, str] | None = None
 
 
-async def _one_row(spec: _Spec, client: Any, prompt: str) -> _Row:
+class _NotSent(Exception):  # noqa: N818 - a marker, never raised out of the adapter
+    """A row whose request was not sent: another row of its batch failed first."""
+
+
+async def _rows(spec: _Spec, client: Any, prompts: list[str]) -> list[Any]:
+    """Every row's outcome (a ``_Row`` or an exception). Once a row fails (a 5xx, a 429, a
+    lost connection: the batch will be retried), rows still waiting for the run's limits are
+    not sent (``_NotSent``); rows in flight finish (their answers are kept)."""
+    sent = [False] * len(prompts)
+    tasks = [asyncio.ensure_future(_one_row(spec, client, p, sent, i))
+             for i, p in enumerate(prompts)]
+    try:
+        pending: set[asyncio.Future[_Row]] = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            if any(not t.cancelled() and t.exception() is not None for t in done):
+                for i, t in enumerate(tasks):
+                    if not sent[i] and not t.done():
+                        t.cancel()
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+    return [_NotSent() if t.cancelled() else (t.exception() or t.result()) for t in tasks]
+
+
+async def _one_row(spec: _Spec, client: Any, prompt: str, sent: list[bool], i: int) -> _Row:
     if prompt in spec.stash:
         return spec.stash.pop(prompt)  # type: ignore[no-any-return]
     messages = _messages(spec.system, prompt)
@@ -242,6 +266,7 @@ async def _one_row(spec: _Spec, client: Any, prompt: str) -> _Row:
         kwargs["response_format"] = spec.fmt.api
     try:
         async with request(tokens=_request_tokens(spec, messages, spec.max_tokens)) as req:
+            sent[i] = True
             raw = await client.chat.completions.with_raw_response.create(
                 messages=messages, **kwargs
             )
@@ -390,7 +415,8 @@ def _message(exc: BaseException) -> str:
 
 def _worst(outcomes: list[Any]) -> BaseException | None:
     """The exception to raise for a batch: a 429 with the longest retry-after, else the first."""
-    failures = [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, RowError)]
+    failures = [o for o in outcomes if isinstance(o, BaseException)
+                and not isinstance(o, (RowError, _NotSent))]
     if not failures:
         return None
     for f in failures:
