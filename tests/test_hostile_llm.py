@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 
 import dfbatch  # noqa: F401 - registers df.batch
+from dfbatch.errors import ConfigError
 from dfbatch.llm import chat
 
 ROWS = pl.DataFrame({"text": [f"Row number {i} is unique." for i in range(40)]})
@@ -142,3 +143,12 @@ def test_waiting_for_the_runs_own_limits_is_no_call_timeout(make_sim):
                                      backoff_max=0.01)
     errors = out["error"].to_list()
     assert all(e.startswith("InternalServerError: Error code: 500") for e in errors), errors
+
+
+def test_a_tpm_smaller_than_one_request_is_refused_before_any_call(sim):
+    fn = chat("sim-chat", "Summarize: {text}", max_tokens=16, base_url=sim.url)
+    with pytest.raises(ConfigError, match=r"tpm=10 is smaller than the smallest request"):
+        ROWS.head(3).batch.process(fn, progress=False, tpm=10)
+    assert sim.stats.snapshot().requests == 0
+    out = ROWS.head(3).batch.process(fn, progress=False, tpm=10_000)  # one that fits runs
+    assert out["error"].null_count() == 3
