@@ -71,7 +71,7 @@ def scripted() -> Iterator[Callable[[str], tuple[str, list[int]]]]:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("content-length", 0)))
                 hits[0] += 1
                 self.send_response(status)

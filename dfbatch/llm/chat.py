@@ -231,7 +231,7 @@ class _Row:
     headers: dict[str, str] | None = None
 
 
-class _NotSent(Exception):  # noqa: N818 - a marker, never raised out of the adapter
+class _NotSent(Exception):
     """A row whose request was not sent: another row of its batch failed first."""
 
 
@@ -294,7 +294,7 @@ def parsed(raw: Any) -> Any:
         problem = type(exc).__name__
     try:
         text = " ".join(str(raw.text).split())
-    except Exception:  # noqa: BLE001 - only for the message
+    except Exception:  # only for the message
         text = ""
     excerpt = text if len(text) <= 120 else text[:117] + "..."
     msg = (f"the provider's reply was malformed (HTTP {getattr(raw, 'status_code', '?')}, "
