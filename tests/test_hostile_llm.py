@@ -152,3 +152,12 @@ def test_a_tpm_smaller_than_one_request_is_refused_before_any_call(sim):
     assert sim.stats.snapshot().requests == 0
     out = ROWS.head(3).batch.process(fn, progress=False, tpm=10_000)  # one that fits runs
     assert out["error"].null_count() == 3
+
+
+def test_requests_paced_by_the_runs_rpm_do_not_time_out(make_sim):
+    # rpm=240: a request every 0.25 s, longer than the 0.1 s call timeout; only the time a
+    # request is out counts, so every row is answered on its first attempt
+    server = make_sim()
+    fn = chat("sim-chat", "Summarize: {text}", max_tokens=16, base_url=server.url)
+    out = ROWS.head(8).batch.process(fn, progress=False, timeout=0.1, rpm=240, max_attempts=1)
+    assert out["error"].to_list() == [None] * 8
