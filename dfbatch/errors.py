@@ -76,6 +76,11 @@ class StragglerTimeoutError(RetryableError):
     timeout); it is cancelled and retried as a transient error."""
 
 
+class MalformedReplyError(RetryableError):
+    """The provider answered with something that is not a valid reply (not JSON, an HTML page,
+    no ``choices``, an error body with status 200): a transient error, retried."""
+
+
 class FatalError(BatchError):
     """Raise from fn for an error that will not go away by retrying the same rows."""
 

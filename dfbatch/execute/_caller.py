@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import polars as pl
 
 from dfbatch.config import BatchConfig
-from dfbatch.errors import FnInterrupt, RetryableError
+from dfbatch.errors import FnInterrupt, OutputError, RetryableError
 from dfbatch.events import BatchHedged, BatchRetried, Event
 from dfbatch.execute import _usage
 from dfbatch.execute._breaker import Breaker, Health, Ticket
@@ -33,7 +33,7 @@ from dfbatch.execute._charge import bind_run_limits, charges_per_request
 from dfbatch.execute._headers import parse_headers
 from dfbatch.execute._hedge import race
 from dfbatch.execute._limits import Cost, Hold, Limits, Outcome
-from dfbatch.execute._outputs import Output, normalize
+from dfbatch.execute._outputs import Output, normalize, partial_of
 from dfbatch.execute._recorder import Answered, GaveUp, Verdict
 from dfbatch.execute._retry import (
     AttemptBudget,
@@ -218,6 +218,9 @@ class FnCaller:
                 await asyncio.sleep(delay)
                 await slot.reacquire()
                 continue
+            kept = _partly_answered(error, batch, self, wall0, now - t_first)
+            if kept is not None:  # rows answered before the batch failed keep their answers
+                return kept
             bisect = (decision.kind == "row" and decision.bisect) or self._hung(decision)
             return GaveUp(describe(error), bisect, wall0, now - t_first)
 
@@ -323,15 +326,9 @@ class FnCaller:
     async def _call_paced(self, df: pl.DataFrame, timeout: float) -> Any:
         """An fn that charges per request: the timeout counts from its last request sent, not
         from the call's start (its requests may wait for the run's limits meanwhile)."""
-        loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout) as deadline:
-
-            def sent() -> None:
-                when = deadline.when()
-                if when is not None and loop.time() + timeout > when:
-                    deadline.reschedule(loop.time() + timeout)
-
-            with bind_run_limits(self.binding[0], breaker=self.binding[1], sent=sent):
+            pace = _Pace(deadline, timeout)
+            with bind_run_limits(self.binding[0], breaker=self.binding[1], pace=pace):
                 value = await self.fn(df)
             if inspect.isawaitable(value):
                 value = await value
@@ -359,6 +356,56 @@ class FnCaller:
         finally:
             if not fut.done():  # timed out or cancelled: a thread cannot be stopped
                 self.in_threads.append((fut, batch.id))
+
+
+class _Pace:
+    """A per-request fn's call timeout: it counts from the last request sent, and stops while
+    the call's requests only wait for the run's limits, pause or breaker (none in flight)."""
+
+    def __init__(self, deadline: asyncio.Timeout, timeout: float) -> None:
+        self.deadline, self.timeout = deadline, timeout
+        self.loop = asyncio.get_running_loop()
+        self.waits = self.flying = 0
+
+    def waiting(self) -> None:
+        self.waits += 1
+        self._update()
+
+    def sent(self) -> None:
+        self.waits -= 1
+        self.flying += 1
+        self.deadline.reschedule(self.loop.time() + self.timeout)
+
+    def ended(self, sent: bool) -> None:
+        if sent:
+            self.flying -= 1
+        else:
+            self.waits -= 1
+        self._update()
+
+    def _update(self) -> None:
+        if self.deadline.expired():
+            return
+        if self.waits and not self.flying:
+            self.deadline.reschedule(None)
+        elif self.deadline.when() is None:
+            self.deadline.reschedule(self.loop.time() + self.timeout)
+
+
+def _partly_answered(error: BaseException, batch: Batch, caller: FnCaller, wall0: float,
+                     elapsed: float) -> Answered | None:
+    """The verdict of a batch given up on whose last error carries answers (``attach_partial``):
+    the answered rows keep them, the others get ``error``; no bisection."""
+    partial = partial_of(error)
+    if partial is None or len(partial.values) != len(batch.rows):
+        return None
+    try:
+        frame, row_errors = normalize(partial.outputs(error), len(batch.rows),
+                                      caller.cfg.columns.output, reserved=caller.reserved)
+    except OutputError:
+        return None
+    used = _usage.Usage(partial.input_tokens, partial.output_tokens)
+    return Answered(frame, row_errors, wall0, elapsed, used)
 
 
 async def _timed(aw: Any, timeout: float | None) -> Any:

@@ -17,7 +17,7 @@ import functools
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from dfbatch.execute._breaker import Breaker
 from dfbatch.execute._headers import RateHints, parse_headers
@@ -36,7 +36,21 @@ class Binding:
     limits: Limit
     breaker: Breaker | None = None
     count: Callable[[list[str]], Any] | None = None
-    sent: Callable[[], None] | None = None
+    pace: Pace | None = None
+
+
+class Pace(Protocol):
+    """Told where each request of a call stands (the run's call timeout does not count while
+    the call's requests only wait for the run's own limits, pause or breaker)."""
+
+    def waiting(self) -> None:
+        """A request starts waiting for the run's limits."""
+
+    def sent(self) -> None:
+        """A request that waited goes out."""
+
+    def ended(self, sent: bool) -> None:
+        """A request is over (``sent``: it went out; else its wait was abandoned)."""
 
 
 _bound: ContextVar[Binding | None] = ContextVar("dfbatch_limits", default=None)
@@ -48,13 +62,13 @@ def bind_run_limits(
     *,
     breaker: Breaker | None = None,
     count: Callable[[list[str]], Any] | None = None,
-    sent: Callable[[], None] | None = None,
+    pace: Pace | None = None,
 ) -> Iterator[Binding]:
     """Make ``limits`` (acquired and released once per request) and ``breaker`` the ones that
     ``request()`` charges, in this context (the run wraps each fn call in it; a sync fn's
-    thread gets it through ``contextvars.copy_context``). ``sent`` is called as each request
-    goes out (the run's call timeout counts from then)."""
-    binding = Binding(limits, breaker, count, sent)
+    thread gets it through ``contextvars.copy_context``). ``pace`` is told as each request
+    starts waiting, goes out and ends (the run's call timeout counts from the sends)."""
+    binding = Binding(limits, breaker, count, pace)
     token = _bound.set(binding)
     try:
         yield binding
@@ -122,6 +136,22 @@ async def request(tokens: int = 0) -> AsyncIterator[Request]:
     if binding is None:
         yield req
         return
+    pace = binding.pace
+    if pace is None:
+        async with _charged(binding, req) as charged:
+            yield charged
+        return
+    pace.waiting()
+    try:
+        async with _charged(binding, req, pace) as charged:
+            yield charged
+    finally:
+        pace.ended(req.charged)
+
+
+@contextlib.asynccontextmanager
+async def _charged(binding: Binding, req: Request, pace: Pace | None = None
+                   ) -> AsyncIterator[Request]:
     cost = Cost(tokens=req.tokens)
     breaker = binding.breaker
     await binding.limits.acquire(cost)
@@ -131,8 +161,8 @@ async def request(tokens: int = 0) -> AsyncIterator[Request]:
         binding.limits.release(cost, None)
         raise
     req.charged = True
-    if binding.sent is not None:
-        binding.sent()
+    if pace is not None:
+        pace.sent()
     try:
         yield req
     except Exception as exc:

@@ -19,6 +19,7 @@ dfbatch.errors.OutputError: fn returned 1 outputs for a batch of 2 rows; return 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -231,6 +232,38 @@ def _same(v: Any, got: Any) -> bool:
         return bool(got == v)
     except Exception:  # an object that cannot compare: polars keeps objects
         return True
+
+
+# -- answers kept from a batch that failed ---------------------------------------------------
+_PARTIAL_ATTR = "dfbatch_partial"
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """The rows of a failed call that were answered (already paid for): ``values`` has one item
+    per row (a value or a ``RowError``), meaningful where ``answered`` is True."""
+
+    values: list[Any]
+    answered: list[bool]
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def outputs(self, error: BaseException) -> list[Any]:
+        """One output per row: the answers, and ``error`` for the rows without one."""
+        return [v if ok else error for v, ok in zip(self.values, self.answered, strict=True)]
+
+
+def attach_partial(exc: BaseException, partial: Partial) -> BaseException:
+    """Let ``exc`` carry the answers its call got before failing (returns ``exc``): when the
+    caller gives up on the batch, those rows keep their answers and the others get ``exc``."""
+    setattr(exc, _PARTIAL_ATTR, partial)
+    return exc
+
+
+def partial_of(exc: BaseException | None) -> Partial | None:
+    """The answers ``exc`` carries (``attach_partial``), or None."""
+    found = getattr(exc, _PARTIAL_ATTR, None)
+    return found if isinstance(found, Partial) and any(found.answered) else None
 
 
 # -- one output type per run ------------------------------------------------------------------

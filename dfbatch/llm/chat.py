@@ -32,9 +32,10 @@ from typing import Any, Literal
 
 import polars as pl
 
-from dfbatch.errors import ConfigError, RowError
+from dfbatch.errors import ConfigError, MalformedReplyError, RowError
 from dfbatch.execute._charge import bound, count_tokens, per_request, request
 from dfbatch.execute._headers import rate_headers
+from dfbatch.execute._outputs import Partial, attach_partial
 from dfbatch.execute._usage import report_usage
 from dfbatch.llm import batchmode, prices
 from dfbatch.llm.batch_api import Answer, BatchAdapter, BatchLimits
@@ -211,9 +212,7 @@ def _per_row_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | p
         prompts = spec.template.render(batch)
         try:
             client = await spec.source.get()
-            outcomes = await asyncio.gather(
-                *(_one_row(spec, client, p) for p in prompts), return_exceptions=True
-            )
+            outcomes = await _rows(spec, client, prompts)
         except BaseException as exc:
             scrub(exc, spec.source.secrets)
             raise
@@ -222,6 +221,12 @@ def _per_row_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | p
             for p, outcome in zip(prompts, outcomes, strict=True):
                 if isinstance(outcome, _Row):
                     _stash(spec, p, outcome)  # kept, and reported when the batch succeeds
+            if isinstance(failure, Exception):  # if the run gives up, the answers stay
+                done = [o for o in outcomes if isinstance(o, _Row)]
+                attach_partial(failure, Partial(
+                    [o.value if isinstance(o, _Row) else None for o in outcomes],
+                    [isinstance(o, _Row) for o in outcomes],
+                    sum(r.input_tokens for r in done), sum(r.output_tokens for r in done)))
             raise scrub(failure, spec.source.secrets)
         rows = [o for o in outcomes if isinstance(o, _Row)]
         report_usage(
@@ -244,7 +249,33 @@ class _Row:
     headers: dict[str, str] | None = None
 
 
-async def _one_row(spec: _Spec, client: Any, prompt: str) -> _Row:
+class _NotSent(Exception):
+    """A row whose request was not sent: another row of its batch failed first."""
+
+
+async def _rows(spec: _Spec, client: Any, prompts: list[str]) -> list[Any]:
+    """Every row's outcome (a ``_Row`` or an exception). Once a row fails (a 5xx, a 429, a
+    lost connection: the batch will be retried), rows still waiting for the run's limits are
+    not sent (``_NotSent``); rows in flight finish (their answers are kept)."""
+    sent = [False] * len(prompts)
+    tasks = [asyncio.ensure_future(_one_row(spec, client, p, sent, i))
+             for i, p in enumerate(prompts)]
+    try:
+        pending: set[asyncio.Future[_Row]] = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            if any(not t.cancelled() and t.exception() is not None for t in done):
+                for i, t in enumerate(tasks):
+                    if not sent[i] and not t.done():
+                        t.cancel()
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+    return [_NotSent() if t.cancelled() else (t.exception() or t.result()) for t in tasks]
+
+
+async def _one_row(spec: _Spec, client: Any, prompt: str, sent: list[bool], i: int) -> _Row:
     if prompt in spec.stash:
         return spec.stash.pop(prompt)  # type: ignore[no-any-return]
     messages = _messages(spec.system, prompt)
@@ -253,10 +284,11 @@ async def _one_row(spec: _Spec, client: Any, prompt: str) -> _Row:
         kwargs["response_format"] = spec.fmt.api
     try:
         async with request(tokens=_request_tokens(spec, messages, spec.max_tokens)) as req:
+            sent[i] = True
             raw = await client.chat.completions.with_raw_response.create(
                 messages=messages, **kwargs
             )
-            completion = raw.parse()
+            completion = parsed(raw)
             used = _used(completion)
             req.report(headers=raw.headers, tokens=used[0] + used[1])
     except Exception as exc:
@@ -267,12 +299,43 @@ async def _one_row(spec: _Spec, client: Any, prompt: str) -> _Row:
     return _Row(_answer(spec, completion), *used, rate_headers(raw.headers) or None)
 
 
+def parsed(raw: Any) -> Any:
+    """The completion in a raw response, or ``MalformedReplyError`` (transient) when the reply
+    is not one (not JSON, an HTML page, no ``choices``, an error body sent with status 200)."""
+    try:
+        completion = raw.parse()
+        choices = completion.choices
+        if isinstance(choices, list) and choices and choices[0].message is not None:
+            return completion
+        problem = "no choices"
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        problem = type(exc).__name__
+    try:
+        text = " ".join(str(raw.text).split())
+    except Exception:  # only for the message
+        text = ""
+    excerpt = text if len(text) <= 120 else text[:117] + "..."
+    msg = (f"the provider's reply was malformed (HTTP {getattr(raw, 'status_code', '?')}, "
+           f"{problem}): {excerpt!r}")
+    raise MalformedReplyError(msg)
+
+
 def _answer(spec: _Spec, completion: Any) -> Any:
+    """A row's value from its completion, or a ``RowError``: a refusal, a blocked or empty
+    answer. An answer cut at ``max_tokens`` (``finish_reason="length"``) is kept as text (it
+    was paid for; raise ``max_tokens`` to avoid it); a cut structured answer that does not
+    parse is a row error."""
     choice = completion.choices[0]
     refusal = getattr(choice.message, "refusal", None)
     if refusal:
         return RowError(f"the model refused: {refusal}")
     content = choice.message.content
+    reason = choice.finish_reason
+    if reason == "content_filter":
+        return RowError("the provider's content filter blocked the answer "
+                        "(finish_reason=content_filter)")
+    if content is None:
+        return RowError(f"empty answer, finish_reason={reason}")
     if not spec.fmt.structured:
         return content
     value, problem = spec.fmt.parse(content)
@@ -319,7 +382,7 @@ def _batch_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | pl.
                 raw = await client.chat.completions.with_raw_response.create(
                     messages=messages, response_format=rf, **spec.params(budget)
                 )
-                completion = raw.parse()
+                completion = parsed(raw)
                 used = _used(completion)
                 req.report(headers=raw.headers, tokens=sum(used))
         except BaseException as exc:
@@ -375,7 +438,8 @@ def _message(exc: BaseException) -> str:
 
 def _worst(outcomes: list[Any]) -> BaseException | None:
     """The exception to raise for a batch: a 429 with the longest retry-after, else the first."""
-    failures = [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, RowError)]
+    failures = [o for o in outcomes if isinstance(o, BaseException)
+                and not isinstance(o, (RowError, _NotSent))]
     if not failures:
         return None
     for f in failures:

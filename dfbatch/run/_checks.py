@@ -11,6 +11,11 @@
   negative values, agent ids that fit the run (a forged ``agent_id=60000`` on two rows would
   start 60001 agents).
 
+- **A rate too small for one request.** With ``tpm=`` below the tokens of the smallest request
+  the plan sends (a row's text plus ``output_tokens_per_row`` for an adapter that sends a request
+  per row, a batch's tokens for one that sends one per batch), no request could ever fit the
+  run's own token budget: ``check_rates`` refuses the run and names ``tpm=``.
+
 Examples
 --------
 >>> import polars as pl
@@ -23,10 +28,16 @@ dfbatch.errors.ColumnError: the input already has column(s) ['error'] that the r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 import polars as pl
 
 from dfbatch.config import BatchConfig
-from dfbatch.errors import ColumnError
+from dfbatch.errors import ColumnError, ConfigError
+from dfbatch.execute._charge import charges_per_request, one_request_per_call
+from dfbatch.execute._scheduler import Batch
 
 _MAX_AGENT_ID = 65_534  # agent ids are UInt16
 
@@ -74,3 +85,33 @@ def _check_plan(df: pl.DataFrame, cfg: BatchConfig) -> None:
                "or made for another run. Re-plan it (df.batch.plan(...)), or pass "
                f"agents={top + 1} if you really mean that many agents")
         raise ColumnError(msg)
+
+
+def check_rates(fn: Any, cfg: BatchConfig, row_tokens: np.ndarray,
+                batches: Sequence[Sequence[Batch]]) -> None:
+    """Refuse ``tpm=`` below the smallest request an fn that charges each request would send.
+
+    >>> import numpy as np
+    >>> from dfbatch.execute._charge import per_request
+    >>> async def fn(batch): ...
+    >>> check_rates(per_request(fn), BatchConfig(tpm=10, output_tokens_per_row=16),
+    ...             np.array([5, 7]), [])
+    Traceback (most recent call last):
+    ...
+    dfbatch.errors.ConfigError: tpm=10 is smaller than the smallest request this run sends ...
+    """
+    if cfg.tpm is None or not charges_per_request(fn) or not len(row_tokens):
+        return
+    if one_request_per_call(fn):
+        sizes = [b.tokens for agent in batches for b in agent]
+        if not sizes:
+            return
+        smallest = min(sizes)
+    else:
+        smallest = int(np.min(row_tokens)) + cfg.output_tokens_per_row
+    if cfg.tpm < smallest:
+        msg = (f"tpm={cfg.tpm:g} is smaller than the smallest request this run sends "
+               f"(~{smallest} tokens, output cap included): no request could ever fit. Raise "
+               f"tpm= to at least {smallest} (your provider's tokens-per-minute limit), or "
+               "lower the adapter's max_tokens")
+        raise ConfigError(msg)

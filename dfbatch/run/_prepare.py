@@ -36,7 +36,7 @@ from dfbatch.execute._stack import RunLimits
 from dfbatch.persist._cache_run import CacheRun
 from dfbatch.persist._checkpoint import Journal
 from dfbatch.plan._plan import NULL_TEXT
-from dfbatch.run._checks import check_frame
+from dfbatch.run._checks import check_frame, check_rates
 from dfbatch.run._wiring import open_display, safe, tick
 
 Fn = Callable[[pl.DataFrame], Any]
@@ -84,6 +84,7 @@ class _Job:
         send, row_tokens = _to_send(planned, text, cfg)
         row_bytes = _row_bytes(planned, text)
         batches = _batches(planned, row_tokens, row_bytes, cfg)
+        check_rates(fn, cfg, row_tokens, batches)  # a tpm= no request fits, before any call
         return cls(fn, cfg, planned, send, batches, row_tokens, row_bytes, engine=engine)
 
     def limits(self) -> RunLimits:
