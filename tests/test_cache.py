@@ -187,7 +187,8 @@ def test_eviction_bounds_the_size(tmp_path: Path) -> None:
     dfbatch.process(frame(10, start=990), newest, cache=cache, **FAST)
     assert newest.rows == []
     half = info["size"] // 2
-    assert cache.prune(max_size=half) > 0 and 0 < cache.info()["size"] <= half
+    # (eviction is by chunk, the answers of one write: it may leave nothing)
+    assert cache.prune(max_size=half) > 0 and cache.info()["size"] <= half
     assert cache.clear() > 0 and cache.info()["entries"] == 0
 
 
