@@ -168,8 +168,9 @@ _STDLIB = os.path.abspath(sysconfig.get_paths()["stdlib"])
 
 def warn_user(message: str, category: type[Warning]) -> None:
     """Warn at the user's line: the first frame outside dfbatch, the standard library and
-    nest_asyncio. A run in a worker thread (a blocking ``process()`` under a running loop) has
-    no user frame: the caller waiting in the main thread is used."""
+    what a blocking caller waits in (zmq polls, jupyter-ui-poll). A run in a worker thread (a
+    blocking ``process()`` under a running loop) has no user frame: the caller waiting in the
+    main thread is used."""
     frame = _user_frame(sys._getframe(1))
     if frame is None:
         frame = _user_frame(sys._current_frames().get(threading.main_thread().ident or 0))
@@ -184,13 +185,17 @@ def warn_user(message: str, category: type[Warning]) -> None:
     )  # no module_globals: a `python -c` __main__'s loader cannot give its source
 
 
+# what a blocking caller waits in while its run works in a thread (the kernel's widget pump)
+_WAITING = ("nest_asyncio", f"{os.sep}zmq{os.sep}", f"{os.sep}jupyter_ui_poll{os.sep}")
+
+
 def _user_frame(frame: FrameType | None) -> FrameType | None:
     while frame is not None:
         name = frame.f_code.co_filename
         path = os.path.abspath(name)
         stdlib = path.startswith(_STDLIB) and "-packages" not in path
         internal = (stdlib or path.startswith(_OWN) or name.startswith("<frozen")
-                    or "nest_asyncio" in name)
+                    or any(part in path for part in _WAITING))
         if not internal:
             return frame
         frame = frame.f_back
