@@ -45,6 +45,16 @@ class Outcomes:
         self.done = np.zeros(self.n, bool)
         self.errors = [None] * self.n
 
+    def output_of(self, rows: np.ndarray, since: int) -> tuple[Output | None, int]:
+        """The outputs recorded for a batch of ``rows`` (None for a failed batch), looked up
+        among the pieces added since ``since``, and the count to pass next time."""
+        pieces = self.pieces
+        for i in range(len(pieces) - 1, max(since, len(pieces) - 64) - 1, -1):
+            got, frame = pieces[i]
+            if got is rows or (len(got) == len(rows) and np.array_equal(got, rows)):
+                return frame, len(pieces)
+        return None, since
+
     def reordered(self, order: np.ndarray) -> Outcomes:
         """These outcomes, kept by run position, in the frame's order (``order[i]``: where
         run position ``i`` is in the frame)."""

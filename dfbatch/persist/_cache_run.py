@@ -235,13 +235,9 @@ class CacheRun:
                          [e for e, k in zip(errors, keep.tolist(), strict=True) if k]))
 
     def _outputs_of(self, batch: Batch, out: Outcomes) -> pl.DataFrame | None:
-        rows = batch.rows
-        for i in range(len(out.pieces) - 1, max(self._seen, len(out.pieces) - 64) - 1, -1):
-            got, frame = out.pieces[i]
-            if got is rows or (len(got) == len(rows) and np.array_equal(got, rows)):
-                self._seen = len(out.pieces)
-                return as_frame(frame)
-        return None
+        """The output frame the pool recorded for ``batch`` (None for a failed batch)."""
+        piece, self._seen = out.output_of(batch.rows, self._seen)
+        return None if piece is None else as_frame(piece)
 
     def merge(self, sub: Outcomes) -> Outcomes:
         """Outcomes of every row: the cached ones (``attempts = 0``) plus the pool's (``sub``)."""

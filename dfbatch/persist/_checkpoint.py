@@ -249,13 +249,8 @@ class Journal:
 
     def _outputs_of(self, batch: Batch, out: Outcomes) -> pl.DataFrame | None:
         """The output frame the pool recorded for ``batch`` (None for a failed batch)."""
-        rows = batch.rows
-        for i in range(len(out.pieces) - 1, max(self._seen, len(out.pieces) - 64) - 1, -1):
-            got, frame = out.pieces[i]
-            if got is rows or (len(got) == len(rows) and np.array_equal(got, rows)):
-                self._seen = len(out.pieces)
-                return as_frame(frame)
-        return None
+        piece, self._seen = out.output_of(batch.rows, self._seen)
+        return None if piece is None else as_frame(piece)
 
     def merge(self, sub: Outcomes) -> Outcomes:
         """Outcomes of every row: the journaled rows plus the pool's (``sub``, todo rows)."""
