@@ -58,15 +58,20 @@ class Outcomes:
     def reordered(self, order: np.ndarray) -> Outcomes:
         """These outcomes, kept by run position, in the frame's order (``order[i]``: where
         run position ``i`` is in the frame)."""
-        out = Outcomes(self.n)
+        return self.placed(self.n, order)
+
+    def placed(self, n: int, at: np.ndarray) -> Outcomes:
+        """These outcomes placed at positions ``at`` of ``n`` rows (the rest never ran): the
+        pool's rows put back among the rows a checkpoint or a cache already held."""
+        out = Outcomes(n)
         for mine, theirs in ((out.attempts, self.attempts), (out.run_batch, self.run_batch),
                              (out.run_agent, self.run_agent), (out.started, self.started),
                              (out.elapsed, self.elapsed), (out.done, self.done)):
-            mine[order] = theirs
-        errors = np.empty(self.n, object)
-        errors[order] = self.errors
+            mine[at] = theirs
+        errors = np.full(n, None, object)
+        errors[at] = self.errors
         out.errors = errors.tolist()
-        out.pieces = [(order[rows], frame) for rows, frame in self.pieces]
+        out.pieces = [(at[rows], frame) for rows, frame in self.pieces]
         return out
 
 

@@ -21,6 +21,7 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -174,3 +175,27 @@ class Scheduler:
 def _at(batch: Batch, offset: int) -> int:
     """Where a part of ``batch`` starting ``offset`` rows in begins (-1: scattered)."""
     return batch.at + offset if batch.at >= 0 else -1
+
+
+def narrow(batches: list[list[Batch]], keep: np.ndarray, n: int, row_tokens: np.ndarray,
+           row_bytes: np.ndarray, cfg: BatchConfig) -> list[list[Batch]]:
+    """``batches`` over the rows ``keep`` of ``n`` only, renumbered to positions in ``keep``
+    (``row_tokens`` / ``row_bytes`` are already of those rows): a batch that lost some rows
+    is costed anew, one that lost all is dropped (a checkpoint or a cache holds them)."""
+    new_pos = np.full(n, -1, np.int64)
+    new_pos[keep] = np.arange(len(keep))
+    out: list[list[Batch]] = []
+    for queue in batches:
+        kept = []
+        for b in queue:
+            rows = new_pos[b.rows]
+            rows = rows[rows >= 0]
+            if len(rows) == len(b.rows):
+                kept.append(dataclasses.replace(b, rows=rows, at=-1))
+            elif len(rows):  # some rows of this batch are held elsewhere: send the others
+                need = (cfg.request_overhead_tokens + int(row_tokens[rows].sum())
+                        + cfg.output_tokens_per_row * len(rows))
+                kept.append(dataclasses.replace(b, rows=rows, at=-1, tokens=need,
+                                                nbytes=int(row_bytes[rows].sum())))
+        out.append(kept)
+    return out

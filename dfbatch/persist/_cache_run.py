@@ -22,7 +22,6 @@ looks nothing up, calls every row and overwrites the stored answers.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -38,7 +37,8 @@ import polars as pl
 from dfbatch.config import BatchConfig
 from dfbatch.errors import CheckpointWarning, ConfigError, did_you_mean
 from dfbatch.execute._outputs import as_frame
-from dfbatch.execute._pool import Batch, Outcomes
+from dfbatch.execute._recorder import Outcomes
+from dfbatch.execute._scheduler import Batch, narrow
 from dfbatch.persist._cache import Cache
 from dfbatch.persist._fingerprint import fn_identity
 
@@ -201,23 +201,8 @@ class CacheRun:
         self._start()
         if len(self.todo) == self.n:
             return frame, batches, row_tokens, row_bytes
-        new_pos = np.full(self.n, -1, np.int64)
-        new_pos[self.todo] = np.arange(len(self.todo))
-        tokens, nbytes, cfg = row_tokens[self.todo], row_bytes[self.todo], self.cfg
-        out: list[list[Batch]] = []
-        for q in batches:
-            kept = []
-            for b in q:
-                rows = new_pos[b.rows]
-                rows = rows[rows >= 0]
-                if len(rows) == len(b.rows):
-                    kept.append(dataclasses.replace(b, rows=rows))
-                elif len(rows):
-                    need = (cfg.request_overhead_tokens + int(tokens[rows].sum())
-                            + cfg.output_tokens_per_row * len(rows))
-                    kept.append(dataclasses.replace(b, rows=rows, tokens=need,
-                                                    nbytes=int(nbytes[rows].sum())))
-            out.append(kept)
+        tokens, nbytes = row_tokens[self.todo], row_bytes[self.todo]
+        out = narrow(batches, self.todo, self.n, tokens, nbytes, self.cfg)
         return frame[self.todo], out, tokens, nbytes
 
     def record(self, batch: Batch, out: Outcomes) -> None:
@@ -243,21 +228,13 @@ class CacheRun:
         """Outcomes of every row: the cached ones (``attempts = 0``) plus the pool's (``sub``)."""
         if len(self.todo) == self.n:
             return sub
-        out = Outcomes(self.n)
-        t, h = self.todo, self.hits
-        for a, b in ((out.attempts, sub.attempts), (out.run_batch, sub.run_batch),
-                     (out.run_agent, sub.run_agent), (out.started, sub.started),
-                     (out.elapsed, sub.elapsed), (out.done, sub.done)):
-            a[t] = b
-        out.done[h] = True
-        for i, e in zip(t.tolist(), sub.errors, strict=True):
-            out.errors[i] = e
+        out = sub.placed(self.n, self.todo)
+        out.done[self.hits] = True
         for i, e in self._errs.items():
             out.errors[i] = e
-        for rows, table in self._pieces:
-            out.pieces.append((rows, pl.DataFrame(pl.from_arrow(table))))
+        out.pieces[:0] = [(rows, pl.DataFrame(pl.from_arrow(table)))  # (cached first)
+                          for rows, table in self._pieces]
         self._pieces = []  # decoded once
-        out.pieces.extend((t[rows], frame) for rows, frame in sub.pieces)
         return out
 
     def cached_mask(self) -> np.ndarray:

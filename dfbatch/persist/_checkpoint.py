@@ -52,7 +52,6 @@ Examples
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from collections.abc import Callable
@@ -65,7 +64,8 @@ import polars as pl
 from dfbatch.config import BatchConfig
 from dfbatch.errors import CheckpointError, CheckpointWarning, ConfigError, did_you_mean
 from dfbatch.execute._outputs import as_frame, declared
-from dfbatch.execute._pool import Batch, Outcomes
+from dfbatch.execute._recorder import Outcomes
+from dfbatch.execute._scheduler import Batch, narrow
 from dfbatch.persist._fingerprint import callable_name as callable_name  # re-exported
 from dfbatch.persist._fingerprint import fingerprint as fingerprint  # re-exported
 from dfbatch.persist._fingerprint import fingerprint_of_ids, row_ids, unsure_error
@@ -191,24 +191,8 @@ class Journal:
         self.acquire()
         if len(self.todo) == self.n:
             return frame, batches, row_tokens, row_bytes
-        new_pos = np.full(self.n, -1, np.int64)
-        new_pos[self.todo] = np.arange(len(self.todo))
         tokens, nbytes = row_tokens[self.todo], row_bytes[self.todo]
-        cfg = self.cfg
-        out: list[list[Batch]] = []
-        for queue in batches:
-            kept = []
-            for b in queue:
-                rows = new_pos[b.rows]
-                rows = rows[rows >= 0]
-                if len(rows) == len(b.rows):
-                    kept.append(dataclasses.replace(b, rows=rows))
-                elif len(rows):  # some rows of this batch are done: send the others
-                    need = (cfg.request_overhead_tokens + int(tokens[rows].sum())
-                            + cfg.output_tokens_per_row * len(rows))
-                    kept.append(Batch(b.id, b.planned_agent, rows, need,
-                                      int(nbytes[rows].sum()), b.call_anyway))
-            out.append(kept)
+        out = narrow(batches, self.todo, self.n, tokens, nbytes, self.cfg)
         return frame[self.todo], out, tokens, nbytes
 
     def record(self, batch: Batch, out: Outcomes) -> None:
@@ -256,27 +240,19 @@ class Journal:
         """Outcomes of every row: the journaled rows plus the pool's (``sub``, todo rows)."""
         if len(self.todo) == self.n:
             return sub
-        out = Outcomes(self.n)
-        d, t, done = self.done[_POS].to_numpy(), self.todo, self.done
+        d, done = self.done[_POS].to_numpy(), self.done
+        out = sub.placed(self.n, self.todo)
         out.attempts[d] = done[_ATTEMPTS].to_numpy()
         out.run_batch[d] = done[_RUN_BATCH].to_numpy()
         out.run_agent[d] = done[_RUN_AGENT].to_numpy()
         out.started[d] = done[_STARTED].to_numpy()
         out.elapsed[d] = done[_ELAPSED].to_numpy()
         out.done[d] = True
-        for a, b in ((out.attempts, sub.attempts), (out.run_batch, sub.run_batch),
-                     (out.run_agent, sub.run_agent), (out.started, sub.started),
-                     (out.elapsed, sub.elapsed), (out.done, sub.done)):
-            a[t] = b
-        errors = out.errors
         for i, e in zip(d.tolist(), done[_ERROR].to_list(), strict=True):
-            errors[i] = e
-        for i, e in zip(t.tolist(), sub.errors, strict=True):
-            errors[i] = e
+            out.errors[i] = e
         outputs = done.drop(*(c for c in done.columns if c in _META or c == _POS))
         if outputs.width:
-            out.pieces.append((d, outputs))
-        out.pieces.extend((t[rows], frame) for rows, frame in sub.pieces)
+            out.pieces.insert(0, (d, outputs))  # (journaled first, as the type decides)
         return out
 
     def close(self) -> None:
