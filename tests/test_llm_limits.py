@@ -17,14 +17,7 @@ from dfbatch.execute._charge import bind_run_limits, charges_per_request, one_re
 from dfbatch.execute._limits import Cost, Outcome
 from dfbatch.execute._retry import retry_after
 from dfbatch.llm import chat, embed
-
-DOCS = [
-    "Polars is a DataFrame library. It is fast.",
-    "Arrow is a columnar format! Many tools use it.",
-    "Tokens cost money. Batching saves requests.",
-    "Rate limits protect the API. Respect them.",
-]
-FRAME = pl.DataFrame({"id": [1, 2, 3, 4], "text": DOCS})
+from tests.test_llm import DOCS, FRAME
 
 
 class Spy:
