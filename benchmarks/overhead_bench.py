@@ -3,8 +3,9 @@
 Run: ``.venv/bin/python benchmarks/overhead_bench.py`` (~20 s on 2 cores). Options: ``--rows``,
 ``--items``, ``--repeat``, ``--profile N`` (cProfile dfbatch's run, print the top N functions).
 
-Both sides run the same no-op ``async def fn(batch)`` (it returns one value per row) over the same
-batches of ``--items`` rows:
+Both sides run the same no-op ``async def fn(batch)`` (it yields to the loop once, like any fn
+that awaits something, and returns one value per row; ``--no-yield``: it never yields) over the
+same batches of ``--items`` rows:
 
 - ``bare``: the batches pre-sliced into ``pl.DataFrame`` objects up front (not timed), then
   ``asyncio.gather`` over them under an ``asyncio.Semaphore`` of dfbatch's global in-flight cap.
@@ -58,7 +59,12 @@ from dfbatch.config import BatchConfig
 _ZEROS = {n: [0] * n for n in range(1, 65)}
 
 
+YIELD = True  # the no-op yields once (as any real awaiting fn does); --no-yield: not
+
+
 async def noop(batch: pl.DataFrame) -> list[int]:
+    if YIELD:
+        await asyncio.sleep(0)
     return _ZEROS[batch.height]
 
 
@@ -130,8 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", type=int, default=0, metavar="N")
     p.add_argument("--wall", action="store_true", help="time wall seconds, not CPU seconds")
     p.add_argument("--no-hedge", action="store_true", help="run with hedge_after=None")
+    p.add_argument("--no-yield", action="store_true", help="a no-op that never yields")
     a = p.parse_args(argv)
-    global CLOCK
+    global CLOCK, YIELD
+    YIELD = not a.no_yield
     if a.wall:
         CLOCK = time.perf_counter
     if a.no_hedge:

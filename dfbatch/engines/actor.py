@@ -112,6 +112,9 @@ class _SizerTap:
 class _OutcomeTap:
     """A ``Limit`` that sends how each call ended to the driver (for its AIMD limit)."""
 
+    def try_acquire(self, cost: Cost) -> bool:
+        return True
+
     async def acquire(self, cost: Cost) -> None:
         return None
 

@@ -214,6 +214,17 @@ class LeasedRates:
         self._correction = 0.0
         self._lock = asyncio.Lock()
 
+    def try_acquire(self, cost: Cost) -> bool:
+        """Spend from the lease in hand when it covers ``cost`` (no lease call, no wait)."""
+        need_r = float(cost.requests) if self.requests else 0.0
+        need_t = float(cost.tokens) if self.tokens else 0.0
+        if self._lock.locked() or asyncio.get_running_loop().time() >= self._expires \
+                or self._balance[0] < need_r or self._balance[1] < need_t:
+            return False
+        self._balance[0] -= need_r
+        self._balance[1] -= need_t
+        return True
+
     async def acquire(self, cost: Cost) -> None:
         need = (
             float(cost.requests) if self.requests else 0.0,

@@ -296,21 +296,28 @@ class FnCaller:
                                          rates=(limits.tpm, limits.rpm),
                                          units=(cost.tokens, cost.requests))
 
-        return await race(lambda: self._call(batch, df),
-                          lambda: self._hedge_call(a, batch, df, cost),
+        # an async fn's timeout is the race's timer (no second timer per call)
+        own = self.is_async and sys.version_info >= (3, 11)
+        sent: list[bool] = []  # the hedge got its limits and went out
+        return await race(lambda: self._call(batch, df, timed=not own),
+                          lambda: self._hedge_call(a, batch, df, cost, sent),
                           lambda: tail.plan(batch.tokens, q),
-                          queued=self.queued, may_hedge=may_hedge)
+                          queued=self.queued, may_hedge=may_hedge,
+                          timeout=cfg.timeout if own else None, hedge_sent=lambda: bool(sent))
 
-    async def _hedge_call(self, a: int, batch: Batch, df: pl.DataFrame,
-                          cost: Cost) -> tuple[Any, _usage.Usage]:
+    async def _hedge_call(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost,
+                          sent: list[bool]) -> tuple[Any, _usage.Usage]:
         async with self.stack.hold(cost) as held:
+            sent.append(True)
             # reported once the duplicate is really sent: a hedge is one more attempt per row
             self.report.event(batch, BatchHedged(asyncio.get_running_loop().time(), batch.id, a))
             result = await self._call(batch, df)
             held.outcome = Outcome(True)
             return result
 
-    async def _call(self, batch: Batch, df: pl.DataFrame) -> tuple[Any, _usage.Usage]:
+    async def _call(self, batch: Batch, df: pl.DataFrame,
+                    timed: bool = True) -> tuple[Any, _usage.Usage]:
+        """``timed=False``: the caller enforces the timeout of an async fn (``race``)."""
         used, token = _usage.begin()
         try:
             if self.per_request and self.is_async and self.cfg.timeout is not None \
@@ -318,7 +325,7 @@ class FnCaller:
                 value = await self._call_paced(df, self.cfg.timeout)
             else:
                 with bind_run_limits(self.binding[0], breaker=self.binding[1]):
-                    value = await self._call_bound(batch, df)
+                    value = await self._call_bound(batch, df, timed)
         finally:
             _usage.end(token)
         return value, used
@@ -334,10 +341,10 @@ class FnCaller:
                 value = await value
             return value
 
-    async def _call_bound(self, batch: Batch, df: pl.DataFrame) -> Any:
+    async def _call_bound(self, batch: Batch, df: pl.DataFrame, timed: bool = True) -> Any:
         if self.is_async:
             try:
-                value = await _timed(self.fn(df), self.cfg.timeout)
+                value = await _timed(self.fn(df), self.cfg.timeout if timed else None)
             except (KeyboardInterrupt, SystemExit) as exc:  # let the run attach exc.partial
                 raise FnInterrupt(exc) from exc
         else:
@@ -410,6 +417,8 @@ def _partly_answered(error: BaseException, batch: Batch, caller: FnCaller, wall0
 
 async def _timed(aw: Any, timeout: float | None) -> Any:
     """Await with a timeout, in this task (no extra task per call on Python >= 3.11)."""
+    if timeout is None:
+        return await aw
     if sys.version_info < (3, 11):  # pragma: no cover
         return await asyncio.wait_for(aw, timeout)
     async with asyncio.timeout(timeout):

@@ -37,11 +37,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from statistics import median
 from typing import Any, Generic, TypeVar
+
+import numpy as np
 
 from dfbatch.errors import StragglerTimeoutError
 from dfbatch.execute._rate import RateLimit
@@ -58,6 +61,7 @@ TIMEOUT_FLOOR_S = 1.0  # the adaptive timeout is never shorter than this
 TIMEOUT_K = 3.0  # no hedge sent: cut at 3 x the outlier age (about 7-10 x the expected latency)
 STALL_K = 2.0  # a hedge sent: cut when the hedge too has run 2 x the outlier age
 POLL_S, MAX_POLL_S = 0.05, 5.0  # a call that started before the model was fitted looks again
+REFIT_S = 0.1  # refit at most this often (a fit costs ~0.5 ms; cheap calls come by thousands)
 
 
 class LatencyModel:
@@ -71,6 +75,8 @@ class LatencyModel:
         self.cover = 1.0  # the biggest call (tokens) the fit has seen
         self.ratios: list[float] = []  # sorted latency / expected of the samples
         self._stale = 0
+        self.fits = 0  # refits so far (what memos of a fit compare with)
+        self._fit_at = -math.inf
         self._memo: dict[float, float] = {}
 
     def observe(self, tokens: float, latency: float) -> None:
@@ -102,33 +108,46 @@ class LatencyModel:
 
     def _refit(self) -> None:
         n = len(self.samples)
-        if n < MIN_SAMPLES or (self.ratios and self._stale < max(1, n // 16)):
+        if n < MIN_SAMPLES or (self.ratios and (self._stale < max(1, n // 8)
+                                                or _now() < self._fit_at + REFIT_S)):
             return
+        self._fit_at = _now()
         self._stale = 0
+        self.fits += 1
         self._memo.clear()
-        pts = list(self.samples)
-        self.a, self.b = _resistant_line(pts)
-        self.least = 0.25 * sorted(x for _, x in pts)[n // 4]
-        self.cover = max(1.0, max(t for t, _ in pts))
-        self.ratios = sorted(x / max(self.least, self.a + self.b * t) for t, x in pts)
+        pts = np.array(self.samples, dtype=np.float64)
+        t, x = pts[:, 0], pts[:, 1]
+        self.a, self.b = _resistant_line(t, x)
+        self.least = 0.25 * float(np.partition(x, n // 4)[n // 4])
+        self.cover = max(1.0, float(t.max()))
+        self.ratios = np.sort(x / np.maximum(self.least, self.a + self.b * t)).tolist()
 
 
-def _resistant_line(pts: list[tuple[float, float]]) -> tuple[float, float]:
+def _now() -> float:
+    """The running loop's clock (a virtual one in simulations), else the monotonic clock."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
+
+
+def _resistant_line(t: np.ndarray, x: np.ndarray) -> tuple[float, float]:
     """``(a, b)`` of ``latency ~ a + b * tokens``: the median slope between the medians of
     size buckets (powers of two, >= ``BUCKET_MIN`` calls each, so a run of mostly small calls
     still sees its few big ones), and the median intercept of every call."""
-    buckets: dict[int, list[tuple[float, float]]] = {}
-    for t, x in pts:
-        buckets.setdefault(int(math.log2(t + 1)), []).append((t, x))
-    mids = [(median(t for t, _ in b), median(x for _, x in b))
-            for _, b in sorted(buckets.items()) if len(b) >= BUCKET_MIN]
+    keys = np.floor(np.log2(t + 1)).astype(np.int64)
+    mids = []
+    for k in np.unique(keys).tolist():  # sorted
+        inside = keys == k
+        if int(inside.sum()) >= BUCKET_MIN:
+            mids.append((float(np.median(t[inside])), float(np.median(x[inside]))))
     slopes = [(x2 - x1) / (t2 - t1) for i, (t1, x1) in enumerate(mids)
               for t2, x2 in mids[i + 1:] if t2 > t1]
     b = max(0.0, median(slopes)) if slopes else 0.0
     # never steeper than latency in proportion to tokens: a few slow calls in a sparse bucket
     # (the slow ones finish last) must not tilt the line until small calls look "late"
-    b = min(b, median(x / max(1.0, t) for t, x in pts))
-    return max(0.0, median(x - b * t for t, x in pts)), b
+    b = min(b, float(np.median(x / np.maximum(1.0, t))))
+    return max(0.0, float(np.median(x - b * t))), b
 
 
 @dataclass(frozen=True)
@@ -148,12 +167,16 @@ class Plan:
 
     def next_wake(self, age: float, hedged_at: float | None) -> float:
         """Seconds from ``age`` to the next decision (a waiting straggler is polled)."""
-        marks = [self.cut_at(hedged_at)]
+        cut = self.cut_at(hedged_at)
+        nxt = cut if cut > age else math.inf
         if hedged_at is None:
-            marks += [self.tail_after, self.outlier_after]
+            if age < self.tail_after < nxt:
+                nxt = self.tail_after
+            if age < self.outlier_after < nxt:
+                nxt = self.outlier_after
             if age >= self.tail_after:  # due in the tail, but work was queued: look again
-                marks.append(age + max(0.01, self.tail_after / 4))
-        return max(0.0, min(m for m in marks if m > age) - age) if max(marks) > age else 0.0
+                nxt = min(nxt, age + max(0.01, self.tail_after / 4))
+        return nxt - age if nxt < math.inf else 0.0
 
 
 @dataclass(eq=False)
@@ -163,6 +186,8 @@ class TailState:
     model: LatencyModel = field(default_factory=LatencyModel)
     attempts: int = 0
     hedges: int = 0
+    _plans: dict[tuple[float, float], Plan] = field(default_factory=dict, repr=False)
+    _fit: int = -1  # the model's fit the memoized plans come from
 
     def observe(self, tokens: float, latency: float) -> None:
         self.model.observe(tokens, latency)
@@ -172,6 +197,17 @@ class TailState:
         m = self.model
         if not m.ready:
             return None
+        m._refit()
+        if m.fits != self._fit:  # plans are asked for at every call: kept per fit and size
+            self._plans.clear()
+            self._fit = m.fits
+        got = self._plans.get((tokens, q))
+        if got is None:
+            got = self._plans[(tokens, q)] = self._plan(tokens, q)
+        return got
+
+    def _plan(self, tokens: float, q: float) -> Plan:
+        m = self.model
         e = m.expected(tokens)
         tail = e * m.ratio(q)
         outlier = max(e * m.ratio(OUTLIER_Q), 1.5 * tail)
@@ -195,7 +231,7 @@ class TailState:
                   rates: tuple[RateLimit | None, ...], units: tuple[float, ...]) -> bool:
         """Within budget, and no binding rate bucket that queued work needs? Counts the hedge."""
         spare = SPARE_HEDGES if budget > 0 else 0  # hedge_budget=0: no hedge at all
-        if self.hedges >= budget * self.attempts + spare:
+        if self.hedges + 1 > budget * self.attempts + spare:  # never past the budget
             return False
         if queued and any(binding(r, u) for r, u in zip(rates, units, strict=True)):
             return False
@@ -212,36 +248,42 @@ def binding(rate: RateLimit | None, units: float) -> bool:
 
 async def race(call: Callable[[], Awaitable[T]], hedge: Callable[[], Awaitable[T]],
                plan: Callable[[], Plan | None], *, queued: Callable[[], bool],
-               may_hedge: Callable[[bool], bool]) -> T:
+               may_hedge: Callable[[bool], bool], timeout: float | None = None,
+               hedge_sent: Callable[[], bool] = lambda: True) -> T:
     """Await ``call`` in this task; per ``plan()`` (asked again at each decision, so a call
     that started before the model was fitted is covered too), add ``hedge`` or cut the call.
     The first answer wins; the other copy is cancelled. Every copy failed: the first copy's
-    error is raised.
+    error is raised. ``timeout``: ``call`` (not ``hedge``, which times itself) raises
+    ``TimeoutError`` after this many seconds, as under ``asyncio.timeout``. ``hedge_sent``: has
+    the hedge got past the run's limits? A failed call waits for a hedge that went out, never
+    for one still waiting for the limits the failed call holds (that could wait forever).
 
     The decisions run in one ``loop.call_at`` timer (re-armed for the next one), not in a
-    task: an ordinary call costs a timer, and a task starts only when a hedge is sent."""
+    task: an ordinary call costs a timer (the configured timeout's too), and a task starts
+    only when a hedge is sent."""
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
     assert me is not None
-    race_ = _Race(loop, me, hedge, plan, queued, may_hedge)
+    race_ = _Race(loop, me, hedge, plan, queued, may_hedge, timeout)
+    race_.hedge_sent = hedge_sent
     try:
         try:
             result = await call()
         except asyncio.CancelledError:
             if race_.ended is None or _uncancel(me) > 0:
                 raise  # not (only) ours: the run stops, or a timeout fired
-            return race_.outcome()
+            return await race_.settle()
         except Exception as exc:
             if race_.ended is not None:  # fn turned our cancel into an error
                 _uncancel(me)
-                return race_.outcome()
-            if race_.copy is not None and not race_.copy.done():
+                return await race_.settle()
+            if race_.copy is not None and not race_.copy.done() and hedge_sent():
                 race_.first_error = exc  # the first copy failed: wait for the hedge
                 return await race_.wait_copy()
             raise
         if race_.ended is not None:  # fn swallowed our cancel
             _uncancel(me)
-            return race_.outcome()
+            return result if race_.ended == "timeout" else race_.outcome()
         return result
     finally:
         race_.close()
@@ -262,9 +304,12 @@ class _Race(Generic[T]):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any],
                  hedge: Callable[[], Awaitable[T]], plan: Callable[[], Plan | None],
-                 queued: Callable[[], bool], may_hedge: Callable[[bool], bool]) -> None:
+                 queued: Callable[[], bool], may_hedge: Callable[[bool], bool],
+                 timeout: float | None = None) -> None:
         self.loop, self.task, self.hedge, self.plan = loop, task, hedge, plan
         self.queued, self.may_hedge = queued, may_hedge
+        self.timeout = timeout
+        self.hedge_sent: Callable[[], bool] = lambda: True
         self.t0 = loop.time()
         self.hedged_at: float | None = None
         self.copy: asyncio.Task[T] | None = None
@@ -278,11 +323,14 @@ class _Race(Generic[T]):
 
     def _arm(self) -> None:
         p = self.plan()
+        now = self.loop.time()
         if p is None:
             wake, self.poll = self.poll, min(2 * self.poll, MAX_POLL_S)
         else:
-            wake = p.next_wake(self.loop.time() - self.t0, self.hedged_at)
-        self.timer = self.loop.call_at(self.loop.time() + max(wake, 1e-3), self._decide)
+            wake = p.next_wake(now - self.t0, self.hedged_at)
+        if self.timeout is not None and self.ended is None:
+            wake = min(wake, self.t0 + self.timeout - now)
+        self.timer = self.loop.call_at(now + max(wake, 1e-3), self._decide)
 
     def _decide(self) -> None:
         self.timer = None
@@ -290,6 +338,10 @@ class _Race(Generic[T]):
             return
         p = self.plan()
         age = self.loop.time() - self.t0
+        if self.timeout is not None and age >= self.timeout:
+            self.timeout = None  # (the hedge, if any, runs on under its own timeout)
+            self._end("timeout", age)
+            return
         if p is not None and self.hedged_at is None and p.hedge_due(age, q := self.queued()) \
                 and self.may_hedge(q):
             self.hedged_at = age
@@ -310,6 +362,16 @@ class _Race(Generic[T]):
         self.ended, self.age = how, age
         self.task.cancel()
 
+    async def settle(self) -> T:
+        """The call ended because we cancelled it: the hedge's answer, or our verdict. Past
+        the configured timeout while a hedge runs, the call failed (``TimeoutError``) and the
+        hedge may still answer."""
+        if self.ended == "timeout" and self.copy is not None and not self.copy.done() \
+                and self.hedge_sent():
+            self.ended, self.first_error = None, TimeoutError()
+            return await self.wait_copy()
+        return self.outcome()
+
     async def wait_copy(self) -> T:
         """The first copy failed and the hedge still runs: its answer, or the first error."""
         assert self.copy is not None and self.first_error is not None
@@ -326,6 +388,8 @@ class _Race(Generic[T]):
         if self.ended == "won":
             assert self.copy is not None
             return self.copy.result()
+        if self.ended == "timeout":
+            raise TimeoutError
         msg = (f"the call ran {self.age:.1f} s, far past the latency expected for its size "
                f"(adaptive timeout, hedge_after; set hedge_after=None to turn it off)")
         raise StragglerTimeoutError(msg)

@@ -61,6 +61,10 @@ class Outcome:
 class Limit(Protocol):
     async def acquire(self, cost: Cost) -> None: ...
 
+    def try_acquire(self, cost: Cost) -> bool:
+        """Take ``cost`` now if that needs no wait and jumps no queue; else take nothing."""
+        ...
+
     def release(self, cost: Cost, outcome: Outcome | None) -> None: ...
 
 
@@ -82,6 +86,13 @@ class CapacityLimit:
 
     def _fits(self, w: float) -> bool:
         return self.in_use + w <= self.capacity or self.in_use == 0
+
+    def try_acquire(self, cost: Cost) -> bool:
+        w = self._weight(cost)
+        if not self._waiters and self._fits(w):
+            self._take(w)
+            return True
+        return False
 
     async def acquire(self, cost: Cost) -> None:
         w = self._weight(cost)
@@ -154,6 +165,14 @@ class AdaptiveLimit:
     def in_use(self) -> float:
         return self._slots.in_use
 
+    def try_acquire(self, cost: Cost) -> bool:
+        if self.pause_until and self.pause_until > asyncio.get_running_loop().time():
+            return False
+        if not self._slots.try_acquire(cost):
+            return False
+        self._seq += 1
+        return True
+
     async def acquire(self, cost: Cost) -> None:
         await self._sit_out_pause()
         await self._slots.acquire(cost)
@@ -203,21 +222,38 @@ class Limits:
 
     def __init__(self, limits: Sequence[Limit]):
         self.limits = list(limits)
+        self._tries = [_try(limit) for limit in self.limits]
+
+    def try_acquire(self, cost: Cost) -> bool:
+        """Every limit at once, or none (the common case costs no coroutine per limit)."""
+        taken = 0
+        for try_acquire in self._tries:
+            if not try_acquire(cost):
+                break
+            taken += 1
+        else:
+            return True
+        for limit in reversed(self.limits[:taken]):
+            limit.release(cost, None)
+        return False
 
     async def acquire(self, cost: Cost) -> None:
         taken: list[Limit] = []
         try:
-            for limit in self.limits:
-                await limit.acquire(cost)
+            for limit, try_acquire in zip(self.limits, self._tries, strict=True):
+                # a limit that can pay at once is taken without a coroutine; the others wait
+                if not try_acquire(cost):
+                    await limit.acquire(cost)
                 taken.append(limit)
         except BaseException:
             for limit in reversed(taken):
-                limit.release(cost, None)  # type: ignore[arg-type]
+                limit.release(cost, None)
             raise
 
     def add(self, limit: Limit) -> None:
         """Add a limit learned during the run (e.g. from x-ratelimit-* headers)."""
         self.limits.append(limit)
+        self._tries.append(_try(limit))
 
     def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
         for limit in reversed(self.limits):
@@ -244,7 +280,8 @@ class Hold:
 
     async def __aenter__(self) -> Hold:
         if not self.held:
-            await self.limit.acquire(self.cost)
+            if not self.limit.try_acquire(self.cost):
+                await self.limit.acquire(self.cost)
             self.held = True
         return self
 
@@ -260,3 +297,13 @@ class Hold:
         if self.held:
             self.held = False
             self.limit.release(self.cost, self.outcome)  # type: ignore[arg-type]
+
+
+def _try(limit: Limit) -> Callable[[Cost], bool]:
+    """``limit.try_acquire``; always False for a limit that can only wait (``acquire``)."""
+    try_acquire: Callable[[Cost], bool] | None = getattr(limit, "try_acquire", None)
+    return try_acquire if try_acquire is not None else _never
+
+
+def _never(cost: Cost) -> bool:
+    return False

@@ -45,6 +45,13 @@ class PauseGate:
         self._paused_at = -math.inf
         self._sent: contextvars.ContextVar[float] = contextvars.ContextVar("sent", default=-1.0)
 
+    def try_acquire(self, cost: Cost | None = None) -> bool:
+        now = asyncio.get_running_loop().time()
+        if self.until > now:
+            return False
+        self._sent.set(now)
+        return True
+
     async def acquire(self, cost: Cost | None = None) -> None:
         loop = asyncio.get_running_loop()
         # a timed wait, re-checked because a later 429 may extend the pause

@@ -88,6 +88,7 @@ class RateLimit:
         self._grown_at = 0.0
         self._stamp: float | None = None
         self._lock = asyncio.Lock()
+        self._queued = 0  # acquires waiting or holding the lock (try_acquire never jumps them)
         self._charges: list[tuple[float, float]] = []  # (time, units) of charge number i + base
         self._base = 0  # charge number of self._charges[0]
         self._last: contextvars.ContextVar[int] = contextvars.ContextVar("charge", default=-1)
@@ -124,21 +125,40 @@ class RateLimit:
             self.level = min(self.capacity, self.level + (now - self._stamp) * self.rate)
         self._stamp = now
 
+    def try_acquire(self, cost: Cost) -> bool:
+        """Pay ``cost`` now if the bucket holds it and nobody waits before it."""
+        if self._queued:
+            return False
+        now = asyncio.get_running_loop().time()
+        units = self._units(cost)
+        self._refill(now)
+        if (self.known and self.level < min(units, self.capacity)) \
+                or self._window_wait(now, units) > 0:
+            return False
+        self.level -= units
+        self._journal(now, units)
+        self.recent_wait -= 0.1 * self.recent_wait
+        return True
+
     async def acquire(self, cost: Cost) -> None:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        async with self._lock:  # FIFO: the head waits for the refill, the rest queue behind
-            self._refill(loop.time())
-            while True:
-                need = min(self._units(cost), self.capacity)
-                wait = (need - self.level) / self.rate if self.level < need else 0.0
-                wait = max(wait, self._window_wait(loop.time(), self._units(cost)))
-                if wait <= 0:
-                    break
-                await asyncio.sleep(wait)
+        self._queued += 1
+        try:
+            async with self._lock:  # FIFO: the head waits for the refill, the rest queue behind
                 self._refill(loop.time())
-            self.level -= self._units(cost)
-            self._journal(loop.time(), self._units(cost))
+                while True:
+                    need = min(self._units(cost), self.capacity)
+                    wait = (need - self.level) / self.rate if self.level < need else 0.0
+                    wait = max(wait, self._window_wait(loop.time(), self._units(cost)))
+                    if wait <= 0:
+                        break
+                    await asyncio.sleep(wait)
+                    self._refill(loop.time())
+                self.level -= self._units(cost)
+                self._journal(loop.time(), self._units(cost))
+        finally:
+            self._queued -= 1
         self.recent_wait += 0.1 * ((loop.time() - t0) - self.recent_wait)
 
     def _window_wait(self, now: float, units: float) -> float:

@@ -64,6 +64,14 @@ class WarmUp:
         self.slow, self.maximum, self.open_after_s = slow, maximum, open_after_s
         self._timer: asyncio.TimerHandle | None = None
 
+    def try_acquire(self, cost: Cost) -> bool:
+        slots = self.slots
+        if slots is None:
+            return True
+        if self.open_after_s is not None and self._timer is None:
+            return False  # (the first send arms the timer in acquire)
+        return slots.try_acquire(_ONE)
+
     async def acquire(self, cost: Cost) -> None:
         slots = self.slots
         if slots is not None:
