@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -453,3 +454,26 @@ def test_scattered_batches_with_cache_and_checkpoint_map_rows_back(tmp_path: Pat
     assert sum(calls) == 0 and again["output"].to_list() == out["output"].to_list()
     resumed = planned.batch.process(fn, checkpoint=ck, progress=False)
     assert sum(calls) == 0 and resumed["output"].to_list() == out["output"].to_list()
+
+
+class _WhereLooked(dfbatch.Cache):
+    """A cache that records whether each lookup ran on a thread running an event loop."""
+
+    on_loop: ClassVar[list[bool]] = []
+
+    def lookup(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            self.on_loop.append(True)
+        except RuntimeError:
+            self.on_loop.append(False)
+        return super().lookup(*args, **kwargs)
+
+
+def test_the_lookup_runs_off_the_event_loop(tmp_path: Path) -> None:
+    cache = _WhereLooked(tmp_path / "c.sqlite")
+    df = frame(30)
+    dfbatch.process(df, Counter(), cache=cache, **FAST)
+    out = asyncio.run(dfbatch.aprocess(df, Counter(), cache=cache, **FAST))
+    assert out["cached"].all()
+    assert cache.on_loop == [False, False]

@@ -181,8 +181,11 @@ class CacheRun:
         if self.refresh or self.n == 0:
             self.hits = np.zeros(0, np.int64)
         else:
-            self.hits, self._pieces, self._errs = self.store.lookup(
-                self.k1, self.k2, errors=self.cache_errors)
+            try:
+                self.hits, self._pieces, self._errs = self.store.lookup(
+                    self.k1, self.k2, errors=self.cache_errors)
+            finally:
+                self.store.close()  # (this thread's connection: often a pool's worker)
         mask = np.ones(self.n, bool)
         mask[self.hits] = False
         self.todo = np.flatnonzero(mask)

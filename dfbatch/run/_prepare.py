@@ -40,6 +40,7 @@ from dfbatch.run._checks import check_frame, check_rates
 from dfbatch.run._wiring import open_display, safe, tick
 
 Fn = Callable[[pl.DataFrame], Any]
+_Left = tuple[pl.DataFrame, list[list[Batch]], np.ndarray, np.ndarray]
 _ROW_OVERHEAD_BYTES = 64
 _DEFAULT_OUTPUT_TOKENS = BatchConfig().output_tokens_per_row
 _NULL_ERROR = ("null_text: the text is null or empty, so it was not sent; pass send_null=True "
@@ -92,9 +93,11 @@ class _Job:
         return RunLimits.from_config(self.cfg, len(self.batches),
                                      rates_elsewhere=self.engine.rates_elsewhere)
 
-    def pool_for(self, emit: Callable[[Event], None], limits: RunLimits | None = None) -> Pool:
-        """The pool that runs what is left of this job (rows not in the journal yet)."""
-        reserved = set(self.planned.columns) | set(self.cfg.columns.result_names())
+    def narrow(self) -> _Left:
+        """The frame, batches, tokens and bytes of the rows neither journaled nor cached.
+
+        Reads the journal and looks every row up in the cache: ``execute`` runs it in a
+        worker thread, so a lookup of a million rows never holds the event loop."""
         frame, batches, tokens, nbytes = self.send, self.batches, self.row_tokens, self.row_bytes
         if self.journal is not None:
             frame, batches, tokens, nbytes = self.journal.restrict(frame, batches, tokens, nbytes)
@@ -102,6 +105,13 @@ class _Job:
             frame, batches, tokens, nbytes = self.cache.restrict(frame, batches, tokens, nbytes)
             if self.journal is not None:
                 self.journal.inner = self.cache.todo
+        return frame, batches, tokens, nbytes
+
+    def pool_for(self, emit: Callable[[Event], None], limits: RunLimits | None = None,
+                 left: _Left | None = None) -> Pool:
+        """The pool that runs what is left of this job (``left``: ``narrow()``'s answer)."""
+        reserved = set(self.planned.columns) | set(self.cfg.columns.result_names())
+        frame, batches, tokens, nbytes = left if left is not None else self.narrow()
         hooks = [h.record for h in (self.journal, self.cache) if h is not None]
         self.pool = Pool(
             self.fn, frame, batches, self.cfg, row_tokens=tokens, row_bytes=nbytes, emit=emit,
@@ -155,7 +165,7 @@ class _Job:
             if on_event is not None:
                 on_event(ev)
 
-        pool = self.pool_for(emit)
+        pool = self.pool_for(emit, left=await asyncio.to_thread(self.narrow))
         c = self.cfg.columns
         queues = pool.sched.queues
         per_agent = tuple(sum(b.tokens for b in q) for q in queues)  # request tokens, as done
