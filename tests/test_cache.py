@@ -354,6 +354,20 @@ def test_summary_counts_cached_rows_and_prices_the_rest(tmp_path: Path) -> None:
         planned.batch.summary(cache=tmp_path / "c")
 
 
+def test_summary_keys_truncated_rows_as_the_run_does(tmp_path: Path) -> None:
+    long = " ".join(["word"] * 80)  # over token_limit: sent truncated
+    df = pl.DataFrame({"id": range(20), "text": [f"{i} {long}" if i % 2 else f"row {i}"
+                                                 for i in range(20)]})
+    opts = dict(token_limit=30, oversize="truncate", items_per_batch=4)
+    fn = Counter()
+    dfbatch.process(df, fn, cache=tmp_path / "c", progress=False, **opts)
+    assert any(len(t) < len(f"1 {long}") for t in fn.rows)  # (some were truncated)
+    planned = df.batch.plan(**opts)
+    s = planned.batch.summary(fn=fn, cache=tmp_path / "c", **opts)
+    again = dfbatch.process(df, fn, cache=tmp_path / "c", progress=False, **opts)
+    assert s.cached == again["cached"].sum() == 20
+
+
 def test_stats_count_hits_apart_from_calls(tmp_path: Path) -> None:
     from dfbatch.events import fold
 

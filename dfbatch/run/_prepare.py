@@ -242,6 +242,16 @@ def resolve(
     return cfg, chosen
 
 
+def sent_frame(df: pl.DataFrame, fn: Fn, text: str | pl.Expr, config: BatchConfig | None,
+               settings: dict[str, Any]) -> tuple[pl.DataFrame, BatchConfig]:
+    """What ``process(df, fn, text=text, config=config, **settings)`` would send (planned,
+    texts truncated under ``oversize="truncate"``) and the run's config: the cache keys these
+    rows, so ``summary(cache=)`` counts the hits the run will have."""
+    cfg, _ = resolve(fn, config, settings)
+    planned = _planned(df, text, cfg, frozenset(settings) | _set_in(config))
+    return _to_send(planned, text, cfg)[0], cfg
+
+
 def _planned(
     df: pl.DataFrame, text: str | pl.Expr, cfg: BatchConfig, asked: frozenset[str] = frozenset()
 ) -> pl.DataFrame:
