@@ -201,11 +201,45 @@ def test_with_checkpoint(tmp_path: Path) -> None:
     out = dfbatch.process(df, second, cache=cache, checkpoint=ckpt, **FAST)
     assert len(second.rows) == 40 and out["cached"].sum() == 60
     same_answers(out, dfbatch.process(df, Counter(), **FAST))
-    third = Counter()  # the checkpoint holds the 40 called rows, the cache the rest
+    third = Counter()  # the checkpoint holds every row: the 40 called, the 60 cached ...
     out3 = dfbatch.process(df, third, cache=cache, checkpoint=ckpt, **FAST)
-    assert third.rows == [] and out3["cached"].sum() == 60
+    assert third.rows == [] and not out3["cached"].any()
     same_answers(out3, out)
+    cache.unlink()  # ... so resuming needs no cache
+    fourth = Counter()
+    out4 = dfbatch.process(df, fourth, checkpoint=ckpt, **FAST)
+    assert fourth.rows == [] and (out4.filter(pl.col("id") < 60)["attempts"] == 0).all()
+    same_answers(out4, out)
 
+
+def test_a_run_stopped_after_its_cache_hits_resumes_without_the_cache(tmp_path: Path) -> None:
+    cache, ckpt = tmp_path / "c", tmp_path / "ckpt"
+    df = frame(50)
+    dfbatch.process(df.head(30), interrupted, cache=cache, **FAST)
+    STOP[0] = True  # the run stops at its first uncached batch, after the 30 hits
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            dfbatch.process(df, interrupted, cache=cache, checkpoint=ckpt, **FAST)
+    finally:
+        STOP[0] = False
+    cache.unlink()
+    CALLS.clear()
+    out = dfbatch.process(df, interrupted, checkpoint=ckpt, **FAST)
+    assert sorted(CALLS) == sorted(df["text"][30:].to_list())
+    same_answers(out, dfbatch.process(df, Counter(), **FAST))
+
+
+STOP = [False]
+
+
+def interrupted(batch: pl.DataFrame) -> pl.Series:
+    if STOP[0]:
+        raise KeyboardInterrupt
+    CALLS.extend(batch["text"].to_list())
+    return batch["text"].str.to_uppercase()
+
+
+interrupted.dfbatch_fingerprint = {"v": 1}  # type: ignore[attr-defined]  # (STOP: not identity)
 
 def test_with_streaming(tmp_path: Path) -> None:
     df = frame(300)

@@ -240,6 +240,10 @@ class CacheRun:
         self._pieces = []  # decoded once
         return out
 
+    def answers(self) -> tuple[np.ndarray, list[tuple[np.ndarray, Any]], dict[int, str]]:
+        """The hits (positions), their outputs [(positions, Arrow table)] and errors."""
+        return self.hits, self._pieces, self._errs
+
     def cached_mask(self) -> np.ndarray:
         mask = np.zeros(self.n, bool)
         mask[self.hits] = True

@@ -103,8 +103,9 @@ class _Job:
             frame, batches, tokens, nbytes = self.journal.restrict(frame, batches, tokens, nbytes)
         if self.cache is not None:  # then the cached rows (the driver's work under ray)
             frame, batches, tokens, nbytes = self.cache.restrict(frame, batches, tokens, nbytes)
-            if self.journal is not None:
+            if self.journal is not None:  # cached rows are journaled like answered ones
                 self.journal.inner = self.cache.todo
+                self.journal.record_cached(*self.cache.answers())
         return frame, batches, tokens, nbytes
 
     def pool_for(self, emit: Callable[[Event], None], limits: RunLimits | None = None,
