@@ -58,6 +58,8 @@ def test_a_refreshed_key_is_found_once_with_its_new_answer(tmp_path: Path) -> No
                                                            strict=True)}
     assert [got[i] for i in (0, 499, 500, 509, 510)] == ["0", "499", "new500", "new509", "510"]
     assert cache.info()["entries"] == 1010
+    chunks = cache._conn().execute("SELECT count(*) FROM chunks").fetchone()[0]
+    assert chunks == 6  # (the write of keys all stored already left no chunk)
     few, pieces, _ = cache.lookup(*keys(505, 506))  # (a probe: one key)
     assert few.tolist() == [0] and pieces[0][1]["output"].to_pylist() == ["new505"]
 

@@ -194,44 +194,48 @@ def put(conn: sqlite3.Connection, a: np.ndarray, b: np.ndarray, table: Any,
     """Store one group of answers (row i of ``table`` for key i; None: every row failed).
 
     A key already stored is kept unless ``overwrite``, or it holds an error and the new entry
-    an answer; a key twice in the group is stored once (its answer before its error)."""
+    an answer; a key twice in the group is stored once (its answer before its error). New
+    keys (the usual case) cost one insert each; keys stored before are settled after."""
     failed = np.array([e is not None for e in errors], bool)
     order = np.lexsort((failed, b, a))
     first = np.ones(len(order), bool)
     first[1:] = (a[order][1:] != a[order][:-1]) | (b[order][1:] != b[order][:-1])
-    live = np.zeros(len(a), bool)
-    live[order[first]] = True
-    pos, old_chunk, old_idx, old_errs = probe(conn, a, b)
-    if len(pos):
-        was_error = np.array([p in old_errs for p in pos.tolist()], bool)
-        replace = live[pos] & (overwrite | (was_error & ~failed[pos]))
-        live[pos[~replace]] = False
-        _unlink(conn, old_chunk[replace], old_idx[replace])
-    keep = np.flatnonzero(live)
-    if not len(keep):
-        return
+    keep = np.sort(order[first])
     if table is not None and len(keep) < len(a):
         import pyarrow as pa
 
         table = table.take(pa.array(keep))
+    a, b, failed, errors = a[keep], b[keep], failed[keep], [errors[i] for i in keep.tolist()]
     data = None if table is None else codec.encode(table)
     size = (len(data) if data is not None else 0) + ROW_BYTES * len(keep)
     chunk = conn.execute(
         "INSERT INTO chunks (data, keys, rows, size, accessed) VALUES (?, ?, ?, ?, ?)",
-        (data, codec.pack_keys(a[keep], b[keep]), len(keep), size, time.time())).lastrowid
+        (data, codec.pack_keys(a, b), len(keep), size, time.time())).lastrowid
+    before = conn.total_changes
+    conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                     zip(a.tolist(), b.tolist(), itertools.repeat(chunk), range(len(keep)),
+                         errors))
+    if conn.total_changes - before == len(keep):
+        return
+    pos, old_chunk, old_idx, old_errs = probe(conn, a, b)  # some keys were stored before
+    other = old_chunk != chunk
+    pos, old_chunk, old_idx = pos[other], old_chunk[other], old_idx[other]
+    was_error = np.array([p in old_errs for p in pos.tolist()], bool)
+    replace = overwrite | (was_error & ~failed[pos])
+    _unlink(conn, old_chunk[replace], old_idx[replace])
     conn.executemany(
         "INSERT INTO entries VALUES (?, ?, ?, ?, ?) ON CONFLICT (k1, k2) DO UPDATE SET "
         "chunk = excluded.chunk, idx = excluded.idx, error = excluded.error",
-        zip(a[keep].tolist(), b[keep].tolist(), itertools.repeat(chunk),
-            range(len(keep)), [errors[i] for i in keep.tolist()]))
+        [(int(a[i]), int(b[i]), chunk, i, errors[i]) for i in pos[replace].tolist()])
+    _unlink(conn, np.full(int((~replace).sum()), chunk), pos[~replace])  # (kept elsewhere)
 
 
 def _unlink(conn: sqlite3.Connection, chunks: np.ndarray, rows: np.ndarray) -> None:
-    """Blank the keys of rows whose entries move to a newer chunk; drop a chunk left empty."""
+    """Blank the keys of rows whose entries are elsewhere; drop a chunk left without any."""
     for chunk_id in np.unique(chunks).tolist():
         (keys,) = conn.execute("SELECT keys FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
         keys = codec.blank(keys, rows[chunks == chunk_id])
         if not np.frombuffer(keys, "<i8").any():
-            lru.drop(conn, [chunk_id])  # (its entries are about to move)
+            lru.drop(conn, [chunk_id])  # (its entries, if any, are about to move)
         else:
             conn.execute("UPDATE chunks SET keys = ? WHERE id = ?", (keys, chunk_id))
