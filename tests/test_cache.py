@@ -524,4 +524,6 @@ def test_the_lookup_runs_off_the_event_loop(tmp_path: Path) -> None:
     dfbatch.process(df, Counter(), cache=cache, **FAST)
     out = asyncio.run(dfbatch.aprocess(df, Counter(), cache=cache, **FAST))
     assert out["cached"].all()
-    assert cache.on_loop == [False, False]
+    dfbatch.process(df.lazy(), Counter(), cache=cache, checkpoint=tmp_path / "ck",
+                    out=tmp_path / "o.parquet", chunk_rows=10, **FAST)  # (a lookup a chunk)
+    assert cache.on_loop == [False] * 5
