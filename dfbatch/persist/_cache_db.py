@@ -31,7 +31,7 @@ BUSY_MS = 60_000
 ROW_BYTES = 48  # what an entry costs besides its share of a chunk
 _PROBE = 50_000  # keys per probe statement
 _SCAN_ROWS = 4_000_000  # stored keys joined at once by a scan (bounds its memory)
-_SCAN_PER_KEY = 20  # a probe of one key costs about as much as scanning this many stored rows
+_SCAN_PER_KEY = 10  # a probe of one key costs about as much as scanning this many stored rows
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY, data BLOB, keys BLOB NOT NULL, rows INTEGER NOT NULL,
