@@ -101,3 +101,18 @@ def test_lookups_of_nothing_and_of_an_empty_cache(tmp_path: Path, n: int) -> Non
     cache = dfbatch.Cache(tmp_path / "c.sqlite")
     hits, pieces, errs = cache.lookup(*keys(0, n))
     assert hits.tolist() == [] and pieces == [] and errs == {}
+
+
+def test_a_bulk_lookup_hit_refreshes_its_chunk_for_eviction(tmp_path: Path) -> None:
+    cache = dfbatch.Cache(tmp_path / "c.sqlite", max_size=None)
+    for lo in (0, 100, 200):  # three chunks, written long ago, oldest first
+        cache.store(*keys(lo, lo + 100), answers(lo, lo + 100), [None] * 100)
+    conn = cache._conn()
+    conn.execute("UPDATE chunks SET accessed = id")
+    hits, _, _ = cache.lookup(*keys(0, 100))  # the oldest chunk is used (a scan: 100 keys)
+    assert len(hits) == 100
+    one = conn.execute("SELECT size FROM chunks LIMIT 1").fetchone()[0]
+    cache.prune(max_size=int(2.2 * one / 0.9))  # room for two chunks: one goes
+    assert len(cache.lookup(*keys(0, 100))[0]) == 100  # the used one stayed ...
+    assert len(cache.lookup(*keys(100, 200))[0]) == 0  # ... the least recently used went
+    assert len(cache.lookup(*keys(200, 300))[0]) == 100
