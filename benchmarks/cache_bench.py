@@ -6,6 +6,8 @@
    per batch (a stand-in for an API), filling the cache; then the same run again, fully cached.
    The ratio is rerun time / first run time (the issue asks for < 5%).
 
+The load average is printed first: on a shared machine the figures move with it.
+
     .venv/bin/python benchmarks/cache_bench.py [--lookup-rows 1000000] [--run-rows 100000]
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -58,7 +61,7 @@ def lookup(n: int, folder: Path) -> None:
     size = (folder / "lookup.sqlite").stat().st_size
     print(f"fill   {n:,} rows: {fill:.2f} s ({n / fill:,.0f} rows/s), file {size / 2**20:.0f} MiB")
     print(f"lookup {n:,} rows: {took:.2f} s ({n / took:,.0f} rows/s; keys, SQLite and "
-          "Arrow decode)")
+          "Arrow decode; target >= 200,000 rows/s)")
 
 
 def rerun(n: int, latency: float, folder: Path) -> None:
@@ -77,7 +80,7 @@ def rerun(n: int, latency: float, folder: Path) -> None:
     second = time.perf_counter() - t0
     assert out["cached"].all()
     print(f"run {n:,} rows ({latency * 1000:.0f} ms per batch of 50): first {first:.2f} s, "
-          f"fully cached rerun {second:.2f} s = {second / first:.1%} of the first")
+          f"fully cached rerun {second:.2f} s = {second / first:.1%} of the first (target < 5%)")
 
 
 def main() -> None:
@@ -86,6 +89,7 @@ def main() -> None:
     p.add_argument("--run-rows", type=int, default=100_000)
     p.add_argument("--latency-s", type=float, default=0.5)
     a = p.parse_args()
+    print("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     with tempfile.TemporaryDirectory() as d:
         lookup(a.lookup_rows, Path(d))
         rerun(a.run_rows, a.latency_s, Path(d))

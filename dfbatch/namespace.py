@@ -61,16 +61,16 @@ class BatchFrame:
         from dfbatch.plan import summary
 
         if cache is not None and cache is not False:
-            from dfbatch.config import BatchConfig
             from dfbatch.persist._cache_run import cached_rows
+            from dfbatch.run._prepare import sent_frame
 
             if fn is None:
                 msg = "summary(cache=...) needs fn= (the fn the run will call)"
                 raise ConfigError(msg)
-            cfg = BatchConfig.from_kwargs(kwargs.get("config"), **{
-                k: v for k, v in kwargs.items() if k not in ("config", "price_in_per_1k",
-                                                             "price_out_per_1k", "batch_discount")})
-            kwargs["cached"] = cached_rows(self._df, fn, text, cfg, cache, cache_key)
+            settings = {k: v for k, v in kwargs.items() if k not in (
+                "config", "price_in_per_1k", "price_out_per_1k", "batch_discount")}
+            sent, cfg = sent_frame(self._df, fn, text, kwargs.get("config"), settings)
+            kwargs["cached"] = cached_rows(sent, fn, text, cfg, cache, cache_key)
         return summary(self._df, fn=fn, **kwargs)
 
     @_after_frame(_process)

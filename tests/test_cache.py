@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -200,11 +201,45 @@ def test_with_checkpoint(tmp_path: Path) -> None:
     out = dfbatch.process(df, second, cache=cache, checkpoint=ckpt, **FAST)
     assert len(second.rows) == 40 and out["cached"].sum() == 60
     same_answers(out, dfbatch.process(df, Counter(), **FAST))
-    third = Counter()  # the checkpoint holds the 40 called rows, the cache the rest
+    third = Counter()  # the checkpoint holds every row: the 40 called, the 60 cached ...
     out3 = dfbatch.process(df, third, cache=cache, checkpoint=ckpt, **FAST)
-    assert third.rows == [] and out3["cached"].sum() == 60
+    assert third.rows == [] and not out3["cached"].any()
     same_answers(out3, out)
+    cache.unlink()  # ... so resuming needs no cache
+    fourth = Counter()
+    out4 = dfbatch.process(df, fourth, checkpoint=ckpt, **FAST)
+    assert fourth.rows == [] and (out4.filter(pl.col("id") < 60)["attempts"] == 0).all()
+    same_answers(out4, out)
 
+
+def test_a_run_stopped_after_its_cache_hits_resumes_without_the_cache(tmp_path: Path) -> None:
+    cache, ckpt = tmp_path / "c", tmp_path / "ckpt"
+    df = frame(50)
+    dfbatch.process(df.head(30), interrupted, cache=cache, **FAST)
+    STOP[0] = True  # the run stops at its first uncached batch, after the 30 hits
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            dfbatch.process(df, interrupted, cache=cache, checkpoint=ckpt, **FAST)
+    finally:
+        STOP[0] = False
+    cache.unlink()
+    CALLS.clear()
+    out = dfbatch.process(df, interrupted, checkpoint=ckpt, **FAST)
+    assert sorted(CALLS) == sorted(df["text"][30:].to_list())
+    same_answers(out, dfbatch.process(df, Counter(), **FAST))
+
+
+STOP = [False]
+
+
+def interrupted(batch: pl.DataFrame) -> pl.Series:
+    if STOP[0]:
+        raise KeyboardInterrupt
+    CALLS.extend(batch["text"].to_list())
+    return batch["text"].str.to_uppercase()
+
+
+interrupted.dfbatch_fingerprint = {"v": 1}  # type: ignore[attr-defined]  # (STOP: not identity)
 
 def test_with_streaming(tmp_path: Path) -> None:
     df = frame(300)
@@ -353,6 +388,20 @@ def test_summary_counts_cached_rows_and_prices_the_rest(tmp_path: Path) -> None:
         planned.batch.summary(cache=tmp_path / "c")
 
 
+def test_summary_keys_truncated_rows_as_the_run_does(tmp_path: Path) -> None:
+    long = " ".join(["word"] * 80)  # over token_limit: sent truncated
+    df = pl.DataFrame({"id": range(20), "text": [f"{i} {long}" if i % 2 else f"row {i}"
+                                                 for i in range(20)]})
+    opts = dict(token_limit=30, oversize="truncate", items_per_batch=4)
+    fn = Counter()
+    dfbatch.process(df, fn, cache=tmp_path / "c", progress=False, **opts)
+    assert any(len(t) < len(f"1 {long}") for t in fn.rows)  # (some were truncated)
+    planned = df.batch.plan(**opts)
+    s = planned.batch.summary(fn=fn, cache=tmp_path / "c", **opts)
+    again = dfbatch.process(df, fn, cache=tmp_path / "c", progress=False, **opts)
+    assert s.cached == again["cached"].sum() == 20
+
+
 def test_stats_count_hits_apart_from_calls(tmp_path: Path) -> None:
     from dfbatch.events import fold
 
@@ -453,3 +502,28 @@ def test_scattered_batches_with_cache_and_checkpoint_map_rows_back(tmp_path: Pat
     assert sum(calls) == 0 and again["output"].to_list() == out["output"].to_list()
     resumed = planned.batch.process(fn, checkpoint=ck, progress=False)
     assert sum(calls) == 0 and resumed["output"].to_list() == out["output"].to_list()
+
+
+class _WhereLooked(dfbatch.Cache):
+    """A cache that records whether each lookup ran on a thread running an event loop."""
+
+    on_loop: ClassVar[list[bool]] = []
+
+    def lookup(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            self.on_loop.append(True)
+        except RuntimeError:
+            self.on_loop.append(False)
+        return super().lookup(*args, **kwargs)
+
+
+def test_the_lookup_runs_off_the_event_loop(tmp_path: Path) -> None:
+    cache = _WhereLooked(tmp_path / "c.sqlite")
+    df = frame(30)
+    dfbatch.process(df, Counter(), cache=cache, **FAST)
+    out = asyncio.run(dfbatch.aprocess(df, Counter(), cache=cache, **FAST))
+    assert out["cached"].all()
+    dfbatch.process(df.lazy(), Counter(), cache=cache, checkpoint=tmp_path / "ck",
+                    out=tmp_path / "o.parquet", chunk_rows=10, **FAST)  # (a lookup a chunk)
+    assert cache.on_loop == [False] * 5

@@ -11,11 +11,14 @@ may read and write it at once: writes are short ``BEGIN IMMEDIATE`` transactions
 for another (``busy_timeout``), and a key is stored once (its primary key); a crash mid-write
 rolls the transaction back, so every entry read back is whole. Nothing executable is stored:
 the answers of one write are one Arrow IPC stream (a *chunk*), and an entry (the key, its
-chunk, its row in it, its error) points into it.
+chunk, its row in it, its error) points into it (``dfbatch.persist._cache_db``, ``_cache_codec``).
+A lookup of many keys reads the chunks' packed keys and joins them in polars; of a few, it
+probes the entries.
 
 **Size.** ``max_size`` bounds the bytes of stored outputs (default 2 GiB; None: unbounded);
 when a write passes it, the least recently used chunks and their entries are evicted down to
-90% of it (a hit refreshes its chunk's ``accessed`` time, at most once a minute).
+90% of it (a hit refreshes its chunk's ``accessed`` time, at most once a minute;
+``dfbatch.persist._cache_lru``).
 ``dfbatch cache info / clear / prune`` on the CLI.
 
 Examples
@@ -37,40 +40,21 @@ Examples
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
 import sqlite3
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dfbatch.errors import ConfigError
+from dfbatch.persist import _cache_db as db
+from dfbatch.persist import _cache_lru as lru
+from dfbatch.persist._cache_codec import gather
 
 DEFAULT_MAX_SIZE = 2 * 1024**3
-_BUSY_MS = 60_000
-_CHUNK = 50_000  # keys per lookup statement
-_ROW_BYTES = 48  # what an entry costs besides its share of a chunk
-_FRESH_S = 60.0  # a chunk used less than this long ago is not touched again (LRU)
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS chunks (
-    id INTEGER PRIMARY KEY, data BLOB, size INTEGER NOT NULL, accessed REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS chunks_accessed ON chunks (accessed);
-CREATE TABLE IF NOT EXISTS entries (
-    k1 INTEGER NOT NULL, k2 INTEGER NOT NULL, chunk INTEGER NOT NULL, idx INTEGER NOT NULL,
-    error TEXT, PRIMARY KEY (k1, k2)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS entries_chunk ON entries (chunk);
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta VALUES ('size', 0);
-CREATE TRIGGER IF NOT EXISTS size_ins AFTER INSERT ON chunks BEGIN
-    UPDATE meta SET value = value + NEW.size WHERE name = 'size'; END;
-CREATE TRIGGER IF NOT EXISTS size_del AFTER DELETE ON chunks BEGIN
-    UPDATE meta SET value = value - OLD.size WHERE name = 'size'; END;
-"""
 
 
 def default_path() -> Path:
@@ -117,21 +101,11 @@ class Cache:
     def __repr__(self) -> str:
         return f"Cache({str(self.path)!r}, max_size={self.max_size!r})"
 
-    # -- connections -------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
         """This thread's connection (sqlite3 connections are per thread)."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=_BUSY_MS / 1000, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: lookups of 1M keys stay warm
-            conn.execute("PRAGMA temp_store = MEMORY")
-            conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
-            self._local.conn = conn
+            conn = self._local.conn = db.connect(self.path)
         return conn
 
     def __enter__(self) -> Cache:
@@ -147,124 +121,37 @@ class Cache:
             conn.close()
             self._local.conn = None
 
-    # -- reads -------------------------------------------------------------------------------
     def lookup(self, k1: np.ndarray, k2: np.ndarray, *, errors: bool = False,
                touch: bool = True, values: bool = True,
                ) -> tuple[np.ndarray, list[tuple[np.ndarray, Any]], dict[int, str]]:
         """Which keys are stored: (hit positions, [(positions, Arrow table)], {pos: error}).
 
-        Entries that hold an error count only with ``errors=True``. Hits are touched (LRU).
-        ``values=False``: only the positions (nothing decoded).
+        Entries that hold an error count only with ``errors=True``. Hits are touched (LRU,
+        in bulk). ``values=False``: only the positions (nothing decoded).
         """
         conn = self._conn()
-        found: list[tuple[int, int, int, str | None]] = []
-        a, b = _signed(k1), _signed(k2)
-        order = np.lexsort((b, a))  # keys in index order: the B-tree is walked, not jumped
-        with _write(conn, "BEGIN"):
-            conn.execute("CREATE TEMP TABLE IF NOT EXISTS q (k1 INTEGER, k2 INTEGER, pos INTEGER)")
-            for s in range(0, len(a), _CHUNK):
-                part = order[s:s + _CHUNK]
-                conn.execute("DELETE FROM temp.q")
-                conn.executemany("INSERT INTO temp.q VALUES (?, ?, ?)",
-                                 zip(a[part].tolist(), b[part].tolist(), part.tolist(),
-                                     strict=True))
-                found += conn.execute("SELECT q.pos, e.chunk, e.idx, e.error FROM temp.q q "
-                                      "JOIN entries e ON e.k1 = q.k1 AND e.k2 = q.k2")
-            errs = {r[0]: r[3] for r in found if r[3] is not None}
+        with db.transaction(conn, "BEGIN"):  # one snapshot: keys and data agree
+            pos, chunk, idx, errs = db.find(conn, db.signed(k1), db.signed(k2))
             if errs and not errors:
-                found = [r for r in found if r[3] is None]
-                errs = {}
-            got = np.array([r[:3] for r in found], np.int64).reshape(-1, 3)
-            pos, chunk, idx = got[:, 0], got[:, 1], got[:, 2]
-            pieces = self._values(conn, pos, chunk, idx, errs) if values and len(pos) else []
+                keep = np.array([p not in errs for p in pos.tolist()], bool)
+                pos, chunk, idx, errs = pos[keep], chunk[keep], idx[keep], {}
+            pieces = (gather(db.blobs(conn, chunk), pos, chunk, idx)
+                      if values and len(pos) else [])
         if touch and len(pos):
-            self._touch(conn, np.unique(chunk))
+            with db.transaction(conn):
+                lru.touch(conn, chunk)
         return np.sort(pos), pieces, errs
 
-    def _values(self, conn: sqlite3.Connection, pos: np.ndarray, chunk: np.ndarray,
-                idx: np.ndarray, errs: dict[int, str]) -> list[tuple[np.ndarray, Any]]:
-        """Decode each chunk once, take the rows asked for, one table per output schema."""
-        import pyarrow as pa
-
-        order = np.argsort(chunk, kind="stable")
-        ids, starts = np.unique(chunk[order], return_index=True)
-        by_schema: dict[Any, tuple[list[np.ndarray], list[Any]]] = {}
-        data: dict[int, bytes | None] = {}
-        id_list = ids.tolist()
-        for s in range(0, len(id_list), 500):
-            part = id_list[s:s + 500]
-            marks = ",".join("?" * len(part))
-            data.update(conn.execute(f"SELECT id, data FROM chunks WHERE id IN ({marks})", part))
-        for i, rows in zip(id_list, np.split(order, starts[1:]), strict=True):
-            blob = data.get(i)
-            if blob is None:  # errors only (or a chunk evicted under us: those rows miss)
-                continue
-            table = pa.ipc.open_stream(pa.py_buffer(blob)).read_all().take(pa.array(idx[rows]))
-            got = by_schema.setdefault(table.schema, ([], []))
-            got[0].append(pos[rows])
-            got[1].append(table)
-        return [(np.concatenate(p), pa.concat_tables(t)) for p, t in by_schema.values()]
-
-    def _touch(self, conn: sqlite3.Connection, chunks: np.ndarray) -> None:
-        now = time.time()
-        ids = chunks.tolist()
-        with _write(conn):
-            for s in range(0, len(ids), 500):
-                part = ids[s:s + 500]
-                marks = ",".join("?" * len(part))
-                conn.execute(f"UPDATE chunks SET accessed = ? WHERE id IN ({marks}) AND "
-                             "accessed < ?", (now, *part, now - _FRESH_S))
-
-    # -- writes ------------------------------------------------------------------------------
     def store(self, k1: np.ndarray, k2: np.ndarray, table: Any, errors: Sequence[str | None],
               *, overwrite: bool = False) -> None:
         """Store one group of answers (one Arrow table, row i for key i, or None when every
         row failed) in one short transaction; an existing key is kept unless ``overwrite`` or
         it holds an error and the new entry an answer."""
-        data = None if table is None else encode(table)
-        size = (len(data) if data is not None else 0) + _ROW_BYTES * len(errors)
-        verb = ("ON CONFLICT (k1, k2) DO UPDATE SET chunk = excluded.chunk, idx = excluded.idx, "
-                "error = excluded.error")
-        if not overwrite:  # an answer replaces a stored error, nothing else is replaced
-            verb += " WHERE entries.error IS NOT NULL AND excluded.error IS NULL"
         conn = self._conn()
-        with _write(conn):
-            chunk = conn.execute("INSERT INTO chunks (data, size, accessed) VALUES (?, ?, ?)",
-                                 (data, size, time.time())).lastrowid
-            before = conn.total_changes
-            conn.executemany(
-                "INSERT INTO entries VALUES (?, ?, ?, ?, ?) " + verb,
-                zip(_signed(k1).tolist(), _signed(k2).tolist(), itertools.repeat(chunk),
-                    range(len(errors)), errors))
-            if conn.total_changes == before:  # another process stored every key first
-                conn.execute("DELETE FROM chunks WHERE id = ?", (chunk,))
+        with db.transaction(conn):
+            db.put(conn, db.signed(k1), db.signed(k2), table, list(errors), overwrite=overwrite)
             if self.max_size is not None:
-                self._evict(conn, self.max_size)
-
-    def _evict(self, conn: sqlite3.Connection, limit: int) -> int:
-        """Delete the least recently used chunks (and their entries) until the size is <= 90%
-        of ``limit``; returns how many entries went."""
-        size = self._size(conn)
-        target, gone = int(limit * 0.9), 0
-        while size > target:
-            old = conn.execute("SELECT id, size FROM chunks ORDER BY accessed, id LIMIT 64"
-                               ).fetchall()
-            if not old:
-                break
-            ids = []
-            for i, n in old:
-                if size <= target:
-                    break
-                ids.append(i)
-                size -= n
-            marks = ",".join("?" * len(ids))
-            gone += conn.execute(f"DELETE FROM entries WHERE chunk IN ({marks})", ids).rowcount
-            conn.execute(f"DELETE FROM chunks WHERE id IN ({marks})", ids)
-        return gone
-
-    @staticmethod
-    def _size(conn: sqlite3.Connection) -> int:
-        return int(conn.execute("SELECT value FROM meta WHERE name = 'size'").fetchone()[0])
+                lru.evict(conn, self.max_size)
 
     # -- maintenance (the CLI) ---------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -275,13 +162,13 @@ class Cache:
         files = sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*")
                     if p.is_file())
         return {"path": str(self.path), "entries": n, "errors": errs,
-                "size": self._size(conn), "file_size": files, "max_size": self.max_size,
+                "size": lru.size(conn), "file_size": files, "max_size": self.max_size,
                 "oldest_access": old, "newest_access": new}
 
     def clear(self) -> int:
         """Delete every entry; returns how many."""
         conn = self._conn()
-        with _write(conn):
+        with db.transaction(conn):
             n = conn.execute("DELETE FROM entries").rowcount
             conn.execute("DELETE FROM chunks")
         conn.execute("VACUUM")
@@ -292,42 +179,11 @@ class Cache:
         ``older_than_s`` seconds; returns how many were deleted."""
         conn = self._conn()
         gone = 0
-        with _write(conn):
+        with db.transaction(conn):
             if older_than_s is not None:
-                old = "SELECT id FROM chunks WHERE accessed < ?"
-                cut = (time.time() - older_than_s,)
-                gone += conn.execute(f"DELETE FROM entries WHERE chunk IN ({old})", cut).rowcount
-                conn.execute(f"DELETE FROM chunks WHERE id IN ({old})", cut)
+                gone += lru.drop_older(conn, older_than_s)
             limit = max_size if max_size is not None else self.max_size
             if limit is not None:
-                gone += self._evict(conn, limit)
+                gone += lru.evict(conn, limit)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return gone
-
-
-def encode(table: Any) -> bytes:
-    """An Arrow table as the bytes of one IPC stream (data only: nothing executable)."""
-    import pyarrow as pa
-
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue().to_pybytes())
-
-
-@contextlib.contextmanager
-def _write(conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
-    """One short transaction; a write one is taken at once (no deadlock between readers
-    upgrading to writers)."""
-    conn.execute(begin)
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-def _signed(a: np.ndarray) -> np.ndarray:
-    """uint64 keys as the int64 SQLite stores."""
-    return np.ascontiguousarray(a, dtype=np.uint64).view(np.int64)

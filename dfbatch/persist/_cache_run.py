@@ -181,8 +181,11 @@ class CacheRun:
         if self.refresh or self.n == 0:
             self.hits = np.zeros(0, np.int64)
         else:
-            self.hits, self._pieces, self._errs = self.store.lookup(
-                self.k1, self.k2, errors=self.cache_errors)
+            try:
+                self.hits, self._pieces, self._errs = self.store.lookup(
+                    self.k1, self.k2, errors=self.cache_errors)
+            finally:
+                self.store.close()  # (this thread's connection: often a pool's worker)
         mask = np.ones(self.n, bool)
         mask[self.hits] = False
         self.todo = np.flatnonzero(mask)
@@ -236,6 +239,10 @@ class CacheRun:
                           for rows, table in self._pieces]
         self._pieces = []  # decoded once
         return out
+
+    def answers(self) -> tuple[np.ndarray, list[tuple[np.ndarray, Any]], dict[int, str]]:
+        """The hits (positions), their outputs [(positions, Arrow table)] and errors."""
+        return self.hits, self._pieces, self._errs
 
     def cached_mask(self) -> np.ndarray:
         mask = np.zeros(self.n, bool)

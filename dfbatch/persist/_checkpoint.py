@@ -201,26 +201,49 @@ class Journal:
         The part is encoded and written by the store's writer thread, off the event loop.
         Outputs that cannot be journaled (Python objects) are a ``CheckpointError`` at once.
         """
-        import pyarrow as pa  # imported on first use: `import dfbatch` stays light
-
         if self.store.failure is not None:  # journaling stopped: the run goes on in memory
             return
         local = batch.rows
         given = local if self.order is None else self.order[local]
         pos = self.todo[given if self.inner is None else self.inner[given]]
+        self._write(pos, [out.errors[i] for i in local.tolist()],
+                    (out.attempts[local], out.run_batch[local], out.run_agent[local],
+                     out.started[local], out.elapsed[local]), self._outputs_of(batch, out))
+
+    def record_cached(self, rows: np.ndarray, pieces: list[tuple[np.ndarray, Any]],
+                      errors: dict[int, str]) -> None:
+        """Journal the rows the response cache answered, as answered rows with
+        ``attempts = 0``, so a resumed run rebuilds them from the checkpoint alone.
+
+        ``rows``: positions in ``todo`` (the frame the cache looked up); ``pieces``: their
+        outputs as [(rows, Arrow table)]; ``errors``: {row: error} (``cache_errors=True``)."""
+        if self.store.failure is not None or not len(rows):
+            return
+        self.acquire()
+        groups: list[tuple[np.ndarray, pl.DataFrame | None]] = [
+            (p, pl.DataFrame(pl.from_arrow(t))) for p, t in pieces]
+        bare = np.setdiff1d(rows, np.concatenate([p for p, _ in pieces]) if pieces else rows[:0])
+        if len(bare):  # (answered by errors only: no output stored)
+            groups.append((bare, None))
+        for p, outputs in groups:
+            n = len(p)
+            meta = (np.zeros(n, np.uint16), np.zeros(n, np.uint32), np.zeros(n, np.uint16),
+                    np.full(n, np.nan), np.full(n, np.nan))
+            self._write(self.todo[p], [errors.get(i) for i in p.tolist()], meta, outputs)
+
+    def _write(self, pos: np.ndarray, errors: list[str | None], meta: tuple[np.ndarray, ...],
+               outputs: pl.DataFrame | None) -> None:
+        """Queue one part: rows ``pos`` of the planned frame, their errors, (attempts, run
+        batch, run agent, started, elapsed) and outputs (None: a failed batch)."""
+        import pyarrow as pa  # imported on first use: `import dfbatch` stays light
+
         if self.hashes is not None:
             ident = {_ROW: pa.array(pos, pa.int64()), _HASH: self.hashes[pos]}
         else:
             ident = {_KEY: self.ids.gather(pos).to_arrow()}
-        cols: dict[str, Any] = {
-            **ident,
-            _ERROR: pa.array([out.errors[i] for i in local.tolist()], pa.string()),
-            _ATTEMPTS: out.attempts[local], _RUN_BATCH: out.run_batch[local],
-            _RUN_AGENT: out.run_agent[local], _STARTED: out.started[local],
-            _ELAPSED: out.elapsed[local],
-        }
-        table = pa.table(cols)
-        outputs = self._outputs_of(batch, out)
+        table = pa.table({**ident, _ERROR: pa.array(errors, pa.string()),
+                          **dict(zip((_ATTEMPTS, _RUN_BATCH, _RUN_AGENT, _STARTED, _ELAPSED),
+                                     meta, strict=True))})
         if outputs is not None:
             _check_storable(outputs)
             try:

@@ -40,40 +40,24 @@ Examples
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import decimal
-import enum
-import fractions
 import functools
 import hashlib
-import inspect
-import pathlib
 import re
 import sys
 import types
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 from dfbatch.persist._bytecode import _attr_chains, _self_written, _written
+from dfbatch.persist._code_values import MAX_DEPTH, MUTABLE, Unsure, ValueWalker, callable_name
 
-_PLAIN = (type(None), bool, int, float, complex, str, bytes)
-_MUTABLE = (list, dict, set, bytearray)
-# immutable values whose repr is their value
-_REPRS = (pathlib.PurePath, datetime.date, datetime.time, datetime.timedelta, datetime.tzinfo,
-          decimal.Decimal, fractions.Fraction, uuid.UUID, re.Pattern, range, slice)
-_MAX_DEPTH = 6
-_MAX_ITEMS = 10_000  # elements of one container taken by value; beyond that fn is unsure
+__all__ = ["Unsure", "callable_name", "code_identity"]
+
 # class attributes that are Python's bookkeeping, not state fn reads
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__doc__", "__module__", "__qualname__",
                          "__annotations__", "__slots__", "__dataclass_fields__",
                          "__dataclass_params__", "__match_args__", "__orig_bases__",
                          "__parameters__", "__abstractmethods__", "_abc_impl"})
-
-
-class Unsure(Exception):
-    """fn's identity cannot be established for sure; ``args[0]`` says what and where."""
 
 
 def code_identity(fn: Callable[..., Any]) -> str:
@@ -83,23 +67,15 @@ def code_identity(fn: Callable[..., Any]) -> str:
     return h.hexdigest()
 
 
-class _Walker:
-    def __init__(self, h: Any) -> None:
-        self.h = h
-        self.seen: set[int] = set()
+class _Walker(ValueWalker):
+    """Feeds what fn is into a hash: its code, defaults, closure, globals, classes."""
 
-    def put(self, *parts: object) -> None:
-        for p in parts:
-            self.h.update(repr(p).encode() if not isinstance(p, bytes) else p)
-            self.h.update(b"\x00")
-
-    # -- callables ----------------------------------------------------------------------------
     def callable(self, fn: Any, where: str, depth: int) -> None:
         if id(fn) in self.seen:  # recursion (a function that calls itself)
             self.put("seen", callable_name(fn))
             return
         self.seen.add(id(fn))
-        if depth > _MAX_DEPTH:
+        if depth > MAX_DEPTH:
             self.put("deep", callable_name(fn))
             return
         declared = getattr(fn, "dfbatch_fingerprint", None)
@@ -155,7 +131,7 @@ class _Walker:
             except ValueError:  # an empty cell (a name assigned later)
                 self.put("<empty>")
                 continue
-            if isinstance(content, _MUTABLE) and (name,) in _written(fn.__code__):
+            if isinstance(content, MUTABLE) and (name,) in _written(fn.__code__):
                 self.put("state", type(content).__name__)  # fn writes it: a log, a cache
                 continue
             self.value(content, f"{where}'s closure variable {name!r}", depth + 1, strict=True)
@@ -179,7 +155,7 @@ class _Walker:
                 continue
             value = env[name]
             self.put(name)
-            if isinstance(value, _MUTABLE) and (name,) in _written(fn.__code__):
+            if isinstance(value, MUTABLE) and (name,) in _written(fn.__code__):
                 self.put("state", type(value).__name__)  # fn writes it: a log, a cache
             elif isinstance(value, types.FunctionType) and value.__module__ == fn.__module__:
                 self.callable(value, f"{where}'s global {name!r}", depth + 1)
@@ -217,7 +193,7 @@ class _Walker:
             return
         self.seen.add(id(cls))
         self.put("class", callable_name(cls))
-        if depth > _MAX_DEPTH:
+        if depth > MAX_DEPTH:
             return
         for base in cls.__bases__:
             if base is not object:
@@ -254,85 +230,6 @@ class _Walker:
             raise Unsure(msg)
         self.put("compiled", callable_name(fn), top, version)
 
-    # -- values -------------------------------------------------------------------------------
-    def state(self, obj: Any, where: str, depth: int, written: set[str]) -> None:
-        """An object's attributes: plain values by value, anything else by its type.
-
-        A list / dict / set attribute the method writes (``self.calls.append``) is run state.
-        """
-        attrs = getattr(obj, "__dict__", None)
-        if not isinstance(attrs, dict):
-            self.put("opaque", callable_name(type(obj)))
-            return
-        for k in sorted(attrs):
-            self.put(k)
-            if k in written and isinstance(attrs[k], _MUTABLE):
-                self.put("state", type(attrs[k]).__name__)
-            else:
-                self.value(attrs[k], f"{where}.{k}", depth + 1, strict=False)
-
-    def value(self, v: Any, where: str, depth: int, *, strict: bool) -> None:
-        if isinstance(v, _PLAIN):
-            self.put(type(v).__name__, v)
-        elif isinstance(v, enum.Enum):
-            self.put("enum", callable_name(type(v)), v.name)
-        elif isinstance(v, _REPRS):
-            self.put(callable_name(type(v)), repr(v))
-        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
-            self.put("dataclass", callable_name(type(v)))
-            for f in dataclasses.fields(v):
-                self.put(f.name)
-                self.value(getattr(v, f.name), f"{where}.{f.name}", depth + 1, strict=strict)
-        elif isinstance(v, (tuple, frozenset)):
-            items = sorted(v, key=repr) if isinstance(v, frozenset) else v
-            self.put(type(v).__name__, len(items))
-            for i, item in enumerate(items):
-                self.value(item, f"{where}[{i}]", depth + 1, strict=strict)
-        elif isinstance(v, _MUTABLE):
-            self.container(v, where, depth)
-        elif isinstance(v, types.ModuleType):
-            self.put("module", v.__name__)
-        elif isinstance(v, type):
-            self.klass(v, where, depth + 1)
-        elif inspect.isroutine(v) or isinstance(v, functools.partial):
-            self.callable(v, where, depth + 1)
-        elif _is_data(v):
-            self.put("data", _data_digest(v))
-        elif getattr(v, "dfbatch_fingerprint", None) is not None:
-            declared = repr(getattr(v, "dfbatch_fingerprint", None))
-            self.put("declared", callable_name(type(v)), declared)
-        elif strict:
-            msg = f"{where} holds a {callable_name(type(v))}, which has no stable value"
-            raise Unsure(msg)
-        else:
-            self.put("object", callable_name(type(v)))
-
-
-    def container(self, v: list[Any] | dict[Any, Any] | set[Any] | bytearray, where: str,
-                  depth: int) -> None:
-        """A list / dict / set by its content; unsure when too large or holding objects."""
-        if isinstance(v, bytearray):
-            self.put("bytearray", bytes(v))
-            return
-        if len(v) > _MAX_ITEMS or depth > _MAX_DEPTH:
-            msg = (f"{where} is a {type(v).__name__} of {len(v)} items, too large (or too deep) "
-                   f"to take by value")
-            raise Unsure(msg)
-        if id(v) in self.seen:
-            msg = f"{where} is a {type(v).__name__} that contains itself"
-            raise Unsure(msg)
-        self.seen.add(id(v))
-        self.put(type(v).__name__, len(v))
-        if isinstance(v, dict):
-            for i, (k, item) in enumerate(v.items()):
-                self.value(k, f"{where} key {i}", depth + 1, strict=True)
-                self.value(item, f"{where}[{k!r}]", depth + 1, strict=True)
-        else:
-            items = sorted(v, key=repr) if isinstance(v, set) else v
-            for i, item in enumerate(items):
-                self.value(item, f"{where}[{i}]", depth + 1, strict=True)
-        self.seen.discard(id(v))
-
 
 _MISSING = object()
 
@@ -354,35 +251,3 @@ def _names(code: types.CodeType) -> list[str]:
         if isinstance(const, types.CodeType):
             out += _names(const)
     return out
-
-
-def _is_data(v: Any) -> bool:
-    mod = type(v).__module__ or ""
-    return mod.startswith(("numpy", "polars")) and hasattr(v, "shape")
-
-
-def _data_digest(v: Any) -> str:
-    import numpy as np
-    import polars as pl
-
-    h = hashlib.blake2b(digest_size=16)
-    if isinstance(v, pl.Series):
-        v = v.to_frame()
-    if isinstance(v, pl.DataFrame):
-        h.update(repr(v.schema).encode())
-        h.update(np.ascontiguousarray(v.hash_rows(seed=7).to_numpy()).tobytes())
-    elif isinstance(v, np.ndarray) and v.dtype != object:
-        h.update(repr((v.dtype.str, v.shape)).encode())
-        h.update(np.ascontiguousarray(v).tobytes())
-    else:
-        h.update(repr(v).encode())
-    return h.hexdigest()
-
-
-def callable_name(obj: Any) -> str:
-    """``module.qualname`` of a function, or of the class of a callable object."""
-    qual = getattr(obj, "__qualname__", None)
-    if not isinstance(qual, str):
-        obj = type(obj)
-        qual = obj.__qualname__
-    return f"{getattr(obj, '__module__', None) or 'builtins'}.{qual}"

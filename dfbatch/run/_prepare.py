@@ -40,6 +40,7 @@ from dfbatch.run._checks import check_frame, check_rates
 from dfbatch.run._wiring import open_display, safe, tick
 
 Fn = Callable[[pl.DataFrame], Any]
+_Left = tuple[pl.DataFrame, list[list[Batch]], np.ndarray, np.ndarray]
 _ROW_OVERHEAD_BYTES = 64
 _DEFAULT_OUTPUT_TOKENS = BatchConfig().output_tokens_per_row
 _NULL_ERROR = ("null_text: the text is null or empty, so it was not sent; pass send_null=True "
@@ -92,16 +93,26 @@ class _Job:
         return RunLimits.from_config(self.cfg, len(self.batches),
                                      rates_elsewhere=self.engine.rates_elsewhere)
 
-    def pool_for(self, emit: Callable[[Event], None], limits: RunLimits | None = None) -> Pool:
-        """The pool that runs what is left of this job (rows not in the journal yet)."""
-        reserved = set(self.planned.columns) | set(self.cfg.columns.result_names())
+    def narrow(self) -> _Left:
+        """The frame, batches, tokens and bytes of the rows neither journaled nor cached.
+
+        Reads the journal and looks every row up in the cache: ``execute`` runs it in a
+        worker thread, so a lookup of a million rows never holds the event loop."""
         frame, batches, tokens, nbytes = self.send, self.batches, self.row_tokens, self.row_bytes
         if self.journal is not None:
             frame, batches, tokens, nbytes = self.journal.restrict(frame, batches, tokens, nbytes)
         if self.cache is not None:  # then the cached rows (the driver's work under ray)
             frame, batches, tokens, nbytes = self.cache.restrict(frame, batches, tokens, nbytes)
-            if self.journal is not None:
+            if self.journal is not None:  # cached rows are journaled like answered ones
                 self.journal.inner = self.cache.todo
+                self.journal.record_cached(*self.cache.answers())
+        return frame, batches, tokens, nbytes
+
+    def pool_for(self, emit: Callable[[Event], None], limits: RunLimits | None = None,
+                 left: _Left | None = None) -> Pool:
+        """The pool that runs what is left of this job (``left``: ``narrow()``'s answer)."""
+        reserved = set(self.planned.columns) | set(self.cfg.columns.result_names())
+        frame, batches, tokens, nbytes = left if left is not None else self.narrow()
         hooks = [h.record for h in (self.journal, self.cache) if h is not None]
         self.pool = Pool(
             self.fn, frame, batches, self.cfg, row_tokens=tokens, row_bytes=nbytes, emit=emit,
@@ -155,7 +166,7 @@ class _Job:
             if on_event is not None:
                 on_event(ev)
 
-        pool = self.pool_for(emit)
+        pool = self.pool_for(emit, left=await asyncio.to_thread(self.narrow))
         c = self.cfg.columns
         queues = pool.sched.queues
         per_agent = tuple(sum(b.tokens for b in q) for q in queues)  # request tokens, as done
@@ -230,6 +241,16 @@ def resolve(
     if isinstance(expected_out, int) and not user_set:
         cfg = cfg.replace(output_tokens_per_row=expected_out)
     return cfg, chosen
+
+
+def sent_frame(df: pl.DataFrame, fn: Fn, text: str | pl.Expr, config: BatchConfig | None,
+               settings: dict[str, Any]) -> tuple[pl.DataFrame, BatchConfig]:
+    """What ``process(df, fn, text=text, config=config, **settings)`` would send (planned,
+    texts truncated under ``oversize="truncate"``) and the run's config: the cache keys these
+    rows, so ``summary(cache=)`` counts the hits the run will have."""
+    cfg, _ = resolve(fn, config, settings)
+    planned = _planned(df, text, cfg, frozenset(settings) | _set_in(config))
+    return _to_send(planned, text, cfg)[0], cfg
 
 
 def _planned(

@@ -80,6 +80,7 @@ class _Chunk:
     pool: Pool | None = None
     task: asyncio.Task[Outcomes] | None = None
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    left: Any = None  # under cache=: what is left after the lookup (``_Job.narrow``)
 
 
 @dataclass
@@ -199,8 +200,8 @@ class _Stream:
             leftover = None
             with contextlib.suppress(Exception):
                 leftover = await nxt
-            if leftover is not None and leftover.journal is not None:
-                leftover.journal.close()
+            if leftover is not None:
+                leftover.job.close()
 
     def _raise_crash(self) -> None:
         for c in self.live:
@@ -230,11 +231,12 @@ class _Stream:
         base = opts.pop("checkpoint")
         where = None if base is None else Path(base) / f"chunk-{offset:012d}-{df.height}"
         job.journal = open_journal(where, job.planned, self.fn, self.text, self.cfg, **opts)
+        chunk = _Chunk(offset, job, job.journal)
         if self.cache_opts:
             job.cache = open_cache(fn=self.fn, text=self.text, cfg=self.cfg, **self.cache_opts)
-            if job.cache is not None and job.journal is None:
-                job.cache.lookup(job.send)  # here, in the reader thread, not on the loop
-        return _Chunk(offset, job, job.journal)
+            if job.cache is not None:  # here, in the reader thread, not on the loop
+                chunk.left = job.narrow()
+        return chunk
 
     def _start(self, chunk: _Chunk, emit: Callable[[Event], None]) -> None:
         job = chunk.job
@@ -246,7 +248,7 @@ class _Stream:
             if not pool.sched.queued():
                 chunk.drained.set()
 
-        pool = job.pool_for(emit_chunk, self.limits)
+        pool = job.pool_for(emit_chunk, self.limits, left=chunk.left)
         chunk.pool = pool
         chunk.task = asyncio.create_task(pool.run())
         chunk.task.add_done_callback(self._on_pool_done(chunk))
