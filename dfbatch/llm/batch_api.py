@@ -21,7 +21,9 @@ Examples
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +38,8 @@ STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "e
             "cancelling", "cancelled")
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 _NOT_RUN = frozenset({"batch_expired", "batch_cancelled"})  # error-line codes of unrun requests
+CUSTOM_ID_MAX = 64  # characters: Anthropic's documented cap; OpenAI documents none, so the same
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -108,12 +112,38 @@ class BatchAdapter:
     limits: BatchLimits = field(default_factory=BatchLimits)
 
 
+def custom_id(name: Any, body: dict[str, Any]) -> str:
+    """A request's ``custom_id``: ``<name>-<hash of the body>``, within ``CUSTOM_ID_MAX``
+    characters of ``[A-Za-z0-9_-]`` (what every provider accepts). ``name`` (the row's
+    position or ``key=`` value) is kept when it fits, else replaced by ``k`` + its hash, so
+    the id stays stable across runs.
+
+    >>> custom_id(7, {"input": "hi"})
+    '7-1931f60355ef'
+    >>> custom_id("https://example.com/a page", {"input": "hi"})
+    'kb654e3ea869be8d7-1931f60355ef'
+    """
+    digest = _sha(json.dumps(body, sort_keys=True))[:12]
+    text = str(name)
+    if not _SAFE_ID.fullmatch(text) or len(text) > CUSTOM_ID_MAX - len(digest) - 1:
+        text = "k" + _sha(text)[:16]
+    return f"{text}-{digest}"
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def request_line(custom_id: str, url: str, body: dict[str, Any]) -> bytes:
     """One JSONL line of an input file (newline included).
 
     >>> request_line("r0", "/v1/embeddings", {"model": "m", "input": "hi"})
     b'{"custom_id":"r0","method":"POST","url":"/v1/embeddings","body":{"model":"m","input":"hi"}}\\n'
     """
+    if len(custom_id) > CUSTOM_ID_MAX:
+        msg = (f"custom_id {custom_id[:40]!r}... has {len(custom_id)} characters, more than "
+               f"the providers' limit of {CUSTOM_ID_MAX}: make it with batch_api.custom_id")
+        raise ConfigError(msg)
     line = {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
     return json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 

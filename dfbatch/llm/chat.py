@@ -185,7 +185,12 @@ def _batch_adapter(spec: _Spec, limits: BatchLimits | None) -> BatchAdapter:
 
     def answer(body: dict[str, Any]) -> Answer:
         completion = completion_type.model_validate(body)
-        return Answer(_answer(spec, completion), *_used(completion))
+        used = _used(completion)
+        choices = completion.choices
+        if not choices or choices[0].message is None:  # paid for, nothing to keep
+            return Answer(RowError("the batch answer has no choices (no message to read); "
+                                   "rerun with retry_errors=True to send the row again"), *used)
+        return Answer(_answer(spec, completion), *used)
 
     dtype = spec.fmt.dtype if spec.fmt.structured else pl.String()
     return BatchAdapter("/v1/chat/completions", spec.model, spec.source, bodies, answer, dtype,

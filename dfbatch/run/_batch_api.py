@@ -16,8 +16,6 @@ provider; a rerun collects them) and returns what was collected.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import sys
 import time
 import warnings
@@ -54,13 +52,12 @@ def _transient() -> tuple[type[BaseException], ...]:
 async def run_batch_api(
     df: Any, fn: Fn, text: str | pl.Expr, config: BatchConfig | None, settings: dict[str, Any],
     *, checkpoint: Any = None, resume: str = "auto", retry_errors: bool = False,
-    progress: Progress = "auto", engine: str = "asyncio", out: Any = None, key: str | None = None,
+    progress: Progress = "auto", engine: Any = "asyncio", out: Any = None, key: str | None = None,
+    cache: Any = None,
     on_event: Callable[[Event], None] | None = None,
 ) -> pl.DataFrame:
     """Run ``df`` through the Batch API adapter of ``fn`` (see the module docstring)."""
-    if out is not None or engine != "asyncio":
-        msg = "an adapter with api='batch' runs as provider jobs: drop out= and engine="
-        raise ConfigError(msg)
+    refuse_unsupported(out=out, engine=engine, cache=cache)
     adapter: BatchAdapter = fn.dfbatch_batch_api  # type: ignore[attr-defined]
     job = _Job.prepare(df, fn, text, config, settings)
     fingerprint = {"fn": getattr(fn, "dfbatch_fingerprint", None), "api": "batch"}
@@ -77,6 +74,30 @@ async def run_batch_api(
     finally:
         run.emit(RunFinished(loop.time(), cancelled=run._stopping.is_set()))
     return _result(run)
+
+
+def refuse_unsupported(*, out: Any, engine: Any, cache: Any) -> None:
+    """Arguments of ``process`` a Batch API run cannot honour: refused before anything runs.
+
+    >>> refuse_unsupported(out="o.parquet", engine="asyncio", cache=None)
+    Traceback (most recent call last):
+    ...
+    dfbatch.errors.ConfigError: out='o.parquet' streams chunks as they finish, ...
+    """
+    if out is not None:
+        msg = (f"out={str(out)!r} streams chunks as they finish, but an adapter built with "
+               "api='batch' answers when its provider jobs are over: drop out= and write the "
+               "returned frame (df.write_parquet(...)), or build the adapter with api='sync'")
+        raise ConfigError(msg)
+    if engine != "asyncio":
+        msg = (f"engine={engine!r}: an adapter built with api='batch' runs as provider jobs "
+               "from this process (there is nothing to spread over workers): drop engine= "
+               "(or pass engine='asyncio'), or build the adapter with api='sync'")
+        raise ConfigError(msg)
+    if cache is not None and cache is not False:
+        msg = ("cache= does not apply to an adapter built with api='batch' (its journal "
+               "already keeps every answer, and a rerun reuses them): drop cache=")
+        raise ConfigError(msg)
 
 
 def _ignore(ev: Event) -> None:
@@ -103,7 +124,8 @@ class _BatchRun:
         self._stopping.set()
 
     def _custom_ids(self, key: str | None) -> list[str]:
-        """``<row>-<hash of the request>``: the row's position, or its ``key`` value."""
+        """``<row>-<hash of the request>``: the row's position, or its ``key`` value (hashed
+        when it is long or holds other characters than letters, digits, ``_`` and ``-``)."""
         bodies = self.adapter.bodies(self.job.send)
         names: list[Any] = (list(range(len(bodies))) if key is None
                             else self.job.planned[key].cast(pl.String).to_list())
@@ -112,8 +134,7 @@ class _BatchRun:
             raise ConfigError(msg)
         ids = []
         for i, body in enumerate(bodies):
-            digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
-            cid = f"{names[i]}-{digest}"
+            cid = api.custom_id(names[i], body)
             self.lines[i] = api.request_line(cid, self.adapter.endpoint, body)
             ids.append(cid)
         return ids

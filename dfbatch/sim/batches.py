@@ -16,7 +16,8 @@ output file, the others are in no file at all. ``cancel`` stops it the same way
 (``cancelling``, then ``cancelled`` at the next look). Per line: a request whose input holds
 the poison marker gets a 400 line in the error file; a line that is not a valid request gets
 an error line too. An upload over ``batch_max_file_bytes`` is refused (400); a file of more
-than ``batch_max_requests`` lines (or with a duplicate ``custom_id``) makes its batch
+than ``batch_max_requests`` lines (or with a duplicate ``custom_id``, or one over 64
+characters) makes its batch
 ``failed`` at validation, with ``errors``.
 """
 
@@ -37,6 +38,7 @@ from dfbatch.sim.tokenizer import chat_prompt_tokens, encoder_for, truncate
 Answerer = Callable[[list[Any], Any, str], str]  # (messages, response_format, drop) -> text
 _ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings")
 _WINDOWS = {"24h": 86_400.0}
+_CUSTOM_ID_MAX = 64  # as Anthropic documents; a longer one fails the batch at validation
 _EDGE = 0.02  # share of the completion time spent validating, and again finalizing
 
 
@@ -303,6 +305,10 @@ def _validate(data: bytes, endpoint: str, max_requests: int) -> tuple[list[Any],
         if line.get("url") != endpoint or line.get("method") != "POST":
             why = f"method must be POST and url must be the batch's endpoint {endpoint}"
             errors.append(_line_error("mismatched_endpoint", why, number))
+            continue
+        if len(cid) > _CUSTOM_ID_MAX:
+            why = f"custom_id has {len(cid)} characters, more than {_CUSTOM_ID_MAX}"
+            errors.append(_line_error("invalid_custom_id", why, number))
             continue
         seen.add(cid)
         lines.append(line)

@@ -1,0 +1,90 @@
+"""The Batch API, second part: answers without choices, custom ids, refused arguments, the
+journal lock, ``dfbatch jobs collect``, the enqueued-token limit across jobs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+import dfbatch
+from dfbatch.errors import ConfigError, RowError
+from dfbatch.llm import chat
+from dfbatch.llm.batch_api import CUSTOM_ID_MAX, BatchLimits, read_results
+from dfbatch.sim import serve
+
+openai = pytest.importorskip("openai")
+FAST = BatchLimits(poll_s=0.005, poll_max_s=0.05)
+
+
+def batch_inputs(client: Any) -> list[list[dict[str, Any]]]:
+    """The request lines of every batch created on the simulator, oldest first."""
+    jobs = list(reversed(list(client.batches.list())))
+    return [[json.loads(x) for x in client.files.content(j.input_file_id).text.splitlines()]
+            for j in jobs]
+
+
+# -- bugs --------------------------------------------------------------------------------------
+def test_an_answer_without_choices_is_a_row_error_not_an_exception() -> None:
+    adapter = chat("sim-chat", base_url="http://127.0.0.1:9/v1", api="batch").dfbatch_batch_api
+    body = {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 0, "total_tokens": 7}}
+    got = adapter.answer(body)  # raised IndexError before
+    assert isinstance(got.value, RowError) and "no choices" in str(got.value)
+    assert got.input_tokens == 7  # paid for: the usage still counts
+    line = {"custom_id": "a", "response": {"status_code": 200, "body": body}}
+    assert "no choices" in str(read_results(json.dumps(line), adapter)["a"].value)
+
+
+def test_long_or_odd_key_values_make_custom_ids_the_provider_accepts(tmp_path: Path) -> None:
+    urls = [f"https://example.com/{'deep/' * 12}page {i}?q=ä" for i in range(3)]
+    df = pl.DataFrame({"url": urls, "text": ["one.", "two.", "three."]})
+    with serve(time_scale=0.001, batch_completion_s=5) as url:
+        fn = chat("sim-chat", "{text}", max_tokens=8, base_url=url, api="batch",
+                  batch_limits=FAST)
+        out = dfbatch.process(df, fn, key="url", checkpoint=tmp_path, progress=False)
+        again = dfbatch.process(df.reverse(), fn, key="url", checkpoint=tmp_path,
+                                progress=False)
+        inputs = batch_inputs(openai.OpenAI(base_url=url, api_key="x"))
+    assert out["error"].to_list() == [None] * 3, out["error"].to_list()
+    assert out["output"].to_list() == ["one.", "two.", "three."]
+    assert len(inputs) == 1  # the reordered rerun found every row by its key
+    assert again["output"].to_list() == ["three.", "two.", "one."]
+    ids = [x["custom_id"] for x in inputs[0]]
+    assert len(set(ids)) == 3 and all(len(c) <= CUSTOM_ID_MAX for c in ids)
+
+
+def test_the_simulator_fails_a_batch_with_a_custom_id_over_the_limit() -> None:
+    with serve(time_scale=0.001, batch_completion_s=5) as url:
+        client = openai.OpenAI(base_url=url, api_key="x")
+        body = {"model": "sim-chat", "messages": [{"role": "user", "content": "a"}]}
+        line = {"custom_id": "r" * 65, "method": "POST", "url": "/v1/chat/completions",
+                "body": body}
+        f = client.files.create(file=("in.jsonl", (json.dumps(line) + "\n").encode()),
+                                purpose="batch")
+        b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+        b = client.batches.retrieve(b.id)
+    assert b.status == "failed" and b.errors is not None
+    assert b.errors.data[0].code == "invalid_custom_id"
+
+
+@pytest.mark.parametrize(("argument", "value", "named"), [
+    ("out", "o.parquet", "out='o.parquet'"), ("engine", "ray", "engine='ray'"),
+    ("cache", True, "cache="),
+])
+def test_arguments_a_batch_api_run_cannot_honour_are_refused_up_front(
+    tmp_path: Path, argument: str, value: Any, named: str
+) -> None:
+    df = pl.DataFrame({"text": ["one."]})
+    with serve(time_scale=0.001, batch_completion_s=5) as url:
+        fn = chat("sim-chat", "{text}", max_tokens=8, base_url=url, api="batch",
+                  batch_limits=FAST)
+        with pytest.raises(ConfigError, match="drop") as caught:
+            dfbatch.process(df, fn, checkpoint=tmp_path, progress=False, **{argument: value})
+        client = openai.OpenAI(base_url=url, api_key="x")
+        assert list(client.files.list()) == []  # nothing was sent
+    assert named in str(caught.value)
