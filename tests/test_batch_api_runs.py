@@ -88,3 +88,58 @@ def test_arguments_a_batch_api_run_cannot_honour_are_refused_up_front(
         client = openai.OpenAI(base_url=url, api_key="x")
         assert list(client.files.list()) == []  # nothing was sent
     assert named in str(caught.value)
+
+
+# -- the journal lock --------------------------------------------------------------------------
+_HOLDER = """
+import sys, polars as pl, dfbatch
+from dfbatch.llm import batch_api, chat
+real_create = batch_api.create
+async def create(*args, **kwargs):
+    job = await real_create(*args, **kwargs)
+    print("submitted", flush=True)  # the job exists; this process polls it, holding the lock
+    return job
+batch_api.create = create
+df = pl.DataFrame({"text": [f"Row {i}." for i in range(6)]})
+fn = chat("sim-chat", "{text}", max_tokens=8, base_url=sys.argv[1], api="batch",
+          batch_limits=batch_api.BatchLimits(poll_s=0.01, poll_max_s=0.05))
+out = dfbatch.process(df, fn, checkpoint=sys.argv[2], progress=False)
+print("done", out["error"].null_count(), flush=True)
+"""
+
+
+def test_a_second_process_on_the_same_journal_is_refused_and_submits_nothing(
+    tmp_path: Path,
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from dfbatch.errors import CheckpointError
+
+    script = tmp_path / "holder.py"
+    script.write_text(_HOLDER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    ckpt = tmp_path / "ckpt"
+    df = pl.DataFrame({"text": [f"Row {i}." for i in range(6)]})
+    with serve(time_scale=0.001, batch_completion_s=3_000) as url:
+        client = openai.OpenAI(base_url=url, api_key="x")
+        child = subprocess.Popen([sys.executable, str(script), url, str(ckpt)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "submitted"
+            fn = chat("sim-chat", "{text}", max_tokens=8, base_url=url, api="batch",
+                      batch_limits=FAST)
+            with pytest.raises(CheckpointError, match="journal.lock") as caught:
+                dfbatch.process(df, fn, checkpoint=ckpt, progress=False)
+            assert f"process {child.pid}" in str(caught.value)
+            assert len(list(client.batches.list())) == 1  # the second run sent nothing
+            rest, err = child.communicate(timeout=120)
+        finally:
+            child.kill()
+        assert child.returncode == 0, err
+        assert rest.strip() == "done 6"
+        out = dfbatch.process(df, fn, checkpoint=ckpt, progress=False)  # the lock is free
+        assert len(list(client.batches.list())) == 1
+    assert out["output"].to_list() == df["text"].to_list()

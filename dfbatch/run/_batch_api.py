@@ -61,19 +61,22 @@ async def run_batch_api(
     adapter: BatchAdapter = fn.dfbatch_batch_api  # type: ignore[attr-defined]
     job = _Job.prepare(df, fn, text, config, settings)
     fingerprint = {"fn": getattr(fn, "dfbatch_fingerprint", None), "api": "batch"}
-    journal = BatchJournal.open(checkpoint, fingerprint, overwrite=resume == "overwrite")
     if key is not None and key not in job.planned.columns:
         msg = f"key={key!r} is not a column of the frame; name a unique id column"
         raise ConfigError(msg)
-    run = _BatchRun(adapter, job, journal, retry_errors, progress, key)
-    run.emit = on_event or _ignore
-    on_interrupt(run.stop)
-    loop = asyncio.get_running_loop()
+    journal = BatchJournal.open(checkpoint, fingerprint, overwrite=resume == "overwrite")
     try:
-        await run.go()
+        run = _BatchRun(adapter, job, journal, retry_errors, progress, key)
+        run.emit = on_event or _ignore
+        on_interrupt(run.stop)
+        loop = asyncio.get_running_loop()
+        try:
+            await run.go()
+        finally:
+            run.emit(RunFinished(loop.time(), cancelled=run._stopping.is_set()))
+        return _result(run)
     finally:
-        run.emit(RunFinished(loop.time(), cancelled=run._stopping.is_set()))
-    return _result(run)
+        journal.close()
 
 
 def refuse_unsupported(*, out: Any, engine: Any, cache: Any) -> None:
