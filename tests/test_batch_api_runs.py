@@ -143,3 +143,51 @@ def test_a_second_process_on_the_same_journal_is_refused_and_submits_nothing(
         out = dfbatch.process(df, fn, checkpoint=ckpt, progress=False)  # the lock is free
         assert len(list(client.batches.list())) == 1
     assert out["output"].to_list() == df["text"].to_list()
+
+
+# -- dfbatch jobs collect ------------------------------------------------------------------------
+def test_jobs_collect_writes_the_answers_and_puts_them_back_on_the_input_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from dfbatch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    texts = ["one.", "two.", "x <<poison>>", "four."]
+    pl.DataFrame({"id": ["d", "c", "b", "a"], "text": texts}).write_parquet("in.parquet")
+    runner = CliRunner()
+    with serve(time_scale=0.001, batch_completion_s=5) as url:
+        fn = chat("sim-chat", "{text}", max_tokens=8, base_url=url, api="batch",
+                  batch_limits=FAST)
+        df = pl.read_parquet("in.parquet")
+        dfbatch.process(df, fn, checkpoint=tmp_path / "by_row", progress=False)
+        dfbatch.process(df, fn, key="id", checkpoint=tmp_path / "by_key", progress=False)
+        by_row, by_key = [j.id for j in reversed(list(
+            openai.OpenAI(base_url=url, api_key="x").batches.list()))]
+        jobs = ["jobs", "--base-url", url, "collect"]
+        r = runner.invoke(main, [*jobs, by_row, "--out", "answers.parquet"])
+        assert r.exit_code == 0, r.output
+        assert "wrote 4 rows" in r.output and "3 answered, 1 with an error" in r.output
+        answers = pl.read_parquet("answers.parquet").sort("row")
+        assert answers["row"].to_list() == ["0", "1", "2", "3"]
+        assert answers["output"].to_list() == ["one.", "two.", None, "four."]
+        assert "HTTP 400" in answers["error"][2]
+        assert answers["input_tokens"].to_list()[:2] == [9, 9]  # the usage of the answers
+        r = runner.invoke(main, [*jobs, by_row, "--data", "in.parquet", "--out", "rows.csv"])
+        assert r.exit_code == 0, r.output
+        rows = pl.read_csv("rows.csv")
+        assert rows["text"].to_list() == texts  # the input's rows, in its order
+        assert rows["output"].to_list() == ["one.", "two.", None, "four."]
+        pl.read_parquet("in.parquet").reverse().write_parquet("shuffled.parquet")
+        r = runner.invoke(main, [*jobs, by_key, "--data", "shuffled.parquet", "--key", "id",
+                                 "--out", "keyed.parquet"])
+        assert r.exit_code == 0, r.output
+        keyed = pl.read_parquet("keyed.parquet")
+        assert keyed["output"].to_list() == ["four.", None, "two.", "one."]
+        r = runner.invoke(main, [*jobs, by_row, "--data", "shuffled.parquet", "--key", "nope",
+                                 "--out", "x.parquet"])
+        assert r.exit_code == 2 and "--key 'nope'" in r.output
+        r = runner.invoke(main, [*jobs, by_row, "--out", "raw.jsonl"])  # the raw lines
+        assert r.exit_code == 0 and "wrote 4 lines" in r.output

@@ -11,7 +11,6 @@ usage error (bad path, unknown column, bad ``--fn``), reported on stderr with a 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -22,18 +21,9 @@ import click
 import polars as pl
 
 from dfbatch.cli._groups import cache, jobs
+from dfbatch.cli._io import OUTPUTS, read_frame, write_frame
 from dfbatch.cli._local import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, demo, sim
 from dfbatch.errors import DfbatchError, did_you_mean
-
-_READERS: dict[str, Callable[[Path], pl.LazyFrame]] = {
-    ".parquet": pl.scan_parquet,
-    ".pq": pl.scan_parquet,
-    ".csv": pl.scan_csv,
-    ".tsv": lambda p: pl.scan_csv(p, separator="\t"),
-    ".ndjson": pl.scan_ndjson,
-    ".jsonl": pl.scan_ndjson,
-}
-_OUTPUTS = (".parquet", ".pq", ".csv", ".ndjson", ".jsonl")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,27 +73,6 @@ def _settings(**options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def read_frame(path: Path) -> pl.LazyFrame:
-    """A LazyFrame over ``path`` (Parquet, CSV/TSV, NDJSON by extension), or a usage error."""
-    if not path.is_file():
-        near = did_you_mean(path.name, os.listdir(path.parent)) if path.parent.is_dir() else ""
-        what = "is a directory" if path.is_dir() else "not found"
-        msg = f"input file {str(path)!r} {what}.{near}"
-        raise click.UsageError(msg)
-    reader = _READERS.get(path.suffix.lower())
-    if reader is None:
-        kinds = ", ".join(sorted(_READERS))
-        msg = f"cannot read {path.name!r}: use one of {kinds}"
-        raise click.UsageError(msg)
-    lf = reader(path)
-    try:
-        lf.collect_schema()
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        msg = f"cannot read {str(path)!r}: {exc}"
-        raise click.UsageError(msg) from None
-    return lf
-
-
 def _require_column(lf: pl.LazyFrame, name: str, option: str) -> None:
     columns = lf.collect_schema().names()
     if name not in columns:
@@ -142,22 +111,6 @@ def load_fn(spec: str) -> Callable[..., Any]:
         msg = f"--fn {spec!r} is a {type(obj).__name__}, not a function"
         raise click.UsageError(msg)
     return obj  # type: ignore[no-any-return]
-
-
-def _write(df: pl.DataFrame, path: Path) -> None:
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        df.write_parquet(path)
-        return
-    nested = [n for n, t in df.schema.items() if t.is_nested() or t == pl.Object]
-    if nested and suffix == ".csv":  # CSV holds no lists/structs: write them as JSON text
-        df = df.with_columns(pl.col(nested).map_elements(
-            lambda v: json.dumps(v.to_list() if isinstance(v, pl.Series) else v, default=str),
-            return_dtype=pl.String))
-    if suffix == ".csv":
-        df.write_csv(path)
-    else:
-        df.write_ndjson(path)
 
 
 # -- plan ----------------------------------------------------------------------------------
@@ -237,7 +190,7 @@ def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: s
     import dfbatch
     from dfbatch.errors import PartialResultWarning
 
-    if out.suffix.lower() not in _OUTPUTS:
+    if out.suffix.lower() not in OUTPUTS:
         msg = f"--out {out.name!r}: use a .parquet, .csv or .ndjson file"
         raise click.UsageError(msg)
     if not out.parent.is_dir():
@@ -267,7 +220,7 @@ def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: s
                 cancelled = int(s["rows_cancelled"].item())
             else:
                 result = dfbatch.process(lf.collect(), fn, text, **common)
-                _write(result, out)
+                write_frame(result, out)
                 err = result["error"]
                 rows, ok = result.height, int(err.is_null().sum())
                 cancelled = int((err == "cancelled").sum())

@@ -123,11 +123,15 @@ def custom_id(name: Any, body: dict[str, Any]) -> str:
     >>> custom_id("https://example.com/a page", {"input": "hi"})
     'kb654e3ea869be8d7-1931f60355ef'
     """
-    digest = _sha(json.dumps(body, sort_keys=True))[:12]
+    return f"{row_name(name)}-{_sha(json.dumps(body, sort_keys=True))[:12]}"
+
+
+def row_name(name: Any) -> str:
+    """The row part of a ``custom_id``: ``name`` as text when it fits, else ``k`` + its hash."""
     text = str(name)
-    if not _SAFE_ID.fullmatch(text) or len(text) > CUSTOM_ID_MAX - len(digest) - 1:
+    if not _SAFE_ID.fullmatch(text) or len(text) > CUSTOM_ID_MAX - 13:
         text = "k" + _sha(text)[:16]
-    return f"{text}-{digest}"
+    return text
 
 
 def _sha(text: str) -> str:
@@ -268,32 +272,3 @@ async def download(client: Any, file_id: str | None) -> str:
         return ""
     content = await client.files.content(file_id)
     return str(content.text)
-
-
-# -- jobs outside a run (``dfbatch jobs``) -------------------------------------------------
-def job_rows(client: Any, limit: int = 100) -> list[dict[str, Any]]:
-    """The provider's batch jobs, newest first, as plain rows (synchronous ``openai.OpenAI``)."""
-    rows = []
-    for job in client.batches.list(limit=min(limit, 100)):
-        counts = job.request_counts
-        rows.append({
-            "id": job.id, "status": job.status, "endpoint": job.endpoint,
-            "total": counts.total if counts else None,
-            "completed": counts.completed if counts else None,
-            "failed": counts.failed if counts else None,
-            "created_at": job.created_at,
-            "dfbatch": (job.metadata or {}).get("dfbatch"),
-        })
-        if len(rows) >= limit:
-            break
-    return rows
-
-
-def collect_job(client: Any, job_id: str) -> tuple[Any, bytes]:
-    """A job and the lines of its output and error files (JSONL bytes, outputs first)."""
-    job = client.batches.retrieve(job_id)
-    data = b""
-    for file_id in (job.output_file_id, job.error_file_id):
-        if file_id:
-            data += client.files.content(file_id).content
-    return job, data
