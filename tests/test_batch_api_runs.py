@@ -191,3 +191,63 @@ def test_jobs_collect_writes_the_answers_and_puts_them_back_on_the_input_rows(
         assert r.exit_code == 2 and "--key 'nope'" in r.output
         r = runner.invoke(main, [*jobs, by_row, "--out", "raw.jsonl"])  # the raw lines
         assert r.exit_code == 0 and "wrote 4 lines" in r.output
+
+
+# -- the enqueued-token limit across jobs ----------------------------------------------------------
+def _failed_over_limit(client: Any) -> int:
+    return sum(1 for b in client.batches.list() if b.status == "failed"
+               and any(e.code == "token_limit_exceeded" for e in b.errors.data))
+
+
+def test_the_simulator_fails_a_batch_over_the_enqueued_token_limit() -> None:
+    from tests.test_batch_api import jsonl, line
+
+    with serve(time_scale=0.001, batch_completion_s=1e6, batch_enqueued_tokens=20) as url:
+        client = openai.OpenAI(base_url=url, api_key="x")
+        jobs = []
+        for k in range(2):  # 16 prompt tokens each: the second one is over the limit
+            f = client.files.create(file=("in.jsonl", jsonl([line(k, "Summarize: a b c d.")])),
+                                    purpose="batch")
+            jobs.append(client.batches.create(input_file_id=f.id, completion_window="24h",
+                                              endpoint="/v1/chat/completions"))
+        first, second = (client.batches.retrieve(j.id) for j in jobs)
+    assert first.status in ("validating", "in_progress")
+    assert second.status == "failed" and second.errors.data[0].code == "token_limit_exceeded"
+
+
+def test_jobs_in_flight_stay_within_the_enqueued_token_limit(tmp_path: Path) -> None:
+    df = pl.DataFrame({"text": [f"Row number {i} of the table." for i in range(60)]})
+    limit = 450  # room for two files of ten rows at once (each ~180 prompt tokens)
+    with serve(time_scale=0.001, batch_completion_s=300, batch_enqueued_tokens=limit) as url:
+        client = openai.OpenAI(base_url=url, api_key="x")
+        unlimited = BatchLimits(max_requests=10, poll_s=0.005, poll_max_s=0.05)
+        fn = chat("sim-chat", "{text}", max_tokens=8, base_url=url, api="batch",
+                  batch_limits=unlimited)
+        before = dfbatch.process(df, fn, checkpoint=tmp_path / "a", progress=False)
+        refused = _failed_over_limit(client)
+        assert refused > 0  # all six files at once: the provider refuses some, and
+        assert before["error"].null_count() == 60  # they went again as earlier jobs ended
+        limited = BatchLimits(max_requests=10, max_enqueued_tokens=limit, poll_s=0.005,
+                              poll_max_s=0.05)
+        fn = chat("sim-chat", "{text}", max_tokens=8, base_url=url, api="batch",
+                  batch_limits=limited)
+        seen = len(list(client.batches.list()))
+        out = dfbatch.process(df, fn, checkpoint=tmp_path / "b", progress=False)
+        every = list(client.batches.list())  # newest first
+        jobs = every[: len(every) - seen]
+        assert _failed_over_limit(client) == refused  # none of the second run's was refused
+    assert len(jobs) == 6 and all(j.status == "completed" for j in jobs)
+    assert out["error"].null_count() == 60
+    assert out["output"].to_list() == df["text"].to_list()
+
+
+def test_no_file_is_bigger_than_the_enqueued_token_limit() -> None:
+    import numpy as np
+
+    from dfbatch.llm.batch_api import split_files
+
+    limits = BatchLimits(max_tokens=1_000, max_enqueued_tokens=250)
+    parts = split_files(np.full(10, 10), limits, np.full(10, 100))
+    assert [len(p) for p in parts] == [2, 2, 2, 2, 2]
+    with pytest.raises(ConfigError, match="max_enqueued_tokens"):
+        BatchLimits(max_enqueued_tokens=0)

@@ -47,8 +47,12 @@ class BatchLimits:
     """The provider's limits on one batch job, and how dfbatch polls it.
 
     ``max_requests`` lines and ``max_bytes`` bytes per input file (OpenAI: 50,000 and 200 MB);
-    ``max_tokens``: request tokens per file (prompt + output cap), for a provider's enqueued-
-    token limit per model (``None``: no cap). ``poll_s`` is the first wait between status
+    ``max_tokens``: request tokens per file (prompt + output cap; ``None``: no cap).
+    ``max_enqueued_tokens``: the model's enqueued-token limit (OpenAI's "batch queue limit",
+    which depends on the model and the account's tier; ``None``: none): every file stays
+    within it, and the jobs in flight at once together too; a file that does not fit waits
+    for a job to end (a job the provider still fails with ``token_limit_exceeded`` goes
+    again when another one ends). ``poll_s`` is the first wait between status
     checks, doubling up to ``poll_max_s``. ``discount`` is the batch price against
     synchronous calls (0.5: half price), for the cost comparison.
     """
@@ -56,6 +60,7 @@ class BatchLimits:
     max_requests: int = 50_000
     max_bytes: int = 200_000_000
     max_tokens: int | None = None
+    max_enqueued_tokens: int | None = None
     completion_window: str = "24h"
     poll_s: float = 2.0
     poll_max_s: float = 120.0
@@ -67,9 +72,12 @@ class BatchLimits:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 msg = f"batch limit {name} must be an integer > 0, got {value!r}"
                 raise ConfigError(msg)
-        if self.max_tokens is not None and self.max_tokens <= 0:
-            msg = f"batch limit max_tokens must be > 0 or None, got {self.max_tokens!r}"
-            raise ConfigError(msg)
+        for name in ("max_tokens", "max_enqueued_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value <= 0):
+                msg = f"batch limit {name} must be an integer > 0 or None, got {value!r}"
+                raise ConfigError(msg)
         if not 0 < self.poll_s <= self.poll_max_s:
             msg = f"need 0 < poll_s <= poll_max_s, got {self.poll_s}, {self.poll_max_s}"
             raise ConfigError(msg)
@@ -156,18 +164,20 @@ def split_files(
     sizes: np.ndarray, limits: BatchLimits, tokens: np.ndarray | None = None
 ) -> list[np.ndarray]:
     """Cut lines ``0..n-1`` (in order) into files within ``limits``: each file gets at most
-    ``max_requests`` lines, ``max_bytes`` bytes (``sizes``) and ``max_tokens`` tokens.
+    ``max_requests`` lines, ``max_bytes`` bytes (``sizes``) and ``max_tokens`` tokens (and
+    ``max_enqueued_tokens``: a file the model's queue could never hold cannot be sent).
 
     A single line over a limit cannot be sent: ``ConfigError`` (it names the limit).
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     costs = np.zeros_like(sizes) if tokens is None else np.asarray(tokens, dtype=np.int64)
-    cap_tokens = limits.max_tokens if limits.max_tokens is not None else np.iinfo(np.int64).max
+    caps = [c for c in (limits.max_tokens, limits.max_enqueued_tokens) if c is not None]
+    cap_tokens = min(caps) if caps else int(np.iinfo(np.int64).max)
     too_big = np.flatnonzero((sizes > limits.max_bytes) | (costs > cap_tokens))
     if too_big.size:
         i = int(too_big[0])
         msg = (f"request {i} alone exceeds the batch file limits ({sizes[i]} bytes, "
-               f"{costs[i]} tokens; limits {limits.max_bytes} bytes, {limits.max_tokens} "
+               f"{costs[i]} tokens; limits {limits.max_bytes} bytes, {cap_tokens} "
                "tokens): shorten the text or raise the limits")
         raise ConfigError(msg)
     parts: list[np.ndarray] = []

@@ -19,6 +19,7 @@ import asyncio
 import sys
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -121,6 +122,7 @@ class _BatchRun:
         self._shown: dict[str, str] = {}
         self._misses = 0
         self._rows_of: dict[str, int] | None = None
+        self._waiting: deque[list[int]] = deque()  # files (row lists) not submitted yet
         self.emit: Callable[[Event], None] = _ignore
 
     def stop(self) -> None:
@@ -174,14 +176,25 @@ class _BatchRun:
             await self._submit(client, entry)
         parts = self._parts(self._todo())
         self._started(live, parts)
-        for part in parts:
-            if self._stopping.is_set():
-                break
-            entry = self.journal.add_file([self.ids[i] for i in part])  # the intent first
+        self._waiting.extend(parts)
+        await self._fill(client, live)
+        await self._poll(client, live)
+
+    async def _fill(self, client: Any, live: list[FileEntry]) -> None:
+        """Submit waiting files, in order, while the tokens of the jobs in flight stay within
+        the model's enqueued-token limit (``BatchLimits.max_enqueued_tokens``); the others
+        wait for a job to end. With nothing in flight the next file always goes."""
+        cap = self.adapter.limits.max_enqueued_tokens
+        while self._waiting and not self._stopping.is_set():
+            part = self._waiting[0]
+            cost = int(self._costs()[part].sum())
+            if cap is not None and live and sum(e.tokens for e in live) + cost > cap:
+                return
+            self._waiting.popleft()
+            entry = self.journal.add_file([self.ids[i] for i in part], cost)  # intent first
             live.append(entry)
             await self._submit(client, entry, fresh=True)
             self._job_started(entry)
-        await self._poll(client, live)
 
     def _started(self, live: list[FileEntry], parts: list[list[int]]) -> None:
         """Events: each job is one "batch" of agent 0 (``on_event`` / ``RunStats`` see them)."""
@@ -201,14 +214,18 @@ class _BatchRun:
             self._rows_of = {cid: i for i, cid in enumerate(self.ids)}
         return self._rows_of
 
+    def _costs(self) -> np.ndarray:
+        """Each row's request tokens as the provider's token limits count them (prompt and
+        output cap), for the per-file and the enqueued-token limits."""
+        cfg = self.job.cfg
+        return self.job.row_tokens + cfg.request_overhead_tokens + cfg.output_tokens_per_row
+
     def _parts(self, rows: list[int]) -> list[list[int]]:
         if not rows:
             return []
         idx = np.asarray(rows, dtype=np.int64)
         sizes = np.fromiter((len(self.lines[i]) for i in rows), np.int64, len(rows))
-        cfg = self.job.cfg
-        tokens = (self.job.row_tokens[idx] + cfg.request_overhead_tokens
-                  + cfg.output_tokens_per_row)
+        tokens = self._costs()[idx]
         return [idx[p].tolist() for p in api.split_files(sizes, self.adapter.limits, tokens)]
 
     async def _submit(self, client: Any, entry: FileEntry, fresh: bool = False) -> None:
@@ -235,7 +252,7 @@ class _BatchRun:
 
     async def _poll(self, client: Any, live: list[FileEntry]) -> None:
         wait = self.adapter.limits.poll_s
-        while live and not self._stopping.is_set():
+        while (live or self._waiting) and not self._stopping.is_set():
             for entry in list(live):
                 batch = await self._retrieve(client, entry)
                 if batch is None:
@@ -244,7 +261,11 @@ class _BatchRun:
                 if batch.status in api.TERMINAL:
                     await self._collect(client, entry, batch)
                     live.remove(entry)
+                    if _over_token_limit(batch) and live:  # it goes again when one ends
+                        where = self._where()
+                        self._waiting.appendleft([where[c] for c in entry.rows if c in where])
                     wait = self.adapter.limits.poll_s
+            await self._fill(client, live)
             if live:
                 try:
                     await asyncio.wait_for(self._stopping.wait(), timeout=wait)
@@ -307,6 +328,14 @@ class _BatchRun:
         if self.verbose and self._shown.get(str(batch.id)) != line:
             print(line, file=sys.stderr)
         self._shown[str(batch.id)] = line
+
+
+def _over_token_limit(batch: Any) -> bool:
+    """A job the provider failed because the model's enqueued tokens were over its limit."""
+    errors = getattr(batch, "errors", None)
+    data = getattr(errors, "data", None) or []
+    return batch.status == "failed" and any(
+        getattr(e, "code", None) == "token_limit_exceeded" for e in data)
 
 
 def eta_s(counts: dict[str, int], since: float | None, now: float) -> float | None:

@@ -53,6 +53,7 @@ class FileEntry:
     finished_at: float | None = None
     collected: bool = False
     intent_at: float = 0.0  # epoch seconds: no upload or job of this file is older
+    tokens: int = 0  # request tokens (prompt + output cap), for the enqueued-token limit
 
 
 @dataclass
@@ -176,10 +177,10 @@ class BatchJournal:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def add_file(self, rows: list[str]) -> FileEntry:
+    def add_file(self, rows: list[str], tokens: int = 0) -> FileEntry:
         """Journal the intent to upload ``rows`` as a new file (saved before any upload)."""
         entry = FileEntry(f"dfbatch-{self.run}-{len(self.files)}.jsonl", rows,
-                          intent_at=time.time())
+                          intent_at=time.time(), tokens=tokens)
         self.files.append(entry)
         self.save()
         return entry

@@ -69,31 +69,27 @@ class _Batch:
     errors: list[dict[str, Any]] = field(default_factory=list)
     stopped: float | None = None  # when cancel was asked (simulated seconds)
     done_view: dict[str, Any] | None = None  # frozen once terminal
+    model: str = ""
+    tokens: int = 0  # prompt tokens of its lines, against the model's enqueued-token limit
 
 
-class BatchStore:
-    """Uploaded files and batch jobs of one simulator; its handlers take ``(request, t)``."""
+class FileStore:
+    """``/v1/files``: uploaded input files and the output / error files batches write."""
 
-    def __init__(self, config: SimConfig, sim_now: Callable[[], float], answer: Answerer,
-                 check_key: Callable[[web.Request], None]) -> None:
+    def __init__(self, config: SimConfig, check_key: Callable[[web.Request], None]) -> None:
         self.config = config
-        self._now = sim_now
-        self._answer = answer
         self._check_key = check_key
-        self.files: dict[str, _File] = {}
-        self.batches: dict[str, _Batch] = {}
+        self.by_id: dict[str, _File] = {}
 
-    def routes(self, router: web.UrlDispatcher, guard: Callable[[str, Any], Any]) -> None:
-        router.add_post("/v1/files", guard("files", self.upload))
-        router.add_get("/v1/files", guard("files", self.list_files))
-        router.add_get("/v1/files/{id}", guard("files", self.file))
-        router.add_get("/v1/files/{id}/content", guard("files", self.content))
-        router.add_post("/v1/batches", guard("batches", self.create))
-        router.add_get("/v1/batches", guard("batches", self.list_batches))
-        router.add_get("/v1/batches/{id}", guard("batches", self.retrieve))
-        router.add_post("/v1/batches/{id}/cancel", guard("batches", self.cancel))
+    def add(self, filename: str, purpose: str, data: bytes) -> _File:
+        file = _File(f"file-sim-{len(self.by_id) + 1}", filename, purpose, data,
+                     int(time.time()))
+        self.by_id[file.id] = file
+        return file
 
-    # -- files ---------------------------------------------------------------------------
+    def get(self, file_id: str) -> _File | None:
+        return self.by_id.get(file_id)
+
     async def upload(self, request: web.Request, t: float) -> web.Response:
         self._check_key(request)
         form = await request.post()
@@ -105,31 +101,52 @@ class BatchStore:
         if len(data) > limit:
             msg = f"File is too large: {len(data)} bytes, the limit is {limit} bytes."
             return _error(400, msg, param="file", code="file_too_large")
-        file = _File(f"file-sim-{len(self.files) + 1}", upload.filename or "upload.jsonl",
-                     str(purpose or "batch"), data, int(time.time()))
-        self.files[file.id] = file
+        file = self.add(upload.filename or "upload.jsonl", str(purpose or "batch"), data)
         return web.json_response(file.view())
 
     async def list_files(self, request: web.Request, t: float) -> web.Response:
         """Files, newest first (``order=asc``: oldest first), of one ``purpose`` if asked."""
         self._check_key(request)
         purpose = request.query.get("purpose")
-        views = [f.view() for f in self.files.values() if purpose in (None, f.purpose)]
+        views = [f.view() for f in self.by_id.values() if purpose in (None, f.purpose)]
         if request.query.get("order", "desc") != "asc":
             views.reverse()
         return _page(request, views)
 
     async def file(self, request: web.Request, t: float) -> web.Response:
         self._check_key(request)
-        found = self.files.get(request.match_info["id"])
+        found = self.by_id.get(request.match_info["id"])
         return web.json_response(found.view()) if found else _missing("file", request)
 
     async def content(self, request: web.Request, t: float) -> web.Response:
         self._check_key(request)
-        found = self.files.get(request.match_info["id"])
+        found = self.by_id.get(request.match_info["id"])
         if found is None:
             return _missing("file", request)
         return web.Response(body=found.data, content_type="application/octet-stream")
+
+
+class BatchStore:
+    """The batch jobs of one simulator (and its ``FileStore``); handlers take ``(request, t)``."""
+
+    def __init__(self, config: SimConfig, sim_now: Callable[[], float], answer: Answerer,
+                 check_key: Callable[[web.Request], None]) -> None:
+        self.config = config
+        self._now = sim_now
+        self._answer = answer
+        self._check_key = check_key
+        self.files = FileStore(config, check_key)
+        self.batches: dict[str, _Batch] = {}
+
+    def routes(self, router: web.UrlDispatcher, guard: Callable[[str, Any], Any]) -> None:
+        router.add_post("/v1/files", guard("files", self.files.upload))
+        router.add_get("/v1/files", guard("files", self.files.list_files))
+        router.add_get("/v1/files/{id}", guard("files", self.files.file))
+        router.add_get("/v1/files/{id}/content", guard("files", self.files.content))
+        router.add_post("/v1/batches", guard("batches", self.create))
+        router.add_get("/v1/batches", guard("batches", self.list_batches))
+        router.add_get("/v1/batches/{id}", guard("batches", self.retrieve))
+        router.add_post("/v1/batches/{id}/cancel", guard("batches", self.cancel))
 
     # -- batches -------------------------------------------------------------------------
     async def create(self, request: web.Request, t: float) -> web.Response:
@@ -151,8 +168,26 @@ class BatchStore:
         batch = _Batch(f"batch_sim_{len(self.batches) + 1}", file.id, endpoint, window,
                        body.get("metadata"), self._now(), int(time.time()), [])
         batch.lines, batch.errors = _validate(file.data, endpoint, self.config.batch_max_requests)
+        batch.tokens = sum(_prompt_tokens(line) for line in batch.lines)
+        batch.model = str(batch.lines[0]["body"].get("model")) if batch.lines else ""
+        if not batch.errors:
+            batch.errors = self._over_limit(batch)
         self.batches[batch.id] = batch
         return web.json_response(self._view(batch))
+
+    def _over_limit(self, batch: _Batch) -> list[dict[str, Any]]:
+        """The ``token_limit_exceeded`` error of a batch the model's queue cannot take."""
+        limit = self.config.batch_enqueued_tokens
+        if limit is None:
+            return []
+        queued = sum(b.tokens for b in self.batches.values() if b.model == batch.model
+                     and self._view(b)["status"] in ("validating", "in_progress", "finalizing"))
+        if queued + batch.tokens <= limit:
+            return []
+        why = (f"Enqueued token limit reached for {batch.model}. Limit: {limit:,} enqueued "
+               f"tokens ({queued:,} enqueued, this batch {batch.tokens:,}). Please try again "
+               "once some in_progress batches have been completed.")
+        return [_line_error("token_limit_exceeded", why, None)]
 
     async def list_batches(self, request: web.Request, t: float) -> web.Response:
         self._check_key(request)
@@ -240,10 +275,7 @@ class BatchStore:
         for name, records in (("output_file_id", out), ("error_file_id", err)):
             if records:
                 data = "".join(json.dumps(r) + "\n" for r in records).encode()
-                file = _File(f"file-sim-{len(self.files) + 1}", f"{b.id}_{name}.jsonl",
-                             "batch_output", data, int(time.time()))
-                self.files[file.id] = file
-                view[name] = file.id
+                view[name] = self.files.add(f"{b.id}_{name}.jsonl", "batch_output", data).id
         view["request_counts"] = {"total": len(b.lines), "completed": len(out),
                                   "failed": len(err)}
         view["status"] = status
@@ -316,6 +348,20 @@ def _validate(data: bytes, endpoint: str, max_requests: int) -> tuple[list[Any],
         why = f"the file holds {len(lines)} requests, more than the limit of {max_requests}"
         errors.append(_line_error("too_many_requests", why, None))
     return lines, errors
+
+
+def _prompt_tokens(line: dict[str, Any]) -> int:
+    """The prompt tokens of one request line (what a model's enqueued-token limit counts)."""
+    body = line.get("body")
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return 0
+    enc = encoder_for(body["model"])
+    if line.get("url") == "/v1/embeddings":
+        raw = body.get("input")
+        texts = [raw] if isinstance(raw, str) else [str(x) for x in raw or []]
+        return sum(len(enc.encode_ordinary(x)) for x in texts)
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    return chat_prompt_tokens(enc, messages) if messages else 0
 
 
 def _embedding(body: dict[str, Any], dims: int) -> dict[str, Any]:
