@@ -36,7 +36,7 @@ def jobs(ctx: click.Context, base_url: str | None) -> None:
 @click.pass_obj
 def jobs_list(client: Any, limit: int) -> None:
     """One line per job, newest first: id, status, request counts, the dfbatch file."""
-    from dfbatch.llm.batch_api import job_rows
+    from dfbatch.llm.batch_jobs import job_rows
 
     for r in job_rows(client, limit):
         click.echo(f"{r['id']}  {r['status']:<11} {r['completed']}/{r['total']} done, "
