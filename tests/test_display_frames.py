@@ -169,7 +169,7 @@ def test_close_kills_a_child_that_never_answers(monkeypatch: pytest.MonkeyPatch)
 def test_the_child_imports_matplotlib_but_not_polars_or_the_pool() -> None:
     package = str(Path(frames.__file__).resolve().parents[1])
     probe = (
-        frames._BARE_PACKAGE + "import dfbatch.display.frames, dfbatch.display.live_figure as lf; "
+        drawers._BARE_PACKAGE + "import dfbatch.display.frames, dfbatch.display.live_figure as lf; "
         "lf.LiveFigure(); "
         "print(sorted(m for m in ('polars', 'matplotlib', 'dfbatch.execute._pool', "
         "'dfbatch.events') "
