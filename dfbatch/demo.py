@@ -309,6 +309,7 @@ def run_batch_demo(
     with server as url:
         fn = chat(SIM_MODEL, PROMPT, response_format=SCHEMA, max_tokens=MAX_TOKENS,
                   base_url=url, api="batch")
+        fn.dfbatch_price = PRICES_PER_1K  # type: ignore[attr-defined]  # the dashboard's saving
         result = dfbatch.process(df, fn, "doc", progress=progress,
                                  checkpoint=out / "batch_checkpoint", resume="overwrite")
         from dfbatch.llm.client import import_openai

@@ -131,7 +131,7 @@ def test_a_second_process_on_the_same_journal_is_refused_and_submits_nothing(
             assert child.stdout.readline().strip() == "submitted"
             fn = chat("sim-chat", "{text}", max_tokens=8, base_url=url, api="batch",
                       batch_limits=FAST)
-            with pytest.raises(CheckpointError, match="journal.lock") as caught:
+            with pytest.raises(CheckpointError, match=r"journal\.lock") as caught:
                 dfbatch.process(df, fn, checkpoint=ckpt, progress=False)
             assert f"process {child.pid}" in str(caught.value)
             assert len(list(client.batches.list())) == 1  # the second run sent nothing

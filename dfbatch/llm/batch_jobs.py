@@ -89,14 +89,14 @@ def answers_frame(data: bytes) -> pl.DataFrame:
 
 def _read(line: dict[str, Any]) -> tuple[Any, str | None, dict[str, Any]]:
     """(output, error, usage) of one line, whatever its endpoint."""
-    response = line.get("response") if isinstance(line.get("response"), dict) else {}
-    body = response.get("body") if isinstance(response.get("body"), dict) else {}
-    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    response = _dict(line.get("response"))
+    body = _dict(response.get("body"))
+    usage = _dict(body.get("usage"))
     error = line.get("error")
     if isinstance(error, dict):
         return None, f"batch error {error.get('code')}: {error.get('message')}", usage
     if response.get("status_code") != 200:
-        detail = body.get("error") if isinstance(body.get("error"), dict) else {}
+        detail = _dict(body.get("error"))
         return None, f"HTTP {response.get('status_code')}: {detail.get('message')}", usage
     choices = body.get("choices")
     if isinstance(choices, list):
@@ -109,6 +109,10 @@ def _read(line: dict[str, Any]) -> tuple[Any, str | None, dict[str, Any]]:
     if isinstance(data, list) and data and isinstance(data[0], dict):
         return data[0].get("embedding"), None, usage
     return json.dumps(body, ensure_ascii=False), None, usage
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def on_rows(data: pl.DataFrame, answers: pl.DataFrame, job_id: str,

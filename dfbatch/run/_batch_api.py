@@ -16,7 +16,7 @@ provider; a rerun collects them) and returns what was collected.
 from __future__ import annotations
 
 import asyncio
-import sys
+import contextlib
 import time
 import warnings
 from collections import deque
@@ -28,14 +28,23 @@ import polars as pl
 
 from dfbatch.config import BatchConfig, Progress
 from dfbatch.errors import ConfigError, PartialResultWarning, RowError
-from dfbatch.events import BatchFinished, BatchStarted, Event, RunFinished, RunStarted
+from dfbatch.events import (
+    BatchFinished,
+    BatchStarted,
+    Event,
+    RunFinished,
+    RunStarted,
+    StatsAccumulator,
+)
 from dfbatch.execute._loop import on_interrupt
 from dfbatch.execute._recorder import Outcomes
 from dfbatch.execute._result import assemble
 from dfbatch.llm import batch_api as api
 from dfbatch.llm.batch_api import Answer, BatchAdapter
 from dfbatch.run._batch_journal import BatchJournal, FileEntry, Stored
+from dfbatch.run._batch_view import JobView
 from dfbatch.run._prepare import Fn, _Job
+from dfbatch.run._wiring import open_display, safe, tick
 
 _STILL_RUNNING = "batch job not finished yet: rerun with the same settings to collect it"
 _NOT_SENT = "not submitted: the run was stopped first; rerun to submit"
@@ -66,15 +75,32 @@ async def run_batch_api(
         msg = f"key={key!r} is not a column of the frame; name a unique id column"
         raise ConfigError(msg)
     journal = BatchJournal.open(checkpoint, fingerprint, overwrite=resume == "overwrite")
+    acc = StatsAccumulator()
+
+    def emit(ev: Event) -> None:
+        acc.apply(ev)
+        if on_event is not None:
+            on_event(ev)
+
     try:
-        run = _BatchRun(adapter, job, journal, retry_errors, progress, key)
-        run.emit = on_event or _ignore
-        on_interrupt(run.stop)
+        run = _BatchRun(adapter, job, journal, retry_errors, key)
+        unclickable = on_interrupt(run.stop)
+        display = open_display(progress, job.planned.height, None if unclickable else run.stop)
+        run.view = JobView(emit, lines=progress is not False and display is None,
+                           price=getattr(fn, "dfbatch_price", None),
+                           discount=adapter.limits.discount)
         loop = asyncio.get_running_loop()
+        ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
         try:
             await run.go()
         finally:
-            run.emit(RunFinished(loop.time(), cancelled=run._stopping.is_set()))
+            if ticker is not None:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
+            emit(RunFinished(loop.time(), cancelled=run._stopping.is_set()))
+            if display is not None:
+                safe(display.close, acc.snapshot())
         return _result(run)
     finally:
         journal.close()
@@ -104,26 +130,20 @@ def refuse_unsupported(*, out: Any, engine: Any, cache: Any) -> None:
         raise ConfigError(msg)
 
 
-def _ignore(ev: Event) -> None:
-    return None
-
-
 class _BatchRun:
     def __init__(self, adapter: BatchAdapter, job: _Job, journal: BatchJournal,
-                 retry_errors: bool, progress: Progress, key: str | None = None) -> None:
+                 retry_errors: bool, key: str | None = None) -> None:
         self.adapter = adapter
         self.job = job
         self.journal = journal
         self.retry_errors = retry_errors
-        self.verbose = progress is not False
         self.lines = [b""] * job.planned.height
         self.ids = self._custom_ids(key)
         self._stopping = asyncio.Event()
-        self._shown: dict[str, str] = {}
+        self.view = JobView(lambda ev: None, lines=False, price=None, discount=1.0)
         self._misses = 0
         self._rows_of: dict[str, int] | None = None
         self._waiting: deque[list[int]] = deque()  # files (row lists) not submitted yet
-        self.emit: Callable[[Event], None] = _ignore
 
     def stop(self) -> None:
         self._stopping.set()
@@ -200,14 +220,14 @@ class _BatchRun:
         """Events: each job is one "batch" of agent 0 (``on_event`` / ``RunStats`` see them)."""
         t = asyncio.get_running_loop().time()
         rows = sum(len(e.rows) for e in live) + sum(len(p) for p in parts)
-        self.emit(RunStarted(t, rows, len(live) + len(parts), 0, (0,)))
+        self.view.emit(RunStarted(t, rows, len(live) + len(parts), 0, (0,)))
         for entry in live:
             self._job_started(entry)
 
     def _job_started(self, entry: FileEntry) -> None:
         index = self.journal.files.index(entry)
         t = asyncio.get_running_loop().time()
-        self.emit(BatchStarted(t, index, 0, 0, len(entry.rows), 0, 1))
+        self.view.emit(BatchStarted(t, index, 0, 0, len(entry.rows), 0, 1))
 
     def _where(self) -> dict[str, int]:
         if self._rows_of is None:
@@ -248,7 +268,7 @@ class _BatchRun:
         entry.job_id, entry.status = str(batch.id), str(batch.status)
         entry.created_at = float(batch.created_at)
         self.journal.save()
-        self._show(entry, batch)
+        self.view.show(self.journal.files.index(entry), entry, batch)
 
     async def _poll(self, client: Any, live: list[FileEntry]) -> None:
         wait = self.adapter.limits.poll_s
@@ -257,7 +277,7 @@ class _BatchRun:
                 batch = await self._retrieve(client, entry)
                 if batch is None:
                     continue  # a passing failure: ask again at the next round
-                self._show(entry, batch)
+                self.view.show(self.journal.files.index(entry), entry, batch)
                 if batch.status in api.TERMINAL:
                     await self._collect(client, entry, batch)
                     live.remove(entry)
@@ -309,25 +329,12 @@ class _BatchRun:
         self.journal.collected(entry, answers)
         failed = sum(1 for a in answers.values() if a.error is not None)
         elapsed = entry.finished_at - (entry.created_at or entry.finished_at)
-        self.emit(BatchFinished(
+        used = (sum(a.input_tokens for a in answers.values()),
+                sum(a.output_tokens for a in answers.values()))
+        self.view.emit(BatchFinished(
             asyncio.get_running_loop().time(), index, 0, 0, len(entry.rows), 0, elapsed,
-            len(entry.rows) - failed, failed, sum(a.input_tokens for a in answers.values()),
-            sum(a.output_tokens for a in answers.values())))
-
-    def _show(self, entry: FileEntry, batch: Any) -> None:
-        counts = batch.request_counts
-        entry.counts = {"total": counts.total, "completed": counts.completed,
-                        "failed": counts.failed} if counts is not None else {}
-        line = (f"dfbatch: batch job {batch.id} ({entry.name}, {len(entry.rows):,} rows): "
-                f"{batch.status} {entry.counts.get('completed', 0):,} done, "
-                f"{entry.counts.get('failed', 0):,} failed")
-        eta = eta_s(entry.counts, getattr(batch, "in_progress_at", None) or entry.created_at,
-                    time.time()) if batch.status == "in_progress" else None
-        if eta is not None:
-            line += f", about {_duration(eta)} left"
-        if self.verbose and self._shown.get(str(batch.id)) != line:
-            print(line, file=sys.stderr)
-        self._shown[str(batch.id)] = line
+            len(entry.rows) - failed, failed, *used))
+        self.view.collected(index, *used)
 
 
 def _over_token_limit(batch: Any) -> bool:
@@ -336,29 +343,6 @@ def _over_token_limit(batch: Any) -> bool:
     data = getattr(errors, "data", None) or []
     return batch.status == "failed" and any(
         getattr(e, "code", None) == "token_limit_exceeded" for e in data)
-
-
-def eta_s(counts: dict[str, int], since: float | None, now: float) -> float | None:
-    """Seconds left for a job at the pace its request counts show since ``since``.
-
-    >>> eta_s({"total": 100, "completed": 20, "failed": 5}, since=1000.0, now=1050.0)
-    150.0
-    >>> eta_s({"total": 100, "completed": 0, "failed": 0}, since=1000.0, now=1050.0) is None
-    True
-    """
-    done = counts.get("completed", 0) + counts.get("failed", 0)
-    total = counts.get("total", 0)
-    if since is None or done <= 0 or now <= since or total <= done:
-        return None
-    return (now - since) / done * (total - done)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 # -- the result frame ------------------------------------------------------------------------
