@@ -131,6 +131,8 @@ def refuse_unsupported(*, out: Any, engine: Any, cache: Any) -> None:
 
 
 class _BatchRun:
+    """One Batch API run: its rows as request lines, its journal, submission and polling."""
+
     def __init__(self, adapter: BatchAdapter, job: _Job, journal: BatchJournal,
                  retry_errors: bool, key: str | None = None) -> None:
         self.adapter = adapter
@@ -312,19 +314,7 @@ class _BatchRun:
         for file_id in (batch.output_file_id, batch.error_file_id):
             found.update(api.read_results(await api.download(client, file_id), self.adapter))
         index = self.journal.files.index(entry)
-        why = f"batch_{batch.status}: job {batch.id} gave no answer for this row; rerun to resubmit"
-        if batch.status == "failed" and batch.errors is not None and batch.errors.data:
-            why = f"batch_failed: {batch.errors.data[0].message}; rerun to resubmit"
-        answers: dict[str, Stored] = {}
-        for cid in entry.rows:
-            got = found.get(cid)
-            if got is None:
-                answers[cid] = Stored(error=why, resumable=True, file=index)
-            elif isinstance(got.value, RowError):
-                answers[cid] = Stored(error=str(got.value), resumable=got.resumable, file=index)
-            else:
-                answers[cid] = Stored(got.value, None, False, got.input_tokens,
-                                      got.output_tokens, index)
+        answers = _stored(entry.rows, found, batch, index)
         entry.status, entry.finished_at = str(batch.status), time.time()
         self.journal.collected(entry, answers)
         failed = sum(1 for a in answers.values() if a.error is not None)
@@ -335,6 +325,26 @@ class _BatchRun:
             asyncio.get_running_loop().time(), index, 0, 0, len(entry.rows), 0, elapsed,
             len(entry.rows) - failed, failed, *used))
         self.view.collected(index, *used)
+
+
+def _stored(rows: list[str], found: dict[str, Answer], batch: Any,
+            index: int) -> dict[str, Stored]:
+    """What job ``index`` (``batch``) answered for each of its ``rows``, as journal records:
+    a value, a per-row error, or (no line for it) a resumable ``batch_<status>`` error."""
+    why = f"batch_{batch.status}: job {batch.id} gave no answer for this row; rerun to resubmit"
+    if batch.status == "failed" and batch.errors is not None and batch.errors.data:
+        why = f"batch_failed: {batch.errors.data[0].message}; rerun to resubmit"
+    answers: dict[str, Stored] = {}
+    for cid in rows:
+        got = found.get(cid)
+        if got is None:
+            answers[cid] = Stored(error=why, resumable=True, file=index)
+        elif isinstance(got.value, RowError):
+            answers[cid] = Stored(error=str(got.value), resumable=got.resumable, file=index)
+        else:
+            answers[cid] = Stored(got.value, None, False, got.input_tokens, got.output_tokens,
+                                  index)
+    return answers
 
 
 def _over_token_limit(batch: Any) -> bool:
