@@ -251,3 +251,28 @@ def test_no_file_is_bigger_than_the_enqueued_token_limit() -> None:
     assert [len(p) for p in parts] == [2, 2, 2, 2, 2]
     with pytest.raises(ConfigError, match="max_enqueued_tokens"):
         BatchLimits(max_enqueued_tokens=0)
+
+
+def test_cli_run_enqueued_tokens_sends_one_job_at_a_time_within_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from dfbatch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    pl.DataFrame({"text": ["The first row.", "The second row."]}).write_parquet("in.parquet")
+    runner = CliRunner()
+    args = ["run", "in.parquet", "--model", "sim-chat", "--out", "out.parquet",
+            "--no-progress", "--max-tokens", "8"]
+    r = runner.invoke(main, [*args, "--enqueued-tokens", "20"])
+    assert r.exit_code == 2 and "add --batch-api" in r.output
+    with serve(time_scale=0.001, batch_completion_s=5, batch_enqueued_tokens=20) as url:
+        r = runner.invoke(main, [*args, "--base-url", url, "--batch-api",
+                                 "--enqueued-tokens", "20"])
+        assert r.exit_code == 0, r.output
+        jobs = list(openai.OpenAI(base_url=url, api_key="x").batches.list())
+    assert [j.status for j in jobs] == ["completed", "completed"]  # one row per file
+    assert pl.read_parquet("out.parquet")["output"].to_list() == ["The first row.",
+                                                                  "The second row."]

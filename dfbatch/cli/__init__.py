@@ -180,10 +180,14 @@ def plan(data: Path, text: str, price_in: float | None, price_out: float | None,
 @click.option("--batch-api", is_flag=True,
               help="With --model: send the rows as the provider's Batch API jobs (half price, "
                    "answered within 24 h; rerun to collect after a stop). See `dfbatch jobs`.")
+@click.option("--enqueued-tokens", type=click.IntRange(min=1),
+              help="With --batch-api: the model's enqueued-token limit (your account's batch "
+                   "queue limit); the jobs in flight at once stay within it.")
 def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: str | None,
         system: str | None, max_tokens: int, mode: str, base_url: str | None, out: Path,
         checkpoint: Path | None, resume: str, retry_errors: bool, key: str | None,
-        chunk_rows: int, progress: bool | None, batch_api: bool, **options: Any) -> None:
+        chunk_rows: int, progress: bool | None, batch_api: bool, enqueued_tokens: int | None,
+        **options: Any) -> None:
     """Run a function over the rows of DATA in batches and write the result to --out."""
     import warnings
 
@@ -206,8 +210,16 @@ def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: s
     if batch_api and model is None:
         msg = "--batch-api needs --model (the built-in chat adapter)"
         raise click.UsageError(msg)
+    if enqueued_tokens is not None and not batch_api:
+        msg = "--enqueued-tokens limits Batch API jobs: add --batch-api, or drop it"
+        raise click.UsageError(msg)
+    limits = None
+    if enqueued_tokens is not None:
+        from dfbatch.llm.batch_api import BatchLimits
+
+        limits = BatchLimits(max_enqueued_tokens=enqueued_tokens)
     fn = _make_fn(fn_spec, model, prompt or f"{{{text}}}", system, max_tokens, base_url, mode,
-                  api="batch" if batch_api else "sync")
+                  api="batch" if batch_api else "sync", limits=limits)
     show: Any = "bar" if (sys.stderr.isatty() if progress is None else progress) else False
     common = dict(progress=show, checkpoint=checkpoint, resume=resume, key=key,
                   retry_errors=retry_errors, **_settings(**options))
@@ -278,7 +290,7 @@ def _command_line() -> str:
 
 
 def _chat(model: str, prompt: str, system: str | None, max_tokens: int, base_url: str | None,
-          mode: str, api: str = "sync") -> Callable[..., Any]:
+          mode: str, api: str = "sync", limits: Any = None) -> Callable[..., Any]:
     try:
         from dfbatch.llm import chat
     except ImportError as exc:
@@ -286,14 +298,14 @@ def _chat(model: str, prompt: str, system: str | None, max_tokens: int, base_url
         raise click.UsageError(msg) from None
     try:
         return chat(model, prompt, system=system, max_tokens=max_tokens, base_url=base_url,
-                    mode=mode, api=api)  # type: ignore[arg-type]
+                    mode=mode, api=api, batch_limits=limits)  # type: ignore[arg-type]
     except DfbatchError as exc:
         raise click.UsageError(str(exc)) from None
 
 
 def _make_fn(fn_spec: str | None, model: str | None, prompt: str, system: str | None,
              max_tokens: int, base_url: str | None, mode: str = "per_row",
-             api: str = "sync") -> Callable[..., Any]:
+             api: str = "sync", limits: Any = None) -> Callable[..., Any]:
     if fn_spec is not None and model is not None:
         msg = "pass either --fn or --model, not both"
         raise click.UsageError(msg)
@@ -307,7 +319,7 @@ def _make_fn(fn_spec: str | None, model: str | None, prompt: str, system: str | 
                "OpenAI-compatible server (e.g. `dfbatch sim`) pass --base-url URL "
                "(or set OPENAI_BASE_URL)")
         raise click.UsageError(msg)
-    return _chat(model, prompt, system, max_tokens, base_url, mode, api)
+    return _chat(model, prompt, system, max_tokens, base_url, mode, api, limits)
 
 
 # -- demo ----------------------------------------------------------------------------------
