@@ -3,9 +3,13 @@
 The plan is made as usual (``n_tokens``, ``batch_id``, ``agent_id`` stay in the result); then
 every row still to answer becomes one JSONL line whose ``custom_id`` is ``<row>-<hash of its
 request>``, the lines are cut into files within the provider's limits
-(``dfbatch.llm.batch_api.split_files``), and each file is uploaded and made a job. Every
-step is journaled first (``dfbatch.run._batch_journal``), so a rerun after a crash polls the
-jobs that exist and never uploads or creates them twice. Jobs are polled with a doubling wait;
+(``dfbatch.llm.batch_api.split_files``), and each file is uploaded and made a job, while the
+tokens of the jobs in flight stay within the model's enqueued-token limit
+(``BatchLimits.max_enqueued_tokens``; later files wait for a job to end). Every step is
+journaled first (``dfbatch.run._batch_journal``, held under a lock file), so a rerun after a
+crash polls the jobs that exist and never uploads or creates them twice, and a second process
+on the same journal is refused. Jobs are polled with a doubling wait and shown as they change
+(``dfbatch.run._batch_view``: events, the live view, or stderr lines);
 when one is over its output and error files are read back: outputs as a synchronous run gives
 them, per-row errors as values, and rows in neither file (expired or cancelled jobs) get an
 error ``batch_<status>: ...``; the next run submits them again. ``retry_errors=True``
