@@ -63,9 +63,10 @@ def test_the_dashboard_has_a_jobs_table() -> None:
     w = WidgetDisplay(20, show=False, figure=False)
     jobs = (JobUpdated(0.0, 0, "batch_a", "completed", 10, 10, 0, None, 0.002),
             JobUpdated(0.0, 1, "batch_b", "in_progress", 10, 4, 0, 30.0))
-    assert w.jobs.value == ""  # a run without jobs shows no table
+    assert w.jobs.value == "" and w.jobs.layout.display == "none"  # no jobs, no table
     w.update(RunStats(total_rows=20, total_batches=2, elapsed_s=5.0, jobs=jobs))
     assert "batch_b" in w.jobs.value and "in_progress" in w.jobs.value
+    assert w.jobs.layout.display == "block"
     w.close(RunStats(total_rows=20, total_batches=2, rows_done=10, elapsed_s=6.0,
                      finished=True, jobs=jobs))
     assert "batch_a" in w.jobs.value and "batch_b" in w.jobs.value

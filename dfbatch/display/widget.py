@@ -133,7 +133,7 @@ class WidgetDisplay:
         )
         self.button.on_click(self._on_stop)
         self.header = w.HTML(value=_header_html(RunStats(total_rows=total_rows), "starting"))
-        self.jobs = w.HTML(value="")  # a Batch API run's jobs (``display.jobs``)
+        self.jobs = w.HTML(value="", layout=w.Layout(display="none"))
         # one image per panel in a wrapping row: side by side when wide, stacked when narrow
         self.images = [w.Image(format="png", layout=w.Layout(
             max_width="100%", height="auto", flex="1 1 320px")) for _ in range(3)]
@@ -198,8 +198,9 @@ class WidgetDisplay:
             self.bar.value = min(stats.rows_shown, self.bar.max)
             self.bar.description = f"{stats.percent_done}%"
         self.header.value = _header_html(stats, state)
-        if stats.jobs:
+        if stats.jobs:  # a Batch API run: its jobs table (``display.jobs``)
             self.jobs.value = jobs_html(stats)
+            self.jobs.layout.display = "block"
 
     def _publish(self, frame: tuple[Png, float] | None) -> None:
         if frame is None:
