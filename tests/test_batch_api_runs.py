@@ -57,6 +57,15 @@ def test_long_or_odd_key_values_make_custom_ids_the_provider_accepts(tmp_path: P
     assert len(set(ids)) == 3 and all(len(c) <= CUSTOM_ID_MAX for c in ids)
 
 
+def test_a_request_line_refuses_a_custom_id_over_the_limit() -> None:
+    from dfbatch.llm.batch_api import custom_id, request_line
+
+    assert request_line(custom_id("x" * 51, {}), "/v1/embeddings", {}).startswith(b'{"cus')
+    assert custom_id("x" * 52, {}).startswith("k")  # too long with its hash: hashed
+    with pytest.raises(ConfigError, match="more than the providers' limit of 64"):
+        request_line("r" * 65, "/v1/embeddings", {})
+
+
 def test_the_simulator_fails_a_batch_with_a_custom_id_over_the_limit() -> None:
     with serve(time_scale=0.001, batch_completion_s=5) as url:
         client = openai.OpenAI(base_url=url, api_key="x")
