@@ -285,3 +285,14 @@ def test_cli_run_enqueued_tokens_sends_one_job_at_a_time_within_the_limit(
     assert [j.status for j in jobs] == ["completed", "completed"]  # one row per file
     assert pl.read_parquet("out.parquet")["output"].to_list() == ["The first row.",
                                                                   "The second row."]
+
+
+def test_the_cli_batch_demo_prints_its_report(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from dfbatch.cli import main
+
+    r = CliRunner().invoke(main, ["demo", "--batch-api", "--rows", "12", "--out-dir",
+                                  str(tmp_path), "--no-progress"])
+    assert r.exit_code == 0, r.output  # raised AttributeError (rows_cancelled) before
+    assert "dfbatch demo (Batch API, simulator): 12 rows in 1 job(s): ok 12" in r.output
