@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from dfbatch.job_events import JobUpdated, jobs_eta, saved_usd
+from dfbatch.job_events import JobUpdated, answering, jobs_eta, saved_usd
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,8 +178,9 @@ class RunStats:
 
     @property
     def rows_shown(self) -> int:
-        """Rows done counting a resumed run's earlier rows: what a progress bar shows."""
-        return self.rows_before + self.rows_done
+        """Rows done counting a resumed run's earlier rows (and the requests provider jobs
+        did before their answers are collected): what a progress bar shows."""
+        return self.rows_before + self.rows_done + answering(self.jobs)
 
     @property
     def total_shown(self) -> int:

@@ -35,7 +35,8 @@ class JobUpdated:
     ``completed``, ``failed``, ``expired``, ``cancelling``, ``cancelled``); ``completed`` /
     ``failed``: the provider's request counts; ``eta_s``: seconds left at the pace those
     counts show (None: unknown); ``saved_usd``: what its answers cost less than synchronous
-    calls once its answers are in (None: not yet, or the model has no known price)."""
+    calls once its answers are in (None: not yet, or the model has no known price);
+    ``collected``: its answers are in (its rows count in ``RunStats.rows_done`` then)."""
 
     t: float
     job: int
@@ -46,6 +47,7 @@ class JobUpdated:
     failed: int = 0
     eta_s: float | None = None
     saved_usd: float | None = None
+    collected: bool = False
 
     @property
     def done(self) -> int:
@@ -64,6 +66,12 @@ def jobs_eta(jobs: Iterable[JobUpdated]) -> float | None:
     if any(e is None for e in etas):
         return None
     return max((e for e in etas if e is not None), default=0.0)
+
+
+def answering(jobs: Iterable[JobUpdated]) -> int:
+    """Requests the provider has done in jobs not collected yet (progress before the rows'
+    answers are in)."""
+    return sum(j.done for j in jobs if not j.collected)
 
 
 def saved_usd(jobs: Iterable[JobUpdated]) -> float | None:

@@ -38,11 +38,14 @@ def test_each_job_reaches_the_events_with_its_counts_eta_and_savings(tmp_path: P
     assert any(e is not None and e > 0 for e in etas)  # the overall ETA, from the counts
     mid = fold(events[: events.index(running[-1]) + 1])
     assert mid.eta_s == jobs_eta(mid.jobs) and mid.rows_done < 30
+    assert mid.rows_shown == mid.rows_done + sum(j.done for j in mid.jobs if not j.collected)
+    assert mid.rows_shown > mid.rows_done  # the bar moves with the provider's counts
     final = fold(events)
     assert [(j.job, j.status, j.completed, j.failed) for j in final.jobs] == [
         (k, "completed", 10, 0) for k in range(3)]
     full = (final.input_tokens * PRICE[0] + final.output_tokens * PRICE[1]) / 1000
     assert final.saved_usd == pytest.approx(full * 0.5)  # half price: half saved
+    assert final.rows_shown == 30 and all(j.collected for j in final.jobs)
     assert final.input_tokens > 0 and out["error"].null_count() == 30
 
 

@@ -43,20 +43,22 @@ class JobView:
             int(entry.counts.get("failed", 0)), eta), entry.name)
 
     def collected(self, job: int, input_tokens: int, output_tokens: int) -> None:
-        """Job ``job``'s answers are in: what they saved against synchronous calls."""
+        """Job ``job``'s answers are in, and what they saved against synchronous calls."""
         last = self._shown.get(job)
-        if last is None or self.price is None:
+        if last is None:
             return
-        full = (input_tokens * self.price[0] + output_tokens * self.price[1]) / 1000
-        saved = full * (1 - self.discount)
+        saved = None
+        if self.price is not None:
+            full = (input_tokens * self.price[0] + output_tokens * self.price[1]) / 1000
+            saved = full * (1 - self.discount)
         self._update(JobUpdated(asyncio.get_running_loop().time(), job, last.job_id,
                                 last.status, last.rows, last.completed, last.failed, None,
-                                saved), None)
+                                saved, collected=True), None)
 
     def _update(self, ev: JobUpdated, name: str | None) -> None:
         last = self._shown.get(ev.job)
-        same = last is not None and (last.status, last.done, last.saved_usd) == (
-            ev.status, ev.done, ev.saved_usd)
+        same = last is not None and (last.status, last.done, last.collected) == (
+            ev.status, ev.done, ev.collected)
         self._shown[ev.job] = ev
         if same:
             return
