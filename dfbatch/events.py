@@ -211,8 +211,8 @@ class RunStats:
         rate = self.rows_per_s
         if self.finished:
             return 0.0
-        if self.jobs:  # provider jobs: their own request counts tell
-            return jobs_eta(self.jobs)
+        if self.jobs:  # provider jobs: their request counts tell (not of files still waiting)
+            return jobs_eta(self.jobs) if len(self.jobs) >= self.total_batches else None
         if rate <= 0:
             return None
         eta = (self.total_rows - self.rows_done) / rate

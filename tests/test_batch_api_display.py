@@ -59,6 +59,12 @@ def test_the_terminal_bar_shows_the_jobs_and_lists_them_at_the_end(
     assert "dfbatch: batch job" not in err  # the bar replaces the status lines
 
 
+def test_the_eta_is_unknown_while_files_wait_for_room_under_the_token_limit() -> None:
+    jobs = (JobUpdated(0.0, 0, "batch_a", "in_progress", 10, 5, 0, 30.0),)
+    assert RunStats(total_batches=1, jobs=jobs).eta_s == 30.0
+    assert RunStats(total_batches=2, jobs=jobs).eta_s is None  # one file not submitted yet
+
+
 def test_the_dashboard_has_a_jobs_table() -> None:
     pytest.importorskip("ipywidgets")
     from dfbatch.display.widget import WidgetDisplay
