@@ -150,6 +150,7 @@ class _BatchRun:
         self._misses = 0
         self._rows_of: dict[str, int] | None = None
         self._waiting: deque[list[int]] = deque()  # files (row lists) not submitted yet
+        self._row_costs: np.ndarray | None = None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -243,8 +244,11 @@ class _BatchRun:
     def _costs(self) -> np.ndarray:
         """Each row's request tokens as the provider's token limits count them (prompt and
         output cap), for the per-file and the enqueued-token limits."""
-        cfg = self.job.cfg
-        return self.job.row_tokens + cfg.request_overhead_tokens + cfg.output_tokens_per_row
+        if self._row_costs is None:
+            cfg = self.job.cfg
+            self._row_costs = (self.job.row_tokens + cfg.request_overhead_tokens
+                               + cfg.output_tokens_per_row)
+        return self._row_costs
 
     def _parts(self, rows: list[int]) -> list[list[int]]:
         if not rows:
