@@ -274,6 +274,7 @@ class BatchDemoReport:
     jobs: int
     elapsed_s: float
     result_path: Path
+    rows_cancelled: int = 0  # a stop left them in jobs still running, or not submitted
 
     def __str__(self) -> str:
         return "\n".join([
@@ -309,6 +310,7 @@ def run_batch_demo(
     with server as url:
         fn = chat(SIM_MODEL, PROMPT, response_format=SCHEMA, max_tokens=MAX_TOKENS,
                   base_url=url, api="batch")
+        fn.dfbatch_price = PRICES_PER_1K  # type: ignore[attr-defined]  # the dashboard's saving
         result = dfbatch.process(df, fn, "doc", progress=progress,
                                  checkpoint=out / "batch_checkpoint", resume="overwrite")
         from dfbatch.llm.client import import_openai
@@ -316,6 +318,9 @@ def run_batch_demo(
         jobs = len(list(import_openai().OpenAI(base_url=url, api_key="x").batches.list()))
     result_path = out / "result_batch_api.parquet"
     result.write_parquet(result_path)
-    failed = int(result["error"].is_not_null().sum())
-    return BatchDemoReport(str(summary), result.height, result.height - failed, failed, jobs,
-                           time.perf_counter() - t0, result_path)
+    from dfbatch.run._batch_api import _NOT_SENT, _STILL_RUNNING
+
+    waiting = int(result["error"].is_in([_STILL_RUNNING, _NOT_SENT]).sum())
+    failed = int(result["error"].is_not_null().sum()) - waiting
+    return BatchDemoReport(str(summary), result.height, result.height - failed - waiting,
+                           failed, jobs, time.perf_counter() - t0, result_path, waiting)

@@ -23,6 +23,8 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from dfbatch.job_events import JobUpdated, answering, jobs_eta, saved_usd
+
 
 @dataclass(frozen=True, slots=True)
 class RunStarted:
@@ -109,7 +111,7 @@ class RunFinished:
 
 Event = (
     RunStarted | BatchStarted | BatchRetried | BatchHedged | BatchFinished | BatchFailed
-    | RunFinished
+    | RunFinished | JobUpdated
 )
 
 
@@ -167,11 +169,18 @@ class RunStats:
     rows_cancelled: int = 0  # rows a stopped run left unfinished
     rpm: float | None = None
     tpm: float | None = None
+    jobs: tuple[JobUpdated, ...] = ()  # a Batch API run's jobs, the latest state of each
+
+    @property
+    def saved_usd(self) -> float | None:
+        """What a Batch API run's collected jobs cost less than synchronous calls."""
+        return saved_usd(self.jobs)
 
     @property
     def rows_shown(self) -> int:
-        """Rows done counting a resumed run's earlier rows: what a progress bar shows."""
-        return self.rows_before + self.rows_done
+        """Rows done counting a resumed run's earlier rows (and the requests provider jobs
+        did before their answers are collected): what a progress bar shows."""
+        return self.rows_before + self.rows_done + answering(self.jobs)
 
     @property
     def total_shown(self) -> int:
@@ -202,6 +211,8 @@ class RunStats:
         rate = self.rows_per_s
         if self.finished:
             return 0.0
+        if self.jobs:  # provider jobs: their request counts tell (not of files still waiting)
+            return jobs_eta(self.jobs) if len(self.jobs) >= self.total_batches else None
         if rate <= 0:
             return None
         eta = (self.total_rows - self.rows_done) / rate
@@ -258,6 +269,7 @@ class StatsAccumulator:
     open_calls: dict[int, list[float]] = field(default_factory=dict)  # batch_id -> starts
     rpm: float | None = None
     tpm: float | None = None
+    jobs: dict[int, JobUpdated] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         keys = RunStats.__dataclass_fields__
@@ -338,6 +350,8 @@ class StatsAccumulator:
                 s["batches_done"] += 1
                 s["tokens_done"] += ev.tokens
                 self._sample(ev.t)
+        elif isinstance(ev, JobUpdated):
+            self.jobs[ev.job] = ev
         elif isinstance(ev, RunFinished):
             self.finished = True
             self.cancelled = ev.cancelled
@@ -395,6 +409,7 @@ class StatsAccumulator:
             agents=tuple(a.freeze(i) for i, a in enumerate(self.agents)),
             history=tuple(self.history),
             incidents=tuple(self.incidents),
+            jobs=tuple(self.jobs[k] for k in sorted(self.jobs)),
         )
 
 

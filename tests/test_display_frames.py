@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dfbatch.display import frames
+from dfbatch.display import drawers, frames
 from dfbatch.display.frames import FrameProcess, FrameWorker, ThreadDrawer
 from dfbatch.events import RunStats
 from tests.test_display_widget import PNG, snapshots
@@ -103,7 +103,7 @@ def test_a_drawing_error_in_the_child_is_logged_once_and_the_worker_ends(
 def test_without_a_child_process_frames_are_drawn_in_the_thread(
     executable: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(frames.sys, "executable", executable)
+    monkeypatch.setattr(drawers.sys, "executable", executable)
     worker = FrameWorker()
     with caplog.at_level(logging.INFO, logger="dfbatch.display"):
         assert worker.submit(snapshots(3)[-1])
@@ -152,7 +152,7 @@ def test_an_interrupt_does_not_reach_the_child(caplog: pytest.LogCaptureFixture)
 
 
 def test_close_kills_a_child_that_never_answers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(frames, "_BOOT", "import time; time.sleep(120)")
+    monkeypatch.setattr(drawers, "_BOOT", "import time; time.sleep(120)")
     worker = FrameWorker(timeout_s=1.0)
     assert worker.submit(snapshots(2)[-1])
     deadline = time.monotonic() + 30
@@ -169,7 +169,7 @@ def test_close_kills_a_child_that_never_answers(monkeypatch: pytest.MonkeyPatch)
 def test_the_child_imports_matplotlib_but_not_polars_or_the_pool() -> None:
     package = str(Path(frames.__file__).resolve().parents[1])
     probe = (
-        frames._BARE_PACKAGE + "import dfbatch.display.frames, dfbatch.display.live_figure as lf; "
+        drawers._BARE_PACKAGE + "import dfbatch.display.frames, dfbatch.display.live_figure as lf; "
         "lf.LiveFigure(); "
         "print(sorted(m for m in ('polars', 'matplotlib', 'dfbatch.execute._pool', "
         "'dfbatch.events') "

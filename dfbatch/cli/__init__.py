@@ -11,7 +11,6 @@ usage error (bad path, unknown column, bad ``--fn``), reported on stderr with a 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -22,18 +21,9 @@ import click
 import polars as pl
 
 from dfbatch.cli._groups import cache, jobs
+from dfbatch.cli._io import OUTPUTS, read_frame, write_frame
 from dfbatch.cli._local import EXIT_FAILED_ROWS, EXIT_INTERRUPTED, demo, sim
 from dfbatch.errors import DfbatchError, did_you_mean
-
-_READERS: dict[str, Callable[[Path], pl.LazyFrame]] = {
-    ".parquet": pl.scan_parquet,
-    ".pq": pl.scan_parquet,
-    ".csv": pl.scan_csv,
-    ".tsv": lambda p: pl.scan_csv(p, separator="\t"),
-    ".ndjson": pl.scan_ndjson,
-    ".jsonl": pl.scan_ndjson,
-}
-_OUTPUTS = (".parquet", ".pq", ".csv", ".ndjson", ".jsonl")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,27 +73,6 @@ def _settings(**options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def read_frame(path: Path) -> pl.LazyFrame:
-    """A LazyFrame over ``path`` (Parquet, CSV/TSV, NDJSON by extension), or a usage error."""
-    if not path.is_file():
-        near = did_you_mean(path.name, os.listdir(path.parent)) if path.parent.is_dir() else ""
-        what = "is a directory" if path.is_dir() else "not found"
-        msg = f"input file {str(path)!r} {what}.{near}"
-        raise click.UsageError(msg)
-    reader = _READERS.get(path.suffix.lower())
-    if reader is None:
-        kinds = ", ".join(sorted(_READERS))
-        msg = f"cannot read {path.name!r}: use one of {kinds}"
-        raise click.UsageError(msg)
-    lf = reader(path)
-    try:
-        lf.collect_schema()
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        msg = f"cannot read {str(path)!r}: {exc}"
-        raise click.UsageError(msg) from None
-    return lf
-
-
 def _require_column(lf: pl.LazyFrame, name: str, option: str) -> None:
     columns = lf.collect_schema().names()
     if name not in columns:
@@ -142,22 +111,6 @@ def load_fn(spec: str) -> Callable[..., Any]:
         msg = f"--fn {spec!r} is a {type(obj).__name__}, not a function"
         raise click.UsageError(msg)
     return obj  # type: ignore[no-any-return]
-
-
-def _write(df: pl.DataFrame, path: Path) -> None:
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        df.write_parquet(path)
-        return
-    nested = [n for n, t in df.schema.items() if t.is_nested() or t == pl.Object]
-    if nested and suffix == ".csv":  # CSV holds no lists/structs: write them as JSON text
-        df = df.with_columns(pl.col(nested).map_elements(
-            lambda v: json.dumps(v.to_list() if isinstance(v, pl.Series) else v, default=str),
-            return_dtype=pl.String))
-    if suffix == ".csv":
-        df.write_csv(path)
-    else:
-        df.write_ndjson(path)
 
 
 # -- plan ----------------------------------------------------------------------------------
@@ -227,17 +180,21 @@ def plan(data: Path, text: str, price_in: float | None, price_out: float | None,
 @click.option("--batch-api", is_flag=True,
               help="With --model: send the rows as the provider's Batch API jobs (half price, "
                    "answered within 24 h; rerun to collect after a stop). See `dfbatch jobs`.")
+@click.option("--enqueued-tokens", type=click.IntRange(min=1),
+              help="With --batch-api: the model's enqueued-token limit (your account's batch "
+                   "queue limit); the jobs in flight at once stay within it.")
 def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: str | None,
         system: str | None, max_tokens: int, mode: str, base_url: str | None, out: Path,
         checkpoint: Path | None, resume: str, retry_errors: bool, key: str | None,
-        chunk_rows: int, progress: bool | None, batch_api: bool, **options: Any) -> None:
+        chunk_rows: int, progress: bool | None, batch_api: bool, enqueued_tokens: int | None,
+        **options: Any) -> None:
     """Run a function over the rows of DATA in batches and write the result to --out."""
     import warnings
 
     import dfbatch
     from dfbatch.errors import PartialResultWarning
 
-    if out.suffix.lower() not in _OUTPUTS:
+    if out.suffix.lower() not in OUTPUTS:
         msg = f"--out {out.name!r}: use a .parquet, .csv or .ndjson file"
         raise click.UsageError(msg)
     if not out.parent.is_dir():
@@ -253,8 +210,16 @@ def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: s
     if batch_api and model is None:
         msg = "--batch-api needs --model (the built-in chat adapter)"
         raise click.UsageError(msg)
+    if enqueued_tokens is not None and not batch_api:
+        msg = "--enqueued-tokens limits Batch API jobs: add --batch-api, or drop it"
+        raise click.UsageError(msg)
+    limits = None
+    if enqueued_tokens is not None:
+        from dfbatch.llm.batch_api import BatchLimits
+
+        limits = BatchLimits(max_enqueued_tokens=enqueued_tokens)
     fn = _make_fn(fn_spec, model, prompt or f"{{{text}}}", system, max_tokens, base_url, mode,
-                  api="batch" if batch_api else "sync")
+                  api="batch" if batch_api else "sync", limits=limits)
     show: Any = "bar" if (sys.stderr.isatty() if progress is None else progress) else False
     common = dict(progress=show, checkpoint=checkpoint, resume=resume, key=key,
                   retry_errors=retry_errors, **_settings(**options))
@@ -267,7 +232,7 @@ def run(data: Path, text: str, fn_spec: str | None, model: str | None, prompt: s
                 cancelled = int(s["rows_cancelled"].item())
             else:
                 result = dfbatch.process(lf.collect(), fn, text, **common)
-                _write(result, out)
+                write_frame(result, out)
                 err = result["error"]
                 rows, ok = result.height, int(err.is_null().sum())
                 cancelled = int((err == "cancelled").sum())
@@ -325,7 +290,7 @@ def _command_line() -> str:
 
 
 def _chat(model: str, prompt: str, system: str | None, max_tokens: int, base_url: str | None,
-          mode: str, api: str = "sync") -> Callable[..., Any]:
+          mode: str, api: str = "sync", limits: Any = None) -> Callable[..., Any]:
     try:
         from dfbatch.llm import chat
     except ImportError as exc:
@@ -333,14 +298,14 @@ def _chat(model: str, prompt: str, system: str | None, max_tokens: int, base_url
         raise click.UsageError(msg) from None
     try:
         return chat(model, prompt, system=system, max_tokens=max_tokens, base_url=base_url,
-                    mode=mode, api=api)  # type: ignore[arg-type]
+                    mode=mode, api=api, batch_limits=limits)  # type: ignore[arg-type]
     except DfbatchError as exc:
         raise click.UsageError(str(exc)) from None
 
 
 def _make_fn(fn_spec: str | None, model: str | None, prompt: str, system: str | None,
              max_tokens: int, base_url: str | None, mode: str = "per_row",
-             api: str = "sync") -> Callable[..., Any]:
+             api: str = "sync", limits: Any = None) -> Callable[..., Any]:
     if fn_spec is not None and model is not None:
         msg = "pass either --fn or --model, not both"
         raise click.UsageError(msg)
@@ -354,7 +319,7 @@ def _make_fn(fn_spec: str | None, model: str | None, prompt: str, system: str | 
                "OpenAI-compatible server (e.g. `dfbatch sim`) pass --base-url URL "
                "(or set OPENAI_BASE_URL)")
         raise click.UsageError(msg)
-    return _chat(model, prompt, system, max_tokens, base_url, mode, api)
+    return _chat(model, prompt, system, max_tokens, base_url, mode, api, limits)
 
 
 # -- demo ----------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def jobs(ctx: click.Context, base_url: str | None) -> None:
 @click.pass_obj
 def jobs_list(client: Any, limit: int) -> None:
     """One line per job, newest first: id, status, request counts, the dfbatch file."""
-    from dfbatch.llm.batch_api import job_rows
+    from dfbatch.llm.batch_jobs import job_rows
 
     for r in job_rows(client, limit):
         click.echo(f"{r['id']}  {r['status']:<11} {r['completed']}/{r['total']} done, "
@@ -55,17 +55,57 @@ def jobs_cancel(client: Any, job_id: str) -> None:
 @jobs.command("collect")
 @click.argument("job_id")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Where the output and error lines go (JSONL).")
+              help="Result file: .parquet, .csv or .ndjson (one row per answer, or per input "
+                   "row with --data); .jsonl writes the provider's raw lines.")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path),
+              help="The input file the job was made from: its rows get output and error.")
+@click.option("--key", help="With --data: the id column the run used as key=.")
 @click.pass_obj
-def jobs_collect(client: Any, job_id: str, out: Path) -> None:
-    """Download the answers of JOB_ID (output lines, then error lines) to --out. To put them
-    back on their rows, rerun the `dfbatch run --batch-api` that created the job."""
-    from dfbatch.llm.batch_api import collect_job
+def jobs_collect(client: Any, job_id: str, out: Path, data: Path | None,
+                 key: str | None) -> None:
+    """Write the answers of JOB_ID to --out.
 
-    job, data = collect_job(client, job_id)
-    out.write_bytes(data)
-    lines = data.count(b"\n")
-    click.echo(f"{job.id}: {job.status}; wrote {lines:,} lines to {out}")
+    \b
+    Without --data: one row per answer: custom_id, row (the input row's position, or its
+    --key value), output (chat text or embedding), error, input_tokens, output_tokens.
+    With --data IN: the rows of IN with output and error added (matched by position, or
+    by --key); rows the job has no answer for get an error saying so.
+    A .jsonl --out keeps the provider's output and error lines as they are. A job still
+    running has no answers yet: its rows come back with the error.
+    """
+    from dfbatch.cli._io import OUTPUTS, read_frame, write_frame
+    from dfbatch.errors import DfbatchError
+    from dfbatch.llm.batch_jobs import answers_frame, collect_job, on_rows
+
+    suffix = out.suffix.lower()
+    if suffix not in OUTPUTS:
+        msg = f"--out {out.name!r}: use a .parquet, .csv or .ndjson file (.jsonl: raw lines)"
+        raise click.UsageError(msg)
+    if key is not None and data is None:
+        msg = "--key needs --data (the input whose rows the answers go back to)"
+        raise click.UsageError(msg)
+    if suffix == ".jsonl" and data is not None:
+        msg = "--data puts answers on rows: write them to .parquet, .csv or .ndjson"
+        raise click.UsageError(msg)
+    frame = read_frame(data).collect() if data is not None else None
+    job, lines = collect_job(client, job_id)
+    if suffix == ".jsonl":
+        out.write_bytes(lines)
+        n_lines = lines.count(b"\n")
+        click.echo(f"{job.id}: {job.status}; wrote {n_lines:,} lines to {out}")
+        return
+    answers = answers_frame(lines)
+    result = answers
+    if frame is not None:
+        try:
+            result = on_rows(frame, answers, job.id, key)
+        except DfbatchError as exc:
+            raise click.UsageError(str(exc)) from None
+    write_frame(result, out)
+    failed = int(result["error"].is_not_null().sum())
+    click.echo(f"{job.id}: {job.status}; wrote {result.height:,} rows to {out} "
+               f"({result.height - failed:,} answered, {failed:,} with an error)")
+
 
 # -- the response cache ----------------------------------------------------------------------
 @click.group()

@@ -35,7 +35,11 @@ _FORMAT = (  # pct: whole percent rounded down (never 100% before the last row)
 
 
 def postfix(stats: RunStats) -> str:
-    """The key figures of a snapshot, as shown after the bar."""
+    """The key figures of a snapshot, as shown after the bar (a Batch API run: its jobs)."""
+    if stats.jobs:
+        from dfbatch.display.jobs import jobs_summary
+
+        return jobs_summary(stats)
     oldest = ""
     if stats.in_flight and stats.oldest_in_flight_s >= 1:
         oldest = f" (oldest {fmt_duration(stats.oldest_in_flight_s)})"
@@ -91,7 +95,10 @@ class ConsoleDisplay:
         self.bar.eta_text = fmt_duration(stats.eta_s)  # type: ignore[attr-defined]
         self.bar.set_postfix_str(postfix(stats), refresh=False)
         self.bar.close()  # draws the final state once
+        if stats.jobs:  # a Batch API run: one line per job under the bar
+            from dfbatch.display.jobs import job_lines
 
+            self.bar.write("\n".join(job_lines(stats)), file=self.bar.fp)
 
 
 def _floor_percent(cls: type[tqdm]) -> type[tqdm]:

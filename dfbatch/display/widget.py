@@ -56,6 +56,7 @@ from typing import Any
 
 from dfbatch.display import fmt_count, fmt_duration
 from dfbatch.display.frames import Draw, FrameWorker, Png
+from dfbatch.display.jobs import jobs_html
 from dfbatch.display.style import COLORS
 from dfbatch.events import RunStats
 
@@ -132,6 +133,7 @@ class WidgetDisplay:
         )
         self.button.on_click(self._on_stop)
         self.header = w.HTML(value=_header_html(RunStats(total_rows=total_rows), "starting"))
+        self.jobs = w.HTML(value="", layout=w.Layout(display="none"))
         # one image per panel in a wrapping row: side by side when wide, stacked when narrow
         self.images = [w.Image(format="png", layout=w.Layout(
             max_width="100%", height="auto", flex="1 1 320px")) for _ in range(3)]
@@ -139,7 +141,7 @@ class WidgetDisplay:
             display="none", flex_flow="row wrap", align_items="flex-start", width="100%"))
         self.box = w.VBox(
             [w.HBox([self.bar, self.button], layout=w.Layout(align_items="center")),
-             self.header, self.image],
+             self.header, self.jobs, self.image],
             layout=w.Layout(width="100%", max_width="1100px"),
         )
         self.renderer = FrameWorker(draw, panels=True) if figure else None
@@ -196,6 +198,9 @@ class WidgetDisplay:
             self.bar.value = min(stats.rows_shown, self.bar.max)
             self.bar.description = f"{stats.percent_done}%"
         self.header.value = _header_html(stats, state)
+        if stats.jobs:  # a Batch API run: its jobs table (``display.jobs``)
+            self.jobs.value = jobs_html(stats)
+            self.jobs.layout.display = "block"
 
     def _publish(self, frame: tuple[Png, float] | None) -> None:
         if frame is None:
@@ -294,8 +299,10 @@ def _header_html(stats: RunStats, state: str) -> str:
     stolen = sum(a.stolen for a in stats.agents)
     if stolen:
         items.append((f"{stolen:,}", "stolen"))
-    if stats.calls:
+    if stats.calls and not stats.jobs:
         items.append((f"{stats.p50_latency_s:.2f} / {stats.p95_latency_s:.2f} s", "p50 / p95"))
+    if stats.saved_usd is not None:
+        items.append((f"${stats.saved_usd:.4f}", "saved (Batch API)"))
     chips = "".join(
         f'<span style="white-space:nowrap"><b>{html.escape(v)}</b> '
         f'<span style="opacity:.7">{label}</span></span>'

@@ -21,7 +21,9 @@ Examples
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +38,8 @@ STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "e
             "cancelling", "cancelled")
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 _NOT_RUN = frozenset({"batch_expired", "batch_cancelled"})  # error-line codes of unrun requests
+CUSTOM_ID_MAX = 64  # characters: Anthropic's documented cap; OpenAI documents none, so the same
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,12 @@ class BatchLimits:
     """The provider's limits on one batch job, and how dfbatch polls it.
 
     ``max_requests`` lines and ``max_bytes`` bytes per input file (OpenAI: 50,000 and 200 MB);
-    ``max_tokens``: request tokens per file (prompt + output cap), for a provider's enqueued-
-    token limit per model (``None``: no cap). ``poll_s`` is the first wait between status
+    ``max_tokens``: request tokens per file (prompt + output cap; ``None``: no cap).
+    ``max_enqueued_tokens``: the model's enqueued-token limit (OpenAI's "batch queue limit",
+    which depends on the model and the account's tier; ``None``: none): every file stays
+    within it, and the jobs in flight at once together too; a file that does not fit waits
+    for a job to end (a job the provider still fails with ``token_limit_exceeded`` goes
+    again when another one ends). ``poll_s`` is the first wait between status
     checks, doubling up to ``poll_max_s``. ``discount`` is the batch price against
     synchronous calls (0.5: half price), for the cost comparison.
     """
@@ -52,6 +60,7 @@ class BatchLimits:
     max_requests: int = 50_000
     max_bytes: int = 200_000_000
     max_tokens: int | None = None
+    max_enqueued_tokens: int | None = None
     completion_window: str = "24h"
     poll_s: float = 2.0
     poll_max_s: float = 120.0
@@ -63,9 +72,12 @@ class BatchLimits:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 msg = f"batch limit {name} must be an integer > 0, got {value!r}"
                 raise ConfigError(msg)
-        if self.max_tokens is not None and self.max_tokens <= 0:
-            msg = f"batch limit max_tokens must be > 0 or None, got {self.max_tokens!r}"
-            raise ConfigError(msg)
+        for name in ("max_tokens", "max_enqueued_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value <= 0):
+                msg = f"batch limit {name} must be an integer > 0 or None, got {value!r}"
+                raise ConfigError(msg)
         if not 0 < self.poll_s <= self.poll_max_s:
             msg = f"need 0 < poll_s <= poll_max_s, got {self.poll_s}, {self.poll_max_s}"
             raise ConfigError(msg)
@@ -108,12 +120,42 @@ class BatchAdapter:
     limits: BatchLimits = field(default_factory=BatchLimits)
 
 
+def custom_id(name: Any, body: dict[str, Any]) -> str:
+    """A request's ``custom_id``: ``<name>-<hash of the body>``, within ``CUSTOM_ID_MAX``
+    characters of ``[A-Za-z0-9_-]`` (what every provider accepts). ``name`` (the row's
+    position or ``key=`` value) is kept when it fits, else replaced by ``k`` + its hash, so
+    the id stays stable across runs.
+
+    >>> custom_id(7, {"input": "hi"})
+    '7-1931f60355ef'
+    >>> custom_id("https://example.com/a page", {"input": "hi"})
+    'kb654e3ea869be8d7-1931f60355ef'
+    """
+    return f"{row_name(name)}-{_sha(json.dumps(body, sort_keys=True))[:12]}"
+
+
+def row_name(name: Any) -> str:
+    """The row part of a ``custom_id``: ``name`` as text when it fits, else ``k`` + its hash."""
+    text = str(name)
+    if not _SAFE_ID.fullmatch(text) or len(text) > CUSTOM_ID_MAX - 13:
+        text = "k" + _sha(text)[:16]
+    return text
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def request_line(custom_id: str, url: str, body: dict[str, Any]) -> bytes:
     """One JSONL line of an input file (newline included).
 
     >>> request_line("r0", "/v1/embeddings", {"model": "m", "input": "hi"})
     b'{"custom_id":"r0","method":"POST","url":"/v1/embeddings","body":{"model":"m","input":"hi"}}\\n'
     """
+    if len(custom_id) > CUSTOM_ID_MAX:
+        msg = (f"custom_id {custom_id[:40]!r}... has {len(custom_id)} characters, more than "
+               f"the providers' limit of {CUSTOM_ID_MAX}: make it with batch_api.custom_id")
+        raise ConfigError(msg)
     line = {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
     return json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
@@ -122,18 +164,20 @@ def split_files(
     sizes: np.ndarray, limits: BatchLimits, tokens: np.ndarray | None = None
 ) -> list[np.ndarray]:
     """Cut lines ``0..n-1`` (in order) into files within ``limits``: each file gets at most
-    ``max_requests`` lines, ``max_bytes`` bytes (``sizes``) and ``max_tokens`` tokens.
+    ``max_requests`` lines, ``max_bytes`` bytes (``sizes``) and ``max_tokens`` tokens (and
+    ``max_enqueued_tokens``: a file the model's queue could never hold cannot be sent).
 
     A single line over a limit cannot be sent: ``ConfigError`` (it names the limit).
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     costs = np.zeros_like(sizes) if tokens is None else np.asarray(tokens, dtype=np.int64)
-    cap_tokens = limits.max_tokens if limits.max_tokens is not None else np.iinfo(np.int64).max
+    caps = [c for c in (limits.max_tokens, limits.max_enqueued_tokens) if c is not None]
+    cap_tokens = min(caps) if caps else int(np.iinfo(np.int64).max)
     too_big = np.flatnonzero((sizes > limits.max_bytes) | (costs > cap_tokens))
     if too_big.size:
         i = int(too_big[0])
         msg = (f"request {i} alone exceeds the batch file limits ({sizes[i]} bytes, "
-               f"{costs[i]} tokens; limits {limits.max_bytes} bytes, {limits.max_tokens} "
+               f"{costs[i]} tokens; limits {limits.max_bytes} bytes, {cap_tokens} "
                "tokens): shorten the text or raise the limits")
         raise ConfigError(msg)
     parts: list[np.ndarray] = []
@@ -238,32 +282,3 @@ async def download(client: Any, file_id: str | None) -> str:
         return ""
     content = await client.files.content(file_id)
     return str(content.text)
-
-
-# -- jobs outside a run (``dfbatch jobs``) -------------------------------------------------
-def job_rows(client: Any, limit: int = 100) -> list[dict[str, Any]]:
-    """The provider's batch jobs, newest first, as plain rows (synchronous ``openai.OpenAI``)."""
-    rows = []
-    for job in client.batches.list(limit=min(limit, 100)):
-        counts = job.request_counts
-        rows.append({
-            "id": job.id, "status": job.status, "endpoint": job.endpoint,
-            "total": counts.total if counts else None,
-            "completed": counts.completed if counts else None,
-            "failed": counts.failed if counts else None,
-            "created_at": job.created_at,
-            "dfbatch": (job.metadata or {}).get("dfbatch"),
-        })
-        if len(rows) >= limit:
-            break
-    return rows
-
-
-def collect_job(client: Any, job_id: str) -> tuple[Any, bytes]:
-    """A job and the lines of its output and error files (JSONL bytes, outputs first)."""
-    job = client.batches.retrieve(job_id)
-    data = b""
-    for file_id in (job.output_file_id, job.error_file_id):
-        if file_id:
-            data += client.files.content(file_id).content
-    return job, data

@@ -25,18 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import polars as pl
 
-from dfbatch.errors import ConfigError, MalformedReplyError, RowError
+from dfbatch.errors import ConfigError, RowError
 from dfbatch.execute._charge import bound, count_tokens, per_request, request
 from dfbatch.execute._headers import rate_headers
 from dfbatch.execute._outputs import Partial, attach_partial
 from dfbatch.execute._usage import report_usage
+from dfbatch.llm import _reply as reply
 from dfbatch.llm import batchmode, prices
 from dfbatch.llm.batch_api import Answer, BatchAdapter, BatchLimits
 from dfbatch.llm.client import ClientSource, import_openai, scrub
@@ -185,7 +185,12 @@ def _batch_adapter(spec: _Spec, limits: BatchLimits | None) -> BatchAdapter:
 
     def answer(body: dict[str, Any]) -> Answer:
         completion = completion_type.model_validate(body)
-        return Answer(_answer(spec, completion), *_used(completion))
+        used = reply.used(completion)
+        choices = completion.choices
+        if not choices or choices[0].message is None:  # paid for, nothing to keep
+            return Answer(RowError("the batch answer has no choices (no message to read); "
+                                   "rerun with retry_errors=True to send the row again"), *used)
+        return Answer(reply.answer(spec.fmt, completion), *used)
 
     dtype = spec.fmt.dtype if spec.fmt.structured else pl.String()
     return BatchAdapter("/v1/chat/completions", spec.model, spec.source, bodies, answer, dtype,
@@ -234,7 +239,7 @@ def _per_row_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | p
             output_tokens=sum(r.output_tokens for r in rows),
             headers=next((r.headers for r in reversed(rows) if r.headers), None),
         )
-        return _column(spec, [r.value for r in rows])
+        return reply.column(spec.fmt, [r.value for r in rows])
 
     return per_request(fn)
 
@@ -288,61 +293,15 @@ async def _one_row(spec: _Spec, client: Any, prompt: str, sent: list[bool], i: i
             raw = await client.chat.completions.with_raw_response.create(
                 messages=messages, **kwargs
             )
-            completion = parsed(raw)
-            used = _used(completion)
+            completion = reply.parsed(raw)
+            used = reply.used(completion)
             req.report(headers=raw.headers, tokens=used[0] + used[1])
     except Exception as exc:
-        if _status(exc) in _ROW_STATUSES:
+        if reply.status_of(exc) in _ROW_STATUSES:
             scrub(exc, spec.source.secrets)
-            return _Row(RowError(f"{type(exc).__name__}: {_message(exc)}"))
+            return _Row(RowError(f"{type(exc).__name__}: {reply.message(exc)}"))
         raise
-    return _Row(_answer(spec, completion), *used, rate_headers(raw.headers) or None)
-
-
-def parsed(raw: Any) -> Any:
-    """The completion in a raw response, or ``MalformedReplyError`` (transient) when the reply
-    is not one (not JSON, an HTML page, no ``choices``, an error body sent with status 200)."""
-    try:
-        completion = raw.parse()
-        choices = completion.choices
-        if isinstance(choices, list) and choices and choices[0].message is not None:
-            return completion
-        problem = "no choices"
-    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
-        problem = type(exc).__name__
-    try:
-        text = " ".join(str(raw.text).split())
-    except Exception:  # only for the message
-        text = ""
-    excerpt = text if len(text) <= 120 else text[:117] + "..."
-    msg = (f"the provider's reply was malformed (HTTP {getattr(raw, 'status_code', '?')}, "
-           f"{problem}): {excerpt!r}")
-    raise MalformedReplyError(msg)
-
-
-def _answer(spec: _Spec, completion: Any) -> Any:
-    """A row's value from its completion, or a ``RowError``: a refusal, a blocked or empty
-    answer. An answer cut at ``max_tokens`` (``finish_reason="length"``) is kept as text (it
-    was paid for; raise ``max_tokens`` to avoid it); a cut structured answer that does not
-    parse is a row error."""
-    choice = completion.choices[0]
-    refusal = getattr(choice.message, "refusal", None)
-    if refusal:
-        return RowError(f"the model refused: {refusal}")
-    content = choice.message.content
-    reason = choice.finish_reason
-    if reason == "content_filter":
-        return RowError("the provider's content filter blocked the answer "
-                        "(finish_reason=content_filter)")
-    if content is None:
-        return RowError(f"empty answer, finish_reason={reason}")
-    if not spec.fmt.structured:
-        return content
-    value, problem = spec.fmt.parse(content)
-    if problem is not None:
-        cut = " (cut at max_tokens)" if choice.finish_reason == "length" else ""
-        return RowError(f"structured answer does not fit the schema: {problem}{cut}")
-    return value
+    return _Row(reply.answer(spec.fmt, completion), *used, rate_headers(raw.headers) or None)
 
 
 def _request_tokens(spec: _Spec, messages: list[dict[str, str]], max_tokens: int) -> int:
@@ -357,11 +316,6 @@ def _prompt_tokens(spec: _Spec, messages: list[dict[str, str]]) -> int:
     """The prompt as the provider counts it: 4 tokens per message + 3, plus the contents."""
     counts = count_tokens([m["content"] for m in messages], spec.model)
     return 3 + sum(4 + n for n in counts)
-
-
-def _used(completion: Any) -> tuple[int, int]:
-    usage = getattr(completion, "usage", None)
-    return (getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)
 
 
 def _batch_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | pl.Series]]:
@@ -382,8 +336,8 @@ def _batch_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | pl.
                 raw = await client.chat.completions.with_raw_response.create(
                     messages=messages, response_format=rf, **spec.params(budget)
                 )
-                completion = parsed(raw)
-                used = _used(completion)
+                completion = reply.parsed(raw)
+                used = reply.used(completion)
                 req.report(headers=raw.headers, tokens=sum(used))
         except BaseException as exc:
             scrub(exc, spec.source.secrets)
@@ -393,47 +347,15 @@ def _batch_fn(spec: _Spec) -> Callable[[pl.DataFrame], Awaitable[list[Any] | pl.
         values = batchmode.parse_results(
             choice.message.content, n, truncated=choice.finish_reason == "length"
         )
-        return _column(spec, [v if isinstance(v, RowError) else _fit(spec, v) for v in values])
+        fitted = [v if isinstance(v, RowError) else reply.fit(spec.fmt, v) for v in values]
+        return reply.column(spec.fmt, fitted)
 
     return per_request(fn, sends="one")
-
-
-def _fit(spec: _Spec, value: Any) -> Any:
-    """One batch-mode answer as a row value: text, or a struct checked against the schema."""
-    if not spec.fmt.structured:
-        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    fitted, problem = spec.fmt.coerce(value)
-    return RowError(f"structured answer does not fit the schema: {problem}") if problem else fitted
-
-
-def _column(spec: _Spec, values: list[Any]) -> list[Any] | pl.Series:
-    """A typed Series when every row succeeded, else the list with ``RowError`` items."""
-    if any(isinstance(v, RowError) for v in values):
-        return values
-    dtype = spec.fmt.dtype if spec.fmt.structured else pl.String()
-    return pl.Series("output", values, dtype=dtype, strict=False)
 
 
 def _messages(system: str | None, prompt: str) -> list[dict[str, str]]:
     user = {"role": "user", "content": prompt}
     return [{"role": "system", "content": system}, user] if system else [user]
-
-
-def _status(exc: BaseException) -> int | None:
-    status = getattr(exc, "status_code", None)
-    return status if isinstance(status, int) else None
-
-
-def _message(exc: BaseException) -> str:
-    """The server's own error message (``body.message``) when there is one, else ``str(exc)``."""
-    body = getattr(exc, "body", None)
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        body = body["error"]
-    text = body.get("message") if isinstance(body, dict) else None
-    text = str(text or getattr(exc, "message", None) or exc).strip()
-    status = _status(exc)
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return f"HTTP {status}: {first}" if status is not None else first
 
 
 def _worst(outcomes: list[Any]) -> BaseException | None:
@@ -445,7 +367,7 @@ def _worst(outcomes: list[Any]) -> BaseException | None:
     for f in failures:
         if not isinstance(f, Exception):  # CancelledError, KeyboardInterrupt: re-raise as is
             return f
-    limited = [f for f in failures if _status(f) == 429]
+    limited = [f for f in failures if reply.status_of(f) == 429]
     if limited:
         return max(limited, key=_retry_after)
     return failures[0]

@@ -3,9 +3,13 @@
 The plan is made as usual (``n_tokens``, ``batch_id``, ``agent_id`` stay in the result); then
 every row still to answer becomes one JSONL line whose ``custom_id`` is ``<row>-<hash of its
 request>``, the lines are cut into files within the provider's limits
-(``dfbatch.llm.batch_api.split_files``), and each file is uploaded and made a job. Every
-step is journaled first (``dfbatch.run._batch_journal``), so a rerun after a crash polls the
-jobs that exist and never uploads or creates them twice. Jobs are polled with a doubling wait;
+(``dfbatch.llm.batch_api.split_files``), and each file is uploaded and made a job, while the
+tokens of the jobs in flight stay within the model's enqueued-token limit
+(``BatchLimits.max_enqueued_tokens``; later files wait for a job to end). Every step is
+journaled first (``dfbatch.run._batch_journal``, held under a lock file), so a rerun after a
+crash polls the jobs that exist and never uploads or creates them twice, and a second process
+on the same journal is refused. Jobs are polled with a doubling wait and shown as they change
+(``dfbatch.run._batch_view``: events, the live view, or stderr lines);
 when one is over its output and error files are read back: outputs as a synchronous run gives
 them, per-row errors as values, and rows in neither file (expired or cancelled jobs) get an
 error ``batch_<status>: ...``; the next run submits them again. ``retry_errors=True``
@@ -16,11 +20,10 @@ provider; a rerun collects them) and returns what was collected.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
-import sys
+import contextlib
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -29,14 +32,23 @@ import polars as pl
 
 from dfbatch.config import BatchConfig, Progress
 from dfbatch.errors import ConfigError, PartialResultWarning, RowError
-from dfbatch.events import BatchFinished, BatchStarted, Event, RunFinished, RunStarted
+from dfbatch.events import (
+    BatchFinished,
+    BatchStarted,
+    Event,
+    RunFinished,
+    RunStarted,
+    StatsAccumulator,
+)
 from dfbatch.execute._loop import on_interrupt
 from dfbatch.execute._recorder import Outcomes
 from dfbatch.execute._result import assemble
 from dfbatch.llm import batch_api as api
 from dfbatch.llm.batch_api import Answer, BatchAdapter
 from dfbatch.run._batch_journal import BatchJournal, FileEntry, Stored
+from dfbatch.run._batch_view import JobView
 from dfbatch.run._prepare import Fn, _Job
+from dfbatch.run._wiring import open_display, safe, tick
 
 _STILL_RUNNING = "batch job not finished yet: rerun with the same settings to collect it"
 _NOT_SENT = "not submitted: the run was stopped first; rerun to submit"
@@ -54,56 +66,98 @@ def _transient() -> tuple[type[BaseException], ...]:
 async def run_batch_api(
     df: Any, fn: Fn, text: str | pl.Expr, config: BatchConfig | None, settings: dict[str, Any],
     *, checkpoint: Any = None, resume: str = "auto", retry_errors: bool = False,
-    progress: Progress = "auto", engine: str = "asyncio", out: Any = None, key: str | None = None,
+    progress: Progress = "auto", engine: Any = "asyncio", out: Any = None, key: str | None = None,
+    cache: Any = None,
     on_event: Callable[[Event], None] | None = None,
 ) -> pl.DataFrame:
     """Run ``df`` through the Batch API adapter of ``fn`` (see the module docstring)."""
-    if out is not None or engine != "asyncio":
-        msg = "an adapter with api='batch' runs as provider jobs: drop out= and engine="
-        raise ConfigError(msg)
+    refuse_unsupported(out=out, engine=engine, cache=cache)
     adapter: BatchAdapter = fn.dfbatch_batch_api  # type: ignore[attr-defined]
     job = _Job.prepare(df, fn, text, config, settings)
     fingerprint = {"fn": getattr(fn, "dfbatch_fingerprint", None), "api": "batch"}
-    journal = BatchJournal.open(checkpoint, fingerprint, overwrite=resume == "overwrite")
     if key is not None and key not in job.planned.columns:
         msg = f"key={key!r} is not a column of the frame; name a unique id column"
         raise ConfigError(msg)
-    run = _BatchRun(adapter, job, journal, retry_errors, progress, key)
-    run.emit = on_event or _ignore
-    on_interrupt(run.stop)
-    loop = asyncio.get_running_loop()
+    journal = BatchJournal.open(checkpoint, fingerprint, overwrite=resume == "overwrite")
+    acc = StatsAccumulator()
+
+    def emit(ev: Event) -> None:
+        acc.apply(ev)
+        if on_event is not None:
+            on_event(ev)
+
     try:
-        await run.go()
+        run = _BatchRun(adapter, job, journal, retry_errors, key)
+        unclickable = on_interrupt(run.stop)
+        display = open_display(progress, job.planned.height, None if unclickable else run.stop)
+        run.view = JobView(emit, lines=progress is not False and display is None,
+                           price=getattr(fn, "dfbatch_price", None),
+                           discount=adapter.limits.discount)
+        loop = asyncio.get_running_loop()
+        ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
+        try:
+            await run.go()
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
+            emit(RunFinished(loop.time(), cancelled=run._stopping.is_set()))
+            if display is not None:
+                safe(display.close, acc.snapshot())
+        return _result(run)
     finally:
-        run.emit(RunFinished(loop.time(), cancelled=run._stopping.is_set()))
-    return _result(run)
+        journal.close()
 
 
-def _ignore(ev: Event) -> None:
-    return None
+def refuse_unsupported(*, out: Any, engine: Any, cache: Any) -> None:
+    """Arguments of ``process`` a Batch API run cannot honour: refused before anything runs.
+
+    >>> refuse_unsupported(out="o.parquet", engine="asyncio", cache=None)
+    Traceback (most recent call last):
+    ...
+    dfbatch.errors.ConfigError: out='o.parquet' streams chunks as they finish, ...
+    """
+    if out is not None:
+        msg = (f"out={str(out)!r} streams chunks as they finish, but an adapter built with "
+               "api='batch' answers when its provider jobs are over: drop out= and write the "
+               "returned frame (df.write_parquet(...)), or build the adapter with api='sync'")
+        raise ConfigError(msg)
+    if engine != "asyncio":
+        msg = (f"engine={engine!r}: an adapter built with api='batch' runs as provider jobs "
+               "from this process (there is nothing to spread over workers): drop engine= "
+               "(or pass engine='asyncio'), or build the adapter with api='sync'")
+        raise ConfigError(msg)
+    if cache is not None and cache is not False:
+        msg = ("cache= does not apply to an adapter built with api='batch' (its journal "
+               "already keeps every answer, and a rerun reuses them): drop cache=")
+        raise ConfigError(msg)
 
 
 class _BatchRun:
+    """One Batch API run: its rows as request lines, its journal, submission and polling."""
+
     def __init__(self, adapter: BatchAdapter, job: _Job, journal: BatchJournal,
-                 retry_errors: bool, progress: Progress, key: str | None = None) -> None:
+                 retry_errors: bool, key: str | None = None) -> None:
         self.adapter = adapter
         self.job = job
         self.journal = journal
         self.retry_errors = retry_errors
-        self.verbose = progress is not False
         self.lines = [b""] * job.planned.height
         self.ids = self._custom_ids(key)
         self._stopping = asyncio.Event()
-        self._shown: dict[str, str] = {}
+        self.view = JobView(lambda ev: None, lines=False, price=None, discount=1.0)
         self._misses = 0
         self._rows_of: dict[str, int] | None = None
-        self.emit: Callable[[Event], None] = _ignore
+        self._waiting: deque[list[int]] = deque()  # files (row lists) not submitted yet
+        self._row_costs: np.ndarray | None = None
 
     def stop(self) -> None:
         self._stopping.set()
 
     def _custom_ids(self, key: str | None) -> list[str]:
-        """``<row>-<hash of the request>``: the row's position, or its ``key`` value."""
+        """``<row>-<hash of the request>``: the row's position, or its ``key`` value (hashed
+        when it is long or holds other characters than letters, digits, ``_`` and ``-``)."""
         bodies = self.adapter.bodies(self.job.send)
         names: list[Any] = (list(range(len(bodies))) if key is None
                             else self.job.planned[key].cast(pl.String).to_list())
@@ -112,8 +166,7 @@ class _BatchRun:
             raise ConfigError(msg)
         ids = []
         for i, body in enumerate(bodies):
-            digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
-            cid = f"{names[i]}-{digest}"
+            cid = api.custom_id(names[i], body)
             self.lines[i] = api.request_line(cid, self.adapter.endpoint, body)
             ids.append(cid)
         return ids
@@ -150,41 +203,59 @@ class _BatchRun:
             await self._submit(client, entry)
         parts = self._parts(self._todo())
         self._started(live, parts)
-        for part in parts:
-            if self._stopping.is_set():
-                break
-            entry = self.journal.add_file([self.ids[i] for i in part])  # the intent first
+        self._waiting.extend(parts)
+        await self._fill(client, live)
+        await self._poll(client, live)
+
+    async def _fill(self, client: Any, live: list[FileEntry]) -> None:
+        """Submit waiting files, in order, while the tokens of the jobs in flight stay within
+        the model's enqueued-token limit (``BatchLimits.max_enqueued_tokens``); the others
+        wait for a job to end. With nothing in flight the next file always goes."""
+        cap = self.adapter.limits.max_enqueued_tokens
+        while self._waiting and not self._stopping.is_set():
+            part = self._waiting[0]
+            cost = int(self._costs()[part].sum())
+            if cap is not None and live and sum(e.tokens for e in live) + cost > cap:
+                return
+            self._waiting.popleft()
+            entry = self.journal.add_file([self.ids[i] for i in part], cost)  # intent first
             live.append(entry)
             await self._submit(client, entry, fresh=True)
             self._job_started(entry)
-        await self._poll(client, live)
 
     def _started(self, live: list[FileEntry], parts: list[list[int]]) -> None:
         """Events: each job is one "batch" of agent 0 (``on_event`` / ``RunStats`` see them)."""
         t = asyncio.get_running_loop().time()
         rows = sum(len(e.rows) for e in live) + sum(len(p) for p in parts)
-        self.emit(RunStarted(t, rows, len(live) + len(parts), 0, (0,)))
+        self.view.emit(RunStarted(t, rows, len(live) + len(parts), 0, (0,)))
         for entry in live:
             self._job_started(entry)
 
     def _job_started(self, entry: FileEntry) -> None:
         index = self.journal.files.index(entry)
         t = asyncio.get_running_loop().time()
-        self.emit(BatchStarted(t, index, 0, 0, len(entry.rows), 0, 1))
+        self.view.emit(BatchStarted(t, index, 0, 0, len(entry.rows), 0, 1))
 
     def _where(self) -> dict[str, int]:
         if self._rows_of is None:
             self._rows_of = {cid: i for i, cid in enumerate(self.ids)}
         return self._rows_of
 
+    def _costs(self) -> np.ndarray:
+        """Each row's request tokens as the provider's token limits count them (prompt and
+        output cap), for the per-file and the enqueued-token limits."""
+        if self._row_costs is None:
+            cfg = self.job.cfg
+            self._row_costs = (self.job.row_tokens + cfg.request_overhead_tokens
+                               + cfg.output_tokens_per_row)
+        return self._row_costs
+
     def _parts(self, rows: list[int]) -> list[list[int]]:
         if not rows:
             return []
         idx = np.asarray(rows, dtype=np.int64)
         sizes = np.fromiter((len(self.lines[i]) for i in rows), np.int64, len(rows))
-        cfg = self.job.cfg
-        tokens = (self.job.row_tokens[idx] + cfg.request_overhead_tokens
-                  + cfg.output_tokens_per_row)
+        tokens = self._costs()[idx]
         return [idx[p].tolist() for p in api.split_files(sizes, self.adapter.limits, tokens)]
 
     async def _submit(self, client: Any, entry: FileEntry, fresh: bool = False) -> None:
@@ -207,20 +278,24 @@ class _BatchRun:
         entry.job_id, entry.status = str(batch.id), str(batch.status)
         entry.created_at = float(batch.created_at)
         self.journal.save()
-        self._show(entry, batch)
+        self.view.show(self.journal.files.index(entry), entry, batch)
 
     async def _poll(self, client: Any, live: list[FileEntry]) -> None:
         wait = self.adapter.limits.poll_s
-        while live and not self._stopping.is_set():
+        while (live or self._waiting) and not self._stopping.is_set():
             for entry in list(live):
                 batch = await self._retrieve(client, entry)
                 if batch is None:
                     continue  # a passing failure: ask again at the next round
-                self._show(entry, batch)
+                self.view.show(self.journal.files.index(entry), entry, batch)
                 if batch.status in api.TERMINAL:
                     await self._collect(client, entry, batch)
                     live.remove(entry)
+                    if _over_token_limit(batch) and live:  # it goes again when one ends
+                        where = self._where()
+                        self._waiting.appendleft([where[c] for c in entry.rows if c in where])
                     wait = self.adapter.limits.poll_s
+            await self._fill(client, live)
             if live:
                 try:
                     await asyncio.wait_for(self._stopping.wait(), timeout=wait)
@@ -247,65 +322,45 @@ class _BatchRun:
         for file_id in (batch.output_file_id, batch.error_file_id):
             found.update(api.read_results(await api.download(client, file_id), self.adapter))
         index = self.journal.files.index(entry)
-        why = f"batch_{batch.status}: job {batch.id} gave no answer for this row; rerun to resubmit"
-        if batch.status == "failed" and batch.errors is not None and batch.errors.data:
-            why = f"batch_failed: {batch.errors.data[0].message}; rerun to resubmit"
-        answers: dict[str, Stored] = {}
-        for cid in entry.rows:
-            got = found.get(cid)
-            if got is None:
-                answers[cid] = Stored(error=why, resumable=True, file=index)
-            elif isinstance(got.value, RowError):
-                answers[cid] = Stored(error=str(got.value), resumable=got.resumable, file=index)
-            else:
-                answers[cid] = Stored(got.value, None, False, got.input_tokens,
-                                      got.output_tokens, index)
+        answers = _stored(entry.rows, found, batch, index)
         entry.status, entry.finished_at = str(batch.status), time.time()
         self.journal.collected(entry, answers)
         failed = sum(1 for a in answers.values() if a.error is not None)
         elapsed = entry.finished_at - (entry.created_at or entry.finished_at)
-        self.emit(BatchFinished(
+        used = (sum(a.input_tokens for a in answers.values()),
+                sum(a.output_tokens for a in answers.values()))
+        self.view.emit(BatchFinished(
             asyncio.get_running_loop().time(), index, 0, 0, len(entry.rows), 0, elapsed,
-            len(entry.rows) - failed, failed, sum(a.input_tokens for a in answers.values()),
-            sum(a.output_tokens for a in answers.values())))
-
-    def _show(self, entry: FileEntry, batch: Any) -> None:
-        counts = batch.request_counts
-        entry.counts = {"total": counts.total, "completed": counts.completed,
-                        "failed": counts.failed} if counts is not None else {}
-        line = (f"dfbatch: batch job {batch.id} ({entry.name}, {len(entry.rows):,} rows): "
-                f"{batch.status} {entry.counts.get('completed', 0):,} done, "
-                f"{entry.counts.get('failed', 0):,} failed")
-        eta = eta_s(entry.counts, getattr(batch, "in_progress_at", None) or entry.created_at,
-                    time.time()) if batch.status == "in_progress" else None
-        if eta is not None:
-            line += f", about {_duration(eta)} left"
-        if self.verbose and self._shown.get(str(batch.id)) != line:
-            print(line, file=sys.stderr)
-        self._shown[str(batch.id)] = line
+            len(entry.rows) - failed, failed, *used))
+        self.view.collected(index, *used)
 
 
-def eta_s(counts: dict[str, int], since: float | None, now: float) -> float | None:
-    """Seconds left for a job at the pace its request counts show since ``since``.
+def _stored(rows: list[str], found: dict[str, Answer], batch: Any,
+            index: int) -> dict[str, Stored]:
+    """What job ``index`` (``batch``) answered for each of its ``rows``, as journal records:
+    a value, a per-row error, or (no line for it) a resumable ``batch_<status>`` error."""
+    why = f"batch_{batch.status}: job {batch.id} gave no answer for this row; rerun to resubmit"
+    if batch.status == "failed" and batch.errors is not None and batch.errors.data:
+        why = f"batch_failed: {batch.errors.data[0].message}; rerun to resubmit"
+    answers: dict[str, Stored] = {}
+    for cid in rows:
+        got = found.get(cid)
+        if got is None:
+            answers[cid] = Stored(error=why, resumable=True, file=index)
+        elif isinstance(got.value, RowError):
+            answers[cid] = Stored(error=str(got.value), resumable=got.resumable, file=index)
+        else:
+            answers[cid] = Stored(got.value, None, False, got.input_tokens, got.output_tokens,
+                                  index)
+    return answers
 
-    >>> eta_s({"total": 100, "completed": 20, "failed": 5}, since=1000.0, now=1050.0)
-    150.0
-    >>> eta_s({"total": 100, "completed": 0, "failed": 0}, since=1000.0, now=1050.0) is None
-    True
-    """
-    done = counts.get("completed", 0) + counts.get("failed", 0)
-    total = counts.get("total", 0)
-    if since is None or done <= 0 or now <= since or total <= done:
-        return None
-    return (now - since) / done * (total - done)
 
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+def _over_token_limit(batch: Any) -> bool:
+    """A job the provider failed because the model's enqueued tokens were over its limit."""
+    errors = getattr(batch, "errors", None)
+    data = getattr(errors, "data", None) or []
+    return batch.status == "failed" and any(
+        getattr(e, "code", None) == "token_limit_exceeded" for e in data)
 
 
 # -- the result frame ------------------------------------------------------------------------

@@ -14,7 +14,10 @@ pays twice:
 4. the answers of every row when the job is over, and the job marked collected.
 
 It lives in ``checkpoint=`` (``batch_api/``) or, without one, in
-``.dfbatch/batch_api/<fingerprint>/`` under the working directory.
+``.dfbatch/batch_api/<fingerprint>/`` under the working directory. The run that opens it holds
+an OS lock (``flock``) on ``journal.lock`` beside it until it ends: a second process resuming
+the same journal at once is refused (``CheckpointError`` naming the lock file and its holder)
+instead of submitting the same rows again.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dfbatch.errors import ConfigError
+from dfbatch.errors import CheckpointError, ConfigError
 
 _VERSION = 1
 _NAME = "batch_api"
 _MAIN = "journal.json"
+_LOCK = "journal.lock"
 
 
 @dataclass
@@ -49,6 +53,7 @@ class FileEntry:
     finished_at: float | None = None
     collected: bool = False
     intent_at: float = 0.0  # epoch seconds: no upload or job of this file is older
+    tokens: int = 0  # request tokens (prompt + output cap), for the enqueued-token limit
 
 
 @dataclass
@@ -73,6 +78,7 @@ class BatchJournal:
         self.run = run
         self.files: list[FileEntry] = []
         self.answers: dict[str, Stored] = {}
+        self._lock_fd: int | None = None
 
     @classmethod
     def open(cls, checkpoint: str | os.PathLike[str] | None, fingerprint: Any,
@@ -84,9 +90,46 @@ class BatchJournal:
         else:
             path = Path.cwd() / ".dfbatch" / "batch_api" / run
         journal = cls(path, run)
-        if journal.path.exists() and not overwrite:
-            journal._load()
+        journal._lock()
+        try:
+            if journal.path.exists() and not overwrite:
+                journal._load()
+        except BaseException:
+            journal.close()
+            raise
         return journal
+
+    def _lock(self) -> None:
+        """Hold ``journal.lock`` (``flock``, released by ``close`` or the process's end)."""
+        lock = self.folder / _LOCK
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            msg = f"cannot use the Batch API journal {str(self.folder)!r}: {exc}"
+            raise CheckpointError(msg) from None
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - no flock (Windows): no protection
+            pass
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            msg = (f"the Batch API journal {str(self.folder)!r} is in use by another run "
+                   f"(process {holder} holds {str(lock)!r}): wait for it to end (or stop it), "
+                   "or use another checkpoint=")
+            raise CheckpointError(msg) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Release the lock (closing the descriptor releases the ``flock``)."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _load(self) -> None:
         try:
@@ -134,10 +177,10 @@ class BatchJournal:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def add_file(self, rows: list[str]) -> FileEntry:
+    def add_file(self, rows: list[str], tokens: int = 0) -> FileEntry:
         """Journal the intent to upload ``rows`` as a new file (saved before any upload)."""
         entry = FileEntry(f"dfbatch-{self.run}-{len(self.files)}.jsonl", rows,
-                          intent_at=time.time())
+                          intent_at=time.time(), tokens=tokens)
         self.files.append(entry)
         self.save()
         return entry

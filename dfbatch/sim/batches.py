@@ -1,10 +1,7 @@
-"""The simulator's ``/v1/files`` and ``/v1/batches``: OpenAI's Batch API, offline.
+"""The simulator's ``/v1/batches``: OpenAI's Batch API, offline (files: ``dfbatch.sim.files``).
 
-Files: ``POST /v1/files`` (multipart, ``purpose`` and ``file``), ``GET /v1/files`` (cursor
-pages: ``after``, ``limit``; ``order``, ``purpose``), ``GET /v1/files/{id}`` and
-``GET /v1/files/{id}/content``.
-Batches: ``POST /v1/batches`` (``input_file_id``, ``endpoint``, ``completion_window``,
-``metadata``), ``GET /v1/batches`` (cursor pages), ``GET /v1/batches/{id}`` and
+``POST /v1/batches`` (``input_file_id``, ``endpoint``, ``completion_window``, ``metadata``),
+``GET /v1/batches`` (cursor pages), ``GET /v1/batches/{id}`` and
 ``POST /v1/batches/{id}/cancel``.
 
 A batch is a pure function of time (simulated seconds, ``SimConfig.time_scale`` aware): it is
@@ -15,9 +12,10 @@ asked for, ``"24h"``) ends first, the batch is ``expired``: the lines done by th
 output file, the others are in no file at all. ``cancel`` stops it the same way
 (``cancelling``, then ``cancelled`` at the next look). Per line: a request whose input holds
 the poison marker gets a 400 line in the error file; a line that is not a valid request gets
-an error line too. An upload over ``batch_max_file_bytes`` is refused (400); a file of more
-than ``batch_max_requests`` lines (or with a duplicate ``custom_id``) makes its batch
-``failed`` at validation, with ``errors``.
+an error line too. A file of more than ``batch_max_requests`` lines (or with a duplicate
+``custom_id``, or one over 64 characters) makes its batch ``failed`` at validation, with
+``errors``; so does a batch over the model's ``batch_enqueued_tokens`` (with the batches of
+that model not over yet), code ``token_limit_exceeded``.
 """
 
 from __future__ import annotations
@@ -32,26 +30,14 @@ from aiohttp import web
 
 from dfbatch.sim.config import SimConfig
 from dfbatch.sim.embedding import embed_texts, encode_vector
+from dfbatch.sim.files import FileStore, error, error_body, missing, page
 from dfbatch.sim.tokenizer import chat_prompt_tokens, encoder_for, truncate
 
 Answerer = Callable[[list[Any], Any, str], str]  # (messages, response_format, drop) -> text
 _ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings")
 _WINDOWS = {"24h": 86_400.0}
+_CUSTOM_ID_MAX = 64  # as Anthropic documents; a longer one fails the batch at validation
 _EDGE = 0.02  # share of the completion time spent validating, and again finalizing
-
-
-@dataclass
-class _File:
-    id: str
-    filename: str
-    purpose: str
-    data: bytes
-    created_at: int
-
-    def view(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "file", "bytes": len(self.data),
-                "created_at": self.created_at, "filename": self.filename,
-                "purpose": self.purpose, "status": "processed"}
 
 
 @dataclass
@@ -67,10 +53,12 @@ class _Batch:
     errors: list[dict[str, Any]] = field(default_factory=list)
     stopped: float | None = None  # when cancel was asked (simulated seconds)
     done_view: dict[str, Any] | None = None  # frozen once terminal
+    model: str = ""
+    tokens: int = 0  # prompt tokens of its lines, against the model's enqueued-token limit
 
 
 class BatchStore:
-    """Uploaded files and batch jobs of one simulator; its handlers take ``(request, t)``."""
+    """The batch jobs of one simulator (and its ``FileStore``); handlers take ``(request, t)``."""
 
     def __init__(self, config: SimConfig, sim_now: Callable[[], float], answer: Answerer,
                  check_key: Callable[[web.Request], None]) -> None:
@@ -78,56 +66,18 @@ class BatchStore:
         self._now = sim_now
         self._answer = answer
         self._check_key = check_key
-        self.files: dict[str, _File] = {}
+        self.files = FileStore(config, check_key)
         self.batches: dict[str, _Batch] = {}
 
     def routes(self, router: web.UrlDispatcher, guard: Callable[[str, Any], Any]) -> None:
-        router.add_post("/v1/files", guard("files", self.upload))
-        router.add_get("/v1/files", guard("files", self.list_files))
-        router.add_get("/v1/files/{id}", guard("files", self.file))
-        router.add_get("/v1/files/{id}/content", guard("files", self.content))
+        router.add_post("/v1/files", guard("files", self.files.upload))
+        router.add_get("/v1/files", guard("files", self.files.list_files))
+        router.add_get("/v1/files/{id}", guard("files", self.files.file))
+        router.add_get("/v1/files/{id}/content", guard("files", self.files.content))
         router.add_post("/v1/batches", guard("batches", self.create))
         router.add_get("/v1/batches", guard("batches", self.list_batches))
         router.add_get("/v1/batches/{id}", guard("batches", self.retrieve))
         router.add_post("/v1/batches/{id}/cancel", guard("batches", self.cancel))
-
-    # -- files ---------------------------------------------------------------------------
-    async def upload(self, request: web.Request, t: float) -> web.Response:
-        self._check_key(request)
-        form = await request.post()
-        purpose, upload = form.get("purpose"), form.get("file")
-        if not isinstance(upload, web.FileField):
-            return _error(400, "a multipart field 'file' is required", param="file")
-        data = upload.file.read()
-        limit = self.config.batch_max_file_bytes
-        if len(data) > limit:
-            msg = f"File is too large: {len(data)} bytes, the limit is {limit} bytes."
-            return _error(400, msg, param="file", code="file_too_large")
-        file = _File(f"file-sim-{len(self.files) + 1}", upload.filename or "upload.jsonl",
-                     str(purpose or "batch"), data, int(time.time()))
-        self.files[file.id] = file
-        return web.json_response(file.view())
-
-    async def list_files(self, request: web.Request, t: float) -> web.Response:
-        """Files, newest first (``order=asc``: oldest first), of one ``purpose`` if asked."""
-        self._check_key(request)
-        purpose = request.query.get("purpose")
-        views = [f.view() for f in self.files.values() if purpose in (None, f.purpose)]
-        if request.query.get("order", "desc") != "asc":
-            views.reverse()
-        return _page(request, views)
-
-    async def file(self, request: web.Request, t: float) -> web.Response:
-        self._check_key(request)
-        found = self.files.get(request.match_info["id"])
-        return web.json_response(found.view()) if found else _missing("file", request)
-
-    async def content(self, request: web.Request, t: float) -> web.Response:
-        self._check_key(request)
-        found = self.files.get(request.match_info["id"])
-        if found is None:
-            return _missing("file", request)
-        return web.Response(body=found.data, content_type="application/octet-stream")
 
     # -- batches -------------------------------------------------------------------------
     async def create(self, request: web.Request, t: float) -> web.Response:
@@ -135,38 +85,55 @@ class BatchStore:
         try:
             body = await request.json()
         except ValueError:
-            return _error(400, "request body is not valid JSON")
+            return error(400, "request body is not valid JSON")
         file = self.files.get(str(body.get("input_file_id")))
         if file is None:
-            return _error(400, f"no file with id {body.get('input_file_id')!r}",
+            return error(400, f"no file with id {body.get('input_file_id')!r}",
                           param="input_file_id")
         endpoint = body.get("endpoint")
         if endpoint not in _ENDPOINTS:
-            return _error(400, f"endpoint must be one of {list(_ENDPOINTS)}", param="endpoint")
+            return error(400, f"endpoint must be one of {list(_ENDPOINTS)}", param="endpoint")
         window = body.get("completion_window")
         if window not in _WINDOWS:
-            return _error(400, "completion_window must be '24h'", param="completion_window")
+            return error(400, "completion_window must be '24h'", param="completion_window")
         batch = _Batch(f"batch_sim_{len(self.batches) + 1}", file.id, endpoint, window,
                        body.get("metadata"), self._now(), int(time.time()), [])
         batch.lines, batch.errors = _validate(file.data, endpoint, self.config.batch_max_requests)
+        if not batch.errors and self.config.batch_enqueued_tokens is not None:
+            batch.tokens = sum(_prompt_tokens(line) for line in batch.lines)
+            batch.model = str(batch.lines[0]["body"].get("model")) if batch.lines else ""
+            batch.errors = self._over_limit(batch)
+        batch.created = self._now()  # its clock starts once it is checked
         self.batches[batch.id] = batch
         return web.json_response(self._view(batch))
+
+    def _over_limit(self, batch: _Batch) -> list[dict[str, Any]]:
+        """The ``token_limit_exceeded`` error of a batch the model's queue cannot take."""
+        limit = self.config.batch_enqueued_tokens or 0
+        queued = sum(b.tokens for b in self.batches.values() if b.model == batch.model
+                     and self._view(b)["status"] in ("validating", "in_progress", "finalizing"))
+        if queued + batch.tokens <= limit:
+            return []
+        why = (f"Enqueued token limit reached for {batch.model}. Limit: {limit:,} enqueued "
+               f"tokens ({queued:,} enqueued, this batch {batch.tokens:,}). Please try again "
+               "once some in_progress batches have been completed.")
+        return [_line_error("token_limit_exceeded", why, None)]
 
     async def list_batches(self, request: web.Request, t: float) -> web.Response:
         self._check_key(request)
         views = [self._view(b) for b in reversed(self.batches.values())]  # newest first
-        return _page(request, views)
+        return page(request, views)
 
     async def retrieve(self, request: web.Request, t: float) -> web.Response:
         self._check_key(request)
         found = self.batches.get(request.match_info["id"])
-        return web.json_response(self._view(found)) if found else _missing("batch", request)
+        return web.json_response(self._view(found)) if found else missing("batch", request)
 
     async def cancel(self, request: web.Request, t: float) -> web.Response:
         self._check_key(request)
         found = self.batches.get(request.match_info["id"])
         if found is None:
-            return _missing("batch", request)
+            return missing("batch", request)
         view = self._view(found)
         if view["status"] in ("validating", "in_progress", "finalizing"):
             found.stopped = self._now()
@@ -238,10 +205,7 @@ class BatchStore:
         for name, records in (("output_file_id", out), ("error_file_id", err)):
             if records:
                 data = "".join(json.dumps(r) + "\n" for r in records).encode()
-                file = _File(f"file-sim-{len(self.files) + 1}", f"{b.id}_{name}.jsonl",
-                             "batch_output", data, int(time.time()))
-                self.files[file.id] = file
-                view[name] = file.id
+                view[name] = self.files.add(f"{b.id}_{name}.jsonl", "batch_output", data).id
         view["request_counts"] = {"total": len(b.lines), "completed": len(out),
                                   "failed": len(err)}
         view["status"] = status
@@ -252,10 +216,10 @@ class BatchStore:
     def _respond(self, line: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         body = line.get("body")
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            return 400, _error_body("each request body must be an object with a model")
+            return 400, error_body("each request body must be an object with a model")
         if self._is_poison(line):
             msg = "Invalid content: the input contains the simulator's poison marker"
-            return 400, _error_body(msg, code="poison")
+            return 400, error_body(msg, code="poison")
         if line["url"] == "/v1/embeddings":
             return 200, _embedding(body, self.config.embedding_dimensions)
         return self._chat(body)
@@ -263,7 +227,7 @@ class BatchStore:
     def _chat(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
         if not messages:
-            return 400, _error_body("messages must be a non-empty list")
+            return 400, error_body("messages must be a non-empty list")
         model = body["model"]
         enc = encoder_for(model)
         cap = body.get("max_completion_tokens") or body.get("max_tokens")
@@ -304,12 +268,30 @@ def _validate(data: bytes, endpoint: str, max_requests: int) -> tuple[list[Any],
             why = f"method must be POST and url must be the batch's endpoint {endpoint}"
             errors.append(_line_error("mismatched_endpoint", why, number))
             continue
+        if len(cid) > _CUSTOM_ID_MAX:
+            why = f"custom_id has {len(cid)} characters, more than {_CUSTOM_ID_MAX}"
+            errors.append(_line_error("invalid_custom_id", why, number))
+            continue
         seen.add(cid)
         lines.append(line)
     if len(lines) > max_requests:
         why = f"the file holds {len(lines)} requests, more than the limit of {max_requests}"
         errors.append(_line_error("too_many_requests", why, None))
     return lines, errors
+
+
+def _prompt_tokens(line: dict[str, Any]) -> int:
+    """The prompt tokens of one request line (what a model's enqueued-token limit counts)."""
+    body = line.get("body")
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return 0
+    enc = encoder_for(body["model"])
+    if line.get("url") == "/v1/embeddings":
+        raw = body.get("input")
+        texts = [raw] if isinstance(raw, str) else [str(x) for x in raw or []]
+        return sum(len(enc.encode_ordinary(x)) for x in texts)
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    return chat_prompt_tokens(enc, messages) if messages else 0
 
 
 def _embedding(body: dict[str, Any], dims: int) -> dict[str, Any]:
@@ -326,33 +308,3 @@ def _embedding(body: dict[str, Any], dims: int) -> dict[str, Any]:
 
 def _line_error(code: str, message: str, line: int | None) -> dict[str, Any]:
     return {"code": code, "message": message, "param": None, "line": line}
-
-
-def _error_body(message: str, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                      "code": code}}
-
-
-def _error(status: int, message: str, *, param: str | None = None,
-           code: str | None = None) -> web.Response:
-    body = _error_body(message, code)
-    body["error"]["param"] = param
-    return web.json_response(body, status=status)
-
-
-def _missing(kind: str, request: web.Request) -> web.Response:
-    return _error(404, f"No such {kind}: {request.match_info['id']}")
-
-
-def _page(request: web.Request, items: list[dict[str, Any]]) -> web.Response:
-    """One cursor page (``after`` = the last id seen, ``limit``), OpenAI's list shape."""
-    after = request.query.get("after")
-    if after is not None:
-        ids = [i["id"] for i in items]
-        items = items[ids.index(after) + 1:] if after in ids else []
-    limit = int(request.query.get("limit") or 20)
-    page = items[:limit]
-    return web.json_response({"object": "list", "data": page, "has_more": len(items) > limit,
-                              "first_id": page[0]["id"] if page else None,
-                              "last_id": page[-1]["id"] if page else None})
-

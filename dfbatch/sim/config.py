@@ -95,6 +95,9 @@ class SimConfig:
     seconds; one whose completion window (``batch_window_s``, else its ``completion_window``)
     ends first expires with the lines done by then. Uploads over ``batch_max_file_bytes`` are
     refused; a file of more than ``batch_max_requests`` lines fails its batch.
+    ``batch_enqueued_tokens`` (``None``: no limit) is a model's enqueued-token limit: a batch
+    whose prompt tokens, with those of the model's batches not yet over, exceed it is created
+    ``failed`` with error code ``token_limit_exceeded``, as OpenAI does.
     """
 
     rpm: float | None = 600.0
@@ -132,6 +135,7 @@ class SimConfig:
     batch_window_s: float | None = None
     batch_max_requests: int = 50_000
     batch_max_file_bytes: int = 200_000_000
+    batch_enqueued_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm"):
@@ -161,8 +165,10 @@ class SimConfig:
         _non_negative("batch_completion_s", self.batch_completion_s, strict=True)
         if self.batch_window_s is not None:
             _non_negative("batch_window_s", self.batch_window_s, strict=True)
-        for name in ("batch_max_requests", "batch_max_file_bytes"):
+        for name in ("batch_max_requests", "batch_max_file_bytes", "batch_enqueued_tokens"):
             value = getattr(self, name)
+            if name == "batch_enqueued_tokens" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 msg = f"{name} must be an integer > 0, got {value!r}"
                 raise ConfigError(msg)
