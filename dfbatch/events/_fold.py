@@ -1,20 +1,7 @@
-"""Run events and the pure fold that turns them into frozen ``RunStats`` snapshots.
+"""The fold from events to ``RunStats``: O(1) per event, a frozen snapshot on demand.
 
-The pool emits one event per state change of a batch. Displays (widget, progress bar) never
-look inside the pool: they subscribe to events or read ``RunStats`` snapshots.
-
-Examples
---------
->>> from dfbatch.events import RunStarted, BatchStarted, BatchFinished, fold
->>> evs = [
-...     RunStarted(t=0.0, total_rows=4, total_batches=1, total_tokens=40, planned_tokens=(40,)),
-...     BatchStarted(t=0.0, batch_id=0, agent_id=0, planned_agent=0, rows=4, tokens=40, attempt=1),
-...     BatchFinished(t=2.0, batch_id=0, agent_id=0, planned_agent=0, rows=4, tokens=40,
-...                   elapsed_s=2.0, ok_rows=4, error_rows=0),
-... ]
->>> s = fold(evs)
->>> s.rows_done, s.rows_ok, s.fraction_done, s.agents[0].mean_latency_s
-(4, 4, 1.0, 2.0)
+``RunStats``' int fields are counted by name (its annotations are strings under
+``from __future__ import annotations``, so ``field.type == "int"`` picks them).
 """
 
 from __future__ import annotations
@@ -23,193 +10,17 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-
-@dataclass(frozen=True, slots=True)
-class RunStarted:
-    t: float
-    total_rows: int
-    total_batches: int
-    total_tokens: int
-    planned_tokens: tuple[int, ...]  # per agent; len() is the number of agents
-    cached_rows: int = 0  # rows answered from the response cache (never sent; not in total_rows)
-    rows_before: int = 0  # rows a checkpoint already holds (a resumed run skips them)
-    rpm: float | None = None  # the run's rate limits: the ETA is never shorter than they allow
-    tpm: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BatchStarted:
-    t: float
-    batch_id: int
-    agent_id: int
-    planned_agent: int
-    rows: int
-    tokens: int
-    attempt: int
-
-
-@dataclass(frozen=True, slots=True)
-class BatchRetried:
-    t: float
-    batch_id: int
-    agent_id: int
-    tokens: int
-    attempt: int
-    delay_s: float
-    error: str
-    rate_limited: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class BatchHedged:
-    """A straggling call got a duplicate (``hedge_after``); the first answer wins."""
-
-    t: float
-    batch_id: int
-    agent_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class BatchFinished:
-    """A call returned outputs for every row (some rows may carry their own error values)."""
-
-    t: float
-    batch_id: int
-    agent_id: int
-    planned_agent: int
-    rows: int
-    tokens: int
-    elapsed_s: float
-    ok_rows: int
-    error_rows: int
-    input_tokens: int = 0  # usage reported by fn (real tokens), 0 when unknown
-    output_tokens: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class BatchFailed:
-    """A batch ended in error. ``bisected``: its rows go on in two halves (not done yet)."""
-
-    t: float
-    batch_id: int
-    agent_id: int
-    planned_agent: int
-    rows: int
-    tokens: int
-    elapsed_s: float
-    error: str
-    bisected: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class RunFinished:
-    t: float
-    cancelled: bool = False
-
-
-Event = (
-    RunStarted | BatchStarted | BatchRetried | BatchHedged | BatchFinished | BatchFailed
-    | RunFinished
+from dfbatch.events._events import (
+    BatchFailed,
+    BatchFinished,
+    BatchHedged,
+    BatchRetried,
+    BatchStarted,
+    Event,
+    RunFinished,
+    RunStarted,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class AgentStats:
-    agent_id: int
-    planned_tokens: int = 0
-    done_tokens: int = 0
-    inflight_tokens: int = 0
-    in_flight: int = 0
-    done_rows: int = 0
-    done_batches: int = 0
-    errors: int = 0
-    retries: int = 0
-    stolen: int = 0  # batches this agent ran that were planned for another agent
-    busy_s: float = 0.0
-    mean_latency_s: float = 0.0
-    stolen_tokens: int = 0  # tokens of those stolen batches (part of done_tokens)
-
-
-@dataclass(frozen=True, slots=True)
-class RunStats:
-    """A frozen snapshot of a run. Every display renders from this alone."""
-
-    total_rows: int = 0
-    total_batches: int = 0
-    total_tokens: int = 0
-    rows_done: int = 0
-    cached_rows: int = 0  # answered from the response cache: no call, not in total_rows
-    rows_ok: int = 0
-    rows_failed: int = 0
-    batches_done: int = 0
-    calls: int = 0
-    in_flight: int = 0
-    retries: int = 0
-    rate_limited: int = 0
-    errors: int = 0  # batch-level failures (calls that raised and were not retried)
-    hedges: int = 0
-    tokens_done: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    elapsed_s: float = 0.0
-    mean_latency_s: float = 0.0
-    p50_latency_s: float = 0.0
-    p95_latency_s: float = 0.0
-    finished: bool = False
-    cancelled: bool = False
-    agents: tuple[AgentStats, ...] = ()
-    # (seconds since start, rows done, tokens done), sampled at most every 0.2 s
-    history: tuple[tuple[float, int, int], ...] = ()
-    # (seconds since start, "retry" | "429" | "error")
-    incidents: tuple[tuple[float, str], ...] = ()
-    rows_before: int = 0  # done by an earlier run (resumed from a checkpoint); not in rows_done
-    oldest_in_flight_s: float = 0.0  # age of the oldest call in flight (0 when none)
-    rows_cancelled: int = 0  # rows a stopped run left unfinished
-    rpm: float | None = None
-    tpm: float | None = None
-
-    @property
-    def rows_shown(self) -> int:
-        """Rows done counting a resumed run's earlier rows: what a progress bar shows."""
-        return self.rows_before + self.rows_done
-
-    @property
-    def total_shown(self) -> int:
-        """All rows of the frame, a resumed run's earlier rows included."""
-        return self.rows_before + self.total_rows
-
-    @property
-    def fraction_done(self) -> float:
-        total = self.total_shown
-        return self.rows_shown / total if total else 1.0
-
-    @property
-    def percent_done(self) -> int:
-        """Whole percent done, rounded down: 100 only once every row is done."""
-        return int(100 * self.fraction_done) if self.total_shown else 100
-
-    @property
-    def rows_per_s(self) -> float:
-        return self.rows_done / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens_done / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    @property
-    def eta_s(self) -> float | None:
-        """Seconds left at the current row rate, None before the first row finishes."""
-        rate = self.rows_per_s
-        if self.finished:
-            return 0.0
-        if rate <= 0:
-            return None
-        eta = (self.total_rows - self.rows_done) / rate
-        if self.tpm:  # what is left cannot go faster than the token limit allows
-            eta = max(eta, 60.0 * max(0, self.total_tokens - self.tokens_done) / self.tpm)
-        if self.rpm:
-            eta = max(eta, 60.0 * max(0, self.total_batches - self.batches_done) / self.rpm)
-        return eta
+from dfbatch.events._stats import AgentStats, RunStats
 
 
 @dataclass
