@@ -22,21 +22,30 @@ class RunStarted:
 
 
 @dataclass(frozen=True, slots=True)
-class BatchStarted:
+class _BatchEvent:
+    """The fields every batch event starts with (positional order matters: emitters use it)."""
+
     t: float
     batch_id: int
     agent_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class _BatchCall(_BatchEvent):
+    """A call of a batch that counts towards its agent's work: started, finished or failed."""
+
     planned_agent: int
     rows: int
     tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStarted(_BatchCall):
     attempt: int
 
 
 @dataclass(frozen=True, slots=True)
-class BatchRetried:
-    t: float
-    batch_id: int
-    agent_id: int
+class BatchRetried(_BatchEvent):
     tokens: int
     attempt: int
     delay_s: float
@@ -45,24 +54,14 @@ class BatchRetried:
 
 
 @dataclass(frozen=True, slots=True)
-class BatchHedged:
+class BatchHedged(_BatchEvent):
     """A straggling call got a duplicate (``hedge_after``); the first answer wins."""
-
-    t: float
-    batch_id: int
-    agent_id: int
 
 
 @dataclass(frozen=True, slots=True)
-class BatchFinished:
+class BatchFinished(_BatchCall):
     """A call returned outputs for every row (some rows may carry their own error values)."""
 
-    t: float
-    batch_id: int
-    agent_id: int
-    planned_agent: int
-    rows: int
-    tokens: int
     elapsed_s: float
     ok_rows: int
     error_rows: int
@@ -71,15 +70,9 @@ class BatchFinished:
 
 
 @dataclass(frozen=True, slots=True)
-class BatchFailed:
+class BatchFailed(_BatchCall):
     """A batch ended in error. ``bisected``: its rows go on in two halves (not done yet)."""
 
-    t: float
-    batch_id: int
-    agent_id: int
-    planned_agent: int
-    rows: int
-    tokens: int
     elapsed_s: float
     error: str
     bisected: bool = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from dfbatch.events._events import (
     BatchFailed,
@@ -22,29 +23,22 @@ from dfbatch.events._events import (
 )
 from dfbatch.events._stats import AgentStats, RunStats
 
+# An agent's running counts: AgentStats' fields but its id and mean latency, plus latency_n.
+_AGENT_COUNTS = tuple(
+    (k, f.default) for k, f in AgentStats.__dataclass_fields__.items()
+    if k not in ("agent_id", "mean_latency_s")
+)
+_Agent = dict[str, Any]
 
-@dataclass
-class _Agent:
-    planned_tokens: int = 0
-    done_tokens: int = 0
-    inflight_tokens: int = 0
-    in_flight: int = 0
-    done_rows: int = 0
-    done_batches: int = 0
-    errors: int = 0
-    retries: int = 0
-    stolen: int = 0
-    stolen_tokens: int = 0
-    busy_s: float = 0.0
-    latency_n: int = 0
 
-    def freeze(self, agent_id: int) -> AgentStats:
-        mean = self.busy_s / self.latency_n if self.latency_n else 0.0
-        return AgentStats(
-            agent_id, self.planned_tokens, self.done_tokens, self.inflight_tokens,
-            self.in_flight, self.done_rows, self.done_batches, self.errors, self.retries,
-            self.stolen, self.busy_s, mean, self.stolen_tokens,
-        )
+def _new_agent() -> _Agent:
+    return {**dict(_AGENT_COUNTS), "latency_n": 0}
+
+
+def _freeze(agent_id: int, a: _Agent) -> AgentStats:
+    counts = {k: a[k] for k, _ in _AGENT_COUNTS}
+    mean = a["busy_s"] / a["latency_n"] if a["latency_n"] else 0.0
+    return AgentStats(agent_id=agent_id, mean_latency_s=mean, **counts)
 
 
 @dataclass
@@ -80,7 +74,7 @@ class StatsAccumulator:
 
     def _agent(self, i: int) -> _Agent:
         while len(self.agents) <= i:
-            self.agents.append(_Agent())
+            self.agents.append(_new_agent())
         return self.agents[i]
 
     def apply(self, ev: Event) -> None:
@@ -97,18 +91,18 @@ class StatsAccumulator:
             s["rows_before"] += ev.rows_before
             self.rpm, self.tpm = ev.rpm, ev.tpm
             for i, tok in enumerate(ev.planned_tokens):
-                self._agent(i).planned_tokens += tok
+                self._agent(i)["planned_tokens"] += tok
             self.finished = False
         elif isinstance(ev, BatchStarted):
             a = self._agent(ev.agent_id)
-            a.in_flight += 1
-            a.inflight_tokens += ev.tokens
+            a["in_flight"] += 1
+            a["inflight_tokens"] += ev.tokens
             s["in_flight"] += 1
             s["calls"] += 1
             self.open_calls.setdefault(ev.batch_id, []).append(ev.t)
         elif isinstance(ev, BatchRetried):
             self._end_call(ev.agent_id, ev)
-            self._agent(ev.agent_id).retries += 1
+            self._agent(ev.agent_id)["retries"] += 1
             s["retries"] += 1
             s["rate_limited"] += ev.rate_limited
             self.incidents.append((ev.t - self.t0, "429" if ev.rate_limited else "retry"))
@@ -117,14 +111,14 @@ class StatsAccumulator:
             s["calls"] += 1
         elif isinstance(ev, BatchFinished):
             a = self._end_call(ev.agent_id, ev)
-            a.done_rows += ev.rows
-            a.done_tokens += ev.tokens
-            a.done_batches += 1
+            a["done_rows"] += ev.rows
+            a["done_tokens"] += ev.tokens
+            a["done_batches"] += 1
             if ev.agent_id != ev.planned_agent:
-                a.stolen += 1
-                a.stolen_tokens += ev.tokens
-            a.busy_s += ev.elapsed_s
-            a.latency_n += 1
+                a["stolen"] += 1
+                a["stolen_tokens"] += ev.tokens
+            a["busy_s"] += ev.elapsed_s
+            a["latency_n"] += 1
             self._latency(ev.elapsed_s)
             s["rows_done"] += ev.rows
             s["rows_ok"] += ev.ok_rows
@@ -136,14 +130,14 @@ class StatsAccumulator:
             self._sample(ev.t)
         elif isinstance(ev, BatchFailed):
             a = self._end_call(ev.agent_id, ev)
-            a.errors += 1
-            a.busy_s += ev.elapsed_s
+            a["errors"] += 1
+            a["busy_s"] += ev.elapsed_s
             s["errors"] += 1
             self.incidents.append((ev.t - self.t0, "error"))
             if not ev.bisected:
-                a.done_rows += ev.rows
-                a.done_tokens += ev.tokens
-                a.done_batches += 1
+                a["done_rows"] += ev.rows
+                a["done_tokens"] += ev.tokens
+                a["done_batches"] += 1
                 s["rows_done"] += ev.rows
                 s["rows_failed"] += ev.rows
                 s["batches_done"] += 1
@@ -156,14 +150,14 @@ class StatsAccumulator:
                 s["rows_cancelled"] = max(0, s["total_rows"] - s["rows_done"])
             s["in_flight"] = 0
             for a in self.agents:
-                a.in_flight, a.inflight_tokens = 0, 0
+                a["in_flight"], a["inflight_tokens"] = 0, 0
             self.open_calls.clear()
             self._sample(ev.t, force=True)
 
     def _end_call(self, agent_id: int, ev: BatchRetried | BatchFinished | BatchFailed) -> _Agent:
         a = self._agent(agent_id)
-        a.in_flight -= 1
-        a.inflight_tokens -= ev.tokens
+        a["in_flight"] -= 1
+        a["inflight_tokens"] -= ev.tokens
         self.stats["in_flight"] -= 1
         starts = self.open_calls.get(ev.batch_id)
         if starts:
@@ -203,7 +197,7 @@ class StatsAccumulator:
             p95_latency_s=_quantile(lat, 0.95),
             finished=self.finished,
             cancelled=self.cancelled,
-            agents=tuple(a.freeze(i) for i, a in enumerate(self.agents)),
+            agents=tuple(_freeze(i, a) for i, a in enumerate(self.agents)),
             history=tuple(self.history),
             incidents=tuple(self.incidents),
         )
