@@ -48,16 +48,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dfbatch
-
-_ZEROS = {n: [0] * n for n in range(1, 65)}
-
-
-async def noop(batch: pl.DataFrame) -> list[int]:
-    return _ZEROS[batch.height]
-
-
-def cheap_tokens(texts: list[str]) -> list[int]:
-    return [1] * len(texts)
+from benchmarks.overhead_bench import cheap_tokens, noop
 
 
 def frame(rows: int) -> pl.DataFrame:
