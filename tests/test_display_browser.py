@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
@@ -115,26 +116,34 @@ def wait_for(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float 
     pytest.fail(f"jupyter lab did not answer in {timeout} s: {log.read_text()[-2000:]}")
 
 
-@pytest.mark.slow
-def test_dashboard_reaches_100_percent_in_jupyterlab(
-    lab: tuple[str, str, Path], tmp_path: Path
-) -> None:
+def run_in_lab(
+    lab: tuple[str, str, Path], name: str, cells: list[str], shot: Path, *args: str
+) -> dict[str, Any]:
+    """Run ``cells`` as notebook ``name`` in the lab, in chromium (``run_notebook.mjs``, with
+    ``args`` added); screenshots go to ``shot``'s folder. The page's result, as a dict."""
     url, token, root = lab
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(c) for c in CELLS]
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
-    nbformat.write(nb, root / "dashboard.ipynb")
-    shot = tmp_path / "dashboard.png"
+    nbformat.write(nb, root / name)
     node = subprocess.run(
         ["node", str(BROWSER_DIR / "run_notebook.mjs"), "--url", url, "--token", token,
-         "--notebook", "dashboard.ipynb", "--screenshot", str(shot), "--timeout", "180",
-         "--chromium", CHROMIUM],
+         "--notebook", name, "--screenshot", str(shot), "--timeout", "180",
+         "--chromium", CHROMIUM, *args],
         capture_output=True, text=True, timeout=300, cwd=BROWSER_DIR,
     )
     lines = [x for x in node.stdout.splitlines() if x.startswith("{")]
     assert lines, f"no result from the browser script: {node.stdout}\n{node.stderr}"
-    page = json.loads(lines[-1])
+    return json.loads(lines[-1])  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+def test_dashboard_reaches_100_percent_in_jupyterlab(
+    lab: tuple[str, str, Path], tmp_path: Path
+) -> None:
+    shot = tmp_path / "dashboard.png"
+    page = run_in_lab(lab, "dashboard.ipynb", CELLS, shot)
     assert page["ok"], page.get("error")
     assert page["progress"] == "100%"
     assert "progress-bar-warning" in page["barClass"]  # done, with one failed row

@@ -5,16 +5,13 @@ from its checkpoint, says so. The dashboards' screenshots are kept in the test's
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
-import nbformat
 import pytest
 
-from tests.test_display_browser import BROWSER_DIR, CHROMIUM, lab  # noqa: F401  (fixture)
+from tests.test_display_browser import lab, run_in_lab  # noqa: F401  (fixture)
 
 CELLS = [
     """\
@@ -41,22 +38,8 @@ print("errors:", again["error"].null_count(), again.height)""",
 def test_narrow_dashboard_stacks_panels_and_stop_then_resume_say_so(
     lab: tuple[str, str, Path], tmp_path: Path,  # noqa: F811
 ) -> None:
-    url, token, root = lab
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(c) for c in CELLS]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
-    nbformat.write(nb, root / "edges.ipynb")
     shot = tmp_path / "edges.png"
-    node = subprocess.run(
-        ["node", str(BROWSER_DIR / "run_notebook.mjs"), "--url", url, "--token", token,
-         "--notebook", "edges.ipynb", "--screenshot", str(shot), "--timeout", "180",
-         "--chromium", CHROMIUM, "--width", "420", "--stop-at", "20"],
-        capture_output=True, text=True, timeout=300, cwd=BROWSER_DIR,
-    )
-    lines = [x for x in node.stdout.splitlines() if x.startswith("{")]
-    assert lines, f"no result from the browser script: {node.stdout}\n{node.stderr}"
-    page = json.loads(lines[-1])
+    page = run_in_lab(lab, "edges.ipynb", CELLS, shot, "--width", "420", "--stop-at", "20")
     keep = os.environ.get("DFBATCH_SCREENSHOTS")
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dfbatch.errors import TokenizerError
-from dfbatch.plan import _tokens as tokens
+from dfbatch.plan import _encodings as encodings
 from dfbatch.plan._tokens import count_tokens, get_counter, seed_tiktoken_cache, truncate
 
 URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
@@ -61,13 +61,13 @@ def fresh_cache(tmp_path, monkeypatch):
     """A fresh, empty TIKTOKEN_CACHE_DIR that dfbatch has not seeded yet."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
-    monkeypatch.setattr(tokens, "_seeded_dirs", set())
+    monkeypatch.setattr(encodings, "_seeded_dirs", set())
     return cache
 
 
 # -- offline seeding -----------------------------------------------------------------------
 def test_seed_writes_tiktoken_cache_files_with_expected_hashes(fresh_cache):
-    expected = tokens._expected_files()
+    expected = encodings._expected_files()
     assert seed_tiktoken_cache() == str(fresh_cache)
     for name in CANONICAL:
         path = fresh_cache / hashlib.sha1(URL.format(name).encode()).hexdigest()
@@ -76,7 +76,7 @@ def test_seed_writes_tiktoken_cache_files_with_expected_hashes(fresh_cache):
 
 
 def test_expected_hashes_come_from_tiktoken_source():
-    expected = tokens._expected_files()
+    expected = encodings._expected_files()
     assert expected["cl100k_base"] == (
         URL.format("cl100k_base"),
         "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
@@ -88,15 +88,14 @@ def test_seed_is_idempotent_and_repairs_a_corrupt_file(fresh_cache, monkeypatch)
     seed_tiktoken_cache()
     path = fresh_cache / hashlib.sha1(URL.format("cl100k_base").encode()).hexdigest()
     before = path.stat().st_mtime_ns
-    monkeypatch.setattr(tokens, "_seeded_dirs", set())
+    monkeypatch.setattr(encodings, "_seeded_dirs", set())
     seed_tiktoken_cache()
     assert path.stat().st_mtime_ns == before  # valid file left alone
     path.write_bytes(b"garbage")
-    monkeypatch.setattr(tokens, "_seeded_dirs", set())
+    monkeypatch.setattr(encodings, "_seeded_dirs", set())
     seed_tiktoken_cache()
-    assert (
-        hashlib.sha256(path.read_bytes()).hexdigest() == tokens._expected_files()["cl100k_base"][1]
-    )
+    expected = encodings._expected_files()["cl100k_base"][1]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == expected
 
 
 def test_seed_is_thread_safe(fresh_cache):
@@ -122,7 +121,7 @@ def test_seed_sets_cache_env_only_when_unset(tmp_path, monkeypatch):
         monkeypatch.setenv(var, "placeholder")  # so that monkeypatch restores the original
         monkeypatch.delenv(var)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(tokens, "_seeded_dirs", set())
+    monkeypatch.setattr(encodings, "_seeded_dirs", set())
     cache = seed_tiktoken_cache()
     assert cache == str(tmp_path / "xdg" / "dfbatch" / "tiktoken")
     assert os.environ["TIKTOKEN_CACHE_DIR"] == cache
@@ -133,7 +132,7 @@ def test_seed_uses_data_gym_dir_when_that_is_what_tiktoken_reads(tmp_path, monke
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "placeholder")
     monkeypatch.delenv("TIKTOKEN_CACHE_DIR")
     monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(tmp_path / "gym"))
-    monkeypatch.setattr(tokens, "_seeded_dirs", set())
+    monkeypatch.setattr(encodings, "_seeded_dirs", set())
     assert seed_tiktoken_cache() == str(tmp_path / "gym")
     assert "TIKTOKEN_CACHE_DIR" not in os.environ
     assert len(os.listdir(tmp_path / "gym")) == 2
@@ -324,6 +323,6 @@ def test_truncate_rejects_bad_budget():
 
 
 def test_bundled_data_location_exists():
-    files = tokens._bundled_files()
+    files = encodings._bundled_files()
     assert {"cl100k_base", "o200k_base"} <= set(files)
     assert all(isinstance(p, Path) and p.exists() for p in files.values())

@@ -108,10 +108,20 @@ def _outputs(out: Outcomes, n: int, name: str, output_dtype: Any = None) -> pl.D
                 if err is not None and out.errors[i] is None:
                     out.errors[i] = err
         frames.append(fitted)
-    joined = pl.concat(frames, how="diagonal_relaxed")
-    joined = joined.with_columns(pl.Series(_ROW, rows, dtype=pl.Int64))
-    base = pl.DataFrame({_ROW: pl.int_range(n, eager=True, dtype=pl.Int64)})
-    return base.join(joined, on=_ROW, how="left", maintain_order="left").drop(_ROW)
+    return _placed(pl.concat(frames, how="diagonal_relaxed"), rows, n)
+
+
+def _placed(frame: pl.DataFrame, rows: np.ndarray, n: int) -> pl.DataFrame:
+    """``frame``'s row ``i`` at row ``rows[i]`` of ``n`` rows; rows no piece answered are null.
+
+    One gather by an index (no join: a join's hash table costs more memory than the outputs).
+    """
+    at = np.full(n, -1, np.int64)
+    at[rows] = np.arange(len(rows))
+    index = pl.Series(_ROW, at)
+    if len(rows) < n:
+        index = index.scatter(np.flatnonzero(at < 0), None)
+    return frame.select(pl.all().gather(index))
 
 
 def _frames(out: Outcomes) -> list[tuple[np.ndarray, pl.DataFrame]]:
