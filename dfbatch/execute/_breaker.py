@@ -43,7 +43,7 @@ from dfbatch.execute._retry import classify
 Health = Literal["ok", "outage", "other"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ticket:
     """A pass through the breaker: ``probe`` when it is the one call of an open breaker."""
 

@@ -29,7 +29,13 @@ from dfbatch.errors import FnInterrupt, OutputError, RetryableError
 from dfbatch.events import BatchHedged, BatchRetried, Event
 from dfbatch.execute import _usage
 from dfbatch.execute._breaker import Breaker, Health, Ticket
-from dfbatch.execute._charge import bind_run_limits, charges_per_request
+from dfbatch.execute._charge import (
+    Binding,
+    bind_run_limits,
+    charges_per_request,
+    enter,
+    leave,
+)
 from dfbatch.execute._headers import parse_headers
 from dfbatch.execute._hedge import race
 from dfbatch.execute._limits import Cost, Hold, Limits, Outcome
@@ -46,6 +52,7 @@ from dfbatch.execute._retry import (
 from dfbatch.execute._scheduler import Batch
 from dfbatch.execute._stack import RunLimits
 from dfbatch.execute._threads import DaemonThreads
+from dfbatch.execute._watch import Watch
 
 
 class Reporter(Protocol):
@@ -152,9 +159,10 @@ class FnCaller:
         self.stack = limits.calls if self.per_request else limits.shared
         # what dfbatch.limits.request charges inside fn: nothing more for a plain fn (its
         # call was charged), every request for one that charges per request
-        self.binding = ((limits.per_request, limits.breaker) if self.per_request
-                        else (_NOTHING, None))
+        self.binding = (Binding(limits.per_request, limits.breaker) if self.per_request
+                        else Binding(_NOTHING))
         self.threads: DaemonThreads | None = None
+        self.watch = Watch(cfg.timeout) if cfg.timeout is not None else None
         self.in_threads: list[tuple[Future[Any], int]] = []  # calls that outlived their await
 
     async def open(self) -> None:
@@ -296,14 +304,11 @@ class FnCaller:
                                          rates=(limits.tpm, limits.rpm),
                                          units=(cost.tokens, cost.requests))
 
-        # an async fn's timeout is the race's timer (no second timer per call)
-        own = self.is_async and sys.version_info >= (3, 11)
         sent: list[bool] = []  # the hedge got its limits and went out
-        return await race(lambda: self._call(batch, df, timed=not own),
+        return await race(lambda: self._call(batch, df),
                           lambda: self._hedge_call(a, batch, df, cost, sent),
                           lambda: tail.plan(batch.tokens, q),
-                          queued=self.queued, may_hedge=may_hedge,
-                          timeout=cfg.timeout if own else None, hedge_sent=lambda: bool(sent))
+                          queued=self.queued, may_hedge=may_hedge, hedge_sent=lambda: bool(sent))
 
     async def _hedge_call(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost,
                           sent: list[bool]) -> tuple[Any, _usage.Usage]:
@@ -315,17 +320,18 @@ class FnCaller:
             held.outcome = Outcome(True)
             return result
 
-    async def _call(self, batch: Batch, df: pl.DataFrame,
-                    timed: bool = True) -> tuple[Any, _usage.Usage]:
-        """``timed=False``: the caller enforces the timeout of an async fn (``race``)."""
+    async def _call(self, batch: Batch, df: pl.DataFrame) -> tuple[Any, _usage.Usage]:
         used, token = _usage.begin()
         try:
             if self.per_request and self.is_async and self.cfg.timeout is not None \
                     and sys.version_info >= (3, 11):
                 value = await self._call_paced(df, self.cfg.timeout)
             else:
-                with bind_run_limits(self.binding[0], breaker=self.binding[1]):
-                    value = await self._call_bound(batch, df, timed)
+                bound = enter(self.binding)
+                try:
+                    value = await self._call_bound(batch, df)
+                finally:
+                    leave(bound)
         finally:
             _usage.end(token)
         return value, used
@@ -335,16 +341,18 @@ class FnCaller:
         from the call's start (its requests may wait for the run's limits meanwhile)."""
         async with asyncio.timeout(timeout) as deadline:
             pace = _Pace(deadline, timeout)
-            with bind_run_limits(self.binding[0], breaker=self.binding[1], pace=pace):
+            with bind_run_limits(self.binding.limits, breaker=self.binding.breaker, pace=pace):
                 value = await self.fn(df)
             if inspect.isawaitable(value):
                 value = await value
             return value
 
-    async def _call_bound(self, batch: Batch, df: pl.DataFrame, timed: bool = True) -> Any:
+    async def _call_bound(self, batch: Batch, df: pl.DataFrame) -> Any:
         if self.is_async:
             try:
-                value = await _timed(self.fn(df), self.cfg.timeout if timed else None)
+                # one timer for every call's timeout (a timer per call costs more than a no-op)
+                value = await (self.watch.run(self.fn(df)) if self.watch is not None
+                               else self.fn(df))
             except (KeyboardInterrupt, SystemExit) as exc:  # let the run attach exc.partial
                 raise FnInterrupt(exc) from exc
         else:

@@ -248,23 +248,21 @@ def binding(rate: RateLimit | None, units: float) -> bool:
 
 async def race(call: Callable[[], Awaitable[T]], hedge: Callable[[], Awaitable[T]],
                plan: Callable[[], Plan | None], *, queued: Callable[[], bool],
-               may_hedge: Callable[[bool], bool], timeout: float | None = None,
+               may_hedge: Callable[[bool], bool],
                hedge_sent: Callable[[], bool] = lambda: True) -> T:
     """Await ``call`` in this task; per ``plan()`` (asked again at each decision, so a call
     that started before the model was fitted is covered too), add ``hedge`` or cut the call.
     The first answer wins; the other copy is cancelled. Every copy failed: the first copy's
-    error is raised. ``timeout``: ``call`` (not ``hedge``, which times itself) raises
-    ``TimeoutError`` after this many seconds, as under ``asyncio.timeout``. ``hedge_sent``: has
+    error is raised. ``hedge_sent``: has
     the hedge got past the run's limits? A failed call waits for a hedge that went out, never
     for one still waiting for the limits the failed call holds (that could wait forever).
 
     The decisions run in one ``loop.call_at`` timer (re-armed for the next one), not in a
-    task: an ordinary call costs a timer (the configured timeout's too), and a task starts
-    only when a hedge is sent."""
+    task: an ordinary call costs a timer, and a task starts only when a hedge is sent."""
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
     assert me is not None
-    race_ = _Race(loop, me, hedge, plan, queued, may_hedge, timeout)
+    race_ = _Race(loop, me, hedge, plan, queued, may_hedge)
     race_.hedge_sent = hedge_sent
     try:
         try:
@@ -272,18 +270,18 @@ async def race(call: Callable[[], Awaitable[T]], hedge: Callable[[], Awaitable[T
         except asyncio.CancelledError:
             if race_.ended is None or _uncancel(me) > 0:
                 raise  # not (only) ours: the run stops, or a timeout fired
-            return await race_.settle()
+            return race_.outcome()
         except Exception as exc:
             if race_.ended is not None:  # fn turned our cancel into an error
                 _uncancel(me)
-                return await race_.settle()
+                return race_.outcome()
             if race_.copy is not None and not race_.copy.done() and hedge_sent():
                 race_.first_error = exc  # the first copy failed: wait for the hedge
                 return await race_.wait_copy()
             raise
         if race_.ended is not None:  # fn swallowed our cancel
             _uncancel(me)
-            return result if race_.ended == "timeout" else race_.outcome()
+            return race_.outcome()
         return result
     finally:
         race_.close()
@@ -304,11 +302,9 @@ class _Race(Generic[T]):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any],
                  hedge: Callable[[], Awaitable[T]], plan: Callable[[], Plan | None],
-                 queued: Callable[[], bool], may_hedge: Callable[[bool], bool],
-                 timeout: float | None = None) -> None:
+                 queued: Callable[[], bool], may_hedge: Callable[[bool], bool]) -> None:
         self.loop, self.task, self.hedge, self.plan = loop, task, hedge, plan
         self.queued, self.may_hedge = queued, may_hedge
-        self.timeout = timeout
         self.hedge_sent: Callable[[], bool] = lambda: True
         self.t0 = loop.time()
         self.hedged_at: float | None = None
@@ -328,8 +324,6 @@ class _Race(Generic[T]):
             wake, self.poll = self.poll, min(2 * self.poll, MAX_POLL_S)
         else:
             wake = p.next_wake(now - self.t0, self.hedged_at)
-        if self.timeout is not None and self.ended is None:
-            wake = min(wake, self.t0 + self.timeout - now)
         self.timer = self.loop.call_at(now + max(wake, 1e-3), self._decide)
 
     def _decide(self) -> None:
@@ -338,10 +332,6 @@ class _Race(Generic[T]):
             return
         p = self.plan()
         age = self.loop.time() - self.t0
-        if self.timeout is not None and age >= self.timeout:
-            self.timeout = None  # (the hedge, if any, runs on under its own timeout)
-            self._end("timeout", age)
-            return
         if p is not None and self.hedged_at is None and p.hedge_due(age, q := self.queued()) \
                 and self.may_hedge(q):
             self.hedged_at = age
@@ -362,16 +352,6 @@ class _Race(Generic[T]):
         self.ended, self.age = how, age
         self.task.cancel()
 
-    async def settle(self) -> T:
-        """The call ended because we cancelled it: the hedge's answer, or our verdict. Past
-        the configured timeout while a hedge runs, the call failed (``TimeoutError``) and the
-        hedge may still answer."""
-        if self.ended == "timeout" and self.copy is not None and not self.copy.done() \
-                and self.hedge_sent():
-            self.ended, self.first_error = None, TimeoutError()
-            return await self.wait_copy()
-        return self.outcome()
-
     async def wait_copy(self) -> T:
         """The first copy failed and the hedge still runs: its answer, or the first error."""
         assert self.copy is not None and self.first_error is not None
@@ -388,8 +368,6 @@ class _Race(Generic[T]):
         if self.ended == "won":
             assert self.copy is not None
             return self.copy.result()
-        if self.ended == "timeout":
-            raise TimeoutError
         msg = (f"the call ran {self.age:.1f} s, far past the latency expected for its size "
                f"(adaptive timeout, hedge_after; set hedge_after=None to turn it off)")
         raise StragglerTimeoutError(msg)
