@@ -6,7 +6,9 @@ episode (429s of calls sent before the pause began do not grow it), and only whi
 succeeds (a provider that answers some calls counts a rate; the buckets slow down instead of
 the pause growing); reset by a success of a call sent after the pause. It is a limit like the
 others (``acquire`` / ``release``); put it last in a stack, so a call that waited for a bucket
-still sits out a pause that began meanwhile.
+still sits out a pause that began meanwhile. The rate buckets sit it out too, before they
+charge (``RateLimit.pause``): the sends held by a pause are paced after it, not all sent at
+its end (a burst that a per-second limit refuses).
 
 Examples
 --------

@@ -19,15 +19,13 @@ Examples
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import math
 from collections import deque
 
 from dfbatch.execute._headers import RateHints
+from dfbatch.execute._journal import ChargeLog
 from dfbatch.execute._limits import Cost, Outcome
-
-_JOURNAL_S = 120.0  # charges older than this are forgotten (a reply that late is not synced)
-_WINDOW_S = 60.0  # a per-minute limit's window (the windowed mode's log)
+from dfbatch.execute._pause import PauseGate
 
 
 class RateLimit:
@@ -51,8 +49,13 @@ class RateLimit:
       ``windowed`` then also keeps at most ``per_minute`` units in any 60 s (a log of the
       charges), which no per-minute enforcement refuses -- a fixed window included.
     - **Unknown limit.** ``per_minute=None`` lets everything through until headers state a
-      ``x-ratelimit-limit-*`` (adopted) or a 429 arrives (the rate becomes ``decrease`` x the
-      rate recently sent, then regrows with no ceiling).
+      ``x-ratelimit-limit-*`` (adopted) or a 429 arrives. The rate then starts from what the
+      provider answered (a lower bound: sends may have been held back by a pause) and,
+      like TCP's slow start, doubles per round trip (at least ``start_s``: the window a
+      per-second limit is enforced over) while it is what holds the sends back, until a 429
+      of a call it paced: then the rate becomes ``decrease`` x the rate that call was sent
+      at, and regrows additively (back to that rate within ``(1 - decrease) x regrow_s``),
+      with no ceiling.
 
     So in any window of ``T`` seconds at most ``capacity + per_minute * T / 60`` units go out.
     """
@@ -79,27 +82,27 @@ class RateLimit:
         self.recent_wait = 0.0  # moving average of seconds an acquire waited (is it binding?)
         self.server_capacity = 0.0  # learned from x-ratelimit-remaining-*: provider bucket size
         self.decreases = 0
-        # unknown limit: a 429 makes the rate a guess (decrease x what was sent); off, an
-        # unknown limit waits for headers and leaves 429s to the pause and concurrency AIMD
-        self.guess = True
+        self.slow_start = False  # a guessed rate that doubles per round trip (unknown limit)
+        self.log = ChargeLog()
+        self.pause: PauseGate | None = None  # the run's pause on 429s (sat out before a charge)
         self._admitted: deque[tuple[float, float]] = deque()  # (time, units) answered
+        self._rates: deque[tuple[float, float]] = deque(maxlen=64)  # slow start: (since, rate)
         self._slope = 0.0  # regrowth, units/s per second
         self._decreased_at = -math.inf
+        self._drained_at = -math.inf  # last charge that left the bucket short of another
         self._grown_at = 0.0
         self._stamp: float | None = None
         self._lock = asyncio.Lock()
-        self._charges: list[tuple[float, float]] = []  # (time, units) of charge number i + base
-        self._base = 0  # charge number of self._charges[0]
-        self._last: contextvars.ContextVar[int] = contextvars.ContextVar("charge", default=-1)
-        self.windowed = False
-        self._win_n = 0  # charge number of the oldest charge in the window log
-        self._win_sum = 0.0  # units charged in the last _WINDOW_S seconds
         if per_minute is not None:
             self.set_ceiling(per_minute)
 
     @property
     def known(self) -> bool:
         return math.isfinite(self.rate)
+
+    @property
+    def windowed(self) -> bool:
+        return self.log.windowed
 
     def set_ceiling(self, per_minute: float) -> None:
         """Adopt a limit (told, or stated by ``x-ratelimit-limit-*``); a lower one wins."""
@@ -142,43 +145,16 @@ class RateLimit:
         self.recent_wait += 0.1 * ((loop.time() - t0) - self.recent_wait)
 
     def _window_wait(self, now: float, units: float) -> float:
-        """Windowed: seconds until ``units`` more keep the last minute within ``per_minute``."""
-        if not self.windowed or not self.per_minute:
-            return 0.0
-        self._expire(now)
-        over = self._win_sum + min(units, self.per_minute) - self.per_minute
-        if over <= 0:
-            return 0.0
-        freed, n = 0.0, self._win_n - self._base
-        for t, u in self._charges[max(0, n):]:
-            freed += u
-            if freed >= over:
-                return max(1e-3, t + _WINDOW_S - now)
-        return _WINDOW_S  # (not reached: the log holds what the sum counts)
-
-    def _expire(self, now: float) -> None:
-        n = self._win_n - self._base
-        while 0 <= n < len(self._charges) and self._charges[n][0] <= now - _WINDOW_S:
-            self._win_sum -= self._charges[n][1]
-            n += 1
-        self._win_n = self._base + max(0, n)
+        """Seconds until ``units`` more may go: the windowed log's, and the run's pause (so
+        sends held by a pause are charged, and paced, after it; not all sent at its end)."""
+        held = self.pause.until - now if self.pause is not None else 0.0
+        return max(held, self.log.window_wait(now, units, self.per_minute))
 
     def _journal(self, now: float, units: float) -> None:
-        """Remember recent charges (for ``sync``); the caller's task remembers its number."""
-        self._last.set(self._base + len(self._charges))
-        self._charges.append((now, units))
-        self._win_sum += units
-        self._expire(now)  # (before pruning: the window is shorter than the journal)
-        stale = 0
-        while stale < len(self._charges) and self._charges[stale][0] < now - _JOURNAL_S:
-            stale += 1
-        if stale > len(self._charges) // 2:  # amortized O(1) pruning
-            del self._charges[:stale]
-            self._base += stale
-
-    def _my_charge(self) -> tuple[float, float] | None:
-        i = self._last.get() - self._base
-        return self._charges[i] if 0 <= i < len(self._charges) else None
+        """Log a charge just paid (for ``sync`` and 429 episodes); note when it drained us."""
+        self.log.add(now, units)
+        if self.level < units:
+            self._drained_at = now
 
     def sync(self, remaining: float, cost: Cost, *, lower_only: bool = False) -> None:
         """The provider said its bucket held ``remaining`` right after admitting this task's call.
@@ -189,7 +165,7 @@ class RateLimit:
         its limit per second (small bucket) is not overrun. After a rate-limit 429 the
         headers are not trusted to grow the bucket for ``regrow_s`` seconds.
         """
-        mine = self._my_charge()
+        mine = self.log.mine()
         if mine is None or not self.known:
             return
         now = asyncio.get_running_loop().time()
@@ -198,9 +174,8 @@ class RateLimit:
             trusted = now >= self._decreased_at + self.regrow_s
             bucket = min(self.per_minute or math.inf, self.server_capacity)
             self.capacity = max(1.0, bucket if trusted else min(bucket, self._small_bucket()))
-        i = self._last.get() - self._base
         level, t = remaining, mine[0]
-        for ts, units in self._charges[i + 1:]:
+        for ts, units in self.log.after_mine():
             level = min(self.capacity, level + (ts - t) * self.rate) - units
             t = ts
         self._refill(now)
@@ -213,10 +188,9 @@ class RateLimit:
         if limit is not None and limit > 0:
             self.set_ceiling(limit)
         remaining = hints.remaining(self.tokens)
-        if remaining is not None and hints.reset(self.tokens) is None and not self.windowed:
-            self.windowed = True  # no reset stated: keep any minute within the limit
-            self._win_n, self._win_sum = self._base, sum(u for _, u in self._charges)
-            self._expire(asyncio.get_running_loop().time())
+        if remaining is not None and hints.reset(self.tokens) is None:
+            # no reset stated: keep any minute within the limit
+            self.log.open_window(asyncio.get_running_loop().time())
         if remaining is not None:
             # told a lower limit than the provider's: its bucket says nothing about ours,
             # except that it may be emptier (shared with other clients)
@@ -225,25 +199,36 @@ class RateLimit:
 
     def on_rate_limited(self, hints: RateHints | None = None) -> bool:
         """A rate-limit 429 came back for this task's call: lower the effective rate, once per
-        episode. Skipped when the headers show the *other* limit ran out. Returns whether the
-        rate was lowered."""
-        mine = self._my_charge()
+        episode. Skipped when the headers show the *other* limit ran out, and for a guessed
+        rate that did not pace the call (then it is not the one the provider counts). Returns
+        whether the rate was lowered."""
+        mine = self.log.mine()
         if mine is None or mine[0] < self._decreased_at:
             return False
         if hints is not None and self._other_ran_out(hints):
             return False
         now = asyncio.get_running_loop().time()
-        if not self.known:
-            if not self.guess:
-                return False
+        if not self.known:  # start from what the provider let through while it refused the rest
             admitted = self._admitted_rate(now)
             if admitted <= 0:
                 return False
-            # what the provider let through while it refused the rest: at most its limit
-            self.rate = admitted / self.decrease
-            self._slope = admitted / self.regrow_s
-        self.rate = max(self._floor(), self.rate * self.decrease)
-        self.capacity = self._small_bucket()
+            self.rate, self.slow_start, self._slope = admitted, True, admitted / self.regrow_s
+            self._rates.clear()
+            self._rates.append((now, admitted))
+        elif self.slow_start:  # found: below what was sent and what the provider let through
+            sent = min(self.rate, self._rate_at(mine[0]))
+            admitted = self._admitted_rate(now, window=2.0) or sent
+            self.rate = max(self._floor(), min(sent * self.decrease, admitted))
+            self.slow_start, self._slope = False, sent / self.regrow_s
+        else:
+            if not self.per_minute:  # a guess: regrow toward the rate refused now
+                self._slope = self.rate / self.regrow_s
+            self.rate = max(self._floor(), self.rate * self.decrease)
+        return self._shrink(now, self._small_bucket())
+
+    def _shrink(self, now: float, capacity: float) -> bool:
+        """A decrease: the bucket holds ``capacity`` from now; a new episode begins."""
+        self.capacity = max(1.0, min(self.capacity, capacity, self._small_bucket()))
         self._refill(now)
         self.level = min(self.level, self.capacity)
         self._decreased_at = self._grown_at = now
@@ -262,24 +247,29 @@ class RateLimit:
         0 while the first charge is under a second old."""
         while self._admitted and self._admitted[0][0] < now - window:
             self._admitted.popleft()
-        if not self._charges or now - self._charges[0][0] < 1.0 or not self._admitted:
+        first = self.log.first_at
+        if first is None or now - first < 1.0 or not self._admitted:
             return 0.0
         span = max(1.0, now - self._admitted[0][0])
         return sum(u for _, u in self._admitted) / span
 
-    def _recent_rate(self, now: float, window: float = 10.0) -> float:
-        """Units per second sent over the last ``window`` seconds (at least one second; 0
-        while the first charge is under a second old)."""
-        recent = [(t, u) for t, u in self._charges if t >= now - window]
-        if not recent or now - self._charges[0][0] < 1.0:
-            return 0.0  # less than a second of history says nothing about a rate
-        span = max(1.0, now - recent[0][0])
-        return sum(u for _, u in recent) / span
+    def _rate_at(self, t: float) -> float:
+        """Slow start: the rate a call charged at ``t`` was paced at."""
+        return next((rate for since, rate in reversed(self._rates) if since <= t), self.rate)
 
-    def _regrow(self) -> None:
+    def _regrow(self, units: float) -> None:
+        """A clean answer: slow start adds ``units`` / its round trip while the rate paced the
+        sends; otherwise the rate regrows by ``_slope`` per second, up to the ceiling."""
         now = asyncio.get_running_loop().time()
         ceiling = self.per_minute / 60.0 if self.per_minute else math.inf
-        if self.known and self.rate < ceiling:
+        mine = self.log.mine()
+        if self.slow_start and mine is not None and self._drained_at >= mine[0]:
+            held = self.pause.until if self.pause is not None else -math.inf
+            paced_s = max(0.0, now - max(self._grown_at, held))  # (a pause tries no rate)
+            grown = self.rate * 2.0 ** (paced_s / max(self.start_s, now - mine[0]))
+            self.rate = min(ceiling, grown)
+            self._rates.append((now, self.rate))
+        elif self.known and self.rate < ceiling and not self.slow_start:
             self.rate = min(ceiling, self.rate + self._slope * max(0.0, now - self._grown_at))
         self._grown_at = now
 
@@ -292,8 +282,8 @@ class RateLimit:
         if outcome.rate_limited:
             self.on_rate_limited(outcome.hints)
         elif outcome.ok:
-            self._regrow()
-            if not self.known:  # (what a guess of the rate would start from)
+            self._regrow(self._units(cost))
+            if not self.known or self.slow_start:  # (what a guess of the rate starts from)
                 now = asyncio.get_running_loop().time()
                 self._admitted.append((now, self._units(cost)))
         if outcome.hints is not None:
