@@ -13,7 +13,8 @@ its end (a burst that a per-second limit refuses).
 Examples
 --------
 >>> import asyncio
->>> from dfbatch.execute._limits import Cost, Outcome
+>>> from dfbatch.execute._breaker import Breaker
+from dfbatch.execute._limits import Cost, Outcome
 >>> from dfbatch.execute._pause import PauseGate
 >>> async def demo():
 ...     gate, loop = PauseGate(), asyncio.get_running_loop()
@@ -31,14 +32,17 @@ import asyncio
 import contextvars
 import math
 
+from dfbatch.execute._breaker import Breaker
 from dfbatch.execute._limits import Cost, Outcome
 
 
 class PauseGate:
     """Every send waits while the run is paused (see the module docstring)."""
 
-    def __init__(self, *, first_s: float = 1.0, max_s: float = 60.0) -> None:
+    def __init__(self, *, first_s: float = 1.0, max_s: float = 60.0,
+                 breaker: Breaker | None = None) -> None:
         self.first_s = first_s
+        self.breaker = breaker  # told of every 429 (it stops a run that makes no progress)
         self.max_s = max_s
         self.until = 0.0
         self.floor = 0.0  # the last unhinted pause (0: none since the last success)
@@ -59,6 +63,8 @@ class PauseGate:
             return
         if outcome.rate_limited:
             self.on_rate_limited(outcome.retry_after)
+            if self.breaker is not None:
+                self.breaker.stalled("rate_limit")
         elif outcome.ok:
             self._answered = True
             if self._sent.get() >= self._paused_at:
