@@ -1,6 +1,34 @@
 """The request / token rate limit: a token bucket that learns how the provider enforces.
 
-Split from ``_limits`` (which holds the protocol, ``Cost`` / ``Outcome`` and the other limits).
+Split from ``_limits`` (which holds the protocol, ``Cost`` / ``Outcome`` and the other limits;
+the log of what was charged when is ``_journal.ChargeLog``). Units are requests
+(``tokens=False``) or tokens (``tokens=True``: a call is charged its estimated tokens up front
+and corrected by ``Outcome.actual_tokens`` afterwards).
+
+- **Burst.** The bucket starts holding one second's worth (``start_s``; never more than
+  ``burst`` minutes), since many providers enforce a per-minute limit per second. Headers that
+  show a bigger bucket (``x-ratelimit-remaining-*``, see ``sync`` / ``observe``) let it grow, up
+  to a minute's worth. A call larger than the bucket waits for a full bucket and leaves it in
+  debt (never deadlocks). The bucket sits out the run's pause on 429s before it charges
+  (``pause``), so the sends a pause held are paced after it, not all sent at its end.
+- **AIMD on the rate.** A rate-limit 429 for a call this bucket paced means the provider counts
+  differently: the effective ``rate`` drops to ``decrease`` x itself (once per episode: 429s of
+  calls sent before the drop are ignored) and the bucket shrinks back to one second's worth;
+  clean calls regrow the rate additively, back to the ceiling within ``regrow_s`` seconds.
+- **Windows.** Headers that state ``remaining`` but no ``reset`` (a gateway's fixed
+  calendar-minute window, LiteLLM style) say nothing of how the provider refills: the bucket
+  then also keeps at most ``per_minute`` units in any 60 s (``windowed``), which no per-minute
+  enforcement refuses -- a fixed window included.
+- **Unknown limit.** ``per_minute=None`` lets everything through until headers state a
+  ``x-ratelimit-limit-*`` (adopted) or a 429 arrives. The rate then starts from what the
+  provider answered (a lower bound: sends may have been held back by a pause) and, like TCP's
+  slow start, doubles per round trip (at least ``start_s``: the window a per-second limit is
+  enforced over) while it is what holds the sends back. The next 429 ends the slow start: the
+  rate becomes ``decrease`` x the rate its call was sent at (at most what the provider answered
+  over the last 2 s), and regrows additively (back to the refused rate within ``(1 - decrease)
+  x regrow_s``), with no ceiling.
+
+So in any window of ``T`` seconds at most ``capacity + per_minute * T / 60`` units go out.
 
 Examples
 --------
@@ -29,36 +57,8 @@ from dfbatch.execute._pause import PauseGate
 
 
 class RateLimit:
-    """A token bucket refilled at an effective rate that learns how the provider enforces.
-
-    Units are requests (``tokens=False``) or tokens (``tokens=True``: a call is charged its
-    estimated tokens up front and corrected by ``Outcome.actual_tokens`` afterwards).
-
-    - **Burst.** The bucket starts holding one second's worth (``start_s``; never more than
-      ``burst`` minutes), since many providers enforce a per-minute limit per second. Headers
-      that show a bigger bucket (``x-ratelimit-remaining-*``, see ``sync`` / ``observe``) let
-      it grow, up to a minute's worth. A call larger than the bucket waits for a full bucket
-      and leaves it in debt (never deadlocks).
-    - **AIMD on the rate.** A rate-limit 429 for a call this bucket paced means the provider
-      counts differently: the effective ``rate`` drops to ``decrease`` x itself (once per
-      episode: 429s of calls sent before the drop are ignored) and the bucket shrinks back to
-      one second's worth; clean calls regrow the rate additively, back to the ceiling within
-      ``regrow_s`` seconds.
-    - **Windows.** Headers that state ``remaining`` but no ``reset`` (a gateway's fixed
-      calendar-minute window, LiteLLM style) say nothing of how the provider refills:
-      ``windowed`` then also keeps at most ``per_minute`` units in any 60 s (a log of the
-      charges), which no per-minute enforcement refuses -- a fixed window included.
-    - **Unknown limit.** ``per_minute=None`` lets everything through until headers state a
-      ``x-ratelimit-limit-*`` (adopted) or a 429 arrives. The rate then starts from what the
-      provider answered (a lower bound: sends may have been held back by a pause) and,
-      like TCP's slow start, doubles per round trip (at least ``start_s``: the window a
-      per-second limit is enforced over) while it is what holds the sends back, until a 429
-      of a call it paced: then the rate becomes ``decrease`` x the rate that call was sent
-      at, and regrows additively (back to that rate within ``(1 - decrease) x regrow_s``),
-      with no ceiling.
-
-    So in any window of ``T`` seconds at most ``capacity + per_minute * T / 60`` units go out.
-    """
+    """A token bucket refilled at an effective rate that learns how the provider enforces
+    (see the module docstring)."""
 
     def __init__(
         self,
@@ -85,8 +85,7 @@ class RateLimit:
         self.slow_start = False  # a guessed rate that doubles per round trip (unknown limit)
         self.log = ChargeLog()
         self.pause: PauseGate | None = None  # the run's pause on 429s (sat out before a charge)
-        self._admitted: deque[tuple[float, float]] = deque()  # (time, units) answered
-        self._rates: deque[tuple[float, float]] = deque(maxlen=64)  # slow start: (since, rate)
+        self._guess = _Guess()
         self._slope = 0.0  # regrowth, units/s per second
         self._decreased_at = -math.inf
         self._drained_at = -math.inf  # last charge that left the bucket short of another
@@ -199,25 +198,23 @@ class RateLimit:
 
     def on_rate_limited(self, hints: RateHints | None = None) -> bool:
         """A rate-limit 429 came back for this task's call: lower the effective rate, once per
-        episode. Skipped when the headers show the *other* limit ran out, and for a guessed
-        rate that did not pace the call (then it is not the one the provider counts). Returns
-        whether the rate was lowered."""
+        episode (skipped when the headers show the *other* limit ran out). Returns whether
+        the rate was lowered."""
         mine = self.log.mine()
         if mine is None or mine[0] < self._decreased_at:
             return False
-        if hints is not None and self._other_ran_out(hints):
+        if hints is not None and _other_ran_out(hints, self.tokens):
             return False
         now = asyncio.get_running_loop().time()
         if not self.known:  # start from what the provider let through while it refused the rest
-            admitted = self._admitted_rate(now)
+            admitted = self._guess.admitted_rate(now, self.log.first_at)
             if admitted <= 0:
                 return False
             self.rate, self.slow_start, self._slope = admitted, True, admitted / self.regrow_s
-            self._rates.clear()
-            self._rates.append((now, admitted))
+            self._guess.start(now, admitted)
         elif self.slow_start:  # found: below what was sent and what the provider let through
-            sent = min(self.rate, self._rate_at(mine[0]))
-            admitted = self._admitted_rate(now, window=2.0) or sent
+            sent = min(self.rate, self._guess.rate_at(mine[0], self.rate))
+            admitted = self._guess.admitted_rate(now, self.log.first_at, window=2.0) or sent
             self.rate = max(self._floor(), min(sent * self.decrease, admitted))
             self.slow_start, self._slope = False, sent / self.regrow_s
         else:
@@ -235,31 +232,13 @@ class RateLimit:
         self.decreases += 1
         return True
 
-    def _other_ran_out(self, hints: RateHints) -> bool:
-        mine, other = hints.remaining(self.tokens), hints.remaining(not self.tokens)
-        return other is not None and other < 1 and mine is not None and mine >= 1
-
     def _floor(self) -> float:
         return (self.per_minute / 60.0 / 20.0) if self.per_minute else 1e-3
 
-    def _admitted_rate(self, now: float, window: float = 10.0) -> float:
-        """Units per second of calls answered (not refused) over the last ``window`` seconds;
-        0 while the first charge is under a second old."""
-        while self._admitted and self._admitted[0][0] < now - window:
-            self._admitted.popleft()
-        first = self.log.first_at
-        if first is None or now - first < 1.0 or not self._admitted:
-            return 0.0
-        span = max(1.0, now - self._admitted[0][0])
-        return sum(u for _, u in self._admitted) / span
-
-    def _rate_at(self, t: float) -> float:
-        """Slow start: the rate a call charged at ``t`` was paced at."""
-        return next((rate for since, rate in reversed(self._rates) if since <= t), self.rate)
-
     def _regrow(self, units: float) -> None:
-        """A clean answer: slow start adds ``units`` / its round trip while the rate paced the
-        sends; otherwise the rate regrows by ``_slope`` per second, up to the ceiling."""
+        """A clean answer: in slow start the rate doubles per round trip (at least ``start_s``)
+        of time it paced the sends; otherwise it regrows by ``_slope`` per second, up to the
+        ceiling."""
         now = asyncio.get_running_loop().time()
         ceiling = self.per_minute / 60.0 if self.per_minute else math.inf
         mine = self.log.mine()
@@ -268,7 +247,7 @@ class RateLimit:
             paced_s = max(0.0, now - max(self._grown_at, held))  # (a pause tries no rate)
             grown = self.rate * 2.0 ** (paced_s / max(self.start_s, now - mine[0]))
             self.rate = min(ceiling, grown)
-            self._rates.append((now, self.rate))
+            self._guess.grew(now, self.rate)
         elif self.known and self.rate < ceiling and not self.slow_start:
             self.rate = min(ceiling, self.rate + self._slope * max(0.0, now - self._grown_at))
         self._grown_at = now
@@ -284,7 +263,45 @@ class RateLimit:
         elif outcome.ok:
             self._regrow(self._units(cost))
             if not self.known or self.slow_start:  # (what a guess of the rate starts from)
-                now = asyncio.get_running_loop().time()
-                self._admitted.append((now, self._units(cost)))
+                self._guess.answered(asyncio.get_running_loop().time(), self._units(cost))
         if outcome.hints is not None:
             self.observe(outcome.hints, cost)
+
+
+class _Guess:
+    """What an unknown limit is guessed from: the units answered lately, and the rates its slow
+    start went through (so a 429 is set against the rate its call was sent at)."""
+
+    def __init__(self) -> None:
+        self._answered: deque[tuple[float, float]] = deque()  # (time, units) answered
+        self._rates: deque[tuple[float, float]] = deque(maxlen=64)  # (since, rate)
+
+    def answered(self, now: float, units: float) -> None:
+        self._answered.append((now, units))
+
+    def admitted_rate(self, now: float, first_at: float | None, window: float = 10.0) -> float:
+        """Units per second answered (not refused) over the last ``window`` seconds; 0 while
+        the first charge (at ``first_at``) is under a second old."""
+        while self._answered and self._answered[0][0] < now - window:
+            self._answered.popleft()
+        if first_at is None or now - first_at < 1.0 or not self._answered:
+            return 0.0
+        span = max(1.0, now - self._answered[0][0])
+        return sum(u for _, u in self._answered) / span
+
+    def start(self, now: float, rate: float) -> None:
+        self._rates.clear()
+        self._rates.append((now, rate))
+
+    def grew(self, now: float, rate: float) -> None:
+        self._rates.append((now, rate))
+
+    def rate_at(self, t: float, default: float) -> float:
+        """The rate a call charged at ``t`` was paced at (``default`` before any)."""
+        return next((rate for since, rate in reversed(self._rates) if since <= t), default)
+
+
+def _other_ran_out(hints: RateHints, tokens: bool) -> bool:
+    """Do the headers show the *other* limit (requests vs tokens) ran out, not this one?"""
+    mine, other = hints.remaining(tokens), hints.remaining(not tokens)
+    return other is not None and other < 1 and mine is not None and mine >= 1
