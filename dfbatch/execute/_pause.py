@@ -13,8 +13,7 @@ its end (a burst that a per-second limit refuses).
 Examples
 --------
 >>> import asyncio
->>> from dfbatch.execute._breaker import Breaker
-from dfbatch.execute._limits import Cost, Outcome
+>>> from dfbatch.execute._limits import Cost, Outcome
 >>> from dfbatch.execute._pause import PauseGate
 >>> async def demo():
 ...     gate, loop = PauseGate(), asyncio.get_running_loop()
