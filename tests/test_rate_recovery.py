@@ -163,3 +163,18 @@ def test_sends_held_by_a_pause_are_paced_after_it_not_sent_at_once():
     assert min(sent) == pytest.approx(1.0)
     assert sum(1 for t in sent if t <= 1.0 + 1e-9) == 10  # the bucket's burst, not all 30
     assert max(sent) == pytest.approx(3.0)  # then 10 a second
+
+
+def test_waiting_out_a_pause_does_not_make_the_rate_look_binding():
+    # recent_wait says whether the bucket binds (dynamic batching, hedging read it): a pause
+    # on 429s is not the bucket pacing
+    async def main() -> float:
+        gate = PauseGate()
+        rpm = RateLimit(600)  # 10 a second, a bucket of 10: five sends never wait for it
+        rpm.pause = gate
+        gate.pause(2.0)
+        for _ in range(5):
+            await rpm.acquire(ONE)
+        return rpm.recent_wait
+
+    assert run(main()) == pytest.approx(0.0, abs=1e-6)

@@ -51,11 +51,15 @@ class PauseGate:
         self._sent: contextvars.ContextVar[float] = contextvars.ContextVar("sent", default=-1.0)
 
     async def acquire(self, cost: Cost | None = None) -> None:
+        await self.wait()
+        self._sent.set(asyncio.get_running_loop().time())
+
+    async def wait(self) -> None:
+        """Wait while the run is paused (takes nothing, records nothing)."""
         loop = asyncio.get_running_loop()
         # a timed wait, re-checked because a later 429 may extend the pause
         while (wait := self.until - loop.time()) > 0:  # noqa: ASYNC110
             await asyncio.sleep(wait)
-        self._sent.set(loop.time())
 
     def release(self, cost: Cost | None = None, outcome: Outcome | None = None) -> None:
         if outcome is None:

@@ -128,6 +128,8 @@ class RateLimit:
 
     async def acquire(self, cost: Cost) -> None:
         loop = asyncio.get_running_loop()
+        if self.pause is not None:  # (not counted in recent_wait: the rate does not bind)
+            await self.pause.wait()
         t0 = loop.time()
         async with self._lock:  # FIFO: the head waits for the refill, the rest queue behind
             self._refill(loop.time())
