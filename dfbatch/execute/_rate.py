@@ -24,9 +24,8 @@ and corrected by ``Outcome.actual_tokens`` afterwards).
   provider answered (a lower bound: sends may have been held back by a pause) and, like TCP's
   slow start, doubles per round trip (at least ``start_s``: the window a per-second limit is
   enforced over) while it is what holds the sends back. The next 429 ends the slow start: the
-  rate becomes ``decrease`` x the rate its call was sent at (at most what the provider answered
-  over the last 2 s), and regrows additively (back to the refused rate within ``(1 - decrease)
-  x regrow_s``), with no ceiling.
+  rate becomes ``decrease`` x the rate its call was sent at, and regrows additively (back to
+  the refused rate within ``(1 - decrease) x regrow_s``), with no ceiling.
 
 So in any window of ``T`` seconds at most ``capacity + per_minute * T / 60`` units go out.
 
@@ -214,10 +213,9 @@ class RateLimit:
                 return False
             self.rate, self.slow_start, self._slope = admitted, True, admitted / self.regrow_s
             self._guess.start(now, admitted)
-        elif self.slow_start:  # found: below what was sent and what the provider let through
+        elif self.slow_start:  # found: below the rate the refused call was sent at
             sent = min(self.rate, self._guess.rate_at(mine[0], self.rate))
-            admitted = self._guess.admitted_rate(now, self.log.first_at, window=2.0) or sent
-            self.rate = max(self._floor(), min(sent * self.decrease, admitted))
+            self.rate = max(self._floor(), sent * self.decrease)
             self.slow_start, self._slope = False, sent / self.regrow_s
         else:
             if not self.per_minute:  # a guess: regrow toward the rate refused now
@@ -264,7 +262,7 @@ class RateLimit:
             self.on_rate_limited(outcome.hints)
         elif outcome.ok:
             self._regrow(self._units(cost))
-            if not self.known or self.slow_start:  # (what a guess of the rate starts from)
+            if not self.known:  # (what a guess of the rate starts from)
                 self._guess.answered(asyncio.get_running_loop().time(), self._units(cost))
         if outcome.hints is not None:
             self.observe(outcome.hints, cost)
