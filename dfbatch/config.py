@@ -109,7 +109,11 @@ class BatchConfig:
     answer wins; a call far past its size's latency is cut and retried (adaptive timeout, never
     over ``timeout``); ``None`` / ``False`` turns them off), ``hedge_budget`` (the most
     duplicates, as a fraction of calls so far, default 0.05; never while work is queued and the
-    TPM / RPM bucket binds), ``sync_workers`` (threads for a
+    TPM / RPM bucket binds), ``outage_timeout`` (seconds, default 600: when no call has been
+    answered for this long while calls keep failing with outages -- connection errors,
+    timeouts, 5xx -- or rate-limit 429s, the run stops with ``RunStoppedError``, its
+    ``.partial`` holding the rows done and a checkpointed run resumable; None = wait for ever),
+    ``sync_workers`` (threads for a
     plain-function fn; None = min(64, global in-flight cap)), ``seed`` (jitter RNG).
 
     Result: ``columns`` (the names of the added columns, ``Columns`` or a dict of its fields),
@@ -145,6 +149,7 @@ class BatchConfig:
     target_latency_s: float | None = None
     hedge_after: float | bool | None = 0.9
     hedge_budget: float = 0.05
+    outage_timeout: float | None = 600.0
     sync_workers: int | None = None
     seed: int | None = None
     columns: Columns = field(default_factory=Columns)
@@ -197,6 +202,8 @@ class BatchConfig:
                 f"e.g. 0.05, got {self.hedge_budget!r}"
             )
             raise ConfigError(msg)
+        if self.outage_timeout is not None:
+            _positive_float("outage_timeout", self.outage_timeout)
         if self.sync_workers is not None:
             _positive_int("sync_workers", self.sync_workers, 4096)
         if self.retry_on is not None and not callable(self.retry_on):

@@ -13,6 +13,9 @@ gets ``error`` text and the run goes on. The tree::
     │   │   └── StragglerTimeoutError  a call ran far past its size's latency (adaptive timeout)
     │   └── FatalError              do not retry; bisect a multi-row batch to isolate the cause
     │       └── OutputError         fn's return value does not fit its batch (recorded, not raised)
+    ├── NoProgressError             no call was answered for ``outage_timeout`` s while calls
+    │                               failed (service down, or every call rate-limited); the
+    │                               cause of a RunStoppedError (never escapes a run itself)
     ├── FrameError (RuntimeError)   the dashboard's frame process failed (the run goes on)
     └── RunStoppedError             an error no retry can fix (bad key, no permission, unknown
                                     model, no quota) stopped the run; ``.partial`` holds the rows
@@ -93,9 +96,22 @@ class FrameError(DfbatchError, RuntimeError):
     """The dashboard's frame process could not be started or stopped answering."""
 
 
+class NoProgressError(DfbatchError):
+    """No call was answered for ``outage_timeout`` seconds while calls kept failing with outages
+    (connection errors, timeouts, 5xx) or rate-limit 429s. ``cause`` is ``"outage"`` or
+    ``"rate_limit"`` (what the last failure was). It stops the run (``RunStoppedError``)."""
+
+    def __init__(self, message: str, *, cause: str = "outage") -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
 class RunStoppedError(DfbatchError):
     """The run stopped at once: a call failed with an error that no retry can fix (the API key
     refused, no permission, an unknown model, no quota).
+
+    Also raised when no call was answered for ``outage_timeout`` seconds while calls failed
+    (a dead server, or a provider that refuses every call; see ``NoProgressError``).
 
     The message says the cause, the fix and the server's words. ``partial`` is the result so
     far (a DataFrame like the one the run returns; unfinished rows have ``error="cancelled"``),

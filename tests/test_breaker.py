@@ -137,3 +137,54 @@ def test_injected_clock_and_sleep():
         return ticket.probe, t[0]
 
     assert asyncio.run(main()) == (True, 2.0)
+
+
+# -- giving up: a run that makes no progress stops ------------------------------------------
+def test_a_dead_service_is_given_up_after_give_up_s_without_an_answer():
+    from dfbatch.errors import NoProgressError
+
+    async def main() -> tuple[float, BaseException | None, int]:
+        breaker = Breaker(threshold=2, give_up_s=100.0)
+        try:
+            while True:  # one probe at a time, at growing intervals, for ever
+                breaker.record(await breaker.wait(), "outage")
+        except NoProgressError as exc:
+            return now(), exc, breaker.probes
+        return now(), None, breaker.probes
+
+    t, exc, probes = run(main())
+    assert 100.0 <= t <= 100.0 + 30.0  # the first probe failing after 100 s (probes <= 30 s)
+    assert isinstance(exc, NoProgressError) and exc.cause == "outage"
+    assert "outage_timeout=100" in str(exc) and probes <= 8
+
+
+def test_an_answer_restarts_the_clock_and_429s_count_as_no_progress():
+    async def main() -> list[bool]:
+        breaker = Breaker(give_up_s=60.0)
+        out = []
+        breaker.stalled("rate_limit")  # t=0: the first 429 since an answer
+        await asyncio.sleep(59.0)
+        breaker.stalled("rate_limit")
+        out.append(breaker.stopped is None)  # 59 s: not yet
+        breaker.record(await breaker.wait(), "ok")  # an answer: progress
+        await asyncio.sleep(30.0)
+        breaker.stalled("rate_limit")
+        out.append(breaker.stopped is None)  # the clock restarted
+        await asyncio.sleep(61.0)
+        breaker.stalled("rate_limit")
+        out.append(breaker.stopped is None)  # 61 s of nothing but 429s
+        out.append("rate-limit 429" in str(breaker.stopped))
+        return out
+
+    assert run(main()) == [True, True, False, True]
+
+
+def test_no_give_up_by_default_in_the_breaker():
+    async def main() -> bool:
+        breaker = Breaker()
+        breaker.stalled("outage")
+        await asyncio.sleep(10_000.0)
+        breaker.stalled("outage")
+        return breaker.stopped is None
+
+    assert run(main())

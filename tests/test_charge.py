@@ -134,3 +134,29 @@ def test_per_request_marks_fn_and_count_tokens_uses_the_run_counter():
             return count_tokens(["hello world"])
 
     assert run(main()) == [11]
+
+
+def test_a_request_left_running_after_its_call_ended_keeps_no_unit():
+    # fn gathers its requests without return_exceptions: the first 429 ends the call while its
+    # siblings still wait for the run's limits; one that goes out afterwards used to find the
+    # call's deadline finished, raise, and keep its slot of the slow start for ever (a hang)
+    import polars as pl
+
+    failed: set[int] = set()
+
+    @dfbatch.limits.per_request
+    async def fn(batch: pl.DataFrame) -> list[int]:
+        async def one(i: int) -> int:
+            async with dfbatch.limits.request(tokens=1):
+                await asyncio.sleep(0.01 if i == 0 else 0.1)
+                if i == 0 and i not in failed:
+                    failed.add(i)
+                    raise rate_limited()
+                return i
+
+        return list(await asyncio.gather(*(one(i) for i in batch["id"])))
+
+    df = pl.DataFrame({"id": range(8), "text": ["w"] * 8})
+    out = run(dfbatch.aprocess(df, fn, agents=1, items_per_batch=8, progress=False,
+                               encoding=lambda ts: [1] * len(ts), timeout=30.0))
+    assert out["output"].to_list() == list(range(8))

@@ -265,3 +265,33 @@ def test_stats_log_kinds_and_simulated_windows():
     assert stats.max_in_window(0.15, down=True) == 2
     assert stats.max_in_window(0.05, down=True) == 1
     assert stats.frame()["sim_t"].to_list() == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
+
+
+# -- runs that make no progress stop (outage_timeout) ----------------------------------------
+@pytest.mark.parametrize(
+    ("config", "said"),
+    [
+        ({"outage": (0.0, 1e6)}, "unreachable or failing"),  # a dead server (connection reset)
+        ({"rpm": 0.001, "headers": "none"}, "rate-limit 429"),  # refuses every request
+    ],
+    ids=["dead", "always-429"],
+)
+def test_a_run_with_no_answer_stops_after_outage_timeout(make_sim, config, said):
+    import polars as pl
+
+    from dfbatch.errors import RunStoppedError
+    from dfbatch.llm import chat
+
+    server = make_sim(**config)
+    fn = chat("sim-chat", "Summarize: {text}", max_tokens=8, base_url=server.url,
+              api_key="sk-test")
+    df = pl.DataFrame({"text": [f"row {i}" for i in range(12)]})
+    t0 = time.monotonic()
+    with pytest.raises(RunStoppedError) as info:
+        df.batch.process(fn, progress=False, outage_timeout=1.5, timeout=5.0)
+    elapsed = time.monotonic() - t0
+    assert said in str(info.value) and "outage_timeout" in str(info.value)
+    partial = info.value.partial
+    assert partial is not None and partial.height == 12
+    assert partial["output"].is_null().all()
+    assert elapsed < 30.0  # (it used to retry for many minutes)

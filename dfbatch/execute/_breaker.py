@@ -8,6 +8,11 @@ waits, and exactly one probe goes through after ``first_s``, then at doubling in
 429: the service is up); then the breaker closes and every waiter goes. A success of a call
 sent *before* the breaker opened does not close it.
 
+It also watches for a run that makes no progress: when no call has been answered for
+``give_up_s`` seconds while calls keep failing with outages (or rate-limit 429s, reported by
+the pause with ``stalled``), it ``stop``s with a ``NoProgressError``: a dead server or a
+provider that refuses every call ends the run instead of being probed for ever.
+
 Two ways to use it: ``async with breaker.admit(): ...`` (records the outcome itself, from the
 exception if any), or ``ticket = await breaker.wait()`` then ``breaker.record(ticket, health)``
 with ``health`` one of ``"ok"``, ``"outage"``, ``"other"``. ``clock`` and ``sleep`` can be
@@ -38,6 +43,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from dfbatch.errors import NoProgressError
 from dfbatch.execute._retry import classify
 
 Health = Literal["ok", "outage", "other"]
@@ -63,6 +69,7 @@ class Breaker:
         ratio: float = 0.5,
         first_s: float = 1.0,
         max_s: float = 30.0,
+        give_up_s: float | None = None,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[object]] | None = None,
     ) -> None:
@@ -72,6 +79,8 @@ class Breaker:
         self.ratio = ratio
         self.first_s = first_s
         self.max_s = max_s
+        self.give_up_s = give_up_s
+        self._stalled_since: float | None = None  # first failure since the last answer
         self._clock = clock
         self._sleep = sleep or asyncio.sleep
         self.closed = True
@@ -133,7 +142,10 @@ class Breaker:
     def record(self, ticket: Ticket, health: Health) -> None:
         """How the call let through by ``ticket`` ended."""
         now = self._now()
+        if health == "ok":
+            self._stalled_since = None
         if health == "outage":
+            self.stalled("outage")
             self._recent.append((now, True))
             self._trim(now)
             if ticket.probe and not self.closed:
@@ -151,6 +163,19 @@ class Breaker:
         self._in_a_row = 0
         if not self.closed and (ticket.probe or ticket.epoch == self.epoch):
             self._close()
+
+    def stalled(self, cause: str) -> None:
+        """A call failed with an outage or a rate-limit 429 (``cause``): stop the run once no
+        call has been answered for ``give_up_s`` seconds."""
+        now = self._now()
+        if self._stalled_since is None:
+            self._stalled_since = now
+        elif self.give_up_s is not None and now - self._stalled_since >= self.give_up_s:
+            what = ("the service was unreachable or failing" if cause == "outage"
+                    else "every call was refused with a rate-limit 429")
+            msg = (f"{what} for {now - self._stalled_since:.0f} s with no call answered "
+                   f"(outage_timeout={self.give_up_s:g})")
+            self.stop(NoProgressError(msg, cause=cause))
 
     def cancel(self, ticket: Ticket) -> None:
         """The call of ``ticket`` was cancelled before it said anything: free the probe."""

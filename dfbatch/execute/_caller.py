@@ -341,11 +341,15 @@ class FnCaller:
         from the call's start (its requests may wait for the run's limits meanwhile)."""
         async with asyncio.timeout(timeout) as deadline:
             pace = _Pace(deadline, timeout)
-            with bind_run_limits(self.binding.limits, breaker=self.binding.breaker, pace=pace):
-                value = await self.fn(df)
-            if inspect.isawaitable(value):
-                value = await value
-            return value
+            try:
+                with bind_run_limits(self.binding.limits, breaker=self.binding.breaker,
+                                     pace=pace):
+                    value = await self.fn(df)
+                if inspect.isawaitable(value):
+                    value = await value
+                return value
+            finally:  # requests fn left running (a gather that raised) no longer move it
+                pace.over = True
 
     async def _call_bound(self, batch: Batch, df: pl.DataFrame) -> Any:
         if self.is_async:
@@ -381,6 +385,7 @@ class _Pace:
         self.deadline, self.timeout = deadline, timeout
         self.loop = asyncio.get_running_loop()
         self.waits = self.flying = 0
+        self.over = False  # the call ended: its deadline can no longer be moved
 
     def waiting(self) -> None:
         self.waits += 1
@@ -389,7 +394,8 @@ class _Pace:
     def sent(self) -> None:
         self.waits -= 1
         self.flying += 1
-        self.deadline.reschedule(self.loop.time() + self.timeout)
+        if not self.over:
+            self.deadline.reschedule(self.loop.time() + self.timeout)
 
     def ended(self, sent: bool) -> None:
         if sent:
@@ -399,7 +405,7 @@ class _Pace:
         self._update()
 
     def _update(self) -> None:
-        if self.deadline.expired():
+        if self.over or self.deadline.expired():
             return
         if self.waits and not self.flying:
             self.deadline.reschedule(None)

@@ -170,9 +170,9 @@ async def _charged(binding: Binding, req: Request, pace: Pace | None = None
         binding.limits.release(cost, None)
         raise
     req.charged = True
-    if pace is not None:
-        pace.sent()
     try:
+        if pace is not None:
+            pace.sent()
         yield req
     except Exception as exc:
         d = classify(exc)

@@ -6,7 +6,9 @@ episode (429s of calls sent before the pause began do not grow it), and only whi
 succeeds (a provider that answers some calls counts a rate; the buckets slow down instead of
 the pause growing); reset by a success of a call sent after the pause. It is a limit like the
 others (``acquire`` / ``release``); put it last in a stack, so a call that waited for a bucket
-still sits out a pause that began meanwhile.
+still sits out a pause that began meanwhile. The rate buckets sit it out too, before they
+charge (``RateLimit.pause``): the sends held by a pause are paced after it, not all sent at
+its end (a burst that a per-second limit refuses).
 
 Examples
 --------
@@ -29,14 +31,17 @@ import asyncio
 import contextvars
 import math
 
+from dfbatch.execute._breaker import Breaker
 from dfbatch.execute._limits import Cost, Outcome
 
 
 class PauseGate:
     """Every send waits while the run is paused (see the module docstring)."""
 
-    def __init__(self, *, first_s: float = 1.0, max_s: float = 60.0) -> None:
+    def __init__(self, *, first_s: float = 1.0, max_s: float = 60.0,
+                 breaker: Breaker | None = None) -> None:
         self.first_s = first_s
+        self.breaker = breaker  # told of every 429 (it stops a run that makes no progress)
         self.max_s = max_s
         self.until = 0.0
         self.floor = 0.0  # the last unhinted pause (0: none since the last success)
@@ -53,17 +58,23 @@ class PauseGate:
         return True
 
     async def acquire(self, cost: Cost | None = None) -> None:
+        await self.wait()
+        self._sent.set(asyncio.get_running_loop().time())
+
+    async def wait(self) -> None:
+        """Wait while the run is paused (takes nothing, records nothing)."""
         loop = asyncio.get_running_loop()
         # a timed wait, re-checked because a later 429 may extend the pause
         while (wait := self.until - loop.time()) > 0:  # noqa: ASYNC110
             await asyncio.sleep(wait)
-        self._sent.set(loop.time())
 
     def release(self, cost: Cost | None = None, outcome: Outcome | None = None) -> None:
         if outcome is None:
             return
         if outcome.rate_limited:
             self.on_rate_limited(outcome.retry_after)
+            if self.breaker is not None:
+                self.breaker.stalled("rate_limit")
         elif outcome.ok:
             self._answered = True
             if self._sent.get() >= self._paused_at:

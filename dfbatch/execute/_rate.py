@@ -1,6 +1,33 @@
 """The request / token rate limit: a token bucket that learns how the provider enforces.
 
-Split from ``_limits`` (which holds the protocol, ``Cost`` / ``Outcome`` and the other limits).
+Split from ``_limits`` (which holds the protocol, ``Cost`` / ``Outcome`` and the other limits;
+the log of what was charged when is ``_journal.ChargeLog``). Units are requests
+(``tokens=False``) or tokens (``tokens=True``: a call is charged its estimated tokens up front
+and corrected by ``Outcome.actual_tokens`` afterwards).
+
+- **Burst.** The bucket starts holding one second's worth (``start_s``; never more than
+  ``burst`` minutes), since many providers enforce a per-minute limit per second. Headers that
+  show a bigger bucket (``x-ratelimit-remaining-*``, see ``sync`` / ``observe``) let it grow, up
+  to a minute's worth. A call larger than the bucket waits for a full bucket and leaves it in
+  debt (never deadlocks). The bucket sits out the run's pause on 429s before it charges
+  (``pause``), so the sends a pause held are paced after it, not all sent at its end.
+- **AIMD on the rate.** A rate-limit 429 for a call this bucket paced means the provider counts
+  differently: the effective ``rate`` drops to ``decrease`` x itself (once per episode: 429s of
+  calls sent before the drop are ignored) and the bucket shrinks back to one second's worth;
+  clean calls regrow the rate additively, back to the ceiling within ``regrow_s`` seconds.
+- **Windows.** Headers that state ``remaining`` but no ``reset`` (a gateway's fixed
+  calendar-minute window, LiteLLM style) say nothing of how the provider refills: the bucket
+  then also keeps at most ``per_minute`` units in any 60 s (``windowed``), which no per-minute
+  enforcement refuses -- a fixed window included.
+- **Unknown limit.** ``per_minute=None`` lets everything through until headers state a
+  ``x-ratelimit-limit-*`` (adopted) or a 429 arrives. The rate then starts from what the
+  provider answered (a lower bound: sends may have been held back by a pause) and, like TCP's
+  slow start, doubles per round trip (at least ``start_s``: the window a per-second limit is
+  enforced over) while it is what holds the sends back. The next 429 ends the slow start: the
+  rate becomes ``decrease`` x the rate its call was sent at, and regrows additively (back to
+  the refused rate within ``(1 - decrease) x regrow_s``), with no ceiling.
+
+So in any window of ``T`` seconds at most ``capacity + per_minute * T / 60`` units go out.
 
 Examples
 --------
@@ -19,43 +46,18 @@ Examples
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import math
 from collections import deque
 
 from dfbatch.execute._headers import RateHints
+from dfbatch.execute._journal import JOURNAL_S, ChargeLog
 from dfbatch.execute._limits import Cost, Outcome
-
-_JOURNAL_S = 120.0  # charges older than this are forgotten (a reply that late is not synced)
-_WINDOW_S = 60.0  # a per-minute limit's window (the windowed mode's log)
+from dfbatch.execute._pause import PauseGate
 
 
 class RateLimit:
-    """A token bucket refilled at an effective rate that learns how the provider enforces.
-
-    Units are requests (``tokens=False``) or tokens (``tokens=True``: a call is charged its
-    estimated tokens up front and corrected by ``Outcome.actual_tokens`` afterwards).
-
-    - **Burst.** The bucket starts holding one second's worth (``start_s``; never more than
-      ``burst`` minutes), since many providers enforce a per-minute limit per second. Headers
-      that show a bigger bucket (``x-ratelimit-remaining-*``, see ``sync`` / ``observe``) let
-      it grow, up to a minute's worth. A call larger than the bucket waits for a full bucket
-      and leaves it in debt (never deadlocks).
-    - **AIMD on the rate.** A rate-limit 429 for a call this bucket paced means the provider
-      counts differently: the effective ``rate`` drops to ``decrease`` x itself (once per
-      episode: 429s of calls sent before the drop are ignored) and the bucket shrinks back to
-      one second's worth; clean calls regrow the rate additively, back to the ceiling within
-      ``regrow_s`` seconds.
-    - **Windows.** Headers that state ``remaining`` but no ``reset`` (a gateway's fixed
-      calendar-minute window, LiteLLM style) say nothing of how the provider refills:
-      ``windowed`` then also keeps at most ``per_minute`` units in any 60 s (a log of the
-      charges), which no per-minute enforcement refuses -- a fixed window included.
-    - **Unknown limit.** ``per_minute=None`` lets everything through until headers state a
-      ``x-ratelimit-limit-*`` (adopted) or a 429 arrives (the rate becomes ``decrease`` x the
-      rate recently sent, then regrows with no ceiling).
-
-    So in any window of ``T`` seconds at most ``capacity + per_minute * T / 60`` units go out.
-    """
+    """A token bucket refilled at an effective rate that learns how the provider enforces
+    (see the module docstring)."""
 
     def __init__(
         self,
@@ -79,28 +81,27 @@ class RateLimit:
         self.recent_wait = 0.0  # moving average of seconds an acquire waited (is it binding?)
         self.server_capacity = 0.0  # learned from x-ratelimit-remaining-*: provider bucket size
         self.decreases = 0
-        # unknown limit: a 429 makes the rate a guess (decrease x what was sent); off, an
-        # unknown limit waits for headers and leaves 429s to the pause and concurrency AIMD
-        self.guess = True
-        self._admitted: deque[tuple[float, float]] = deque()  # (time, units) answered
+        self.slow_start = False  # a guessed rate that doubles per round trip (unknown limit)
+        self.log = ChargeLog()
+        self.pause: PauseGate | None = None  # the run's pause on 429s (sat out before a charge)
+        self._guess = _Guess()
         self._slope = 0.0  # regrowth, units/s per second
         self._decreased_at = -math.inf
+        self._drained_at = -math.inf  # last charge that left the bucket short of another
         self._grown_at = 0.0
         self._stamp: float | None = None
         self._lock = asyncio.Lock()
         self._queued = 0  # acquires waiting or holding the lock (try_acquire never jumps them)
-        self._charges: list[tuple[float, float]] = []  # (time, units) of charge number i + base
-        self._base = 0  # charge number of self._charges[0]
-        self._last: contextvars.ContextVar[int] = contextvars.ContextVar("charge", default=-1)
-        self.windowed = False
-        self._win_n = 0  # charge number of the oldest charge in the window log
-        self._win_sum = 0.0  # units charged in the last _WINDOW_S seconds
         if per_minute is not None:
             self.set_ceiling(per_minute)
 
     @property
     def known(self) -> bool:
         return math.isfinite(self.rate)
+
+    @property
+    def windowed(self) -> bool:
+        return self.log.windowed
 
     def set_ceiling(self, per_minute: float) -> None:
         """Adopt a limit (told, or stated by ``x-ratelimit-limit-*``); a lower one wins."""
@@ -126,7 +127,8 @@ class RateLimit:
         self._stamp = now
 
     def try_acquire(self, cost: Cost) -> bool:
-        """Pay ``cost`` now if the bucket holds it and nobody waits before it."""
+        """Pay ``cost`` now if the bucket holds it, no pause holds sends and nobody waits
+        before it (the common case, without a coroutine); else take nothing."""
         if self._queued:
             return False
         now = asyncio.get_running_loop().time()
@@ -142,9 +144,11 @@ class RateLimit:
 
     async def acquire(self, cost: Cost) -> None:
         loop = asyncio.get_running_loop()
-        t0 = loop.time()
         self._queued += 1
         try:
+            if self.pause is not None:  # (not counted in recent_wait: the rate does not bind)
+                await self.pause.wait()
+            t0 = loop.time()
             async with self._lock:  # FIFO: the head waits for the refill, the rest queue behind
                 self._refill(loop.time())
                 while True:
@@ -162,43 +166,18 @@ class RateLimit:
         self.recent_wait += 0.1 * ((loop.time() - t0) - self.recent_wait)
 
     def _window_wait(self, now: float, units: float) -> float:
-        """Windowed: seconds until ``units`` more keep the last minute within ``per_minute``."""
-        if not self.windowed or not self.per_minute:
-            return 0.0
-        self._expire(now)
-        over = self._win_sum + min(units, self.per_minute) - self.per_minute
-        if over <= 0:
-            return 0.0
-        freed, n = 0.0, self._win_n - self._base
-        for t, u in self._charges[max(0, n):]:
-            freed += u
-            if freed >= over:
-                return max(1e-3, t + _WINDOW_S - now)
-        return _WINDOW_S  # (not reached: the log holds what the sum counts)
-
-    def _expire(self, now: float) -> None:
-        n = self._win_n - self._base
-        while 0 <= n < len(self._charges) and self._charges[n][0] <= now - _WINDOW_S:
-            self._win_sum -= self._charges[n][1]
-            n += 1
-        self._win_n = self._base + max(0, n)
+        """Seconds until ``units`` more may go: the windowed log's, and the run's pause (so
+        sends held by a pause are charged, and paced, after it; not all sent at its end)."""
+        held = self.pause.until - now if self.pause is not None else 0.0
+        return max(held, self.log.window_wait(now, units, self.per_minute))
 
     def _journal(self, now: float, units: float) -> None:
-        """Remember recent charges (for ``sync``); the caller's task remembers its number."""
-        self._last.set(self._base + len(self._charges))
-        self._charges.append((now, units))
-        self._win_sum += units
-        self._expire(now)  # (before pruning: the window is shorter than the journal)
-        stale = 0
-        while stale < len(self._charges) and self._charges[stale][0] < now - _JOURNAL_S:
-            stale += 1
-        if stale > len(self._charges) // 2:  # amortized O(1) pruning
-            del self._charges[:stale]
-            self._base += stale
-
-    def _my_charge(self) -> tuple[float, float] | None:
-        i = self._last.get() - self._base
-        return self._charges[i] if 0 <= i < len(self._charges) else None
+        """Log a charge just paid (for ``sync`` and 429 episodes); note when it drained us."""
+        # an unknown limit reads 10 s back (the rate a 429 guesses from): a fast run keeps no
+        # two-minute log of its charges (memory) until a limit is known
+        self.log.add(now, units, JOURNAL_S if self.known or self.log.windowed else 15.0)
+        if self.level < units:
+            self._drained_at = now
 
     def sync(self, remaining: float, cost: Cost, *, lower_only: bool = False) -> None:
         """The provider said its bucket held ``remaining`` right after admitting this task's call.
@@ -209,7 +188,7 @@ class RateLimit:
         its limit per second (small bucket) is not overrun. After a rate-limit 429 the
         headers are not trusted to grow the bucket for ``regrow_s`` seconds.
         """
-        mine = self._my_charge()
+        mine = self.log.mine()
         if mine is None or not self.known:
             return
         now = asyncio.get_running_loop().time()
@@ -218,9 +197,8 @@ class RateLimit:
             trusted = now >= self._decreased_at + self.regrow_s
             bucket = min(self.per_minute or math.inf, self.server_capacity)
             self.capacity = max(1.0, bucket if trusted else min(bucket, self._small_bucket()))
-        i = self._last.get() - self._base
         level, t = remaining, mine[0]
-        for ts, units in self._charges[i + 1:]:
+        for ts, units in self.log.after_mine():
             level = min(self.capacity, level + (ts - t) * self.rate) - units
             t = ts
         self._refill(now)
@@ -233,10 +211,9 @@ class RateLimit:
         if limit is not None and limit > 0:
             self.set_ceiling(limit)
         remaining = hints.remaining(self.tokens)
-        if remaining is not None and hints.reset(self.tokens) is None and not self.windowed:
-            self.windowed = True  # no reset stated: keep any minute within the limit
-            self._win_n, self._win_sum = self._base, sum(u for _, u in self._charges)
-            self._expire(asyncio.get_running_loop().time())
+        if remaining is not None and hints.reset(self.tokens) is None:
+            # no reset stated: keep any minute within the limit
+            self.log.open_window(asyncio.get_running_loop().time())
         if remaining is not None:
             # told a lower limit than the provider's: its bucket says nothing about ours,
             # except that it may be emptier (shared with other clients)
@@ -245,61 +222,56 @@ class RateLimit:
 
     def on_rate_limited(self, hints: RateHints | None = None) -> bool:
         """A rate-limit 429 came back for this task's call: lower the effective rate, once per
-        episode. Skipped when the headers show the *other* limit ran out. Returns whether the
-        rate was lowered."""
-        mine = self._my_charge()
+        episode (skipped when the headers show the *other* limit ran out). Returns whether
+        the rate was lowered."""
+        mine = self.log.mine()
         if mine is None or mine[0] < self._decreased_at:
             return False
-        if hints is not None and self._other_ran_out(hints):
+        if hints is not None and _other_ran_out(hints, self.tokens):
             return False
         now = asyncio.get_running_loop().time()
-        if not self.known:
-            if not self.guess:
-                return False
-            admitted = self._admitted_rate(now)
+        if not self.known:  # start from what the provider let through while it refused the rest
+            admitted = self._guess.admitted_rate(now, self.log.first_at)
             if admitted <= 0:
                 return False
-            # what the provider let through while it refused the rest: at most its limit
-            self.rate = admitted / self.decrease
-            self._slope = admitted / self.regrow_s
-        self.rate = max(self._floor(), self.rate * self.decrease)
-        self.capacity = self._small_bucket()
+            self.rate, self.slow_start, self._slope = admitted, True, admitted / self.regrow_s
+            self._guess.start(now, admitted)
+        elif self.slow_start:  # found: below the rate the refused call was sent at
+            sent = min(self.rate, self._guess.rate_at(mine[0], self.rate))
+            self.rate = max(self._floor(), sent * self.decrease)
+            self.slow_start, self._slope = False, sent / self.regrow_s
+        else:
+            if not self.per_minute:  # a guess: regrow toward the rate refused now
+                self._slope = self.rate / self.regrow_s
+            self.rate = max(self._floor(), self.rate * self.decrease)
+        return self._shrink(now, self._small_bucket())
+
+    def _shrink(self, now: float, capacity: float) -> bool:
+        """A decrease: the bucket holds ``capacity`` from now; a new episode begins."""
+        self.capacity = max(1.0, min(self.capacity, capacity, self._small_bucket()))
         self._refill(now)
         self.level = min(self.level, self.capacity)
         self._decreased_at = self._grown_at = now
         self.decreases += 1
         return True
 
-    def _other_ran_out(self, hints: RateHints) -> bool:
-        mine, other = hints.remaining(self.tokens), hints.remaining(not self.tokens)
-        return other is not None and other < 1 and mine is not None and mine >= 1
-
     def _floor(self) -> float:
         return (self.per_minute / 60.0 / 20.0) if self.per_minute else 1e-3
 
-    def _admitted_rate(self, now: float, window: float = 10.0) -> float:
-        """Units per second of calls answered (not refused) over the last ``window`` seconds;
-        0 while the first charge is under a second old."""
-        while self._admitted and self._admitted[0][0] < now - window:
-            self._admitted.popleft()
-        if not self._charges or now - self._charges[0][0] < 1.0 or not self._admitted:
-            return 0.0
-        span = max(1.0, now - self._admitted[0][0])
-        return sum(u for _, u in self._admitted) / span
-
-    def _recent_rate(self, now: float, window: float = 10.0) -> float:
-        """Units per second sent over the last ``window`` seconds (at least one second; 0
-        while the first charge is under a second old)."""
-        recent = [(t, u) for t, u in self._charges if t >= now - window]
-        if not recent or now - self._charges[0][0] < 1.0:
-            return 0.0  # less than a second of history says nothing about a rate
-        span = max(1.0, now - recent[0][0])
-        return sum(u for _, u in recent) / span
-
-    def _regrow(self) -> None:
+    def _regrow(self, units: float) -> None:
+        """A clean answer: in slow start the rate doubles per round trip (at least ``start_s``)
+        of time it paced the sends; otherwise it regrows by ``_slope`` per second, up to the
+        ceiling."""
         now = asyncio.get_running_loop().time()
         ceiling = self.per_minute / 60.0 if self.per_minute else math.inf
-        if self.known and self.rate < ceiling:
+        mine = self.log.mine()
+        if self.slow_start and mine is not None and self._drained_at >= mine[0]:
+            held = self.pause.until if self.pause is not None else -math.inf
+            paced_s = max(0.0, now - max(self._grown_at, held))  # (a pause tries no rate)
+            grown = self.rate * 2.0 ** (paced_s / max(self.start_s, now - mine[0]))
+            self.rate = min(ceiling, grown)
+            self._guess.grew(now, self.rate)
+        elif self.known and self.rate < ceiling and not self.slow_start:
             self.rate = min(ceiling, self.rate + self._slope * max(0.0, now - self._grown_at))
         self._grown_at = now
 
@@ -312,9 +284,49 @@ class RateLimit:
         if outcome.rate_limited:
             self.on_rate_limited(outcome.hints)
         elif outcome.ok:
-            self._regrow()
-            if not self.known:  # (what a guess of the rate would start from)
-                now = asyncio.get_running_loop().time()
-                self._admitted.append((now, self._units(cost)))
+            self._regrow(self._units(cost))
+            if not self.known:  # (what a guess of the rate starts from)
+                self._guess.answered(asyncio.get_running_loop().time(), self._units(cost))
         if outcome.hints is not None:
             self.observe(outcome.hints, cost)
+
+
+class _Guess:
+    """What an unknown limit is guessed from: the units answered lately, and the rates its slow
+    start went through (so a 429 is set against the rate its call was sent at)."""
+
+    def __init__(self) -> None:
+        self._answered: deque[tuple[float, float]] = deque()  # (time, units) answered
+        self._rates: deque[tuple[float, float]] = deque(maxlen=64)  # (since, rate)
+
+    def answered(self, now: float, units: float) -> None:
+        self._answered.append((now, units))
+        if self._answered[0][0] < now - 15.0:  # bounded: 10 s are read
+            self._answered.popleft()
+
+    def admitted_rate(self, now: float, first_at: float | None, window: float = 10.0) -> float:
+        """Units per second answered (not refused) over the last ``window`` seconds; 0 while
+        the first charge (at ``first_at``) is under a second old."""
+        while self._answered and self._answered[0][0] < now - window:
+            self._answered.popleft()
+        if first_at is None or now - first_at < 1.0 or not self._answered:
+            return 0.0
+        span = max(1.0, now - self._answered[0][0])
+        return sum(u for _, u in self._answered) / span
+
+    def start(self, now: float, rate: float) -> None:
+        self._rates.clear()
+        self._rates.append((now, rate))
+
+    def grew(self, now: float, rate: float) -> None:
+        self._rates.append((now, rate))
+
+    def rate_at(self, t: float, default: float) -> float:
+        """The rate a call charged at ``t`` was paced at (``default`` before any)."""
+        return next((rate for since, rate in reversed(self._rates) if since <= t), default)
+
+
+def _other_ran_out(hints: RateHints, tokens: bool) -> bool:
+    """Do the headers show the *other* limit (requests vs tokens) ran out, not this one?"""
+    mine, other = hints.remaining(tokens), hints.remaining(not tokens)
+    return other is not None and other < 1 and mine is not None and mine >= 1

@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from dfbatch.errors import FatalError, OutputError, RetryableError
+from dfbatch.errors import FatalError, NoProgressError, OutputError, RetryableError
 from dfbatch.execute._headers import NO_HINTS, RateHints, parse_headers
 
 Kind = Literal["row", "transient", "rate_limited", "fatal_run"]
@@ -86,6 +86,9 @@ _FIXES = {
     "model_not_found": "the model or endpoint does not exist; check the model name and base_url",
     "quota": "the account is out of quota or credit; check billing, then resume the run "
              "from its checkpoint",
+    "no_progress": "no call was answered for outage_timeout seconds; check that the service "
+                   "is up and the key's rate limit, then resume the run from its checkpoint "
+                   "(or raise outage_timeout=)",
 }
 
 
@@ -146,6 +149,8 @@ def _default(exc: BaseException) -> Decision:
         return Decision(retry, hint if retry else None, kind == "rate_limited", status, kind,
                         cause, bisect, hints)
 
+    if isinstance(exc, NoProgressError):
+        return make("fatal_run", "no_progress")
     if isinstance(exc, RetryableError):
         return make("rate_limited" if _says_rate(exc) else "transient", None)
     if isinstance(exc, OutputError):

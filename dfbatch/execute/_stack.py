@@ -145,10 +145,12 @@ class RunLimits:
         if local:
             rpm = RateLimit(cfg.rpm or None, burst=burst)
             tpm = RateLimit(cfg.tpm or None, tokens=True, burst=burst)
-            pause, breaker = PauseGate(), Breaker()
+            breaker = Breaker(give_up_s=cfg.outage_timeout)
+            pause = PauseGate(breaker=breaker)
             # a plain fn sends one request per call (its 429s meet the adaptive concurrency);
             # an fn charging per request gets, while the limits are unknown, a slow start of
             # its requests (its calls' concurrency says little about its requests')
+            rpm.pause = tpm.pause = pause
             rates: list[Limit] = [rpm, tpm, pause]
             per_call = [*per_call, WarmUp(2 * n_agents, open_after_s=1.0), *rates]
             slow = WarmUp(2 * n_agents, slow=not told, maximum=cfg.in_flight_cap,

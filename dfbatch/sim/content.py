@@ -29,6 +29,8 @@ import re
 from collections import Counter
 from typing import Any
 
+from dfbatch.sim.tokenizer import message_text
+
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]{2,}")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 _STOP = frozenset(
@@ -209,3 +211,30 @@ def _resolve(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
             continue
         return schema
     return schema
+
+
+def chat_answer(messages: list[Any], response_format: Any, drop_marker: str) -> str:
+    """The deterministic answer to the last user message, shaped by ``response_format``."""
+    user = next(
+        (
+            message_text(m)
+            for m in reversed(messages)
+            if isinstance(m, dict) and m.get("role") == "user"
+        ),
+        "",
+    )
+    items = batch_items(user)
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema") or {}
+        return json.dumps(fill_schema(schema, user, items=items, drop_marker=drop_marker))
+    if items is not None:  # batch mode without a schema: the conventional {"results": [...]}
+        results = [
+            {"id": it["id"], "output": answer_text(str(it.get("input", "")))}
+            for it in items
+            if drop_marker not in str(it.get("input", ""))
+        ]
+        return json.dumps({"results": results})
+    if kind == "json_object":
+        return json.dumps({"summary": summary(user), "keywords": keywords(user)})
+    return answer_text(user)

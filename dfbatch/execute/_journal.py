@@ -1,0 +1,93 @@
+"""What a rate limit let through, and when: the charge log of one ``RateLimit``.
+
+Split from ``_rate`` (the bucket and how it learns). The log keeps the charges of the last two
+minutes, numbered, and remembers in each task which charge was its own, so that an answer can
+be put back in time: the provider's ``remaining`` was true just after *that* charge (``sync``),
+and a 429 belongs to the episode its charge was sent in. Windowed (a gateway's fixed minute:
+``remaining`` stated with no ``reset``) it also sums the units of the last 60 s.
+
+Examples
+--------
+>>> log = ChargeLog()
+>>> log.add(0.0, 5.0); log.add(30.0, 5.0); log.mine()
+(30.0, 5.0)
+>>> log.windowed = True  # 3 more units fit once the charge at 0 s leaves the minute
+>>> log.window_wait(now=40.0, units=3.0, per_minute=12.0)
+20.0
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextvars
+
+JOURNAL_S = 120.0  # charges older than this are forgotten (a reply that late is not synced)
+_WINDOW_S = 60.0  # a per-minute limit's window (the windowed mode's log)
+
+
+class ChargeLog:
+    """The recent charges ``(time, units)`` of one limit (module docstring)."""
+
+    def __init__(self) -> None:
+        self._charges: list[tuple[float, float]] = []  # charge number i + base
+        self._base = 0  # charge number of self._charges[0]
+        self._last: contextvars.ContextVar[int] = contextvars.ContextVar("charge", default=-1)
+        self.windowed = False
+        self._win_n = 0  # charge number of the oldest charge in the window log
+        self._win_sum = 0.0  # units charged in the last _WINDOW_S seconds
+
+    def add(self, now: float, units: float, keep_s: float = JOURNAL_S) -> None:
+        """Log a charge (kept ``keep_s`` seconds); the caller's task remembers its number."""
+        self._last.set(self._base + len(self._charges))
+        self._charges.append((now, units))
+        self._win_sum += units
+        if self.windowed:
+            self._expire(now)  # (before pruning: the window is shorter than the journal)
+        if self._charges[0][0] < now - keep_s:  # (charges come in time order)
+            stale = bisect.bisect_left(self._charges, (now - keep_s,))
+            if stale > len(self._charges) // 2:  # amortized O(1) pruning
+                del self._charges[:stale]
+                self._base += stale
+
+    def mine(self) -> tuple[float, float] | None:
+        """This task's last charge, if still logged."""
+        i = self._last.get() - self._base
+        return self._charges[i] if 0 <= i < len(self._charges) else None
+
+    def after_mine(self) -> list[tuple[float, float]]:
+        """The charges logged after this task's last one."""
+        return self._charges[self._last.get() - self._base + 1:]
+
+    @property
+    def first_at(self) -> float | None:
+        """Time of the oldest logged charge."""
+        return self._charges[0][0] if self._charges else None
+
+    def open_window(self, now: float) -> None:
+        """Start keeping every 60 s within the limit (from the charges logged so far)."""
+        if not self.windowed:
+            self.windowed = True
+            self._win_n, self._win_sum = self._base, sum(u for _, u in self._charges)
+            self._expire(now)
+
+    def window_wait(self, now: float, units: float, per_minute: float) -> float:
+        """Windowed: seconds until ``units`` more keep the last minute within ``per_minute``."""
+        if not self.windowed or not per_minute:
+            return 0.0
+        self._expire(now)
+        over = self._win_sum + min(units, per_minute) - per_minute
+        if over <= 0:
+            return 0.0
+        freed, n = 0.0, self._win_n - self._base
+        for t, u in self._charges[max(0, n):]:
+            freed += u
+            if freed >= over:
+                return max(1e-3, t + _WINDOW_S - now)
+        return _WINDOW_S  # (not reached: the log holds what the sum counts)
+
+    def _expire(self, now: float) -> None:
+        n = self._win_n - self._base
+        while 0 <= n < len(self._charges) and self._charges[n][0] <= now - _WINDOW_S:
+            self._win_sum -= self._charges[n][1]
+            n += 1
+        self._win_n = self._base + max(0, n)
