@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import multiprocessing
 import sys
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,16 +136,23 @@ def is_async(fn: Callable[..., Any]) -> bool:
 
 
 class InThreads:
-    """A plain fn's calls, each in a daemon worker thread (``workers`` at most at once); the
-    ids of batches whose calls outlived their await (timed out: a thread cannot be stopped)."""
+    """A plain fn's calls (``executor``): each in a daemon worker thread (``"thread"``,
+    ``workers`` at most at once), in a pool of ``workers`` processes (``"process"``: CPU-bound
+    work; fn and its batches are pickled), or on the loop's own thread (``"inline"``: a cheap
+    fn pays no thread hop; it blocks the loop while it runs, so no timeout can cut it). Keeps
+    the ids of batches whose calls outlived their await (a thread cannot be stopped)."""
 
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self.pool: DaemonThreads | None = None
+    def __init__(self, workers: int, executor: str = "thread") -> None:
+        self.workers, self.executor = workers, executor
+        self.pool: Executor | None = None
         self.outlived: list[tuple[Future[Any], int]] = []
 
     def open(self) -> None:
-        if self.pool is None:
+        if self.pool is None and self.executor == "process":
+            # spawn: forking a process that runs threads (the loop's, polars') can deadlock
+            ctx = multiprocessing.get_context("spawn")
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
+        elif self.pool is None and self.executor == "thread":
             self.pool = DaemonThreads(self.workers)
 
     def close(self) -> list[int]:
@@ -154,8 +162,14 @@ class InThreads:
 
     async def call(self, fn: Callable[[pl.DataFrame], Any], df: pl.DataFrame,
                    timeout: float | None, batch_id: int) -> Any:
+        if self.executor == "inline":
+            try:
+                return fn(df)
+            except (KeyboardInterrupt, SystemExit) as exc:
+                raise FnInterrupt(exc) from exc
         assert self.pool is not None
-        fut = self.pool.submit(contextvars.copy_context().run, fn, df)
+        fut = (self.pool.submit(fn, df) if self.executor == "process"
+               else self.pool.submit(contextvars.copy_context().run, fn, df))
         try:
             return await timed(asyncio.wrap_future(fut), timeout)
         except (KeyboardInterrupt, SystemExit) as exc:  # fn's: let the run attach exc.partial

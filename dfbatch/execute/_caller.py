@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import pickle
 import random
 import sys
 import time
@@ -22,7 +24,7 @@ from typing import Any, Protocol
 import polars as pl
 
 from dfbatch.config import BatchConfig
-from dfbatch.errors import FnInterrupt, OutputError, RetryableError
+from dfbatch.errors import ConfigError, FnInterrupt, OutputError, RetryableError
 from dfbatch.events import BatchHedged, BatchRetried, Event
 from dfbatch.execute import _usage
 from dfbatch.execute._attempt import (
@@ -128,11 +130,15 @@ class FnCaller:
         # call was charged), every request for one that charges per request
         self.binding = (Binding(limits.per_request, limits.breaker) if self.per_request
                         else Binding(_NOTHING))
-        self.threads = InThreads(workers or cfg.sync_workers or min(64, cfg.in_flight_cap))
+        workers = workers or cfg.sync_workers or (
+            min(64, cfg.in_flight_cap) if cfg.executor == "thread" else (os.cpu_count() or 1))
+        self.threads = InThreads(workers, cfg.executor)
         self.watch = Watch(cfg.timeout) if cfg.timeout is not None else None
 
     async def open(self) -> None:
         if not self.is_async:
+            if self.cfg.executor == "process":
+                _check_pickles(self.fn)
             self.threads.open()
 
     def close(self) -> list[int]:
@@ -315,6 +321,16 @@ class FnCaller:
             value = await timed(value, self.cfg.timeout)
         return value
 
+
+
+def _check_pickles(fn: Callable[..., Any]) -> None:
+    try:
+        pickle.dumps(fn)
+    except Exception as exc:
+        msg = (f"executor='process' sends fn to worker processes, but {fn!r} does not pickle "
+               f"({type(exc).__name__}: {exc}); define it at module level in an importable "
+               "module, or use executor='thread'")
+        raise ConfigError(msg) from exc
 
 
 def _partly_answered(error: BaseException, batch: Batch, caller: FnCaller, wall0: float,
