@@ -113,8 +113,13 @@ class BatchConfig:
     answered for this long while calls keep failing with outages -- connection errors,
     timeouts, 5xx -- or rate-limit 429s, the run stops with ``RunStoppedError``, its
     ``.partial`` holding the rows done and a checkpointed run resumable; None = wait for ever),
-    ``sync_workers`` (threads for a
-    plain-function fn; None = min(64, global in-flight cap)), ``seed`` (jitter RNG).
+    ``executor`` (where a plain-function fn runs: ``"thread"``, the
+    default, in worker threads; ``"inline"`` on the event loop's thread, for a cheap fn that
+    should not pay a thread hop per batch (it blocks the loop while it runs: no timeout, no
+    live dashboard updates during a call); ``"process"`` in a pool of processes, for CPU-bound
+    work (fn must pickle: a module-level function)), ``sync_workers`` (threads or processes
+    for a plain-function fn; None = min(64, global in-flight cap) threads, one process per
+    core), ``seed`` (jitter RNG).
 
     Result: ``columns`` (the names of the added columns, ``Columns`` or a dict of its fields),
     ``output_dtype`` (the outputs' Polars type, e.g. ``pl.Int64``, or a dict column -> type
@@ -150,6 +155,7 @@ class BatchConfig:
     hedge_after: float | bool | None = 0.9
     hedge_budget: float = 0.05
     outage_timeout: float | None = 600.0
+    executor: str = "thread"
     sync_workers: int | None = None
     seed: int | None = None
     columns: Columns = field(default_factory=Columns)
@@ -206,6 +212,11 @@ class BatchConfig:
             _positive_float("outage_timeout", self.outage_timeout)
         if self.sync_workers is not None:
             _positive_int("sync_workers", self.sync_workers, 4096)
+        if self.executor not in ("thread", "inline", "process"):
+            msg = (f"executor must be 'thread' (worker threads, the default), 'inline' (on the "
+                   f"event loop's thread, for cheap functions) or 'process' (a process pool, "
+                   f"for CPU-bound work), got {self.executor!r}")
+            raise ConfigError(msg)
         if self.retry_on is not None and not callable(self.retry_on):
             msg = f"retry_on must be a callable exc -> bool | None, got {self.retry_on!r}"
             raise ConfigError(msg)

@@ -70,3 +70,10 @@ def texts(n: int, poison_every: int = 0) -> pl.DataFrame:
         rows = [r + " POISON" if i % poison_every == poison_every - 1 else r
                 for i, r in enumerate(rows)]
     return pl.DataFrame({"id": range(n), "text": rows})
+
+
+def pid_per_row(batch: pl.DataFrame) -> list[int]:
+    """A module-level (picklable) plain fn: the id of the process that ran each row."""
+    import os
+
+    return [os.getpid()] * batch.height

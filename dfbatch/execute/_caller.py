@@ -12,26 +12,32 @@ returns ``Answered`` or ``GaveUp``; the pool records it. Anything that calls bat
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import inspect
+import os
+import pickle
 import random
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import polars as pl
 
 from dfbatch.config import BatchConfig
-from dfbatch.errors import FnInterrupt, OutputError, RetryableError
+from dfbatch.errors import ConfigError, FnInterrupt, OutputError, RetryableError
 from dfbatch.events import BatchHedged, BatchRetried, Event
 from dfbatch.execute import _usage
-from dfbatch.execute._breaker import Breaker, Health, Ticket
+from dfbatch.execute._attempt import (
+    Admit,
+    InThreads,
+    Pass,
+    call_paced,
+    is_async,
+    size_related,
+    timed,
+)
 from dfbatch.execute._charge import (
     Binding,
-    bind_run_limits,
     charges_per_request,
     enter,
     leave,
@@ -51,7 +57,6 @@ from dfbatch.execute._retry import (
 )
 from dfbatch.execute._scheduler import Batch
 from dfbatch.execute._stack import RunLimits
-from dfbatch.execute._threads import DaemonThreads
 from dfbatch.execute._watch import Watch
 
 
@@ -107,41 +112,6 @@ _Tried = tuple[Exception | None, Decision | None, Output | None,
                list[str | None] | None, _usage.Usage | None]
 
 
-@dataclass(slots=True)
-class _Pass:
-    """One call's pass through the breaker (``ticket`` None: no breaker for this call)."""
-
-    breaker: Breaker | None
-    ticket: Ticket | None
-    done: bool = False
-
-    def record(self, health: Health) -> None:
-        if self.breaker is not None and self.ticket is not None and not self.done:
-            self.breaker.record(self.ticket, health)
-            self.done = True
-
-
-class _Admit:
-    """``async with``: a call's pass through the breaker (a class, not a generator-based
-    context manager: it is entered once per attempt)."""
-
-    __slots__ = ("breaker", "ticket")
-
-    def __init__(self, breaker: Breaker | None) -> None:
-        self.breaker = breaker
-        self.ticket = _Pass(None, None)
-
-    async def __aenter__(self) -> _Pass:
-        if self.breaker is not None:
-            self.ticket = _Pass(self.breaker, await self.breaker.wait())
-        return self.ticket
-
-    async def __aexit__(self, *exc: object) -> None:
-        ticket = self.ticket
-        if ticket.breaker is not None and not ticket.done:
-            ticket.breaker.cancel(ticket.ticket)  # type: ignore[arg-type]
-
-
 class FnCaller:
     """Calls ``fn`` in this process; see the module docstring."""
 
@@ -150,9 +120,8 @@ class FnCaller:
                  queued: Callable[[], bool] = lambda: False, workers: int | None = None) -> None:
         self.fn, self.cfg, self.limits, self.report = fn, cfg, limits, report
         self.reserved, self.queued = reserved, queued
-        self.workers = workers or cfg.sync_workers or min(64, cfg.in_flight_cap)
         self.rng = random.Random(cfg.seed)
-        self.is_async = _is_async(fn)
+        self.is_async = is_async(fn)
         # an fn that charges each HTTP request itself (dfbatch.limits.request) is charged the
         # in-flight and adaptive limits per call, and the rates, pause and breaker per request
         self.per_request = charges_per_request(fn)
@@ -161,18 +130,19 @@ class FnCaller:
         # call was charged), every request for one that charges per request
         self.binding = (Binding(limits.per_request, limits.breaker) if self.per_request
                         else Binding(_NOTHING))
-        self.threads: DaemonThreads | None = None
+        workers = workers or cfg.sync_workers or (
+            min(64, cfg.in_flight_cap) if cfg.executor == "thread" else (os.cpu_count() or 1))
+        self.threads = InThreads(workers, cfg.executor)
         self.watch = Watch(cfg.timeout) if cfg.timeout is not None else None
-        self.in_threads: list[tuple[Future[Any], int]] = []  # calls that outlived their await
 
     async def open(self) -> None:
-        if not self.is_async and self.threads is None:
-            self.threads = DaemonThreads(self.workers)
+        if not self.is_async:
+            if self.cfg.executor == "process":
+                _check_pickles(self.fn)
+            self.threads.open()
 
     def close(self) -> list[int]:
-        if self.threads is not None:
-            self.threads.shutdown(wait=False, cancel_futures=True)
-        return sorted({bid for fut, bid in self.in_threads if not fut.done()})
+        return self.threads.close()
 
     async def call(self, a: int, batch: Batch, df: pl.DataFrame, slot: Hold) -> Verdict:
         loop = asyncio.get_running_loop()
@@ -200,7 +170,8 @@ class FnCaller:
                 return GaveUp(fatal_message(exc), False, wall0, loop.time() - t_first,
                               fatal=True)
             error, decision, frame, row_errors, used = tried
-            limits.learned()
+            if self.per_request or (held.outcome is not None and held.outcome.hints is not None):
+                limits.learned()  # (the limits learn a stated limit only from headers)
             now = loop.time()
             if error is None:
                 assert frame is not None and used is not None
@@ -213,7 +184,7 @@ class FnCaller:
             if decision.kind == "fatal_run":
                 return GaveUp(fatal_message(error, decision), False, wall0, now - t_first,
                               fatal=True)
-            if limits.sizer is not None and _size_related(error, decision.status) and not (
+            if limits.sizer is not None and size_related(error, decision.status) and not (
                     decision.cause == "timeout" and self._hung_call(batch, now - t_call)):
                 limits.sizer.observe(ok=False, latency_s=now - t_call)
             if budget.may_retry(decision, now=now):
@@ -233,7 +204,7 @@ class FnCaller:
             return GaveUp(describe(error), bisect, wall0, now - t_first)
 
     async def _attempt(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost, held: Hold,
-                       ticket: _Pass) -> _Tried:
+                       ticket: Pass) -> _Tried:
         """Call fn once; tell the limits (``held.outcome``) and the breaker how it ended."""
         limits, cfg = self.limits, self.cfg
         seq = limits.adaptive.next_seq() if limits.adaptive else 0
@@ -282,10 +253,10 @@ class FnCaller:
         breaker = self.limits.breaker
         return decision.cause == "timeout" and (breaker is None or breaker.closed)
 
-    def _admit(self) -> _Admit:
+    def _admit(self) -> Admit:
         """The breaker's pass for one plain call (fns that charge per request pass it per
         request, inside ``dfbatch.limits.request``); a call that ends unrecorded frees it."""
-        return _Admit(None if self.per_request else self.limits.breaker)
+        return Admit(None if self.per_request else self.limits.breaker)
 
     async def _call_hedged(self, a: int, batch: Batch, df: pl.DataFrame,
                            cost: Cost) -> tuple[Any, _usage.Usage]:
@@ -325,7 +296,7 @@ class FnCaller:
         try:
             if self.per_request and self.is_async and self.cfg.timeout is not None \
                     and sys.version_info >= (3, 11):
-                value = await self._call_paced(df, self.cfg.timeout)
+                value = await call_paced(self.fn, df, self.cfg.timeout, self.binding)
             else:
                 bound = enter(self.binding)
                 try:
@@ -336,21 +307,6 @@ class FnCaller:
             _usage.end(token)
         return value, used
 
-    async def _call_paced(self, df: pl.DataFrame, timeout: float) -> Any:
-        """An fn that charges per request: the timeout counts from its last request sent, not
-        from the call's start (its requests may wait for the run's limits meanwhile)."""
-        async with asyncio.timeout(timeout) as deadline:
-            pace = _Pace(deadline, timeout)
-            try:
-                with bind_run_limits(self.binding.limits, breaker=self.binding.breaker,
-                                     pace=pace):
-                    value = await self.fn(df)
-                if inspect.isawaitable(value):
-                    value = await value
-                return value
-            finally:  # requests fn left running (a gather that raised) no longer move it
-                pace.over = True
-
     async def _call_bound(self, batch: Batch, df: pl.DataFrame) -> Any:
         if self.is_async:
             try:
@@ -360,57 +316,21 @@ class FnCaller:
             except (KeyboardInterrupt, SystemExit) as exc:  # let the run attach exc.partial
                 raise FnInterrupt(exc) from exc
         else:
-            value = await self._in_thread(batch, df)
+            value = await self.threads.call(self.fn, df, self.cfg.timeout, batch.id)
         if inspect.isawaitable(value):  # a plain function that returned a coroutine
-            value = await _timed(value, self.cfg.timeout)
+            value = await timed(value, self.cfg.timeout)
         return value
 
-    async def _in_thread(self, batch: Batch, df: pl.DataFrame) -> Any:
-        assert self.threads is not None
-        fut = self.threads.submit(contextvars.copy_context().run, self.fn, df)
-        try:
-            return await _timed(asyncio.wrap_future(fut), self.cfg.timeout)
-        except (KeyboardInterrupt, SystemExit) as exc:  # fn's: let the run attach exc.partial
-            raise FnInterrupt(exc) from exc
-        finally:
-            if not fut.done():  # timed out or cancelled: a thread cannot be stopped
-                self.in_threads.append((fut, batch.id))
 
 
-class _Pace:
-    """A per-request fn's call timeout: it counts from the last request sent, and stops while
-    the call's requests only wait for the run's limits, pause or breaker (none in flight)."""
-
-    def __init__(self, deadline: asyncio.Timeout, timeout: float) -> None:
-        self.deadline, self.timeout = deadline, timeout
-        self.loop = asyncio.get_running_loop()
-        self.waits = self.flying = 0
-        self.over = False  # the call ended: its deadline can no longer be moved
-
-    def waiting(self) -> None:
-        self.waits += 1
-        self._update()
-
-    def sent(self) -> None:
-        self.waits -= 1
-        self.flying += 1
-        if not self.over:
-            self.deadline.reschedule(self.loop.time() + self.timeout)
-
-    def ended(self, sent: bool) -> None:
-        if sent:
-            self.flying -= 1
-        else:
-            self.waits -= 1
-        self._update()
-
-    def _update(self) -> None:
-        if self.over or self.deadline.expired():
-            return
-        if self.waits and not self.flying:
-            self.deadline.reschedule(None)
-        elif self.deadline.when() is None:
-            self.deadline.reschedule(self.loop.time() + self.timeout)
+def _check_pickles(fn: Callable[..., Any]) -> None:
+    try:
+        pickle.dumps(fn)
+    except Exception as exc:
+        msg = (f"executor='process' sends fn to worker processes, but {fn!r} does not pickle "
+               f"({type(exc).__name__}: {exc}); define it at module level in an importable "
+               "module, or use executor='thread'")
+        raise ConfigError(msg) from exc
 
 
 def _partly_answered(error: BaseException, batch: Batch, caller: FnCaller, wall0: float,
@@ -427,29 +347,3 @@ def _partly_answered(error: BaseException, batch: Batch, caller: FnCaller, wall0
         return None
     used = _usage.Usage(partial.input_tokens, partial.output_tokens)
     return Answered(frame, row_errors, wall0, elapsed, used)
-
-
-async def _timed(aw: Any, timeout: float | None) -> Any:
-    """Await with a timeout, in this task (no extra task per call on Python >= 3.11)."""
-    if timeout is None:
-        return await aw
-    if sys.version_info < (3, 11):  # pragma: no cover
-        return await asyncio.wait_for(aw, timeout)
-    async with asyncio.timeout(timeout):
-        return await aw
-
-
-_SIZE_WORDS = ("context length", "context_length", "too many tokens", "too large", "maximum")
-
-
-def _size_related(exc: BaseException, status: int | None) -> bool:
-    """Could a smaller batch have avoided this error? (timeouts, 413, context-length 400s)"""
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or status == 413:
-        return True
-    text = str(exc).lower()
-    return status in (400, None) and any(w in text for w in _SIZE_WORDS)
-
-
-def _is_async(fn: Callable[..., Any]) -> bool:
-    call = getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)

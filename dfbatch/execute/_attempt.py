@@ -1,0 +1,184 @@
+"""The parts of one fn call: its pass through the breaker, its timeout, how it is awaited.
+
+``Admit`` is ``async with``: a call's pass through the circuit breaker, freed if the call ends
+unrecorded. ``call_paced`` runs an fn that charges each of its requests (``Pace``: the timeout
+counts from the last request sent). ``timed`` awaits with a timeout; ``is_async`` tells an
+async fn (or callable object) from a plain one; ``size_related`` tells errors a smaller batch
+could have avoided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import multiprocessing
+import sys
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from dfbatch.errors import FnInterrupt
+from dfbatch.execute._breaker import Breaker, Health, Ticket
+from dfbatch.execute._charge import Binding, bind_run_limits
+from dfbatch.execute._threads import DaemonThreads
+
+
+@dataclass(slots=True)
+class Pass:
+    """One call's pass through the breaker (``ticket`` None: no breaker for this call)."""
+
+    breaker: Breaker | None
+    ticket: Ticket | None
+    done: bool = False
+
+    def record(self, health: Health) -> None:
+        if self.breaker is not None and self.ticket is not None and not self.done:
+            self.breaker.record(self.ticket, health)
+            self.done = True
+
+
+class Admit:
+    """``async with``: a call's pass through the breaker (a class, not a generator-based
+    context manager: it is entered once per attempt)."""
+
+    __slots__ = ("breaker", "ticket")
+
+    def __init__(self, breaker: Breaker | None) -> None:
+        self.breaker = breaker
+        self.ticket = Pass(None, None)
+
+    async def __aenter__(self) -> Pass:
+        if self.breaker is not None:
+            self.ticket = Pass(self.breaker, await self.breaker.wait())
+        return self.ticket
+
+    async def __aexit__(self, *exc: object) -> None:
+        ticket = self.ticket
+        if ticket.breaker is not None and not ticket.done:
+            ticket.breaker.cancel(ticket.ticket)  # type: ignore[arg-type]
+
+
+async def call_paced(fn: Callable[[pl.DataFrame], Any], df: pl.DataFrame, timeout: float,
+                     binding: Binding) -> Any:
+    """Call an fn that charges per request: the timeout counts from its last request sent,
+    not from the call's start (its requests may wait for the run's limits meanwhile)."""
+    async with asyncio.timeout(timeout) as deadline:
+        pace = Pace(deadline, timeout)
+        try:
+            with bind_run_limits(binding.limits, breaker=binding.breaker, pace=pace):
+                value = await fn(df)
+            if inspect.isawaitable(value):
+                value = await value
+            return value
+        finally:  # requests fn left running (a gather that raised) no longer move it
+            pace.over = True
+
+
+class Pace:
+    """A per-request fn's call timeout: it counts from the last request sent, and stops while
+    the call's requests only wait for the run's limits, pause or breaker (none in flight)."""
+
+    def __init__(self, deadline: asyncio.Timeout, timeout: float) -> None:
+        self.deadline, self.timeout = deadline, timeout
+        self.loop = asyncio.get_running_loop()
+        self.waits = self.flying = 0
+        self.over = False  # the call ended: its deadline can no longer be moved
+
+    def waiting(self) -> None:
+        self.waits += 1
+        self._update()
+
+    def sent(self) -> None:
+        self.waits -= 1
+        self.flying += 1
+        if not self.over:
+            self.deadline.reschedule(self.loop.time() + self.timeout)
+
+    def ended(self, sent: bool) -> None:
+        if sent:
+            self.flying -= 1
+        else:
+            self.waits -= 1
+        self._update()
+
+    def _update(self) -> None:
+        if self.over or self.deadline.expired():
+            return
+        if self.waits and not self.flying:
+            self.deadline.reschedule(None)
+        elif self.deadline.when() is None:
+            self.deadline.reschedule(self.loop.time() + self.timeout)
+
+
+async def timed(aw: Any, timeout: float | None) -> Any:
+    """Await with a timeout, in this task (no extra task per call on Python >= 3.11)."""
+    if timeout is None:
+        return await aw
+    if sys.version_info < (3, 11):  # pragma: no cover
+        return await asyncio.wait_for(aw, timeout)
+    async with asyncio.timeout(timeout):
+        return await aw
+
+
+_SIZE_WORDS = ("context length", "context_length", "too many tokens", "too large", "maximum")
+
+
+def size_related(exc: BaseException, status: int | None) -> bool:
+    """Could a smaller batch have avoided this error? (timeouts, 413, context-length 400s)"""
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or status == 413:
+        return True
+    text = str(exc).lower()
+    return status in (400, None) and any(w in text for w in _SIZE_WORDS)
+
+
+def is_async(fn: Callable[..., Any]) -> bool:
+    call = getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
+
+
+class InThreads:
+    """A plain fn's calls (``executor``): each in a daemon worker thread (``"thread"``,
+    ``workers`` at most at once), in a pool of ``workers`` processes (``"process"``: CPU-bound
+    work; fn and its batches are pickled), or on the loop's own thread (``"inline"``: a cheap
+    fn pays no thread hop; it blocks the loop while it runs, so no timeout can cut it). Keeps
+    the ids of batches whose calls outlived their await (a thread cannot be stopped)."""
+
+    def __init__(self, workers: int, executor: str = "thread") -> None:
+        self.workers, self.executor = workers, executor
+        self.pool: Executor | None = None
+        self.outlived: list[tuple[Future[Any], int]] = []
+
+    def open(self) -> None:
+        if self.pool is None and self.executor == "process":
+            # spawn: forking a process that runs threads (the loop's, polars') can deadlock
+            ctx = multiprocessing.get_context("spawn")
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
+        elif self.pool is None and self.executor == "thread":
+            self.pool = DaemonThreads(self.workers)
+
+    def close(self) -> list[int]:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        return sorted({bid for fut, bid in self.outlived if not fut.done()})
+
+    async def call(self, fn: Callable[[pl.DataFrame], Any], df: pl.DataFrame,
+                   timeout: float | None, batch_id: int) -> Any:
+        if self.executor == "inline":
+            try:
+                return fn(df)
+            except (KeyboardInterrupt, SystemExit) as exc:
+                raise FnInterrupt(exc) from exc
+        assert self.pool is not None
+        fut = (self.pool.submit(fn, df) if self.executor == "process"
+               else self.pool.submit(contextvars.copy_context().run, fn, df))
+        try:
+            return await timed(asyncio.wrap_future(fut), timeout)
+        except (KeyboardInterrupt, SystemExit) as exc:  # fn's: let the run attach exc.partial
+            raise FnInterrupt(exc) from exc
+        finally:
+            if not fut.done():  # timed out or cancelled: a thread cannot be stopped
+                self.outlived.append((fut, batch_id))

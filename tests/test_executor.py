@@ -1,0 +1,67 @@
+"""Where a plain-function fn runs: worker threads (default), the loop's thread, or processes."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import polars as pl
+import pytest
+
+import dfbatch
+from dfbatch.errors import ConfigError
+from tests.fakes import pid_per_row
+
+QUIET = {"progress": False, "items_per_batch": 4}
+
+
+def _frame(n: int = 40) -> pl.DataFrame:
+    return pl.DataFrame({"id": range(n), "text": [f"row {i}" for i in range(n)]})
+
+
+def test_inline_runs_on_the_loop_thread_and_threads_do_not() -> None:
+    seen: dict[str, set[int]] = {"inline": set(), "thread": set()}
+
+    def make(key: str):
+        def fn(batch: pl.DataFrame) -> list[int]:
+            seen[key].add(threading.get_ident())
+            return (batch["id"] * 3).to_list()
+        return fn
+
+    for key in seen:
+        out = dfbatch.process(_frame(), make(key), executor=key, **QUIET)
+        assert out["output"].to_list() == [3 * i for i in range(40)]
+        assert out["error"].null_count() == 40
+    assert seen["inline"] == {threading.get_ident()}  # the loop runs on this thread here
+    assert threading.get_ident() not in seen["thread"]
+
+
+def test_inline_errors_are_row_errors_and_poison_rows_fail_alone() -> None:
+    def fn(batch: pl.DataFrame) -> list[int]:
+        if 13 in batch["id"].to_list():
+            msg = "bad row 13"
+            raise ValueError(msg)
+        return batch["id"].to_list()
+
+    out = dfbatch.process(_frame(), fn, executor="inline", max_attempts=1, **QUIET)
+    bad = out.filter(pl.col("error").is_not_null())
+    assert bad["id"].to_list() == [13] and "bad row 13" in bad["error"][0]
+    assert out.filter(pl.col("id") != 13)["output"].to_list() == [i for i in range(40) if i != 13]
+
+
+@pytest.mark.slow
+def test_process_executor_runs_in_other_processes() -> None:
+    out = dfbatch.process(_frame(), pid_per_row, executor="process", sync_workers=2, **QUIET)
+    assert out.height == 40 and out["error"].null_count() == 40
+    pids = set(out["output"].to_list())
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+
+
+def test_process_executor_refuses_an_fn_that_does_not_pickle() -> None:
+    with pytest.raises(ConfigError, match=r"executor='process'.*module level"):
+        dfbatch.process(_frame(), lambda b: [1] * b.height, executor="process", **QUIET)
+
+
+def test_unknown_executor_is_refused_with_the_choices() -> None:
+    with pytest.raises(ConfigError, match=r"executor must be 'thread'.*'inline'.*'process'"):
+        dfbatch.process(_frame(), lambda b: [1] * b.height, executor="fast", **QUIET)
