@@ -190,7 +190,8 @@ def test_eviction_bounds_the_size(tmp_path: Path) -> None:
     half = info["size"] // 2
     # (eviction is by chunk, the answers of one write: it may leave nothing)
     assert cache.prune(max_size=half) > 0 and cache.info()["size"] <= half
-    assert cache.clear() > 0 and cache.info()["entries"] == 0
+    left = cache.info()["entries"]  # (the prune may have left nothing)
+    assert cache.clear() == left and cache.info()["entries"] == 0
 
 
 def test_with_checkpoint(tmp_path: Path) -> None:
