@@ -133,6 +133,12 @@ class RateLimit:
             return False
         now = asyncio.get_running_loop().time()
         units = self._units(cost)
+        if not self.known and not self.log.windowed and (
+                self.pause is None or self.pause.until <= now):
+            self._stamp = now  # an unknown limit only logs the charge (one per call)
+            self.log.add(now, units, _UNKNOWN_LOG_S)
+            self.recent_wait -= 0.1 * self.recent_wait
+            return True
         self._refill(now)
         if (self.known and self.level < min(units, self.capacity)) \
                 or self._window_wait(now, units) > 0:
@@ -175,7 +181,7 @@ class RateLimit:
         """Log a charge just paid (for ``sync`` and 429 episodes); note when it drained us."""
         # an unknown limit reads 10 s back (the rate a 429 guesses from): a fast run keeps no
         # two-minute log of its charges (memory) until a limit is known
-        self.log.add(now, units, JOURNAL_S if self.known or self.log.windowed else 15.0)
+        self.log.add(now, units, JOURNAL_S if self.known or self.log.windowed else _UNKNOWN_LOG_S)
         if self.level < units:
             self._drained_at = now
 
@@ -283,12 +289,19 @@ class RateLimit:
             self.level = min(self.capacity, self.level + cost.tokens - outcome.actual_tokens)
         if outcome.rate_limited:
             self.on_rate_limited(outcome.hints)
+        elif outcome.ok and not self.known and not self.slow_start:
+            now = asyncio.get_running_loop().time()  # (nothing to regrow: no rate yet)
+            self._grown_at = now
+            self._guess.answered(now, self._units(cost))  # what a guess of the rate starts from
         elif outcome.ok:
             self._regrow(self._units(cost))
             if not self.known:  # (what a guess of the rate starts from)
                 self._guess.answered(asyncio.get_running_loop().time(), self._units(cost))
         if outcome.hints is not None:
             self.observe(outcome.hints, cost)
+
+
+_UNKNOWN_LOG_S = 15.0  # an unknown limit reads its charges 10 s back (a 429's guess)
 
 
 class _Guess:
@@ -301,7 +314,7 @@ class _Guess:
 
     def answered(self, now: float, units: float) -> None:
         self._answered.append((now, units))
-        if self._answered[0][0] < now - 15.0:  # bounded: 10 s are read
+        if self._answered[0][0] < now - _UNKNOWN_LOG_S:  # bounded: 10 s are read
             self._answered.popleft()
 
     def admitted_rate(self, now: float, first_at: float | None, window: float = 10.0) -> float:
