@@ -55,45 +55,24 @@ from dfbatch.execute._limits import Cost, Outcome
 from dfbatch.execute._pause import PauseGate
 
 
-class RateLimit:
-    """A token bucket refilled at an effective rate that learns how the provider enforces
-    (see the module docstring)."""
+class _Bucket:
+    """The pacing half of ``RateLimit``: a bucket of ``level`` units (at most ``capacity``)
+    refilled at ``rate`` per second, the charge log, the run's pause sat out before a
+    charge; FIFO. How ``rate`` and ``capacity`` are learned is ``RateLimit``'s."""
 
-    def __init__(
-        self,
-        per_minute: float | None,
-        *,
-        tokens: bool = False,
-        burst: float = 0.1,
-        start_s: float = 1.0,
-        decrease: float = 0.7,
-        regrow_s: float = 60.0,
-    ):
+    def __init__(self, tokens: bool) -> None:
         self.tokens = tokens
-        self.burst = burst
-        self.start_s = start_s
-        self.decrease = decrease
-        self.regrow_s = regrow_s
         self.per_minute = 0.0  # the ceiling (told, or stated by headers); 0 while unknown
         self.rate = math.inf  # effective units per second
         self.capacity = math.inf
         self.level = math.inf
         self.recent_wait = 0.0  # moving average of seconds an acquire waited (is it binding?)
-        self.server_capacity = 0.0  # learned from x-ratelimit-remaining-*: provider bucket size
-        self.decreases = 0
-        self.slow_start = False  # a guessed rate that doubles per round trip (unknown limit)
         self.log = ChargeLog()
         self.pause: PauseGate | None = None  # the run's pause on 429s (sat out before a charge)
-        self._guess = _Guess()
-        self._slope = 0.0  # regrowth, units/s per second
-        self._decreased_at = -math.inf
         self._drained_at = -math.inf  # last charge that left the bucket short of another
-        self._grown_at = 0.0
         self._stamp: float | None = None
         self._lock = asyncio.Lock()
         self._queued = 0  # acquires waiting or holding the lock (try_acquire never jumps them)
-        if per_minute is not None:
-            self.set_ceiling(per_minute)
 
     @property
     def known(self) -> bool:
@@ -102,21 +81,6 @@ class RateLimit:
     @property
     def windowed(self) -> bool:
         return self.log.windowed
-
-    def set_ceiling(self, per_minute: float) -> None:
-        """Adopt a limit (told, or stated by ``x-ratelimit-limit-*``); a lower one wins."""
-        per_minute = float(per_minute)
-        if per_minute <= 0 or (self.per_minute and per_minute >= self.per_minute):
-            return
-        self.per_minute = per_minute
-        self._slope = per_minute / 60.0 / self.regrow_s
-        self.rate = min(self.rate, per_minute / 60.0)
-        self.capacity = min(self.capacity, self._small_bucket())
-        self.level = min(self.level, self.capacity)
-
-    def _small_bucket(self) -> float:
-        per_minute = self.rate * 60.0
-        return max(1.0, min(per_minute * self.burst, self.rate * self.start_s))
 
     def _units(self, cost: Cost) -> float:
         return float(cost.tokens if self.tokens else cost.requests)
@@ -184,6 +148,51 @@ class RateLimit:
         self.log.add(now, units, JOURNAL_S if self.known or self.log.windowed else _UNKNOWN_LOG_S)
         if self.level < units:
             self._drained_at = now
+
+
+class RateLimit(_Bucket):
+    """A token bucket refilled at an effective rate that learns how the provider enforces
+    (see the module docstring)."""
+
+    def __init__(
+        self,
+        per_minute: float | None,
+        *,
+        tokens: bool = False,
+        burst: float = 0.1,
+        start_s: float = 1.0,
+        decrease: float = 0.7,
+        regrow_s: float = 60.0,
+    ):
+        super().__init__(tokens)
+        self.burst = burst
+        self.start_s = start_s
+        self.decrease = decrease
+        self.regrow_s = regrow_s
+        self.server_capacity = 0.0  # learned from x-ratelimit-remaining-*: provider bucket size
+        self.decreases = 0
+        self.slow_start = False  # a guessed rate that doubles per round trip (unknown limit)
+        self._guess = _Guess()
+        self._slope = 0.0  # regrowth, units/s per second
+        self._decreased_at = -math.inf
+        self._grown_at = 0.0
+        if per_minute is not None:
+            self.set_ceiling(per_minute)
+
+    def set_ceiling(self, per_minute: float) -> None:
+        """Adopt a limit (told, or stated by ``x-ratelimit-limit-*``); a lower one wins."""
+        per_minute = float(per_minute)
+        if per_minute <= 0 or (self.per_minute and per_minute >= self.per_minute):
+            return
+        self.per_minute = per_minute
+        self._slope = per_minute / 60.0 / self.regrow_s
+        self.rate = min(self.rate, per_minute / 60.0)
+        self.capacity = min(self.capacity, self._small_bucket())
+        self.level = min(self.level, self.capacity)
+
+    def _small_bucket(self) -> float:
+        per_minute = self.rate * 60.0
+        return max(1.0, min(per_minute * self.burst, self.rate * self.start_s))
 
     def sync(self, remaining: float, cost: Cost, *, lower_only: bool = False) -> None:
         """The provider said its bucket held ``remaining`` right after admitting this task's call.
