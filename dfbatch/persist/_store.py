@@ -34,6 +34,7 @@ import polars as pl
 
 from dfbatch.errors import CheckpointError, CheckpointWarning
 from dfbatch.persist._fingerprint import HASH_COLUMN, mismatch_error
+from dfbatch.persist._lock import hold
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -84,28 +85,14 @@ class Store:
                 msg = (f"{str(self.root)!r} is not a dfbatch checkpoint (it holds "
                        f"{strangers[:3]}); pass a new or empty directory")
                 raise CheckpointError(msg)
+        self._lock_fd = hold(self.root / "lock", f"checkpoint {str(self.root)!r}",
+                             "wait for it to end, or use another directory")
         try:
             self.parts.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
+            self.unlock()
             msg = f"cannot use checkpoint {str(self.root)!r}: {exc}"
             raise CheckpointError(msg) from None
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - no flock (Windows): no protection
-            pass
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            msg = (f"checkpoint {str(self.root)!r} is in use by another run (process {holder}); "
-                   "wait for it to end, or use another directory")
-            raise CheckpointError(msg) from None
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
 
     @property
     def locked(self) -> bool:

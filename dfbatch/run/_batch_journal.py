@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dfbatch.errors import CheckpointError, ConfigError
+from dfbatch.errors import ConfigError
+from dfbatch.persist._lock import hold
 
 _VERSION = 1
 _NAME = "batch_api"
@@ -101,29 +102,9 @@ class BatchJournal:
 
     def _lock(self) -> None:
         """Hold ``journal.lock`` (``flock``, released by ``close`` or the process's end)."""
-        lock = self.folder / _LOCK
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            msg = f"cannot use the Batch API journal {str(self.folder)!r}: {exc}"
-            raise CheckpointError(msg) from None
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - no flock (Windows): no protection
-            pass
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            msg = (f"the Batch API journal {str(self.folder)!r} is in use by another run "
-                   f"(process {holder} holds {str(lock)!r}): wait for it to end (or stop it), "
-                   "or use another checkpoint=")
-            raise CheckpointError(msg) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
+        self._lock_fd = hold(self.folder / _LOCK,
+                             f"the Batch API journal {str(self.folder)!r}",
+                             "wait for it to end (or stop it), or use another checkpoint=")
 
     def close(self) -> None:
         """Release the lock (closing the descriptor releases the ``flock``)."""
