@@ -19,18 +19,19 @@ same batches of ``--items`` rows:
 Per-batch overhead = (dfbatch time - bare time) / batches; ratio = dfbatch time / bare time.
 ``--no-hedge`` runs with ``hedge_after=None`` (every call then skips the hedging race).
 
-Where the microseconds go (issue 16, cProfile of 5,000 no-op batches, ``--no-hedge``, shares
-of the profiled self time; ``/tmp/prof_group.py``-style grouping by module): the limit stack
-(``execute/_limits.py``: agent bytes + shared in-flight / adaptive / rate buckets, acquire and
-release per attempt) ~24 %, asyncio itself (task per batch, ``asyncio.timeout``, call_soon,
-``loop.time``) ~20 %, builtins ~14 %, the caller (``FnCaller.call`` / ``_attempt`` / ``_call``:
-retry loop, outcome bookkeeping) ~14 %, recorder ~5 %, pool ~5 %, scheduler ~2 %, breaker
-~2 %, sizer ~1.5 %, outputs ~1 %, polars (one zero-copy ``slice`` per batch) ~1 %. With
-hedging on (the default) the race adds a task per call: asyncio ~28 %, ``_hedge`` ~10 %.
-Gone since issue 16: gathering each batch's rows (``frame[positions]``: the frame is reordered
-once and each batch is a slice), one ``pl.Series`` per batch (~20 µs: plain-list outputs are
-built into one column at the end), batch events nobody listens to, a generator-based context
-manager per attempt, two sums over the sizer's window per call.
+Where the microseconds go (issue 16, py-spy samples of 3 runs of 100k rows with the defaults,
+shares of the run, a no-op that yields once): the limit stack ~28 % (agent bytes, then in-flight,
+AIMD, warm-up, RPM and TPM buckets, pause -- each taken without a coroutine when it can pay at
+once, ``try_acquire``, and released with the outcome), the hedge race ~15 % (a ``_Race`` and one
+timer per call; plans kept per fit, fits in numpy at most every 0.1 s), the attempt ~10 %
+(usage, the binding, ``Watch``: one timer for every call's timeout, outputs), the recorder ~8 %,
+a task per batch ~8 %, the pool ~7 %, per-run setup (prepare, the scheduler's sort, assembly)
+~10 %. Gone since the start of issue 16: ``frame[positions]`` per batch (batches are slices of
+the frame reordered once), one ``pl.Series`` per batch, events nobody listens to, a
+generator-based context manager per attempt (and per binding), ``asyncio.timeout`` per call, a
+latency fit in pure Python every 16 calls, frozen dataclasses built per call (``Cost``,
+``Outcome``), an unknown rate limit's bucket math, the cyclic GC walking the session's objects
+(the pool freezes them, ``gc.freeze``, while it runs).
 Best of ``--repeat`` runs (the least disturbed by other processes on a shared machine), in CPU
 seconds of the process (``--wall`` for wall seconds: everything here runs on one thread).
 """
