@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import types
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,38 @@ def test_a_pydantic_model_fn_uses_is_taken_by_its_fields() -> None:
 
     assert code_identity(model(0.0)) == code_identity(model(0.0))  # no Unsure: its schema
     assert code_identity(model(0.0)) != code_identity(model(1.0))  # is bookkeeping, not state
+
+
+# -- a few rows the server always fails are not an outage (outage_timeout, the breaker) --------
+class _Status500(Exception):
+    status_code = 500
+
+
+@pytest.mark.parametrize("how", ["500", "slow"])
+def test_poison_rows_at_the_tail_neither_open_the_breaker_nor_stop_the_run(how: str) -> None:
+    """2% of rows always fail (a 500, or a call past ``timeout``) while the rest answer: the
+    tail of the run is only those rows' retries, which looks like an outage from outside.
+    They fail alone, within their attempts; the run neither stops nor probes for minutes."""
+    import time
+
+    async def fn(batch: pl.DataFrame) -> list[int]:
+        poison = any(i % 50 == 7 for i in batch["id"])
+        await asyncio.sleep(0.1 if poison and how == "slow" else 0.005)
+        if poison and how == "500":
+            msg = "500 Internal Server Error"
+            raise _Status500(msg)
+        return (batch["id"] * 2).to_list()
+
+    df = pl.DataFrame({"id": range(400), "text": [f"r{i}" for i in range(400)]})
+    t0 = time.monotonic()
+    out = dfbatch.process(df, fn, progress=False, items_per_batch=4, max_attempts=3,
+                          backoff_base=0.01, timeout=0.05, outage_timeout=3.0)
+    assert time.monotonic() - t0 < 10  # (it stopped the run after outage_timeout, or probed
+    bad = out.filter(pl.col("error").is_not_null())  # for ~10 minutes with the default)
+    poison = {i for i in range(400) if i % 50 == 7}
+    assert poison <= set(bad["id"].to_list())
+    assert bad.height <= 6 * len(poison)  # only the poison rows' batches (a 500 is not split)
+    good = out.filter(pl.col("error").is_null())
+    assert good["output"].to_list() == (good["id"] * 2).to_list()
+    if how == "slow":  # a call that hangs is bisected: the good rows beside it are answered
+        assert bad.height == 8

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ class Breaker:
         self.max_s = max_s
         self.give_up_s = give_up_s
         self._stalled_since: float | None = None  # first failure since the last answer
+        self.last_ok = -math.inf  # when a call was last answered
         self._clock = clock
         self._sleep = sleep or asyncio.sleep
         self.closed = True
@@ -144,6 +146,7 @@ class Breaker:
         now = self._now()
         if health == "ok":
             self._stalled_since = None
+            self.last_ok = now
         if health == "outage":
             self.stalled("outage")
             self._recent.append((now, True))

@@ -150,6 +150,7 @@ class FnCaller:
         cost = Cost(tokens=batch.tokens, nbytes=batch.nbytes)
         wall0, t_first = time.time(), loop.time()
         budget = AttemptBudget(cfg.max_attempts)
+        first_sent = 0.0  # when this batch was first sent
         attempt = 0
         while True:
             attempt += 1
@@ -162,7 +163,9 @@ class FnCaller:
                         wall0, t_first = time.time(), loop.time()
                     t_call = loop.time()
                     self.report.started(a, batch, attempt, t_call)
-                    tried = await self._attempt(a, batch, df, cost, held, ticket)
+                    if attempt == 1:
+                        first_sent = t_call
+                    tried = await self._attempt(a, batch, df, cost, held, ticket, first_sent)
             except BaseException as exc:
                 if limits.breaker is None or exc is not limits.breaker.stopped:
                     raise
@@ -204,8 +207,9 @@ class FnCaller:
             return GaveUp(describe(error), bisect, wall0, now - t_first)
 
     async def _attempt(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost, held: Hold,
-                       ticket: Pass) -> _Tried:
-        """Call fn once; tell the limits (``held.outcome``) and the breaker how it ended."""
+                       ticket: Pass, first_sent: float) -> _Tried:
+        """Call fn once; tell the limits (``held.outcome``) and the breaker how it ended
+        (an outage-like failure counts against the service per ``_blames_service``)."""
         limits, cfg = self.limits, self.cfg
         seq = limits.adaptive.next_seq() if limits.adaptive else 0
         t0 = asyncio.get_running_loop().time()
@@ -229,7 +233,13 @@ class FnCaller:
                                    decision.retry_after, None, seq,
                                    overloaded=decision.overloaded,
                                    hints=None if decision.hints.empty else decision.hints)
-            ticket.record("outage" if decision.outage else "other")
+            if not decision.outage:
+                ticket.record("other")
+            elif self._blames_service(batch, first_sent) or (
+                    ticket.ticket is not None and ticket.ticket.probe):
+                ticket.record("outage")  # (a failed probe always keeps the breaker open)
+            # else: the service answered other calls since this batch was first sent, or the
+            # batch is a half made by bisection: its rows, not the service (the pass is freed)
             if decision.kind == "fatal_run" and limits.breaker is not None:
                 limits.breaker.stop(exc)  # no later call of the run goes out
             return exc, decision, None, None, None
@@ -246,6 +256,16 @@ class FnCaller:
         timeout = self.cfg.timeout
         return (timeout is not None and elapsed >= 0.9 * timeout
                 and self.limits.tail.ordinary_within(batch.tokens, timeout))
+
+    def _blames_service(self, batch: Batch, first_sent: float) -> bool:
+        """May this attempt's outage-like failure (5xx, timeout, connection) count as the
+        service being down? Not when the service answered other calls since this batch was
+        first sent, nor for a half made by bisection (split because the service answered
+        others): then its rows are at fault, and a tail of such batches must neither open the
+        breaker nor stop the run (``outage_timeout``). An outage is seen in the batches sent
+        after it began."""
+        breaker = self.limits.breaker
+        return not batch.frozen and (breaker is None or breaker.last_ok < first_sent)
 
     def _hung(self, decision: Decision) -> bool:
         """Every try timed out while the service answers others: a row may hang it (or the
