@@ -116,3 +116,29 @@ def test_a_bulk_lookup_hit_refreshes_its_chunk_for_eviction(tmp_path: Path) -> N
     assert len(cache.lookup(*keys(0, 100))[0]) == 100  # the used one stayed ...
     assert len(cache.lookup(*keys(100, 200))[0]) == 0  # ... the least recently used went
     assert len(cache.lookup(*keys(200, 300))[0]) == 100
+
+
+def test_another_programs_database_is_refused_and_left_whole(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE entries (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.executemany("INSERT INTO entries (name) VALUES (?)", [(f"n{i}",) for i in range(100)])
+    conn.execute("CREATE TABLE meta (k TEXT, v TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(dfbatch.ConfigError, match="is not a dfbatch cache"):
+        dfbatch.Cache(path).info()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM entries").fetchone()[0] == 100  # untouched
+    conn.close()
+
+
+def test_a_newer_dfbatchs_cache_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {db.VERSION + 1}")
+    conn.execute("CREATE TABLE future (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(dfbatch.ConfigError, match="newer dfbatch"):
+        dfbatch.Cache(path).info()

@@ -7,7 +7,8 @@ is in at most one chunk's ``keys`` (a row whose entry moved is blanked), so the 
 rows are found by reading the chunks' key blobs and joining them in polars (``scan``), and the
 keys of a few by probing ``entries`` (``probe``); ``find`` picks the cheaper.
 
-A file of an older layout (``PRAGMA user_version``) is emptied and rebuilt: its answers miss.
+A dfbatch cache of an older layout (``PRAGMA user_version``) is emptied and rebuilt: its
+answers miss. Any other database (or a newer dfbatch's cache) is refused, never touched.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from dfbatch.errors import ConfigError
 from dfbatch.persist import _cache_codec as codec
 from dfbatch.persist import _cache_lru as lru
 
@@ -73,14 +75,42 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA cache_size = -65536")  # 64 MiB
     conn.execute("PRAGMA temp_store = MEMORY")
-    with transaction(conn):  # (one transaction: another process never sees half a schema)
-        if conn.execute("PRAGMA user_version").fetchone()[0] != VERSION:
-            for stmt in _statements(_OLD):
+    try:
+        with transaction(conn):  # (one transaction: another process never sees half a schema)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version != VERSION:
+                _check_ours(conn, path, version)
+                for stmt in _statements(_OLD):
+                    conn.execute(stmt)
+                conn.execute(f"PRAGMA user_version = {VERSION}")
+            for stmt in _statements(_SCHEMA):
                 conn.execute(stmt)
-            conn.execute(f"PRAGMA user_version = {VERSION}")
-        for stmt in _statements(_SCHEMA):
-            conn.execute(stmt)
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def _check_ours(conn: sqlite3.Connection, path: Path, version: int) -> None:
+    """Only an empty file or a dfbatch cache of an older layout is rebuilt: never a newer
+    dfbatch's cache, nor another program's database (its tables would be dropped)."""
+    if version > VERSION:
+        msg = (f"cache {str(path)!r} was written by a newer dfbatch (layout {version}, this one "
+               f"reads {VERSION}); upgrade dfbatch, or pass another cache= path")
+        raise ConfigError(msg)
+    tables = {name for (name,) in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+    if not tables:
+        return
+    columns = {name: {row[1] for row in conn.execute(f"PRAGMA table_info({name})")}
+               for name in tables & {"chunks", "entries", "meta"}}
+    ours = (tables <= {"chunks", "entries", "meta"}
+            and {"data", "size", "accessed"} <= columns.get("chunks", set())
+            and {"k1", "k2"} <= columns.get("entries", {"k1", "k2"}))
+    if not ours:
+        msg = (f"{str(path)!r} is not a dfbatch cache (it holds the tables "
+               f"{sorted(tables)[:5]}); pass cache= a new file or a dfbatch cache")
+        raise ConfigError(msg)
 
 
 def _statements(script: str) -> Iterator[str]:
