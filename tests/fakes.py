@@ -77,3 +77,12 @@ def pid_per_row(batch: pl.DataFrame) -> list[int]:
     import os
 
     return [os.getpid()] * batch.height
+
+
+def dies_on_row_5(batch: pl.DataFrame) -> list[int]:
+    """A module-level plain fn whose worker process dies on the row with id 5."""
+    import os
+
+    if 5 in batch["id"].to_list():
+        os._exit(1)
+    return (batch["id"] * 2).to_list()

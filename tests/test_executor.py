@@ -10,7 +10,7 @@ import pytest
 
 import dfbatch
 from dfbatch.errors import ConfigError
-from tests.fakes import pid_per_row
+from tests.fakes import dies_on_row_5, pid_per_row
 
 QUIET = {"progress": False, "items_per_batch": 4}
 
@@ -65,3 +65,42 @@ def test_process_executor_refuses_an_fn_that_does_not_pickle() -> None:
 def test_unknown_executor_is_refused_with_the_choices() -> None:
     with pytest.raises(ConfigError, match=r"executor must be 'thread'.*'inline'.*'process'"):
         dfbatch.process(_frame(), lambda b: [1] * b.height, executor="fast", **QUIET)
+
+
+@pytest.mark.slow
+def test_a_row_that_kills_its_worker_process_fails_only_its_batch() -> None:
+    out = dfbatch.process(_frame(), dies_on_row_5, executor="process", sync_workers=2,
+                          max_attempts=2, **QUIET)
+    bad = out.filter(pl.col("error").is_not_null())
+    assert 5 in bad["id"].to_list() and bad.height <= 4  # (the pool is replaced, not lost)
+    assert bad["error"].str.contains("WorkerDiedError").all()
+    good = out.filter(pl.col("error").is_null())
+    assert good["output"].to_list() == (good["id"] * 2).to_list()
+
+
+def test_an_fn_of_an_interactive_main_is_refused_for_processes(monkeypatch) -> None:
+    import sys
+    import types
+
+    main = types.ModuleType("__main__")  # a notebook's, a REPL's: no file to import
+    monkeypatch.setitem(sys.modules, "__main__", main)
+
+    def fn(batch: pl.DataFrame) -> list[int]:
+        return [1] * batch.height
+
+    fn.__module__ = "__main__"
+    with pytest.raises(ConfigError, match="interactive session"):
+        dfbatch.process(_frame(), fn, executor="process", **QUIET)
+
+
+def test_the_timeout_counts_from_the_calls_start_not_its_wait_for_a_worker() -> None:
+    import time
+
+    def slowish(batch: pl.DataFrame) -> list[int]:
+        time.sleep(0.15)
+        return [1] * batch.height
+
+    # 10 batches, one worker thread, 0.15 s each: the last starts after ~1.35 s of waiting
+    out = dfbatch.process(_frame(), slowish, executor="thread", sync_workers=1, timeout=0.5,
+                          hedge_after=None, max_attempts=1, **QUIET)
+    assert out["error"].null_count() == 40

@@ -10,18 +10,21 @@ could have avoided.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import multiprocessing
+import signal
 import sys
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
 
-from dfbatch.errors import FnInterrupt
+from dfbatch.errors import FnInterrupt, RetryableError
 from dfbatch.execute._breaker import Breaker, Health, Ticket
 from dfbatch.execute._charge import Binding, bind_run_limits
 from dfbatch.execute._threads import DaemonThreads
@@ -151,19 +154,26 @@ class InThreads:
         self.workers, self.executor = workers, executor
         self.pool: Executor | None = None
         self.outlived: list[tuple[Future[Any], int]] = []
+        # calls wait here, not in the pool's queue: a call's timeout counts from its start
+        self.slots: asyncio.Semaphore | None = None
 
     def open(self) -> None:
         if self.pool is None and self.executor == "process":
-            # spawn: forking a process that runs threads (the loop's, polars') can deadlock
-            ctx = multiprocessing.get_context("spawn")
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
+            self.pool = _processes(self.workers)
         elif self.pool is None and self.executor == "thread":
             self.pool = DaemonThreads(self.workers)
 
     def close(self) -> list[int]:
+        running = sorted({bid for fut, bid in self.outlived if not fut.done()})
         if self.pool is not None:
+            # a process can be stopped (a thread cannot): a call past its timeout would keep
+            # the interpreter from exiting until it ends
+            procs = _workers(self.pool) if running else []
             self.pool.shutdown(wait=False, cancel_futures=True)
-        return sorted({bid for fut, bid in self.outlived if not fut.done()})
+            for proc in procs:
+                with contextlib.suppress(Exception):
+                    proc.terminate()
+        return running
 
     async def call(self, fn: Callable[[pl.DataFrame], Any], df: pl.DataFrame,
                    timeout: float | None, batch_id: int) -> Any:
@@ -172,13 +182,44 @@ class InThreads:
                 return fn(df)
             except (KeyboardInterrupt, SystemExit) as exc:
                 raise FnInterrupt(exc) from exc
-        assert self.pool is not None
-        fut = (self.pool.submit(fn, df) if self.executor == "process"
-               else self.pool.submit(contextvars.copy_context().run, fn, df))
-        try:
-            return await timed(asyncio.wrap_future(fut), timeout)
-        except (KeyboardInterrupt, SystemExit) as exc:  # fn's: let the run attach exc.partial
-            raise FnInterrupt(exc) from exc
-        finally:
-            if not fut.done():  # timed out or cancelled: a thread cannot be stopped
-                self.outlived.append((fut, batch_id))
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(self.workers)
+        async with self.slots:
+            pool = self.pool
+            assert pool is not None
+            fut = (pool.submit(fn, df) if self.executor == "process"
+                   else pool.submit(contextvars.copy_context().run, fn, df))
+            try:
+                return await timed(asyncio.wrap_future(fut), timeout)
+            except (KeyboardInterrupt, SystemExit) as exc:  # fn's: the run attaches .partial
+                raise FnInterrupt(exc) from exc
+            except BrokenProcessPool as exc:
+                if self.pool is pool:  # the first call to see it replaces the pool
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self.pool = _processes(self.workers)
+                msg = ("a worker process died during the call (fn crashed it: os._exit, a "
+                       "segfault, out of memory); the batch is retried in a new worker")
+                raise WorkerDiedError(msg) from exc
+            finally:
+                if not fut.done():  # timed out or cancelled: a thread cannot be stopped
+                    self.outlived.append((fut, batch_id))
+
+
+class WorkerDiedError(RetryableError):
+    """A worker process of ``executor="process"`` died during a call (transient: retried)."""
+
+
+def _processes(workers: int) -> ProcessPoolExecutor:
+    # spawn: forking a process that runs threads (the loop's, polars') can deadlock; workers
+    # ignore SIGINT: Ctrl-C stops the run in this process, it does not kill the pool
+    ctx = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_sigint)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _workers(pool: Executor) -> list[Any]:
+    """The worker processes of a process pool (no public way before Python 3.14)."""
+    return list((getattr(pool, "_processes", None) or {}).values())

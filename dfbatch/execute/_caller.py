@@ -344,6 +344,16 @@ class FnCaller:
 
 
 def _check_pickles(fn: Callable[..., Any]) -> None:
+    """Can worker processes get ``fn``? It must pickle, and be importable by them: not defined
+    in the ``__main__`` of a notebook, REPL or stdin (a worker cannot import that)."""
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    main = sys.modules.get("__main__")
+    where = getattr(main, "__file__", None)
+    if module == "__main__" and not (where and os.path.isfile(where)):
+        msg = (f"executor='process' sends fn to worker processes, but {fn!r} is defined in "
+               "an interactive session (a notebook, a REPL or stdin), which they cannot "
+               "import; move it to a .py module and import it, or use executor='thread'")
+        raise ConfigError(msg)
     try:
         pickle.dumps(fn)
     except Exception as exc:
