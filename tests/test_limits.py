@@ -140,3 +140,20 @@ def test_no_call_starts_before_a_429s_retry_after_is_over() -> None:
 def test_retry_after_holds_for_batches_already_waiting_for_a_slot() -> None:
     api = _pause_run(cap=16)  # after a halving, batches queue on the adaptive slots
     assert _starts_during(api.calls, _pauses(api)) == []
+
+
+def test_a_failed_all_or_none_try_gives_a_rate_bucket_back_what_it_took() -> None:
+    from dfbatch.execute._limits import Cost, Limits
+    from dfbatch.execute._rate import RateLimit
+
+    async def main() -> tuple[float, float, bool]:
+        rpm = RateLimit(600, burst=0.02)  # 10 requests/s, a bucket of 10
+        tpm = RateLimit(60_000, tokens=True, burst=0.001)  # 1,000 tokens/s, a bucket of 60
+        stack = Limits([rpm, tpm])
+        assert stack.try_acquire(Cost(tokens=10))
+        before = rpm.level
+        took = stack.try_acquire(Cost(tokens=1_000))  # the TPM bucket cannot pay: nothing taken
+        return before, rpm.level, took
+
+    before, after, took = asyncio.run(main())
+    assert not took and after == pytest.approx(before, abs=0.01)

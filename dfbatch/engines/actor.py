@@ -43,7 +43,7 @@ from dfbatch.config import BatchConfig
 from dfbatch.engines.lease import LeasedRates, chunk, lease_ttl
 from dfbatch.events import Event
 from dfbatch.execute._caller import FnCaller
-from dfbatch.execute._limits import Cost, Hold, Limit, Limits, Outcome
+from dfbatch.execute._limits import UNSENT, Cost, Hold, Limit, Limits, Outcome
 from dfbatch.execute._recorder import Answered
 from dfbatch.execute._scheduler import Batch
 from dfbatch.execute._stack import RunLimits
@@ -119,7 +119,7 @@ class _OutcomeTap:
         return None
 
     def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
-        if outcome is not None:
+        if outcome is not None and outcome is not UNSENT:
             _SHIPPED.get().send("outcome", outcome)
 
 

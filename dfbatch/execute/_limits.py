@@ -58,6 +58,9 @@ class Outcome:
     hints: RateHints | None = None  # the answer's rate-limit headers (limits learn from them)
 
 
+UNSENT = Outcome(ok=False)  # released without a call: taken, then given back unused
+
+
 class Limit(Protocol):
     async def acquire(self, cost: Cost) -> None: ...
 
@@ -234,7 +237,7 @@ class Limits:
         else:
             return True
         for limit in reversed(self.limits[:taken]):
-            limit.release(cost, None)
+            limit.release(cost, UNSENT)  # (a rate bucket refunds what it took)
         return False
 
     async def acquire(self, cost: Cost) -> None:

@@ -51,7 +51,7 @@ from collections import deque
 
 from dfbatch.execute._headers import RateHints
 from dfbatch.execute._journal import JOURNAL_S, ChargeLog
-from dfbatch.execute._limits import Cost, Outcome
+from dfbatch.execute._limits import UNSENT, Cost, Outcome
 from dfbatch.execute._pause import PauseGate
 
 
@@ -292,6 +292,10 @@ class RateLimit(_Bucket):
 
     def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
         if outcome is None:
+            return
+        if outcome is UNSENT:  # taken by an all-or-none try that failed: nothing went out
+            if self.known:
+                self.level = min(self.capacity, self.level + self._units(cost))
             return
         if self.tokens and outcome.actual_tokens is not None and self.known:
             # refund (or charge) the difference between the estimate and the real usage
