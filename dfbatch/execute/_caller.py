@@ -235,11 +235,12 @@ class FnCaller:
                                    hints=None if decision.hints.empty else decision.hints)
             if not decision.outage:
                 ticket.record("other")
-            elif self._blames_service(batch, first_sent) or (
+            elif decision.cause == "connection" or self._blames_service(batch, first_sent) or (
                     ticket.ticket is not None and ticket.ticket.probe):
-                ticket.record("outage")  # (a failed probe always keeps the breaker open)
-            # else: the service answered other calls since this batch was first sent, or the
-            # batch is a half made by bisection: its rows, not the service (the pass is freed)
+                # (no row causes a refused connection; a failed probe keeps the breaker open)
+                ticket.record("outage")
+            # else: a 5xx or a timeout while the service answered other calls since this batch
+            # was first sent, or of a half made by bisection: its rows, not the service
             if decision.kind == "fatal_run" and limits.breaker is not None:
                 limits.breaker.stop(exc)  # no later call of the run goes out
             return exc, decision, None, None, None
@@ -258,12 +259,12 @@ class FnCaller:
                 and self.limits.tail.ordinary_within(batch.tokens, timeout))
 
     def _blames_service(self, batch: Batch, first_sent: float) -> bool:
-        """May this attempt's outage-like failure (5xx, timeout, connection) count as the
-        service being down? Not when the service answered other calls since this batch was
-        first sent, nor for a half made by bisection (split because the service answered
-        others): then its rows are at fault, and a tail of such batches must neither open the
-        breaker nor stop the run (``outage_timeout``). An outage is seen in the batches sent
-        after it began."""
+        """May this attempt's 5xx or timeout count as the service being down? Not when the
+        service answered other calls since this batch was first sent, nor for a half made by
+        bisection (split because the service answered others): then its rows are at fault,
+        and a tail of such batches must neither open the breaker nor stop the run
+        (``outage_timeout``). An outage is seen in the batches sent after it began (and in
+        every refused connection)."""
         breaker = self.limits.breaker
         return not batch.frozen and (breaker is None or breaker.last_ok < first_sent)
 
