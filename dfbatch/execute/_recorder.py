@@ -13,10 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import polars as pl
 
 from dfbatch.events import BatchFailed, BatchFinished, BatchHedged, BatchStarted, Event
 from dfbatch.execute import _usage
-from dfbatch.execute._outputs import Output
+from dfbatch.execute._outputs import Output, as_frame
 from dfbatch.execute._scheduler import Batch
 
 CANCELLED = "cancelled"
@@ -45,14 +46,14 @@ class Outcomes:
         self.done = np.zeros(self.n, bool)
         self.errors = [None] * self.n
 
-    def output_of(self, rows: np.ndarray, since: int) -> tuple[Output | None, int]:
-        """The outputs recorded for a batch of ``rows`` (None for a failed batch), looked up
-        among the pieces added since ``since``, and the count to pass next time."""
+    def output_of(self, rows: np.ndarray, since: int) -> tuple[pl.DataFrame | None, int]:
+        """The output frame recorded for a batch of ``rows`` (None for a failed batch), looked
+        up among the pieces added since ``since``, and the count to pass next time."""
         pieces = self.pieces
         for i in range(len(pieces) - 1, max(since, len(pieces) - 64) - 1, -1):
             got, frame = pieces[i]
             if got is rows or (len(got) == len(rows) and np.array_equal(got, rows)):
-                return frame, len(pieces)
+                return as_frame(frame), len(pieces)
         return None, since
 
     def reordered(self, order: np.ndarray) -> Outcomes:

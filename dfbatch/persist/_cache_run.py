@@ -36,7 +36,6 @@ import polars as pl
 
 from dfbatch.config import BatchConfig
 from dfbatch.errors import CheckpointWarning, ConfigError, did_you_mean
-from dfbatch.execute._outputs import as_frame
 from dfbatch.execute._recorder import Outcomes
 from dfbatch.execute._scheduler import Batch, narrow
 from dfbatch.persist._cache import Cache
@@ -224,8 +223,8 @@ class CacheRun:
 
     def _outputs_of(self, batch: Batch, out: Outcomes) -> pl.DataFrame | None:
         """The output frame the pool recorded for ``batch`` (None for a failed batch)."""
-        piece, self._seen = out.output_of(batch.rows, self._seen)
-        return None if piece is None else as_frame(piece)
+        frame, self._seen = out.output_of(batch.rows, self._seen)
+        return frame
 
     def merge(self, sub: Outcomes) -> Outcomes:
         """Outcomes of every row: the cached ones (``attempts = 0``) plus the pool's (``sub``)."""

@@ -63,7 +63,7 @@ import polars as pl
 
 from dfbatch.config import BatchConfig
 from dfbatch.errors import CheckpointError, CheckpointWarning, ConfigError, did_you_mean
-from dfbatch.execute._outputs import as_frame, declared
+from dfbatch.execute._outputs import declared
 from dfbatch.execute._recorder import Outcomes
 from dfbatch.execute._scheduler import Batch, narrow
 from dfbatch.persist._fingerprint import callable_name as callable_name  # re-exported
@@ -256,8 +256,8 @@ class Journal:
 
     def _outputs_of(self, batch: Batch, out: Outcomes) -> pl.DataFrame | None:
         """The output frame the pool recorded for ``batch`` (None for a failed batch)."""
-        piece, self._seen = out.output_of(batch.rows, self._seen)
-        return None if piece is None else as_frame(piece)
+        frame, self._seen = out.output_of(batch.rows, self._seen)
+        return frame
 
     def merge(self, sub: Outcomes) -> Outcomes:
         """Outcomes of every row: the journaled rows plus the pool's (``sub``, todo rows)."""
