@@ -30,8 +30,7 @@ a task per batch ~8 %, the pool ~7 %, per-run setup (prepare, the scheduler's so
 the frame reordered once), one ``pl.Series`` per batch, events nobody listens to, a
 generator-based context manager per attempt (and per binding), ``asyncio.timeout`` per call, a
 latency fit in pure Python every 16 calls, frozen dataclasses built per call (``Cost``,
-``Outcome``), an unknown rate limit's bucket math, the cyclic GC walking the session's objects
-(the pool freezes them, ``gc.freeze``, while it runs).
+``Outcome``), an unknown rate limit's bucket math.
 Best of ``--repeat`` runs (the least disturbed by other processes on a shared machine), in CPU
 seconds of the process (``--wall`` for wall seconds: everything here runs on one thread).
 """

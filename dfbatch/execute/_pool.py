@@ -17,7 +17,6 @@ Polars.
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
 import warnings
 from collections.abc import Callable
@@ -98,7 +97,6 @@ class Pool:
         self._wake = asyncio.Event()
         self._finished = asyncio.Event()
         agents: list[asyncio.Task[None]] = []
-        frozen = _freeze()
         try:
             if self.sched.pending and not self.stopping:
                 await self.caller.open()
@@ -113,8 +111,6 @@ class Pool:
                 task.cancel()
             await asyncio.gather(*live, return_exceptions=True)
             running = self.caller.close()
-            if frozen:
-                gc.unfreeze()
         if self.crash is not None:
             raise self.crash.args[0] if isinstance(self.crash, FnInterrupt) else self.crash
         if running:
@@ -195,17 +191,6 @@ class Pool:
         if not task.cancelled() and task.exception() is not None and self.crash is None:
             self.crash = task.exception()  # a bug in dfbatch itself: surface it, do not hang
             self.stop()
-
-
-def _freeze() -> bool:
-    """Keep the cyclic GC from walking every object that exists before the run (the user's
-    session, the frame, the plan) at each full collection during it: a run allocates a few
-    objects per batch, so at thousands of batches a second those walks cost ~10% of the run.
-    Not when the process already froze objects itself (``gc.freeze`` is process-wide)."""
-    if not gc.isenabled() or gc.get_freeze_count():
-        return False
-    gc.freeze()
-    return True
 
 
 def contiguous(
