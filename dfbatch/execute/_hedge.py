@@ -253,9 +253,9 @@ async def race(call: Callable[[], Awaitable[T]], hedge: Callable[[], Awaitable[T
     """Await ``call`` in this task; per ``plan()`` (asked again at each decision, so a call
     that started before the model was fitted is covered too), add ``hedge`` or cut the call.
     The first answer wins; the other copy is cancelled. Every copy failed: the first copy's
-    error is raised. ``hedge_sent``: has
-    the hedge got past the run's limits? A failed call waits for a hedge that went out, never
-    for one still waiting for the limits the failed call holds (that could wait forever).
+    error is raised. ``hedge_sent``: has the hedge got past the run's limits? A failed call
+    waits for a hedge that went out, never for one still waiting for the limits the failed
+    call holds (that could wait forever).
 
     The decisions run in one ``loop.call_at`` timer (re-armed for the next one), not in a
     task: an ordinary call costs a timer, and a task starts only when a hedge is sent."""
@@ -263,7 +263,6 @@ async def race(call: Callable[[], Awaitable[T]], hedge: Callable[[], Awaitable[T
     me = asyncio.current_task()
     assert me is not None
     race_ = _Race(loop, me, hedge, plan, queued, may_hedge)
-    race_.hedge_sent = hedge_sent
     try:
         try:
             result = await call()
@@ -305,7 +304,6 @@ class _Race(Generic[T]):
                  queued: Callable[[], bool], may_hedge: Callable[[bool], bool]) -> None:
         self.loop, self.task, self.hedge, self.plan = loop, task, hedge, plan
         self.queued, self.may_hedge = queued, may_hedge
-        self.hedge_sent: Callable[[], bool] = lambda: True
         self.t0 = loop.time()
         self.hedged_at: float | None = None
         self.copy: asyncio.Task[T] | None = None

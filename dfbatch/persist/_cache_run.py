@@ -217,14 +217,9 @@ class CacheRun:
         keep = np.array([e is None or self.cache_errors for e in errors], bool)
         if not keep.any():
             return
-        frame = self._outputs_of(batch, out)
+        frame, self._seen = out.output_of(batch.rows, self._seen)
         self._queue.put((pos[keep], frame if frame is None else frame.filter(pl.Series(keep)),
                          [e for e, k in zip(errors, keep.tolist(), strict=True) if k]))
-
-    def _outputs_of(self, batch: Batch, out: Outcomes) -> pl.DataFrame | None:
-        """The output frame the pool recorded for ``batch`` (None for a failed batch)."""
-        frame, self._seen = out.output_of(batch.rows, self._seen)
-        return frame
 
     def merge(self, sub: Outcomes) -> Outcomes:
         """Outcomes of every row: the cached ones (``attempts = 0``) plus the pool's (``sub``)."""

@@ -206,9 +206,10 @@ class Journal:
         local = batch.rows
         given = local if self.order is None else self.order[local]
         pos = self.todo[given if self.inner is None else self.inner[given]]
+        frame, self._seen = out.output_of(batch.rows, self._seen)
         self._write(pos, [out.errors[i] for i in local.tolist()],
                     (out.attempts[local], out.run_batch[local], out.run_agent[local],
-                     out.started[local], out.elapsed[local]), self._outputs_of(batch, out))
+                     out.started[local], out.elapsed[local]), frame)
 
     def record_cached(self, rows: np.ndarray, pieces: list[tuple[np.ndarray, Any]],
                       errors: dict[int, str]) -> None:
@@ -253,11 +254,6 @@ class Journal:
             for name, column in zip(arrow.column_names, arrow.columns, strict=True):
                 table = table.append_column(name, column)
         self.store.write(table)
-
-    def _outputs_of(self, batch: Batch, out: Outcomes) -> pl.DataFrame | None:
-        """The output frame the pool recorded for ``batch`` (None for a failed batch)."""
-        frame, self._seen = out.output_of(batch.rows, self._seen)
-        return frame
 
     def merge(self, sub: Outcomes) -> Outcomes:
         """Outcomes of every row: the journaled rows plus the pool's (``sub``, todo rows)."""
