@@ -55,8 +55,10 @@ class Admit:
         self.ticket = Pass(None, None)
 
     async def __aenter__(self) -> Pass:
-        if self.breaker is not None:
-            self.ticket = Pass(self.breaker, await self.breaker.wait())
+        breaker = self.breaker
+        if breaker is not None:
+            ticket = breaker.try_pass()
+            self.ticket = Pass(breaker, ticket if ticket is not None else await breaker.wait())
         return self.ticket
 
     async def __aexit__(self, *exc: object) -> None:

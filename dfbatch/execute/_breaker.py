@@ -94,7 +94,11 @@ class Breaker:
         self._probing = False
         self._timer = False
         self._in_a_row = 0
-        self._recent: deque[tuple[float, bool]] = deque()  # (time, outage?) of recent calls
+        # recent calls counted per tenth of the window: [start, calls, outages] (a log of every
+        # call of the last window_s would cost memory and time at thousands of calls a second)
+        self._recent: deque[list[float]] = deque()
+        self._bin_s = window_s / 10
+        self._ticket = Ticket(False, 0)  # the pass of every call while closed (this epoch)
         self._changed: asyncio.Event | None = None
         self.stopped: BaseException | None = None  # see ``stop``
 
@@ -116,6 +120,14 @@ class Breaker:
         if self.stopped is None:
             self.stopped = exc
             self._notify()
+
+    def try_pass(self) -> Ticket | None:
+        """``wait`` without a coroutine while closed (the common case); None: await ``wait``."""
+        if self.closed and self.stopped is None:
+            if self._ticket.epoch != self.epoch:
+                self._ticket = Ticket(False, self.epoch)
+            return self._ticket
+        return None
 
     async def wait(self) -> Ticket:
         """Wait until a call may be sent: at once while closed; when open, as the probe.
@@ -149,8 +161,7 @@ class Breaker:
             self.last_ok = now
         if health == "outage":
             self.stalled("outage")
-            self._recent.append((now, True))
-            self._trim(now)
+            self._count(now, 1.0)
             if ticket.probe and not self.closed:
                 self.interval = min(self.max_s, 2 * self.interval)
                 self.next_probe = now + self.interval
@@ -161,8 +172,7 @@ class Breaker:
                 if self._in_a_row >= self.threshold or self._mostly_failing():
                     self._open(now)
             return
-        self._recent.append((now, False))
-        self._trim(now)
+        self._count(now, 0.0)
         self._in_a_row = 0
         if not self.closed and (ticket.probe or ticket.epoch == self.epoch):
             self._close()
@@ -200,13 +210,20 @@ class Breaker:
             raise
         self.record(ticket, "ok")
 
-    def _mostly_failing(self) -> bool:
-        n = len(self._recent)
-        return n >= self.min_calls and sum(f for _, f in self._recent) >= self.ratio * n
+    def _count(self, now: float, outage: float) -> None:
+        recent = self._recent
+        if recent and now < recent[-1][0] + self._bin_s:
+            last = recent[-1]
+            last[1] += 1.0
+            last[2] += outage
+            return
+        recent.append([now, 1.0, outage])
+        while recent[0][0] < now - self.window_s:  # (whole bins: the window is 10 % longer)
+            recent.popleft()
 
-    def _trim(self, now: float) -> None:
-        while self._recent and self._recent[0][0] < now - self.window_s:
-            self._recent.popleft()
+    def _mostly_failing(self) -> bool:
+        n = sum(b[1] for b in self._recent)
+        return n >= self.min_calls and sum(b[2] for b in self._recent) >= self.ratio * n
 
     def _open(self, now: float) -> None:
         self.closed = False

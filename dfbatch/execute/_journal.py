@@ -35,6 +35,7 @@ class ChargeLog:
         self.windowed = False
         self._win_n = 0  # charge number of the oldest charge in the window log
         self._win_sum = 0.0  # units charged in the last _WINDOW_S seconds
+        self._prune_at = -1.0  # next time old charges are looked for (not at every charge)
 
     def add(self, now: float, units: float, keep_s: float = JOURNAL_S) -> None:
         """Log a charge (kept ``keep_s`` seconds); the caller's task remembers its number."""
@@ -43,9 +44,10 @@ class ChargeLog:
         self._win_sum += units
         if self.windowed:
             self._expire(now)  # (before pruning: the window is shorter than the journal)
-        if self._charges[0][0] < now - keep_s:  # (charges come in time order)
-            stale = bisect.bisect_left(self._charges, (now - keep_s,))
-            if stale > len(self._charges) // 2:  # amortized O(1) pruning
+        if now >= self._prune_at:  # (charges come in time order; at most every keep_s / 4)
+            self._prune_at = now + keep_s / 4
+            if self._charges[0][0] < now - keep_s:
+                stale = bisect.bisect_left(self._charges, (now - keep_s,))
                 del self._charges[:stale]
                 self._base += stale
 

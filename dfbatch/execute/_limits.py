@@ -84,16 +84,21 @@ class CapacityLimit:
         self.capacity = float(capacity)
         self.in_use = 0.0
         self.max_in_use = 0.0
-        self._weight = weight or (lambda cost: 1.0)
+        self._weight = weight or _one
+        self._counts = weight is None  # (a concurrency limit: 1 a call, no weight to call)
         self._waiters: deque[tuple[float, asyncio.Future[None]]] = deque()
 
     def _fits(self, w: float) -> bool:
         return self.in_use + w <= self.capacity or self.in_use == 0
 
     def try_acquire(self, cost: Cost) -> bool:
-        w = self._weight(cost)
-        if not self._waiters and self._fits(w):
-            self._take(w)
+        w = 1.0 if self._counts else self._weight(cost)
+        in_use = self.in_use
+        if not self._waiters and (in_use + w <= self.capacity or in_use == 0):
+            in_use += w
+            self.in_use = in_use
+            if in_use > self.max_in_use:
+                self.max_in_use = in_use
             return True
         return False
 
@@ -117,7 +122,10 @@ class CapacityLimit:
             raise
 
     def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
-        self._give(self._weight(cost))
+        in_use = self.in_use - (1.0 if self._counts else self._weight(cost))
+        self.in_use = in_use if in_use > 0.0 else 0.0
+        if self._waiters:
+            self._wake()
 
     def force_acquire(self, cost: Cost) -> None:
         """Take units without waiting (may exceed capacity briefly)."""
@@ -216,8 +224,11 @@ class AdaptiveLimit:
                 self._decreased_at_seq = self._seq
                 self.decreases += 1
         elif outcome.ok:
+            if self.limit >= self.maximum:
+                return  # (the common case: nothing to grow)
             self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
-        self._slots.set_capacity(math.floor(self.limit))
+        if math.floor(self.limit) != self._slots.capacity:
+            self._slots.set_capacity(math.floor(self.limit))
 
 
 class Limits:
@@ -300,6 +311,10 @@ class Hold:
         if self.held:
             self.held = False
             self.limit.release(self.cost, self.outcome)  # type: ignore[arg-type]
+
+
+def _one(cost: Cost) -> float:
+    return 1.0
 
 
 def _try(limit: Limit) -> Callable[[Cost], bool]:
