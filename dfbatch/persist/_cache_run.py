@@ -14,7 +14,9 @@ The input columns are ``cache_key=`` if given, else the columns an adapter reads
 (``fn.dfbatch_inputs``: a chat prompt's template fields, an embedding's text column), else
 every column but the plan's. Values are hashed as sent (after ``oversize="truncate"``), so
 batch sizes, agents, limits and token settings never change a key. Row hashes are polars'
-``hash_rows`` (stable within a polars version: after an upgrade old entries miss and age out).
+``hash_rows`` (stable within a polars version: after an upgrade old entries miss and age out),
+with floats hashed as their bits: ``-0.0`` and ``0.0``, or two NaNs, are values a fn can tell
+apart (``str``, ``math.copysign``), so they never share an answer (null is apart from NaN).
 
 Rows that ended in an error are not cached unless ``cache_errors=True``; ``cache="refresh"``
 looks nothing up, calls every row and overwrites the stored answers.
@@ -39,6 +41,7 @@ from dfbatch.errors import CheckpointWarning, ConfigError, did_you_mean
 from dfbatch.execute._recorder import Outcomes
 from dfbatch.execute._scheduler import Batch, narrow
 from dfbatch.persist._cache import Cache
+from dfbatch.persist._cache_codec import float_bits
 from dfbatch.persist._fingerprint import fn_identity
 
 CacheArg = bool | str | os.PathLike[str] | Cache | None
@@ -121,8 +124,11 @@ def row_keys(frame: pl.DataFrame, ns: dict[str, Any], inputs: tuple[str, ...] | 
             raise ConfigError(msg)
         cols = [c for c in inputs if c in frame.columns]
     sub = frame.select(cols)
-    head = json.dumps({**ns, "columns": [[c, str(t)] for c, t in sub.schema.items()]},
-                      sort_keys=True, default=str)
+    described: dict[str, Any] = {**ns, "columns": [[c, str(t)] for c, t in sub.schema.items()]}
+    bits = float_bits(sub)
+    if bits is not None:  # floats keyed by their bits: -0.0 is not 0.0, NaNs differ
+        sub, described["floats"] = bits, "bits"  # (a new key: entries keyed before miss)
+    head = json.dumps(described, sort_keys=True, default=str)
     d = hashlib.blake2b(head.encode(), digest_size=16).digest()
     p1, p2 = (np.frombuffer(d[:8], np.uint64)[0], np.frombuffer(d[8:], np.uint64)[0])
     if frame.height == 0 or not cols:
