@@ -439,6 +439,22 @@ def test_summary_keys_truncated_rows_as_the_run_does(tmp_path: Path) -> None:
     assert s.cached == again["cached"].sum() == 20
 
 
+@pytest.mark.parametrize("cache_errors", [False, True])
+def test_summary_counts_the_hits_the_run_has(tmp_path: Path, cache_errors: bool) -> None:
+    df = pl.concat([frame(40), pl.DataFrame({"id": [40, 41], "text": [None, None]})])
+    opts = dict(cache=tmp_path / "c", cache_errors=cache_errors, items_per_batch=10)
+    dfbatch.process(df, failing, progress=False, **opts)  # rows ending in 7 fail
+    s = df.batch.plan(items_per_batch=10).batch.summary(fn=failing, **opts)
+    CALLS.clear()
+    again = dfbatch.process(df, failing, progress=False, **opts)
+    assert s.cached == again["cached"].sum() == (40 if cache_errors else 36)
+    assert len(CALLS) == 40 - s.cached and s.null_text == 2  # null rows: never sent, ...
+    nulls = again.filter(pl.col("text").is_null())  # ... never cached: their own error
+    assert not nulls["cached"].any() and nulls["error"].str.starts_with("null_text").all()
+    with pytest.raises(dfbatch.ConfigError, match="only apply with cache="):
+        df.batch.plan().batch.summary(fn=failing, cache_errors=True)
+
+
 def test_stats_count_hits_apart_from_calls(tmp_path: Path) -> None:
     from dfbatch.events import fold
 
