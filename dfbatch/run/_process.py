@@ -67,7 +67,8 @@ async def aprocess(
         return await run_batch_api(df, fn, text, config, settings, checkpoint=checkpoint,
                                    resume=resume, retry_errors=retry_errors, progress=progress,
                                    engine=engine, out=out, key=key, cache=cache,
-                                   on_event=on_event)
+                                   cache_key=cache_key, cache_errors=cache_errors,
+                                   ray_address=ray_address, on_event=on_event)
     run: _Job | _Stream
     if out is not None:
         asyncio_only(engine, "out=")
