@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 
@@ -47,6 +48,38 @@ def test_inline_errors_are_row_errors_and_poison_rows_fail_alone() -> None:
     bad = out.filter(pl.col("error").is_not_null())
     assert bad["id"].to_list() == [13] and "bad row 13" in bad["error"][0]
     assert out.filter(pl.col("id") != 13)["output"].to_list() == [i for i in range(40) if i != 13]
+
+
+async def _shout(texts: list[str]) -> list[str]:
+    await asyncio.sleep(0)
+    return [t.upper() for t in texts]
+
+
+def _sync_wrapper(batch: pl.DataFrame) -> list[str]:
+    """The common way to call async code from a plain fn: asyncio.run."""
+    coro = _shout(batch["text"].to_list())
+    try:
+        return asyncio.run(coro)
+    finally:
+        coro.close()  # (refused unstarted: no "never awaited" warning)
+
+
+def test_an_inline_fn_that_runs_its_own_loop_is_told_why_and_what_to_use() -> None:
+    out = dfbatch.process(_frame(8), _sync_wrapper, executor="inline", max_attempts=1, **QUIET)
+    errors = out["error"].unique().to_list()
+    assert len(errors) == 1 and out["output"].null_count() == 8
+    assert "executor='inline' runs fn on the event loop's thread" in errors[0]
+    assert "executor='thread'" in errors[0] and "async def" in errors[0]
+    assert "cannot be called from a running event loop" in errors[0]  # asyncio's own words
+    fixed = dfbatch.process(_frame(8), _sync_wrapper, executor="thread", **QUIET)
+    assert fixed["output"].to_list() == [f"ROW {i}" for i in range(8)]
+
+    def other(batch: pl.DataFrame) -> list[str]:
+        msg = "some other runtime error"
+        raise RuntimeError(msg)
+
+    out = dfbatch.process(_frame(4), other, executor="inline", max_attempts=1, **QUIET)
+    assert out["error"].unique().to_list() == ["RuntimeError: some other runtime error"]
 
 
 @pytest.mark.slow

@@ -182,6 +182,14 @@ class InThreads:
                 return fn(df)
             except (KeyboardInterrupt, SystemExit) as exc:
                 raise FnInterrupt(exc) from exc
+            except RuntimeError as exc:
+                if not loop_clash(exc):
+                    raise
+                msg = (f"executor='inline' runs fn on the event loop's thread, where fn cannot "
+                       f"run a loop of its own ({exc}); pass executor='thread' (fn runs in "
+                       "worker threads, where asyncio.run works), or make fn async def and "
+                       "await the coroutine instead of asyncio.run(...)")
+                raise RuntimeError(msg) from exc
         if self.slots is None:
             self.slots = asyncio.Semaphore(self.workers)
         async with self.slots:
@@ -203,6 +211,23 @@ class InThreads:
             finally:
                 if not fut.done():  # timed out or cancelled: a thread cannot be stopped
                     self.outlived.append((fut, batch_id))
+
+
+_LOOP_CLASH = ("from a running event loop", "loop is already running",
+               "another loop is running")
+
+
+def loop_clash(exc: RuntimeError) -> bool:
+    """Is ``exc`` asyncio refusing to run a loop on a thread whose loop runs (``asyncio.run``,
+    ``run_until_complete`` called inside a running loop)?
+
+    >>> loop_clash(RuntimeError("asyncio.run() cannot be called from a running event loop"))
+    True
+    >>> loop_clash(RuntimeError("dictionary changed size during iteration"))
+    False
+    """
+    text = str(exc)
+    return any(words in text for words in _LOOP_CLASH)
 
 
 class WorkerDiedError(RetryableError):
