@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -88,6 +90,31 @@ def test_process_executor_runs_in_other_processes() -> None:
     assert out.height == 40 and out["error"].null_count() == 40
     pids = set(out["output"].to_list())
     assert os.getpid() not in pids and 1 <= len(pids) <= 2
+
+
+def test_process_executor_refuses_an_fn_its_workers_cannot_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib
+    import importlib.util
+
+    code = "def fn(batch):\n    return [1] * batch.height\n"
+    (tmp_path / "by_path.py").write_text(code)  # loaded from its path: not on sys.path
+    spec = importlib.util.spec_from_file_location("by_path", tmp_path / "by_path.py")
+    assert spec is not None and spec.loader is not None
+    by_path = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "by_path", by_path)  # (so fn pickles, by name)
+    spec.loader.exec_module(by_path)
+    opts = dict(executor="process", max_attempts=1, **QUIET)
+    with pytest.raises(ConfigError, match=r"module 'by_path' anew.*not found on sys.path"):
+        dfbatch.process(_frame(2), by_path.fn, **opts)
+    (tmp_path / "gone_since.py").write_text(code)  # imported, then its file removed
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "gone_since", raising=False)
+    gone_since = importlib.import_module("gone_since")
+    (tmp_path / "gone_since.py").unlink()
+    with pytest.raises(ConfigError, match=r"gone_since.py' is gone.*executor='thread'"):
+        dfbatch.process(_frame(2), gone_since.fn, **opts)
 
 
 def test_process_executor_refuses_an_fn_that_does_not_pickle() -> None:

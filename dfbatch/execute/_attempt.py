@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import inspect
 import multiprocessing
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from typing import Any
 
 import polars as pl
 
-from dfbatch.errors import FnInterrupt, RetryableError
+from dfbatch.errors import ConfigError, FnInterrupt, RetryableError
 from dfbatch.execute._breaker import Breaker, Health, Ticket
 from dfbatch.execute._charge import Binding, bind_run_limits
 from dfbatch.execute._threads import DaemonThreads
@@ -232,6 +233,40 @@ def loop_clash(exc: RuntimeError) -> bool:
 
 class WorkerDiedError(RetryableError):
     """A worker process of ``executor="process"`` died during a call (transient: retried)."""
+
+
+def check_importable(fn: Callable[..., Any]) -> None:
+    """Can a fresh worker process import ``fn``'s module? It imports it anew from
+    ``sys.path`` (which it inherits), so a module loaded from a file path
+    (``spec_from_file_location``), made in memory, or whose file is gone since, would break
+    every worker: ConfigError before the run (``__main__`` is ``_check_pickles``'s)."""
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    if not isinstance(module, str) or module == "__main__":
+        return
+    spec = getattr(sys.modules.get(module), "__spec__", None)
+    why = None
+    if (spec is not None and spec.has_location and spec.origin
+            and not os.path.exists(spec.origin)):
+        why = f"its file {spec.origin!r} is gone"
+    elif not _findable(module.partition(".")[0]):
+        why = f"{module.partition('.')[0]!r} is not found on sys.path"
+    if why is not None:
+        msg = (f"executor='process' sends fn to worker processes, which import its module "
+               f"{module!r} anew, but they cannot ({why}); make it importable (a .py module "
+               "on sys.path, or an installed package), or use executor='thread'")
+        raise ConfigError(msg)
+
+
+def _findable(name: str) -> bool:
+    """Would a new process find the top-level module ``name`` (not from ``sys.modules``)?"""
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        try:
+            if find is not None and find(name, None) is not None:
+                return True
+        except Exception:  # a finder that cannot say: let the workers try
+            return True
+    return False
 
 
 def _processes(workers: int) -> ProcessPoolExecutor:

@@ -32,6 +32,7 @@ from dfbatch.execute._attempt import (
     InThreads,
     Pass,
     call_paced,
+    check_importable,
     is_async,
     size_related,
     timed,
@@ -362,6 +363,7 @@ def _check_pickles(fn: Callable[..., Any]) -> None:
                f"({type(exc).__name__}: {exc}); define it at module level in an importable "
                "module, or use executor='thread'")
         raise ConfigError(msg) from exc
+    check_importable(fn)
 
 
 def _partly_answered(error: BaseException, batch: Batch, caller: FnCaller, wall0: float,
