@@ -128,15 +128,16 @@ def test_unknown_executor_is_refused_with_the_choices() -> None:
 
 
 @pytest.mark.slow
-def test_a_row_that_kills_its_worker_process_fails_only_its_batch() -> None:
+def test_a_row_that_kills_its_worker_process_fails_alone() -> None:
     out = dfbatch.process(_frame(), dies_on_row_5, executor="process", sync_workers=2,
                           max_attempts=4, **QUIET)
     bad = out.filter(pl.col("error").is_not_null())
-    assert 5 in bad["id"].to_list()
-    assert bad["error"].str.contains("WorkerDiedError").all()
     # a death breaks the calls in flight beside it too (they are retried); the pool is
-    # replaced, so the run goes on (it lost 168 of 200 rows to one dying row before)
-    assert bad.height <= 12
+    # replaced, so the run goes on (it lost 168 of 200 rows to one dying row before), and a
+    # batch whose worker died max_attempts times is bisected (as under engine="ray"): the
+    # row that kills it fails alone (its 3 batch-mates failed with it before)
+    assert bad["id"].to_list() == [5]
+    assert bad["error"].str.contains("WorkerDiedError").all()
     good = out.filter(pl.col("error").is_null())
     assert good["output"].to_list() == (good["id"] * 2).to_list()
 

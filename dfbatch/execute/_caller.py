@@ -31,6 +31,7 @@ from dfbatch.execute._attempt import (
     Admit,
     InThreads,
     Pass,
+    WorkerDiedError,
     call_paced,
     check_importable,
     is_async,
@@ -204,7 +205,8 @@ class FnCaller:
             kept = _partly_answered(error, batch, self, wall0, now - t_first)
             if kept is not None:  # rows answered before the batch failed keep their answers
                 return kept
-            bisect = (decision.kind == "row" and decision.bisect) or self._hung(decision)
+            bisect = ((decision.kind == "row" and decision.bisect) or self._hung(decision)
+                      or isinstance(error, WorkerDiedError))  # a row may kill the worker
             return GaveUp(describe(error), bisect, wall0, now - t_first)
 
     async def _attempt(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost, held: Hold,
