@@ -117,6 +117,27 @@ def test_process_executor_refuses_an_fn_its_workers_cannot_import(
         dfbatch.process(_frame(2), gone_since.fn, **opts)
 
 
+@pytest.mark.slow
+def test_the_workers_start_is_not_counted_in_a_calls_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    from dfbatch.execute import _attempt
+
+    def slow_start(workers: int) -> ProcessPoolExecutor:  # (a loaded machine: seconds)
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=time.sleep, initargs=(1.5,))
+
+    monkeypatch.setattr(_attempt, "_processes", slow_start)
+    out = dfbatch.process(_frame(8), pid_per_row, executor="process", sync_workers=1,
+                          timeout=1.0, max_attempts=1, **QUIET)
+    assert out["error"].null_count() == 8
+    assert out["attempts"].to_list() == [1] * 8  # no call timed out (nor was bisected)
+
+
 def test_process_executor_refuses_an_fn_that_does_not_pickle() -> None:
     with pytest.raises(ConfigError, match=r"executor='process'.*module level"):
         dfbatch.process(_frame(), lambda b: [1] * b.height, executor="process", **QUIET)

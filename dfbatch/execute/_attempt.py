@@ -157,10 +157,18 @@ class InThreads:
         self.outlived: list[tuple[Future[Any], int]] = []
         # calls wait here, not in the pool's queue: a call's timeout counts from its start
         self.slots: asyncio.Semaphore | None = None
+        self.warming: list[Future[Any]] = []  # a new process pool's workers starting up
+
+    def _new_processes(self) -> Executor:
+        """A process pool whose workers start now (one trivial call each): calls wait for
+        them, so a worker's start (seconds under load: spawn, imports) is not timed."""
+        pool = _processes(self.workers)
+        self.warming = [pool.submit(_started) for _ in range(self.workers)]
+        return pool
 
     def open(self) -> None:
         if self.pool is None and self.executor == "process":
-            self.pool = _processes(self.workers)
+            self.pool = self._new_processes()
         elif self.pool is None and self.executor == "thread":
             self.pool = DaemonThreads(self.workers)
 
@@ -194,6 +202,11 @@ class InThreads:
         if self.slots is None:
             self.slots = asyncio.Semaphore(self.workers)
         async with self.slots:
+            warming = self.warming
+            if warming:  # (a worker that cannot start breaks the pool: the call says so)
+                await asyncio.gather(*map(asyncio.wrap_future, warming), return_exceptions=True)
+                if self.warming is warming:
+                    self.warming = []
             pool = self.pool
             assert pool is not None
             fut = (pool.submit(fn, df) if self.executor == "process"
@@ -205,7 +218,7 @@ class InThreads:
             except BrokenProcessPool as exc:
                 if self.pool is pool:  # the first call to see it replaces the pool
                     pool.shutdown(wait=False, cancel_futures=True)
-                    self.pool = _processes(self.workers)
+                    self.pool = self._new_processes()
                 msg = ("a worker process died during the call (fn crashed it: os._exit, a "
                        "segfault, out of memory); the batch is retried in a new worker")
                 raise WorkerDiedError(msg) from exc
@@ -274,6 +287,11 @@ def _processes(workers: int) -> ProcessPoolExecutor:
     # ignore SIGINT: Ctrl-C stops the run in this process, it does not kill the pool
     ctx = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_sigint)
+
+
+def _started() -> int:
+    """A worker's first call: it imports this module, so dfbatch and polars, before any fn."""
+    return os.getpid()
 
 
 def _ignore_sigint() -> None:
