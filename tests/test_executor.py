@@ -6,7 +6,10 @@ import asyncio
 import os
 import sys
 import threading
+from concurrent.futures import Executor, Future
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -136,6 +139,53 @@ def test_the_workers_start_is_not_counted_in_a_calls_timeout(
                           timeout=1.0, max_attempts=1, **QUIET)
     assert out["error"].null_count() == 8
     assert out["attempts"].to_list() == [1] * 8  # no call timed out (nor was bisected)
+
+
+def _pool_of_workers_that_exit(workers: int) -> Any:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=os._exit, initargs=(3,))  # (as an unguarded script)
+
+
+def test_workers_that_cannot_start_stop_the_run_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dfbatch.execute import _attempt
+
+    monkeypatch.setattr(_attempt, "_processes", _pool_of_workers_that_exit)
+    with pytest.raises(ConfigError, match=r"exit while starting.*__name__ == .__main__."):
+        dfbatch.process(_frame(8), pid_per_row, executor="process", sync_workers=1, **QUIET)
+
+
+class _BrokenPool(Executor):
+    """A process pool that broke between two calls: it refuses every submit but its workers'
+    start-up call."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        from dfbatch.execute import _attempt
+
+        if fn is _attempt._worker_up:
+            done: Future[Any] = Future()
+            done.set_result(0)
+            return done
+        msg = "a child process terminated abruptly"
+        raise BrokenProcessPool(msg)
+
+
+def test_a_pool_broken_before_the_submit_is_a_worker_death_and_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dfbatch.execute import _attempt
+
+    monkeypatch.setattr(_attempt, "_processes", lambda workers: _BrokenPool())
+    threads = _attempt.InThreads(1, "process")
+    threads.open()
+    broken = threads.pool
+    with pytest.raises(_attempt.WorkerDiedError, match="retried in a new worker"):
+        asyncio.run(threads.call(len, pl.DataFrame(), None, 0))
+    assert threads.pool is not broken  # (it was kept before: every later call failed)
 
 
 def test_process_executor_refuses_an_fn_that_does_not_pickle() -> None:

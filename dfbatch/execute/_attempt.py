@@ -163,8 +163,31 @@ class InThreads:
         """A process pool whose workers start now (one trivial call each): calls wait for
         them, so a worker's start (seconds under load: spawn, imports) is not timed."""
         pool = _processes(self.workers)
-        self.warming = [pool.submit(_started) for _ in range(self.workers)]
+        self.warming = [pool.submit(_worker_up) for _ in range(self.workers)]
         return pool
+
+    async def ready(self) -> None:
+        """Wait for a new process pool's workers to start (before the run's first call);
+        ConfigError if they cannot, twice: each would die before calling fn."""
+        if not await self._started() and self.pool is not None:  # (a Ctrl-C as they started?)
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._new_processes()
+        if not await self._started():
+            msg = ("executor='process': the worker processes exit while starting, before any "
+                   "call of fn. A script's top-level code runs again in each worker (they "
+                   "import __main__): put it under `if __name__ == \"__main__\":`; or an import "
+                   "fails in a new process. Or use executor='thread'")
+            raise ConfigError(msg)
+
+    async def _started(self) -> bool:
+        """Wait for the workers of a new process pool to start; False if they could not."""
+        warming = self.warming
+        if not warming:
+            return True
+        got = await asyncio.gather(*map(asyncio.wrap_future, warming), return_exceptions=True)
+        if self.warming is warming:
+            self.warming = []
+        return not any(isinstance(g, BaseException) for g in got)
 
     def open(self) -> None:
         if self.pool is None and self.executor == "process":
@@ -202,16 +225,13 @@ class InThreads:
         if self.slots is None:
             self.slots = asyncio.Semaphore(self.workers)
         async with self.slots:
-            warming = self.warming
-            if warming:  # (a worker that cannot start breaks the pool: the call says so)
-                await asyncio.gather(*map(asyncio.wrap_future, warming), return_exceptions=True)
-                if self.warming is warming:
-                    self.warming = []
+            await self._started()  # (workers that cannot start break the pool: below)
             pool = self.pool
             assert pool is not None
-            fut = (pool.submit(fn, df) if self.executor == "process"
-                   else pool.submit(contextvars.copy_context().run, fn, df))
-            try:
+            fut: Future[Any] | None = None
+            try:  # (a broken pool refuses the submit itself)
+                fut = (pool.submit(fn, df) if self.executor == "process"
+                       else pool.submit(contextvars.copy_context().run, fn, df))
                 return await timed(asyncio.wrap_future(fut), timeout)
             except (KeyboardInterrupt, SystemExit) as exc:  # fn's: the run attaches .partial
                 raise FnInterrupt(exc) from exc
@@ -223,8 +243,8 @@ class InThreads:
                        "segfault, out of memory); the batch is retried in a new worker")
                 raise WorkerDiedError(msg) from exc
             finally:
-                if not fut.done():  # timed out or cancelled: a thread cannot be stopped
-                    self.outlived.append((fut, batch_id))
+                if fut is not None and not fut.done():  # timed out or cancelled: a
+                    self.outlived.append((fut, batch_id))  # thread cannot be stopped
 
 
 _LOOP_CLASH = ("from a running event loop", "loop is already running",
@@ -289,7 +309,7 @@ def _processes(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_sigint)
 
 
-def _started() -> int:
+def _worker_up() -> int:
     """A worker's first call: it imports this module, so dfbatch and polars, before any fn."""
     return os.getpid()
 

@@ -142,6 +142,7 @@ class FnCaller:
             if self.cfg.executor == "process":
                 _check_pickles(self.fn)
             self.threads.open()
+            await self.threads.ready()
 
     def close(self) -> list[int]:
         return self.threads.close()
