@@ -16,7 +16,7 @@ import pytest
 
 import dfbatch
 from dfbatch.errors import ConfigError
-from tests.fakes import dies_on_row_5, pid_per_row
+from tests.fakes import dies_always, dies_on_row_5, pid_per_row
 
 QUIET = {"progress": False, "items_per_batch": 4}
 
@@ -211,6 +211,14 @@ def test_a_row_that_kills_its_worker_process_fails_alone() -> None:
     assert bad["error"].str.contains("WorkerDiedError").all()
     good = out.filter(pl.col("error").is_null())
     assert good["output"].to_list() == (good["id"] * 2).to_list()
+
+
+@pytest.mark.slow
+def test_a_batch_is_not_bisected_while_every_call_kills_its_worker() -> None:
+    out = dfbatch.process(_frame(4), dies_always, executor="process", sync_workers=1,
+                          max_attempts=2, **QUIET)  # (no row is at fault: no answer at all)
+    assert out["error"].str.contains("WorkerDiedError").all()
+    assert out["attempts"].to_list() == [2] * 4  # one batch, tried twice, not split
 
 
 def test_an_fn_of_an_interactive_main_is_refused_for_processes(monkeypatch) -> None:

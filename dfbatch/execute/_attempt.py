@@ -158,6 +158,7 @@ class InThreads:
         # calls wait here, not in the pool's queue: a call's timeout counts from its start
         self.slots: asyncio.Semaphore | None = None
         self.warming: list[Future[Any]] = []  # a new process pool's workers starting up
+        self.answered = False  # a call of fn has returned (worker deaths may be rows' doing)
 
     def _new_processes(self) -> Executor:
         """A process pool whose workers start now (one trivial call each): calls wait for
@@ -232,7 +233,9 @@ class InThreads:
             try:  # (a broken pool refuses the submit itself)
                 fut = (pool.submit(fn, df) if self.executor == "process"
                        else pool.submit(contextvars.copy_context().run, fn, df))
-                return await timed(asyncio.wrap_future(fut), timeout)
+                value = await timed(asyncio.wrap_future(fut), timeout)
+                self.answered = True
+                return value
             except (KeyboardInterrupt, SystemExit) as exc:  # fn's: the run attaches .partial
                 raise FnInterrupt(exc) from exc
             except BrokenProcessPool as exc:
@@ -241,7 +244,7 @@ class InThreads:
                     self.pool = self._new_processes()
                 msg = ("a worker process died during the call (fn crashed it: os._exit, a "
                        "segfault, out of memory); the batch is retried in a new worker")
-                raise WorkerDiedError(msg) from exc
+                raise WorkerDiedError(msg, rows_suspect=self.answered) from exc
             finally:
                 if fut is not None and not fut.done():  # timed out or cancelled: a
                     self.outlived.append((fut, batch_id))  # thread cannot be stopped
@@ -265,7 +268,13 @@ def loop_clash(exc: RuntimeError) -> bool:
 
 
 class WorkerDiedError(RetryableError):
-    """A worker process of ``executor="process"`` died during a call (transient: retried)."""
+    """A worker process of ``executor="process"`` died during a call (transient: retried).
+    ``rows_suspect``: other calls were answered, so a row may be what kills it (a batch that
+    keeps dying is bisected; not while every call dies: that would only multiply them)."""
+
+    def __init__(self, message: str, *, rows_suspect: bool = False) -> None:
+        super().__init__(message)
+        self.rows_suspect = rows_suspect
 
 
 def check_importable(fn: Callable[..., Any]) -> None:

@@ -207,7 +207,7 @@ class FnCaller:
             if kept is not None:  # rows answered before the batch failed keep their answers
                 return kept
             bisect = ((decision.kind == "row" and decision.bisect) or self._hung(decision)
-                      or isinstance(error, WorkerDiedError))  # a row may kill the worker
+                      or (isinstance(error, WorkerDiedError) and error.rows_suspect))
             return GaveUp(describe(error), bisect, wall0, now - t_first)
 
     async def _attempt(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost, held: Hold,
