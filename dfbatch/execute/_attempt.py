@@ -226,7 +226,8 @@ class InThreads:
         if self.slots is None:
             self.slots = asyncio.Semaphore(self.workers)
         async with self.slots:
-            await self._started()  # (workers that cannot start break the pool: below)
+            if self.warming:  # (workers that cannot start break the pool: below)
+                await self._started()
             pool = self.pool
             assert pool is not None
             fut: Future[Any] | None = None
