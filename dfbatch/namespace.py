@@ -54,13 +54,18 @@ class BatchFrame:
         return plan(self._df, text, **config)
 
     def summary(self, *, fn: Callable[..., Any] | None = None, cache: Any = None,
-                cache_key: list[str] | None = None, text: str | pl.Expr = "text",
-                **kwargs: Any) -> PlanSummary:
+                cache_key: list[str] | None = None, cache_errors: bool = False,
+                text: str | pl.Expr = "text", **kwargs: Any) -> PlanSummary:
         """Summarize a planned frame; see ``dfbatch.summary``. With ``fn=`` and ``cache=``
-        (as in ``process``) the rows already cached are counted apart and not priced."""
+        (``cache_key=`` and ``cache_errors=`` as in ``process``) the rows the run would take
+        from the cache are counted apart and not priced."""
         from dfbatch.plan import summary
 
-        if cache is not None and cache is not False:
+        if cache is None or cache is False:
+            if cache_key is not None or cache_errors:
+                msg = "cache_key / cache_errors only apply with cache=; pass cache=True too"
+                raise ConfigError(msg)
+        else:
             from dfbatch.persist._cache_run import cached_rows
             from dfbatch.run._prepare import sent_frame
 
@@ -70,7 +75,8 @@ class BatchFrame:
             settings = {k: v for k, v in kwargs.items() if k not in (
                 "config", "price_in_per_1k", "price_out_per_1k", "batch_discount")}
             sent, cfg = sent_frame(self._df, fn, text, kwargs.get("config"), settings)
-            kwargs["cached"] = cached_rows(sent, fn, text, cfg, cache, cache_key)
+            kwargs["cached"] = cached_rows(sent, fn, text, cfg, cache, cache_key,
+                                           cache_errors=cache_errors)
         return summary(self._df, fn=fn, **kwargs)
 
     @_after_frame(_process)

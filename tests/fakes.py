@@ -79,6 +79,13 @@ def pid_per_row(batch: pl.DataFrame) -> list[int]:
     return [os.getpid()] * batch.height
 
 
+def dies_always(batch: pl.DataFrame) -> list[int]:
+    """A module-level plain fn whose worker process dies on every call."""
+    import os
+
+    os._exit(1)
+
+
 def dies_on_row_5(batch: pl.DataFrame) -> list[int]:
     """A module-level plain fn whose worker process dies on the row with id 5."""
     import os

@@ -83,7 +83,9 @@ def test_the_simulator_fails_a_batch_with_a_custom_id_over_the_limit() -> None:
 
 @pytest.mark.parametrize(("argument", "value", "named"), [
     ("out", "o.parquet", "out='o.parquet'"), ("engine", "ray", "engine='ray'"),
-    ("cache", True, "cache="),
+    ("cache", True, "cache="), ("cache_key", ["text"], "cache_key=['text']"),
+    ("cache_errors", True, "cache_errors=True"),
+    ("ray_address", "ray://nowhere:1", "ray_address='ray://nowhere:1'"),
 ])
 def test_arguments_a_batch_api_run_cannot_honour_are_refused_up_front(
     tmp_path: Path, argument: str, value: Any, named: str

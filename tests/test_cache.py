@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -141,6 +143,40 @@ def test_cache_key_names_the_columns_that_decide_the_answer(tmp_path: Path) -> N
     other = Counter()  # without cache_key every input column is part of the key
     dfbatch.process(df.with_columns(pl.col("id") + 100), other, cache=tmp_path / "c", **FAST)
     assert len(other.rows) == 20
+
+
+def _bits(x: float | None) -> str:
+    return "null" if x is None else struct.pack("<d", x).hex()
+
+
+def test_floats_a_fn_tells_apart_have_their_own_answers(tmp_path: Path) -> None:
+    def fn(batch: pl.DataFrame) -> list[str]:
+        return [_bits(x) for x in batch["x"]]
+
+    nan = struct.unpack("<d", struct.pack("<Q", 0x7FF8000000000001))[0]  # a NaN payload
+    values = [0.0, -0.0, math.nan, -math.nan, nan, None]
+    for i, x in enumerate(values):  # one run per value: each must miss what came before
+        out = dfbatch.process(pl.DataFrame({"x": [x]}, schema={"x": pl.Float64}), fn,
+                              text=pl.lit("t"), cache=tmp_path / "c", progress=False)
+        assert out["output"].to_list() == [_bits(x)] and not out["cached"].any(), i
+    again = dfbatch.process(pl.DataFrame({"x": values}, schema={"x": pl.Float64}), fn,
+                            text=pl.lit("t"), cache=tmp_path / "c", progress=False)
+    assert again["cached"].all() and again["output"].to_list() == [_bits(x) for x in values]
+
+
+def test_floats_inside_lists_and_structs_are_keyed_by_their_bits() -> None:
+    from dfbatch.config import BatchConfig
+
+    cfg = BatchConfig()
+    ns = namespace(Counter(), "text", cfg)
+    df = pl.DataFrame({"l": [[0.0], [-0.0], [math.nan], [None], None],
+                       "s": [{"a": 0.0}, {"a": -0.0}, {"a": math.nan}, {"a": None}, None],
+                       "a": [[0.0], [-0.0], [math.nan], [None], None]},
+                      schema={"l": pl.List(pl.Float32), "s": pl.Struct({"a": pl.Float64}),
+                              "a": pl.Array(pl.Float64, 1)})
+    for col in df.columns:
+        k1, k2 = row_keys(df.select(col), ns, None, cfg)
+        assert len(set(zip(k1.tolist(), k2.tolist(), strict=True))) == 5, col
 
 
 def test_another_fn_or_output_type_misses(tmp_path: Path) -> None:
@@ -401,6 +437,22 @@ def test_summary_keys_truncated_rows_as_the_run_does(tmp_path: Path) -> None:
     s = planned.batch.summary(fn=fn, cache=tmp_path / "c", **opts)
     again = dfbatch.process(df, fn, cache=tmp_path / "c", progress=False, **opts)
     assert s.cached == again["cached"].sum() == 20
+
+
+@pytest.mark.parametrize("cache_errors", [False, True])
+def test_summary_counts_the_hits_the_run_has(tmp_path: Path, cache_errors: bool) -> None:
+    df = pl.concat([frame(40), pl.DataFrame({"id": [40, 41], "text": [None, None]})])
+    opts = dict(cache=tmp_path / "c", cache_errors=cache_errors, items_per_batch=10)
+    dfbatch.process(df, failing, progress=False, **opts)  # rows ending in 7 fail
+    s = df.batch.plan(items_per_batch=10).batch.summary(fn=failing, **opts)
+    CALLS.clear()
+    again = dfbatch.process(df, failing, progress=False, **opts)
+    assert s.cached == again["cached"].sum() == (40 if cache_errors else 36)
+    assert len(CALLS) == 40 - s.cached and s.null_text == 2  # null rows: never sent, ...
+    nulls = again.filter(pl.col("text").is_null())  # ... never cached: their own error
+    assert not nulls["cached"].any() and nulls["error"].str.starts_with("null_text").all()
+    with pytest.raises(dfbatch.ConfigError, match="only apply with cache="):
+        df.batch.plan().batch.summary(fn=failing, cache_errors=True)
 
 
 def test_stats_count_hits_apart_from_calls(tmp_path: Path) -> None:

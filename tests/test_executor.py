@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 import threading
+from concurrent.futures import Executor, Future
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
 
 import dfbatch
 from dfbatch.errors import ConfigError
-from tests.fakes import dies_on_row_5, pid_per_row
+from tests.fakes import dies_always, dies_on_row_5, pid_per_row
 
 QUIET = {"progress": False, "items_per_batch": 4}
 
@@ -49,12 +55,137 @@ def test_inline_errors_are_row_errors_and_poison_rows_fail_alone() -> None:
     assert out.filter(pl.col("id") != 13)["output"].to_list() == [i for i in range(40) if i != 13]
 
 
+async def _shout(texts: list[str]) -> list[str]:
+    await asyncio.sleep(0)
+    return [t.upper() for t in texts]
+
+
+def _sync_wrapper(batch: pl.DataFrame) -> list[str]:
+    """The common way to call async code from a plain fn: asyncio.run."""
+    coro = _shout(batch["text"].to_list())
+    try:
+        return asyncio.run(coro)
+    finally:
+        coro.close()  # (refused unstarted: no "never awaited" warning)
+
+
+def test_an_inline_fn_that_runs_its_own_loop_is_told_why_and_what_to_use() -> None:
+    out = dfbatch.process(_frame(8), _sync_wrapper, executor="inline", max_attempts=1, **QUIET)
+    errors = out["error"].unique().to_list()
+    assert len(errors) == 1 and out["output"].null_count() == 8
+    assert "executor='inline' runs fn on the event loop's thread" in errors[0]
+    assert "executor='thread'" in errors[0] and "async def" in errors[0]
+    assert "cannot be called from a running event loop" in errors[0]  # asyncio's own words
+    fixed = dfbatch.process(_frame(8), _sync_wrapper, executor="thread", **QUIET)
+    assert fixed["output"].to_list() == [f"ROW {i}" for i in range(8)]
+
+    def other(batch: pl.DataFrame) -> list[str]:
+        msg = "some other runtime error"
+        raise RuntimeError(msg)
+
+    out = dfbatch.process(_frame(4), other, executor="inline", max_attempts=1, **QUIET)
+    assert out["error"].unique().to_list() == ["RuntimeError: some other runtime error"]
+
+
 @pytest.mark.slow
 def test_process_executor_runs_in_other_processes() -> None:
     out = dfbatch.process(_frame(), pid_per_row, executor="process", sync_workers=2, **QUIET)
     assert out.height == 40 and out["error"].null_count() == 40
     pids = set(out["output"].to_list())
     assert os.getpid() not in pids and 1 <= len(pids) <= 2
+
+
+def test_process_executor_refuses_an_fn_its_workers_cannot_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib
+    import importlib.util
+
+    code = "def fn(batch):\n    return [1] * batch.height\n"
+    (tmp_path / "by_path.py").write_text(code)  # loaded from its path: not on sys.path
+    spec = importlib.util.spec_from_file_location("by_path", tmp_path / "by_path.py")
+    assert spec is not None and spec.loader is not None
+    by_path = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "by_path", by_path)  # (so fn pickles, by name)
+    spec.loader.exec_module(by_path)
+    opts = dict(executor="process", max_attempts=1, **QUIET)
+    with pytest.raises(ConfigError, match=r"module 'by_path' anew.*not found on sys.path"):
+        dfbatch.process(_frame(2), by_path.fn, **opts)
+    (tmp_path / "gone_since.py").write_text(code)  # imported, then its file removed
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "gone_since", raising=False)
+    gone_since = importlib.import_module("gone_since")
+    (tmp_path / "gone_since.py").unlink()
+    with pytest.raises(ConfigError, match=r"gone_since.py' is gone.*executor='thread'"):
+        dfbatch.process(_frame(2), gone_since.fn, **opts)
+
+
+@pytest.mark.slow
+def test_the_workers_start_is_not_counted_in_a_calls_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    from dfbatch.execute import _attempt
+
+    def slow_start(workers: int) -> ProcessPoolExecutor:  # (a loaded machine: seconds)
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=time.sleep, initargs=(1.5,))
+
+    monkeypatch.setattr(_attempt, "_processes", slow_start)
+    out = dfbatch.process(_frame(8), pid_per_row, executor="process", sync_workers=1,
+                          timeout=1.0, max_attempts=1, **QUIET)
+    assert out["error"].null_count() == 8
+    assert out["attempts"].to_list() == [1] * 8  # no call timed out (nor was bisected)
+
+
+def _pool_of_workers_that_exit(workers: int) -> Any:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=os._exit, initargs=(3,))  # (as an unguarded script)
+
+
+def test_workers_that_cannot_start_stop_the_run_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dfbatch.execute import _attempt
+
+    monkeypatch.setattr(_attempt, "_processes", _pool_of_workers_that_exit)
+    with pytest.raises(ConfigError, match=r"exit while starting.*__name__ == .__main__."):
+        dfbatch.process(_frame(8), pid_per_row, executor="process", sync_workers=1, **QUIET)
+
+
+class _BrokenPool(Executor):
+    """A process pool that broke between two calls: it refuses every submit but its workers'
+    start-up call."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        from dfbatch.execute import _attempt
+
+        if fn is _attempt._worker_up:
+            done: Future[Any] = Future()
+            done.set_result(0)
+            return done
+        msg = "a child process terminated abruptly"
+        raise BrokenProcessPool(msg)
+
+
+def test_a_pool_broken_before_the_submit_is_a_worker_death_and_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dfbatch.execute import _attempt
+
+    monkeypatch.setattr(_attempt, "_processes", lambda workers: _BrokenPool())
+    threads = _attempt.InThreads(1, "process")
+    threads.open()
+    broken = threads.pool
+    with pytest.raises(_attempt.WorkerDiedError, match="retried in a new worker"):
+        asyncio.run(threads.call(len, pl.DataFrame(), None, 0))
+    assert threads.pool is not broken  # (it was kept before: every later call failed)
 
 
 def test_process_executor_refuses_an_fn_that_does_not_pickle() -> None:
@@ -68,17 +199,26 @@ def test_unknown_executor_is_refused_with_the_choices() -> None:
 
 
 @pytest.mark.slow
-def test_a_row_that_kills_its_worker_process_fails_only_its_batch() -> None:
+def test_a_row_that_kills_its_worker_process_fails_alone() -> None:
     out = dfbatch.process(_frame(), dies_on_row_5, executor="process", sync_workers=2,
                           max_attempts=4, **QUIET)
     bad = out.filter(pl.col("error").is_not_null())
-    assert 5 in bad["id"].to_list()
-    assert bad["error"].str.contains("WorkerDiedError").all()
     # a death breaks the calls in flight beside it too (they are retried); the pool is
-    # replaced, so the run goes on (it lost 168 of 200 rows to one dying row before)
-    assert bad.height <= 12
+    # replaced, so the run goes on (it lost 168 of 200 rows to one dying row before), and a
+    # batch whose worker died max_attempts times is bisected (as under engine="ray"): the
+    # row that kills it fails alone (its 3 batch-mates failed with it before)
+    assert bad["id"].to_list() == [5]
+    assert bad["error"].str.contains("WorkerDiedError").all()
     good = out.filter(pl.col("error").is_null())
     assert good["output"].to_list() == (good["id"] * 2).to_list()
+
+
+@pytest.mark.slow
+def test_a_batch_is_not_bisected_while_every_call_kills_its_worker() -> None:
+    out = dfbatch.process(_frame(4), dies_always, executor="process", sync_workers=1,
+                          max_attempts=2, **QUIET)  # (no row is at fault: no answer at all)
+    assert out["error"].str.contains("WorkerDiedError").all()
+    assert out["attempts"].to_list() == [2] * 4  # one batch, tried twice, not split
 
 
 def test_an_fn_of_an_interactive_main_is_refused_for_processes(monkeypatch) -> None:

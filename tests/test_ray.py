@@ -112,6 +112,37 @@ def test_missing_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
         select("ray", dfbatch.BatchConfig(), None)
 
 
+def _lengths(batch: pl.DataFrame) -> pl.Series:
+    return batch["text"].str.len_chars()
+
+
+def _in_main(batch: pl.DataFrame) -> pl.Series:
+    return batch["text"].str.len_chars()
+
+
+def test_a_process_fn_the_actors_cannot_send_on_is_refused_before_ray_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dfbatch.engines
+
+    def no_ray() -> None:
+        msg = "Ray was started before fn was checked"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(dfbatch.engines, "load_ray", no_ray)
+    monkeypatch.setattr(_in_main, "__module__", "__main__")  # as if defined in the script
+    monkeypatch.setattr(sys.modules["__main__"], "_in_main", _in_main, raising=False)
+    opts = dict(engine="ray", executor="process", progress=False)
+    with pytest.raises(dfbatch.ConfigError, match=r"does not pickle.*executor='thread'"):
+        dfbatch.process(texts(2), lambda b: b["text"], **opts)
+    with pytest.raises(dfbatch.ConfigError, match=r"defined in __main__.*importable on every"):
+        dfbatch.process(texts(2), _in_main, **opts)
+    with pytest.raises(AssertionError, match="Ray was started"):  # a module's fn: on to Ray
+        dfbatch.process(texts(2), _lengths, **opts)
+    with pytest.raises(AssertionError, match="Ray was started"):  # threads: nothing to send
+        dfbatch.process(texts(2), lambda b: b["text"], engine="ray", progress=False)
+
+
 # -- on a local Ray ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:

@@ -141,6 +141,8 @@ def test_bad_arguments_fail_before_reading(tmp_path: Path) -> None:
         lf.batch.process(upper, out=tmp_path / "o.parquet", chunk_rows=0, progress=False)
     with pytest.raises(ConfigError, match="key only apply with checkpoint="):
         lf.batch.process(upper, out=tmp_path / "o.parquet", key="id", progress=False)
+    with pytest.raises(ConfigError, match=r"chunk_rows=10 sets .* out="):  # (ignored before)
+        lf.batch.process(upper, chunk_rows=10, progress=False)
     assert not (tmp_path / "o.parquet").exists()
 
 

@@ -32,6 +32,11 @@ Ray started here keeps running for the next call (``ray.shutdown()`` stops it).
 ``fn.dfbatch_ray_options`` (a dict) adds Ray actor options, e.g. ``{"num_gpus": 1}``; by
 default actors reserve no CPU and are spread over the nodes.
 
+Under ``executor="process"`` each actor sends a plain ``fn`` on to its worker processes by
+pickle, so ``fn`` must be a function of a module importable on every node (not a lambda, a
+closure, or a function of your script's ``__main__``): checked before Ray starts
+(``dfbatch.engines.check_ray_fn``).
+
 Examples
 --------
 >>> import polars as pl, dfbatch

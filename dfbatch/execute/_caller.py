@@ -31,7 +31,9 @@ from dfbatch.execute._attempt import (
     Admit,
     InThreads,
     Pass,
+    WorkerDiedError,
     call_paced,
+    check_importable,
     is_async,
     size_related,
     timed,
@@ -140,6 +142,7 @@ class FnCaller:
             if self.cfg.executor == "process":
                 _check_pickles(self.fn)
             self.threads.open()
+            await self.threads.ready()
 
     def close(self) -> list[int]:
         return self.threads.close()
@@ -203,7 +206,8 @@ class FnCaller:
             kept = _partly_answered(error, batch, self, wall0, now - t_first)
             if kept is not None:  # rows answered before the batch failed keep their answers
                 return kept
-            bisect = (decision.kind == "row" and decision.bisect) or self._hung(decision)
+            bisect = ((decision.kind == "row" and decision.bisect) or self._hung(decision)
+                      or (isinstance(error, WorkerDiedError) and error.rows_suspect))
             return GaveUp(describe(error), bisect, wall0, now - t_first)
 
     async def _attempt(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost, held: Hold,
@@ -362,6 +366,7 @@ def _check_pickles(fn: Callable[..., Any]) -> None:
                f"({type(exc).__name__}: {exc}); define it at module level in an importable "
                "module, or use executor='thread'")
         raise ConfigError(msg) from exc
+    check_importable(fn)
 
 
 def _partly_answered(error: BaseException, batch: Batch, caller: FnCaller, wall0: float,

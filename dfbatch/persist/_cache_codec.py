@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 
 def encode(table: Any) -> bytes:
@@ -80,3 +81,55 @@ def gather(blobs: Mapping[int, bytes | None], pos: np.ndarray, chunk: np.ndarray
         got[0].append(pos[rows])
         got[1].append(table)
     return [(np.concatenate(p), pa.concat_tables(t)) for p, t in by_schema.values()]
+
+
+def float_bits(frame: pl.DataFrame) -> pl.DataFrame | None:
+    """``frame`` with every float (at any depth: lists, arrays, structs) read as its bits, or
+    None when it holds no float.
+
+    ``hash_rows`` hashes values as ``==`` compares them: ``-0.0`` as ``0.0``, every NaN alike.
+    A fn tells them apart (``str(-0.0)``, ``math.copysign``, a NaN's sign and payload), so the
+    cache keys the bits: distinct bits, distinct keys (null stays null).
+
+    >>> float_bits(pl.DataFrame({"x": [0.0, -0.0, None]}))["x"].to_list()
+    [0, -9223372036854775808, None]
+    >>> float_bits(pl.DataFrame({"s": ["a"]})) is None
+    True
+    """
+    if not any(_has_float(t) for t in frame.dtypes):
+        return None
+    return frame.with_columns(
+        pl.Series(name, pl.from_arrow(_as_bits(frame[name].to_arrow())))
+        for name, t in frame.schema.items() if _has_float(t))
+
+
+def _has_float(t: Any) -> bool:
+    if t.is_float():
+        return True
+    if isinstance(t, (pl.List, pl.Array)):
+        return _has_float(t.inner)
+    if isinstance(t, pl.Struct):
+        return any(_has_float(f.dtype) for f in t.fields)
+    return False
+
+
+def _as_bits(arr: Any) -> Any:
+    """An Arrow array viewed with its floats as same-width integers (no copy)."""
+    return arr.view(_bits_type(arr.type))
+
+
+def _bits_type(t: Any) -> Any:
+    import pyarrow as pa
+
+    if pa.types.is_floating(t):
+        return {16: pa.int16(), 32: pa.int32(), 64: pa.int64()}[t.bit_width]
+    if pa.types.is_struct(t):
+        return pa.struct([t.field(i).with_type(_bits_type(t.field(i).type))
+                          for i in range(t.num_fields)])
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(t.value_field.with_type(_bits_type(t.value_type)), t.list_size)
+    if pa.types.is_large_list(t):
+        return pa.large_list(t.value_field.with_type(_bits_type(t.value_type)))
+    if pa.types.is_list(t):
+        return pa.list_(t.value_field.with_type(_bits_type(t.value_type)))
+    return t

@@ -14,10 +14,14 @@ The input columns are ``cache_key=`` if given, else the columns an adapter reads
 (``fn.dfbatch_inputs``: a chat prompt's template fields, an embedding's text column), else
 every column but the plan's. Values are hashed as sent (after ``oversize="truncate"``), so
 batch sizes, agents, limits and token settings never change a key. Row hashes are polars'
-``hash_rows`` (stable within a polars version: after an upgrade old entries miss and age out).
+``hash_rows`` (stable within a polars version: after an upgrade old entries miss and age out),
+with floats hashed as their bits: ``-0.0`` and ``0.0``, or two NaNs, are values a fn can tell
+apart (``str``, ``math.copysign``), so they never share an answer (null is apart from NaN).
 
 Rows that ended in an error are not cached unless ``cache_errors=True``; ``cache="refresh"``
-looks nothing up, calls every row and overwrites the stored answers.
+looks nothing up, calls every row and overwrites the stored answers. Rows that are never sent
+(null or empty texts without ``send_null=True``) are neither looked up nor stored: they end
+in their ``null_text`` error, as without a cache.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ from dfbatch.errors import CheckpointWarning, ConfigError, did_you_mean
 from dfbatch.execute._recorder import Outcomes
 from dfbatch.execute._scheduler import Batch, narrow
 from dfbatch.persist._cache import Cache
+from dfbatch.persist._cache_codec import float_bits
 from dfbatch.persist._fingerprint import fn_identity
+from dfbatch.plan._plan import NULL_TEXT
 
 CacheArg = bool | str | os.PathLike[str] | Cache | None
 _STOP = object()
@@ -121,8 +127,11 @@ def row_keys(frame: pl.DataFrame, ns: dict[str, Any], inputs: tuple[str, ...] | 
             raise ConfigError(msg)
         cols = [c for c in inputs if c in frame.columns]
     sub = frame.select(cols)
-    head = json.dumps({**ns, "columns": [[c, str(t)] for c, t in sub.schema.items()]},
-                      sort_keys=True, default=str)
+    described: dict[str, Any] = {**ns, "columns": [[c, str(t)] for c, t in sub.schema.items()]}
+    bits = float_bits(sub)
+    if bits is not None:  # floats keyed by their bits: -0.0 is not 0.0, NaNs differ
+        sub, described["floats"] = bits, "bits"  # (a new key: entries keyed before miss)
+    head = json.dumps(described, sort_keys=True, default=str)
     d = hashlib.blake2b(head.encode(), digest_size=16).digest()
     p1, p2 = (np.frombuffer(d[:8], np.uint64)[0], np.frombuffer(d[8:], np.uint64)[0])
     if frame.height == 0 or not cols:
@@ -138,18 +147,42 @@ def row_keys(frame: pl.DataFrame, ns: dict[str, Any], inputs: tuple[str, ...] | 
 
 
 def cached_rows(frame: pl.DataFrame, fn: Callable[..., Any], text: str | pl.Expr,
-                cfg: BatchConfig, cache: CacheArg, cache_key: Sequence[str] | None = None
-                ) -> np.ndarray:
-    """A boolean mask: the rows of ``frame`` whose answer ``cache`` holds (for summaries)."""
+                cfg: BatchConfig, cache: CacheArg, cache_key: Sequence[str] | None = None,
+                *, cache_errors: bool = False) -> np.ndarray:
+    """A boolean mask: the rows of ``frame`` (as sent) that a run with these ``cache=``,
+    ``cache_key=`` and ``cache_errors=`` takes from the cache (for summaries)."""
     store, refresh = as_cache(cache)
     mask = np.zeros(frame.height, bool)
     if store is None or refresh or frame.height == 0:
         return mask
     k1, k2 = row_keys(frame, namespace(fn, text, cfg), _inputs(fn, cache_key), cfg, strict=True)
     with store:
-        hits, _, _ = store.lookup(k1, k2, touch=False, values=False)
+        hits, _, _ = _find(store, k1, k2, _sent_rows(frame, cfg), errors=cache_errors,
+                           touch=False, values=False)
     mask[hits] = True
     return mask
+
+
+def _sent_rows(frame: pl.DataFrame, cfg: BatchConfig) -> np.ndarray | None:
+    """The positions of the rows the run sends (None: every row): not the ``null_text`` rows,
+    unless ``send_null=True``."""
+    flag = cfg.columns.flag
+    if cfg.send_null or flag not in frame.columns:
+        return None
+    null = (frame[flag] == NULL_TEXT).fill_null(False).to_numpy()
+    return np.flatnonzero(~null) if null.any() else None
+
+
+def _find(store: Cache, k1: np.ndarray, k2: np.ndarray, rows: np.ndarray | None, *,
+          errors: bool, touch: bool = True, values: bool = True,
+          ) -> tuple[np.ndarray, list[tuple[np.ndarray, Any]], dict[int, str]]:
+    """``store.lookup`` of the keys at ``rows`` (None: all), positions those of all keys."""
+    if rows is None:
+        return store.lookup(k1, k2, errors=errors, touch=touch, values=values)
+    hits, pieces, errs = store.lookup(k1[rows], k2[rows], errors=errors, touch=touch,
+                                      values=values)
+    return (rows[hits], [(rows[pos], table) for pos, table in pieces],
+            {int(rows[i]): e for i, e in errs.items()})
 
 
 class CacheRun:
@@ -181,8 +214,9 @@ class CacheRun:
             self.hits = np.zeros(0, np.int64)
         else:
             try:
-                self.hits, self._pieces, self._errs = self.store.lookup(
-                    self.k1, self.k2, errors=self.cache_errors)
+                self.hits, self._pieces, self._errs = _find(
+                    self.store, self.k1, self.k2, _sent_rows(frame, self.cfg),
+                    errors=self.cache_errors)
             finally:
                 self.store.close()  # (this thread's connection: often a pool's worker)
         mask = np.ones(self.n, bool)
@@ -209,8 +243,8 @@ class CacheRun:
 
     def record(self, batch: Batch, out: Outcomes) -> None:
         """``on_batch_done`` hook: queue the batch's answers (and errors if asked) for writing."""
-        if self.failure is not None:
-            return
+        if self.failure is not None or batch.reject is not None:
+            return  # (rows refused unsent, null texts: fn never saw them)
         local = batch.rows
         pos = self.todo[local if self.order is None else self.order[local]]
         errors = [out.errors[i] for i in local.tolist()]

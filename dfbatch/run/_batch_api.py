@@ -67,11 +67,12 @@ async def run_batch_api(
     df: Any, fn: Fn, text: str | pl.Expr, config: BatchConfig | None, settings: dict[str, Any],
     *, checkpoint: Any = None, resume: str = "auto", retry_errors: bool = False,
     progress: Progress = "auto", engine: Any = "asyncio", out: Any = None, key: str | None = None,
-    cache: Any = None,
-    on_event: Callable[[Event], None] | None = None,
+    cache: Any = None, cache_key: Any = None, cache_errors: bool = False,
+    ray_address: str | None = None, on_event: Callable[[Event], None] | None = None,
 ) -> pl.DataFrame:
     """Run ``df`` through the Batch API adapter of ``fn`` (see the module docstring)."""
-    refuse_unsupported(out=out, engine=engine, cache=cache)
+    refuse_unsupported(out=out, engine=engine, cache=cache, cache_key=cache_key,
+                       cache_errors=cache_errors, ray_address=ray_address)
     adapter: BatchAdapter = fn.dfbatch_batch_api  # type: ignore[attr-defined]
     job = _Job.prepare(df, fn, text, config, settings)
     fingerprint = {"fn": getattr(fn, "dfbatch_fingerprint", None), "api": "batch"}
@@ -110,7 +111,8 @@ async def run_batch_api(
         journal.close()
 
 
-def refuse_unsupported(*, out: Any, engine: Any, cache: Any) -> None:
+def refuse_unsupported(*, out: Any, engine: Any, cache: Any, cache_key: Any = None,
+                       cache_errors: bool = False, ray_address: str | None = None) -> None:
     """Arguments of ``process`` a Batch API run cannot honour: refused before anything runs.
 
     >>> refuse_unsupported(out="o.parquet", engine="asyncio", cache=None)
@@ -123,14 +125,26 @@ def refuse_unsupported(*, out: Any, engine: Any, cache: Any) -> None:
                "api='batch' answers when its provider jobs are over: drop out= and write the "
                "returned frame (df.write_parquet(...)), or build the adapter with api='sync'")
         raise ConfigError(msg)
-    if engine != "asyncio":
-        msg = (f"engine={engine!r}: an adapter built with api='batch' runs as provider jobs "
-               "from this process (there is nothing to spread over workers): drop engine= "
-               "(or pass engine='asyncio'), or build the adapter with api='sync'")
+    if engine != "asyncio" or ray_address is not None:
+        named = f"engine={engine!r}" if engine != "asyncio" else f"ray_address={ray_address!r}"
+        drop = "engine= (or pass engine='asyncio')" if engine != "asyncio" else "ray_address="
+        msg = (f"{named}: an adapter built with api='batch' runs as provider jobs "
+               f"from this process (there is nothing to spread over workers): drop {drop}, "
+               "or build the adapter with api='sync'")
         raise ConfigError(msg)
     if cache is not None and cache is not False:
         msg = ("cache= does not apply to an adapter built with api='batch' (its journal "
                "already keeps every answer, and a rerun reuses them): drop cache=")
+        raise ConfigError(msg)
+    if cache_key is not None:
+        msg = (f"cache_key={cache_key!r} keys the response cache (cache=), which an adapter "
+               "built with api='batch' does not use: its journal (checkpoint=) finds each row "
+               "by its request (or key=<id column>): drop cache_key=")
+        raise ConfigError(msg)
+    if cache_errors:
+        msg = ("cache_errors=True applies to the response cache (cache=), which an adapter "
+               "built with api='batch' does not use: its journal keeps failed rows already "
+               "(retry_errors=True asks them again on a rerun): drop cache_errors=")
         raise ConfigError(msg)
 
 

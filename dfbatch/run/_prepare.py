@@ -234,7 +234,7 @@ def resolve(
         msg = f"fn must be a callable taking one batch (a pl.DataFrame), got {fn!r}"
         raise ConfigError(msg)
     cfg = BatchConfig.from_kwargs(config, **settings)
-    chosen, cfg = select(engine, cfg, ray_address)
+    chosen, cfg = select(engine, cfg, ray_address, fn)
     expected_out = getattr(fn, "dfbatch_output_tokens", None)
     user_set = "output_tokens_per_row" in settings or (
         config is not None and config.output_tokens_per_row != _DEFAULT_OUTPUT_TOKENS)

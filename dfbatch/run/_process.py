@@ -15,6 +15,7 @@ import polars as pl
 
 from dfbatch.config import BatchConfig, Progress
 from dfbatch.engines import Engine, asyncio_only
+from dfbatch.errors import ConfigError
 from dfbatch.events import Event
 from dfbatch.execute._loop import on_interrupt, run_sync
 from dfbatch.persist._cache_run import CacheArg, check_cached_column, open_cache
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from dfbatch.run._stream import _Stream
 
 P = ParamSpec("P")
+CHUNK_ROWS = 100_000  # out='s rows per chunk unless chunk_rows= says
 T = TypeVar("T")
 
 
@@ -41,7 +43,7 @@ async def aprocess(
     retry_errors: bool = False,
     key: str | None = None,
     out: str | os.PathLike[str] | None = None,
-    chunk_rows: int = 100_000,
+    chunk_rows: int | None = None,
     engine: Engine = "asyncio",
     ray_address: str | None = None,
     cache: CacheArg = None,
@@ -61,19 +63,25 @@ async def aprocess(
     >>> out["output"].to_list()
     ['X']
     """
+    if chunk_rows is not None and out is None:
+        msg = (f"chunk_rows={chunk_rows!r} sets the rows per chunk of a run streamed to out=; "
+               "drop chunk_rows=, or pass out='file.parquet' too")
+        raise ConfigError(msg)
     if getattr(fn, "dfbatch_batch_api", None) is not None:  # chat(..., api="batch")
         from dfbatch.run._batch_api import run_batch_api
 
         return await run_batch_api(df, fn, text, config, settings, checkpoint=checkpoint,
                                    resume=resume, retry_errors=retry_errors, progress=progress,
                                    engine=engine, out=out, key=key, cache=cache,
-                                   on_event=on_event)
+                                   cache_key=cache_key, cache_errors=cache_errors,
+                                   ray_address=ray_address, on_event=on_event)
     run: _Job | _Stream
     if out is not None:
         asyncio_only(engine, "out=")
         from dfbatch.run._stream import _Stream
 
-        run = _Stream.create(df, fn, text, out, chunk_rows, config, settings,
+        rows = CHUNK_ROWS if chunk_rows is None else chunk_rows
+        run = _Stream.create(df, fn, text, out, rows, config, settings,
                              dict(checkpoint=checkpoint, resume=resume,
                                   retry_errors=retry_errors, key=key),
                              dict(cache=cache, cache_key=cache_key, cache_errors=cache_errors))
@@ -124,7 +132,8 @@ def process(*args: Any, **kwargs: Any) -> pl.DataFrame:
     ``checkpoint="dir"`` journals finished batches there; a rerun skips the rows already done
     (``dfbatch.persist._checkpoint``: ``resume="overwrite"`` discards a checkpoint of another run,
     ``retry_errors=True`` reruns rows that ended in error, ``key=`` names a unique id column).
-    ``out="out.parquet"`` streams a LazyFrame in chunks of ``chunk_rows`` rows to a Parquet
+    ``out="out.parquet"`` streams a LazyFrame in chunks of ``chunk_rows`` rows (100,000 by
+    default; only with ``out=``) to a Parquet
     file and returns a one-row summary (``dfbatch.run._stream``).
 
     ``cache=True`` (or a file path, or ``dfbatch.Cache(path, max_size=...)``) reuses answers
