@@ -47,7 +47,8 @@ def test_contiguous_reorders_the_frame_once_and_numbers_ranges() -> None:
     order, sorted_frame, moved = contiguous(frame, batches)
     assert order is not None and order.tolist() == [4, 0, 5, 1, 3, 2]
     assert sorted_frame["x"].to_list() == [4, 0, 5, 1, 3, 2]
-    assert [(b.at, b.rows.tolist()) for q in moved for b in q] == [(0, [0, 1]), (2, [2, 3, 4, 5])]
+    assert [(b.at, b.rows.tolist()) for q in moved.lists() for b in q] == [
+        (0, [0, 1]), (2, [2, 3, 4, 5])]
     ordered = [[Batch(0, 0, np.array([0, 1]), 1, 0)], [Batch(1, 1, np.array([2, 3, 4, 5]), 1, 0)]]
     assert contiguous(frame, ordered)[0] is None  # in batch order already: no gather
 

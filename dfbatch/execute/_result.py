@@ -17,7 +17,7 @@ import polars as pl
 
 from dfbatch.config import Columns
 from dfbatch.errors import ColumnError, OutputError
-from dfbatch.execute._outputs import Values, conform, decide_schema, declared
+from dfbatch.execute._outputs import Values, conform, decide_schema, declared, merged_column
 from dfbatch.execute._recorder import Outcomes
 
 _ROW = "__dfbatch_row"
@@ -166,16 +166,9 @@ def _frames(out: Outcomes) -> list[tuple[np.ndarray, pl.DataFrame]]:
 def _merged(run: list[tuple[np.ndarray, Values]]) -> tuple[np.ndarray, pl.DataFrame] | None:
     if len(run) == 1:
         return None
-    first = next((v for _, v in run if any(x is not None for x in v.values)), None)
-    values = [x for _, v in run for x in v.values]
-    try:
-        column = pl.Series(run[0][1].name, values, strict=False)
-        alone = first.frame().to_series().dtype if first is not None else pl.Null
-    except Exception:
-        return None
-    if column.dtype != alone or column.null_count() != sum(x is None for x in values):
-        return None
-    return np.concatenate([r for r, _ in run]), column.to_frame()
+    first = next((v.values for _, v in run if any(x is not None for x in v.values)), None)
+    column = merged_column(run[0][1].name, [x for _, v in run for x in v.values], first)
+    return None if column is None else (np.concatenate([r for r, _ in run]), column)
 
 
 def _require(result: pl.DataFrame, columns: Columns) -> None:

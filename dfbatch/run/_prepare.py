@@ -27,11 +27,11 @@ from dfbatch.errors import (
     warn_user,
 )
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
+from dfbatch.execute._batches import CALL_ANYWAY, FROZEN, Batch, Batches
 from dfbatch.execute._caller import LOCAL, CallerFactory
 from dfbatch.execute._loop import mark_run, unmark_run
 from dfbatch.execute._pool import Outcomes, Pool
 from dfbatch.execute._result import assemble, attach_partial
-from dfbatch.execute._scheduler import Batch
 from dfbatch.execute._stack import RunLimits
 from dfbatch.persist._cache_run import CacheRun
 from dfbatch.persist._checkpoint import Journal
@@ -40,7 +40,7 @@ from dfbatch.run._checks import check_frame, check_rates
 from dfbatch.run._wiring import open_display, safe, tick
 
 Fn = Callable[[pl.DataFrame], Any]
-_Left = tuple[pl.DataFrame, list[list[Batch]], np.ndarray, np.ndarray]
+_Left = tuple[pl.DataFrame, Batches, np.ndarray, np.ndarray]
 _ROW_OVERHEAD_BYTES = 64
 _DEFAULT_OUTPUT_TOKENS = BatchConfig().output_tokens_per_row
 _NULL_ERROR = ("null_text: the text is null or empty, so it was not sent; pass send_null=True "
@@ -53,7 +53,7 @@ class _Job:
     cfg: BatchConfig
     planned: pl.DataFrame
     send: pl.DataFrame  # what fn sees (texts truncated under oversize="truncate")
-    batches: list[list[Batch]]
+    batches: Batches
     row_tokens: np.ndarray
     row_bytes: np.ndarray
     pool: Pool | None = None
@@ -90,7 +90,7 @@ class _Job:
 
     def limits(self) -> RunLimits:
         """The run's limit stack (a stream builds it once and shares it by every chunk)."""
-        return RunLimits.from_config(self.cfg, len(self.batches),
+        return RunLimits.from_config(self.cfg, self.batches.n_agents,
                                      rates_elsewhere=self.engine.rates_elsewhere)
 
     def narrow(self) -> _Left:
@@ -168,8 +168,7 @@ class _Job:
 
         pool = self.pool_for(emit, left=await asyncio.to_thread(self.narrow))
         c = self.cfg.columns
-        queues = pool.sched.queues
-        per_agent = tuple(sum(b.tokens for b in q) for q in queues)  # request tokens, as done
+        per_agent = tuple(pool.sched.queued_load)  # request tokens, as done
         hits = len(self.cache.hits) if self.cache is not None else 0
         before = self.planned.height - pool.frame.height - hits  # done by an earlier run
         if before and progress is not False:
@@ -346,12 +345,13 @@ def _oversize_rows(tokens: np.ndarray, cfg: BatchConfig) -> np.ndarray:
 
 def _batches(
     planned: pl.DataFrame, tokens: np.ndarray, row_bytes: np.ndarray, cfg: BatchConfig
-) -> list[list[Batch]]:
-    """Group row positions by planned batch (vectorized) into per-agent lists of Batch."""
+) -> Batches:
+    """Group row positions by planned batch (vectorized) into per-agent queues of batches
+    (``Batches``: columns, no object per batch)."""
     c = cfg.columns
     n_agents = cfg.n_agents
     if planned.height == 0:
-        return [[] for _ in range(n_agents)]
+        return Batches.of([[] for _ in range(n_agents)])
     bid = planned[c.batch_id].to_numpy().astype(np.int64)
     aid = planned[c.agent_id].to_numpy().astype(np.int64)
     null = np.zeros(len(bid), bool) if cfg.send_null else (
@@ -360,20 +360,25 @@ def _batches(
     order = np.argsort(bid, kind="stable")
     ids, starts = np.unique(bid[order], return_index=True)
     n_agents = max(min(n_agents, len(ids)), int(aid.max()) + 1)  # no agent without work
-    groups = np.split(order, starts[1:])
     counts = np.diff(np.append(starts, len(order)))
     btok = np.add.reduceat(tokens[order], starts)
     btok = btok + cfg.request_overhead_tokens + cfg.output_tokens_per_row * counts
     nbytes = np.add.reduceat(row_bytes[order], starts)
     agents = aid[order[starts]]
-    call = cfg.oversize == "call"
-    out: list[list[Batch]] = [[] for _ in range(n_agents)]
-    for i in range(len(ids)):  # one Batch object per batch (not per row)
-        reject = _NULL_ERROR if null[groups[i][0]] else None
-        out[int(agents[i])].append(Batch(int(ids[i]), int(agents[i]), groups[i], int(btok[i]),
-                                         int(nbytes[i]), call and counts[i] == 1,
-                                         frozen=reject is not None, reject=reject))
-    return out
+    rejected = null[order[starts]]
+    flags = (FROZEN * rejected + CALL_ANYWAY * ((cfg.oversize == "call") & (counts == 1))).astype(
+        np.uint8)
+    perm = np.lexsort((ids, agents))  # one queue per agent, each in batch-id order
+    sizes = counts[perm]
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    rows = order[np.repeat(starts[perm] - bounds[:-1], sizes) + np.arange(len(order))]
+    per_agent = np.searchsorted(agents[perm], np.arange(n_agents + 1)).astype(np.int64)
+    reject = None
+    if rejected.any():  # one text for every batch of null rows
+        reject = np.full(len(perm), None, object)
+        reject[rejected[perm]] = _NULL_ERROR
+    return Batches(per_agent, ids[perm], agents[perm], btok[perm], nbytes[perm], flags[perm],
+                   bounds, rows, reject)
 
 
 def _row_bytes(planned: pl.DataFrame, text: str | pl.Expr) -> np.ndarray:
