@@ -52,12 +52,14 @@ class Batch:
 
 @dataclass(slots=True)
 class Batches:
-    """Every batch of a run as columns; batch ``i``'s rows are ``rows[bounds[i]:bounds[i+1]]``
-    (``rows`` None: the range itself, a contiguous run of the reordered frame). Agent ``a``'s
-    queue is batches ``per_agent[a]:per_agent[a+1]``; ``agents`` holds each batch's planned
-    agent. ``reject`` (None: no batch) holds the error text of the batches never sent."""
+    """Every batch of a run as columns, in batch-id order (so a frame planned in order needs
+    no reordering); batch ``i``'s rows are ``rows[bounds[i]:bounds[i+1]]`` (``rows`` None: the
+    range itself, a contiguous run of the frame). ``queue_of``: the agent whose queue holds the
+    batch (``agents``: its planned agent, most often the same array). ``reject`` (None: no
+    batch) holds the error text of the batches whose rows are never sent."""
 
-    per_agent: np.ndarray
+    n_agents: int
+    queue_of: np.ndarray
     ids: np.ndarray
     agents: np.ndarray
     tokens: np.ndarray
@@ -70,10 +72,6 @@ class Batches:
     def __len__(self) -> int:
         return len(self.ids)
 
-    @property
-    def n_agents(self) -> int:
-        return len(self.per_agent) - 1
-
     @classmethod
     def of(cls, batches: Batches | Sequence[Sequence[Batch]]) -> Batches:
         """``batches`` as a table (lists of ``Batch`` per agent: as written by hand, in tests)."""
@@ -84,11 +82,11 @@ class Batches:
         rejects = [b.reject for b in flat]
         flags = np.array([CALL_ANYWAY * b.call_anyway + FROZEN * b.frozen for b in flat], np.uint8)
         return cls(
-            np.concatenate([[0], np.cumsum([len(q) for q in batches])]).astype(np.int64),
+            len(batches), np.repeat(np.arange(len(batches)), [len(q) for q in batches]),
             np.array([b.id for b in flat], np.int64),
             np.array([b.planned_agent for b in flat], np.int64),
-            np.array([b.tokens for b in flat], np.int64), np.array([b.nbytes for b in flat],
-                                                                   np.int64),
+            np.array([b.tokens for b in flat], np.int64),
+            np.array([b.nbytes for b in flat], np.int64),
             flags, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
             np.concatenate([b.rows for b in flat]).astype(np.int64) if flat else
             np.zeros(0, np.int64),
@@ -108,13 +106,21 @@ class Batches:
 
     def lists(self) -> list[list[Batch]]:
         """Per agent, its batches as objects (for tests and small runs)."""
-        p = self.per_agent.tolist()
-        return [[self.batch(i) for i in range(p[a], p[a + 1])] for a in range(self.n_agents)]
+        out: list[list[Batch]] = [[] for _ in range(self.n_agents)]
+        for i, q in enumerate(self.queue_of.tolist()):
+            out[q].append(self.batch(i))
+        return out
 
-    def queue(self, a: int) -> np.ndarray:
-        """Agent ``a``'s batches (indices), heaviest first (ties: lowest id first)."""
-        mine = np.arange(self.per_agent[a], self.per_agent[a + 1])
-        return mine[np.lexsort((self.ids[mine], -self.tokens[mine]))]
+    def queues(self) -> list[np.ndarray]:
+        """Per agent, its batches (indices) heaviest first (ties: lowest id first)."""
+        q = self.queue_of
+        order = np.lexsort((self.ids, -self.tokens, q))
+        cuts = np.searchsorted(q[order], np.arange(1, self.n_agents))
+        return np.split(order, cuts)
+
+    def load(self) -> list[int]:
+        """Per agent, the request tokens of its batches."""
+        return np.bincount(self.queue_of, self.tokens, self.n_agents).astype(np.int64).tolist()
 
     def row_order(self) -> np.ndarray:
         """Every row of every batch, batch after batch (positions in the frame)."""
@@ -122,8 +128,8 @@ class Batches:
 
     def contiguous(self) -> Batches:
         """These batches renumbered to ranges of the frame reordered by ``row_order()``."""
-        return Batches(self.per_agent, self.ids, self.agents, self.tokens, self.nbytes,
-                       self.flags, self.bounds, None, self.reject)
+        return Batches(self.n_agents, self.queue_of, self.ids, self.agents, self.tokens,
+                       self.nbytes, self.flags, self.bounds, None, self.reject)
 
     def narrow(self, keep: np.ndarray, n: int, row_tokens: np.ndarray, row_bytes: np.ndarray,
                overhead: int, per_row: int) -> Batches:
@@ -143,8 +149,7 @@ class Batches:
         tokens = np.where(lost, overhead + np.diff(tok) + per_row * sizes, self.tokens)
         nbytes = np.where(lost, np.diff(nb), self.nbytes)
         live = sizes > 0
-        per_agent = np.concatenate([[0], np.cumsum(live)])[self.per_agent]
-        return Batches(per_agent, self.ids[live], self.agents[live], tokens[live],
+        return Batches(self.n_agents, self.queue_of[live], self.ids[live], self.agents[live], tokens[live],
                        nbytes[live], self.flags[live],
                        np.concatenate([[0], np.cumsum(sizes[live])]).astype(np.int64), rows,
                        None if self.reject is None else self.reject[live])

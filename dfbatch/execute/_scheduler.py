@@ -81,9 +81,8 @@ class Scheduler:
         self.row_tokens, self.row_bytes = row_tokens, row_bytes
         self.sizer, self.rate_bound, self.on_change = sizer, rate_bound, on_change
         table = Batches.of(batches)
-        self.queues = [_Queue(table, table.queue(a)) for a in range(table.n_agents)]
-        p = table.per_agent
-        self.queued_load = [int(table.tokens[p[a]:p[a + 1]].sum()) for a in range(len(p) - 1)]
+        self.queues = [_Queue(table, order) for order in table.queues()]
+        self.queued_load = table.load()
         self.pending = len(table)
         self.next_id = 1 + (int(table.ids.max()) if len(table) else -1)
 

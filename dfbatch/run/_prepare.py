@@ -368,17 +368,14 @@ def _batches(
     rejected = null[order[starts]]
     flags = (FROZEN * rejected + CALL_ANYWAY * ((cfg.oversize == "call") & (counts == 1))).astype(
         np.uint8)
-    perm = np.lexsort((ids, agents))  # one queue per agent, each in batch-id order
-    sizes = counts[perm]
-    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    rows = order[np.repeat(starts[perm] - bounds[:-1], sizes) + np.arange(len(order))]
-    per_agent = np.searchsorted(agents[perm], np.arange(n_agents + 1)).astype(np.int64)
+    bounds = np.append(starts, len(order)).astype(np.int64)
+    identity = bool((order == np.arange(len(order))).all())  # planned in order: no reordering
     reject = None
     if rejected.any():  # one text for every batch of null rows
-        reject = np.full(len(perm), None, object)
-        reject[rejected[perm]] = _NULL_ERROR
-    return Batches(per_agent, ids[perm], agents[perm], btok[perm], nbytes[perm], flags[perm],
-                   bounds, rows, reject)
+        reject = np.full(len(ids), None, object)
+        reject[rejected] = _NULL_ERROR
+    return Batches(n_agents, agents, ids, agents, btok, nbytes, flags, bounds,
+                   None if identity else order, reject)
 
 
 def _row_bytes(planned: pl.DataFrame, text: str | pl.Expr) -> np.ndarray:
