@@ -149,7 +149,7 @@ class Batches:
         tokens = np.where(lost, overhead + np.diff(tok) + per_row * sizes, self.tokens)
         nbytes = np.where(lost, np.diff(nb), self.nbytes)
         live = sizes > 0
-        return Batches(self.n_agents, self.queue_of[live], self.ids[live], self.agents[live], tokens[live],
-                       nbytes[live], self.flags[live],
+        return Batches(self.n_agents, self.queue_of[live], self.ids[live], self.agents[live],
+                       tokens[live], nbytes[live], self.flags[live],
                        np.concatenate([[0], np.cumsum(sizes[live])]).astype(np.int64), rows,
                        None if self.reject is None else self.reject[live])
