@@ -94,14 +94,14 @@ class Batches:
 
     def batch(self, i: int) -> Batch:
         """Batch ``i`` as an object (built when it is handed out)."""
-        start, stop = int(self.bounds[i]), int(self.bounds[i + 1])
-        f = int(self.flags[i])
+        start, stop = self.bounds.item(i), self.bounds.item(i + 1)
+        f = self.flags.item(i)
         if self.rows is None:
-            rows, at = np.arange(start, stop), start
+            rows, at = np.arange(start, stop), start  # (no row array held for the run)
         else:
             rows, at = self.rows[start:stop], -1
-        return Batch(int(self.ids[i]), int(self.agents[i]), rows, int(self.tokens[i]),
-                     int(self.nbytes[i]), bool(f & CALL_ANYWAY), bool(f & FROZEN), at,
+        return Batch(self.ids.item(i), self.agents.item(i), rows, self.tokens.item(i),
+                     self.nbytes.item(i), bool(f & CALL_ANYWAY), bool(f & FROZEN), at,
                      None if self.reject is None else self.reject[i])
 
     def lists(self) -> list[list[Batch]]:

@@ -70,6 +70,8 @@ class Pieces:
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         starts = np.frombuffer(self._at, np.int64)
         rows = np.repeat(starts - bounds[:-1], sizes) + np.arange(bounds[-1])
+        if (starts + sizes).max() <= 2**31:
+            rows = rows.astype(np.int32)  # (half the memory)
         edges = bounds.tolist()
         column = None
         if len(sizes) > 1:
