@@ -214,7 +214,11 @@ def count_tokens(
     distinct = series.drop_nulls().unique()
     if len(distinct) == 0:
         return pl.Series(series.name, np.zeros(len(series), np.uint32), dtype=pl.UInt32)
-    counts = pl.Series(counter(distinct.to_list()), dtype=pl.UInt32)
+    # a chunk of texts at a time: a million Python strings at once would cost more memory
+    # than the frame
+    counts = pl.Series(np.concatenate([counter(distinct.slice(at, _CHUNK).to_list())
+                                       for at in range(0, len(distinct), _CHUNK)]),
+                       dtype=pl.UInt32)
     return series.replace_strict(distinct, counts, default=0, return_dtype=pl.UInt32)
 
 
