@@ -344,4 +344,8 @@ def test_a_callable_counter_gets_the_texts_a_chunk_at_a_time(
     texts = pl.Series("t", ["a", "bb", None, "ccc", "dddd", "a", "eeeee", "ffffff", "ggggggg"])
     got = count_tokens(texts, count).to_list()
     assert got == [0 if t is None else len(t) for t in texts.to_list()]
-    assert max(calls) <= 3 and sum(calls) == 7  # 7 distinct texts, in chunks of at most 3
+    assert max(calls) <= 3 and sum(calls) == 7  # 7 distinct texts, at most 3 a call
+    calls.clear()
+    distinct = pl.Series("t", [None, *(str(i) for i in range(10))])
+    assert count_tokens(distinct, count).to_list() == [0] + [len(str(i)) for i in range(10)]
+    assert calls == [2, 3, 3, 2]  # no text repeats: counted in place, a chunk at a time

@@ -211,15 +211,25 @@ def count_tokens(
         )
         raise TokenizerError(msg)
     counter = get_counter(spec, fast=fast)
+    if (series.is_first_distinct() | series.is_null()).all():  # no text repeats: counted in
+        return pl.Series(series.name, _counts(counter, series), dtype=pl.UInt32)  # place
     distinct = series.drop_nulls().unique()
     if len(distinct) == 0:
         return pl.Series(series.name, np.zeros(len(series), np.uint32), dtype=pl.UInt32)
-    # a chunk of texts at a time: a million Python strings at once would cost more memory
-    # than the frame
-    counts = pl.Series(np.concatenate([counter(distinct.slice(at, _CHUNK).to_list())
-                                       for at in range(0, len(distinct), _CHUNK)]),
-                       dtype=pl.UInt32)
+    counts = pl.Series(_counts(counter, distinct), dtype=pl.UInt32)
     return series.replace_strict(distinct, counts, default=0, return_dtype=pl.UInt32)
+
+
+def _counts(counter: TokenCounter, texts: pl.Series) -> np.ndarray:
+    """``counter`` over ``texts`` a chunk at a time: a million Python strings at once would
+    cost more memory than the frame. A null counts 0."""
+    out = np.zeros(len(texts), np.uint32)
+    for at in range(0, len(texts), _CHUNK):
+        chunk = texts.slice(at, _CHUNK)
+        keep = chunk.is_not_null().to_numpy()
+        if keep.any():
+            out[at:at + len(chunk)][keep] = counter(chunk.filter(keep).to_list())
+    return out
 
 
 def truncate(
