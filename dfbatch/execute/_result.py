@@ -116,8 +116,8 @@ def _placed(frame: pl.DataFrame, rows: np.ndarray, n: int) -> pl.DataFrame:
 
     One gather by an index (no join: a join's hash table costs more memory than the outputs).
     """
-    kind = np.int32 if n < 2**31 else np.int64  # (half the memory of a million-row index)
-    at = np.full(n, -1, kind)
+    kind: type[np.signedinteger[Any]] = np.int32 if n < 2**31 else np.int64  # (half the
+    at = np.full(n, -1, kind)  # memory of a million-row index)
     at[rows] = np.arange(len(rows), dtype=kind)
     index = pl.Series(_ROW, at)
     if len(rows) < n:

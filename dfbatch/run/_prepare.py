@@ -352,30 +352,40 @@ def _batches(
     n_agents = cfg.n_agents
     if planned.height == 0:
         return Batches.of([[] for _ in range(n_agents)])
-    bid = planned[c.batch_id].to_numpy().astype(np.int64)
-    aid = planned[c.agent_id].to_numpy().astype(np.int64)
+    bid = planned[c.batch_id].to_numpy()
     null = np.zeros(len(bid), bool) if cfg.send_null else (
         planned[c.flag] == NULL_TEXT).fill_null(False).to_numpy()
-    bid = np.where(null, bid.max() + 1 + bid, bid)  # a planned batch's null rows: their own
-    order = np.argsort(bid, kind="stable")
-    ids, starts = np.unique(bid[order], return_index=True)
+    if null.any():  # a planned batch's null rows: a batch of their own
+        bid = bid.astype(np.int64)
+        bid = np.where(null, bid.max() + 1 + bid, bid)
+    ordered = bool((bid[1:] >= bid[:-1]).all())  # planned in order: no sort, no reordering
+    order = None if ordered else np.argsort(bid, kind="stable")
+    sorted_bid = bid if order is None else bid[order]
+    starts = np.flatnonzero(np.concatenate([[True], sorted_bid[1:] != sorted_bid[:-1]]))
+    ids = sorted_bid[starts].astype(np.int64)
+    del sorted_bid
+    first = starts if order is None else order[starts]
+    aid = planned[c.agent_id].to_numpy()
     n_agents = max(min(n_agents, len(ids)), int(aid.max()) + 1)  # no agent without work
-    counts = np.diff(np.append(starts, len(order)))
-    btok = np.add.reduceat(tokens[order], starts)
+    counts = np.diff(np.append(starts, len(bid)))
+    btok = _sums(tokens if order is None else tokens[order], starts)
     btok = btok + cfg.request_overhead_tokens + cfg.output_tokens_per_row * counts
-    nbytes = np.add.reduceat(row_bytes[order], starts)
-    agents = aid[order[starts]]
-    rejected = null[order[starts]]
+    nbytes = _sums(row_bytes if order is None else row_bytes[order], starts)
+    agents = aid[first].astype(np.int64)
+    rejected = null[first]
     flags = (FROZEN * rejected + CALL_ANYWAY * ((cfg.oversize == "call") & (counts == 1))).astype(
         np.uint8)
-    bounds = np.append(starts, len(order)).astype(np.int64)
-    identity = bool((order == np.arange(len(order))).all())  # planned in order: no reordering
+    bounds = np.append(starts, len(bid)).astype(np.int64)
     reject = None
     if rejected.any():  # one text for every batch of null rows
         reject = np.full(len(ids), None, object)
         reject[rejected] = _NULL_ERROR
-    return Batches(n_agents, agents, ids, agents, btok, nbytes, flags, bounds,
-                   None if identity else order, reject)
+    return Batches(n_agents, agents, ids, agents, btok, nbytes, flags, bounds, order, reject)
+
+
+def _sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """The sums of ``values[starts[i]:starts[i+1]]`` (the last to the end), as int64."""
+    return np.add.reduceat(values, starts, dtype=np.int64)
 
 
 def _row_bytes(planned: pl.DataFrame, text: str | pl.Expr) -> np.ndarray:
