@@ -35,20 +35,24 @@ def assemble(
     n = planned.height
     outputs = _outputs(out, n, c.output, output_dtype)
     ran = out.done & ~np.isnan(out.started)
-    started = pl.Series(c.started_at, np.where(ran, out.started * 1e6, np.nan)).fill_nan(None)
+    micros = out.started * 1e6
+    micros[~ran] = 0.0
+    started = pl.Series(c.started_at, micros.astype(np.int64))  # (one buffer at a time)
+    del micros
+    never = pl.Series(~ran)
     extra = pl.DataFrame(
         [
             pl.Series(c.error, out.errors, dtype=pl.Utf8),
             pl.Series(c.attempts, out.attempts, dtype=pl.UInt16),
             pl.Series(c.run_batch_id, out.run_batch, dtype=pl.UInt32),
             pl.Series(c.run_agent_id, out.run_agent, dtype=pl.UInt16),
-            started.cast(pl.Int64).cast(pl.Datetime("us", "UTC")),
+            started.cast(pl.Datetime("us", "UTC")),
             pl.Series(c.elapsed_s, out.elapsed, dtype=pl.Float64).fill_nan(None),
         ]
     )
-    never = pl.Series(~ran)
     extra = extra.with_columns(
-        pl.when(never).then(None).otherwise(pl.col(c.run_batch_id, c.run_agent_id)).name.keep()
+        pl.when(never).then(None)
+        .otherwise(pl.col(c.run_batch_id, c.run_agent_id, c.started_at)).name.keep()
     )
     return pl.concat([planned, outputs, extra], how="horizontal")
 

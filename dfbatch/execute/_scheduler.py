@@ -69,6 +69,9 @@ class _Queue:
         self.front.appendleft(batch)
 
 
+_NONE = Batches.of([])
+
+
 class Scheduler:
     """The queues of one run. ``pending`` counts batches queued or running; 0: all done."""
 
@@ -85,6 +88,11 @@ class Scheduler:
         self.queued_load = table.load()
         self.pending = len(table)
         self.next_id = 1 + (int(table.ids.max()) if len(table) else -1)
+
+    def release(self) -> None:
+        """The run is over: drop the queues and the per-row arrays (the result is built next)."""
+        self.queues = [_Queue(_NONE, np.zeros(0, np.int64)) for _ in self.queues]
+        self.row_tokens, self.row_bytes = np.zeros(0, np.int64), None
 
     @property
     def n_agents(self) -> int:

@@ -198,6 +198,7 @@ class _Job:
             if display is not None:
                 safe(display.close, acc.snapshot())
             self.close()
+        self._spent(pool)
         if pool.fatal is not None:
             partial = self.finish(assemble(self.planned, self.merge(outcomes), c))
             raise RunStoppedError(pool.fatal, partial=partial)
@@ -208,6 +209,15 @@ class _Job:
             )
             warn_user(msg, PartialResultWarning)
         return self.finish(assemble(self.planned, self.merge(outcomes), c, self.cfg.output_dtype))
+
+
+    def _spent(self, pool: Pool) -> None:
+        """The run is over: drop what only it needed (its batches, per-row tokens and bytes)
+        before the result is built, so the two never take memory at once."""
+        pool.sched.release()
+        self.batches = Batches.of([[] for _ in range(self.batches.n_agents)])
+        self.row_tokens = np.zeros(0, self.row_tokens.dtype)  # (not a view: that keeps it)
+        self.row_bytes = np.zeros(0, self.row_bytes.dtype)
 
 
 def _chain(hooks: Sequence[Callable[[Batch, Outcomes], None]]
