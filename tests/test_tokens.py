@@ -346,6 +346,12 @@ def test_a_callable_counter_gets_the_texts_a_chunk_at_a_time(
     assert got == [0 if t is None else len(t) for t in texts.to_list()]
     assert max(calls) <= 3 and sum(calls) == 7  # 7 distinct texts, at most 3 a call
     calls.clear()
+    calls.clear()
     distinct = pl.Series("t", [None, *(str(i) for i in range(10))])
+    monkeypatch.setattr(_tokens, "_CHUNK", 20)
     assert count_tokens(distinct, count).to_list() == [0] + [len(str(i)) for i in range(10)]
-    assert calls == [2, 3, 3, 2]  # no text repeats: counted in place, a chunk at a time
+    assert calls == [10]  # a small column: its distinct texts (all 10), in one call
+    calls.clear()
+    monkeypatch.setattr(_tokens, "_CHUNK", 4)
+    assert count_tokens(distinct, count).to_list() == [0] + [len(str(i)) for i in range(10)]
+    assert calls == [3, 4, 3]  # over a chunk and hardly repeating: counted in place

@@ -194,7 +194,8 @@ def get_counter(spec: TokenSpec = "cl100k_base", *, fast: bool | None = None) ->
 def count_tokens(
     series: pl.Series, spec: TokenSpec = "cl100k_base", *, fast: bool | None = None
 ) -> pl.Series:
-    """Exact token count of each text (UInt32); nulls count 0. Each distinct text is counted once.
+    """Exact token count of each text (UInt32); nulls count 0. Each distinct text is counted once
+    (a column of over 65,536 texts that hardly repeat is counted row by row: no hash table).
 
     Examples
     --------
@@ -211,8 +212,10 @@ def count_tokens(
         )
         raise TokenizerError(msg)
     counter = get_counter(spec, fast=fast)
-    if (series.is_first_distinct() | series.is_null()).all():  # no text repeats: counted in
-        return pl.Series(series.name, _counts(counter, series), dtype=pl.UInt32)  # place
+    if len(series) > _CHUNK and series.approx_n_unique() > 0.9 * len(series):
+        # a large column of (almost) distinct texts: counted row by row, a chunk at a time (a
+        # hash table of a million texts would take more memory than they do)
+        return pl.Series(series.name, _counts(counter, series), dtype=pl.UInt32)
     distinct = series.drop_nulls().unique()
     if len(distinct) == 0:
         return pl.Series(series.name, np.zeros(len(series), np.uint32), dtype=pl.UInt32)
