@@ -381,7 +381,7 @@ def _batches(
     btok = _sums(tokens if order is None else tokens[order], starts)
     btok = btok + cfg.request_overhead_tokens + cfg.output_tokens_per_row * counts
     nbytes = _sums(row_bytes if order is None else row_bytes[order], starts)
-    agents = aid[first].astype(np.int64)
+    agents = aid[first]  # (UInt16: the plan's agent ids)
     rejected = null[first]
     flags = (FROZEN * rejected + CALL_ANYWAY * ((cfg.oversize == "call") & (counts == 1))).astype(
         np.uint8)
