@@ -212,7 +212,7 @@ def count_tokens(
         )
         raise TokenizerError(msg)
     counter = get_counter(spec, fast=fast)
-    if len(series) > _CHUNK and series.approx_n_unique() > 0.9 * len(series):
+    if len(series) > _CHUNK and int(series.approx_n_unique()) > 0.9 * len(series):  # type: ignore[arg-type]
         # a large column of (almost) distinct texts: counted row by row, a chunk at a time (a
         # hash table of a million texts would take more memory than they do)
         return pl.Series(series.name, _counts(counter, series), dtype=pl.UInt32)
