@@ -47,7 +47,8 @@ def test_contiguous_reorders_the_frame_once_and_numbers_ranges() -> None:
     order, sorted_frame, moved = contiguous(frame, batches)
     assert order is not None and order.tolist() == [4, 0, 5, 1, 3, 2]
     assert sorted_frame["x"].to_list() == [4, 0, 5, 1, 3, 2]
-    assert [(b.at, b.rows.tolist()) for q in moved for b in q] == [(0, [0, 1]), (2, [2, 3, 4, 5])]
+    assert [(b.at, b.rows.tolist()) for q in moved.lists() for b in q] == [
+        (0, [0, 1]), (2, [2, 3, 4, 5])]
     ordered = [[Batch(0, 0, np.array([0, 1]), 1, 0)], [Batch(1, 1, np.array([2, 3, 4, 5]), 1, 0)]]
     assert contiguous(frame, ordered)[0] is None  # in batch order already: no gather
 
@@ -131,3 +132,43 @@ def test_kept_outputs_are_a_copy_of_fns_list() -> None:
     piece, _ = normalize(returned, 2, "output", reserved=set())
     returned[0] = 9  # fn reuses its list for the next batch
     assert isinstance(piece, Values) and piece.values == [1, 2]
+
+
+def test_the_run_holds_no_object_per_batch_only_those_in_flight() -> None:
+    """Batches are columns (``Batches``); a ``Batch`` object lives only while it runs."""
+    import gc
+
+    alive: list[int] = []
+    calls = [0]
+
+    def fn(batch: pl.DataFrame) -> list[int]:
+        calls[0] += 1
+        if calls[0] % 50 == 0:
+            alive.append(sum(isinstance(o, Batch) for o in gc.get_objects()))
+        return list(range(batch.height))
+
+    df = pl.DataFrame({"text": [f"t{i}" for i in range(1000)]})
+    out = dfbatch.process(df, fn, items_per_batch=2, agents=2, max_concurrent_batches=1,
+                          hedge_after=None, progress=False)  # (a slow fn: never cut)
+    assert out["output"].to_list() == [i % 2 for i in range(1000)]
+    assert calls[0] == 500 and max(alive) < 100  # not one per batch of the run (500)
+
+
+def test_gathered_outputs_split_back_per_batch_where_one_column_would_change_a_value() -> None:
+    """Plain outputs of contiguous batches are built into one column per chunk only where that
+    changes nothing; a batch whose ints do not fit the first batch's type fails alone."""
+    from dfbatch.execute._outputs import Values
+    from dfbatch.execute._pieces import Pieces
+
+    p = Pieces()
+    p.add(np.arange(0, 2), 0, Values("output", [1, 2], int))
+    p.add(np.arange(2, 4), 2, Values("output", [2**70, 3], int))  # no Int64 column holds it
+    p.add(np.arange(4, 5), 4, Values("output", ["x"], str))  # another type: a new chunk
+    items = p.items()
+    assert [r.tolist() for r, _ in items] == [[0, 1], [2, 3], [4]]
+    assert all(isinstance(v, Values) for _, v in items[:2])
+    df = pl.DataFrame({"text": ["a", "b", "c", "d"]})
+    out = dfbatch.process(df, lambda b: [2**70 if t == "c" else 1 for t in b["text"]],
+                          items_per_batch=2, agents=1, progress=False)
+    assert out["output"].to_list() == [1, 1, None, 1]
+    assert out["error"][2] is not None and out["error"].null_count() == 3

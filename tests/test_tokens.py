@@ -326,3 +326,32 @@ def test_bundled_data_location_exists():
     files = encodings._bundled_files()
     assert {"cl100k_base", "o200k_base"} <= set(files)
     assert all(isinstance(p, Path) and p.exists() for p in files.values())
+
+
+def test_a_callable_counter_gets_the_texts_a_chunk_at_a_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A million distinct texts never become one Python list (memory): the counter is called
+    per chunk, and the counts still land on the right rows across chunk boundaries."""
+    from dfbatch.plan import _tokens
+
+    monkeypatch.setattr(_tokens, "_CHUNK", 3)
+    calls: list[int] = []
+
+    def count(texts: list[str]) -> list[int]:
+        calls.append(len(texts))
+        return [len(t) for t in texts]
+
+    texts = pl.Series("t", ["a", "bb", None, "ccc", "dddd", "a", "eeeee", "ffffff", "ggggggg"])
+    got = count_tokens(texts, count).to_list()
+    assert got == [0 if t is None else len(t) for t in texts.to_list()]
+    assert max(calls) <= 3 and sum(calls) == 7  # 7 distinct texts, at most 3 a call
+    calls.clear()
+    calls.clear()
+    distinct = pl.Series("t", [None, *(str(i) for i in range(10))])
+    monkeypatch.setattr(_tokens, "_CHUNK", 20)
+    assert count_tokens(distinct, count).to_list() == [0] + [len(str(i)) for i in range(10)]
+    assert calls == [10]  # a small column: its distinct texts (all 10), in one call
+    calls.clear()
+    monkeypatch.setattr(_tokens, "_CHUNK", 4)
+    assert count_tokens(distinct, count).to_list() == [0] + [len(str(i)) for i in range(10)]
+    assert calls == [3, 4, 3]  # over a chunk and hardly repeating: counted in place

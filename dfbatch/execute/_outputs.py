@@ -60,6 +60,20 @@ def as_frame(piece: Output) -> pl.DataFrame:
     return piece.frame() if isinstance(piece, Values) else piece
 
 
+def merged_column(name: str, values: list[Any], first: list[Any] | None) -> pl.DataFrame | None:
+    """One column for the ``values`` of several batches (of one Python type) where that changes
+    nothing: the type that ``first`` (the values of the first batch with a value; None: no
+    value) would get alone, no value lost. None where it would: build one frame per batch."""
+    try:
+        column = pl.Series(name, values, strict=False)
+        alone = _column(name, first).to_series().dtype if first is not None else pl.Null
+    except Exception:
+        return None
+    if column.dtype != alone or column.null_count() != sum(x is None for x in values):
+        return None
+    return column.to_frame()
+
+
 def _column(name: str, values: list[Any]) -> pl.DataFrame:
     try:
         return pl.Series(name, values, strict=False).to_frame()

@@ -32,7 +32,7 @@ from dfbatch.execute._caller import LOCAL, CallerFactory
 from dfbatch.execute._charge import one_request_per_call
 from dfbatch.execute._limits import Cost, Hold
 from dfbatch.execute._recorder import Answered, Outcomes, Recorder, Verdict
-from dfbatch.execute._scheduler import Batch, Scheduler
+from dfbatch.execute._scheduler import Batch, Batches, Scheduler
 from dfbatch.execute._stack import RunLimits
 
 __all__ = ["Batch", "Outcomes", "Pool"]  # Batch, Outcomes: for persist._checkpoint
@@ -47,7 +47,7 @@ class Pool:
         self,
         fn: Callable[[pl.DataFrame], Any],
         frame: pl.DataFrame,
-        batches: list[list[Batch]],
+        batches: Batches | list[list[Batch]],
         cfg: BatchConfig,
         *,
         row_tokens: np.ndarray,
@@ -65,7 +65,7 @@ class Pool:
         self.frame = frame
         self.token_limit = cfg.token_limit
         if limits is None:
-            limits = RunLimits.from_config(cfg, len(batches),
+            limits = RunLimits.from_config(cfg, batches.n_agents,
                                            rates_elsewhere=engine.rates_elsewhere)
         self.limits = limits
         # bigger batches only where they mean fewer requests (not a per-row adapter)
@@ -194,29 +194,18 @@ class Pool:
 
 
 def contiguous(
-    frame: pl.DataFrame, batches: list[list[Batch]]
-) -> tuple[np.ndarray | None, pl.DataFrame, list[list[Batch]]]:
+    frame: pl.DataFrame, batches: Batches | list[list[Batch]]
+) -> tuple[np.ndarray | None, pl.DataFrame, Batches]:
     """``frame`` reordered so each batch's rows are one contiguous range (one gather), the
     batches renumbered to those ranges, and the order (run position -> frame position; None
     when the frame needs no reordering). Rows in no batch go last."""
-    flat = [b for q in batches for b in q]
-    if not flat:
-        return None, frame, batches
-    order = np.concatenate([b.rows for b in flat]).astype(np.int64, copy=False)
+    table = Batches.of(batches)
+    if not len(table):
+        return None, frame, table
+    order = table.row_order()
     if len(order) < frame.height:
         order = np.concatenate([order, np.setdiff1d(np.arange(frame.height), order)])
     identity = len(order) == frame.height and bool((order == np.arange(len(order))).all())
-    positions = np.arange(len(order))
-    renumbered: list[list[Batch]] = []
-    at = 0
-    for q in batches:
-        moved = []
-        for b in q:
-            n = len(b.rows)
-            moved.append(Batch(b.id, b.planned_agent, positions[at:at + n], b.tokens, b.nbytes,
-                               b.call_anyway, b.frozen, at, b.reject))
-            at += n
-        renumbered.append(moved)
     if identity:
-        return None, frame, renumbered
-    return order, frame[order], renumbered
+        return None, frame, table.contiguous()
+    return order, frame[order], table.contiguous()

@@ -18,6 +18,7 @@ import polars as pl
 from dfbatch.events import BatchFailed, BatchFinished, BatchHedged, BatchStarted, Event
 from dfbatch.execute import _usage
 from dfbatch.execute._outputs import Output, as_frame
+from dfbatch.execute._pieces import Pieces
 from dfbatch.execute._scheduler import Batch
 
 CANCELLED = "cancelled"
@@ -35,7 +36,8 @@ class Outcomes:
     elapsed: np.ndarray = field(init=False)
     done: np.ndarray = field(init=False)
     errors: list[str | None] = field(init=False)
-    pieces: list[tuple[np.ndarray, Output]] = field(default_factory=list)
+    kept: Pieces = field(default_factory=Pieces, repr=False)  # outputs (``pieces``)
+    last: tuple[np.ndarray, Output] | None = field(default=None, repr=False)  # for output_of
 
     def __post_init__(self) -> None:
         self.attempts = np.zeros(self.n, np.uint16)
@@ -46,14 +48,22 @@ class Outcomes:
         self.done = np.zeros(self.n, bool)
         self.errors = [None] * self.n
 
+    @property
+    def pieces(self) -> list[tuple[np.ndarray, Output]]:
+        """The outputs: (rows, output) pairs in the order batches were answered."""
+        return self.kept.items()
+
+    @pieces.setter
+    def pieces(self, items: list[tuple[np.ndarray, Output]]) -> None:
+        self.kept = Pieces(items)
+
     def output_of(self, rows: np.ndarray, since: int) -> tuple[pl.DataFrame | None, int]:
-        """The output frame recorded for a batch of ``rows`` (None for a failed batch), looked
-        up among the pieces added since ``since``, and the count to pass next time."""
-        pieces = self.pieces
-        for i in range(len(pieces) - 1, max(since, len(pieces) - 64) - 1, -1):
-            got, frame = pieces[i]
-            if got is rows or (len(got) == len(rows) and np.array_equal(got, rows)):
-                return as_frame(frame), len(pieces)
+        """The output frame recorded for the batch of ``rows`` just finished (None for a failed
+        batch); ``since`` is passed back unchanged (kept for the hooks' calls)."""
+        got = self.last
+        if got is not None and (got[0] is rows or (
+                len(got[0]) == len(rows) and np.array_equal(got[0], rows))):
+            return as_frame(got[1]), since
         return None, since
 
     def reordered(self, order: np.ndarray) -> Outcomes:
@@ -132,7 +142,8 @@ class Recorder:
 
     def answered(self, a: int, batch: Batch, v: Answered) -> None:
         self._stamp(a, batch, v.wall0, v.elapsed)
-        self.out.pieces.append((batch.rows, v.frame))
+        self.out.kept.add(batch.rows, batch.at, v.frame)
+        self.out.last = (batch.rows, v.frame)  # (the hooks' output_of)
         n_err = 0
         if v.row_errors is not None:
             for i, err in zip(batch.rows.tolist(), v.row_errors, strict=True):
@@ -148,6 +159,7 @@ class Recorder:
 
     def failed(self, a: int, batch: Batch, msg: str, wall0: float, elapsed: float) -> None:
         self._stamp(a, batch, wall0, elapsed)
+        self.out.last = None
         for i in batch.rows.tolist():
             self.out.errors[i] = msg
         if self.emit is not None:

@@ -17,7 +17,7 @@ import polars as pl
 
 from dfbatch.config import Columns
 from dfbatch.errors import ColumnError, OutputError
-from dfbatch.execute._outputs import Values, conform, decide_schema, declared
+from dfbatch.execute._outputs import Values, conform, decide_schema, declared, merged_column
 from dfbatch.execute._recorder import Outcomes
 
 _ROW = "__dfbatch_row"
@@ -35,20 +35,24 @@ def assemble(
     n = planned.height
     outputs = _outputs(out, n, c.output, output_dtype)
     ran = out.done & ~np.isnan(out.started)
-    started = pl.Series(c.started_at, np.where(ran, out.started * 1e6, np.nan)).fill_nan(None)
+    micros = out.started * 1e6
+    micros[~ran] = 0.0
+    started = pl.Series(c.started_at, micros.astype(np.int64))  # (one buffer at a time)
+    del micros
+    never = pl.Series(~ran)
     extra = pl.DataFrame(
         [
             pl.Series(c.error, out.errors, dtype=pl.Utf8),
             pl.Series(c.attempts, out.attempts, dtype=pl.UInt16),
             pl.Series(c.run_batch_id, out.run_batch, dtype=pl.UInt32),
             pl.Series(c.run_agent_id, out.run_agent, dtype=pl.UInt16),
-            started.cast(pl.Int64).cast(pl.Datetime("us", "UTC")),
+            started.cast(pl.Datetime("us", "UTC")),
             pl.Series(c.elapsed_s, out.elapsed, dtype=pl.Float64).fill_nan(None),
         ]
     )
-    never = pl.Series(~ran)
     extra = extra.with_columns(
-        pl.when(never).then(None).otherwise(pl.col(c.run_batch_id, c.run_agent_id)).name.keep()
+        pl.when(never).then(None)
+        .otherwise(pl.col(c.run_batch_id, c.run_agent_id, c.started_at)).name.keep()
     )
     return pl.concat([planned, outputs, extra], how="horizontal")
 
@@ -116,8 +120,9 @@ def _placed(frame: pl.DataFrame, rows: np.ndarray, n: int) -> pl.DataFrame:
 
     One gather by an index (no join: a join's hash table costs more memory than the outputs).
     """
-    at = np.full(n, -1, np.int64)
-    at[rows] = np.arange(len(rows))
+    kind: type[np.signedinteger[Any]] = np.int32 if n < 2**31 else np.int64  # (half the
+    at = np.full(n, -1, kind)  # memory of a million-row index)
+    at[rows] = np.arange(len(rows), dtype=kind)
     index = pl.Series(_ROW, at)
     if len(rows) < n:
         index = index.scatter(np.flatnonzero(at < 0), None)
@@ -166,16 +171,9 @@ def _frames(out: Outcomes) -> list[tuple[np.ndarray, pl.DataFrame]]:
 def _merged(run: list[tuple[np.ndarray, Values]]) -> tuple[np.ndarray, pl.DataFrame] | None:
     if len(run) == 1:
         return None
-    first = next((v for _, v in run if any(x is not None for x in v.values)), None)
-    values = [x for _, v in run for x in v.values]
-    try:
-        column = pl.Series(run[0][1].name, values, strict=False)
-        alone = first.frame().to_series().dtype if first is not None else pl.Null
-    except Exception:
-        return None
-    if column.dtype != alone or column.null_count() != sum(x is None for x in values):
-        return None
-    return np.concatenate([r for r, _ in run]), column.to_frame()
+    first = next((v.values for _, v in run if any(x is not None for x in v.values)), None)
+    column = merged_column(run[0][1].name, [x for _, v in run for x in v.values], first)
+    return None if column is None else (np.concatenate([r for r, _ in run]), column)
 
 
 def _require(result: pl.DataFrame, columns: Columns) -> None:

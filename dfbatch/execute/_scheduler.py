@@ -21,55 +21,78 @@ Examples
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from dfbatch.config import BatchConfig
+from dfbatch.execute._batches import Batch, Batches
 from dfbatch.execute._sizing import BatchSizer
 
+__all__ = ["Batch", "Batches", "Scheduler", "narrow"]
 
-@dataclass(slots=True)
-class Batch:
-    """Rows (positions in the frame) that go to fn in one call.
 
-    ``at`` >= 0: the rows are the contiguous range ``at .. at + len(rows)`` (the pool cuts them
-    as a zero-copy slice and stamps outcomes through ``index``, a basic slice); -1: scattered.
-    """
+class _Queue:
+    """One agent's deque: batches made during the run (``front``), then the planned ones not
+    yet taken (``order[head:]``, indices into the run's ``Batches``, built when taken)."""
 
-    id: int
-    planned_agent: int
-    rows: np.ndarray
-    tokens: int  # request tokens: overhead + row tokens + expected output
-    nbytes: int
-    call_anyway: bool = False  # a single oversize row sent under oversize="call"
-    frozen: bool = False  # made by bisection: dynamic sizing never merges it back
-    at: int = -1
-    reject: str | None = None  # rows that get this error value without a call (null texts)
+    __slots__ = ("front", "head", "order", "table")
 
-    @property
-    def index(self) -> slice | np.ndarray:
-        """What indexes this batch's rows in per-row arrays: a slice where contiguous."""
-        return slice(self.at, self.at + len(self.rows)) if self.at >= 0 else self.rows
+    def __init__(self, table: Batches, order: np.ndarray) -> None:
+        self.table, self.order, self.head = table, order, 0
+        self.front: deque[Batch] = deque()
+
+    def __len__(self) -> int:
+        return len(self.front) + len(self.order) - self.head
+
+    def __bool__(self) -> bool:
+        return bool(self.front) or self.head < len(self.order)
+
+    def __getitem__(self, i: int) -> Batch:  # only the head is ever looked at
+        if i != 0 or not self:
+            raise IndexError(i)
+        if not self.front:
+            self.front.append(self.popleft())
+        return self.front[0]
+
+    def popleft(self) -> Batch:
+        if self.front:
+            return self.front.popleft()
+        if self.head >= len(self.order):
+            msg = "pop from an empty queue"
+            raise IndexError(msg)
+        self.head += 1
+        return self.table.batch(int(self.order[self.head - 1]))
+
+    def appendleft(self, batch: Batch) -> None:
+        self.front.appendleft(batch)
+
+
+_NONE = Batches.of([])
 
 
 class Scheduler:
     """The queues of one run. ``pending`` counts batches queued or running; 0: all done."""
 
-    def __init__(self, batches: list[list[Batch]], cfg: BatchConfig, *, row_tokens: np.ndarray,
-                 row_bytes: np.ndarray | None = None, sizer: BatchSizer | None = None,
+    def __init__(self, batches: Batches | Sequence[Sequence[Batch]], cfg: BatchConfig, *,
+                 row_tokens: np.ndarray, row_bytes: np.ndarray | None = None,
+                 sizer: BatchSizer | None = None,
                  rate_bound: Callable[[], bool] = lambda: False,
                  on_change: Callable[[], None] = lambda: None) -> None:
         self.cfg = cfg
         self.row_tokens, self.row_bytes = row_tokens, row_bytes
         self.sizer, self.rate_bound, self.on_change = sizer, rate_bound, on_change
-        self.queues = [deque(sorted(q, key=lambda b: (-b.tokens, b.id))) for q in batches]
-        self.queued_load = [sum(b.tokens for b in q) for q in self.queues]
-        self.pending = sum(len(q) for q in self.queues)
-        self.next_id = 1 + max((b.id for q in batches for b in q), default=-1)
+        table = Batches.of(batches)
+        self.queues = [_Queue(table, order) for order in table.queues()]
+        self.queued_load = table.load()
+        self.pending = len(table)
+        self.next_id = 1 + (int(table.ids.max()) if len(table) else -1)
+
+    def release(self) -> None:
+        """The run is over: drop the queues and the per-row arrays (the result is built next)."""
+        self.queues = [_Queue(_NONE, np.zeros(0, np.int64)) for _ in self.queues]
+        self.row_tokens, self.row_bytes = np.zeros(0, np.int64), None
 
     @property
     def n_agents(self) -> int:
@@ -177,25 +200,10 @@ def _at(batch: Batch, offset: int) -> int:
     return batch.at + offset if batch.at >= 0 else -1
 
 
-def narrow(batches: list[list[Batch]], keep: np.ndarray, n: int, row_tokens: np.ndarray,
-           row_bytes: np.ndarray, cfg: BatchConfig) -> list[list[Batch]]:
+def narrow(batches: Batches | Sequence[Sequence[Batch]], keep: np.ndarray, n: int,
+           row_tokens: np.ndarray, row_bytes: np.ndarray, cfg: BatchConfig) -> Batches:
     """``batches`` over the rows ``keep`` of ``n`` only, renumbered to positions in ``keep``
     (``row_tokens`` / ``row_bytes`` are already of those rows): a batch that lost some rows
     is costed anew, one that lost all is dropped (a checkpoint or a cache holds them)."""
-    new_pos = np.full(n, -1, np.int64)
-    new_pos[keep] = np.arange(len(keep))
-    out: list[list[Batch]] = []
-    for queue in batches:
-        kept = []
-        for b in queue:
-            rows = new_pos[b.rows]
-            rows = rows[rows >= 0]
-            if len(rows) == len(b.rows):
-                kept.append(dataclasses.replace(b, rows=rows, at=-1))
-            elif len(rows):  # some rows of this batch are held elsewhere: send the others
-                need = (cfg.request_overhead_tokens + int(row_tokens[rows].sum())
-                        + cfg.output_tokens_per_row * len(rows))
-                kept.append(dataclasses.replace(b, rows=rows, at=-1, tokens=need,
-                                                nbytes=int(row_bytes[rows].sum())))
-        out.append(kept)
-    return out
+    return Batches.of(batches).narrow(keep, n, row_tokens, row_bytes,
+                                      cfg.request_overhead_tokens, cfg.output_tokens_per_row)

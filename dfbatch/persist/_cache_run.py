@@ -41,7 +41,7 @@ import polars as pl
 from dfbatch.config import BatchConfig
 from dfbatch.errors import CheckpointWarning, ConfigError, did_you_mean
 from dfbatch.execute._recorder import Outcomes
-from dfbatch.execute._scheduler import Batch, narrow
+from dfbatch.execute._scheduler import Batch, Batches, narrow
 from dfbatch.persist._cache import Cache
 from dfbatch.persist._cache_codec import float_bits
 from dfbatch.persist._fingerprint import fn_identity
@@ -225,9 +225,9 @@ class CacheRun:
         return self.hits
 
     def restrict(
-        self, frame: pl.DataFrame, batches: list[list[Batch]], row_tokens: np.ndarray,
+        self, frame: pl.DataFrame, batches: Batches, row_tokens: np.ndarray,
         row_bytes: np.ndarray,
-    ) -> tuple[pl.DataFrame, list[list[Batch]], np.ndarray, np.ndarray]:
+    ) -> tuple[pl.DataFrame, Batches, np.ndarray, np.ndarray]:
         """The frame, batches, tokens and bytes of the rows not cached (rows renumbered).
 
         ``frame`` is looked up unless ``lookup`` was already called with it (a stream looks a

@@ -65,7 +65,7 @@ from dfbatch.config import BatchConfig
 from dfbatch.errors import CheckpointError, CheckpointWarning, ConfigError, did_you_mean
 from dfbatch.execute._outputs import declared
 from dfbatch.execute._recorder import Outcomes
-from dfbatch.execute._scheduler import Batch, narrow
+from dfbatch.execute._scheduler import Batch, Batches, narrow
 from dfbatch.persist._fingerprint import callable_name as callable_name  # re-exported
 from dfbatch.persist._fingerprint import fingerprint as fingerprint  # re-exported
 from dfbatch.persist._fingerprint import fingerprint_of_ids, row_ids, unsure_error
@@ -184,9 +184,9 @@ class Journal:
         return self.done.height
 
     def restrict(
-        self, frame: pl.DataFrame, batches: list[list[Batch]], row_tokens: np.ndarray,
+        self, frame: pl.DataFrame, batches: Batches, row_tokens: np.ndarray,
         row_bytes: np.ndarray,
-    ) -> tuple[pl.DataFrame, list[list[Batch]], np.ndarray, np.ndarray]:
+    ) -> tuple[pl.DataFrame, Batches, np.ndarray, np.ndarray]:
         """The frame, batches, tokens and bytes of the rows still to do (rows renumbered)."""
         self.acquire()
         if len(self.todo) == self.n:

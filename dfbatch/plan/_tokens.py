@@ -194,7 +194,8 @@ def get_counter(spec: TokenSpec = "cl100k_base", *, fast: bool | None = None) ->
 def count_tokens(
     series: pl.Series, spec: TokenSpec = "cl100k_base", *, fast: bool | None = None
 ) -> pl.Series:
-    """Exact token count of each text (UInt32); nulls count 0. Each distinct text is counted once.
+    """Exact token count of each text (UInt32); nulls count 0. Each distinct text is counted once
+    (a column of over 65,536 texts that hardly repeat is counted row by row: no hash table).
 
     Examples
     --------
@@ -211,11 +212,27 @@ def count_tokens(
         )
         raise TokenizerError(msg)
     counter = get_counter(spec, fast=fast)
+    if len(series) > _CHUNK and int(series.approx_n_unique()) > 0.9 * len(series):  # type: ignore[arg-type]
+        # a large column of (almost) distinct texts: counted row by row, a chunk at a time (a
+        # hash table of a million texts would take more memory than they do)
+        return pl.Series(series.name, _counts(counter, series), dtype=pl.UInt32)
     distinct = series.drop_nulls().unique()
     if len(distinct) == 0:
         return pl.Series(series.name, np.zeros(len(series), np.uint32), dtype=pl.UInt32)
-    counts = pl.Series(counter(distinct.to_list()), dtype=pl.UInt32)
+    counts = pl.Series(_counts(counter, distinct), dtype=pl.UInt32)
     return series.replace_strict(distinct, counts, default=0, return_dtype=pl.UInt32)
+
+
+def _counts(counter: TokenCounter, texts: pl.Series) -> np.ndarray:
+    """``counter`` over ``texts`` a chunk at a time: a million Python strings at once would
+    cost more memory than the frame. A null counts 0."""
+    out = np.zeros(len(texts), np.uint32)
+    for at in range(0, len(texts), _CHUNK):
+        chunk = texts.slice(at, _CHUNK)
+        keep = chunk.is_not_null().to_numpy()
+        if keep.any():
+            out[at:at + len(chunk)][keep] = counter(chunk.filter(keep).to_list())
+    return out
 
 
 def truncate(

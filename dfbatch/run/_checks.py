@@ -37,7 +37,7 @@ import polars as pl
 from dfbatch.config import BatchConfig
 from dfbatch.errors import ColumnError, ConfigError
 from dfbatch.execute._charge import charges_per_request, one_request_per_call
-from dfbatch.execute._scheduler import Batch
+from dfbatch.execute._scheduler import Batch, Batches
 
 _MAX_AGENT_ID = 65_534  # agent ids are UInt16
 
@@ -88,7 +88,7 @@ def _check_plan(df: pl.DataFrame, cfg: BatchConfig) -> None:
 
 
 def check_rates(fn: Any, cfg: BatchConfig, row_tokens: np.ndarray,
-                batches: Sequence[Sequence[Batch]]) -> None:
+                batches: Batches | Sequence[Sequence[Batch]]) -> None:
     """Refuse ``tpm=`` below the smallest request an fn that charges each request would send.
 
     >>> import numpy as np
@@ -103,10 +103,10 @@ def check_rates(fn: Any, cfg: BatchConfig, row_tokens: np.ndarray,
     if cfg.tpm is None or not charges_per_request(fn) or not len(row_tokens):
         return
     if one_request_per_call(fn):
-        sizes = [b.tokens for agent in batches for b in agent]
-        if not sizes:
+        sizes = Batches.of(batches).tokens
+        if not len(sizes):
             return
-        smallest = min(sizes)
+        smallest = int(sizes.min())
     else:
         smallest = int(np.min(row_tokens)) + cfg.output_tokens_per_row
     if cfg.tpm < smallest:

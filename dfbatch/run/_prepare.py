@@ -27,11 +27,11 @@ from dfbatch.errors import (
     warn_user,
 )
 from dfbatch.events import Event, RunFinished, RunStarted, StatsAccumulator
+from dfbatch.execute._batches import CALL_ANYWAY, FROZEN, Batch, Batches
 from dfbatch.execute._caller import LOCAL, CallerFactory
 from dfbatch.execute._loop import mark_run, unmark_run
 from dfbatch.execute._pool import Outcomes, Pool
 from dfbatch.execute._result import assemble, attach_partial
-from dfbatch.execute._scheduler import Batch
 from dfbatch.execute._stack import RunLimits
 from dfbatch.persist._cache_run import CacheRun
 from dfbatch.persist._checkpoint import Journal
@@ -40,7 +40,7 @@ from dfbatch.run._checks import check_frame, check_rates
 from dfbatch.run._wiring import open_display, safe, tick
 
 Fn = Callable[[pl.DataFrame], Any]
-_Left = tuple[pl.DataFrame, list[list[Batch]], np.ndarray, np.ndarray]
+_Left = tuple[pl.DataFrame, Batches, np.ndarray, np.ndarray]
 _ROW_OVERHEAD_BYTES = 64
 _DEFAULT_OUTPUT_TOKENS = BatchConfig().output_tokens_per_row
 _NULL_ERROR = ("null_text: the text is null or empty, so it was not sent; pass send_null=True "
@@ -53,7 +53,7 @@ class _Job:
     cfg: BatchConfig
     planned: pl.DataFrame
     send: pl.DataFrame  # what fn sees (texts truncated under oversize="truncate")
-    batches: list[list[Batch]]
+    batches: Batches
     row_tokens: np.ndarray
     row_bytes: np.ndarray
     pool: Pool | None = None
@@ -90,7 +90,7 @@ class _Job:
 
     def limits(self) -> RunLimits:
         """The run's limit stack (a stream builds it once and shares it by every chunk)."""
-        return RunLimits.from_config(self.cfg, len(self.batches),
+        return RunLimits.from_config(self.cfg, self.batches.n_agents,
                                      rates_elsewhere=self.engine.rates_elsewhere)
 
     def narrow(self) -> _Left:
@@ -168,8 +168,7 @@ class _Job:
 
         pool = self.pool_for(emit, left=await asyncio.to_thread(self.narrow))
         c = self.cfg.columns
-        queues = pool.sched.queues
-        per_agent = tuple(sum(b.tokens for b in q) for q in queues)  # request tokens, as done
+        per_agent = tuple(pool.sched.queued_load)  # request tokens, as done
         hits = len(self.cache.hits) if self.cache is not None else 0
         before = self.planned.height - pool.frame.height - hits  # done by an earlier run
         if before and progress is not False:
@@ -199,6 +198,7 @@ class _Job:
             if display is not None:
                 safe(display.close, acc.snapshot())
             self.close()
+        self._spent(pool)
         if pool.fatal is not None:
             partial = self.finish(assemble(self.planned, self.merge(outcomes), c))
             raise RunStoppedError(pool.fatal, partial=partial)
@@ -209,6 +209,15 @@ class _Job:
             )
             warn_user(msg, PartialResultWarning)
         return self.finish(assemble(self.planned, self.merge(outcomes), c, self.cfg.output_dtype))
+
+
+    def _spent(self, pool: Pool) -> None:
+        """The run is over: drop what only it needed (its batches, per-row tokens and bytes)
+        before the result is built, so the two never take memory at once."""
+        pool.sched.release()
+        self.batches = Batches.of([[] for _ in range(self.batches.n_agents)])
+        self.row_tokens = np.zeros(0, self.row_tokens.dtype)  # (not a view: that keeps it)
+        self.row_bytes = np.zeros(0, self.row_bytes.dtype)
 
 
 def _chain(hooks: Sequence[Callable[[Batch, Outcomes], None]]
@@ -346,34 +355,47 @@ def _oversize_rows(tokens: np.ndarray, cfg: BatchConfig) -> np.ndarray:
 
 def _batches(
     planned: pl.DataFrame, tokens: np.ndarray, row_bytes: np.ndarray, cfg: BatchConfig
-) -> list[list[Batch]]:
-    """Group row positions by planned batch (vectorized) into per-agent lists of Batch."""
+) -> Batches:
+    """Group row positions by planned batch (vectorized) into per-agent queues of batches
+    (``Batches``: columns, no object per batch)."""
     c = cfg.columns
     n_agents = cfg.n_agents
     if planned.height == 0:
-        return [[] for _ in range(n_agents)]
-    bid = planned[c.batch_id].to_numpy().astype(np.int64)
-    aid = planned[c.agent_id].to_numpy().astype(np.int64)
+        return Batches.of([[] for _ in range(n_agents)])
+    bid = planned[c.batch_id].to_numpy()
     null = np.zeros(len(bid), bool) if cfg.send_null else (
         planned[c.flag] == NULL_TEXT).fill_null(False).to_numpy()
-    bid = np.where(null, bid.max() + 1 + bid, bid)  # a planned batch's null rows: their own
-    order = np.argsort(bid, kind="stable")
-    ids, starts = np.unique(bid[order], return_index=True)
+    if null.any():  # a planned batch's null rows: a batch of their own
+        bid = bid.astype(np.int64)
+        bid = np.where(null, bid.max() + 1 + bid, bid)
+    ordered = bool((bid[1:] >= bid[:-1]).all())  # planned in order: no sort, no reordering
+    order = None if ordered else np.argsort(bid, kind="stable")
+    sorted_bid = bid if order is None else bid[order]
+    starts = np.flatnonzero(np.concatenate([[True], sorted_bid[1:] != sorted_bid[:-1]]))
+    ids = sorted_bid[starts].astype(np.int64)
+    del sorted_bid
+    first = starts if order is None else order[starts]
+    aid = planned[c.agent_id].to_numpy()
     n_agents = max(min(n_agents, len(ids)), int(aid.max()) + 1)  # no agent without work
-    groups = np.split(order, starts[1:])
-    counts = np.diff(np.append(starts, len(order)))
-    btok = np.add.reduceat(tokens[order], starts)
+    counts = np.diff(np.append(starts, len(bid)))
+    btok = _sums(tokens if order is None else tokens[order], starts)
     btok = btok + cfg.request_overhead_tokens + cfg.output_tokens_per_row * counts
-    nbytes = np.add.reduceat(row_bytes[order], starts)
-    agents = aid[order[starts]]
-    call = cfg.oversize == "call"
-    out: list[list[Batch]] = [[] for _ in range(n_agents)]
-    for i in range(len(ids)):  # one Batch object per batch (not per row)
-        reject = _NULL_ERROR if null[groups[i][0]] else None
-        out[int(agents[i])].append(Batch(int(ids[i]), int(agents[i]), groups[i], int(btok[i]),
-                                         int(nbytes[i]), call and counts[i] == 1,
-                                         frozen=reject is not None, reject=reject))
-    return out
+    nbytes = _sums(row_bytes if order is None else row_bytes[order], starts)
+    agents = aid[first]  # (UInt16: the plan's agent ids)
+    rejected = null[first]
+    flags = (FROZEN * rejected + CALL_ANYWAY * ((cfg.oversize == "call") & (counts == 1))).astype(
+        np.uint8)
+    bounds = np.append(starts, len(bid)).astype(np.int64)
+    reject = None
+    if rejected.any():  # one text for every batch of null rows
+        reject = np.full(len(ids), None, object)
+        reject[rejected] = _NULL_ERROR
+    return Batches(n_agents, agents, ids, agents, btok, nbytes, flags, bounds, order, reject)
+
+
+def _sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """The sums of ``values[starts[i]:starts[i+1]]`` (the last to the end), as int64."""
+    return np.add.reduceat(values, starts, dtype=np.int64)
 
 
 def _row_bytes(planned: pl.DataFrame, text: str | pl.Expr) -> np.ndarray:

@@ -240,7 +240,7 @@ class _Stream:
 
     def _start(self, chunk: _Chunk, emit: Callable[[Event], None]) -> None:
         job = chunk.job
-        if self.limits is None or len(self.limits.agent_slots) != len(job.batches):
+        if self.limits is None or len(self.limits.agent_slots) != job.batches.n_agents:
             self.limits = job.limits()  # the agents and their limits carry over
 
         def emit_chunk(ev: Event) -> None:
