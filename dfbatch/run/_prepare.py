@@ -179,8 +179,9 @@ class _Job:
                         per_agent, cached_rows=hits, rows_before=before, rpm=self.cfg.rpm,
                         tpm=self.cfg.tpm))
         display = open_display(progress, pool.frame.height, pool.stop if stoppable else None)
-        if display is None and on_event is None:
-            pool.recorder.emit = None  # nobody listens: the hot path builds no batch events
+        # the live view counts each batch from its fields; only on_event gets batch events
+        # (nobody listens: the hot path builds none)
+        pool.recorder.listen(acc if display is not None else None, on_event)
         ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
         in_run = mark_run()  # a blocking process() in fn runs on its own loop (execute._loop)
         try:
