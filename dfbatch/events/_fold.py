@@ -145,7 +145,18 @@ class StatsAccumulator:
                        rows: int, tokens: int, elapsed_s: float, ok_rows: int, error_rows: int,
                        input_tokens: int = 0, output_tokens: int = 0) -> None:
         """A call returned outputs for every row (``BatchFinished``)."""
-        a = self._end_call(t, batch_id, agent_id, tokens)
+        # _end_call, inlined: once a batch
+        if t > self.t_last:
+            self.t_last = t
+        if self.t0 is None:
+            self.t0 = t
+        a = self.agents[agent_id] if agent_id < len(self.agents) else self._agent(agent_id)
+        a.in_flight -= 1
+        a.inflight_tokens -= tokens
+        if self.more_calls and batch_id in self.more_calls:
+            self._end_more(batch_id)
+        else:
+            self.open_calls.pop(batch_id, None)
         a.done_rows += rows
         a.done_tokens += tokens
         a.done_batches += 1
@@ -189,14 +200,18 @@ class StatsAccumulator:
         a = self.agents[agent_id] if agent_id < len(self.agents) else self._agent(agent_id)
         a.in_flight -= 1
         a.inflight_tokens -= tokens
-        if self.more_calls and batch_id in self.more_calls:  # the oldest call ends first
-            more = self.more_calls[batch_id]
-            self.open_calls[batch_id] = more.pop(0)
-            if not more:
-                del self.more_calls[batch_id]
+        if self.more_calls and batch_id in self.more_calls:
+            self._end_more(batch_id)
         else:
             self.open_calls.pop(batch_id, None)
         return a
+
+    def _end_more(self, batch_id: int) -> None:
+        """One of several calls of ``batch_id`` ended: the oldest (its start goes)."""
+        more = self.more_calls[batch_id]
+        self.open_calls[batch_id] = more.pop(0)
+        if not more:
+            del self.more_calls[batch_id]
 
     # -- any event -------------------------------------------------------------------------------
     def apply(self, ev: Event) -> None:
