@@ -191,3 +191,10 @@ def test_batch_calls_folded_from_their_fields_equal_the_events_folded() -> None:
     assert (s.calls, s.errors, s.input_tokens, s.output_tokens) == (2, 2, 30, 5)
     stolen = [(a.done_rows, a.stolen, a.stolen_tokens) for a in s.agents]
     assert stolen == [(4, 0, 0), (4, 1, 8)]  # a failed batch counts as done, not as stolen
+
+
+def test_every_int_count_of_runstats_is_counted() -> None:
+    from dfbatch.events import RunStats
+
+    ints = {k for k, f in RunStats.__dataclass_fields__.items() if f.type == "int"}
+    assert set(StatsAccumulator().counts()) == ints

@@ -36,6 +36,7 @@ _AGENT_COUNTS = tuple(k for k in AgentStats.__dataclass_fields__
 # RunStats' counts that are the sums of the agents' (kept once, per agent)
 _SUMMED = (("in_flight", "in_flight"), ("rows_done", "done_rows"),
            ("batches_done", "done_batches"), ("tokens_done", "done_tokens"))
+_HOT = ("calls", "rows_ok", "rows_failed")  # bumped once a batch: StatsAccumulator's slots
 
 
 @dataclass(slots=True)
@@ -109,7 +110,8 @@ class StatsAccumulator:
     _sample_at: float = field(init=False, default=float("-inf"))  # no sample before this time
 
     def __post_init__(self) -> None:
-        self.stats = dict.fromkeys(_RUN_INTS, 0)
+        not_here = {*_HOT, *(k for k, _ in _SUMMED)}
+        self.stats = dict.fromkeys((k for k in _RUN_INTS if k not in not_here), 0)
         self.incidents = deque(maxlen=self.max_incidents)
         self.latencies = deque(maxlen=self.latency_window)
         self._history_step = self.history_every_s
@@ -271,8 +273,7 @@ class StatsAccumulator:
 
     def counts(self) -> dict[str, int]:
         """RunStats' int fields as they stand."""
-        return {**self.stats, "calls": self.calls, "rows_ok": self.rows_ok,
-                "rows_failed": self.rows_failed,
+        return {**self.stats, **{k: getattr(self, k) for k in _HOT},
                 **{k: self._sum(mine) for k, mine in _SUMMED}}
 
     def _sample(self, t: float, *, force: bool = False) -> None:
