@@ -151,7 +151,7 @@ def test_a_long_random_stream_is_consistent() -> None:
 
 
 def test_calls_of_one_batch_id_in_flight_end_oldest_first() -> None:
-    # two chunks of a streamed run reuse batch ids: both calls are in flight, the oldest counts
+    # events folded from elsewhere (not the pool) may have two calls of one batch id in flight
     acc = StatsAccumulator()
     for ev in [start(), began(1.0, 0, 0), began(2.0, 0, 1), began(3.0, 1, 1)]:
         acc.apply(ev)

@@ -138,7 +138,7 @@ class StatsAccumulator:
         a.in_flight += 1
         a.inflight_tokens += tokens
         self.calls += 1
-        if batch_id in self.open_calls:  # (two chunks of a streamed run reuse batch ids)
+        if batch_id in self.open_calls:  # (not from the pool: events folded from elsewhere)
             self.more_calls.setdefault(batch_id, []).append(t)
         else:
             self.open_calls[batch_id] = t

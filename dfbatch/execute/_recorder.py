@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import polars as pl
@@ -24,7 +25,6 @@ from dfbatch.events import (
     BatchHedged,
     BatchStarted,
     Event,
-    StatsAccumulator,
 )
 from dfbatch.execute import _usage
 from dfbatch.execute._outputs import Output, as_frame
@@ -112,6 +112,21 @@ class GaveUp:
 Verdict = Answered | GaveUp
 
 
+class Tally(Protocol):
+    """What counts each batch's calls from their fields (``StatsAccumulator``'s methods)."""
+
+    def batch_started(self, t: float, batch_id: int, agent_id: int, tokens: int) -> None: ...
+
+    def batch_finished(self, t: float, batch_id: int, agent_id: int, planned_agent: int,
+                       rows: int, tokens: int, elapsed_s: float, ok_rows: int, error_rows: int,
+                       input_tokens: int = 0, output_tokens: int = 0) -> None: ...
+
+    def batch_failed(self, t: float, batch_id: int, agent_id: int, rows: int, tokens: int,
+                     elapsed_s: float, *, bisected: bool = False) -> None: ...
+
+    def apply(self, ev: Event) -> None: ...
+
+
 class Recorder:
     """Turns what happened to each batch into ``Outcomes`` rows and events."""
 
@@ -119,12 +134,11 @@ class Recorder:
                  on_batch_done: Callable[[Batch, Outcomes], None] | None = None) -> None:
         self.out = Outcomes(n_rows)
         self.emit = emit  # None: nobody listens, no event is built
-        self.tally: StatsAccumulator | None = None
+        self.tally: Tally | None = None
         self._clock: Callable[[], float] | None = None
         self.on_batch_done = on_batch_done
 
-    def listen(self, tally: StatsAccumulator | None, emit: Callable[[Event], None] | None
-               ) -> None:
+    def listen(self, tally: Tally | None, emit: Callable[[Event], None] | None) -> None:
         """Who hears of each batch: ``tally``, counted from the batch's fields without an
         event (a live view), and ``emit``, which gets the events (``on_event``)."""
         self.tally, self.emit = tally, emit

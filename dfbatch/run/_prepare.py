@@ -108,7 +108,7 @@ class _Job:
                 self.journal.record_cached(*self.cache.answers())
         return frame, batches, tokens, nbytes
 
-    def pool_for(self, emit: Callable[[Event], None], limits: RunLimits | None = None,
+    def pool_for(self, emit: Callable[[Event], None] | None, limits: RunLimits | None = None,
                  left: _Left | None = None) -> Pool:
         """The pool that runs what is left of this job (``left``: ``narrow()``'s answer)."""
         reserved = set(self.planned.columns) | set(self.cfg.columns.result_names())
