@@ -42,9 +42,9 @@ the machine's other load left out): CPU per batch added (best against best) and 
 the paired ratios, with their middle half.
 
 Issue 16 (the run counts each batch into ``StatsAccumulator`` from its fields instead of
-building and folding two events): ``--quick`` on the shared 2-core machine at load 5-7,
-before: view +28.5 us a batch (x0.874 [0.857-0.887]), bar +33.8 us (x0.871); after: view +3.2
-to +8.4 us (x0.975 [0.940-0.987]), bar +6.4 us (x0.970 [0.945-0.996]).
+building and folding two events): ``--quick`` on the shared 2-core machine at load 4-5,
+before: view +32.6 us a batch (x0.865 [0.849-0.867]), bar +26.1 us (x0.854); after: view +5.5
+us (x0.968 [0.937-0.972]), bar +10.3 us (x0.962 [0.948-1.012]).
 ``benchmarks/listen_bench.py`` isolates the recorder's part: +18.7 -> +3.1 us a batch.
 """
 

@@ -16,9 +16,10 @@ Each line: thread CPU time per batch, best and median of the repeats, and what t
 ``nobody`` (best against best). This is the dashboard's share of ``display_bench.py``'s no-op
 run, without the rest of the pool's noise; compare it with ``overhead_bench.py``'s per-batch
 time (~190 us): 0.95x of ``progress=False``'s rows/s leaves the dashboard ~10 us a batch.
-Under issue 16, before the counting from fields: +18.7 us a batch for the live view
-(+19.2 with ``on_event``); after: +3.1 us (+12.6), on the 2-core machine at load 7 (the
-quiet-machine figure for before was ~13 us).
+Issue 16, on the shared 2-core machine at load 5-7: before the counting from fields (the same
+loop with the accumulator folding events, ``recorder.emit = acc.apply``) +18.7 us a batch for a
+live view, +19.2 with ``on_event``; after +3.1 to +3.5 us, +12.5 with ``on_event`` (building the
+frozen events is what it costs). The quiet-machine figure before was ~13 us.
 """
 
 from __future__ import annotations
