@@ -19,13 +19,7 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
-from dfbatch.events import (
-    BatchFailed,
-    BatchFinished,
-    BatchHedged,
-    BatchStarted,
-    Event,
-)
+from dfbatch.events import BatchFailed, BatchFinished, BatchHedged, BatchStarted, Event
 from dfbatch.execute import _usage
 from dfbatch.execute._outputs import Output, as_frame
 from dfbatch.execute._scheduler import Batch
