@@ -2,7 +2,8 @@
 
 Run: ``.venv/bin/python benchmarks/display_bench.py`` (~8 min on 2 cores). Options: ``--rows``
 (default 100_000), ``--repeats`` (9, the order of the modes rotating each time), ``--no-kernel``
-(skip the in-kernel measurement).
+(skip the in-kernel measurement), ``--quick`` (~2 min: only the run's own cost of a listening
+view, below).
 
 A no-op async fn makes the event loop the bottleneck, so every millisecond the display takes
 comes out of throughput: this is the worst case (with a real API the loop mostly waits).
@@ -33,6 +34,18 @@ the event loop, and the frames (drawn in the child process, or in the thread). T
 is kept between runs (``frames.KEEP_ALIVE_S``), so the first widget run of the session, which
 starts it and imports matplotlib there, is shown on its own line. Single runs on this 2-core
 machine vary by +-15%: read the medians, and rerun with more ``--repeats``.
+
+``--quick`` (default 40,000 rows, 15 repeats): ``progress=False`` against a live view that does
+nothing (``view``: what the run itself spends for a dashboard, counting each batch) and the tqdm
+bar (to /dev/null), in CPU time of the loop's thread (the figure process, polars' threads and
+the machine's other load left out): CPU per batch added (best against best) and the median of
+the paired ratios, with their middle half.
+
+Issue 16 (the run counts each batch into ``StatsAccumulator`` from its fields instead of
+building and folding two events): ``--quick`` on the shared 2-core machine at load 4-5,
+before: view +32.6 us a batch (x0.865 [0.849-0.867]), bar +26.1 us (x0.854); after: view +5.5
+us (x0.968 [0.937-0.972]), bar +10.3 us (x0.962 [0.948-1.012]).
+``benchmarks/listen_bench.py`` isolates the recorder's part: +18.7 -> +3.1 us a batch.
 """
 
 from __future__ import annotations
@@ -211,13 +224,65 @@ def pct(xs: list[float]) -> str:
     return f"{100 * statistics.median(xs):.1f}% of the run"
 
 
+def quick(rows: int, repeats: int) -> None:
+    """The run's own cost of a listening view: loop-thread CPU, paired with progress=False."""
+    import os
+
+    import polars as pl
+
+    import dfbatch.display as display
+
+    frame = pl.DataFrame({"text": [f"row {i}" for i in range(rows)]}).batch.plan()
+
+    async def noop(batch: pl.DataFrame) -> list[None]:
+        return [None] * batch.height
+
+    class View:  # a live view that draws nothing: what remains is the run's counting
+        def update(self, stats: object) -> None: ...
+
+        def close(self, stats: object) -> None: ...
+
+    real = display.open_display
+    display.open_display = lambda progress, **kw: (  # type: ignore[assignment]
+        View() if progress == "view" else real(progress, **kw))
+    modes: list[Any] = [False, "view", "bar"]
+    cpu: dict[str, list[float]] = {str(m): [] for m in modes}
+    err = sys.stderr
+    try:
+        for r in range(repeats):
+            for mode in modes[r % 3:] + modes[:r % 3]:
+                if mode == "bar":
+                    sys.stderr = open(os.devnull, "w")
+                t = time.thread_time()
+                frame.batch.process(noop, progress=mode)
+                cpu[str(mode)].append(time.thread_time() - t)
+                if mode == "bar":
+                    sys.stderr.close()
+                sys.stderr = err
+    finally:
+        sys.stderr, display.open_display = err, real
+    batches = frame["batch_id"].n_unique()
+    print(f"quick: {rows:,} rows, {batches:,} batches, {repeats} repeats, load average "
+          f"{os.getloadavg()[0]:.1f}; loop-thread CPU")
+    for mode in ("view", "bar"):
+        added = (min(cpu[mode]) - min(cpu["False"])) / batches * 1e6
+        rs = [b / x for b, x in zip(cpu["False"], cpu[mode], strict=True)]
+        print(f"{mode:5s} {added:+5.1f} us a batch, x{statistics.median(rs):.3f}{spread(rs)} "
+              f"of progress=False's rows/s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=textwrap.dedent(__doc__ or "").split("\n")[0])
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--no-kernel", action="store_true")
+    p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     t = time.perf_counter()
+    if args.quick:
+        rows = 40_000 if args.rows == 100_000 else args.rows  # the defaults: 40k rows, 15 times
+        quick(rows, 15 if args.repeats == 9 else args.repeats)
+        return
     report("script", run_script(args.rows, args.repeats), args.rows)
     if not args.no_kernel:
         report("kernel", run_kernel(args.rows, args.repeats), args.rows)

@@ -172,3 +172,52 @@ def test_gathered_outputs_split_back_per_batch_where_one_column_would_change_a_v
                           items_per_batch=2, agents=1, progress=False)
     assert out["output"].to_list() == [1, 1, None, 1]
     assert out["error"][2] is not None and out["error"].null_count() == 3
+
+
+def test_a_live_view_counts_each_batch_without_building_events(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dfbatch.display
+    from dfbatch.events import Event, RunStats, fold
+
+    shown: list[RunStats] = []
+
+    class View:
+        def update(self, stats: RunStats) -> None:
+            shown.append(stats)
+
+        def close(self, stats: RunStats) -> None:
+            shown.append(stats)
+
+    monkeypatch.setattr(dfbatch.display, "open_display", lambda progress, **kw: View())
+
+    def fn(batch: pl.DataFrame) -> list[object]:
+        if 7 in batch["id"].to_list():
+            msg = "poison"
+            raise ValueError(msg)  # bisected down to row 7 alone
+        return [RowError("odd") if i % 3 == 0 else i for i in batch["id"]]
+
+    df = pl.DataFrame({"id": range(24), "text": [f"t{i}" for i in range(24)]})
+    opts = {"items_per_batch": 4, "agents": 1, "max_attempts": 1, "progress": "bar"}
+    events: list[Event] = []
+    dfbatch.process(df, fn, on_event=events.append, **opts)  # a listener: events are built
+    told = shown[-1]
+    assert told.rows_done == 24 and told.errors >= 1
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        msg = "an event was built for the live view"
+        raise AssertionError(msg)
+
+    for name in ("BatchStarted", "BatchFinished", "BatchFailed"):
+        monkeypatch.setattr(_recorder, name, refuse)
+    dfbatch.process(df, fn, **opts)  # the live view alone: no batch event is built
+    counted = shown[-1]
+    timing = ("elapsed_s", "mean_latency_s", "p50_latency_s", "p95_latency_s", "history",
+              "incidents", "agents")
+    same = {k: getattr(fold(events), k) for k in RunStats.__dataclass_fields__
+            if k not in timing}
+    assert {k: getattr(counted, k) for k in same} == same
+    assert {k: getattr(told, k) for k in same} == same
+    agent_counts = [(a.done_rows, a.done_batches, a.errors, a.done_tokens) for a in told.agents]
+    assert [(a.done_rows, a.done_batches, a.errors, a.done_tokens)
+            for a in counted.agents] == agent_counts

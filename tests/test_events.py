@@ -148,3 +148,53 @@ def test_a_long_random_stream_is_consistent() -> None:
     assert sum(a.planned_tokens for a in s.agents) == s.total_tokens
     assert sum(a.done_batches for a in s.agents) == s.batches_done == 200
     assert s.calls == s.batches_done + s.retries
+
+
+def test_calls_of_one_batch_id_in_flight_end_oldest_first() -> None:
+    # events folded from elsewhere (not the pool) may have two calls of one batch id in flight
+    acc = StatsAccumulator()
+    for ev in [start(), began(1.0, 0, 0), began(2.0, 0, 1), began(3.0, 1, 1)]:
+        acc.apply(ev)
+    assert acc.snapshot(now=10.0).oldest_in_flight_s == pytest.approx(9.0)
+    acc.apply(done(4.0, 0, 0, 3.0))  # the call that began at 1.0 ends
+    assert acc.snapshot(now=10.0).oldest_in_flight_s == pytest.approx(8.0)
+    acc.apply(done(5.0, 0, 1, 3.0))
+    s = acc.snapshot(now=10.0)
+    assert s.oldest_in_flight_s == pytest.approx(7.0) and s.in_flight == 1
+    acc.apply(done(6.0, 1, 1, 3.0))
+    assert acc.snapshot(now=10.0).oldest_in_flight_s == 0.0
+
+
+def test_batch_calls_folded_from_their_fields_equal_the_events_folded() -> None:
+    evs = [start(), began(0, 0, 0), began(0, 1, 1, planned=0, tokens=20),
+           BatchFailed(0.5, 1, 1, 0, 4, 20, 0.5, "boom", bisected=True),
+           done(1.0, 0, 0, 1.0, error_rows=1),
+           BatchFinished(2.0, 2, 1, 0, 2, 8, 1.5, 2, 0, input_tokens=30, output_tokens=5),
+           BatchFailed(2.5, 3, 1, 1, 2, 12, 0.5, "boom"), RunFinished(3.0)]
+    acc = StatsAccumulator()
+    for ev in evs:
+        if isinstance(ev, BatchStarted):
+            acc.batch_started(ev.t, ev.batch_id, ev.agent_id, ev.tokens)
+        elif isinstance(ev, BatchFinished):
+            acc.batch_finished(ev.t, ev.batch_id, ev.agent_id, ev.planned_agent, ev.rows,
+                               ev.tokens, ev.elapsed_s, ev.ok_rows, ev.error_rows,
+                               ev.input_tokens, ev.output_tokens)
+        elif isinstance(ev, BatchFailed):
+            acc.batch_failed(ev.t, ev.batch_id, ev.agent_id, ev.rows, ev.tokens, ev.elapsed_s,
+                             bisected=ev.bisected)
+        else:
+            acc.apply(ev)
+    s = acc.snapshot()
+    assert s == fold(evs)
+    assert (s.rows_done, s.rows_ok, s.rows_failed, s.batches_done, s.tokens_done) == (
+        8, 5, 3, 3, 30)
+    assert (s.calls, s.errors, s.input_tokens, s.output_tokens) == (2, 2, 30, 5)
+    stolen = [(a.done_rows, a.stolen, a.stolen_tokens) for a in s.agents]
+    assert stolen == [(4, 0, 0), (4, 1, 8)]  # a failed batch counts as done, not as stolen
+
+
+def test_every_int_count_of_runstats_is_counted() -> None:
+    from dfbatch.events import RunStats
+
+    ints = {k for k, f in RunStats.__dataclass_fields__.items() if f.type == "int"}
+    assert set(StatsAccumulator().counts()) == ints

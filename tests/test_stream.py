@@ -203,3 +203,34 @@ def test_types_after_a_chunk_that_failed_entirely(tmp_path: Path, kind: str) -> 
     assert got.schema["output"] == want
     values = [i * 2 if kind == "int" else {"x": i} for i in range(50, 150)]
     assert got["output"].to_list() == [None] * 50 + values
+
+
+def test_a_live_view_of_a_stream_counts_batches_without_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dfbatch.display
+    from dfbatch.events import RunStats
+    from dfbatch.execute import _recorder
+
+    shown: list[RunStats] = []
+
+    class View:
+        def update(self, stats: RunStats) -> None:
+            shown.append(stats)
+
+        def close(self, stats: RunStats) -> None:
+            shown.append(stats)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        msg = "an event was built for the live view"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(dfbatch.display, "open_display", lambda progress, **kw: View())
+    for name in ("BatchStarted", "BatchFinished", "BatchFailed"):
+        monkeypatch.setattr(_recorder, name, refuse)
+    summary = frame(200).lazy().batch.process(upper, out=tmp_path / "o.parquet", chunk_rows=40,
+                                              progress="bar", agents=2, items_per_batch=4)
+    assert summary["rows_ok"].item() == 200 and summary["chunks"].item() == 5
+    s = shown[-1]
+    assert (s.rows_done, s.rows_ok, s.in_flight, s.finished) == (200, 200, 0, True)
+    assert s.calls == s.batches_done >= 50

@@ -2,6 +2,12 @@
 
 ``RunStats``' int fields are counted by name (its annotations are strings under
 ``from __future__ import annotations``, so ``field.type == "int"`` picks them).
+
+The pool tells a live view of each batch without building an event: ``batch_started``,
+``batch_finished`` and ``batch_failed`` take the event's fields as arguments and bump a few
+slot counters (about a microsecond a batch); ``apply`` folds an event object through the same
+methods. What several counters add up to (rows done, calls in flight), percentiles and the oldest
+call in flight are computed by ``snapshot``, at the display's frame rate.
 """
 
 from __future__ import annotations
@@ -9,7 +15,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from dfbatch.events._events import (
     BatchFailed,
@@ -24,27 +29,59 @@ from dfbatch.events._events import (
 from dfbatch.events._stats import AgentStats, RunStats
 from dfbatch.job_events import JobUpdated
 
-# An agent's running counts: AgentStats' fields but its id and mean latency, plus latency_n.
-_AGENT_COUNTS = tuple(
-    (k, f.default) for k, f in AgentStats.__dataclass_fields__.items()
-    if k not in ("agent_id", "mean_latency_s")
-)
-_Agent = dict[str, Any]
+_RUN_INTS = tuple(k for k, f in RunStats.__dataclass_fields__.items() if f.type == "int")
+# AgentStats' fields that _Agent counts (all but its id and mean latency)
+_AGENT_COUNTS = tuple(k for k in AgentStats.__dataclass_fields__
+                      if k not in ("agent_id", "mean_latency_s"))
+# RunStats' counts that are the sums of the agents' (kept once, per agent)
+_SUMMED = (("in_flight", "in_flight"), ("rows_done", "done_rows"),
+           ("batches_done", "done_batches"), ("tokens_done", "done_tokens"))
+_HOT = ("calls", "rows_ok", "rows_failed")  # bumped once a batch: StatsAccumulator's slots
 
 
-def _new_agent() -> _Agent:
-    return {**dict(_AGENT_COUNTS), "latency_n": 0}
+@dataclass(slots=True)
+class _Agent:
+    """One agent's running counts: ``AgentStats``' fields but its id and mean latency."""
+
+    planned_tokens: int = 0
+    done_tokens: int = 0
+    inflight_tokens: int = 0
+    in_flight: int = 0
+    done_rows: int = 0
+    done_batches: int = 0
+    errors: int = 0
+    retries: int = 0
+    stolen: int = 0
+    busy_s: float = 0.0
+    stolen_tokens: int = 0
+    latency_n: int = 0  # finished calls: busy_s / latency_n is the mean latency
+
+    def freeze(self, agent_id: int) -> AgentStats:
+        mean = self.busy_s / self.latency_n if self.latency_n else 0.0
+        counts = {k: getattr(self, k) for k in _AGENT_COUNTS}
+        return AgentStats(agent_id=agent_id, mean_latency_s=mean, **counts)
 
 
-def _freeze(agent_id: int, a: _Agent) -> AgentStats:
-    counts = {k: a[k] for k, _ in _AGENT_COUNTS}
-    mean = a["busy_s"] / a["latency_n"] if a["latency_n"] else 0.0
-    return AgentStats(agent_id=agent_id, mean_latency_s=mean, **counts)
-
-
-@dataclass
+@dataclass(slots=True)
 class StatsAccumulator:
-    """Folds events one at a time (O(1) each); ``snapshot()`` freezes the state into RunStats."""
+    """Folds events one at a time (O(1) each); ``snapshot()`` freezes the state into RunStats.
+
+    ``apply(event)`` folds any event; ``batch_started`` / ``batch_finished`` /
+    ``batch_failed`` fold a batch's call from its fields, without an event object (what the
+    pool calls when a live view listens).
+
+    Examples
+    --------
+    >>> acc = StatsAccumulator()
+    >>> acc.apply(RunStarted(t=0.0, total_rows=8, total_batches=2, total_tokens=80,
+    ...                      planned_tokens=(80,)))
+    >>> acc.batch_started(0.0, batch_id=0, agent_id=0, tokens=40)
+    >>> acc.batch_finished(1.5, 0, 0, 0, rows=4, tokens=40, elapsed_s=1.5, ok_rows=3,
+    ...                    error_rows=1)
+    >>> s = acc.snapshot()
+    >>> s.rows_done, s.rows_failed, s.in_flight, s.p50_latency_s
+    (4, 1, 0, 1.5)
+    """
 
     history_every_s: float = 0.2
     max_history: int = 2_000  # then every other point goes and the spacing doubles
@@ -52,7 +89,7 @@ class StatsAccumulator:
     latency_window: int = 2_000
     t0: float | None = None
     t_last: float = 0.0
-    stats: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, int] = field(default_factory=dict)  # RunStats' counts seldom bumped
     agents: list[_Agent] = field(default_factory=list)
     history: list[tuple[float, int, int]] = field(default_factory=list)
     incidents: deque[tuple[float, str]] = field(default_factory=deque)
@@ -61,29 +98,141 @@ class StatsAccumulator:
     latency_n: int = 0
     finished: bool = False
     cancelled: bool = False
-    open_calls: dict[int, list[float]] = field(default_factory=dict)  # batch_id -> starts
+    open_calls: dict[int, float] = field(default_factory=dict)  # batch_id -> its call's start
+    more_calls: dict[int, list[float]] = field(default_factory=dict)  # more calls of one id
     rpm: float | None = None
     tpm: float | None = None
     jobs: dict[int, JobUpdated] = field(default_factory=dict)
+    calls: int = 0  # RunStats' counts bumped on every batch (the rest: stats, or agents' sums)
+    rows_ok: int = 0
+    rows_failed: int = 0
+    _history_step: float = field(init=False, default=0.0)
+    _sample_at: float = field(init=False, default=float("-inf"))  # no sample before this time
 
     def __post_init__(self) -> None:
-        keys = RunStats.__dataclass_fields__
-        ints = [k for k, f in keys.items() if f.type == "int"]
-        self.stats = dict.fromkeys(ints, 0)
+        not_here = {*_HOT, *(k for k, _ in _SUMMED)}
+        self.stats = dict.fromkeys((k for k in _RUN_INTS if k not in not_here), 0)
         self.incidents = deque(maxlen=self.max_incidents)
         self.latencies = deque(maxlen=self.latency_window)
         self._history_step = self.history_every_s
 
     def _agent(self, i: int) -> _Agent:
         while len(self.agents) <= i:
-            self.agents.append(_new_agent())
+            self.agents.append(_Agent())
         return self.agents[i]
 
-    def apply(self, ev: Event) -> None:
-        s = self.stats
+    def _clock(self, t: float) -> None:
         if self.t0 is None:
-            self.t0 = ev.t
-        self.t_last = max(self.t_last, ev.t)
+            self.t0 = t
+        if t > self.t_last:
+            self.t_last = t
+
+    # -- a batch's calls, from their fields (the pool's hot path) ------------------------------
+    def batch_started(self, t: float, batch_id: int, agent_id: int, tokens: int) -> None:
+        """A call of batch ``batch_id`` began on agent ``agent_id`` (``BatchStarted``)."""
+        if t > self.t_last:
+            self.t_last = t
+        if self.t0 is None:
+            self.t0 = t
+        a = self.agents[agent_id] if agent_id < len(self.agents) else self._agent(agent_id)
+        a.in_flight += 1
+        a.inflight_tokens += tokens
+        self.calls += 1
+        if batch_id in self.open_calls:  # (not from the pool: events folded from elsewhere)
+            self.more_calls.setdefault(batch_id, []).append(t)
+        else:
+            self.open_calls[batch_id] = t
+
+    def batch_finished(self, t: float, batch_id: int, agent_id: int, planned_agent: int,
+                       rows: int, tokens: int, elapsed_s: float, ok_rows: int, error_rows: int,
+                       input_tokens: int = 0, output_tokens: int = 0) -> None:
+        """A call returned outputs for every row (``BatchFinished``)."""
+        # _end_call, inlined: once a batch
+        if t > self.t_last:
+            self.t_last = t
+        if self.t0 is None:
+            self.t0 = t
+        a = self.agents[agent_id] if agent_id < len(self.agents) else self._agent(agent_id)
+        a.in_flight -= 1
+        a.inflight_tokens -= tokens
+        if self.more_calls and batch_id in self.more_calls:
+            self._end_more(batch_id)
+        else:
+            self.open_calls.pop(batch_id, None)
+        a.done_rows += rows
+        a.done_tokens += tokens
+        a.done_batches += 1
+        if agent_id != planned_agent:
+            a.stolen += 1
+            a.stolen_tokens += tokens
+        a.busy_s += elapsed_s
+        a.latency_n += 1
+        self.latency_sum += elapsed_s
+        self.latency_n += 1
+        self.latencies.append(elapsed_s)
+        self.rows_ok += ok_rows
+        self.rows_failed += error_rows
+        if input_tokens or output_tokens:
+            self.stats["input_tokens"] += input_tokens
+            self.stats["output_tokens"] += output_tokens
+        if t >= self._sample_at:
+            self._sample(t)
+
+    def batch_failed(self, t: float, batch_id: int, agent_id: int, rows: int, tokens: int,
+                     elapsed_s: float, *, bisected: bool = False) -> None:
+        """A batch ended in error (``BatchFailed``); ``bisected``: its rows go on in halves."""
+        a = self._end_call(t, batch_id, agent_id, tokens)
+        a.errors += 1
+        a.busy_s += elapsed_s
+        self.stats["errors"] += 1
+        assert self.t0 is not None
+        self.incidents.append((t - self.t0, "error"))
+        if not bisected:
+            a.done_rows += rows
+            a.done_tokens += tokens
+            a.done_batches += 1
+            self.rows_failed += rows
+            self._sample(t)
+
+    def _end_call(self, t: float, batch_id: int, agent_id: int, tokens: int) -> _Agent:
+        if t > self.t_last:
+            self.t_last = t
+        if self.t0 is None:
+            self.t0 = t
+        a = self.agents[agent_id] if agent_id < len(self.agents) else self._agent(agent_id)
+        a.in_flight -= 1
+        a.inflight_tokens -= tokens
+        if self.more_calls and batch_id in self.more_calls:
+            self._end_more(batch_id)
+        else:
+            self.open_calls.pop(batch_id, None)
+        return a
+
+    def _end_more(self, batch_id: int) -> None:
+        """One of several calls of ``batch_id`` ended: the oldest (its start goes)."""
+        more = self.more_calls[batch_id]
+        self.open_calls[batch_id] = more.pop(0)
+        if not more:
+            del self.more_calls[batch_id]
+
+    # -- any event -------------------------------------------------------------------------------
+    def apply(self, ev: Event) -> None:
+        """Fold one event."""
+        if isinstance(ev, BatchStarted):
+            self.batch_started(ev.t, ev.batch_id, ev.agent_id, ev.tokens)
+        elif isinstance(ev, BatchFinished):
+            self.batch_finished(ev.t, ev.batch_id, ev.agent_id, ev.planned_agent, ev.rows,
+                                ev.tokens, ev.elapsed_s, ev.ok_rows, ev.error_rows,
+                                ev.input_tokens, ev.output_tokens)
+        elif isinstance(ev, BatchFailed):
+            self.batch_failed(ev.t, ev.batch_id, ev.agent_id, ev.rows, ev.tokens, ev.elapsed_s,
+                              bisected=ev.bisected)
+        else:
+            self._clock(ev.t)
+            self._apply_other(ev)
+
+    def _apply_other(self, ev: Event) -> None:
+        s = self.stats
         if isinstance(ev, RunStarted):
             self.t0 = ev.t
             s["total_rows"] += ev.total_rows
@@ -93,115 +242,69 @@ class StatsAccumulator:
             s["rows_before"] += ev.rows_before
             self.rpm, self.tpm = ev.rpm, ev.tpm
             for i, tok in enumerate(ev.planned_tokens):
-                self._agent(i)["planned_tokens"] += tok
+                self._agent(i).planned_tokens += tok
             self.finished = False
-        elif isinstance(ev, BatchStarted):
-            a = self._agent(ev.agent_id)
-            a["in_flight"] += 1
-            a["inflight_tokens"] += ev.tokens
-            s["in_flight"] += 1
-            s["calls"] += 1
-            self.open_calls.setdefault(ev.batch_id, []).append(ev.t)
+            self._sample_at = float("-inf")
         elif isinstance(ev, BatchRetried):
-            self._end_call(ev.agent_id, ev)
-            self._agent(ev.agent_id)["retries"] += 1
+            a = self._end_call(ev.t, ev.batch_id, ev.agent_id, ev.tokens)
+            a.retries += 1
             s["retries"] += 1
             s["rate_limited"] += ev.rate_limited
+            assert self.t0 is not None
             self.incidents.append((ev.t - self.t0, "429" if ev.rate_limited else "retry"))
         elif isinstance(ev, BatchHedged):
             s["hedges"] += 1
-            s["calls"] += 1
-        elif isinstance(ev, BatchFinished):
-            a = self._end_call(ev.agent_id, ev)
-            a["done_rows"] += ev.rows
-            a["done_tokens"] += ev.tokens
-            a["done_batches"] += 1
-            if ev.agent_id != ev.planned_agent:
-                a["stolen"] += 1
-                a["stolen_tokens"] += ev.tokens
-            a["busy_s"] += ev.elapsed_s
-            a["latency_n"] += 1
-            self._latency(ev.elapsed_s)
-            s["rows_done"] += ev.rows
-            s["rows_ok"] += ev.ok_rows
-            s["rows_failed"] += ev.error_rows
-            s["batches_done"] += 1
-            s["tokens_done"] += ev.tokens
-            s["input_tokens"] += ev.input_tokens
-            s["output_tokens"] += ev.output_tokens
-            self._sample(ev.t)
-        elif isinstance(ev, BatchFailed):
-            a = self._end_call(ev.agent_id, ev)
-            a["errors"] += 1
-            a["busy_s"] += ev.elapsed_s
-            s["errors"] += 1
-            self.incidents.append((ev.t - self.t0, "error"))
-            if not ev.bisected:
-                a["done_rows"] += ev.rows
-                a["done_tokens"] += ev.tokens
-                a["done_batches"] += 1
-                s["rows_done"] += ev.rows
-                s["rows_failed"] += ev.rows
-                s["batches_done"] += 1
-                s["tokens_done"] += ev.tokens
-                self._sample(ev.t)
+            self.calls += 1
         elif isinstance(ev, JobUpdated):
             self.jobs[ev.job] = ev
         elif isinstance(ev, RunFinished):
             self.finished = True
             self.cancelled = ev.cancelled
             if ev.cancelled:  # calls still open were cancelled: none is in flight any more
-                s["rows_cancelled"] = max(0, s["total_rows"] - s["rows_done"])
-            s["in_flight"] = 0
+                s["rows_cancelled"] = max(0, s["total_rows"] - self._sum("done_rows"))
             for a in self.agents:
-                a["in_flight"], a["inflight_tokens"] = 0, 0
+                a.in_flight, a.inflight_tokens = 0, 0
             self.open_calls.clear()
+            self.more_calls.clear()
             self._sample(ev.t, force=True)
 
-    def _end_call(self, agent_id: int, ev: BatchRetried | BatchFinished | BatchFailed) -> _Agent:
-        a = self._agent(agent_id)
-        a["in_flight"] -= 1
-        a["inflight_tokens"] -= ev.tokens
-        self.stats["in_flight"] -= 1
-        starts = self.open_calls.get(ev.batch_id)
-        if starts:
-            starts.pop(0)
-            if not starts:
-                del self.open_calls[ev.batch_id]
-        return a
+    def _sum(self, count: str) -> int:
+        return sum(getattr(a, count) for a in self.agents)
 
-    def _latency(self, x: float) -> None:
-        self.latency_sum += x
-        self.latency_n += 1
-        self.latencies.append(x)
+    def counts(self) -> dict[str, int]:
+        """RunStats' int fields as they stand."""
+        return {**self.stats, **{k: getattr(self, k) for k in _HOT},
+                **{k: self._sum(mine) for k, mine in _SUMMED}}
 
     def _sample(self, t: float, *, force: bool = False) -> None:
         assert self.t0 is not None
         rel = t - self.t0
         if force or not self.history or rel - self.history[-1][0] >= self._history_step:
-            self.history.append((rel, self.stats["rows_done"], self.stats["tokens_done"]))
+            self.history.append((rel, self._sum("done_rows"), self._sum("done_tokens")))
             if len(self.history) > self.max_history:  # a long run: thin out, keep the ends
                 self.history = [self.history[0], *self.history[-1:0:-2][::-1]]
                 self._history_step *= 2
+        # a finished batch before this time takes no sample: it skips the call
+        self._sample_at = self.t0 + self.history[-1][0] + self._history_step
 
     def snapshot(self, now: float | None = None) -> RunStats:
         """Freeze the current state. ``now`` (monotonic) sets elapsed time while running."""
         t0 = self.t0 if self.t0 is not None else 0.0
         end = self.t_last if (self.finished or now is None) else max(now, self.t_last)
         lat = sorted(self.latencies)
-        oldest = min((ts[0] for ts in self.open_calls.values() if ts), default=None)
+        oldest = min(self.open_calls.values(), default=None)  # (more_calls: later starts)
         return RunStats(
             rpm=self.rpm,
             tpm=self.tpm,
             oldest_in_flight_s=0.0 if oldest is None else max(0.0, end - oldest),
-            **self.stats,
+            **self.counts(),
             elapsed_s=max(0.0, end - t0),
             mean_latency_s=self.latency_sum / self.latency_n if self.latency_n else 0.0,
             p50_latency_s=_quantile(lat, 0.5),
             p95_latency_s=_quantile(lat, 0.95),
             finished=self.finished,
             cancelled=self.cancelled,
-            agents=tuple(_freeze(i, a) for i, a in enumerate(self.agents)),
+            agents=tuple(a.freeze(i) for i, a in enumerate(self.agents)),
             history=tuple(self.history),
             incidents=tuple(self.incidents),
             jobs=tuple(self.jobs[k] for k in sorted(self.jobs)),

@@ -3,14 +3,18 @@
 The caller reports how a batch went (``started``, ``event``, and a final ``Answered`` /
 ``GaveUp`` verdict); the recorder stamps the batch's rows in ``Outcomes`` (what the result frame
 is assembled from), emits the matching ``BatchStarted`` / ``BatchFinished`` / ``BatchFailed``
-event and hands finished batches to the journal (``on_batch_done``).
+event and hands finished batches to the journal (``on_batch_done``). A live view listens
+through ``tally`` (a ``StatsAccumulator`` told each batch's fields: no event object is built
+for it); ``emit`` gets the events, for ``on_event`` subscribers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import polars as pl
@@ -112,6 +116,21 @@ class GaveUp:
 Verdict = Answered | GaveUp
 
 
+class Tally(Protocol):
+    """What counts each batch's calls from their fields (``StatsAccumulator``'s methods)."""
+
+    def batch_started(self, t: float, batch_id: int, agent_id: int, tokens: int) -> None: ...
+
+    def batch_finished(self, t: float, batch_id: int, agent_id: int, planned_agent: int,
+                       rows: int, tokens: int, elapsed_s: float, ok_rows: int, error_rows: int,
+                       input_tokens: int = 0, output_tokens: int = 0) -> None: ...
+
+    def batch_failed(self, t: float, batch_id: int, agent_id: int, rows: int, tokens: int,
+                     elapsed_s: float, *, bisected: bool = False) -> None: ...
+
+    def apply(self, ev: Event) -> None: ...
+
+
 class Recorder:
     """Turns what happened to each batch into ``Outcomes`` rows and events."""
 
@@ -119,10 +138,27 @@ class Recorder:
                  on_batch_done: Callable[[Batch, Outcomes], None] | None = None) -> None:
         self.out = Outcomes(n_rows)
         self.emit = emit  # None: nobody listens, no event is built
+        self.tally: Tally | None = None
+        self._clock: Callable[[], float] | None = None
         self.on_batch_done = on_batch_done
+
+    def listen(self, tally: Tally | None, emit: Callable[[Event], None] | None) -> None:
+        """Who hears of each batch: ``tally``, counted from the batch's fields without an
+        event (a live view), and ``emit``, which gets the events (``on_event``)."""
+        self.tally, self.emit = tally, emit
+
+    def _bind_clock(self) -> Callable[[], float]:
+        """The running loop's clock (the events' ``t``), bound once."""
+        loop = asyncio.get_running_loop()
+        # asyncio's own loops read time.monotonic: call it without the method around it
+        own = type(loop).time is asyncio.BaseEventLoop.time
+        self._clock = time.monotonic if own else loop.time
+        return self._clock
 
     def started(self, a: int, batch: Batch, attempt: int, t: float) -> None:
         self.out.attempts[batch.index] += 1
+        if self.tally is not None:
+            self.tally.batch_started(t, batch.id, a, batch.tokens)
         if self.emit is not None:
             self.emit(BatchStarted(t, batch.id, a, batch.planned_agent, len(batch.rows),
                                    batch.tokens, attempt))
@@ -131,12 +167,19 @@ class Recorder:
         """An event from the caller (retried, hedged); a hedge is one more attempt per row."""
         if isinstance(ev, BatchHedged):
             self.out.attempts[batch.index] += 1
+        if self.tally is not None:
+            self.tally.apply(ev)
         if self.emit is not None:
             self.emit(ev)
 
     def bisected(self, a: int, batch: Batch, error: str, elapsed: float) -> None:
+        if self.tally is None and self.emit is None:
+            return
+        t = (self._clock or self._bind_clock())()
+        if self.tally is not None:
+            self.tally.batch_failed(t, batch.id, a, len(batch.rows), batch.tokens, elapsed,
+                                    bisected=True)
         if self.emit is not None:
-            t = asyncio.get_running_loop().time()
             self.emit(BatchFailed(t, batch.id, a, batch.planned_agent, len(batch.rows),
                                   batch.tokens, elapsed, error, bisected=True))
 
@@ -149,11 +192,17 @@ class Recorder:
             for i, err in zip(batch.rows.tolist(), v.row_errors, strict=True):
                 self.out.errors[i] = err
                 n_err += err is not None
-        if self.emit is not None:
-            t = asyncio.get_running_loop().time()
-            self.emit(BatchFinished(t, batch.id, a, batch.planned_agent, len(batch.rows),
-                                    batch.tokens, v.elapsed, len(batch.rows) - n_err, n_err,
-                                    v.used.input_tokens, v.used.output_tokens))
+        tally, emit = self.tally, self.emit
+        if tally is not None or emit is not None:
+            t, n = (self._clock or self._bind_clock())(), len(batch.rows)
+            if tally is not None:
+                tally.batch_finished(t, batch.id, a, batch.planned_agent, n, batch.tokens,
+                                     v.elapsed, n - n_err, n_err, v.used.input_tokens,
+                                     v.used.output_tokens)
+            if emit is not None:
+                emit(BatchFinished(t, batch.id, a, batch.planned_agent, n, batch.tokens,
+                                   v.elapsed, n - n_err, n_err, v.used.input_tokens,
+                                   v.used.output_tokens))
         if self.on_batch_done is not None:
             self.on_batch_done(batch, self.out)
 
@@ -162,10 +211,14 @@ class Recorder:
         self.out.last = None
         for i in batch.rows.tolist():
             self.out.errors[i] = msg
-        if self.emit is not None:
-            t = asyncio.get_running_loop().time()
-            self.emit(BatchFailed(t, batch.id, a, batch.planned_agent, len(batch.rows),
-                                  batch.tokens, elapsed, msg))
+        tally, emit = self.tally, self.emit
+        if tally is not None or emit is not None:
+            t = (self._clock or self._bind_clock())()
+            if tally is not None:
+                tally.batch_failed(t, batch.id, a, len(batch.rows), batch.tokens, elapsed)
+            if emit is not None:
+                emit(BatchFailed(t, batch.id, a, batch.planned_agent, len(batch.rows),
+                                 batch.tokens, elapsed, msg))
         if self.on_batch_done is not None:
             self.on_batch_done(batch, self.out)
 

@@ -108,7 +108,7 @@ class _Job:
                 self.journal.record_cached(*self.cache.answers())
         return frame, batches, tokens, nbytes
 
-    def pool_for(self, emit: Callable[[Event], None], limits: RunLimits | None = None,
+    def pool_for(self, emit: Callable[[Event], None] | None, limits: RunLimits | None = None,
                  left: _Left | None = None) -> Pool:
         """The pool that runs what is left of this job (``left``: ``narrow()``'s answer)."""
         reserved = set(self.planned.columns) | set(self.cfg.columns.result_names())
@@ -178,8 +178,9 @@ class _Job:
                         per_agent, cached_rows=hits, rows_before=before, rpm=self.cfg.rpm,
                         tpm=self.cfg.tpm))
         display = open_display(progress, pool.frame.height, pool.stop if stoppable else None)
-        if display is None and on_event is None:
-            pool.recorder.emit = None  # nobody listens: the hot path builds no batch events
+        # the live view counts each batch from its fields; only on_event gets batch events
+        # (nobody listens: the hot path builds none)
+        pool.recorder.listen(acc if display is not None else None, on_event)
         ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
         in_run = mark_run()  # a blocking process() in fn runs on its own loop (execute._loop)
         try:

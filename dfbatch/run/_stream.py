@@ -64,7 +64,7 @@ from dfbatch.execute._stack import RunLimits
 from dfbatch.persist._cache_run import open_cache
 from dfbatch.persist._checkpoint import Journal, open_journal
 from dfbatch.run._prepare import _Job, resolve
-from dfbatch.run._wiring import open_display, safe, tick
+from dfbatch.run._wiring import ChunkTally, open_display, safe, tick
 from dfbatch.run._writer import Writer
 
 Fn = Callable[[pl.DataFrame], Any]
@@ -148,7 +148,7 @@ class _Stream:
         ticker = asyncio.create_task(tick(display, acc)) if display is not None else None
         writer = Writer(self.out, self.cfg.columns.error)
         try:
-            await self._run(emit, writer)
+            await self._run(acc, on_event, writer)
             writer.commit()
         finally:
             writer.abort()
@@ -171,7 +171,8 @@ class _Stream:
         return summary
 
     # -- the chunk pipeline ------------------------------------------------------------------
-    async def _run(self, emit: Callable[[Event], None], writer: Writer) -> None:
+    async def _run(self, acc: StatsAccumulator, on_event: Callable[[Event], None] | None,
+                   writer: Writer) -> None:
         reader = _chunks(self.lf, self.chunk_rows)
         offset = 0
         nxt: asyncio.Future[_Chunk | None] = asyncio.ensure_future(
@@ -184,7 +185,7 @@ class _Stream:
                 self.live.append(chunk)  # (closes its journal if the next line raises)
                 self._raise_crash()
                 offset += chunk.job.planned.height
-                self._start(chunk, emit)
+                self._start(chunk, acc, on_event)
                 # read and plan the next chunk while this one runs
                 nxt = asyncio.ensure_future(asyncio.to_thread(self._prepare, reader, offset))
                 await chunk.drained.wait()  # its queues are empty: the next pool may start
@@ -238,17 +239,15 @@ class _Stream:
                 chunk.left = job.narrow()
         return chunk
 
-    def _start(self, chunk: _Chunk, emit: Callable[[Event], None]) -> None:
+    def _start(self, chunk: _Chunk, acc: StatsAccumulator,
+               on_event: Callable[[Event], None] | None) -> None:
         job = chunk.job
         if self.limits is None or len(self.limits.agent_slots) != job.batches.n_agents:
             self.limits = job.limits()  # the agents and their limits carry over
-
-        def emit_chunk(ev: Event) -> None:
-            emit(ev)
-            if not pool.sched.queued():
-                chunk.drained.set()
-
-        pool = job.pool_for(emit_chunk, self.limits, left=chunk.left)
+        pool = job.pool_for(on_event, self.limits, left=chunk.left)
+        # the run's counts take each batch from its fields (and tell when the queues empty);
+        # only on_event gets batch events
+        pool.recorder.listen(ChunkTally(acc, pool.sched.queued, chunk.drained), on_event)
         chunk.pool = pool
         chunk.task = asyncio.create_task(pool.run())
         chunk.task.add_done_callback(self._on_pool_done(chunk))

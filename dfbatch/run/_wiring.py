@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dfbatch.config import Progress
-from dfbatch.events import RunStats, StatsAccumulator
+from dfbatch.events import Event, RunStats, StatsAccumulator
 
 REFRESH_S = 0.25
 
@@ -42,6 +42,41 @@ async def tick(display: Any, acc: StatsAccumulator) -> None:
     while True:
         await asyncio.sleep(REFRESH_S)
         safe(display.update, acc.snapshot(loop.time()))
+
+
+class ChunkTally:
+    """A streamed run's counts of one chunk's pool (into the run's ``acc``), which also set
+    ``drained`` once the pool's queues are empty (the next chunk's pool may start)."""
+
+    __slots__ = ("acc", "drained", "queued")
+
+    def __init__(self, acc: StatsAccumulator, queued: Callable[[], int],
+                 drained: asyncio.Event) -> None:
+        self.acc, self.queued, self.drained = acc, queued, drained
+
+    def batch_started(self, t: float, batch_id: int, agent_id: int, tokens: int) -> None:
+        self.acc.batch_started(t, batch_id, agent_id, tokens)
+        if not self.queued():
+            self.drained.set()
+
+    def batch_finished(self, t: float, batch_id: int, agent_id: int, planned_agent: int,
+                       rows: int, tokens: int, elapsed_s: float, ok_rows: int, error_rows: int,
+                       input_tokens: int = 0, output_tokens: int = 0) -> None:
+        self.acc.batch_finished(t, batch_id, agent_id, planned_agent, rows, tokens, elapsed_s,
+                                ok_rows, error_rows, input_tokens, output_tokens)
+        if not self.queued():
+            self.drained.set()
+
+    def batch_failed(self, t: float, batch_id: int, agent_id: int, rows: int, tokens: int,
+                     elapsed_s: float, *, bisected: bool = False) -> None:
+        self.acc.batch_failed(t, batch_id, agent_id, rows, tokens, elapsed_s, bisected=bisected)
+        if not self.queued():
+            self.drained.set()
+
+    def apply(self, ev: Event) -> None:
+        self.acc.apply(ev)
+        if not self.queued():
+            self.drained.set()
 
 
 def safe(method: Callable[[RunStats], None], stats: RunStats) -> None:
