@@ -39,9 +39,9 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from statistics import median
+from statistics import NormalDist, median
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -62,6 +62,13 @@ TIMEOUT_K = 3.0  # no hedge sent: cut at 3 x the outlier age (about 7-10 x the e
 STALL_K = 2.0  # a hedge sent: cut when the hedge too has run 2 x the outlier age
 POLL_S, MAX_POLL_S = 0.05, 5.0  # a call that started before the model was fitted looks again
 REFIT_S = 0.1  # refit at most this often (a fit costs ~0.5 ms; cheap calls come by thousands)
+RESTART_SHARE = 0.8  # restarts may use this share of the extra-call budget (the rest: hedges)
+RESTART_GAIN = 0.97  # restart only where that is expected to save >= 3% of the calls' time
+DRAIN_MRL = 1.0  # in the run's tail, hedge a call expected to run longer than a fresh copy
+DRAIN_RESERVE = 0.5  # restarts leave this many extra calls per call in flight for the tail
+SLOW_RESENDS = 2  # this many resent calls as slow as the cut ones (and >= 1/3 of them): the
+#                   latency follows the rows, not chance, and restarts stop for the run
+_Z90 = NormalDist().inv_cdf(0.9)
 
 
 class LatencyModel:
@@ -105,6 +112,18 @@ class LatencyModel:
             r = self.ratios
             got = self._memo[q] = max(1.0, r[min(len(r) - 1, int(q * len(r)))]) if r else 1.0
         return got
+
+    def shape(self) -> tuple[float, float] | None:
+        """``(mu, sigma)`` of log(latency / expected), from the median and the 90th percentile
+        of the spread (its body: calls cut further out do not bend it); None before a fit."""
+        self._refit()
+        r = self.ratios
+        if not r:
+            return None
+        mid, high = r[len(r) // 2], r[int(0.9 * len(r))]
+        if not 0 < mid < high:
+            return None
+        return math.log(mid), math.log(high / mid) / _Z90
 
     def _refit(self) -> None:
         n = len(self.samples)
@@ -158,6 +177,7 @@ class Plan:
     outlier_after: float
     deadline: float
     stall_after: float
+    restart_after: float = math.inf  # with work queued: cut the call and resend it at once
 
     def hedge_due(self, age: float, queued: bool) -> bool:
         return age >= self.outlier_after or (age >= self.tail_after and not queued)
@@ -174,8 +194,12 @@ class Plan:
                 nxt = self.tail_after
             if age < self.outlier_after < nxt:
                 nxt = self.outlier_after
+            if age < self.restart_after < nxt:
+                nxt = self.restart_after
             if age >= self.tail_after:  # due in the tail, but work was queued: look again
                 nxt = min(nxt, age + max(0.01, self.tail_after / 4))
+            if age >= self.restart_after:  # due, but no budget or nothing queued: look again
+                nxt = min(nxt, age + max(0.01, self.restart_after / 4))
         return nxt - age if nxt < math.inf else 0.0
 
 
@@ -186,14 +210,32 @@ class TailState:
     model: LatencyModel = field(default_factory=LatencyModel)
     attempts: int = 0
     hedges: int = 0
-    _plans: dict[tuple[float, float], Plan] = field(default_factory=dict, repr=False)
+    restarts: int = 0  # calls cut and resent (``restart_after``): extra calls, like hedges
+    running: int = 0  # calls in flight (what the run's tail will need hedges for)
+    restart_ok: bool = True  # False once resent calls proved as slow as the cut ones
+    resends: int = 0  # resent calls answered so far ...
+    slow_resends: int = 0  # ... of which ran at least as long as their cut first copy had
+    _cut: dict[int, tuple[Any, float]] = field(default_factory=dict, repr=False)
+    _plans: dict[tuple[float, float, float], Plan] = field(default_factory=dict, repr=False)
     _fit: int = -1  # the model's fit the memoized plans come from
 
-    def observe(self, tokens: float, latency: float) -> None:
+    def observe(self, tokens: float, latency: float, key: object = None) -> None:
+        """An answered call; ``key``: its batch (was it resent after a restart, and was the
+        resend fast, as a fresh chance should be?)."""
         self.model.observe(tokens, latency)
+        got = self._cut.pop(id(key), None) if key is not None and self._cut else None
+        if got is None or got[0] is not key:
+            return
+        self.resends += 1
+        if latency >= got[1]:
+            self.slow_resends += 1
+            if self.slow_resends >= SLOW_RESENDS and 3 * self.slow_resends >= self.resends:
+                self.restart_ok = False  # latency follows the rows: a resend is no fresh chance
+                self._plans.clear()
 
-    def plan(self, tokens: float, q: float) -> Plan | None:
-        """The plan for a call of ``tokens``; ``None`` until the model is fitted."""
+    def plan(self, tokens: float, q: float, budget: float = 0.0) -> Plan | None:
+        """The plan for a call of ``tokens``; ``None`` until the model is fitted. ``budget``:
+        the extra-call budget (``hedge_budget``), of which restarts may use a share."""
         m = self.model
         if not m.ready:
             return None
@@ -201,20 +243,49 @@ class TailState:
         if m.fits != self._fit:  # plans are asked for at every call: kept per fit and size
             self._plans.clear()
             self._fit = m.fits
-        got = self._plans.get((tokens, q))
+        got = self._plans.get((tokens, q, budget))
         if got is None:
-            got = self._plans[(tokens, q)] = self._plan(tokens, q)
+            got = self._plans[(tokens, q, budget)] = self._plan(tokens, q, budget)
         return got
 
-    def _plan(self, tokens: float, q: float) -> Plan:
+    def _plan(self, tokens: float, q: float, budget: float) -> Plan:
         m = self.model
         e = m.expected(tokens)
-        tail = e * m.ratio(q)
-        outlier = max(e * m.ratio(OUTLIER_Q), 1.5 * tail)
+        late = e * m.ratio(q)
+        outlier = max(e * m.ratio(OUTLIER_Q), 1.5 * late)
         deadline = max(TIMEOUT_FLOOR_S, TIMEOUT_K * outlier, 1.5 * e * m.ratio(1.0))
         stall = max(TIMEOUT_FLOOR_S, STALL_K * outlier)
+        tail, restart = late, math.inf
+        shape = m.shape()
+        if shape is not None:
+            # heavy tail: in the run's tail, hedge as soon as a copy is expected to finish
+            # well before the call; with work queued, cut and resend where that saves time
+            tail = min(late, e * drain_ratio(*shape))
+            share = budget * RESTART_SHARE
+            if self.restart_ok and 0 < share < 0.5:
+                restart = e * restart_ratio(*shape, 1 - share)
         # a duplicate while work is queued takes capacity from it: only for a clear outlier
-        return Plan(tail, OUTLIER_K * outlier, deadline, stall)
+        return Plan(tail, OUTLIER_K * outlier, deadline, stall, restart)
+
+    def may_restart(self, budget: float, key: object, tokens: float, age: float) -> bool:
+        """May this call (of batch ``key``, ``age`` s old) be cut and resent? Once per batch,
+        within ``RESTART_SHARE`` of the budget and, with hedges, within the budget. Counts it,
+        and tells the model the call takes at least ``age`` (so its quantiles stay true)."""
+        if not self.restart_ok:
+            return False
+        got = self._cut.get(id(key))
+        if got is not None and got[0] is key:
+            return False  # its resend runs to the end (a slow batch may be slow by its rows)
+        # a straggler in the run's tail costs the makespan far more than one mid-run costs
+        # throughput: keep budget for a hedge of half the calls in flight
+        extra = self.hedges + self.restarts + 1 + DRAIN_RESERVE * self.running
+        if self.restarts + 1 > budget * RESTART_SHARE * self.attempts or \
+                extra > budget * self.attempts:
+            return False
+        self.restarts += 1
+        self._cut[id(key)] = (key, age)  # (held: its id is not reused meanwhile)
+        self.model.observe(tokens, age)
+        return True
 
     def ordinary_within(self, tokens: float, seconds: float | None) -> bool:
         """Do calls of ``tokens`` finish well within ``seconds`` (at the outlier
@@ -231,12 +302,45 @@ class TailState:
                   rates: tuple[RateLimit | None, ...], units: tuple[float, ...]) -> bool:
         """Within budget, and no binding rate bucket that queued work needs? Counts the hedge."""
         spare = SPARE_HEDGES if budget > 0 else 0  # hedge_budget=0: no hedge at all
-        if self.hedges + 1 > budget * self.attempts + spare:  # never past the budget
+        if self.hedges + self.restarts + 1 > budget * self.attempts + spare:  # never past it
             return False
         if queued and any(binding(r, u) for r, u in zip(rates, units, strict=True)):
             return False
         self.hedges += 1
         return True
+
+
+def restart_ratio(mu: float, sigma: float, p: float) -> float:
+    """Where to cut and resend calls whose latency / expected is lognormal(``mu``, ``sigma``):
+    at its ``p`` quantile, if restarting there is expected to save >= 1 - ``RESTART_GAIN`` of
+    the calls' time (a heavy tail: a call that old is expected to run longer than a fresh one
+    takes), else never (``inf``; a light tail: a resend would only lose the time spent)."""
+    n = NormalDist()
+    log_tau = mu + n.inv_cdf(p) * sigma
+    mean = math.exp(mu + sigma * sigma / 2)
+    below = mean * n.cdf((log_tau - mu - sigma * sigma) / sigma)  # E[R; R < tau]
+    per_answer = (below + math.exp(log_tau) * (1 - p)) / p  # time per answer, resending at tau
+    return math.exp(log_tau) if per_answer <= RESTART_GAIN * mean else math.inf
+
+
+def drain_ratio(mu: float, sigma: float) -> float:
+    """The smallest age (latency / expected; quantiles 0.5 .. 0.99) at which a lognormal
+    call's expected remaining time exceeds ``DRAIN_MRL`` x a fresh call's (``inf``: never)."""
+    n = NormalDist()
+    mean = math.exp(mu + sigma * sigma / 2)
+    for p in (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99):
+        log_a = mu + n.inv_cdf(p) * sigma
+        beyond = mean * n.cdf((mu + sigma * sigma - log_a) / sigma)  # E[R; R > a]
+        if beyond / (1 - p) - math.exp(log_a) >= DRAIN_MRL * mean:
+            return math.exp(log_a)
+    return math.inf
+
+
+def has_room(limits: Iterable[object]) -> bool:
+    """Has every capacity limit among ``limits`` a free unit (so nothing waits for one, and a
+    hedge sent now delays no work taken from the queue)?"""
+    return all(getattr(lim, "in_use", 0.0) < getattr(lim, "capacity", math.inf)
+               for lim in limits)
 
 
 def binding(rate: RateLimit | None, units: float) -> bool:
@@ -249,7 +353,8 @@ def binding(rate: RateLimit | None, units: float) -> bool:
 async def race(call: Callable[[], Awaitable[T]], hedge: Callable[[], Awaitable[T]],
                plan: Callable[[], Plan | None], *, queued: Callable[[], bool],
                may_hedge: Callable[[bool], bool],
-               hedge_sent: Callable[[], bool] = lambda: True) -> T:
+               hedge_sent: Callable[[], bool] = lambda: True,
+               may_restart: Callable[[float], bool] = lambda age: False) -> T:
     """Await ``call`` in this task; per ``plan()`` (asked again at each decision, so a call
     that started before the model was fitted is covered too), add ``hedge`` or cut the call.
     The first answer wins; the other copy is cancelled. Every copy failed: the first copy's
@@ -262,7 +367,7 @@ async def race(call: Callable[[], Awaitable[T]], hedge: Callable[[], Awaitable[T
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
     assert me is not None
-    race_ = _Race(loop, me, hedge, plan, queued, may_hedge)
+    race_ = _Race(loop, me, hedge, plan, queued, may_hedge, may_restart)
     try:
         try:
             result = await call()
@@ -301,9 +406,10 @@ class _Race(Generic[T]):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any],
                  hedge: Callable[[], Awaitable[T]], plan: Callable[[], Plan | None],
-                 queued: Callable[[], bool], may_hedge: Callable[[bool], bool]) -> None:
+                 queued: Callable[[], bool], may_hedge: Callable[[bool], bool],
+                 may_restart: Callable[[float], bool] = lambda age: False) -> None:
         self.loop, self.task, self.hedge, self.plan = loop, task, hedge, plan
-        self.queued, self.may_hedge = queued, may_hedge
+        self.queued, self.may_hedge, self.may_restart = queued, may_hedge, may_restart
         self.t0 = loop.time()
         self.hedged_at: float | None = None
         self.copy: asyncio.Task[T] | None = None
@@ -330,12 +436,18 @@ class _Race(Generic[T]):
             return
         p = self.plan()
         age = self.loop.time() - self.t0
-        if p is not None and self.hedged_at is None and p.hedge_due(age, q := self.queued()) \
-                and self.may_hedge(q):
-            self.hedged_at = age
-            self.copy = self.loop.create_task(self.hedge())  # type: ignore[arg-type]
-            self.copy.add_done_callback(self._copy_done)
-        elif p is not None and age >= p.cut_at(self.hedged_at):
+        if p is not None and self.hedged_at is None:
+            q = self.queued()
+            if p.hedge_due(age, q) and self.may_hedge(q):
+                self.hedged_at = age
+                self.copy = self.loop.create_task(self.hedge())  # type: ignore[arg-type]
+                self.copy.add_done_callback(self._copy_done)
+                self._arm()
+                return
+            if q and age >= p.restart_after and self.may_restart(age):
+                self._end("restart", age)  # a fresh call is expected to finish sooner
+                return
+        if p is not None and age >= p.cut_at(self.hedged_at):
             self._end("cut", age)
             return
         self._arm()
@@ -366,6 +478,10 @@ class _Race(Generic[T]):
         if self.ended == "won":
             assert self.copy is not None
             return self.copy.result()
+        if self.ended == "restart":  # resent at once: a fresh call is expected to be faster
+            msg = (f"the call ran {self.age:.1f} s, in the heavy tail of the latency for its "
+                   f"size: cut and resent (within hedge_budget; hedge_after=None turns it off)")
+            raise StragglerTimeoutError(msg, retry_after=0.0)
         msg = (f"the call ran {self.age:.1f} s, far past the latency expected for its size "
                f"(adaptive timeout, hedge_after; set hedge_after=None to turn it off)")
         raise StragglerTimeoutError(msg)
