@@ -19,14 +19,8 @@ from benchmarks.simapi import run
 from dfbatch.config import BatchConfig
 from dfbatch.errors import ConfigError, RetryableError
 from dfbatch.events import BatchHedged, BatchRetried, BatchStarted, fold
-from dfbatch.execute._hedge import (
-    TIMEOUT_FLOOR_S,
-    TailState,
-    drain_ratio,
-    has_room,
-    race,
-    restart_ratio,
-)
+from dfbatch.execute._hedge import TIMEOUT_FLOOR_S, TailState, has_room, race
+from dfbatch.execute._latency import drain_ratio, restart_ratio
 from dfbatch.execute._limits import CapacityLimit, Cost
 
 FAST = {"progress": False, "seed": 7, "backoff_base": 0.001, "backoff_max": 0.005}

@@ -1,25 +1,32 @@
-"""Tail defenses: a size-aware latency model, hedged duplicates on a budget, adaptive timeouts.
+"""Tail defenses: hedged duplicates, restarts and adaptive timeouts, on one budget.
 
-Every answered call reports ``(tokens, latency)``. ``LatencyModel`` fits a resistant line
-``latency ~ a + b * tokens`` (medians of size buckets and the median slope between them, so the
-tail it is meant to find does not bend it) over the last 256 calls, and the spread of
-``latency / expected`` around it; beyond the biggest call seen it assumes latency grows in
-proportion to tokens. A call is a straggler when its age passes its *own size's* expected
-latency times the ``hedge_after`` quantile of that ratio, so a 20k-token request is not a
-straggler at a duration that is ordinary for its size.
+Every answered call reports ``(tokens, latency)`` to ``LatencyModel`` (``_latency``): a size-aware
+expected latency and the spread of ``latency / expected``. A call is a straggler when its age
+passes its *own size's* expected latency times the ``hedge_after`` quantile of that ratio, so a
+20k-token request is not a straggler at a duration that is ordinary for its size.
 
-``TailState.plan(tokens, q)`` gives a call its ages (``Plan``): hedge after ``tail_after`` when
-nothing is queued (the run's tail) and after ``outlier_after`` at any time; with no hedge sent,
-cut the call at ``deadline`` (an adaptive timeout, never under ``TIMEOUT_FLOOR_S``; the
-configured ``timeout`` still applies to each copy); after a hedge, cut both copies once the hedge
-too has run ``stall_after``. A cut raises ``StragglerTimeoutError``: the batch retries as a
-transient error. ``race`` runs the copies: the first answer wins and the other is cancelled, so
-a row never gets two answers.
+``TailState.plan(tokens, q, budget)`` gives a call its ages (``Plan``): hedge after
+``tail_after`` when no work waits (nothing queued and a free in-flight slot: the run's tail) and
+after ``outlier_after`` at any time; with no hedge sent, cut the call at ``deadline`` (an
+adaptive timeout, never under ``TIMEOUT_FLOOR_S``; the configured ``timeout`` still applies to
+each copy); after a hedge, cut both copies once the hedge too has run ``stall_after``. A cut
+raises ``StragglerTimeoutError``: the batch retries as a transient error.
 
-Budget: at most ``hedge_budget`` x attempts so far (+ ``SPARE_HEDGES`` for short runs, unless the
-budget is 0) hedges;
-and no hedge while work is queued and a rate bucket (TPM / RPM) is the binding limit, so a
-duplicate never spends tokens that pending work needs.
+Under a heavy tail (the spread's shape says a call that old is expected to run longer than a
+fresh one: ``restart_ratio``), a call still running at ``restart_after`` while work waits is cut
+and resent at once (a *restart*: it frees its slot for a fresh draw instead of holding it for the
+tail), once per batch; and in the run's tail a call is hedged as soon as a copy is expected to
+finish first (``drain_ratio``), not only past the ``hedge_after`` quantile. If resent calls turn
+out as slow as the cut ones (the latency follows the rows, not chance), restarts stop for the
+run. Under a light tail neither happens: a resend would only lose the time spent.
+
+Budget: hedges and restarts together are extra calls, at most ``hedge_budget`` x attempts so far
+(+ ``SPARE_HEDGES`` hedges for short runs, unless the budget is 0); restarts take at most
+``RESTART_SHARE`` of it and leave ``DRAIN_RESERVE`` extra calls per call in flight for the run's
+tail, where a straggler costs the makespan most. No hedge while work is queued and a rate bucket
+(TPM / RPM) is the binding limit, so a duplicate never spends tokens that pending work needs.
+``race`` runs the copies: the first answer wins and the other is cancelled, so a row never gets
+two answers.
 
 Examples
 --------
@@ -37,23 +44,16 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from statistics import NormalDist, median
 from typing import Any, Generic, TypeVar
 
-import numpy as np
-
 from dfbatch.errors import StragglerTimeoutError
+from dfbatch.execute._latency import LatencyModel, drain_ratio, restart_ratio
 from dfbatch.execute._rate import RateLimit
 
 T = TypeVar("T")
 
-WINDOW = 256  # recent calls the model fits
-MIN_SAMPLES = 16  # no hedging / adaptive timeout before this many answered calls
-BUCKET_MIN = 3  # calls a size bucket needs to count in the slope
 OUTLIER_Q = 0.99  # an outlier: past this quantile of latency / expected ...
 OUTLIER_K = 2.0  # ... times this (hedged at any time)
 SPARE_HEDGES = 2  # hedges a short run may send beyond hedge_budget x attempts
@@ -61,112 +61,10 @@ TIMEOUT_FLOOR_S = 1.0  # the adaptive timeout is never shorter than this
 TIMEOUT_K = 3.0  # no hedge sent: cut at 3 x the outlier age (about 7-10 x the expected latency)
 STALL_K = 2.0  # a hedge sent: cut when the hedge too has run 2 x the outlier age
 POLL_S, MAX_POLL_S = 0.05, 5.0  # a call that started before the model was fitted looks again
-REFIT_S = 0.1  # refit at most this often (a fit costs ~0.5 ms; cheap calls come by thousands)
 RESTART_SHARE = 0.8  # restarts may use this share of the extra-call budget (the rest: hedges)
-RESTART_GAIN = 0.97  # restart only where that is expected to save >= 3% of the calls' time
-DRAIN_MRL = 1.0  # in the run's tail, hedge a call expected to run longer than a fresh copy
 DRAIN_RESERVE = 0.5  # restarts leave this many extra calls per call in flight for the tail
 SLOW_RESENDS = 2  # this many resent calls as slow as the cut ones (and >= 1/3 of them): the
 #                   latency follows the rows, not chance, and restarts stop for the run
-_Z90 = NormalDist().inv_cdf(0.9)
-
-
-class LatencyModel:
-    """Expected latency of a call of ``tokens`` tokens, and the spread around it."""
-
-    def __init__(self, window: int = WINDOW) -> None:
-        self.samples: deque[tuple[float, float]] = deque(maxlen=window)
-        self.a = 0.0  # seconds
-        self.b = 0.0  # seconds per token
-        self.least = 0.0  # the smallest expected latency (a fit's intercept may be ~0)
-        self.cover = 1.0  # the biggest call (tokens) the fit has seen
-        self.ratios: list[float] = []  # sorted latency / expected of the samples
-        self._stale = 0
-        self.fits = 0  # refits so far (what memos of a fit compare with)
-        self._fit_at = -math.inf
-        self._memo: dict[float, float] = {}
-
-    def observe(self, tokens: float, latency: float) -> None:
-        if latency > 0 and math.isfinite(latency):
-            self.samples.append((max(0.0, float(tokens)), float(latency)))
-            self._stale += 1
-
-    @property
-    def ready(self) -> bool:
-        return len(self.samples) >= MIN_SAMPLES
-
-    def expected(self, tokens: float) -> float:
-        """Beyond the biggest call seen, latency is assumed to grow at least in proportion to
-        tokens (a model fitted on small calls must not call an unseen big one late)."""
-        self._refit()
-        line = max(self.least, self.a + self.b * tokens)
-        if tokens <= self.cover:
-            return line
-        return max(line, max(self.least, self.a + self.b * self.cover) * tokens / self.cover)
-
-    def ratio(self, q: float) -> float:
-        """The ``q`` quantile of latency / expected (1.0 before any fit)."""
-        self._refit()
-        got = self._memo.get(q)
-        if got is None:  # (asked for the same few quantiles at every call: kept per fit)
-            r = self.ratios
-            got = self._memo[q] = max(1.0, r[min(len(r) - 1, int(q * len(r)))]) if r else 1.0
-        return got
-
-    def shape(self) -> tuple[float, float] | None:
-        """``(mu, sigma)`` of log(latency / expected), from the median and the 90th percentile
-        of the spread (its body: calls cut further out do not bend it); None before a fit."""
-        self._refit()
-        r = self.ratios
-        if not r:
-            return None
-        mid, high = r[len(r) // 2], r[int(0.9 * len(r))]
-        if not 0 < mid < high:
-            return None
-        return math.log(mid), math.log(high / mid) / _Z90
-
-    def _refit(self) -> None:
-        n = len(self.samples)
-        if n < MIN_SAMPLES or (self.ratios and (self._stale < max(1, n // 8)
-                                                or _now() < self._fit_at + REFIT_S)):
-            return
-        self._fit_at = _now()
-        self._stale = 0
-        self.fits += 1
-        self._memo.clear()
-        pts = np.array(self.samples, dtype=np.float64)
-        t, x = pts[:, 0], pts[:, 1]
-        self.a, self.b = _resistant_line(t, x)
-        self.least = 0.25 * float(np.partition(x, n // 4)[n // 4])
-        self.cover = max(1.0, float(t.max()))
-        self.ratios = np.sort(x / np.maximum(self.least, self.a + self.b * t)).tolist()
-
-
-def _now() -> float:
-    """The running loop's clock (a virtual one in simulations), else the monotonic clock."""
-    try:
-        return asyncio.get_running_loop().time()
-    except RuntimeError:
-        return time.monotonic()
-
-
-def _resistant_line(t: np.ndarray, x: np.ndarray) -> tuple[float, float]:
-    """``(a, b)`` of ``latency ~ a + b * tokens``: the median slope between the medians of
-    size buckets (powers of two, >= ``BUCKET_MIN`` calls each, so a run of mostly small calls
-    still sees its few big ones), and the median intercept of every call."""
-    keys = np.floor(np.log2(t + 1)).astype(np.int64)
-    mids = []
-    for k in np.unique(keys).tolist():  # sorted
-        inside = keys == k
-        if int(inside.sum()) >= BUCKET_MIN:
-            mids.append((float(np.median(t[inside])), float(np.median(x[inside]))))
-    slopes = [(x2 - x1) / (t2 - t1) for i, (t1, x1) in enumerate(mids)
-              for t2, x2 in mids[i + 1:] if t2 > t1]
-    b = max(0.0, median(slopes)) if slopes else 0.0
-    # never steeper than latency in proportion to tokens: a few slow calls in a sparse bucket
-    # (the slow ones finish last) must not tilt the line until small calls look "late"
-    b = min(b, float(np.median(x / np.maximum(1.0, t))))
-    return max(0.0, float(np.median(x - b * t))), b
 
 
 @dataclass(frozen=True)
@@ -310,32 +208,6 @@ class TailState:
         return True
 
 
-def restart_ratio(mu: float, sigma: float, p: float) -> float:
-    """Where to cut and resend calls whose latency / expected is lognormal(``mu``, ``sigma``):
-    at its ``p`` quantile, if restarting there is expected to save >= 1 - ``RESTART_GAIN`` of
-    the calls' time (a heavy tail: a call that old is expected to run longer than a fresh one
-    takes), else never (``inf``; a light tail: a resend would only lose the time spent)."""
-    n = NormalDist()
-    log_tau = mu + n.inv_cdf(p) * sigma
-    mean = math.exp(mu + sigma * sigma / 2)
-    below = mean * n.cdf((log_tau - mu - sigma * sigma) / sigma)  # E[R; R < tau]
-    per_answer = (below + math.exp(log_tau) * (1 - p)) / p  # time per answer, resending at tau
-    return math.exp(log_tau) if per_answer <= RESTART_GAIN * mean else math.inf
-
-
-def drain_ratio(mu: float, sigma: float) -> float:
-    """The smallest age (latency / expected; quantiles 0.5 .. 0.99) at which a lognormal
-    call's expected remaining time exceeds ``DRAIN_MRL`` x a fresh call's (``inf``: never)."""
-    n = NormalDist()
-    mean = math.exp(mu + sigma * sigma / 2)
-    for p in (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99):
-        log_a = mu + n.inv_cdf(p) * sigma
-        beyond = mean * n.cdf((mu + sigma * sigma - log_a) / sigma)  # E[R; R > a]
-        if beyond / (1 - p) - math.exp(log_a) >= DRAIN_MRL * mean:
-            return math.exp(log_a)
-    return math.inf
-
-
 def has_room(limits: Iterable[object]) -> bool:
     """Has every capacity limit among ``limits`` a free unit (so nothing waits for one, and a
     hedge sent now delays no work taken from the queue)?"""
@@ -402,7 +274,8 @@ def _uncancel(task: asyncio.Task[Any]) -> int:
 
 class _Race(Generic[T]):
     """The timer and the hedge of one ``race``: ``ended`` is "won" (the hedge answered first,
-    the call's task was cancelled) or "cut" (past the plan's deadline); None while it runs."""
+    the call's task was cancelled), "cut" (past the plan's deadline) or "restart" (past
+    ``restart_after`` while work waits: resent at once); None while it runs."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any],
                  hedge: Callable[[], Awaitable[T]], plan: Callable[[], Plan | None],
