@@ -117,7 +117,9 @@ def test_budget_caps_extra_calls() -> None:
         _once(out, df)
         attempts = sum(isinstance(e, BatchStarted) for e in events)
         hedges = fold(events).hedges
-        assert hedges <= budget * attempts + (2 if budget else 0)
+        restarts = [e for e in events if isinstance(e, BatchRetried) and "resent" in e.error]
+        # hedges and restarts together: at most the budget (a short run: at least 2 hedges)
+        assert hedges + len(restarts) <= max(budget * attempts, 2 if budget else 0)
         assert hedges >= (1 if budget else 0)
 
 
@@ -322,7 +324,7 @@ def test_heavy_tail_cuts_and_resends_stragglers_within_the_budget() -> None:
     restarts, hedges = len(_restarts(events)), fold(events).hedges
     calls = sum(isinstance(e, BatchStarted) for e in events) + hedges
     assert restarts >= 5 and hedges >= 5  # mid-run restarts, hedges in the run's tail
-    assert restarts + hedges <= 0.05 * calls + 2  # the stated budget (+2 spare hedges)
+    assert restarts + hedges <= 0.05 * calls  # the stated budget
     assert all(e.delay_s <= 0.06 for e in _restarts(events))  # resent at once
     _, _, plain = _run(Lognormal(1.0), hedge_after=None)
     assert makespan < 0.9 * plain  # (0.82 x here)

@@ -21,7 +21,7 @@ out as slow as the cut ones (the latency follows the rows, not chance), restarts
 run. Under a light tail neither happens: a resend would only lose the time spent.
 
 Budget: hedges and restarts together are extra calls, at most ``hedge_budget`` x attempts so far
-(+ ``SPARE_HEDGES`` hedges for short runs, unless the budget is 0); restarts take at most
+(a short run may still send ``SPARE_HEDGES`` hedges, unless the budget is 0); restarts take at most
 ``RESTART_SHARE`` of it and leave ``DRAIN_RESERVE`` extra calls per call in flight for the run's
 tail, where a straggler costs the makespan most. No hedge while work is queued and a rate bucket
 (TPM / RPM) is the binding limit, so a duplicate never spends tokens that pending work needs.
@@ -56,7 +56,7 @@ T = TypeVar("T")
 
 OUTLIER_Q = 0.99  # an outlier: past this quantile of latency / expected ...
 OUTLIER_K = 2.0  # ... times this (hedged at any time)
-SPARE_HEDGES = 2  # hedges a short run may send beyond hedge_budget x attempts
+SPARE_HEDGES = 2  # hedges a short run may send even where hedge_budget x attempts is less
 TIMEOUT_FLOOR_S = 1.0  # the adaptive timeout is never shorter than this
 TIMEOUT_K = 3.0  # no hedge sent: cut at 3 x the outlier age (about 7-10 x the expected latency)
 STALL_K = 2.0  # a hedge sent: cut when the hedge too has run 2 x the outlier age
@@ -200,7 +200,7 @@ class TailState:
                   rates: tuple[RateLimit | None, ...], units: tuple[float, ...]) -> bool:
         """Within budget, and no binding rate bucket that queued work needs? Counts the hedge."""
         spare = SPARE_HEDGES if budget > 0 else 0  # hedge_budget=0: no hedge at all
-        if self.hedges + self.restarts + 1 > budget * self.attempts + spare:  # never past it
+        if self.hedges + self.restarts + 1 > max(budget * self.attempts, spare):  # never past it
             return False
         if queued and any(binding(r, u) for r, u in zip(rates, units, strict=True)):
             return False
