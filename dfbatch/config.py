@@ -107,9 +107,12 @@ class BatchConfig:
     older than its *size's* expected latency (fitted online from answered calls) times that
     quantile of the spread gets a duplicate in the run's tail, an outlier at any time, the first
     answer wins; a call far past its size's latency is cut and retried (adaptive timeout, never
-    over ``timeout``); ``None`` / ``False`` turns them off), ``hedge_budget`` (the most
-    duplicates, as a fraction of calls so far, default 0.05; never while work is queued and the
-    TPM / RPM bucket binds), ``outage_timeout`` (seconds, default 600: when no call has been
+    over ``timeout``); under a heavy-tailed latency, a call past the age where a fresh call is
+    expected to finish sooner is cut and resent at once while work waits (once per batch), and
+    in the run's tail hedged from that age; ``None`` / ``False`` turns them off),
+    ``hedge_budget`` (the most extra calls -- duplicates and resends together -- as a fraction
+    of calls so far, default 0.05; no duplicate while work is queued and the TPM / RPM bucket
+    binds), ``outage_timeout`` (seconds, default 600: when no call has been
     answered for this long while calls keep failing with outages -- connection errors,
     timeouts, 5xx -- or rate-limit 429s, the run stops with ``RunStoppedError``, its
     ``.partial`` holding the rows done and a checkpointed run resumable; None = wait for ever),

@@ -7,6 +7,8 @@ so makespans are exact and the runs are deterministic.
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 from collections import Counter
 
 import polars as pl
@@ -17,7 +19,9 @@ from benchmarks.simapi import run
 from dfbatch.config import BatchConfig
 from dfbatch.errors import ConfigError, RetryableError
 from dfbatch.events import BatchHedged, BatchRetried, BatchStarted, fold
-from dfbatch.execute._hedge import TIMEOUT_FLOOR_S, TailState, race
+from dfbatch.execute._hedge import TIMEOUT_FLOOR_S, TailState, has_room, race
+from dfbatch.execute._latency import drain_ratio, restart_ratio
+from dfbatch.execute._limits import CapacityLimit, Cost
 
 FAST = {"progress": False, "seed": 7, "backoff_base": 0.001, "backoff_max": 0.005}
 
@@ -113,7 +117,9 @@ def test_budget_caps_extra_calls() -> None:
         _once(out, df)
         attempts = sum(isinstance(e, BatchStarted) for e in events)
         hedges = fold(events).hedges
-        assert hedges <= budget * attempts + (2 if budget else 0)
+        restarts = [e for e in events if isinstance(e, BatchRetried) and "resent" in e.error]
+        # hedges and restarts together: at most the budget (a short run: at least 2 hedges)
+        assert hedges + len(restarts) <= max(budget * attempts, 2 if budget else 0)
         assert hedges >= (1 if budget else 0)
 
 
@@ -277,3 +283,101 @@ def test_race_hedge_wins_and_the_first_copy_is_cancelled() -> None:
 
     got, took, cancelling = run(go())
     assert got == "hedge" and cancelled == [True] and took < 5 and cancelling == 0
+
+
+# -- restarts (cut and resend) and the run's tail under a heavy-tailed latency ---------------
+class Lognormal:
+    """Every call (4 rows of 10 tokens) takes ``1 s x lognormal(0, sigma)`` (>= 0.5), a fresh
+    draw per call -- or, with ``by_rows``, a draw fixed by the batch's first id (the rows, not
+    chance, set the latency: a resend is as slow). Counts calls per first id."""
+
+    def __init__(self, sigma: float, *, by_rows: bool = False, seed: int = 3) -> None:
+        self.sigma, self.by_rows, self.seed = sigma, by_rows, seed
+        self.rng = random.Random(seed)
+        self.calls: Counter[int] = Counter()
+
+    async def __call__(self, batch: pl.DataFrame) -> list[int]:
+        first = batch["id"][0]
+        self.calls[first] += 1
+        rng = random.Random(self.seed * 100_003 + first) if self.by_rows else self.rng
+        await asyncio.sleep(max(0.5, rng.lognormvariate(0.0, self.sigma)))
+        return (batch["id"] * 2).to_list()
+
+
+def _restarts(events: list) -> list:
+    return [e for e in events if isinstance(e, BatchRetried) and "resent" in e.error]
+
+
+def _run(fn: Lognormal, n: int = 3200, **settings: object) -> tuple[pl.DataFrame, list, float]:
+    df = _frame(n)
+    events: list = []
+    out = run(dfbatch.aprocess(df, fn, encoding=_words, agents=4, items_per_batch=4,
+                               max_concurrent_batches=8, max_in_flight=32,
+                               dynamic_batching=False, on_event=events.append,
+                               **{**FAST, **settings}))
+    _once(out, df)
+    return out, events, events[-1].t - events[0].t
+
+
+def test_heavy_tail_cuts_and_resends_stragglers_within_the_budget() -> None:
+    _, events, makespan = _run(Lognormal(1.0))
+    restarts, hedges = len(_restarts(events)), fold(events).hedges
+    calls = sum(isinstance(e, BatchStarted) for e in events) + hedges
+    assert restarts >= 5 and hedges >= 5  # mid-run restarts, hedges in the run's tail
+    assert restarts + hedges <= 0.05 * calls  # the stated budget
+    assert all(e.delay_s <= 0.06 for e in _restarts(events))  # resent at once
+    _, _, plain = _run(Lognormal(1.0), hedge_after=None)
+    assert makespan < 0.9 * plain  # (0.82 x here)
+
+
+def test_light_tail_is_never_cut_and_resent() -> None:
+    _, events, _ = _run(Lognormal(0.35), n=1600)
+    assert not _restarts(events)
+
+
+def test_restarts_stop_when_a_resend_is_as_slow_as_its_cut_call() -> None:
+    fn = Lognormal(1.0, by_rows=True)  # a slow batch is slow on every try
+    _, events, _ = _run(fn)
+    per_batch = Counter(e.batch_id for e in _restarts(events))
+    assert per_batch and max(per_batch.values()) == 1  # a batch is cut and resent once
+    assert len(per_batch) <= 6  # two or three slow resends, then no more restarts
+
+
+def test_tail_state_restart_bookkeeping() -> None:
+    state = TailState()
+    rng = random.Random(1)
+    for _ in range(256):
+        state.observe(100, max(0.5, rng.lognormvariate(0.0, 1.0)))
+    plan = state.plan(100, 0.9, budget=0.05)
+    assert plan is not None and 3.0 < plan.restart_after < 10.0  # ~ its 96th percentile
+    assert plan.tail_after < state.plan(100, 0.9).outlier_after
+    assert state.plan(100, 0.9).restart_after == math.inf  # no budget: no restart
+    state.attempts = 1000
+    batch, other = object(), object()
+    assert state.may_restart(0.05, batch, 100, 6.0)
+    assert not state.may_restart(0.05, batch, 100, 6.0)  # once per batch
+    state.running = 32
+    state.restarts = 34  # 34 + this one + 32 / 2 kept for the tail's hedges > 5% of 1000
+    assert not state.may_restart(0.05, other, 100, 6.0)
+    state.running, state.restarts = 0, 1
+    for slow in (batch, other):  # both resends as slow as the cut calls: no more restarts
+        state._cut[id(slow)] = (slow, 6.0)
+        state.observe(100, 7.0, slow)
+    assert not state.restart_ok
+    after = state.plan(100, 0.9, budget=0.05)
+    assert after is not None and after.restart_after == math.inf
+
+
+def test_restart_and_drain_ages_follow_the_tail_shape() -> None:
+    assert 4.0 < restart_ratio(0.0, 1.0, 0.96) < 8.0  # heavy: resend at the 96th percentile
+    assert restart_ratio(0.0, 0.35, 0.96) == math.inf  # light: a resend only loses time
+    assert drain_ratio(0.0, 1.0) <= 1.0  # heavy: a copy beats a call past its median
+    assert drain_ratio(0.0, 0.5) == math.inf
+
+
+def test_has_room() -> None:
+    slots = CapacityLimit(2)
+    assert has_room([slots])
+    slots.try_acquire(Cost())
+    slots.try_acquire(Cost())
+    assert not has_room([slots]) and has_room([])

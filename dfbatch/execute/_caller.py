@@ -45,7 +45,7 @@ from dfbatch.execute._charge import (
     leave,
 )
 from dfbatch.execute._headers import parse_headers
-from dfbatch.execute._hedge import race
+from dfbatch.execute._hedge import has_room, race
 from dfbatch.execute._limits import Cost, Hold, Limits, Outcome
 from dfbatch.execute._outputs import Output, normalize, partial_of
 from dfbatch.execute._recorder import Answered, GaveUp, Verdict
@@ -182,7 +182,7 @@ class FnCaller:
             if error is None:
                 assert frame is not None and used is not None
                 limits.latencies.append(now - t_call)
-                limits.tail.observe(batch.tokens, now - t_call)
+                limits.tail.observe(batch.tokens, now - t_call, batch)
                 if limits.sizer is not None:
                     limits.sizer.observe(ok=True, latency_s=now - t_call)
                 return Answered(frame, row_errors, wall0, now - t_first, used)
@@ -301,10 +301,22 @@ class FnCaller:
                                          units=(cost.tokens, cost.requests))
 
         sent: list[bool] = []  # the hedge got its limits and went out
-        return await race(lambda: self._call(batch, df),
-                          lambda: self._hedge_call(a, batch, df, cost, sent),
-                          lambda: tail.plan(batch.tokens, q),
-                          queued=self.queued, may_hedge=may_hedge, hedge_sent=lambda: bool(sent))
+        budget = cfg.hedge_budget
+        slots = limits.calls.limits
+
+        def waiting() -> bool:  # work queued, or taken and waiting for an in-flight slot
+            return self.queued() or not has_room(slots)
+
+        tail.running += 1
+        try:
+            return await race(lambda: self._call(batch, df),
+                              lambda: self._hedge_call(a, batch, df, cost, sent),
+                              lambda: tail.plan(batch.tokens, q, budget), queued=waiting,
+                              may_hedge=may_hedge, hedge_sent=lambda: bool(sent),
+                              may_restart=lambda age: tail.may_restart(budget, batch,
+                                                                       batch.tokens, age))
+        finally:
+            tail.running -= 1
 
     async def _hedge_call(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost,
                           sent: list[bool]) -> tuple[Any, _usage.Usage]:

@@ -1,25 +1,32 @@
-"""Tail defenses: a size-aware latency model, hedged duplicates on a budget, adaptive timeouts.
+"""Tail defenses: hedged duplicates, restarts and adaptive timeouts, on one budget.
 
-Every answered call reports ``(tokens, latency)``. ``LatencyModel`` fits a resistant line
-``latency ~ a + b * tokens`` (medians of size buckets and the median slope between them, so the
-tail it is meant to find does not bend it) over the last 256 calls, and the spread of
-``latency / expected`` around it; beyond the biggest call seen it assumes latency grows in
-proportion to tokens. A call is a straggler when its age passes its *own size's* expected
-latency times the ``hedge_after`` quantile of that ratio, so a 20k-token request is not a
-straggler at a duration that is ordinary for its size.
+Every answered call reports ``(tokens, latency)`` to ``LatencyModel`` (``_latency``): a size-aware
+expected latency and the spread of ``latency / expected``. A call is a straggler when its age
+passes its *own size's* expected latency times the ``hedge_after`` quantile of that ratio, so a
+20k-token request is not a straggler at a duration that is ordinary for its size.
 
-``TailState.plan(tokens, q)`` gives a call its ages (``Plan``): hedge after ``tail_after`` when
-nothing is queued (the run's tail) and after ``outlier_after`` at any time; with no hedge sent,
-cut the call at ``deadline`` (an adaptive timeout, never under ``TIMEOUT_FLOOR_S``; the
-configured ``timeout`` still applies to each copy); after a hedge, cut both copies once the hedge
-too has run ``stall_after``. A cut raises ``StragglerTimeoutError``: the batch retries as a
-transient error. ``race`` runs the copies: the first answer wins and the other is cancelled, so
-a row never gets two answers.
+``TailState.plan(tokens, q, budget)`` gives a call its ages (``Plan``): hedge after
+``tail_after`` when no work waits (nothing queued and a free in-flight slot: the run's tail) and
+after ``outlier_after`` at any time; with no hedge sent, cut the call at ``deadline`` (an
+adaptive timeout, never under ``TIMEOUT_FLOOR_S``; the configured ``timeout`` still applies to
+each copy); after a hedge, cut both copies once the hedge too has run ``stall_after``. A cut
+raises ``StragglerTimeoutError``: the batch retries as a transient error.
 
-Budget: at most ``hedge_budget`` x attempts so far (+ ``SPARE_HEDGES`` for short runs, unless the
-budget is 0) hedges;
-and no hedge while work is queued and a rate bucket (TPM / RPM) is the binding limit, so a
-duplicate never spends tokens that pending work needs.
+Under a heavy tail (the spread's shape says a call that old is expected to run longer than a
+fresh one: ``restart_ratio``), a call still running at ``restart_after`` while work waits is cut
+and resent at once (a *restart*: it frees its slot for a fresh draw instead of holding it for the
+tail), once per batch; and in the run's tail a call is hedged as soon as a copy is expected to
+finish first (``drain_ratio``), not only past the ``hedge_after`` quantile. If resent calls turn
+out as slow as the cut ones (the latency follows the rows, not chance), restarts stop for the
+run. Under a light tail neither happens: a resend would only lose the time spent.
+
+Budget: hedges and restarts together are extra calls, at most ``hedge_budget`` x attempts so far
+(a short run may still send ``SPARE_HEDGES`` hedges, unless the budget is 0); restarts take at most
+``RESTART_SHARE`` of it and leave ``DRAIN_RESERVE`` extra calls per call in flight for the run's
+tail, where a straggler costs the makespan most. No hedge while work is queued and a rate bucket
+(TPM / RPM) is the binding limit, so a duplicate never spends tokens that pending work needs.
+``race`` runs the copies: the first answer wins and the other is cancelled, so a row never gets
+two answers.
 
 Examples
 --------
@@ -37,117 +44,27 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from statistics import median
 from typing import Any, Generic, TypeVar
 
-import numpy as np
-
 from dfbatch.errors import StragglerTimeoutError
+from dfbatch.execute._latency import LatencyModel, drain_ratio, restart_ratio
 from dfbatch.execute._rate import RateLimit
 
 T = TypeVar("T")
 
-WINDOW = 256  # recent calls the model fits
-MIN_SAMPLES = 16  # no hedging / adaptive timeout before this many answered calls
-BUCKET_MIN = 3  # calls a size bucket needs to count in the slope
 OUTLIER_Q = 0.99  # an outlier: past this quantile of latency / expected ...
 OUTLIER_K = 2.0  # ... times this (hedged at any time)
-SPARE_HEDGES = 2  # hedges a short run may send beyond hedge_budget x attempts
+SPARE_HEDGES = 2  # hedges a short run may send even where hedge_budget x attempts is less
 TIMEOUT_FLOOR_S = 1.0  # the adaptive timeout is never shorter than this
 TIMEOUT_K = 3.0  # no hedge sent: cut at 3 x the outlier age (about 7-10 x the expected latency)
 STALL_K = 2.0  # a hedge sent: cut when the hedge too has run 2 x the outlier age
 POLL_S, MAX_POLL_S = 0.05, 5.0  # a call that started before the model was fitted looks again
-REFIT_S = 0.1  # refit at most this often (a fit costs ~0.5 ms; cheap calls come by thousands)
-
-
-class LatencyModel:
-    """Expected latency of a call of ``tokens`` tokens, and the spread around it."""
-
-    def __init__(self, window: int = WINDOW) -> None:
-        self.samples: deque[tuple[float, float]] = deque(maxlen=window)
-        self.a = 0.0  # seconds
-        self.b = 0.0  # seconds per token
-        self.least = 0.0  # the smallest expected latency (a fit's intercept may be ~0)
-        self.cover = 1.0  # the biggest call (tokens) the fit has seen
-        self.ratios: list[float] = []  # sorted latency / expected of the samples
-        self._stale = 0
-        self.fits = 0  # refits so far (what memos of a fit compare with)
-        self._fit_at = -math.inf
-        self._memo: dict[float, float] = {}
-
-    def observe(self, tokens: float, latency: float) -> None:
-        if latency > 0 and math.isfinite(latency):
-            self.samples.append((max(0.0, float(tokens)), float(latency)))
-            self._stale += 1
-
-    @property
-    def ready(self) -> bool:
-        return len(self.samples) >= MIN_SAMPLES
-
-    def expected(self, tokens: float) -> float:
-        """Beyond the biggest call seen, latency is assumed to grow at least in proportion to
-        tokens (a model fitted on small calls must not call an unseen big one late)."""
-        self._refit()
-        line = max(self.least, self.a + self.b * tokens)
-        if tokens <= self.cover:
-            return line
-        return max(line, max(self.least, self.a + self.b * self.cover) * tokens / self.cover)
-
-    def ratio(self, q: float) -> float:
-        """The ``q`` quantile of latency / expected (1.0 before any fit)."""
-        self._refit()
-        got = self._memo.get(q)
-        if got is None:  # (asked for the same few quantiles at every call: kept per fit)
-            r = self.ratios
-            got = self._memo[q] = max(1.0, r[min(len(r) - 1, int(q * len(r)))]) if r else 1.0
-        return got
-
-    def _refit(self) -> None:
-        n = len(self.samples)
-        if n < MIN_SAMPLES or (self.ratios and (self._stale < max(1, n // 8)
-                                                or _now() < self._fit_at + REFIT_S)):
-            return
-        self._fit_at = _now()
-        self._stale = 0
-        self.fits += 1
-        self._memo.clear()
-        pts = np.array(self.samples, dtype=np.float64)
-        t, x = pts[:, 0], pts[:, 1]
-        self.a, self.b = _resistant_line(t, x)
-        self.least = 0.25 * float(np.partition(x, n // 4)[n // 4])
-        self.cover = max(1.0, float(t.max()))
-        self.ratios = np.sort(x / np.maximum(self.least, self.a + self.b * t)).tolist()
-
-
-def _now() -> float:
-    """The running loop's clock (a virtual one in simulations), else the monotonic clock."""
-    try:
-        return asyncio.get_running_loop().time()
-    except RuntimeError:
-        return time.monotonic()
-
-
-def _resistant_line(t: np.ndarray, x: np.ndarray) -> tuple[float, float]:
-    """``(a, b)`` of ``latency ~ a + b * tokens``: the median slope between the medians of
-    size buckets (powers of two, >= ``BUCKET_MIN`` calls each, so a run of mostly small calls
-    still sees its few big ones), and the median intercept of every call."""
-    keys = np.floor(np.log2(t + 1)).astype(np.int64)
-    mids = []
-    for k in np.unique(keys).tolist():  # sorted
-        inside = keys == k
-        if int(inside.sum()) >= BUCKET_MIN:
-            mids.append((float(np.median(t[inside])), float(np.median(x[inside]))))
-    slopes = [(x2 - x1) / (t2 - t1) for i, (t1, x1) in enumerate(mids)
-              for t2, x2 in mids[i + 1:] if t2 > t1]
-    b = max(0.0, median(slopes)) if slopes else 0.0
-    # never steeper than latency in proportion to tokens: a few slow calls in a sparse bucket
-    # (the slow ones finish last) must not tilt the line until small calls look "late"
-    b = min(b, float(np.median(x / np.maximum(1.0, t))))
-    return max(0.0, float(np.median(x - b * t))), b
+RESTART_SHARE = 0.8  # restarts may use this share of the extra-call budget (the rest: hedges)
+DRAIN_RESERVE = 0.5  # restarts leave this many extra calls per call in flight for the tail
+SLOW_RESENDS = 2  # this many resent calls as slow as the cut ones (and >= 1/3 of them): the
+#                   latency follows the rows, not chance, and restarts stop for the run
 
 
 @dataclass(frozen=True)
@@ -158,6 +75,7 @@ class Plan:
     outlier_after: float
     deadline: float
     stall_after: float
+    restart_after: float = math.inf  # with work queued: cut the call and resend it at once
 
     def hedge_due(self, age: float, queued: bool) -> bool:
         return age >= self.outlier_after or (age >= self.tail_after and not queued)
@@ -174,8 +92,12 @@ class Plan:
                 nxt = self.tail_after
             if age < self.outlier_after < nxt:
                 nxt = self.outlier_after
+            if age < self.restart_after < nxt:
+                nxt = self.restart_after
             if age >= self.tail_after:  # due in the tail, but work was queued: look again
                 nxt = min(nxt, age + max(0.01, self.tail_after / 4))
+            if age >= self.restart_after:  # due, but no budget or nothing queued: look again
+                nxt = min(nxt, age + max(0.01, self.restart_after / 4))
         return nxt - age if nxt < math.inf else 0.0
 
 
@@ -186,14 +108,32 @@ class TailState:
     model: LatencyModel = field(default_factory=LatencyModel)
     attempts: int = 0
     hedges: int = 0
-    _plans: dict[tuple[float, float], Plan] = field(default_factory=dict, repr=False)
+    restarts: int = 0  # calls cut and resent (``restart_after``): extra calls, like hedges
+    running: int = 0  # calls in flight (what the run's tail will need hedges for)
+    restart_ok: bool = True  # False once resent calls proved as slow as the cut ones
+    resends: int = 0  # resent calls answered so far ...
+    slow_resends: int = 0  # ... of which ran at least as long as their cut first copy had
+    _cut: dict[int, tuple[Any, float]] = field(default_factory=dict, repr=False)
+    _plans: dict[tuple[float, float, float], Plan] = field(default_factory=dict, repr=False)
     _fit: int = -1  # the model's fit the memoized plans come from
 
-    def observe(self, tokens: float, latency: float) -> None:
+    def observe(self, tokens: float, latency: float, key: object = None) -> None:
+        """An answered call; ``key``: its batch (was it resent after a restart, and was the
+        resend fast, as a fresh chance should be?)."""
         self.model.observe(tokens, latency)
+        got = self._cut.pop(id(key), None) if key is not None and self._cut else None
+        if got is None or got[0] is not key:
+            return
+        self.resends += 1
+        if latency >= got[1]:
+            self.slow_resends += 1
+            if self.slow_resends >= SLOW_RESENDS and 3 * self.slow_resends >= self.resends:
+                self.restart_ok = False  # latency follows the rows: a resend is no fresh chance
+                self._plans.clear()
 
-    def plan(self, tokens: float, q: float) -> Plan | None:
-        """The plan for a call of ``tokens``; ``None`` until the model is fitted."""
+    def plan(self, tokens: float, q: float, budget: float = 0.0) -> Plan | None:
+        """The plan for a call of ``tokens``; ``None`` until the model is fitted. ``budget``:
+        the extra-call budget (``hedge_budget``), of which restarts may use a share."""
         m = self.model
         if not m.ready:
             return None
@@ -201,20 +141,49 @@ class TailState:
         if m.fits != self._fit:  # plans are asked for at every call: kept per fit and size
             self._plans.clear()
             self._fit = m.fits
-        got = self._plans.get((tokens, q))
+        got = self._plans.get((tokens, q, budget))
         if got is None:
-            got = self._plans[(tokens, q)] = self._plan(tokens, q)
+            got = self._plans[(tokens, q, budget)] = self._plan(tokens, q, budget)
         return got
 
-    def _plan(self, tokens: float, q: float) -> Plan:
+    def _plan(self, tokens: float, q: float, budget: float) -> Plan:
         m = self.model
         e = m.expected(tokens)
-        tail = e * m.ratio(q)
-        outlier = max(e * m.ratio(OUTLIER_Q), 1.5 * tail)
+        late = e * m.ratio(q)
+        outlier = max(e * m.ratio(OUTLIER_Q), 1.5 * late)
         deadline = max(TIMEOUT_FLOOR_S, TIMEOUT_K * outlier, 1.5 * e * m.ratio(1.0))
         stall = max(TIMEOUT_FLOOR_S, STALL_K * outlier)
+        tail, restart = late, math.inf
+        shape = m.shape()
+        if shape is not None:
+            # heavy tail: in the run's tail, hedge as soon as a copy is expected to finish
+            # well before the call; with work queued, cut and resend where that saves time
+            tail = min(late, e * drain_ratio(*shape))
+            share = budget * RESTART_SHARE
+            if self.restart_ok and 0 < share < 0.5:
+                restart = e * restart_ratio(*shape, 1 - share)
         # a duplicate while work is queued takes capacity from it: only for a clear outlier
-        return Plan(tail, OUTLIER_K * outlier, deadline, stall)
+        return Plan(tail, OUTLIER_K * outlier, deadline, stall, restart)
+
+    def may_restart(self, budget: float, key: object, tokens: float, age: float) -> bool:
+        """May this call (of batch ``key``, ``age`` s old) be cut and resent? Once per batch,
+        within ``RESTART_SHARE`` of the budget and, with hedges, within the budget. Counts it,
+        and tells the model the call takes at least ``age`` (so its quantiles stay true)."""
+        if not self.restart_ok:
+            return False
+        got = self._cut.get(id(key))
+        if got is not None and got[0] is key:
+            return False  # its resend runs to the end (a slow batch may be slow by its rows)
+        # a straggler in the run's tail costs the makespan far more than one mid-run costs
+        # throughput: keep budget for a hedge of half the calls in flight
+        extra = self.hedges + self.restarts + 1 + DRAIN_RESERVE * self.running
+        if self.restarts + 1 > budget * RESTART_SHARE * self.attempts or \
+                extra > budget * self.attempts:
+            return False
+        self.restarts += 1
+        self._cut[id(key)] = (key, age)  # (held: its id is not reused meanwhile)
+        self.model.observe(tokens, age)
+        return True
 
     def ordinary_within(self, tokens: float, seconds: float | None) -> bool:
         """Do calls of ``tokens`` finish well within ``seconds`` (at the outlier
@@ -231,12 +200,19 @@ class TailState:
                   rates: tuple[RateLimit | None, ...], units: tuple[float, ...]) -> bool:
         """Within budget, and no binding rate bucket that queued work needs? Counts the hedge."""
         spare = SPARE_HEDGES if budget > 0 else 0  # hedge_budget=0: no hedge at all
-        if self.hedges + 1 > budget * self.attempts + spare:  # never past the budget
+        if self.hedges + self.restarts + 1 > max(budget * self.attempts, spare):  # never past it
             return False
         if queued and any(binding(r, u) for r, u in zip(rates, units, strict=True)):
             return False
         self.hedges += 1
         return True
+
+
+def has_room(limits: Iterable[object]) -> bool:
+    """Has every capacity limit among ``limits`` a free unit (so nothing waits for one, and a
+    hedge sent now delays no work taken from the queue)?"""
+    return all(getattr(lim, "in_use", 0.0) < getattr(lim, "capacity", math.inf)
+               for lim in limits)
 
 
 def binding(rate: RateLimit | None, units: float) -> bool:
@@ -249,7 +225,8 @@ def binding(rate: RateLimit | None, units: float) -> bool:
 async def race(call: Callable[[], Awaitable[T]], hedge: Callable[[], Awaitable[T]],
                plan: Callable[[], Plan | None], *, queued: Callable[[], bool],
                may_hedge: Callable[[bool], bool],
-               hedge_sent: Callable[[], bool] = lambda: True) -> T:
+               hedge_sent: Callable[[], bool] = lambda: True,
+               may_restart: Callable[[float], bool] = lambda age: False) -> T:
     """Await ``call`` in this task; per ``plan()`` (asked again at each decision, so a call
     that started before the model was fitted is covered too), add ``hedge`` or cut the call.
     The first answer wins; the other copy is cancelled. Every copy failed: the first copy's
@@ -262,7 +239,7 @@ async def race(call: Callable[[], Awaitable[T]], hedge: Callable[[], Awaitable[T
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
     assert me is not None
-    race_ = _Race(loop, me, hedge, plan, queued, may_hedge)
+    race_ = _Race(loop, me, hedge, plan, queued, may_hedge, may_restart)
     try:
         try:
             result = await call()
@@ -297,13 +274,15 @@ def _uncancel(task: asyncio.Task[Any]) -> int:
 
 class _Race(Generic[T]):
     """The timer and the hedge of one ``race``: ``ended`` is "won" (the hedge answered first,
-    the call's task was cancelled) or "cut" (past the plan's deadline); None while it runs."""
+    the call's task was cancelled), "cut" (past the plan's deadline) or "restart" (past
+    ``restart_after`` while work waits: resent at once); None while it runs."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any],
                  hedge: Callable[[], Awaitable[T]], plan: Callable[[], Plan | None],
-                 queued: Callable[[], bool], may_hedge: Callable[[bool], bool]) -> None:
+                 queued: Callable[[], bool], may_hedge: Callable[[bool], bool],
+                 may_restart: Callable[[float], bool] = lambda age: False) -> None:
         self.loop, self.task, self.hedge, self.plan = loop, task, hedge, plan
-        self.queued, self.may_hedge = queued, may_hedge
+        self.queued, self.may_hedge, self.may_restart = queued, may_hedge, may_restart
         self.t0 = loop.time()
         self.hedged_at: float | None = None
         self.copy: asyncio.Task[T] | None = None
@@ -330,12 +309,18 @@ class _Race(Generic[T]):
             return
         p = self.plan()
         age = self.loop.time() - self.t0
-        if p is not None and self.hedged_at is None and p.hedge_due(age, q := self.queued()) \
-                and self.may_hedge(q):
-            self.hedged_at = age
-            self.copy = self.loop.create_task(self.hedge())  # type: ignore[arg-type]
-            self.copy.add_done_callback(self._copy_done)
-        elif p is not None and age >= p.cut_at(self.hedged_at):
+        if p is not None and self.hedged_at is None:
+            q = self.queued()
+            if p.hedge_due(age, q) and self.may_hedge(q):
+                self.hedged_at = age
+                self.copy = self.loop.create_task(self.hedge())  # type: ignore[arg-type]
+                self.copy.add_done_callback(self._copy_done)
+                self._arm()
+                return
+            if q and age >= p.restart_after and self.may_restart(age):
+                self._end("restart", age)  # a fresh call is expected to finish sooner
+                return
+        if p is not None and age >= p.cut_at(self.hedged_at):
             self._end("cut", age)
             return
         self._arm()
@@ -366,6 +351,10 @@ class _Race(Generic[T]):
         if self.ended == "won":
             assert self.copy is not None
             return self.copy.result()
+        if self.ended == "restart":  # resent at once: a fresh call is expected to be faster
+            msg = (f"the call ran {self.age:.1f} s, in the heavy tail of the latency for its "
+                   f"size: cut and resent (within hedge_budget; hedge_after=None turns it off)")
+            raise StragglerTimeoutError(msg, retry_after=0.0)
         msg = (f"the call ran {self.age:.1f} s, far past the latency expected for its size "
                f"(adaptive timeout, hedge_after; set hedge_after=None to turn it off)")
         raise StragglerTimeoutError(msg)
