@@ -133,3 +133,15 @@ def test_figures_render_to_png() -> None:
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_stopped_before_any_batch_ran_draws_an_empty_timeline() -> None:
+    """Ctrl-C before the first call: every row's started_at is null; the demo still plots."""
+    import dfbatch
+
+    out = dfbatch.process(pl.DataFrame({"text": ["a", "b"]}), lambda b: [1] * b.height,
+                          progress=False)
+    never = out.with_columns(pl.lit(None, dtype=out.schema["started_at"]).alias("started_at"),
+                             pl.lit(None, dtype=pl.Float64).alias("elapsed_s"))
+    assert batch_table(never).height == 0
+    assert plot_timeline(never) is not None

@@ -59,7 +59,8 @@ def batch_table(result: pl.DataFrame, columns: Columns | None = None) -> pl.Data
     table = ran.group_by(c.run_batch_id, maintain_order=True).agg(
         agent=pl.col(c.run_agent_id).first().cast(pl.Int64),
         planned_agent=pl.col(c.agent_id).first().cast(pl.Int64),
-        start_s=(pl.col(c.started_at).first() - pl.lit(t0)).dt.total_microseconds() / 1e6,
+        start_s=(pl.col(c.started_at).first() - pl.lit(t0, dtype=result.schema[c.started_at])
+                 ).dt.total_microseconds() / 1e6,  # (t0 None: no batch ran)
         elapsed_s=pl.col(c.elapsed_s).first().fill_null(0.0),
         attempts=attempts.max(),
         failed=err.any(),
