@@ -252,6 +252,21 @@ def test_jobs_in_flight_stay_within_the_enqueued_token_limit(tmp_path: Path) -> 
     assert out["output"].to_list() == df["text"].to_list()
 
 
+def test_a_refused_file_goes_again_when_every_job_ended_in_the_same_poll(tmp_path: Path) -> None:
+    """Jobs that all end between two polls: a file the queue refused goes again even when
+    the jobs that filled the queue were seen ending first (nothing of the run is live then)."""
+    df = pl.DataFrame({"text": [f"Row number {i} of the table." for i in range(60)]})
+    with serve(time_scale=0.001, batch_completion_s=300, batch_enqueued_tokens=450) as url:
+        client = openai.OpenAI(base_url=url, api_key="x")
+        slow_polls = BatchLimits(max_requests=10, poll_s=1.0, poll_max_s=1.0)
+        fn = chat("sim-chat", "{text}", max_tokens=8, base_url=url, api="batch",
+                  batch_limits=slow_polls)
+        out = dfbatch.process(df, fn, checkpoint=tmp_path / "a", progress=False)
+        assert _failed_over_limit(client) > 0
+    assert out["error"].null_count() == 60
+    assert out["output"].to_list() == df["text"].to_list()
+
+
 def test_no_file_is_bigger_than_the_enqueued_token_limit() -> None:
     import numpy as np
 

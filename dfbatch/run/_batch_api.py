@@ -297,6 +297,7 @@ class _BatchRun:
     async def _poll(self, client: Any, live: list[FileEntry]) -> None:
         wait = self.adapter.limits.poll_s
         while (live or self._waiting) and not self._stopping.is_set():
+            ended, refused = 0, []
             for entry in list(live):
                 batch = await self._retrieve(client, entry)
                 if batch is None:
@@ -305,10 +306,16 @@ class _BatchRun:
                 if batch.status in api.TERMINAL:
                     await self._collect(client, entry, batch)
                     live.remove(entry)
-                    if _over_token_limit(batch) and live:  # it goes again when one ends
-                        where = self._where()
-                        self._waiting.appendleft([where[c] for c in entry.rows if c in where])
+                    ended += 1
+                    if _over_token_limit(batch):
+                        refused.append(entry)
                     wait = self.adapter.limits.poll_s
+            # a file refused for the queue's token limit goes again while other jobs of the
+            # run hold the queue, or ended in this round (whichever of them was seen first)
+            if refused and (live or ended > len(refused)):
+                where = self._where()
+                for entry in reversed(refused):
+                    self._waiting.appendleft([where[c] for c in entry.rows if c in where])
             await self._fill(client, live)
             if live:
                 try:
