@@ -381,3 +381,51 @@ def test_has_room() -> None:
     slots.try_acquire(Cost())
     slots.try_acquire(Cost())
     assert not has_room([slots]) and has_room([])
+
+
+def test_races_share_one_timer_and_each_is_hedged_at_its_own_age() -> None:
+    """Every race of a loop wakes from one heap (``Wakes``): concurrent stragglers of
+    different sizes are each hedged at their own size's age, a fast call is not, and a race
+    that ended keeps none of its closures alive (its heap entry outlives it)."""
+    import gc
+    import weakref
+
+    state = TailState()
+    for i in range(64):
+        state.observe(100 + 900 * (i % 2), 0.5 + 0.001 * (100 + 900 * (i % 2)))
+    hedged: dict[str, float] = {}
+
+    class Big:  # stands for the batch's frame that the closures hold
+        pass
+
+    async def go() -> tuple[list[str], bool]:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        def one(name: str, tokens: int, takes: float) -> asyncio.Task[str]:
+            frame = Big()
+
+            async def call() -> str:
+                await asyncio.sleep(takes)
+                return f"{name}:{id(frame) > 0}"
+
+            async def hedge() -> str:
+                hedged[name] = loop.time() - t0
+                await asyncio.sleep(0.01)
+                return f"{name}:hedge"
+
+            refs.append(weakref.ref(frame))
+            return asyncio.ensure_future(race(call, hedge, lambda: state.plan(tokens, 0.9),
+                                              queued=lambda: False, may_hedge=lambda q: True))
+
+        refs: list[weakref.ref[Big]] = []
+        tasks = [one("small", 100, 50.0), one("big", 1000, 50.0), one("fast", 100, 0.1)]
+        got = await asyncio.gather(*tasks)
+        del tasks
+        gc.collect()
+        return got, all(r() is None for r in refs)
+
+    got, freed = run(go())
+    assert got == ["small:hedge", "big:hedge", "fast:True"]
+    assert "fast" not in hedged and hedged["small"] < hedged["big"]
+    assert freed

@@ -43,7 +43,9 @@ True
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -234,12 +236,12 @@ async def race(call: Callable[[], Awaitable[T]], hedge: Callable[[], Awaitable[T
     waits for a hedge that went out, never for one still waiting for the limits the failed
     call holds (that could wait forever).
 
-    The decisions run in one ``loop.call_at`` timer (re-armed for the next one), not in a
-    task: an ordinary call costs a timer, and a task starts only when a hedge is sent."""
+    The decisions run from the loop's ``Wakes`` (one timer for every race: a heap of wake-up
+    times), not from a timer or a task per call; a task starts only when a hedge is sent."""
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
     assert me is not None
-    race_ = _Race(loop, me, hedge, plan, queued, may_hedge, may_restart)
+    race_ = _Race(loop, me, hedge, plan, queued, may_hedge, may_restart, _wakes(loop))
     try:
         try:
             result = await call()
@@ -280,9 +282,11 @@ class _Race(Generic[T]):
     def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any],
                  hedge: Callable[[], Awaitable[T]], plan: Callable[[], Plan | None],
                  queued: Callable[[], bool], may_hedge: Callable[[bool], bool],
-                 may_restart: Callable[[float], bool] = lambda age: False) -> None:
+                 may_restart: Callable[[float], bool] = lambda age: False,
+                 wakes: Wakes | None = None) -> None:
         self.loop, self.task, self.hedge, self.plan = loop, task, hedge, plan
         self.queued, self.may_hedge, self.may_restart = queued, may_hedge, may_restart
+        self.wakes = wakes if wakes is not None else _wakes(loop)
         self.t0 = loop.time()
         self.hedged_at: float | None = None
         self.copy: asyncio.Task[T] | None = None
@@ -290,7 +294,6 @@ class _Race(Generic[T]):
         self.first_error: Exception | None = None
         self.age = 0.0
         self.poll = POLL_S  # no plan yet: look again after 0.05 s, 0.1 s, 0.2 s ...
-        self.timer: asyncio.TimerHandle | None = None
         self.closed = False
         self._arm()
 
@@ -301,10 +304,9 @@ class _Race(Generic[T]):
             wake, self.poll = self.poll, min(2 * self.poll, MAX_POLL_S)
         else:
             wake = p.next_wake(now - self.t0, self.hedged_at)
-        self.timer = self.loop.call_at(now + max(wake, 1e-3), self._decide)
+        self.wakes.add(now + max(wake, 1e-3), self)
 
     def _decide(self) -> None:
-        self.timer = None
         if self.closed or self.ended is not None or self.task.done():
             return
         p = self.plan()
@@ -360,7 +362,67 @@ class _Race(Generic[T]):
         raise StragglerTimeoutError(msg)
 
     def close(self) -> None:
-        self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.closed = True  # (its entry in the wakes' heap is skipped when it comes due; until
+        # then the entry keeps this race: it holds nothing big, such as the batch's frame)
+        self.hedge = self.plan = self.queued = _gone  # type: ignore[assignment]
+        self.may_hedge = self.may_restart = _gone  # type: ignore[assignment]
+
+
+def _gone(*args: object) -> Any:
+    msg = "a closed race was asked to act"
+    raise AssertionError(msg)
+
+
+class Wakes:
+    """One timer for every race on a loop: a heap of ``(when, n, race)``, the timer armed at
+    the earliest (a timer per call costs more than a no-op call). A closed race's entry is
+    skipped when it comes due; the heap is rebuilt when such entries pile up. The timer
+    fires at most once a millisecond, taking every entry due by then."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.heap: list[tuple[float, int, _Race[Any]]] = []
+        self._n = 0
+        self._at = math.inf  # when the timer fires
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, when: float, race_: _Race[Any]) -> None:
+        self._n += 1
+        heapq.heappush(self.heap, (when, self._n, race_))
+        if when < self._at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._at = when
+            self._timer = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer, self._at = None, math.inf
+        heap, now = self.heap, self.loop.time()
+        while heap and heap[0][0] <= now:  # (a race re-adds itself at least 1 ms later)
+            race_ = heapq.heappop(heap)[2]
+            if not race_.closed:
+                try:
+                    race_._decide()
+                except Exception as exc:  # (as a timer of its own would: the others go on)
+                    self.loop.call_exception_handler(
+                        {"message": "a hedge decision failed", "exception": exc})
+        if len(heap) > 1024:
+            live = [e for e in heap if not e[2].closed]
+            if 4 * len(live) < len(heap):
+                heapq.heapify(live)
+                self.heap = heap = live
+        if heap and self._timer is None:
+            self._at = max(heap[0][0], now + 1e-3)
+            self._timer = self.loop.call_at(self._at, self._fire)
+
+
+_WAKES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Wakes] = \
+    weakref.WeakKeyDictionary()
+
+
+def _wakes(loop: asyncio.AbstractEventLoop) -> Wakes:
+    """The loop's ``Wakes`` (one per event loop)."""
+    got = _WAKES.get(loop)
+    if got is None:
+        got = _WAKES[loop] = Wakes(loop)
+    return got

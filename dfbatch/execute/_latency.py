@@ -96,8 +96,10 @@ class LatencyModel:
 
     def _refit(self) -> None:
         n = len(self.samples)
-        if n < MIN_SAMPLES or (self.ratios and (self._stale < max(1, n // 8)
-                                                or _now() < self._fit_at + REFIT_S)):
+        if n < MIN_SAMPLES or (self.ratios and self._stale < max(1, n // 8)):
+            return
+        if self.ratios and _now() < self._fit_at + REFIT_S:
+            self._stale -= max(1, n // 32)  # (look at the clock again after a few more calls)
             return
         self._fit_at = _now()
         self._stale = 0
