@@ -227,3 +227,102 @@ def test_a_gateway_that_says_retry_after_60_stops_after_outage_timeout(make_sim:
     assert elapsed < 20.0
     partial = info.value.partial
     assert isinstance(partial, pl.DataFrame) and partial["output"].is_null().all()
+
+
+# -- the Ray engine, without Ray: its driver and actors in this process -----------------------
+class _Handle:
+    """An in-process stand-in for an agent actor's handle: ``run.remote`` streams refs."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+        self.run = self  # handle.run.remote(...)
+
+    async def remote(self, meta: Any, wire: Any) -> Any:
+        async for item in self.actor.run(meta, wire):
+            yield _ref(item)
+
+
+async def _ref(item: Any) -> Any:
+    return item
+
+
+class _InProcessGang:
+    def __init__(self, fn: Any, cfg: Any, reserved: set[str], n: int) -> None:
+        from dfbatch.engines.actor import AgentActor
+
+        self.handles = [_Handle(AgentActor(fn, cfg, reserved, None, f"agent{a}", n))
+                        for a in range(n)]
+
+    def agent(self, a: int) -> Any:
+        return self.handles[a]
+
+    def close(self) -> None:
+        pass
+
+
+def _in_process_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``engine="ray"`` runs the Ray engine's driver (``RayCaller``) and its actors'
+    ``AgentActor`` here, on this loop (only the transport is not Ray's)."""
+    import types
+
+    import dfbatch.engines
+    from dfbatch.engines import ray as ray_engine
+
+    class Caller(ray_engine.RayCaller):
+        async def open(self) -> None:
+            self.gang = _InProcessGang(self.fn, self.cfg, self.reserved,  # type: ignore[assignment]
+                                       len(self.limits.agent_slots))
+
+    class Engine(ray_engine.RayEngine):
+        def caller(self, fn: Any, cfg: Any, limits: Any, report: Any, *, reserved: set[str],
+                   queued: Any) -> Any:
+            return Caller(fn, cfg, limits, report, reserved=reserved)
+
+    fake = types.SimpleNamespace(RayEngine=Engine, configure=lambda cfg, address: cfg)
+    monkeypatch.setattr(dfbatch.engines, "load_ray", lambda: fake)
+
+
+@pytest.mark.parametrize("failure", ["dead", "429"])
+def test_the_ray_engine_stops_a_run_with_no_answer_after_outage_timeout(
+        monkeypatch: pytest.MonkeyPatch, failure: str):
+    _in_process_ray(monkeypatch)
+
+    async def fail(call: int) -> None:
+        if failure == "429":
+            raise Refused(3600.0)
+        msg = "connection refused"
+        raise ConnectionError(msg)
+
+    fn, seen = _refusing_after(3, fail)
+    t_end, exc = _stopped_run(fn, engine="ray", agents=2, items_per_batch=4,
+                              max_concurrent_batches=2, outage_timeout=5.0, max_attempts=1000,
+                              backoff_base=0.05, backoff_max=0.2)
+    # (each actor retried until max_attempts: the run ended with every row failed, or the
+    # 429s' hour of backoff)
+    assert t_end - seen["stall"] == pytest.approx(5.0, abs=0.05)
+    assert "outage_timeout" in str(exc)
+    assert isinstance(exc.partial, pl.DataFrame)
+    assert exc.partial["output"].is_not_null().sum() == 12
+
+
+def test_ray_actors_tell_the_driver_of_answers_and_outages():
+    from dfbatch import BatchConfig
+    from dfbatch.engines.actor import AgentActor, BatchMeta, to_wire
+
+    calls = {"n": 0}
+
+    async def flaky(batch: pl.DataFrame) -> list[str]:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            msg = "connection reset"
+            raise ConnectionError(msg)
+        return list(batch["text"])
+
+    actor = AgentActor(flaky, BatchConfig(backoff_base=0.01), set(), None, "agent0", 1)
+
+    async def one() -> list[Any]:
+        meta = BatchMeta(id=1, planned_agent=0, tokens=2, nbytes=10, call_anyway=False)
+        return [m async for m in actor.run(meta, to_wire(pl.DataFrame({"text": ["a"]})))]
+
+    said = [m[1] for m in run(one()) if m[0] == "health"]
+    assert said == ["outage", "outage", "ok"]

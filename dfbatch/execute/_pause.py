@@ -68,7 +68,7 @@ class PauseGate:
         loop = asyncio.get_running_loop()
         nap = asyncio.sleep if self.breaker is None else self.breaker.sleep
         # a timed wait, re-checked because a later 429 may extend the pause
-        while (wait := self.until - loop.time()) > 0:  # noqa: ASYNC110
+        while (wait := self.until - loop.time()) > 0:
             await nap(wait)
 
     def release(self, cost: Cost | None = None, outcome: Outcome | None = None) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 
 from dfbatch.config import BatchConfig
-from dfbatch.errors import FnInterrupt, StillRunningWarning
+from dfbatch.errors import FnInterrupt, NoProgressError, StillRunningWarning
 from dfbatch.events import Event
 from dfbatch.execute._caller import LOCAL, CallerFactory
 from dfbatch.execute._charge import one_request_per_call
@@ -98,8 +98,8 @@ class Pool:
         self._wake = asyncio.Event()
         self._finished = asyncio.Event()
         agents: list[asyncio.Task[None]] = []
-        # the breaker stops the run (no answer for outage_timeout, a refused key): stop now,
-        # not when each call in flight or asleep (a long Retry-After) next looks at it
+        # no answer for outage_timeout: stop now, not when each call in flight or asleep (a
+        # long Retry-After) next looks at the breaker
         breaker = self.limits.breaker
         unlisten = breaker.listen(self._stopped_by) if breaker is not None else None
         try:
@@ -135,10 +135,13 @@ class Pool:
             self._finished.set()
 
     def _stopped_by(self, exc: BaseException) -> None:
-        """The breaker stopped the run: the rows not done stay unfinished (resumable)."""
-        if self.fatal is None:
-            self.fatal = fatal_message(exc)
-        self.stop()
+        """The breaker stopped the run: the rows not done stay unfinished (resumable). Only a
+        stall stops it from here; a call that failed for good (a refused key) stops it with
+        its verdict, whose error fn may have cleaned (a redacted key)."""
+        if isinstance(exc, NoProgressError):
+            if self.fatal is None:
+                self.fatal = fatal_message(exc)
+            self.stop()
 
     @property
     def cancelled_rows(self) -> int:
