@@ -115,7 +115,8 @@ class BatchConfig:
     binds), ``outage_timeout`` (seconds, default 600: when no call has been
     answered for this long while calls keep failing with outages -- connection errors,
     timeouts, 5xx -- or rate-limit 429s, the run stops with ``RunStoppedError``, its
-    ``.partial`` holding the rows done and a checkpointed run resumable; None = wait for ever),
+    ``.partial`` holding the rows done and a checkpointed run resumable; on time, though calls
+    sleep out a longer Retry-After; under ``engine="ray"`` too; None = wait for ever),
     ``executor`` (where a plain-function fn runs: ``"thread"``, the
     default, in worker threads; ``"inline"`` on the event loop's thread, for a cheap fn that
     should not pay a thread hop per batch (it blocks the loop while it runs: no timeout, no

@@ -288,6 +288,32 @@ def test_rate_limit_is_global_across_actors() -> None:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("local_ray")
+def test_a_dead_service_stops_a_ray_run_after_outage_timeout() -> None:
+    answered = {"n": 0}  # (one actor: its copy of fn counts every call)
+
+    async def fn(batch: pl.DataFrame) -> list[str]:
+        answered["n"] += 1
+        if answered["n"] > 2:
+            msg = "connection refused"
+            raise ConnectionError(msg)
+        return [expected(t) for t in batch["text"]]
+
+    t0 = time.monotonic()
+    with pytest.raises(dfbatch.RunStoppedError) as info:
+        dfbatch.process(texts(16), fn, engine="ray", agents=1, items_per_batch=2,
+                        max_concurrent_batches=1, outage_timeout=1.0, max_attempts=100_000,
+                        hedge_after=None, **SIMPLE)
+    # (the actors ignored outage_timeout: each batch was tried 100,000 times)
+    assert time.monotonic() - t0 < 60
+    assert "outage_timeout" in str(info.value)
+    partial = info.value.partial
+    assert isinstance(partial, pl.DataFrame) and partial.height == 16
+    assert partial["output"].is_not_null().sum() == 4  # the two answered batches
+    assert partial.filter(pl.col("output").is_null())["error"].eq("cancelled").all()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
 def test_killed_actor_loses_and_duplicates_no_row() -> None:
     import ray
 

@@ -4,8 +4,9 @@ An ``AgentActor`` (one per agent, a Ray async actor) gets ``fn`` once, in its co
 then batches from the driver: a ``BatchMeta`` and the rows as an Arrow table. Each batch runs
 through a ``FnCaller`` (limits, timeout, retry with backoff and Retry-After, hedging, output
 normalization) whose reports go back to the driver as messages: ``("started", attempt)``,
-``("event", BatchRetried | BatchHedged)``, ``("outcome", Outcome)``, ``("sized", ok,
-latency_s)`` (under ``dynamic_batching``) and finally ``("done", Answered | GaveUp)`` (an
+``("event", BatchRetried | BatchHedged)``, ``("outcome", Outcome)``, ``("health", "ok" |
+"outage")`` (what the actor's breaker saw), ``("sized", ok, latency_s)`` (under
+``dynamic_batching``) and finally ``("done", Answered | GaveUp)`` (an
 ``Answered`` carries its outputs as an Arrow table). The driver (``dfbatch.engines.ray``) turns
 them back into what the asyncio engine would have recorded. This module does not import Ray.
 
@@ -20,7 +21,7 @@ Examples
 ...     return [m async for m in actor.run(meta, to_wire(pl.DataFrame({"text": ["a", "b"]})))]
 >>> messages = asyncio.run(one())
 >>> [m[0] for m in messages]
-['started', 'outcome', 'sized', 'done']
+['started', 'health', 'outcome', 'sized', 'done']
 >>> from_wire(messages[-1][1].frame)["output"].to_list()
 ['A', 'B']
 """
@@ -42,6 +43,7 @@ import pyarrow as pa
 from dfbatch.config import BatchConfig
 from dfbatch.engines.lease import LeasedRates, chunk, lease_ttl
 from dfbatch.events import Event
+from dfbatch.execute._breaker import Breaker
 from dfbatch.execute._caller import FnCaller
 from dfbatch.execute._limits import UNSENT, Cost, Hold, Limit, Limits, Outcome
 from dfbatch.execute._recorder import Answered
@@ -109,6 +111,14 @@ class _SizerTap:
         _SHIPPED.get().send("sized", ok, latency_s)
 
 
+def _health(said: str) -> None:
+    """The actor's breaker saw an answer (``"ok"``) or a stalled call (``"outage"``): the
+    driver's breaker keeps the run's stall clock (``outage_timeout``) over every actor."""
+    shipped = _SHIPPED.get(None)
+    if shipped is not None:
+        shipped.send("health", said)
+
+
 class _OutcomeTap:
     """A ``Limit`` that sends how each call ended to the driver (for its AIMD limit)."""
 
@@ -144,6 +154,9 @@ class AgentActor:
         limits = RunLimits.from_config(local, 1, rates_elsewhere=True)
         limits.shared = Limits([rates, _OutcomeTap()])
         limits.calls, limits.per_request = Limits([_OutcomeTap()]), Limits([rates])
+        # this actor's breaker pauses its sends while the service is down and probes; whether
+        # the run makes no progress at all is the driver's to say (it hears every actor)
+        limits.breaker = Breaker(observer=_health)
         if cfg.dynamic_batching:  # the driver sizes batches: it gets what the caller observes
             limits.sizer = _SizerTap()  # type: ignore[assignment]
         self.slots = limits.agent_slots[0]

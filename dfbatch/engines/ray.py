@@ -21,6 +21,10 @@ when not set) and runs the plan on the same ``Pool`` with another caller, ``RayC
 - **Limiter actor**: the run's global RPM / TPM token buckets, leased to actors in chunks
   (``dfbatch.engines.lease``), so rate limits hold across all actors without a round trip per
   call.
+- **Breakers**: each actor's own breaker pauses its sends while the service is down and probes
+  with one call; the actors tell the driver of every answer and every outage or rate-limit 429,
+  and the driver's breaker stops the run when no actor got an answer for ``outage_timeout``
+  seconds (``RunStoppedError``, as in the asyncio engine).
 
 If an actor dies mid-run, the batches it was running are sent again to a fresh actor for the
 same agent (Ray places it where there is room); a call that was in flight ends with a
@@ -268,8 +272,16 @@ class RayCaller:
             if isinstance(ev, BatchRetried):
                 call.in_call = False
             self.report.event(call.batch, ev)
-        elif kind == "outcome" and self.limits.adaptive is not None:
-            self.limits.adaptive.observe(dataclasses.replace(item[1], started_seq=call.seq))
+        elif kind == "outcome":
+            if item[1].rate_limited and self.limits.breaker is not None:
+                self.limits.breaker.stalled("rate_limit")
+            if self.limits.adaptive is not None:
+                self.limits.adaptive.observe(dataclasses.replace(item[1], started_seq=call.seq))
+        elif kind == "health" and self.limits.breaker is not None:
+            if item[1] == "ok":
+                self.limits.breaker.answered()
+            else:
+                self.limits.breaker.stalled(item[1])
         elif kind == "sized" and self.limits.sizer is not None:
             self.limits.sizer.observe(ok=item[1], latency_s=item[2])
         elif kind == "done":

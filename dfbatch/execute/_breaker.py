@@ -11,7 +11,11 @@ sent *before* the breaker opened does not close it.
 It also watches for a run that makes no progress: when no call has been answered for
 ``give_up_s`` seconds while calls keep failing with outages (or rate-limit 429s, reported by
 the pause with ``stalled``), it ``stop``s with a ``NoProgressError``: a dead server or a
-provider that refuses every call ends the run instead of being probed for ever.
+provider that refuses every call ends the run instead of being probed for ever. A timer armed
+when the stall begins stops it on time, whatever sleeps are in progress (a long Retry-After);
+``sleep`` (the pause, a retry's backoff) and the probe wait end at once when it stops, and
+``listen`` tells the pool, which stops the run then. ``observer`` (the Ray engine's actors) is
+told of every answer (``"ok"``) and every stalled call (its cause).
 
 Two ways to use it: ``async with breaker.admit(): ...`` (records the outcome itself, from the
 exception if any), or ``ticket = await breaker.wait()`` then ``breaker.record(ticket, health)``
@@ -73,6 +77,7 @@ class Breaker:
         give_up_s: float | None = None,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[object]] | None = None,
+        observer: Callable[[str], None] | None = None,
     ) -> None:
         self.threshold = threshold
         self.window_s = window_s
@@ -82,9 +87,14 @@ class Breaker:
         self.max_s = max_s
         self.give_up_s = give_up_s
         self._stalled_since: float | None = None  # first failure since the last answer
+        self._cause = "outage"  # what the last stalled call failed with
+        self._give_up: asyncio.TimerHandle | None = None  # stops the run at the stall's end
+        self.observer = observer
         self.last_ok = -math.inf  # when a call was last answered
         self._clock = clock
-        self._sleep = sleep or asyncio.sleep
+        self._sleep = sleep  # (None: the loop's clock, a nap that ``stop`` ends)
+        self._naps: set[asyncio.Future[None]] = set()
+        self._listeners: list[Callable[[BaseException], None]] = []
         self.closed = True
         self.opens = 0
         self.probes = 0
@@ -116,10 +126,50 @@ class Breaker:
         await self._changed.wait()
 
     def stop(self, exc: BaseException) -> None:
-        """No call can succeed (a refused key …): every later ``wait`` raises ``exc``."""
-        if self.stopped is None:
-            self.stopped = exc
-            self._notify()
+        """No call can succeed (a refused key …): every later ``wait`` raises ``exc``, every
+        ``sleep`` in progress raises it now, and the listeners are told."""
+        if self.stopped is not None:
+            return
+        self.stopped = exc
+        self._disarm()
+        self._notify()
+        for nap in self._naps:
+            if not nap.done():
+                nap.set_result(None)
+        for listener in list(self._listeners):
+            listener(exc)
+
+    def listen(self, listener: Callable[[BaseException], None]) -> Callable[[], None]:
+        """Call ``listener(exc)`` when the breaker stops (at once if it has); returns a
+        function that stops listening."""
+        if self.stopped is not None:
+            listener(self.stopped)
+        self._listeners.append(listener)
+
+        def unlisten() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unlisten
+
+    async def sleep(self, seconds: float) -> None:
+        """``asyncio.sleep(seconds)`` that raises the run-stopping error as soon as the breaker
+        stops (a stopped run does not sit out a pause or a backoff)."""
+        if self.stopped is None and seconds > 0:
+            if self._sleep is not None:
+                await self._sleep(seconds)
+            else:
+                loop = asyncio.get_running_loop()
+                nap: asyncio.Future[None] = loop.create_future()
+                timer = loop.call_later(seconds, _wake, nap)
+                self._naps.add(nap)
+                try:
+                    await nap
+                finally:
+                    timer.cancel()
+                    self._naps.discard(nap)
+        if self.stopped is not None:
+            raise self.stopped
 
     def try_pass(self) -> Ticket | None:
         """``wait`` without a coroutine while closed (the common case); None: await ``wait``."""
@@ -132,9 +182,9 @@ class Breaker:
     async def wait(self) -> Ticket:
         """Wait until a call may be sent: at once while closed; when open, as the probe.
         Raises the run-stopping error after ``stop``."""
-        if self.stopped is not None:
-            raise self.stopped
         while not self.closed:
+            if self.stopped is not None:
+                raise self.stopped
             now = self._now()
             if not self._probing and now >= self.next_probe:
                 self._probing = True
@@ -142,23 +192,22 @@ class Breaker:
                 return Ticket(True, self.epoch)
             if self._probing or self._timer:
                 await self._changes()
-                if self.stopped is not None:
-                    raise self.stopped
                 continue
             self._timer = True
             try:
-                await self._sleep(self.next_probe - now)
+                await self.sleep(self.next_probe - now)
             finally:
                 self._timer = False
                 self._notify()
+        if self.stopped is not None:
+            raise self.stopped
         return Ticket(False, self.epoch)
 
     def record(self, ticket: Ticket, health: Health) -> None:
         """How the call let through by ``ticket`` ended."""
         now = self._now()
         if health == "ok":
-            self._stalled_since = None
-            self.last_ok = now
+            self.answered(now)
         if health == "outage":
             self.stalled("outage")
             self._count(now, 1.0)
@@ -177,18 +226,45 @@ class Breaker:
         if not self.closed and (ticket.probe or ticket.epoch == self.epoch):
             self._close()
 
+    def answered(self, now: float | None = None) -> None:
+        """A call was answered: the run makes progress (the stall, if any, is over)."""
+        self._stalled_since = None
+        self.last_ok = self._now() if now is None else now
+        self._disarm()
+        if self.observer is not None:
+            self.observer("ok")
+
     def stalled(self, cause: str) -> None:
         """A call failed with an outage or a rate-limit 429 (``cause``): stop the run once no
-        call has been answered for ``give_up_s`` seconds."""
+        call has been answered for ``give_up_s`` seconds (a timer: on time, not at the next
+        failure, which a long Retry-After may put off)."""
         now = self._now()
+        self._cause = cause
+        if self.observer is not None:
+            self.observer(cause)
         if self._stalled_since is None:
             self._stalled_since = now
+            if self.give_up_s is not None and self.stopped is None and self._clock is None:
+                self._give_up = asyncio.get_running_loop().call_later(self.give_up_s,
+                                                                      self._stall_over)
         elif self.give_up_s is not None and now - self._stalled_since >= self.give_up_s:
-            what = ("the service was unreachable or failing" if cause == "outage"
-                    else "every call was refused with a rate-limit 429")
-            msg = (f"{what} for {now - self._stalled_since:.0f} s with no call answered "
-                   f"(outage_timeout={self.give_up_s:g})")
-            self.stop(NoProgressError(msg, cause=cause))
+            self._stall_over()
+
+    def _stall_over(self) -> None:
+        """``give_up_s`` seconds with no answer since the stall began: stop the run."""
+        self._give_up = None
+        if self._stalled_since is None or self.give_up_s is None:
+            return  # pragma: no cover - an answer disarms the timer
+        what = ("the service was unreachable or failing" if self._cause == "outage"
+                else "every call was refused with a rate-limit 429")
+        msg = (f"{what} for {self._now() - self._stalled_since:.0f} s with no call answered "
+               f"(outage_timeout={self.give_up_s:g})")
+        self.stop(NoProgressError(msg, cause=self._cause))
+
+    def _disarm(self) -> None:
+        if self._give_up is not None:
+            self._give_up.cancel()
+            self._give_up = None
 
     def cancel(self, ticket: Ticket) -> None:
         """The call of ``ticket`` was cancelled before it said anything: free the probe."""
@@ -240,3 +316,8 @@ class Breaker:
         self._recent.clear()
         self._probing = False
         self._notify()
+
+
+def _wake(nap: asyncio.Future[None]) -> None:
+    if not nap.done():
+        nap.set_result(None)

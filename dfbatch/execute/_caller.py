@@ -200,7 +200,16 @@ class FnCaller:
                                                       delay, describe(error),
                                                       decision.rate_limited))
                 slot.release()  # sleep off the retry without holding one of the agent's slots
-                await asyncio.sleep(delay)
+                if limits.breaker is None:
+                    await asyncio.sleep(delay)
+                else:
+                    try:  # (cut short when the run stops: no progress for outage_timeout)
+                        await limits.breaker.sleep(delay)
+                    except BaseException as exc:
+                        if exc is not limits.breaker.stopped:
+                            raise
+                        return GaveUp(fatal_message(exc), False, wall0, loop.time() - t_first,
+                                      fatal=True)
                 await slot.reacquire()
                 continue
             kept = _partly_answered(error, batch, self, wall0, now - t_first)

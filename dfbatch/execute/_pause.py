@@ -62,11 +62,14 @@ class PauseGate:
         self._sent.set(asyncio.get_running_loop().time())
 
     async def wait(self) -> None:
-        """Wait while the run is paused (takes nothing, records nothing)."""
+        """Wait while the run is paused (takes nothing, records nothing). Raises the
+        breaker's run-stopping error at once when it stops (a stopped run does not sit out a
+        pause: a Retry-After may be an hour)."""
         loop = asyncio.get_running_loop()
+        nap = asyncio.sleep if self.breaker is None else self.breaker.sleep
         # a timed wait, re-checked because a later 429 may extend the pause
-        while (wait := self.until - loop.time()) > 0:  # noqa: ASYNC110
-            await asyncio.sleep(wait)
+        while (wait := self.until - loop.time()) > 0:
+            await nap(wait)
 
     def release(self, cost: Cost | None = None, outcome: Outcome | None = None) -> None:
         if outcome is None:

@@ -26,12 +26,13 @@ import numpy as np
 import polars as pl
 
 from dfbatch.config import BatchConfig
-from dfbatch.errors import FnInterrupt, StillRunningWarning
+from dfbatch.errors import FnInterrupt, NoProgressError, StillRunningWarning
 from dfbatch.events import Event
 from dfbatch.execute._caller import LOCAL, CallerFactory
 from dfbatch.execute._charge import one_request_per_call
 from dfbatch.execute._limits import Cost, Hold
 from dfbatch.execute._recorder import Answered, Outcomes, Recorder, Verdict
+from dfbatch.execute._retry import fatal_message
 from dfbatch.execute._scheduler import Batch, Batches, Scheduler
 from dfbatch.execute._stack import RunLimits
 
@@ -97,6 +98,10 @@ class Pool:
         self._wake = asyncio.Event()
         self._finished = asyncio.Event()
         agents: list[asyncio.Task[None]] = []
+        # no answer for outage_timeout: stop now, not when each call in flight or asleep (a
+        # long Retry-After) next looks at the breaker
+        breaker = self.limits.breaker
+        unlisten = breaker.listen(self._stopped_by) if breaker is not None else None
         try:
             if self.sched.pending and not self.stopping:
                 await self.caller.open()
@@ -105,6 +110,8 @@ class Pool:
                               for a in range(self.sched.n_agents)]
                     await self._finished.wait()
         finally:
+            if unlisten is not None:
+                unlisten()
             self.stopping = True
             live = [*agents, *self.tasks]
             for task in live:
@@ -126,6 +133,15 @@ class Pool:
         self.stopping = True
         if self._finished is not None:
             self._finished.set()
+
+    def _stopped_by(self, exc: BaseException) -> None:
+        """The breaker stopped the run: the rows not done stay unfinished (resumable). Only a
+        stall stops it from here; a call that failed for good (a refused key) stops it with
+        its verdict, whose error fn may have cleaned (a redacted key)."""
+        if isinstance(exc, NoProgressError):
+            if self.fatal is None:
+                self.fatal = fatal_message(exc)
+            self.stop()
 
     @property
     def cancelled_rows(self) -> int:

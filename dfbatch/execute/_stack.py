@@ -141,11 +141,12 @@ class RunLimits:
         told = bool(cfg.rpm or cfg.tpm)
         per_call: list[Limit] = [global_slots, *([adaptive] if adaptive is not None else [])]
         per_request: list[Limit] = []
-        rpm = tpm = pause = breaker = None
+        rpm = tpm = pause = None
+        # (under Ray only its stall clock runs here, fed by the actors: outage_timeout)
+        breaker = Breaker(give_up_s=cfg.outage_timeout)
         if local:
             rpm = RateLimit(cfg.rpm or None, burst=burst)
             tpm = RateLimit(cfg.tpm or None, tokens=True, burst=burst)
-            breaker = Breaker(give_up_s=cfg.outage_timeout)
             pause = PauseGate(breaker=breaker)
             # a plain fn sends one request per call (its 429s meet the adaptive concurrency);
             # an fn charging per request gets, while the limits are unknown, a slow start of
