@@ -42,7 +42,7 @@ def assemble(
     never = pl.Series(~ran)
     extra = pl.DataFrame(
         [
-            pl.Series(c.error, out.errors, dtype=pl.Utf8),
+            out.errors.series(c.error),
             pl.Series(c.attempts, out.attempts, dtype=pl.UInt16),
             pl.Series(c.run_batch_id, out.run_batch, dtype=pl.UInt32),
             pl.Series(c.run_agent_id, out.run_agent, dtype=pl.UInt16),
