@@ -221,3 +221,23 @@ def test_a_live_view_counts_each_batch_without_building_events(
     agent_counts = [(a.done_rows, a.done_batches, a.errors, a.done_tokens) for a in told.agents]
     assert [(a.done_rows, a.done_batches, a.errors, a.done_tokens)
             for a in counted.agents] == agent_counts
+
+
+@pytest.mark.parametrize("all_ran", [True, False])
+def test_assembly_nulls_the_run_columns_of_rows_that_never_ran_only(all_ran: bool) -> None:
+    from dfbatch.config import Columns
+    from dfbatch.execute._result import assemble
+
+    o = Outcomes(3)
+    o.pieces = [(np.array([0, 1, 2]), pl.DataFrame({"output": [7, 8, 9]}))]
+    ran = [True, True, all_ran]
+    for i in range(3):
+        if ran[i]:
+            o.attempts[i], o.run_batch[i], o.run_agent[i] = 1, i, 2
+            o.started[i], o.elapsed[i], o.done[i] = 1_700_000_000.5, 0.25, True
+    out = assemble(pl.DataFrame({"id": [0, 1, 2]}), o, Columns())
+    assert out.schema["started_at"] == pl.Datetime("us", "UTC")
+    assert out.schema["run_batch_id"] == pl.UInt32 and out.schema["elapsed_s"] == pl.Float64
+    for col in ("run_batch_id", "run_agent_id", "started_at", "elapsed_s"):
+        assert out[col].is_null().to_list() == [not r for r in ran], col
+    assert out["started_at"][0].timestamp() == 1_700_000_000.5

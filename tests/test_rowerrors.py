@@ -35,7 +35,7 @@ def test_out_of_range_rows_raise_like_a_list() -> None:
     with pytest.raises(IndexError):
         e[3] = "x"
     with pytest.raises(IndexError):
-        e[-4]  # noqa: B018
+        e[-4]
 
 
 def test_few_errors_are_held_without_a_slot_per_row() -> None:

@@ -35,11 +35,15 @@ def assemble(
     n = planned.height
     outputs = _outputs(out, n, c.output, output_dtype)
     ran = out.done & ~np.isnan(out.started)
+    everyone = bool(ran.all())  # (the common case: nothing to null out, no mask built)
     micros = out.started * 1e6
-    micros[~ran] = 0.0
+    if not everyone:
+        micros[~ran] = 0.0
     started = pl.Series(c.started_at, micros.astype(np.int64))  # (one buffer at a time)
     del micros
-    never = pl.Series(~ran)
+    elapsed = pl.Series(c.elapsed_s, out.elapsed, dtype=pl.Float64)
+    if np.isnan(out.elapsed).any():
+        elapsed = elapsed.fill_nan(None)
     extra = pl.DataFrame(
         [
             out.errors.series(c.error),
@@ -47,13 +51,16 @@ def assemble(
             pl.Series(c.run_batch_id, out.run_batch, dtype=pl.UInt32),
             pl.Series(c.run_agent_id, out.run_agent, dtype=pl.UInt16),
             started.cast(pl.Datetime("us", "UTC")),
-            pl.Series(c.elapsed_s, out.elapsed, dtype=pl.Float64).fill_nan(None),
+            elapsed,
         ]
     )
-    extra = extra.with_columns(
-        pl.when(never).then(None)
-        .otherwise(pl.col(c.run_batch_id, c.run_agent_id, c.started_at)).name.keep()
-    )
+    del started, elapsed
+    if not everyone:
+        never = pl.Series(~ran)
+        extra = extra.with_columns(
+            pl.when(never).then(None)
+            .otherwise(pl.col(c.run_batch_id, c.run_agent_id, c.started_at)).name.keep()
+        )
     return pl.concat([planned, outputs, extra], how="horizontal")
 
 
