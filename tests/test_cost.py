@@ -241,3 +241,13 @@ def test_assembly_nulls_the_run_columns_of_rows_that_never_ran_only(all_ran: boo
     for col in ("run_batch_id", "run_agent_id", "started_at", "elapsed_s"):
         assert out[col].is_null().to_list() == [not r for r in ran], col
     assert out["started_at"][0].timestamp() == 1_700_000_000.5
+
+
+def test_per_row_and_per_batch_counts_are_held_as_int32_where_they_fit() -> None:
+    from dfbatch.run._prepare import _narrowed
+
+    small = _narrowed(np.array([0, 5, 2**31 - 1], np.int64))
+    assert small.dtype == np.int32 and small.tolist() == [0, 5, 2**31 - 1]
+    big = np.array([1, 2**31], np.int64)
+    assert _narrowed(big).dtype == np.int64 and _narrowed(big).tolist() == [1, 2**31]
+    assert _narrowed(np.zeros(0, np.int64)).dtype == np.int32

@@ -84,6 +84,7 @@ class _Job:
         planned = _planned(df, text, cfg, asked)
         send, row_tokens = _to_send(planned, text, cfg)
         row_bytes = _row_bytes(planned, text)
+        row_tokens, row_bytes = _narrowed(row_tokens), _narrowed(row_bytes)
         batches = _batches(planned, row_tokens, row_bytes, cfg)
         check_rates(fn, cfg, row_tokens, batches)  # a tpm= no request fits, before any call
         return cls(fn, cfg, planned, send, batches, row_tokens, row_bytes, engine=engine)
@@ -391,7 +392,16 @@ def _batches(
     if rejected.any():  # one text for every batch of null rows
         reject = np.full(len(ids), None, object)
         reject[rejected] = _NULL_ERROR
-    return Batches(n_agents, agents, ids, agents, btok, nbytes, flags, bounds, order, reject)
+    return Batches(n_agents, agents, _narrowed(ids), agents, _narrowed(btok), _narrowed(nbytes),
+                   flags, _narrowed(bounds), order, reject)
+
+
+def _narrowed(a: np.ndarray) -> np.ndarray:
+    """``a`` (int64) as int32 where every value fits: half the memory of a per-row array held
+    for the whole run (sums of it are still taken as int64)."""
+    if len(a) and (int(a.max()) >= 2**31 or int(a.min()) < -(2**31)):
+        return a
+    return a.astype(np.int32)
 
 
 def _sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
