@@ -251,3 +251,33 @@ def test_per_row_and_per_batch_counts_are_held_as_int32_where_they_fit() -> None
     big = np.array([1, 2**31], np.int64)
     assert _narrowed(big).dtype == np.int64 and _narrowed(big).tolist() == [1, 2**31]
     assert _narrowed(np.zeros(0, np.int64)).dtype == np.int32
+
+
+@pytest.mark.parametrize("all_ran", [True, False])
+def test_a_consuming_assembly_builds_the_same_result(all_ran: bool) -> None:
+    from dfbatch.config import Columns
+    from dfbatch.execute._result import assemble
+
+    n = 200_000  # (several blocks of the in-place conversion)
+    rng = np.random.default_rng(1)
+
+    def outcomes() -> Outcomes:
+        o = Outcomes(n)
+        o.pieces = [(np.arange(n // 2), pl.DataFrame({"output": np.arange(n // 2)})),
+                    (np.arange(n // 2, n), pl.DataFrame({"output": np.arange(n // 2, n)}))]
+        o.attempts[:], o.run_batch[:] = 1, np.arange(n) // 4
+        o.started[:] = 1_700_000_000 + rng.random(n) * 1e5
+        o.elapsed[:], o.done[:] = 0.5, True
+        if not all_ran:
+            o.done[::7] = False
+            o.started[::7] = np.nan
+        return o
+
+    frame = pl.DataFrame({"id": np.arange(n)})
+    state = rng.bit_generator.state
+    kept = assemble(frame, outcomes(), Columns())
+    rng.bit_generator.state = state
+    used = outcomes()
+    eaten = assemble(frame, used, Columns(), consume=True)
+    assert eaten.equals(kept) and eaten.schema == kept.schema
+    assert len(used.started) == 0 and not used.pieces

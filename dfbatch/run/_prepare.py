@@ -202,7 +202,7 @@ class _Job:
             self.close()
         self._spent(pool)
         if pool.fatal is not None:
-            partial = self.finish(assemble(self.planned, self.merge(outcomes), c))
+            partial = self.finish(assemble(self.planned, self.merge(outcomes), c, consume=True))
             raise RunStoppedError(pool.fatal, partial=partial)
         if unfinished:
             msg = (
@@ -210,7 +210,8 @@ class _Job:
                 "(error='cancelled'); their outputs are null"
             )
             warn_user(msg, PartialResultWarning)
-        return self.finish(assemble(self.planned, self.merge(outcomes), c, self.cfg.output_dtype))
+        return self.finish(assemble(self.planned, self.merge(outcomes), c, self.cfg.output_dtype,
+                                    consume=True))
 
 
     def _spent(self, pool: Pool) -> None:
