@@ -251,6 +251,8 @@ def test_per_row_and_per_batch_counts_are_held_as_int32_where_they_fit() -> None
     big = np.array([1, 2**31], np.int64)
     assert _narrowed(big).dtype == np.int64 and _narrowed(big).tolist() == [1, 2**31]
     assert _narrowed(np.zeros(0, np.int64)).dtype == np.int32
+    assert _narrowed(np.array([2**32 - 1], np.uint32)).tolist() == [2**32 - 1]  # (kept exact)
+    assert _narrowed(np.array([7], np.uint32)).dtype == np.int32
 
 
 @pytest.mark.parametrize("all_ran", [True, False])

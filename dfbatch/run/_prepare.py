@@ -326,7 +326,7 @@ def _to_send(
     planned: pl.DataFrame, text: str | pl.Expr, cfg: BatchConfig
 ) -> tuple[pl.DataFrame, np.ndarray]:
     c = cfg.columns
-    tokens = planned[c.n_tokens].to_numpy().astype(np.int64)
+    tokens = _narrowed(planned[c.n_tokens].to_numpy())
     over = _oversize_rows(tokens, cfg)
     if cfg.oversize != "truncate" or not over.any():
         return planned, tokens
@@ -352,8 +352,8 @@ def _to_send(
 
 
 def _oversize_rows(tokens: np.ndarray, cfg: BatchConfig) -> np.ndarray:
-    need = cfg.request_overhead_tokens + tokens + cfg.output_tokens_per_row
-    return need > cfg.token_limit
+    # (the row's own tokens against what is left: no array of the sums)
+    return tokens > cfg.token_limit - cfg.request_overhead_tokens - cfg.output_tokens_per_row
 
 
 def _batches(
@@ -398,10 +398,14 @@ def _batches(
 
 
 def _narrowed(a: np.ndarray) -> np.ndarray:
-    """``a`` (int64) as int32 where every value fits: half the memory of a per-row array held
-    for the whole run (sums of it are still taken as int64)."""
-    if len(a) and (int(a.max()) >= 2**31 or int(a.min()) < -(2**31)):
+    """``a`` (integers) as int32 where every value fits, else int64: half the memory of a
+    per-row array held for the whole run (sums of it are still taken as int64)."""
+    if a.dtype == np.int32:
         return a
+    if a.dtype.kind not in "iu":
+        a = a.astype(np.int64)
+    if len(a) and (int(a.max()) >= 2**31 or int(a.min()) < -(2**31)):
+        return a.astype(np.int64, copy=False)
     return a.astype(np.int32)
 
 
@@ -413,6 +417,11 @@ def _sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
 def _row_bytes(planned: pl.DataFrame, text: str | pl.Expr) -> np.ndarray:
     name = _text_name(text)
     if name is not None and name in planned.columns and planned[name].dtype == pl.Utf8:
-        sizes = planned[name].str.len_bytes().fill_null(0).to_numpy().astype(np.int64)
-        return sizes + _ROW_OVERHEAD_BYTES * planned.width
-    return np.full(planned.height, _ROW_OVERHEAD_BYTES * planned.width, np.int64)
+        sizes = planned[name].str.len_bytes().fill_null(0).to_numpy()  # (UInt32)
+        extra = _ROW_OVERHEAD_BYTES * planned.width
+        if len(sizes) and int(sizes.max()) + extra >= 2**31:
+            return sizes.astype(np.int64) + extra
+        out = sizes.astype(np.int32)
+        out += extra
+        return out
+    return _narrowed(np.full(planned.height, _ROW_OVERHEAD_BYTES * planned.width, np.int64))
