@@ -215,7 +215,8 @@ def _plan_frame(df: pl.DataFrame, expr: pl.Expr, cfg: BatchConfig) -> pl.DataFra
         texts = texts.new_from_index(0, df.height)
     n_tokens = count_tokens(texts, cfg.encoding)
     limit = cfg.token_limit - cfg.request_overhead_tokens
-    costs = n_tokens.to_numpy().astype(np.int64) + cfg.output_tokens_per_row
+    costs = n_tokens.to_numpy().astype(np.int64)
+    costs += cfg.output_tokens_per_row  # (in place: one array of a million rows, not two)
     batch = pack(costs, cfg.items_per_batch, limit)
     weights = _batch_weights(batch, costs, cfg)
     agent = balance(weights, cfg.n_agents)[batch] if len(batch) else np.zeros(0, np.uint16)
