@@ -410,8 +410,16 @@ def _narrowed(a: np.ndarray) -> np.ndarray:
 
 
 def _sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """The sums of ``values[starts[i]:starts[i+1]]`` (the last to the end), as int64."""
-    return np.add.reduceat(values, starts, dtype=np.int64)
+    """The sums of ``values[starts[i]:starts[i+1]]`` (the last to the end), as int64;
+    ``starts`` increasing. A block of batches at a time: ``reduceat`` would cast all of
+    ``values`` to int64 at once."""
+    out = np.empty(len(starts), np.int64)
+    step = 1 << 14
+    for i in range(0, len(starts), step):
+        j = min(i + step, len(starts))
+        lo, hi = int(starts[i]), int(starts[j]) if j < len(starts) else len(values)
+        out[i:j] = np.add.reduceat(values[lo:hi], starts[i:j] - lo, dtype=np.int64)
+    return out
 
 
 def _row_bytes(planned: pl.DataFrame, text: str | pl.Expr) -> np.ndarray:
