@@ -68,11 +68,11 @@ def test_bisected_and_resized_batches_stay_contiguous_ranges() -> None:
 def test_outcomes_reordered_back_to_frame_order() -> None:
     o = Outcomes(3)
     o.attempts[:] = [1, 2, 3]
-    o.errors = ["a", None, "c"]
+    o.errors[0], o.errors[2] = "a", "c"
     o.pieces = [(np.array([0, 1]), pl.DataFrame({"output": [7, 8]}))]
     back = o.reordered(np.array([2, 0, 1]))
     assert back.attempts.tolist() == [2, 3, 1]
-    assert back.errors == [None, "c", "a"]
+    assert list(back.errors) == [None, "c", "a"]
     assert back.pieces[0][0].tolist() == [2, 0]
 
 
@@ -221,3 +221,65 @@ def test_a_live_view_counts_each_batch_without_building_events(
     agent_counts = [(a.done_rows, a.done_batches, a.errors, a.done_tokens) for a in told.agents]
     assert [(a.done_rows, a.done_batches, a.errors, a.done_tokens)
             for a in counted.agents] == agent_counts
+
+
+@pytest.mark.parametrize("all_ran", [True, False])
+def test_assembly_nulls_the_run_columns_of_rows_that_never_ran_only(all_ran: bool) -> None:
+    from dfbatch.config import Columns
+    from dfbatch.execute._result import assemble
+
+    o = Outcomes(3)
+    o.pieces = [(np.array([0, 1, 2]), pl.DataFrame({"output": [7, 8, 9]}))]
+    ran = [True, True, all_ran]
+    for i in range(3):
+        if ran[i]:
+            o.attempts[i], o.run_batch[i], o.run_agent[i] = 1, i, 2
+            o.started[i], o.elapsed[i], o.done[i] = 1_700_000_000.5, 0.25, True
+    out = assemble(pl.DataFrame({"id": [0, 1, 2]}), o, Columns())
+    assert out.schema["started_at"] == pl.Datetime("us", "UTC")
+    assert out.schema["run_batch_id"] == pl.UInt32 and out.schema["elapsed_s"] == pl.Float64
+    for col in ("run_batch_id", "run_agent_id", "started_at", "elapsed_s"):
+        assert out[col].is_null().to_list() == [not r for r in ran], col
+    assert out["started_at"][0].timestamp() == 1_700_000_000.5
+
+
+def test_per_row_and_per_batch_counts_are_held_as_int32_where_they_fit() -> None:
+    from dfbatch.run._prepare import _narrowed
+
+    small = _narrowed(np.array([0, 5, 2**31 - 1], np.int64))
+    assert small.dtype == np.int32 and small.tolist() == [0, 5, 2**31 - 1]
+    big = np.array([1, 2**31], np.int64)
+    assert _narrowed(big).dtype == np.int64 and _narrowed(big).tolist() == [1, 2**31]
+    assert _narrowed(np.zeros(0, np.int64)).dtype == np.int32
+    assert _narrowed(np.array([2**32 - 1], np.uint32)).tolist() == [2**32 - 1]  # (kept exact)
+    assert _narrowed(np.array([7], np.uint32)).dtype == np.int32
+
+
+@pytest.mark.parametrize("all_ran", [True, False])
+def test_a_consuming_assembly_builds_the_same_result(all_ran: bool) -> None:
+    from dfbatch.config import Columns
+    from dfbatch.execute._result import assemble
+
+    n = 200_000  # (several blocks of the in-place conversion)
+    rng = np.random.default_rng(1)
+
+    def outcomes() -> Outcomes:
+        o = Outcomes(n)
+        o.pieces = [(np.arange(n // 2), pl.DataFrame({"output": np.arange(n // 2)})),
+                    (np.arange(n // 2, n), pl.DataFrame({"output": np.arange(n // 2, n)}))]
+        o.attempts[:], o.run_batch[:] = 1, np.arange(n) // 4
+        o.started[:] = 1_700_000_000 + rng.random(n) * 1e5
+        o.elapsed[:], o.done[:] = 0.5, True
+        if not all_ran:
+            o.done[::7] = False
+            o.started[::7] = np.nan
+        return o
+
+    frame = pl.DataFrame({"id": np.arange(n)})
+    state = rng.bit_generator.state
+    kept = assemble(frame, outcomes(), Columns())
+    rng.bit_generator.state = state
+    used = outcomes()
+    eaten = assemble(frame, used, Columns(), consume=True)
+    assert eaten.equals(kept) and eaten.schema == kept.schema
+    assert len(used.started) == 0 and not used.pieces

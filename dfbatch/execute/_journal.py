@@ -6,6 +6,9 @@ be put back in time: the provider's ``remaining`` was true just after *that* cha
 and a 429 belongs to the episode its charge was sent in. Windowed (a gateway's fixed minute:
 ``remaining`` stated with no ``reset``) it also sums the units of the last 60 s.
 
+A busy run charges thousands of times a second: the log keeps its times and units in two
+``array('d')`` (16 bytes a charge, not a tuple of two floats at ~100).
+
 Examples
 --------
 >>> log = ChargeLog()
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import contextvars
+from array import array
 
 JOURNAL_S = 120.0  # charges older than this are forgotten (a reply that late is not synced)
 _WINDOW_S = 60.0  # a per-minute limit's window (the windowed mode's log)
@@ -29,8 +33,9 @@ class ChargeLog:
     """The recent charges ``(time, units)`` of one limit (module docstring)."""
 
     def __init__(self) -> None:
-        self._charges: list[tuple[float, float]] = []  # charge number i + base
-        self._base = 0  # charge number of self._charges[0]
+        self._times = array("d")  # charge number i + base: its time ...
+        self._units = array("d")  # ... and its units
+        self._base = 0  # charge number of the first logged charge
         self._last: contextvars.ContextVar[int] = contextvars.ContextVar("charge", default=-1)
         self.windowed = False
         self._win_n = 0  # charge number of the oldest charge in the window log
@@ -39,37 +44,45 @@ class ChargeLog:
 
     def add(self, now: float, units: float, keep_s: float = JOURNAL_S) -> None:
         """Log a charge (kept ``keep_s`` seconds); the caller's task remembers its number."""
-        self._last.set(self._base + len(self._charges))
-        self._charges.append((now, units))
+        times = self._times
+        self._last.set(self._base + len(times))
+        times.append(now)
+        self._units.append(units)
         self._win_sum += units
         if self.windowed:
             self._expire(now)  # (before pruning: the window is shorter than the journal)
         if now >= self._prune_at:  # (charges come in time order; at most every keep_s / 4)
             self._prune_at = now + keep_s / 4
-            if self._charges[0][0] < now - keep_s:
-                stale = bisect.bisect_left(self._charges, (now - keep_s,))
-                del self._charges[:stale]
+            if times[0] < now - keep_s:
+                stale = bisect.bisect_left(times, now - keep_s)
+                del times[:stale]
+                del self._units[:stale]
                 self._base += stale
 
     def mine(self) -> tuple[float, float] | None:
-        """This task's last charge, if still logged."""
+        """This task's last charge ``(time, units)``, if still logged."""
         i = self._last.get() - self._base
-        return self._charges[i] if 0 <= i < len(self._charges) else None
+        return (self._times[i], self._units[i]) if 0 <= i < len(self._times) else None
 
     def after_mine(self) -> list[tuple[float, float]]:
-        """The charges logged after this task's last one."""
-        return self._charges[self._last.get() - self._base + 1:]
+        """The charges ``(time, units)`` logged after this task's last one."""
+        i = max(0, self._last.get() - self._base + 1)
+        return list(zip(self._times[i:], self._units[i:], strict=True))
+
+    def __len__(self) -> int:
+        """Charges logged."""
+        return len(self._times)
 
     @property
     def first_at(self) -> float | None:
         """Time of the oldest logged charge."""
-        return self._charges[0][0] if self._charges else None
+        return self._times[0] if self._times else None
 
     def open_window(self, now: float) -> None:
         """Start keeping every 60 s within the limit (from the charges logged so far)."""
         if not self.windowed:
             self.windowed = True
-            self._win_n, self._win_sum = self._base, sum(u for _, u in self._charges)
+            self._win_n, self._win_sum = self._base, sum(self._units)
             self._expire(now)
 
     def window_wait(self, now: float, units: float, per_minute: float) -> float:
@@ -80,16 +93,16 @@ class ChargeLog:
         over = self._win_sum + min(units, per_minute) - per_minute
         if over <= 0:
             return 0.0
-        freed, n = 0.0, self._win_n - self._base
-        for t, u in self._charges[max(0, n):]:
+        freed, n = 0.0, max(0, self._win_n - self._base)
+        for t, u in zip(self._times[n:], self._units[n:], strict=True):
             freed += u
             if freed >= over:
                 return max(1e-3, t + _WINDOW_S - now)
         return _WINDOW_S  # (not reached: the log holds what the sum counts)
 
     def _expire(self, now: float) -> None:
-        n = self._win_n - self._base
-        while 0 <= n < len(self._charges) and self._charges[n][0] <= now - _WINDOW_S:
-            self._win_sum -= self._charges[n][1]
+        n, times = self._win_n - self._base, self._times
+        while 0 <= n < len(times) and times[n] <= now - _WINDOW_S:
+            self._win_sum -= self._units[n]
             n += 1
         self._win_n = self._base + max(0, n)

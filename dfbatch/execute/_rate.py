@@ -46,7 +46,9 @@ Examples
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
+from array import array
 from collections import deque
 
 from dfbatch.execute._headers import RateHints
@@ -322,23 +324,33 @@ class _Guess:
     start went through (so a 429 is set against the rate its call was sent at)."""
 
     def __init__(self) -> None:
-        self._answered: deque[tuple[float, float]] = deque()  # (time, units) answered
+        # (time, units) answered from index _head on: two arrays, 16 bytes an answer
+        self._times, self._units, self._head = array("d"), array("d"), 0
         self._rates: deque[tuple[float, float]] = deque(maxlen=64)  # (since, rate)
 
     def answered(self, now: float, units: float) -> None:
-        self._answered.append((now, units))
-        if self._answered[0][0] < now - _UNKNOWN_LOG_S:  # bounded: 10 s are read
-            self._answered.popleft()
+        self._times.append(now)
+        self._units.append(units)
+        if self._times[self._head] < now - _UNKNOWN_LOG_S:  # bounded: 10 s are read
+            self._head += 1
+            if self._head >= 4096 and 2 * self._head >= len(self._times):
+                self._drop()
+
+    def _drop(self) -> None:
+        """Forget the answers before ``_head`` (at most as many as are kept: amortized)."""
+        del self._times[:self._head]
+        del self._units[:self._head]
+        self._head = 0
 
     def admitted_rate(self, now: float, first_at: float | None, window: float = 10.0) -> float:
         """Units per second answered (not refused) over the last ``window`` seconds; 0 while
         the first charge (at ``first_at``) is under a second old."""
-        while self._answered and self._answered[0][0] < now - window:
-            self._answered.popleft()
-        if first_at is None or now - first_at < 1.0 or not self._answered:
+        self._head = max(self._head, bisect.bisect_left(self._times, now - window))
+        self._drop()
+        if first_at is None or now - first_at < 1.0 or not self._times:
             return 0.0
-        span = max(1.0, now - self._answered[0][0])
-        return sum(u for _, u in self._answered) / span
+        span = max(1.0, now - self._times[0])
+        return sum(self._units) / span
 
     def start(self, now: float, rate: float) -> None:
         self._rates.clear()

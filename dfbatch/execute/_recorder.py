@@ -23,6 +23,7 @@ from dfbatch.events import BatchFailed, BatchFinished, BatchHedged, BatchStarted
 from dfbatch.execute import _usage
 from dfbatch.execute._outputs import Output, as_frame
 from dfbatch.execute._pieces import Pieces
+from dfbatch.execute._rowerrors import RowErrors
 from dfbatch.execute._scheduler import Batch
 
 CANCELLED = "cancelled"
@@ -39,7 +40,7 @@ class Outcomes:
     started: np.ndarray = field(init=False)  # epoch seconds, NaN = never ran
     elapsed: np.ndarray = field(init=False)
     done: np.ndarray = field(init=False)
-    errors: list[str | None] = field(init=False)
+    errors: RowErrors = field(init=False)  # (sparse while few rows have one)
     kept: Pieces = field(default_factory=Pieces, repr=False)  # outputs (``pieces``)
     last: tuple[np.ndarray, Output] | None = field(default=None, repr=False)  # for output_of
 
@@ -50,7 +51,7 @@ class Outcomes:
         self.started = np.full(self.n, np.nan)
         self.elapsed = np.full(self.n, np.nan)
         self.done = np.zeros(self.n, bool)
-        self.errors = [None] * self.n
+        self.errors = RowErrors(self.n)
 
     @property
     def pieces(self) -> list[tuple[np.ndarray, Output]]:
@@ -83,9 +84,7 @@ class Outcomes:
                              (out.run_agent, self.run_agent), (out.started, self.started),
                              (out.elapsed, self.elapsed), (out.done, self.done)):
             mine[at] = theirs
-        errors = np.full(n, None, object)
-        errors[at] = self.errors
-        out.errors = errors.tolist()
+        out.errors = self.errors.placed(n, at)
         out.pieces = [(at[rows], frame) for rows, frame in self.pieces]
         return out
 

@@ -24,37 +24,70 @@ _ROW = "__dfbatch_row"
 
 
 def assemble(
-    planned: pl.DataFrame, out: Outcomes, columns: Columns, output_dtype: Any = None
+    planned: pl.DataFrame, out: Outcomes, columns: Columns, output_dtype: Any = None, *,
+    consume: bool = False,
 ) -> pl.DataFrame:
     """Build the result frame from the planned input and the pool's outcomes.
 
     Outputs get one type per column (``output_dtype``, else the first batch's); values that do
     not fit become row errors (``dfbatch.execute._outputs.conform``), never a failed assembly.
+    ``consume``: ``out`` is not read again, so its buffers become the result's where they can
+    (``started`` turns into the microseconds in place, the pieces are dropped once placed): the
+    result costs no second copy of them.
     """
     c = columns
     n = planned.height
-    outputs = _outputs(out, n, c.output, output_dtype)
     ran = out.done & ~np.isnan(out.started)
-    micros = out.started * 1e6
-    micros[~ran] = 0.0
-    started = pl.Series(c.started_at, micros.astype(np.int64))  # (one buffer at a time)
+    everyone = bool(ran.all())  # (the common case: nothing to null out, no mask built)
+    if consume:
+        micros = _micros_in_place(out.started, None if everyone else ran)
+        out.started = np.zeros(0)
+    else:
+        floats = out.started * 1e6
+        if not everyone:
+            floats[~ran] = 0.0
+        micros = floats.astype(np.int64)  # (one buffer at a time)
+        del floats
+    started = pl.Series(c.started_at, micros)
     del micros
-    never = pl.Series(~ran)
+    outputs = _outputs(out, n, c.output, output_dtype)
+    if consume:
+        out.pieces, out.last = [], None
+    elapsed = pl.Series(c.elapsed_s, out.elapsed, dtype=pl.Float64)
+    if np.isnan(out.elapsed).any():
+        elapsed = elapsed.fill_nan(None)
     extra = pl.DataFrame(
         [
-            pl.Series(c.error, out.errors, dtype=pl.Utf8),
+            out.errors.series(c.error),
             pl.Series(c.attempts, out.attempts, dtype=pl.UInt16),
             pl.Series(c.run_batch_id, out.run_batch, dtype=pl.UInt32),
             pl.Series(c.run_agent_id, out.run_agent, dtype=pl.UInt16),
             started.cast(pl.Datetime("us", "UTC")),
-            pl.Series(c.elapsed_s, out.elapsed, dtype=pl.Float64).fill_nan(None),
+            elapsed,
         ]
     )
-    extra = extra.with_columns(
-        pl.when(never).then(None)
-        .otherwise(pl.col(c.run_batch_id, c.run_agent_id, c.started_at)).name.keep()
-    )
+    del started, elapsed
+    if not everyone:
+        never = pl.Series(~ran)
+        extra = extra.with_columns(
+            pl.when(never).then(None)
+            .otherwise(pl.col(c.run_batch_id, c.run_agent_id, c.started_at)).name.keep()
+        )
     return pl.concat([planned, outputs, extra], how="horizontal")
+
+
+def _micros_in_place(started: np.ndarray, ran: np.ndarray | None) -> np.ndarray:
+    """``started`` (epoch seconds; rows not in ``ran`` read 0) as int64 microseconds, in its
+    own buffer (a block at a time: no second array)."""
+    ints = started.view(np.int64)
+    step = 1 << 16
+    for lo in range(0, len(started), step):
+        block = started[lo:lo + step]
+        block *= 1e6
+        if ran is not None:
+            block[~ran[lo:lo + step]] = 0.0
+        ints[lo:lo + step] = block  # (same memory, same width: converted in place)
+    return ints
 
 
 def attach_partial(

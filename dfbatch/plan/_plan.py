@@ -215,7 +215,8 @@ def _plan_frame(df: pl.DataFrame, expr: pl.Expr, cfg: BatchConfig) -> pl.DataFra
         texts = texts.new_from_index(0, df.height)
     n_tokens = count_tokens(texts, cfg.encoding)
     limit = cfg.token_limit - cfg.request_overhead_tokens
-    costs = n_tokens.to_numpy().astype(np.int64) + cfg.output_tokens_per_row
+    costs = n_tokens.to_numpy().astype(np.int64)
+    costs += cfg.output_tokens_per_row  # (in place: one array of a million rows, not two)
     batch = pack(costs, cfg.items_per_batch, limit)
     weights = _batch_weights(batch, costs, cfg)
     agent = balance(weights, cfg.n_agents)[batch] if len(batch) else np.zeros(0, np.uint16)
@@ -237,5 +238,11 @@ def _plan_frame(df: pl.DataFrame, expr: pl.Expr, cfg: BatchConfig) -> pl.DataFra
 
 def _batch_weights(batch: np.ndarray, costs: np.ndarray, cfg: BatchConfig) -> np.ndarray:
     """Latency-like load of each batch: request_weight + overhead + its rows' tokens."""
-    tokens = np.bincount(batch, weights=costs) if len(batch) else np.zeros(0)
+    if not len(batch):
+        return cfg.request_weight + cfg.request_overhead_tokens + np.zeros(0)
+    n = int(batch.max()) + 1
+    tokens = np.zeros(n)
+    step = 1 << 16  # a block at a time: no float and index copies of the whole plan
+    for lo in range(0, len(batch), step):  # (integer sums: exact in float64, as in one go)
+        tokens += np.bincount(batch[lo:lo + step], weights=costs[lo:lo + step], minlength=n)
     return cfg.request_weight + cfg.request_overhead_tokens + tokens

@@ -84,6 +84,7 @@ class _Job:
         planned = _planned(df, text, cfg, asked)
         send, row_tokens = _to_send(planned, text, cfg)
         row_bytes = _row_bytes(planned, text)
+        row_tokens, row_bytes = _narrowed(row_tokens), _narrowed(row_bytes)
         batches = _batches(planned, row_tokens, row_bytes, cfg)
         check_rates(fn, cfg, row_tokens, batches)  # a tpm= no request fits, before any call
         return cls(fn, cfg, planned, send, batches, row_tokens, row_bytes, engine=engine)
@@ -201,7 +202,7 @@ class _Job:
             self.close()
         self._spent(pool)
         if pool.fatal is not None:
-            partial = self.finish(assemble(self.planned, self.merge(outcomes), c))
+            partial = self.finish(assemble(self.planned, self.merge(outcomes), c, consume=True))
             raise RunStoppedError(pool.fatal, partial=partial)
         if unfinished:
             msg = (
@@ -209,7 +210,8 @@ class _Job:
                 "(error='cancelled'); their outputs are null"
             )
             warn_user(msg, PartialResultWarning)
-        return self.finish(assemble(self.planned, self.merge(outcomes), c, self.cfg.output_dtype))
+        return self.finish(assemble(self.planned, self.merge(outcomes), c, self.cfg.output_dtype,
+                                    consume=True))
 
 
     def _spent(self, pool: Pool) -> None:
@@ -324,7 +326,7 @@ def _to_send(
     planned: pl.DataFrame, text: str | pl.Expr, cfg: BatchConfig
 ) -> tuple[pl.DataFrame, np.ndarray]:
     c = cfg.columns
-    tokens = planned[c.n_tokens].to_numpy().astype(np.int64)
+    tokens = _narrowed(planned[c.n_tokens].to_numpy())
     over = _oversize_rows(tokens, cfg)
     if cfg.oversize != "truncate" or not over.any():
         return planned, tokens
@@ -350,8 +352,8 @@ def _to_send(
 
 
 def _oversize_rows(tokens: np.ndarray, cfg: BatchConfig) -> np.ndarray:
-    need = cfg.request_overhead_tokens + tokens + cfg.output_tokens_per_row
-    return need > cfg.token_limit
+    # (the row's own tokens against what is left: no array of the sums)
+    return tokens > cfg.token_limit - cfg.request_overhead_tokens - cfg.output_tokens_per_row
 
 
 def _batches(
@@ -391,17 +393,43 @@ def _batches(
     if rejected.any():  # one text for every batch of null rows
         reject = np.full(len(ids), None, object)
         reject[rejected] = _NULL_ERROR
-    return Batches(n_agents, agents, ids, agents, btok, nbytes, flags, bounds, order, reject)
+    return Batches(n_agents, agents, _narrowed(ids), agents, _narrowed(btok), _narrowed(nbytes),
+                   flags, _narrowed(bounds), order, reject)
+
+
+def _narrowed(a: np.ndarray) -> np.ndarray:
+    """``a`` (integers) as int32 where every value fits, else int64: half the memory of a
+    per-row array held for the whole run (sums of it are still taken as int64)."""
+    if a.dtype == np.int32:
+        return a
+    if a.dtype.kind not in "iu":
+        a = a.astype(np.int64)
+    if len(a) and (int(a.max()) >= 2**31 or int(a.min()) < -(2**31)):
+        return a.astype(np.int64, copy=False)
+    return a.astype(np.int32)
 
 
 def _sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """The sums of ``values[starts[i]:starts[i+1]]`` (the last to the end), as int64."""
-    return np.add.reduceat(values, starts, dtype=np.int64)
+    """The sums of ``values[starts[i]:starts[i+1]]`` (the last to the end), as int64;
+    ``starts`` increasing. A block of batches at a time: ``reduceat`` would cast all of
+    ``values`` to int64 at once."""
+    out = np.empty(len(starts), np.int64)
+    step = 1 << 14
+    for i in range(0, len(starts), step):
+        j = min(i + step, len(starts))
+        lo, hi = int(starts[i]), int(starts[j]) if j < len(starts) else len(values)
+        out[i:j] = np.add.reduceat(values[lo:hi], starts[i:j] - lo, dtype=np.int64)
+    return out
 
 
 def _row_bytes(planned: pl.DataFrame, text: str | pl.Expr) -> np.ndarray:
     name = _text_name(text)
     if name is not None and name in planned.columns and planned[name].dtype == pl.Utf8:
-        sizes = planned[name].str.len_bytes().fill_null(0).to_numpy().astype(np.int64)
-        return sizes + _ROW_OVERHEAD_BYTES * planned.width
-    return np.full(planned.height, _ROW_OVERHEAD_BYTES * planned.width, np.int64)
+        sizes = planned[name].str.len_bytes().fill_null(0).to_numpy()  # (UInt32)
+        extra = _ROW_OVERHEAD_BYTES * planned.width
+        if len(sizes) and int(sizes.max()) + extra >= 2**31:
+            return sizes.astype(np.int64) + extra
+        out = sizes.astype(np.int32)
+        out += extra
+        return out
+    return _narrowed(np.full(planned.height, _ROW_OVERHEAD_BYTES * planned.width, np.int64))
