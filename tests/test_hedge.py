@@ -429,3 +429,36 @@ def test_races_share_one_timer_and_each_is_hedged_at_its_own_age() -> None:
     assert got == ["small:hedge", "big:hedge", "fast:True"]
     assert "fast" not in hedged and hedged["small"] < hedged["big"]
     assert freed
+
+
+def test_a_race_that_re_arms_later_does_not_delay_one_due_sooner() -> None:
+    """``Wakes`` fires for the earliest entry; a race that re-adds itself far ahead while the
+    timer fires must not push back an entry already in the heap that is due sooner."""
+    from dfbatch.execute._hedge import Wakes
+
+    woke: dict[str, float] = {}
+    holder: list[Wakes] = []
+
+    class Fake:  # what Wakes reads of a race
+        def __init__(self, name: str, again: float | None) -> None:
+            self.name, self.again, self.closed, self.t0 = name, again, False, 0.0
+
+        def _decide(self) -> None:
+            now = asyncio.get_running_loop().time()
+            woke.setdefault(self.name, now)
+            if self.again is not None:
+                holder[0].add(now + self.again, self)  # type: ignore[arg-type]
+                self.again = None
+
+    async def go() -> float:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        holder.append(wakes := Wakes(loop))
+        wakes.add(t0 + 1.0, Fake("first", again=10.0))  # type: ignore[arg-type]
+        wakes.add(t0 + 1.5, Fake("second", again=None))  # type: ignore[arg-type]
+        await asyncio.sleep(20)
+        return t0
+
+    t0 = run(go())
+    assert woke["first"] - t0 == pytest.approx(1.0, abs=0.01)
+    assert woke["second"] - t0 == pytest.approx(1.5, abs=0.01)  # not 11 s (the re-armed one)

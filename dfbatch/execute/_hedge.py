@@ -385,33 +385,38 @@ class Wakes:
         self._n = 0
         self._at = math.inf  # when the timer fires
         self._timer: asyncio.TimerHandle | None = None
+        self._firing = False
 
     def add(self, when: float, race_: _Race[Any]) -> None:
         self._n += 1
         heapq.heappush(self.heap, (when, self._n, race_))
-        if when < self._at:
+        if when < self._at and not self._firing:  # (a firing timer re-arms at the heap's top)
             if self._timer is not None:
                 self._timer.cancel()
             self._at = when
             self._timer = self.loop.call_at(when, self._fire)
 
     def _fire(self) -> None:
-        self._timer, self._at = None, math.inf
+        self._timer, self._firing = None, True
         heap, now = self.heap, self.loop.time()
-        while heap and heap[0][0] <= now:  # (a race re-adds itself at least 1 ms later)
-            race_ = heapq.heappop(heap)[2]
-            if not race_.closed:
-                try:
-                    race_._decide()
-                except Exception as exc:  # (as a timer of its own would: the others go on)
-                    self.loop.call_exception_handler(
-                        {"message": "a hedge decision failed", "exception": exc})
+        try:
+            while heap and heap[0][0] <= now:  # (a race re-adds itself at least 1 ms later)
+                race_ = heapq.heappop(heap)[2]
+                if not race_.closed:
+                    try:
+                        race_._decide()
+                    except Exception as exc:  # (as a timer of its own would: others go on)
+                        self.loop.call_exception_handler(
+                            {"message": "a hedge decision failed", "exception": exc})
+        finally:
+            self._firing = False
+        self._at = math.inf
         if len(heap) > 1024:
             live = [e for e in heap if not e[2].closed]
             if 4 * len(live) < len(heap):
                 heapq.heapify(live)
                 self.heap = heap = live
-        if heap and self._timer is None:
+        if heap:
             self._at = max(heap[0][0], now + 1e-3)
             self._timer = self.loop.call_at(self._at, self._fire)
 
