@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from dfbatch.errors import FatalError, RetryableError
+from dfbatch.events import RunStats
 
 
 @dataclass
@@ -93,3 +94,16 @@ def dies_on_row_5(batch: pl.DataFrame) -> list[int]:
     if 5 in batch["id"].to_list():
         os._exit(1)
     return (batch["id"] * 2).to_list()
+
+
+class RecordingView:
+    """A live view (``open_display``'s result) that keeps every ``RunStats`` it is shown."""
+
+    def __init__(self) -> None:
+        self.shown: list[RunStats] = []
+
+    def update(self, stats: RunStats) -> None:
+        self.shown.append(stats)
+
+    def close(self, stats: RunStats) -> None:
+        self.shown.append(stats)

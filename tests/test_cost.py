@@ -179,17 +179,11 @@ def test_a_live_view_counts_each_batch_without_building_events(
 ) -> None:
     import dfbatch.display
     from dfbatch.events import Event, RunStats, fold
+    from tests.fakes import RecordingView
 
-    shown: list[RunStats] = []
-
-    class View:
-        def update(self, stats: RunStats) -> None:
-            shown.append(stats)
-
-        def close(self, stats: RunStats) -> None:
-            shown.append(stats)
-
-    monkeypatch.setattr(dfbatch.display, "open_display", lambda progress, **kw: View())
+    view = RecordingView()
+    shown = view.shown
+    monkeypatch.setattr(dfbatch.display, "open_display", lambda progress, **kw: view)
 
     def fn(batch: pl.DataFrame) -> list[object]:
         if 7 in batch["id"].to_list():

@@ -211,23 +211,17 @@ def test_a_live_view_of_a_stream_counts_batches_without_events(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import dfbatch.display
-    from dfbatch.events import RunStats
     from dfbatch.execute import _recorder
+    from tests.fakes import RecordingView
 
-    shown: list[RunStats] = []
-
-    class View:
-        def update(self, stats: RunStats) -> None:
-            shown.append(stats)
-
-        def close(self, stats: RunStats) -> None:
-            shown.append(stats)
+    view = RecordingView()
+    shown = view.shown
 
     def refuse(*args: object, **kwargs: object) -> None:
         msg = "an event was built for the live view"
         raise AssertionError(msg)
 
-    monkeypatch.setattr(dfbatch.display, "open_display", lambda progress, **kw: View())
+    monkeypatch.setattr(dfbatch.display, "open_display", lambda progress, **kw: view)
     for name in ("BatchStarted", "BatchFinished", "BatchFailed"):
         monkeypatch.setattr(_recorder, name, refuse)
     summary = frame(200).lazy().batch.process(upper, out=tmp_path / "o.parquet", chunk_rows=40,
