@@ -394,3 +394,29 @@ def test_ctrl_c_then_resume_completes_the_rest(tmp_path: Path) -> None:
     resumed = {i for c in _calls(tmp_path)[n_first:] for i in c}
     assert not resumed & ok_first  # only the rest was called
     assert resumed == set(cancelled["id"].to_list())
+
+
+@pytest.mark.parametrize("then, now", [(0.0, -0.0), (float("nan"), -float("nan"))])
+def test_a_float_that_hashes_alike_is_another_input(tmp_path: Path, then: float,
+                                                     now: float) -> None:
+    """polars' ``hash_rows`` takes ``-0.0`` for ``0.0`` and every NaN for another: a rerun whose
+    input changed between them must not resume with the old value's answers."""
+    df = frame(6).with_columns(x=pl.Series([1.0, 2.0, then, 3.0, 4.0, 5.0]))
+    dfbatch.process(df, Recorder(), checkpoint=tmp_path, **FAST)
+    changed = df.with_columns(x=pl.Series([1.0, 2.0, now, 3.0, 4.0, 5.0]))
+    with pytest.raises(CheckpointError, match=r"input rows differ \(6 rows then, 6 now\)"):
+        dfbatch.process(changed, Recorder(), checkpoint=tmp_path, **FAST)
+    again = Recorder()  # the same values: everything resumes
+    dfbatch.process(df, again, checkpoint=tmp_path, **FAST)
+    assert again.calls == []
+
+
+def test_ordinary_float_rows_keep_their_hashes() -> None:
+    """Only rows holding ``-0.0`` or an unusual NaN hash differently from ``hash_rows`` (the
+    checkpoints of every other frame stay valid across the upgrade)."""
+    from dfbatch.persist._fingerprint import _hash
+
+    df = pl.DataFrame({"t": ["a", "b", "c", "d"], "x": [0.0, float("nan"), None, -0.0]})
+    plain = df.hash_rows(seed=0x5EED).to_numpy()
+    got = _hash(df)
+    assert list(got[:3]) == list(plain[:3]) and got[3] != plain[3]

@@ -10,7 +10,8 @@ their model and prompt) and the config that changes outputs (text, output column
 pure fn and may change between runs. Another fingerprint is a ``CheckpointError`` that says what
 differs, unless ``resume="overwrite"``. Row hashes use polars' ``hash_rows``, which is stable
 within a polars version: upgrading polars mid-run makes an unkeyed checkpoint unusable (the
-error says so); pass ``key=`` to be independent of it.
+error says so); pass ``key=`` to be independent of it. ``hash_rows`` takes ``-0.0`` for
+``0.0`` and one NaN for another: rows holding such a value are told apart by its bits.
 
 ``dfbatch.persist._checkpoint`` stores a run's fingerprint in its manifest and refuses a rerun whose
 fingerprint differs (``mismatch_error``).
@@ -118,10 +119,48 @@ def row_ids(df: pl.DataFrame, key: str | None, cfg: BatchConfig) -> pl.Series:
 
 def _hash(df: pl.DataFrame) -> np.ndarray:
     try:
-        return df.hash_rows(seed=0x5EED).to_numpy()
+        hashes = df.hash_rows(seed=0x5EED).to_numpy()
     except pl.exceptions.PolarsError as exc:
         msg = f"cannot hash the input rows for the checkpoint ({exc}); pass key='<id column>'"
         raise CheckpointError(msg) from None
+    return _float_bits(df, hashes)
+
+
+_BITS = {pl.Float32: (np.uint32, 0x8000_0000), pl.Float64: (np.uint64, 0x8000_0000_0000_0000)}
+_MIX = np.uint64(0x9E37_79B9_7F4A_7C15)
+
+
+def _float_bits(df: pl.DataFrame, hashes: np.ndarray) -> np.ndarray:
+    """``hash_rows`` hashes ``-0.0`` as ``0.0`` and every NaN alike, so a rerun whose input
+    changed from one to the other would resume with the other value's answers. The rows
+    holding such a value (``-0.0``, or a NaN other than ``float("nan")``) get their hash mixed
+    with the value's bits; every other row keeps its hash (checkpoints of ordinary frames stay
+    valid).
+
+    >>> import polars as pl
+    >>> df = pl.DataFrame({"x": [0.0, -0.0, 1.0]})
+    >>> h = _hash(df)
+    >>> bool(h[0] != h[1]), bool(h[2] == df.hash_rows(seed=0x5EED)[2])
+    (True, True)
+    """
+    out = None
+    for i, name in enumerate(df.columns):
+        s = df[name]
+        got = _BITS.get(s.dtype)  # type: ignore[call-overload]
+        if got is None:
+            continue
+        uint, sign = got
+        values = s.fill_null(0.0).to_numpy()
+        bits = values.view(uint)
+        plain_nan = np.array([np.nan], values.dtype).view(uint)[0]
+        special = (bits == uint(sign)) | (np.isnan(values) & (bits != plain_nan))
+        if not special.any():
+            continue
+        if out is None:
+            out = hashes.copy()
+        mixed = (out[special] ^ bits[special].astype(np.uint64)) * _MIX
+        out[special] = mixed ^ np.uint64(i + 1)
+    return hashes if out is None else out
 
 
 def fn_identity(fn: Callable[..., Any]) -> dict[str, Any]:
