@@ -45,9 +45,10 @@ from dfbatch.execute._charge import (
     leave,
 )
 from dfbatch.execute._headers import parse_headers
-from dfbatch.execute._hedge import has_room, race
+from dfbatch.execute._hedge import has_room
 from dfbatch.execute._limits import Cost, Hold, Limits, Outcome
 from dfbatch.execute._outputs import Output, normalize, partial_of
+from dfbatch.execute._race import Pending, Race, first_decision
 from dfbatch.execute._recorder import Answered, GaveUp, Verdict
 from dfbatch.execute._retry import (
     AttemptBudget,
@@ -136,6 +137,13 @@ class FnCaller:
             min(64, cfg.in_flight_cap) if cfg.executor == "thread" else (os.cpu_count() or 1))
         self.threads = InThreads(workers, cfg.executor)
         self.watch = Watch(cfg.timeout) if cfg.timeout is not None else None
+        # an fn charging per request waits for the run's limits inside its call: its duration
+        # says nothing of a straggler, and a copy would resend every request
+        self.hedging = bool(cfg.hedge_after) and not self.per_request
+        self._q = float(cfg.hedge_after or 0.0)
+        self._paced = (self.per_request and self.is_async and cfg.timeout is not None
+                       and sys.version_info >= (3, 11))
+        self._pending: Pending | None = None  # this loop's calls in flight (with hedging)
 
     async def open(self) -> None:
         if not self.is_async:
@@ -149,6 +157,8 @@ class FnCaller:
 
     async def call(self, a: int, batch: Batch, df: pl.DataFrame, slot: Hold) -> Verdict:
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
         limits, cfg = self.limits, self.cfg
         cost = Cost(tokens=batch.tokens, nbytes=batch.nbytes)
         wall0, t_first = time.time(), loop.time()
@@ -168,7 +178,8 @@ class FnCaller:
                     self.report.started(a, batch, attempt, t_call)
                     if attempt == 1:
                         first_sent = t_call
-                    tried = await self._attempt(a, batch, df, cost, held, ticket, first_sent)
+                    tried = await self._attempt(a, batch, df, cost, held, ticket, first_sent,
+                                                task)
             except BaseException as exc:
                 if limits.breaker is None or exc is not limits.breaker.stopped:
                     raise
@@ -220,7 +231,7 @@ class FnCaller:
             return GaveUp(describe(error), bisect, wall0, now - t_first)
 
     async def _attempt(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost, held: Hold,
-                       ticket: Pass, first_sent: float) -> _Tried:
+                       ticket: Pass, first_sent: float, task: asyncio.Task[Any]) -> _Tried:
         """Call fn once; tell the limits (``held.outcome``) and the breaker how it ended
         (an outage-like failure counts against the service per ``_blames_service``)."""
         limits, cfg = self.limits, self.cfg
@@ -228,10 +239,12 @@ class FnCaller:
         t0 = asyncio.get_running_loop().time()
         try:
             try:
-                value, used = await self._call_hedged(a, batch, df, cost)
+                if self.hedging:
+                    value, used = await self._call_hedged(a, batch, df, cost, task)
+                else:
+                    value, used = await self._call(batch, df, task)
             except asyncio.CancelledError as exc:
-                task = asyncio.current_task()
-                if task is None or task.cancelling():
+                if task.cancelling():
                     raise  # the run is stopping, or a timeout fired
                 msg = "fn raised asyncio.CancelledError (nobody cancelled the run)"
                 raise FnCancelledError(msg) from exc
@@ -292,40 +305,64 @@ class FnCaller:
         request, inside ``dfbatch.limits.request``); a call that ends unrecorded frees it."""
         return Admit(None if self.per_request else self.limits.breaker)
 
-    async def _call_hedged(self, a: int, batch: Batch, df: pl.DataFrame,
-                           cost: Cost) -> tuple[Any, _usage.Usage]:
-        """Call fn; with ``hedge_after``, a straggler for its size gets a duplicate (the first
-        answer wins) or is cut by the adaptive timeout (``dfbatch.execute._hedge``)."""
-        cfg, limits = self.cfg, self.limits
-        if not cfg.hedge_after or self.per_request:
-            # an fn charging per request waits for the run's limits inside its call: its
-            # duration says nothing of a straggler, and a copy would resend every request
-            return await self._call(batch, df)
-        q, tail = float(cfg.hedge_after), limits.tail
+    async def _call_hedged(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost,
+                           task: asyncio.Task[Any]) -> tuple[Any, _usage.Usage]:
+        """Call fn under ``hedge_after``: a straggler for its size gets a duplicate (the first
+        answer wins) or is cut by the adaptive timeout (``dfbatch.execute._hedge``). The call
+        costs an entry in ``Pending`` until it is late enough for a decision (``_race``)."""
+        tail = self.limits.tail
         tail.attempts += 1
-
-        def may_hedge(queued: bool) -> bool:
-            return limits.tail.may_hedge(cfg.hedge_budget, queued=queued,
-                                         rates=(limits.tpm, limits.rpm),
-                                         units=(cost.tokens, cost.requests))
-
-        sent: list[bool] = []  # the hedge got its limits and went out
-        budget = cfg.hedge_budget
-        slots = limits.calls.limits
-
-        def waiting() -> bool:  # work queued, or taken and waiting for an in-flight slot
-            return self.queued() or not has_room(slots)
-
+        pending = self._pending
+        if pending is None or pending.loop is not task.get_loop():
+            pending = self._pending = Pending(task.get_loop(), self._floor, self._race)
         tail.running += 1
+        pending.add(task, (a, batch, df, cost))
+        race_: Race[tuple[Any, _usage.Usage]] | None = None
         try:
-            return await race(lambda: self._call(batch, df),
-                              lambda: self._hedge_call(a, batch, df, cost, sent),
-                              lambda: tail.plan(batch.tokens, q, budget), queued=waiting,
-                              may_hedge=may_hedge, hedge_sent=lambda: bool(sent),
-                              may_restart=lambda age: tail.may_restart(budget, batch,
-                                                                       batch.tokens, age))
+            try:
+                result = await self._call(batch, df, task)
+            except BaseException as exc:
+                race_ = pending.end(task)
+                if race_ is None:
+                    raise
+                if race_.after_error(exc):  # (raises exc where it stands)
+                    return await race_.wait_copy()
+                return race_.outcome()
+            race_ = pending.end(task)
+            return result if race_ is None else race_.answered(result)
         finally:
             tail.running -= 1
+            if race_ is not None:
+                copy = race_.close()
+                if copy is not None:
+                    await asyncio.gather(copy, return_exceptions=True)
+
+    def _floor(self) -> float:
+        """The earliest age at which a call of any size may be hedged, cut or resent now (a
+        plan's ages grow with the call's size: that of 0 tokens comes first)."""
+        p = self.limits.tail.plan(0.0, self._q, self.cfg.hedge_budget)
+        return first_decision(p, self._waiting)
+
+    def _waiting(self) -> bool:
+        """Work queued, or taken and waiting for an in-flight slot."""
+        return self.queued() or not has_room(self.limits.calls.limits)
+
+    def _race(self, task: asyncio.Task[Any], t0: float, args: tuple[int, Batch, pl.DataFrame,
+              Cost]) -> Race[tuple[Any, _usage.Usage]]:
+        """The race of a call that got late enough for a decision (built only then)."""
+        a, batch, df, cost = args
+        limits, tail, q, budget = self.limits, self.limits.tail, self._q, self.cfg.hedge_budget
+        sent: list[bool] = []  # the hedge got its limits and went out
+
+        def may_hedge(queued: bool) -> bool:
+            return tail.may_hedge(budget, queued=queued, rates=(limits.tpm, limits.rpm),
+                                  units=(cost.tokens, cost.requests))
+
+        return Race(task.get_loop(), task, t0,
+                     lambda: self._hedge_call(a, batch, df, cost, sent),
+                     lambda: tail.plan(batch.tokens, q, budget), self._waiting, may_hedge,
+                     lambda age: tail.may_restart(budget, batch, batch.tokens, age),
+                     lambda: bool(sent))
 
     async def _hedge_call(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost,
                           sent: list[bool]) -> tuple[Any, _usage.Usage]:
@@ -333,40 +370,51 @@ class FnCaller:
             sent.append(True)
             # reported once the duplicate is really sent: a hedge is one more attempt per row
             self.report.event(batch, BatchHedged(asyncio.get_running_loop().time(), batch.id, a))
-            result = await self._call(batch, df)
+            task = asyncio.current_task()  # (the hedge's own task)
+            assert task is not None
+            result = await self._call(batch, df, task)
             held.outcome = Outcome(True)
             return result
 
-    async def _call(self, batch: Batch, df: pl.DataFrame) -> tuple[Any, _usage.Usage]:
+    async def _call(self, batch: Batch, df: pl.DataFrame,
+                    task: asyncio.Task[Any]) -> tuple[Any, _usage.Usage]:
+        """One call of fn in ``task``: its usage collected, the run's binding around it, the
+        configured timeout (one ``Watch`` for every call) -- in one coroutine, not one each."""
         used, token = _usage.begin()
         try:
-            if self.per_request and self.is_async and self.cfg.timeout is not None \
-                    and sys.version_info >= (3, 11):
+            if self._paced:
+                assert self.cfg.timeout is not None
                 value = await call_paced(self.fn, df, self.cfg.timeout, self.binding)
             else:
                 bound = enter(self.binding)
                 try:
-                    value = await self._call_bound(batch, df)
+                    if not self.is_async:
+                        value = await self.threads.call(self.fn, df, self.cfg.timeout, batch.id)
+                    elif (watch := self.watch) is None:
+                        try:
+                            value = await self.fn(df)
+                        except (KeyboardInterrupt, SystemExit) as exc:  # (the run attaches
+                            raise FnInterrupt(exc) from exc  # exc.partial)
+                    else:
+                        watch.start(task)
+                        try:
+                            value = await self.fn(df)
+                        except asyncio.CancelledError:
+                            if watch.timed_out(task):
+                                raise TimeoutError from None
+                            raise
+                        except (KeyboardInterrupt, SystemExit) as exc:
+                            raise FnInterrupt(exc) from exc
+                        finally:
+                            watch.stop(task)
+                    # a plain function that returned a coroutine (a list never is one)
+                    if type(value) is not list and inspect.isawaitable(value):
+                        value = await timed(value, self.cfg.timeout)
                 finally:
                     leave(bound)
         finally:
             _usage.end(token)
         return value, used
-
-    async def _call_bound(self, batch: Batch, df: pl.DataFrame) -> Any:
-        if self.is_async:
-            try:
-                # one timer for every call's timeout (a timer per call costs more than a no-op)
-                value = await (self.watch.run(self.fn(df)) if self.watch is not None
-                               else self.fn(df))
-            except (KeyboardInterrupt, SystemExit) as exc:  # let the run attach exc.partial
-                raise FnInterrupt(exc) from exc
-        else:
-            value = await self.threads.call(self.fn, df, self.cfg.timeout, batch.id)
-        if inspect.isawaitable(value):  # a plain function that returned a coroutine
-            value = await timed(value, self.cfg.timeout)
-        return value
-
 
 
 def _check_pickles(fn: Callable[..., Any]) -> None:
