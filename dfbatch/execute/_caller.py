@@ -162,7 +162,7 @@ class FnCaller:
         limits, cfg = self.limits, self.cfg
         cost = Cost(tokens=batch.tokens, nbytes=batch.nbytes)
         wall0, t_first = time.time(), loop.time()
-        budget = AttemptBudget(cfg.max_attempts)
+        budget: AttemptBudget | None = None  # (made at the first failure)
         first_sent = 0.0  # when this batch was first sent
         attempt = 0
         while True:
@@ -178,25 +178,44 @@ class FnCaller:
                     self.report.started(a, batch, attempt, t_call)
                     if attempt == 1:
                         first_sent = t_call
-                    tried = await self._attempt(a, batch, df, cost, held, ticket, first_sent,
-                                                task)
+                    # one try of fn (inline: a coroutine per layer costs more than a no-op fn)
+                    seq = limits.adaptive.next_seq() if limits.adaptive else 0
+                    try:
+                        if self.hedging:
+                            value, used = await self._call_hedged(a, batch, df, cost, task)
+                        else:
+                            value, used = await self._call(batch, df, task)
+                    except asyncio.CancelledError as exc:
+                        if task.cancelling():
+                            raise  # the run is stopping, or a timeout fired
+                        try:
+                            msg = "fn raised asyncio.CancelledError (nobody cancelled the run)"
+                            raise FnCancelledError(msg) from exc
+                        except FnCancelledError as err:
+                            tried = self._failed(err, batch, t_call, held, ticket, seq,
+                                                 first_sent)
+                    except Exception as exc:
+                        tried = self._failed(exc, batch, t_call, held, ticket, seq, first_sent)
+                    else:
+                        tried = self._answered(value, used, batch, t_call, held, ticket, seq,
+                                               first_sent)
             except BaseException as exc:
                 if limits.breaker is None or exc is not limits.breaker.stopped:
                     raise
                 # another call found the run cannot succeed (a refused key): do not send
                 return GaveUp(fatal_message(exc), False, wall0, loop.time() - t_first,
                               fatal=True)
-            error, decision, frame, row_errors, used = tried
+            error, decision, frame, row_errors, usage = tried
             if self.per_request or (held.outcome is not None and held.outcome.hints is not None):
                 limits.learned()  # (the limits learn a stated limit only from headers)
             now = loop.time()
             if error is None:
-                assert frame is not None and used is not None
+                assert frame is not None and usage is not None
                 limits.latencies.append(now - t_call)
                 limits.tail.observe(batch.tokens, now - t_call, batch)
                 if limits.sizer is not None:
                     limits.sizer.observe(ok=True, latency_s=now - t_call)
-                return Answered(frame, row_errors, wall0, now - t_first, used)
+                return Answered(frame, row_errors, wall0, now - t_first, usage)
             assert decision is not None
             if decision.kind == "fatal_run":
                 return GaveUp(fatal_message(error, decision), False, wall0, now - t_first,
@@ -204,6 +223,8 @@ class FnCaller:
             if limits.sizer is not None and size_related(error, decision.status) and not (
                     decision.cause == "timeout" and self._hung_call(batch, now - t_call)):
                 limits.sizer.observe(ok=False, latency_s=now - t_call)
+            if budget is None:
+                budget = AttemptBudget(cfg.max_attempts)
             if budget.may_retry(decision, now=now):
                 delay = backoff(attempt, base=cfg.backoff_base, cap=cfg.backoff_max,
                                 retry_after=decision.retry_after, rng=self.rng)
@@ -230,52 +251,47 @@ class FnCaller:
                       or (isinstance(error, WorkerDiedError) and error.rows_suspect))
             return GaveUp(describe(error), bisect, wall0, now - t_first)
 
-    async def _attempt(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost, held: Hold,
-                       ticket: Pass, first_sent: float, task: asyncio.Task[Any]) -> _Tried:
-        """Call fn once; tell the limits (``held.outcome``) and the breaker how it ended
-        (an outage-like failure counts against the service per ``_blames_service``)."""
-        limits, cfg = self.limits, self.cfg
-        seq = limits.adaptive.next_seq() if limits.adaptive else 0
-        t0 = asyncio.get_running_loop().time()
+    def _answered(self, value: Any, used: _usage.Usage, batch: Batch, t0: float, held: Hold,
+                  ticket: Pass, seq: int, first_sent: float) -> _Tried:
+        """fn returned ``value`` (a try that began at ``t0``): its outputs; tell the limits
+        (``held.outcome``) and the breaker. Outputs fn may not return fail the try."""
         try:
-            try:
-                if self.hedging:
-                    value, used = await self._call_hedged(a, batch, df, cost, task)
-                else:
-                    value, used = await self._call(batch, df, task)
-            except asyncio.CancelledError as exc:
-                if task.cancelling():
-                    raise  # the run is stopping, or a timeout fired
-                msg = "fn raised asyncio.CancelledError (nobody cancelled the run)"
-                raise FnCancelledError(msg) from exc
-            frame, row_errors = normalize(value, len(batch.rows), cfg.columns.output,
+            frame, row_errors = normalize(value, len(batch.rows), self.cfg.columns.output,
                                           reserved=self.reserved)
         except Exception as exc:
-            decision = classify(exc, cfg.retry_on)
-            # a call of an ordinary size that timed out hung: not a sign of overload
-            hung = self._hung_call(batch, asyncio.get_running_loop().time() - t0)
-            held.outcome = Outcome(False, decision.rate_limited,
-                                   decision.cause == "timeout" and not hung,
-                                   decision.retry_after, None, seq,
-                                   overloaded=decision.overloaded,
-                                   hints=None if decision.hints.empty else decision.hints)
-            if not decision.outage:
-                ticket.record("other")
-            elif decision.cause == "connection" or self._blames_service(batch, first_sent) or (
-                    ticket.ticket is not None and ticket.ticket.probe):
-                # (no row causes a refused connection; a failed probe keeps the breaker open)
-                ticket.record("outage")
-            # else: a 5xx or a timeout while the service answered other calls since this batch
-            # was first sent, or of a half made by bisection: its rows, not the service
-            if decision.kind == "fatal_run" and limits.breaker is not None:
-                limits.breaker.stop(exc)  # no later call of the run goes out
-            return exc, decision, None, None, None
+            return self._failed(exc, batch, t0, held, ticket, seq, first_sent)
         actual = used.input_tokens + used.output_tokens if used.input_tokens else None
         hints = parse_headers(used.headers) if used.headers else None
         held.outcome = Outcome(True, actual_tokens=actual, started_seq=seq,
                                hints=None if hints is None or hints.empty else hints)
         ticket.record("ok")
         return None, None, frame, row_errors, used
+
+    def _failed(self, exc: Exception, batch: Batch, t0: float, held: Hold, ticket: Pass,
+                seq: int, first_sent: float) -> _Tried:
+        """A try that began at ``t0`` failed with ``exc``: its decision; tell the limits and
+        the breaker (an outage-like failure counts against the service per
+        ``_blames_service``)."""
+        limits = self.limits
+        decision = classify(exc, self.cfg.retry_on)
+        # a call of an ordinary size that timed out hung: not a sign of overload
+        hung = self._hung_call(batch, asyncio.get_running_loop().time() - t0)
+        held.outcome = Outcome(False, decision.rate_limited,
+                               decision.cause == "timeout" and not hung,
+                               decision.retry_after, None, seq,
+                               overloaded=decision.overloaded,
+                               hints=None if decision.hints.empty else decision.hints)
+        if not decision.outage:
+            ticket.record("other")
+        elif decision.cause == "connection" or self._blames_service(batch, first_sent) or (
+                ticket.ticket is not None and ticket.ticket.probe):
+            # (no row causes a refused connection; a failed probe keeps the breaker open)
+            ticket.record("outage")
+        # else: a 5xx or a timeout while the service answered other calls since this batch
+        # was first sent, or of a half made by bisection: its rows, not the service
+        if decision.kind == "fatal_run" and limits.breaker is not None:
+            limits.breaker.stop(exc)  # no later call of the run goes out
+        return exc, decision, None, None, None
 
     def _hung_call(self, batch: Batch, elapsed: float) -> bool:
         """A call of an ordinary size that ran into dfbatch's own timeout hung (it says nothing
