@@ -288,7 +288,7 @@ class Pending:
                 race_.start(now)
         except Exception as exc:  # (as a timer of its own would report it)
             loop.call_exception_handler({"message": "a hedge decision failed", "exception": exc})
-            floor = MIN_WAKE_S
+            floor = POLL_S
         if fresh:
             t0 = next(iter(fresh.values()))[0]
             self._timer = loop.call_at(max(t0 + floor, now + MIN_WAKE_S), self._fire)
