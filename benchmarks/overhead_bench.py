@@ -20,17 +20,20 @@ Per-batch overhead = (dfbatch time - bare time) / batches; ratio = dfbatch time 
 ``--no-hedge`` runs with ``hedge_after=None`` (every call then skips the hedging race).
 
 Where the microseconds go (issue 16, py-spy samples of 3 runs of 100k rows with the defaults,
-shares of the run, a no-op that yields once): the limit stack ~28 % (agent bytes, then in-flight,
-AIMD, warm-up, RPM and TPM buckets, pause -- each taken without a coroutine when it can pay at
-once, ``try_acquire``, and released with the outcome), the hedge race ~15 % (a ``_Race`` and one
-timer per call; plans kept per fit, fits in numpy at most every 0.1 s), the attempt ~10 %
-(usage, the binding, ``Watch``: one timer for every call's timeout, outputs), the recorder ~8 %,
-a task per batch ~8 %, the pool ~7 %, per-run setup (prepare, the scheduler's sort, assembly)
-~10 %. Gone since the start of issue 16: ``frame[positions]`` per batch (batches are slices of
-the frame reordered once), one ``pl.Series`` per batch, events nobody listens to, a
-generator-based context manager per attempt (and per binding), ``asyncio.timeout`` per call, a
-latency fit in pure Python every 16 calls, frozen dataclasses built per call (``Cost``,
-``Outcome``), an unknown rate limit's bucket math.
+shares of the run, a no-op that yields once): the limit stack ~28 % (agent bytes, then
+in-flight, AIMD, warm-up, RPM and TPM buckets, pause -- each taken without a coroutine when it
+can pay at once, ``try_acquire``, and released with the outcome), hedging ~3 % (a call is an
+entry in its caller's ``Pending`` under one timer; a ``Race``, its closures and a plan only for
+a call late enough for a decision; fits in numpy at most every 0.1 s), the call of fn ~6 %
+(usage, the binding and ``Watch``, one timer for every call's timeout, in one coroutine; the try
+inline in ``FnCaller.call``), outputs ~2 %, the recorder ~8 %, a task per batch ~8 %, the pool
+~7 %, per-run setup (prepare, the scheduler's sort, assembly) ~10 %. Gone since the start of
+issue 16: ``frame[positions]`` per batch (batches are slices of the frame reordered once), one
+``pl.Series`` per batch, events nobody listens to, a generator-based context manager per attempt
+(and per binding), ``asyncio.timeout`` per call, a latency fit in pure Python every 16 calls,
+frozen dataclasses built per call (``Cost``, ``Outcome``), an unknown rate limit's bucket math,
+a hedge race per call (its object, seven closures, a plan and a heap entry), four coroutine
+layers per call (``_attempt``, ``race``, ``_call_bound``, ``Watch.run``).
 Best of ``--repeat`` runs (the least disturbed by other processes on a shared machine), in CPU
 seconds of the process (``--wall`` for wall seconds: everything here runs on one thread).
 """

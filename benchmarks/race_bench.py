@@ -3,7 +3,8 @@
 Run: ``.venv/bin/python benchmarks/race_bench.py`` (~10 s). 20,000 calls of a no-op async fn
 under a Semaphore of 32, CPU time (``time.process_time``) per call, best of ``--repeat``: the
 plain await, ``race`` before the latency model is fitted (its timer polls), and after (one
-timer per call armed at the hedge / cut decision; no hedge is due, so no extra task).
+timer per call armed at the hedge / cut decision; no hedge is due, so no extra task), and a
+caller's ``Pending`` (what the pool uses: an entry per call, a race only for a late one).
 ``overhead_bench.py`` measures the whole pool; on a shared machine its wall times vary by
 more than race's cost, which this isolates.
 """
@@ -16,10 +17,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfbatch.execute._hedge import TailState, race
+from dfbatch.execute._race import Pending, Race, first_decision
 
 
 async def _noop() -> int:
@@ -57,13 +60,41 @@ def _raced(fitted: bool) -> Callable[[], Awaitable[int]]:
     return one
 
 
+def _pended() -> Callable[[], Awaitable[int]]:
+    state = TailState()
+    for _ in range(40):
+        state.observe(100, 1.0)
+    pendings: dict[asyncio.AbstractEventLoop, Pending] = {}
+
+    def make(task: asyncio.Task[Any], t0: float, args: object) -> Race[int]:
+        return Race(task.get_loop(), task, t0, _never, lambda: state.plan(100, 0.9),
+                    lambda: True, lambda q: False)
+
+    async def one() -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        pending = pendings.get(loop)
+        if pending is None:
+            pending = pendings[loop] = Pending(
+                loop, lambda: first_decision(state.plan(0, 0.9), lambda: True), make)
+        pending.add(task, None)
+        try:
+            return await _noop()
+        finally:
+            got = pending.end(task)
+            assert got is None, "no race for a call this fast"
+
+    return one
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=20_000)
     p.add_argument("--repeat", type=int, default=3)
     a = p.parse_args(argv)
     cases = {"plain await": lambda: _noop, "race, model not fitted": lambda: _raced(False),
-             "race, model fitted": lambda: _raced(True)}
+             "race, model fitted": lambda: _raced(True), "Pending, model fitted": _pended}
     best = {name: min(asyncio.run(_per_call(make(), a.calls)) for _ in range(a.repeat))
             for name, make in cases.items()}
     base = best["plain await"]

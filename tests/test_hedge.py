@@ -462,3 +462,89 @@ def test_a_race_that_re_arms_later_does_not_delay_one_due_sooner() -> None:
     t0 = run(go())
     assert woke["first"] - t0 == pytest.approx(1.0, abs=0.01)
     assert woke["second"] - t0 == pytest.approx(1.5, abs=0.01)  # not 11 s (the re-armed one)
+
+
+def test_pending_builds_a_race_only_for_a_call_that_gets_late() -> None:
+    """``Pending`` (a caller's calls in flight): a call that ends before any plan could act
+    costs no race; a late one gets its race then, and is hedged at its own size's age as if
+    it had been raced from its start."""
+    from dfbatch.execute._race import Pending, Race, first_decision
+
+    state = TailState()
+    for i in range(64):
+        state.observe(100 + 900 * (i % 2), 0.5 + 0.001 * (100 + 900 * (i % 2)))
+    made: list[str] = []
+    hedged: dict[str, float] = {}
+
+    async def go() -> list[str]:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        def make(task: asyncio.Task[str], started: float, args: tuple[str, int]) -> Race[str]:
+            name, tokens = args
+            made.append(name)
+
+            async def hedge() -> str:
+                hedged[name] = loop.time() - t0
+                await asyncio.sleep(0.01)
+                return f"{name}:hedge"
+
+            return Race(loop, task, started, hedge, lambda: state.plan(tokens, 0.9),
+                        lambda: False, lambda q: True)
+
+        pending = Pending(loop, lambda: first_decision(state.plan(0, 0.9), lambda: False), make)
+
+        async def one(name: str, tokens: int, takes: float) -> str:
+            task = asyncio.current_task()
+            assert task is not None
+            pending.add(task, (name, tokens))
+            try:
+                await asyncio.sleep(takes)
+            except asyncio.CancelledError as exc:
+                race_ = pending.end(task)
+                assert race_ is not None and not race_.after_error(exc)
+                race_.close()
+                return race_.outcome()
+            race_ = pending.end(task)
+            if race_ is not None:
+                assert race_.close() is None
+            return name
+
+        return list(await asyncio.gather(
+            *(one(f"fast{i}", 100, 0.1 + 0.01 * i) for i in range(20)),
+            one("small", 100, 50.0), one("big", 1000, 50.0)))
+
+    got = run(go())
+    assert got == [f"fast{i}" for i in range(20)] + ["small:hedge", "big:hedge"]
+    assert sorted(made) == ["big", "small"]  # no race for the calls that ended in time
+    plan_small, plan_big = state.plan(100, 0.9), state.plan(1000, 0.9)
+    assert plan_small is not None and plan_big is not None
+    assert hedged["small"] == pytest.approx(plan_small.tail_after, abs=0.01)
+    assert hedged["big"] == pytest.approx(plan_big.tail_after, abs=0.01)
+
+
+def test_a_run_builds_races_only_for_its_late_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool's calls under ``hedge_after`` cost no race each: one is built only for a
+    call late enough for a decision (here the straggler, which is still hedged)."""
+    from dfbatch.execute._caller import FnCaller
+
+    built: list[int] = []
+    make = FnCaller._race
+
+    def counting(self: FnCaller, task: asyncio.Task[object], t0: float, args: tuple) -> object:
+        built.append(args[1].id)  # (the batch's id)
+        return make(self, task, t0, args)
+
+    monkeypatch.setattr(FnCaller, "_race", counting)
+    fn = Straggly({1200})
+    df = _frame(1600)
+    events: list = []
+    out = run(dfbatch.aprocess(df, fn, encoding=_words, agents=4, items_per_batch=4,
+                               max_concurrent_batches=8, max_in_flight=32,
+                               dynamic_batching=False, on_event=events.append, **FAST))
+    _once(out, df)
+    assert fn.calls[1200] == 2 and fold(events).hedges >= 1  # the straggler was hedged
+    # before the model is fitted every call is polled; after, mid-run, only the straggler
+    # (of 400 calls) gets a race
+    assert 16 <= len(built) <= 80
+    assert [b for b in built if 64 <= b < 350] == [300]  # (batch ids: 4 rows each)

@@ -12,7 +12,6 @@ returns ``Answered`` or ``GaveUp``; the pool records it. Anything that calls bat
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import pickle
 import random
@@ -24,30 +23,21 @@ from typing import Any, Protocol
 import polars as pl
 
 from dfbatch.config import BatchConfig
-from dfbatch.errors import ConfigError, FnInterrupt, OutputError, RetryableError
+from dfbatch.errors import ConfigError, OutputError, RetryableError
 from dfbatch.events import BatchHedged, BatchRetried, Event
 from dfbatch.execute import _usage
 from dfbatch.execute._attempt import (
     Admit,
-    InThreads,
     Pass,
     WorkerDiedError,
-    call_paced,
     check_importable,
-    is_async,
     size_related,
-    timed,
-)
-from dfbatch.execute._charge import (
-    Binding,
-    charges_per_request,
-    enter,
-    leave,
 )
 from dfbatch.execute._headers import parse_headers
-from dfbatch.execute._hedge import has_room, race
-from dfbatch.execute._limits import Cost, Hold, Limits, Outcome
+from dfbatch.execute._invoke import Invoker
+from dfbatch.execute._limits import Cost, Hold, Outcome
 from dfbatch.execute._outputs import Output, normalize, partial_of
+from dfbatch.execute._race import Race
 from dfbatch.execute._recorder import Answered, GaveUp, Verdict
 from dfbatch.execute._retry import (
     AttemptBudget,
@@ -59,7 +49,6 @@ from dfbatch.execute._retry import (
 )
 from dfbatch.execute._scheduler import Batch
 from dfbatch.execute._stack import RunLimits
-from dfbatch.execute._watch import Watch
 
 
 class Reporter(Protocol):
@@ -108,34 +97,20 @@ class FnCancelledError(RetryableError):
     """fn raised ``asyncio.CancelledError`` though nobody cancelled the run: a transient error."""
 
 
-_NOTHING = Limits([])
 # an attempt: (error, its decision) or (None, None, outputs, row errors, usage)
 _Tried = tuple[Exception | None, Decision | None, Output | None,
                list[str | None] | None, _usage.Usage | None]
 
 
-class FnCaller:
+class FnCaller(Invoker):
     """Calls ``fn`` in this process; see the module docstring."""
 
     def __init__(self, fn: Callable[[pl.DataFrame], Any], cfg: BatchConfig, limits: RunLimits,
                  report: Reporter, *, reserved: set[str],
                  queued: Callable[[], bool] = lambda: False, workers: int | None = None) -> None:
-        self.fn, self.cfg, self.limits, self.report = fn, cfg, limits, report
-        self.reserved, self.queued = reserved, queued
+        super().__init__(fn, cfg, limits, queued=queued, workers=workers)
+        self.report, self.reserved = report, reserved
         self.rng = random.Random(cfg.seed)
-        self.is_async = is_async(fn)
-        # an fn that charges each HTTP request itself (dfbatch.limits.request) is charged the
-        # in-flight and adaptive limits per call, and the rates, pause and breaker per request
-        self.per_request = charges_per_request(fn)
-        self.stack = limits.calls if self.per_request else limits.shared
-        # what dfbatch.limits.request charges inside fn: nothing more for a plain fn (its
-        # call was charged), every request for one that charges per request
-        self.binding = (Binding(limits.per_request, limits.breaker) if self.per_request
-                        else Binding(_NOTHING))
-        workers = workers or cfg.sync_workers or (
-            min(64, cfg.in_flight_cap) if cfg.executor == "thread" else (os.cpu_count() or 1))
-        self.threads = InThreads(workers, cfg.executor)
-        self.watch = Watch(cfg.timeout) if cfg.timeout is not None else None
 
     async def open(self) -> None:
         if not self.is_async:
@@ -149,10 +124,12 @@ class FnCaller:
 
     async def call(self, a: int, batch: Batch, df: pl.DataFrame, slot: Hold) -> Verdict:
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
         limits, cfg = self.limits, self.cfg
         cost = Cost(tokens=batch.tokens, nbytes=batch.nbytes)
         wall0, t_first = time.time(), loop.time()
-        budget = AttemptBudget(cfg.max_attempts)
+        budget: AttemptBudget | None = None  # (made at the first failure)
         first_sent = 0.0  # when this batch was first sent
         attempt = 0
         while True:
@@ -168,24 +145,44 @@ class FnCaller:
                     self.report.started(a, batch, attempt, t_call)
                     if attempt == 1:
                         first_sent = t_call
-                    tried = await self._attempt(a, batch, df, cost, held, ticket, first_sent)
+                    # one try of fn (inline: a coroutine per layer costs more than a no-op fn)
+                    seq = limits.adaptive.next_seq() if limits.adaptive else 0
+                    try:
+                        if self.hedging:
+                            value, used = await self._call_hedged(a, batch, df, cost, task)
+                        else:
+                            value, used = await self._call(batch, df, task)
+                    except asyncio.CancelledError as exc:
+                        if task.cancelling():
+                            raise  # the run is stopping, or a timeout fired
+                        try:
+                            msg = "fn raised asyncio.CancelledError (nobody cancelled the run)"
+                            raise FnCancelledError(msg) from exc
+                        except FnCancelledError as err:
+                            tried = self._failed(err, batch, t_call, held, ticket, seq,
+                                                 first_sent)
+                    except Exception as exc:
+                        tried = self._failed(exc, batch, t_call, held, ticket, seq, first_sent)
+                    else:
+                        tried = self._answered(value, used, batch, t_call, held, ticket, seq,
+                                               first_sent)
             except BaseException as exc:
                 if limits.breaker is None or exc is not limits.breaker.stopped:
                     raise
                 # another call found the run cannot succeed (a refused key): do not send
                 return GaveUp(fatal_message(exc), False, wall0, loop.time() - t_first,
                               fatal=True)
-            error, decision, frame, row_errors, used = tried
+            error, decision, frame, row_errors, usage = tried
             if self.per_request or (held.outcome is not None and held.outcome.hints is not None):
                 limits.learned()  # (the limits learn a stated limit only from headers)
             now = loop.time()
             if error is None:
-                assert frame is not None and used is not None
+                assert frame is not None and usage is not None
                 limits.latencies.append(now - t_call)
                 limits.tail.observe(batch.tokens, now - t_call, batch)
                 if limits.sizer is not None:
                     limits.sizer.observe(ok=True, latency_s=now - t_call)
-                return Answered(frame, row_errors, wall0, now - t_first, used)
+                return Answered(frame, row_errors, wall0, now - t_first, usage)
             assert decision is not None
             if decision.kind == "fatal_run":
                 return GaveUp(fatal_message(error, decision), False, wall0, now - t_first,
@@ -193,6 +190,8 @@ class FnCaller:
             if limits.sizer is not None and size_related(error, decision.status) and not (
                     decision.cause == "timeout" and self._hung_call(batch, now - t_call)):
                 limits.sizer.observe(ok=False, latency_s=now - t_call)
+            if budget is None:
+                budget = AttemptBudget(cfg.max_attempts)
             if budget.may_retry(decision, now=now):
                 delay = backoff(attempt, base=cfg.backoff_base, cap=cfg.backoff_max,
                                 retry_after=decision.retry_after, rng=self.rng)
@@ -219,50 +218,47 @@ class FnCaller:
                       or (isinstance(error, WorkerDiedError) and error.rows_suspect))
             return GaveUp(describe(error), bisect, wall0, now - t_first)
 
-    async def _attempt(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost, held: Hold,
-                       ticket: Pass, first_sent: float) -> _Tried:
-        """Call fn once; tell the limits (``held.outcome``) and the breaker how it ended
-        (an outage-like failure counts against the service per ``_blames_service``)."""
-        limits, cfg = self.limits, self.cfg
-        seq = limits.adaptive.next_seq() if limits.adaptive else 0
-        t0 = asyncio.get_running_loop().time()
+    def _answered(self, value: Any, used: _usage.Usage, batch: Batch, t0: float, held: Hold,
+                  ticket: Pass, seq: int, first_sent: float) -> _Tried:
+        """fn returned ``value`` (a try that began at ``t0``): its outputs; tell the limits
+        (``held.outcome``) and the breaker. Outputs fn may not return fail the try."""
         try:
-            try:
-                value, used = await self._call_hedged(a, batch, df, cost)
-            except asyncio.CancelledError as exc:
-                task = asyncio.current_task()
-                if task is None or task.cancelling():
-                    raise  # the run is stopping, or a timeout fired
-                msg = "fn raised asyncio.CancelledError (nobody cancelled the run)"
-                raise FnCancelledError(msg) from exc
-            frame, row_errors = normalize(value, len(batch.rows), cfg.columns.output,
+            frame, row_errors = normalize(value, len(batch.rows), self.cfg.columns.output,
                                           reserved=self.reserved)
         except Exception as exc:
-            decision = classify(exc, cfg.retry_on)
-            # a call of an ordinary size that timed out hung: not a sign of overload
-            hung = self._hung_call(batch, asyncio.get_running_loop().time() - t0)
-            held.outcome = Outcome(False, decision.rate_limited,
-                                   decision.cause == "timeout" and not hung,
-                                   decision.retry_after, None, seq,
-                                   overloaded=decision.overloaded,
-                                   hints=None if decision.hints.empty else decision.hints)
-            if not decision.outage:
-                ticket.record("other")
-            elif decision.cause == "connection" or self._blames_service(batch, first_sent) or (
-                    ticket.ticket is not None and ticket.ticket.probe):
-                # (no row causes a refused connection; a failed probe keeps the breaker open)
-                ticket.record("outage")
-            # else: a 5xx or a timeout while the service answered other calls since this batch
-            # was first sent, or of a half made by bisection: its rows, not the service
-            if decision.kind == "fatal_run" and limits.breaker is not None:
-                limits.breaker.stop(exc)  # no later call of the run goes out
-            return exc, decision, None, None, None
+            return self._failed(exc, batch, t0, held, ticket, seq, first_sent)
         actual = used.input_tokens + used.output_tokens if used.input_tokens else None
         hints = parse_headers(used.headers) if used.headers else None
         held.outcome = Outcome(True, actual_tokens=actual, started_seq=seq,
                                hints=None if hints is None or hints.empty else hints)
         ticket.record("ok")
         return None, None, frame, row_errors, used
+
+    def _failed(self, exc: Exception, batch: Batch, t0: float, held: Hold, ticket: Pass,
+                seq: int, first_sent: float) -> _Tried:
+        """A try that began at ``t0`` failed with ``exc``: its decision; tell the limits and
+        the breaker (an outage-like failure counts against the service per
+        ``_blames_service``)."""
+        limits = self.limits
+        decision = classify(exc, self.cfg.retry_on)
+        # a call of an ordinary size that timed out hung: not a sign of overload
+        hung = self._hung_call(batch, asyncio.get_running_loop().time() - t0)
+        held.outcome = Outcome(False, decision.rate_limited,
+                               decision.cause == "timeout" and not hung,
+                               decision.retry_after, None, seq,
+                               overloaded=decision.overloaded,
+                               hints=None if decision.hints.empty else decision.hints)
+        if not decision.outage:
+            ticket.record("other")
+        elif decision.cause == "connection" or self._blames_service(batch, first_sent) or (
+                ticket.ticket is not None and ticket.ticket.probe):
+            # (no row causes a refused connection; a failed probe keeps the breaker open)
+            ticket.record("outage")
+        # else: a 5xx or a timeout while the service answered other calls since this batch
+        # was first sent, or of a half made by bisection: its rows, not the service
+        if decision.kind == "fatal_run" and limits.breaker is not None:
+            limits.breaker.stop(exc)  # no later call of the run goes out
+        return exc, decision, None, None, None
 
     def _hung_call(self, batch: Batch, elapsed: float) -> bool:
         """A call of an ordinary size that ran into dfbatch's own timeout hung (it says nothing
@@ -292,40 +288,22 @@ class FnCaller:
         request, inside ``dfbatch.limits.request``); a call that ends unrecorded frees it."""
         return Admit(None if self.per_request else self.limits.breaker)
 
-    async def _call_hedged(self, a: int, batch: Batch, df: pl.DataFrame,
-                           cost: Cost) -> tuple[Any, _usage.Usage]:
-        """Call fn; with ``hedge_after``, a straggler for its size gets a duplicate (the first
-        answer wins) or is cut by the adaptive timeout (``dfbatch.execute._hedge``)."""
-        cfg, limits = self.cfg, self.limits
-        if not cfg.hedge_after or self.per_request:
-            # an fn charging per request waits for the run's limits inside its call: its
-            # duration says nothing of a straggler, and a copy would resend every request
-            return await self._call(batch, df)
-        q, tail = float(cfg.hedge_after), limits.tail
-        tail.attempts += 1
+    def _race(self, task: asyncio.Task[Any], t0: float, args: tuple[int, Batch, pl.DataFrame,
+              Cost]) -> Race[tuple[Any, _usage.Usage]]:
+        """The race of a call that got late enough for a decision (built only then)."""
+        a, batch, df, cost = args
+        limits, tail, q, budget = self.limits, self.limits.tail, self._q, self.cfg.hedge_budget
+        sent: list[bool] = []  # the hedge got its limits and went out
 
         def may_hedge(queued: bool) -> bool:
-            return limits.tail.may_hedge(cfg.hedge_budget, queued=queued,
-                                         rates=(limits.tpm, limits.rpm),
-                                         units=(cost.tokens, cost.requests))
+            return tail.may_hedge(budget, queued=queued, rates=(limits.tpm, limits.rpm),
+                                  units=(cost.tokens, cost.requests))
 
-        sent: list[bool] = []  # the hedge got its limits and went out
-        budget = cfg.hedge_budget
-        slots = limits.calls.limits
-
-        def waiting() -> bool:  # work queued, or taken and waiting for an in-flight slot
-            return self.queued() or not has_room(slots)
-
-        tail.running += 1
-        try:
-            return await race(lambda: self._call(batch, df),
-                              lambda: self._hedge_call(a, batch, df, cost, sent),
-                              lambda: tail.plan(batch.tokens, q, budget), queued=waiting,
-                              may_hedge=may_hedge, hedge_sent=lambda: bool(sent),
-                              may_restart=lambda age: tail.may_restart(budget, batch,
-                                                                       batch.tokens, age))
-        finally:
-            tail.running -= 1
+        return Race(task.get_loop(), task, t0,
+                     lambda: self._hedge_call(a, batch, df, cost, sent),
+                     lambda: tail.plan(batch.tokens, q, budget), self._waiting, may_hedge,
+                     lambda age: tail.may_restart(budget, batch, batch.tokens, age),
+                     lambda: bool(sent))
 
     async def _hedge_call(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost,
                           sent: list[bool]) -> tuple[Any, _usage.Usage]:
@@ -333,40 +311,11 @@ class FnCaller:
             sent.append(True)
             # reported once the duplicate is really sent: a hedge is one more attempt per row
             self.report.event(batch, BatchHedged(asyncio.get_running_loop().time(), batch.id, a))
-            result = await self._call(batch, df)
+            task = asyncio.current_task()  # (the hedge's own task)
+            assert task is not None
+            result = await self._call(batch, df, task)
             held.outcome = Outcome(True)
             return result
-
-    async def _call(self, batch: Batch, df: pl.DataFrame) -> tuple[Any, _usage.Usage]:
-        used, token = _usage.begin()
-        try:
-            if self.per_request and self.is_async and self.cfg.timeout is not None \
-                    and sys.version_info >= (3, 11):
-                value = await call_paced(self.fn, df, self.cfg.timeout, self.binding)
-            else:
-                bound = enter(self.binding)
-                try:
-                    value = await self._call_bound(batch, df)
-                finally:
-                    leave(bound)
-        finally:
-            _usage.end(token)
-        return value, used
-
-    async def _call_bound(self, batch: Batch, df: pl.DataFrame) -> Any:
-        if self.is_async:
-            try:
-                # one timer for every call's timeout (a timer per call costs more than a no-op)
-                value = await (self.watch.run(self.fn(df)) if self.watch is not None
-                               else self.fn(df))
-            except (KeyboardInterrupt, SystemExit) as exc:  # let the run attach exc.partial
-                raise FnInterrupt(exc) from exc
-        else:
-            value = await self.threads.call(self.fn, df, self.cfg.timeout, batch.id)
-        if inspect.isawaitable(value):  # a plain function that returned a coroutine
-            value = await timed(value, self.cfg.timeout)
-        return value
-
 
 
 def _check_pickles(fn: Callable[..., Any]) -> None:

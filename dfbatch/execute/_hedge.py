@@ -25,8 +25,8 @@ Budget: hedges and restarts together are extra calls, at most ``hedge_budget`` x
 ``RESTART_SHARE`` of it and leave ``DRAIN_RESERVE`` extra calls per call in flight for the run's
 tail, where a straggler costs the makespan most. No hedge while work is queued and a rate bucket
 (TPM / RPM) is the binding limit, so a duplicate never spends tokens that pending work needs.
-``race`` runs the copies: the first answer wins and the other is cancelled, so a row never gets
-two answers.
+``race`` (``_race``) runs the copies: the first answer wins and the other is cancelled, so a
+row never gets two answers; a caller's many calls get a race only once one is late (``Pending``).
 
 Examples
 --------
@@ -42,19 +42,16 @@ True
 
 from __future__ import annotations
 
-import asyncio
-import heapq
 import math
-import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-from dfbatch.errors import StragglerTimeoutError
 from dfbatch.execute._latency import LatencyModel, drain_ratio, restart_ratio
+from dfbatch.execute._race import Wakes, race  # (re-exported: where the races moved)
 from dfbatch.execute._rate import RateLimit
 
-T = TypeVar("T")
+__all__ = ["Plan", "TailState", "Wakes", "binding", "has_room", "race"]
 
 OUTLIER_Q = 0.99  # an outlier: past this quantile of latency / expected ...
 OUTLIER_K = 2.0  # ... times this (hedged at any time)
@@ -62,7 +59,6 @@ SPARE_HEDGES = 2  # hedges a short run may send even where hedge_budget x attemp
 TIMEOUT_FLOOR_S = 1.0  # the adaptive timeout is never shorter than this
 TIMEOUT_K = 3.0  # no hedge sent: cut at 3 x the outlier age (about 7-10 x the expected latency)
 STALL_K = 2.0  # a hedge sent: cut when the hedge too has run 2 x the outlier age
-POLL_S, MAX_POLL_S = 0.05, 5.0  # a call that started before the model was fitted looks again
 RESTART_SHARE = 0.8  # restarts may use this share of the extra-call budget (the rest: hedges)
 DRAIN_RESERVE = 0.5  # restarts leave this many extra calls per call in flight for the tail
 SLOW_RESENDS = 2  # this many resent calls as slow as the cut ones (and >= 1/3 of them): the
@@ -222,212 +218,3 @@ def binding(rate: RateLimit | None, units: float) -> bool:
     if rate is None or not rate.known:
         return False
     return rate.recent_wait > 0.01 or rate.level < units
-
-
-async def race(call: Callable[[], Awaitable[T]], hedge: Callable[[], Awaitable[T]],
-               plan: Callable[[], Plan | None], *, queued: Callable[[], bool],
-               may_hedge: Callable[[bool], bool],
-               hedge_sent: Callable[[], bool] = lambda: True,
-               may_restart: Callable[[float], bool] = lambda age: False) -> T:
-    """Await ``call`` in this task; per ``plan()`` (asked again at each decision, so a call
-    that started before the model was fitted is covered too), add ``hedge`` or cut the call.
-    The first answer wins; the other copy is cancelled. Every copy failed: the first copy's
-    error is raised. ``hedge_sent``: has the hedge got past the run's limits? A failed call
-    waits for a hedge that went out, never for one still waiting for the limits the failed
-    call holds (that could wait forever).
-
-    The decisions run from the loop's ``Wakes`` (one timer for every race: a heap of wake-up
-    times), not from a timer or a task per call; a task starts only when a hedge is sent."""
-    loop = asyncio.get_running_loop()
-    me = asyncio.current_task()
-    assert me is not None
-    race_ = _Race(loop, me, hedge, plan, queued, may_hedge, may_restart, _wakes(loop))
-    try:
-        try:
-            result = await call()
-        except asyncio.CancelledError:
-            if race_.ended is None or _uncancel(me) > 0:
-                raise  # not (only) ours: the run stops, or a timeout fired
-            return race_.outcome()
-        except Exception as exc:
-            if race_.ended is not None:  # fn turned our cancel into an error
-                _uncancel(me)
-                return race_.outcome()
-            if race_.copy is not None and not race_.copy.done() and hedge_sent():
-                race_.first_error = exc  # the first copy failed: wait for the hedge
-                return await race_.wait_copy()
-            raise
-        if race_.ended is not None:  # fn swallowed our cancel
-            _uncancel(me)
-            return race_.outcome()
-        return result
-    finally:
-        race_.close()
-        if race_.copy is not None and not race_.copy.done():
-            race_.copy.cancel()
-            await asyncio.gather(race_.copy, return_exceptions=True)
-
-
-def _uncancel(task: asyncio.Task[Any]) -> int:
-    """Take back one cancel request of ours; the requests left (others' cancels)."""
-    undo = getattr(task, "uncancel", None)  # Python >= 3.11
-    return int(undo()) if undo is not None else 0
-
-
-class _Race(Generic[T]):
-    """The timer and the hedge of one ``race``: ``ended`` is "won" (the hedge answered first,
-    the call's task was cancelled), "cut" (past the plan's deadline) or "restart" (past
-    ``restart_after`` while work waits: resent at once); None while it runs."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any],
-                 hedge: Callable[[], Awaitable[T]], plan: Callable[[], Plan | None],
-                 queued: Callable[[], bool], may_hedge: Callable[[bool], bool],
-                 may_restart: Callable[[float], bool] = lambda age: False,
-                 wakes: Wakes | None = None) -> None:
-        self.loop, self.task, self.hedge, self.plan = loop, task, hedge, plan
-        self.queued, self.may_hedge, self.may_restart = queued, may_hedge, may_restart
-        self.wakes = wakes if wakes is not None else _wakes(loop)
-        self.t0 = loop.time()
-        self.hedged_at: float | None = None
-        self.copy: asyncio.Task[T] | None = None
-        self.ended: str | None = None
-        self.first_error: Exception | None = None
-        self.age = 0.0
-        self.poll = POLL_S  # no plan yet: look again after 0.05 s, 0.1 s, 0.2 s ...
-        self.closed = False
-        self._arm()
-
-    def _arm(self) -> None:
-        p = self.plan()
-        now = self.loop.time()
-        if p is None:
-            wake, self.poll = self.poll, min(2 * self.poll, MAX_POLL_S)
-        else:
-            wake = p.next_wake(now - self.t0, self.hedged_at)
-        self.wakes.add(now + max(wake, 1e-3), self)
-
-    def _decide(self) -> None:
-        if self.closed or self.ended is not None or self.task.done():
-            return
-        p = self.plan()
-        age = self.loop.time() - self.t0
-        if p is not None and self.hedged_at is None:
-            q = self.queued()
-            if p.hedge_due(age, q) and self.may_hedge(q):
-                self.hedged_at = age
-                self.copy = self.loop.create_task(self.hedge())  # type: ignore[arg-type]
-                self.copy.add_done_callback(self._copy_done)
-                self._arm()
-                return
-            if q and age >= p.restart_after and self.may_restart(age):
-                self._end("restart", age)  # a fresh call is expected to finish sooner
-                return
-        if p is not None and age >= p.cut_at(self.hedged_at):
-            self._end("cut", age)
-            return
-        self._arm()
-
-    def _copy_done(self, copy: asyncio.Task[T]) -> None:
-        if self.closed or self.ended is not None or self.first_error is not None:
-            return
-        if not copy.cancelled() and copy.exception() is None:
-            self._end("won", self.loop.time() - self.t0)
-
-    def _end(self, how: str, age: float) -> None:
-        self.ended, self.age = how, age
-        self.task.cancel()
-
-    async def wait_copy(self) -> T:
-        """The first copy failed and the hedge still runs: its answer, or the first error."""
-        assert self.copy is not None and self.first_error is not None
-        try:
-            return await asyncio.shield(self.copy)
-        except asyncio.CancelledError:
-            if self.ended is None or _uncancel(self.task) > 0:
-                raise
-            return self.outcome()
-        except Exception:
-            raise self.first_error from None
-
-    def outcome(self) -> T:
-        if self.ended == "won":
-            assert self.copy is not None
-            return self.copy.result()
-        if self.ended == "restart":  # resent at once: a fresh call is expected to be faster
-            msg = (f"the call ran {self.age:.1f} s, in the heavy tail of the latency for its "
-                   f"size: cut and resent (within hedge_budget; hedge_after=None turns it off)")
-            raise StragglerTimeoutError(msg, retry_after=0.0)
-        msg = (f"the call ran {self.age:.1f} s, far past the latency expected for its size "
-               f"(adaptive timeout, hedge_after; set hedge_after=None to turn it off)")
-        raise StragglerTimeoutError(msg)
-
-    def close(self) -> None:
-        self.closed = True  # (its entry in the wakes' heap is skipped when it comes due; until
-        # then the entry keeps this race: it holds nothing big, such as the batch's frame)
-        self.hedge = self.plan = self.queued = _gone  # type: ignore[assignment]
-        self.may_hedge = self.may_restart = _gone  # type: ignore[assignment]
-
-
-def _gone(*args: object) -> Any:
-    msg = "a closed race was asked to act"
-    raise AssertionError(msg)
-
-
-class Wakes:
-    """One timer for every race on a loop: a heap of ``(when, n, race)``, the timer armed at
-    the earliest (a timer per call costs more than a no-op call). A closed race's entry is
-    skipped when it comes due; the heap is rebuilt when such entries pile up. The timer
-    fires at most once a millisecond, taking every entry due by then."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.heap: list[tuple[float, int, _Race[Any]]] = []
-        self._n = 0
-        self._at = math.inf  # when the timer fires
-        self._timer: asyncio.TimerHandle | None = None
-        self._firing = False
-
-    def add(self, when: float, race_: _Race[Any]) -> None:
-        self._n += 1
-        heapq.heappush(self.heap, (when, self._n, race_))
-        if when < self._at and not self._firing:  # (a firing timer re-arms at the heap's top)
-            if self._timer is not None:
-                self._timer.cancel()
-            self._at = when
-            self._timer = self.loop.call_at(when, self._fire)
-
-    def _fire(self) -> None:
-        self._timer, self._firing = None, True
-        heap, now = self.heap, self.loop.time()
-        try:
-            while heap and heap[0][0] <= now:  # (a race re-adds itself at least 1 ms later)
-                race_ = heapq.heappop(heap)[2]
-                if not race_.closed:
-                    try:
-                        race_._decide()
-                    except Exception as exc:  # (as a timer of its own would: others go on)
-                        self.loop.call_exception_handler(
-                            {"message": "a hedge decision failed", "exception": exc})
-        finally:
-            self._firing = False
-        self._at = math.inf
-        if len(heap) > 1024:
-            live = [e for e in heap if not e[2].closed]
-            if 4 * len(live) < len(heap):
-                heapq.heapify(live)
-                self.heap = heap = live
-        if heap:
-            self._at = max(heap[0][0], now + 1e-3)
-            self._timer = self.loop.call_at(self._at, self._fire)
-
-
-_WAKES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Wakes] = \
-    weakref.WeakKeyDictionary()
-
-
-def _wakes(loop: asyncio.AbstractEventLoop) -> Wakes:
-    """The loop's ``Wakes`` (one per event loop)."""
-    got = _WAKES.get(loop)
-    if got is None:
-        got = _WAKES[loop] = Wakes(loop)
-    return got

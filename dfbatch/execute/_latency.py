@@ -56,8 +56,8 @@ class LatencyModel:
         self._memo: dict[float, float] = {}
 
     def observe(self, tokens: float, latency: float) -> None:
-        if latency > 0 and math.isfinite(latency):
-            self.samples.append((max(0.0, float(tokens)), float(latency)))
+        if 0.0 < latency < math.inf:  # (a NaN fails both)
+            self.samples.append((float(tokens) if tokens > 0.0 else 0.0, float(latency)))
             self._stale += 1
 
     @property

@@ -17,7 +17,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(slots=True)
 class Usage:
     """Tokens reported by one call of fn (mutable, one per call)."""
 

@@ -45,25 +45,37 @@ class Watch:
         """Await ``aw`` in this task; ``TimeoutError`` once it has run ``timeout`` seconds."""
         task = asyncio.current_task()
         assert task is not None
-        loop = asyncio.get_running_loop()
-        self._live[task] = loop.time() + self.timeout
-        if self._timer is None:
-            self._timer = loop.call_at(loop.time() + self.timeout, self._check)
-        ours = False
+        self.start(task)
         try:
             return await aw
         except asyncio.CancelledError:
-            if task in self._expired:
-                ours = True
-                if task.uncancel() == 0:  # nobody else cancelled: our deadline passed
-                    raise TimeoutError from None
+            if self.timed_out(task):
+                raise TimeoutError from None
             raise
         finally:
-            self._live.pop(task, None)
-            if task in self._expired:
-                self._expired.discard(task)
-                if not ours:  # it ended before our cancel reached it: take the cancel back
-                    task.uncancel()
+            self.stop(task)
+
+    def start(self, task: asyncio.Task[Any]) -> None:
+        """``task`` starts a call (``run`` without a coroutine, for a hot path: ``start``, then
+        on ``CancelledError`` ``timed_out``, and ``stop`` in a ``finally``)."""
+        loop = task.get_loop()
+        self._live[task] = deadline = loop.time() + self.timeout
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._check)
+
+    def timed_out(self, task: asyncio.Task[Any]) -> bool:
+        """``task``'s call was cancelled: by our deadline alone (raise ``TimeoutError``)?"""
+        if task not in self._expired:
+            return False
+        self._expired.discard(task)
+        return task.uncancel() == 0  # (else somebody else cancelled it too: a cancel)
+
+    def stop(self, task: asyncio.Task[Any]) -> None:
+        """``task``'s call is over; a deadline that passed as it ended takes its cancel back."""
+        self._live.pop(task, None)
+        if self._expired and task in self._expired:
+            self._expired.discard(task)
+            task.uncancel()
 
     def _check(self) -> None:
         self._timer = None
