@@ -202,7 +202,12 @@ class TailState:
                   rates: tuple[RateLimit | None, ...], units: tuple[float, ...]) -> bool:
         """Within budget, and no binding rate bucket that queued work needs? Counts the hedge."""
         spare = SPARE_HEDGES if budget > 0 else 0  # hedge_budget=0: no hedge at all
-        if self.hedges + self.restarts + 1 > max(budget * self.attempts, spare):  # never past it
+        allowed = max(budget * self.attempts, spare)
+        extra = self.hedges + self.restarts + 1
+        if extra > allowed:  # never past it
+            return False
+        # the makespan is set by the calls that finish last: keep the reserve for them
+        if extra + DRAIN_RESERVE * max(0, self.running - 1) > allowed:
             return False
         if queued and any(binding(r, u) for r, u in zip(rates, units, strict=True)):
             return False
