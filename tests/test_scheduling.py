@@ -101,6 +101,10 @@ def test_rate_bound_growth_stops_at_the_size_that_finishes_the_queue_soonest() -
     sizer.queued_rows = 50.0  # the queue drains: the last calls are made short again
     send(100)
     assert sizer.target <= 8
+    sizer.rate_bound = False  # a spell where the rate does not bind: its answers are dropped
+    sizer.observe(ok=True, latency_s=1.0)
+    sizer.rate_bound = True
+    assert sizer.rate_best() == sizer.rate_bound_items  # nothing measured since
 
 
 def test_rate_bound_run_ends_with_short_calls() -> None:
