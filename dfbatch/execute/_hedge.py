@@ -64,7 +64,8 @@ TIMEOUT_K = 3.0  # no hedge sent: cut at 3 x the outlier age (about 7-10 x the e
 STALL_K = 2.0  # a hedge sent: cut when the hedge too has run 2 x the outlier age
 POLL_S, MAX_POLL_S = 0.05, 5.0  # a call that started before the model was fitted looks again
 RESTART_SHARE = 0.8  # restarts may use this share of the extra-call budget (the rest: hedges)
-DRAIN_RESERVE = 0.5  # restarts leave this many extra calls per call in flight for the tail
+DRAIN_RESERVE = 0.5  # restarts and hedges leave this many extra calls per other call in
+#                     flight for the run's last calls (they set the makespan)
 SLOW_RESENDS = 2  # this many resent calls as slow as the cut ones (and >= 1/3 of them): the
 #                   latency follows the rows, not chance, and restarts stop for the run
 
@@ -200,7 +201,12 @@ class TailState:
 
     def may_hedge(self, budget: float, *, queued: bool,
                   rates: tuple[RateLimit | None, ...], units: tuple[float, ...]) -> bool:
-        """Within budget, and no binding rate bucket that queued work needs? Counts the hedge."""
+        """Within budget, and no binding rate bucket that queued work needs? Counts the hedge.
+
+        A hedge leaves ``DRAIN_RESERVE`` extra calls per other call in flight: the budget
+        goes to the calls that finish last, which set the makespan, not to the first
+        stragglers of a long drain (with 30 calls in flight and 5 extra calls left, a hedge
+        waits until 9 remain)."""
         spare = SPARE_HEDGES if budget > 0 else 0  # hedge_budget=0: no hedge at all
         allowed = max(budget * self.attempts, spare)
         extra = self.hedges + self.restarts + 1
