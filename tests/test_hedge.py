@@ -139,6 +139,13 @@ def test_hedges_keep_a_reserve_for_the_runs_last_calls() -> None:
     assert not short.may_hedge(0.05, **hedge)
     short.running = 3
     assert short.may_hedge(0.05, **hedge)
+    rng = random.Random(1)
+    for sigma, held_back in ((0.35, True), (1.0, False)):
+        fitted = TailState(attempts=100)
+        for _ in range(256):
+            fitted.observe(100, max(0.5, rng.lognormvariate(0.0, sigma)))
+        fitted.running = 30  # a heavy tail: the oldest calls are the likely last ones
+        assert fitted.may_hedge(0.05, **hedge) is not held_back
 
 
 def test_no_hedge_while_a_binding_tpm_has_queued_work() -> None:
