@@ -90,6 +90,12 @@ class BatchSizer:
 
     def observe(self, *, ok: bool, latency_s: float) -> None:
         """Record one finished call and maybe move the target by one step."""
+        if self.rate_bound:
+            if ok:
+                now = self.clock()
+                self._paced.append((now, latency_s, self._target_at(now - latency_s)))
+        elif self._paced:  # the rate stopped binding: its answers say nothing of the next spell
+            self._paced.clear()
         window = self._outcomes
         if len(window) == window.maxlen:
             old_ok, old_latency = window[0]
@@ -98,12 +104,6 @@ class BatchSizer:
         window.append((ok, latency_s))
         self._errors += not ok
         self._latency += latency_s
-        if self.rate_bound:
-            if ok:
-                now = self.clock()
-                self._paced.append((now, latency_s, self._target_at(now - latency_s)))
-        elif self._paced:  # the rate stopped binding: its answers say nothing of the next spell
-            self._paced.clear()
         self._since_change += 1
         if self._since_change < self.window // 2 or len(window) < self.window // 2:
             return
