@@ -696,7 +696,8 @@ def describe(sc: Scenario, rows_scale: float) -> str:
 
 
 def trace(sc: Scenario, rows_scale: float) -> None:
-    """Print dfbatch's event counts and a coarse timeline of starts per 10 s (seed 0)."""
+    """Print dfbatch's event counts and a coarse timeline per 10 s (seed 0): calls started,
+    their tokens and rows per call, calls ended, hedges sent."""
     wl = sc.workload(0, rows_scale)
     k = sc.knobs()
     api = SimAPI(replace(sc.server, seed=0), wl)
@@ -710,11 +711,20 @@ def trace(sc: Scenario, rows_scale: float) -> None:
     t0 = events[0].t
     starts = Counter(int((e.t - t0) // 10) for e in events if type(e).__name__ == "BatchStarted")
     tokens: Counter[int] = Counter()
+    rows: dict[int, list[int]] = {}  # rows of each call started in the window
+    hedges = Counter(int((e.t - t0) // 10) for e in events if type(e).__name__ == "BatchHedged")
+    ends = Counter(int((e.t - t0) // 10) for e in events
+                   if type(e).__name__ in ("BatchFinished", "BatchFailed"))
     for e in events:
         if type(e).__name__ == "BatchStarted":
             tokens[int((e.t - t0) // 10)] += e.tokens
-    for b in sorted(starts):
-        print(f"  t={b * 10:4d}-{b * 10 + 10:<4d} starts {starts[b]:4d} tokens {tokens[b]:7d}")
+            rows.setdefault(int((e.t - t0) // 10), []).append(e.rows)
+    for b in sorted(starts.keys() | ends.keys()):
+        r = rows.get(b, [0])
+        print(f"  t={b * 10:4d}-{b * 10 + 10:<4d} starts {starts[b]:4d} tokens {tokens[b]:7d} "
+              f"rows/call {statistics.mean(r):5.1f} (max {max(r):3d}) ends {ends[b]:4d} "
+              f"hedged {hedges[b]:3d}")
+    print(f"  makespan {events[-1].t - t0:.1f} s")
     print(f"  429s {api.stats.n429}, calls {api.stats.calls}, server peak {api.max_in_service}")
 
 

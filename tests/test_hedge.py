@@ -123,6 +123,31 @@ def test_budget_caps_extra_calls() -> None:
         assert hedges >= (1 if budget else 0)
 
 
+def test_hedges_keep_a_reserve_for_the_runs_last_calls() -> None:
+    state = TailState(attempts=100)  # 5% of 100: 5 extra calls
+    hedge = {"queued": False, "rates": (), "units": ()}
+    state.running = 30  # a hedge now would leave nothing for the calls that finish last
+    assert not state.may_hedge(0.05, **hedge) and state.hedges == 0
+    state.running = 9  # 1 + 8 / 2 kept for the 8 others: within 5
+    assert state.may_hedge(0.05, **hedge) and state.hedges == 1
+    assert not state.may_hedge(0.05, **hedge)  # 2 + 4 > 5
+    state.running = 1  # the last call
+    assert all(state.may_hedge(0.05, **hedge) for _ in range(4)) and state.hedges == 5
+    assert not state.may_hedge(0.05, **hedge)  # never past the budget
+    short = TailState(attempts=10)  # a short run's 2 spare hedges go to its last calls too
+    short.running = 4
+    assert not short.may_hedge(0.05, **hedge)
+    short.running = 3
+    assert short.may_hedge(0.05, **hedge)
+    rng = random.Random(1)
+    for sigma, held_back in ((0.35, True), (1.0, False)):
+        fitted = TailState(attempts=100)
+        for _ in range(256):
+            fitted.observe(100, max(0.5, rng.lognormvariate(0.0, sigma)))
+        fitted.running = 30  # a heavy tail: the oldest calls are the likely last ones
+        assert fitted.may_hedge(0.05, **hedge) is not held_back
+
+
 def test_no_hedge_while_a_binding_tpm_has_queued_work() -> None:
     df = _frame(400)  # 100 batches of 40 tokens; 1200 TPM = 30 batches a minute: TPM binds
     fn = Straggly(slow={40, 120, 200, 380}, slow_s=500.0)

@@ -98,6 +98,20 @@ def test_merging_stops_at_the_token_limit() -> None:
     assert b is not None and b.tokens <= CFG.token_limit and len(b.rows) == 8
 
 
+def test_the_sizer_learns_the_rows_not_yet_sent_at_each_take() -> None:
+    sizer = BatchSizer(initial=2)
+    s = _sched([[_batch(i, range(2 * i, 2 * i + 2)) for i in range(3)],
+                [_batch(3 + i, range(6 + 2 * i, 8 + 2 * i), agent=1) for i in range(2)]],
+               sizer=sizer)
+    s.take(0)
+    assert sizer.queued_rows == 10  # every row: the batch taken is not sent yet
+    s.take(1)
+    assert sizer.queued_rows == 8  # the first batch went out
+    sizer.target = 4
+    s.take(0)  # merges two batches: counted before the merge
+    assert sizer.queued_rows == 6 and not s.queues[0]
+
+
 # -- the pool, with a fake caller on a virtual clock -----------------------------------------
 class FakeCaller:
     """Each call takes ``latency(batch)`` simulated seconds; ``verdict(batch)`` decides."""

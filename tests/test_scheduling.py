@@ -14,9 +14,10 @@ import dfbatch
 from benchmarks.simapi import run
 from dfbatch.config import BatchConfig
 from dfbatch.errors import RetryableError
-from dfbatch.events import fold
+from dfbatch.events import BatchStarted, fold
 from dfbatch.execute._headers import parse_headers
 from dfbatch.execute._limits import Cost, Outcome
+from dfbatch.execute._sizing import BatchSizer
 from dfbatch.execute._stack import RunLimits
 from tests.fakes import texts
 
@@ -79,6 +80,48 @@ def test_dynamic_sizing_grows_when_request_rate_binds() -> None:
     sizes = out.group_by("run_batch_id").len()["len"]
     assert sizes.max() > 4  # merged pending batches once RPM was the binding limit
     assert sizes.sum() == 600 and out["run_batch_id"].n_unique() < 150
+
+
+def test_rate_bound_growth_stops_at_the_size_that_finishes_the_queue_soonest() -> None:
+    clock = [0.0]
+    sizer = BatchSizer(initial=4, clock=lambda: clock[0], rate_bound=True, queued_rows=800.0)
+    sent: list[tuple[float, int]] = []  # (when, rows) of calls in flight: 0.5 s per row
+
+    def send(n: int) -> None:
+        for _ in range(n):  # 2 requests a second, each of the target's size
+            clock[0] += 0.5
+            sent.append((clock[0], sizer.target))
+            sent.sort(key=lambda c: c[0] + 0.5 * c[1])
+            while sent and sent[0][0] + 0.5 * sent[0][1] <= clock[0]:
+                sizer.observe(ok=True, latency_s=clock[0] - sent.pop(0)[0])
+
+    send(400)
+    # sqrt(800 rows / (2 requests/s * 0.5 s/row)) = 28: not the cap of 64
+    assert 20 <= sizer.target <= 32 and sizer.rate_best() <= 32
+    sizer.queued_rows = 50.0  # the queue drains: the last calls are made short again
+    send(100)
+    assert sizer.target <= 8
+    sizer.rate_bound = False  # a spell where the rate does not bind: its answers are dropped
+    sizer.observe(ok=True, latency_s=1.0)
+    sizer.rate_bound = True
+    assert sizer.rate_best() == sizer.rate_bound_items  # nothing measured since
+
+
+def test_rate_bound_run_ends_with_short_calls() -> None:
+    async def fn(batch: pl.DataFrame) -> list[str]:
+        await asyncio.sleep(0.5 * len(batch))  # latency in proportion to the rows
+        return batch["text"].to_list()
+
+    df = texts(1200)
+    events: list = []
+    out = run(dfbatch.aprocess(df, fn, encoding=_words, agents=2, rpm=120, rate_burst=0.01,
+                               on_event=events.append, **FAST))
+    assert out["output"].to_list() == df["text"].to_list()
+    starts = sorted((e.t, e.rows) for e in events if isinstance(e, BatchStarted))
+    biggest = max(rows for _, rows in starts)
+    assert 8 < biggest <= 40  # grew (the rate binds), but not to the cap of 64 rows a call
+    assert max(rows for _, rows in starts[-6:]) < biggest  # the last calls are shorter
+    assert events[-1].t - events[0].t < 65  # growing to the cap: 72.9 s
 
 
 def test_dynamic_sizing_respects_token_limit() -> None:

@@ -60,7 +60,8 @@ TIMEOUT_FLOOR_S = 1.0  # the adaptive timeout is never shorter than this
 TIMEOUT_K = 3.0  # no hedge sent: cut at 3 x the outlier age (about 7-10 x the expected latency)
 STALL_K = 2.0  # a hedge sent: cut when the hedge too has run 2 x the outlier age
 RESTART_SHARE = 0.8  # restarts may use this share of the extra-call budget (the rest: hedges)
-DRAIN_RESERVE = 0.5  # restarts leave this many extra calls per call in flight for the tail
+DRAIN_RESERVE = 0.5  # restarts (and hedges, under a light tail) leave this many extra
+#                     calls per other call in flight for the run's last calls
 SLOW_RESENDS = 2  # this many resent calls as slow as the cut ones (and >= 1/3 of them): the
 #                   latency follows the rows, not chance, and restarts stop for the run
 
@@ -183,6 +184,13 @@ class TailState:
         self.model.observe(tokens, age)
         return True
 
+    def _heavy(self) -> bool:
+        """Is the latency's tail heavy (an old call is expected to run longer than a fresh
+        one)? Then the oldest calls are the likely last ones, and a hedge that is due goes out
+        at once; under a light tail the calls sent last finish last."""
+        shape = self.model.shape()
+        return shape is not None and drain_ratio(*shape) < math.inf
+
     def ordinary_within(self, tokens: float, seconds: float | None) -> bool:
         """Do calls of ``tokens`` finish well within ``seconds`` (at the outlier
         quantile)? A timeout of such a call is a hang, not a sign its batch is too big."""
@@ -196,9 +204,20 @@ class TailState:
 
     def may_hedge(self, budget: float, *, queued: bool,
                   rates: tuple[RateLimit | None, ...], units: tuple[float, ...]) -> bool:
-        """Within budget, and no binding rate bucket that queued work needs? Counts the hedge."""
+        """Within budget, and no binding rate bucket that queued work needs? Counts the hedge.
+
+        Under a light tail, a hedge leaves ``DRAIN_RESERVE`` extra calls per other call in
+        flight: the calls sent last finish last and set the makespan, so the budget goes to
+        them, not to the first stragglers of a long drain (with 30 calls in flight and 5 extra
+        calls left, a hedge waits until 9 remain). Under a heavy tail the oldest calls are
+        the likely last ones: a hedge that is due goes out at once."""
         spare = SPARE_HEDGES if budget > 0 else 0  # hedge_budget=0: no hedge at all
-        if self.hedges + self.restarts + 1 > max(budget * self.attempts, spare):  # never past it
+        allowed = max(budget * self.attempts, spare)
+        extra = self.hedges + self.restarts + 1
+        if extra > allowed:  # never past it
+            return False
+        # the makespan is set by the calls that finish last: keep the reserve for them
+        if extra + DRAIN_RESERVE * max(0, self.running - 1) > allowed and not self._heavy():
             return False
         if queued and any(binding(r, u) for r, u in zip(rates, units, strict=True)):
             return False

@@ -159,6 +159,8 @@ class Scheduler:
         assert self.sizer is not None
         self.sizer.rate_bound = self.rate_bound()
         target, n = self.sizer.target, len(batch.rows)
+        # rows not yet sent (this batch's too), from the queued tokens at this batch's rate
+        self.sizer.queued_rows = (sum(self.queued_load) + batch.tokens) * n / max(1, batch.tokens)
         if batch.call_anyway or batch.frozen or n == target or target == self.sizer.initial:
             return batch
         if n > target:
