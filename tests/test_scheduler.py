@@ -208,6 +208,11 @@ class CountingSlots(CapacityLimit):
         await super().acquire(cost)
         self.granted += 1
 
+    def try_acquire(self, cost: Cost) -> bool:
+        got = super().try_acquire(cost)
+        self.granted += got
+        return got
+
     def release(self, cost: Cost, outcome: Any = None) -> None:
         self.released += 1
         super().release(cost, outcome)
@@ -232,8 +237,8 @@ def test_cancelled_while_reacquiring_the_slot_after_a_backoff_releases_it_once()
     async def main() -> CountingSlots:
         frame = pl.DataFrame({"id": [0, 1]})
         limits = RunLimits.from_config(cfg, 1)
-        # waits: the agent after taking batch 0, the agent after taking batch 1, batch 0
-        slots = limits.agent_slots[0] = CountingSlots(1, signal_at=3)
+        # the one wait: batch 0 back from its backoff (the agent takes free slots unwaited)
+        slots = limits.agent_slots[0] = CountingSlots(1, signal_at=1)
         batches = [[Batch(0, 0, np.array([0]), 9, 0), Batch(1, 0, np.array([1]), 1, 0)]]
         pool = Pool(fn, frame, batches, cfg, row_tokens=np.ones(2), emit=lambda e: None,
                     reserved=set(), limits=limits)

@@ -19,7 +19,7 @@ frozen=False, at=2, reject=None)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,6 +43,7 @@ class Batch:
     frozen: bool = False  # made by bisection: dynamic sizing never merges it back
     at: int = -1
     reject: str | None = None  # rows that get this error value without a call (null texts)
+    tries: int = field(default=0, repr=False, compare=False)  # attempts not yet stamped
 
     @property
     def index(self) -> slice | np.ndarray:
@@ -68,6 +69,7 @@ class Batches:
     bounds: np.ndarray
     rows: np.ndarray | None = None
     reject: np.ndarray | None = None
+    span: np.ndarray | None = field(default=None, repr=False)  # (the positions, see batch)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -96,8 +98,11 @@ class Batches:
         """Batch ``i`` as an object (built when it is handed out)."""
         start, stop = self.bounds.item(i), self.bounds.item(i + 1)
         f = self.flags.item(i)
-        if self.rows is None:
-            rows, at = np.arange(start, stop), start  # (no row array held for the run)
+        if self.rows is None:  # (no row array held for the run: views of all positions)
+            span = self.span
+            if span is None:
+                span = self.span = np.arange(self.bounds.item(-1))
+            rows, at = span[start:stop], start
         else:
             rows, at = self.rows[start:stop], -1
         return Batch(self.ids.item(i), self.agents.item(i), rows, self.tokens.item(i),

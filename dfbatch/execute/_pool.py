@@ -30,7 +30,7 @@ from dfbatch.errors import FnInterrupt, NoProgressError, StillRunningWarning
 from dfbatch.events import Event
 from dfbatch.execute._caller import LOCAL, CallerFactory
 from dfbatch.execute._charge import one_request_per_call
-from dfbatch.execute._limits import Cost, Hold
+from dfbatch.execute._limits import CapacityLimit, Cost, Hold
 from dfbatch.execute._recorder import Answered, Outcomes, Recorder, Verdict
 from dfbatch.execute._retry import fatal_message
 from dfbatch.execute._scheduler import Batch, Batches, Scheduler
@@ -82,6 +82,7 @@ class Pool:
         self.crash: BaseException | None = None
         self.fatal: str | None = None  # why the run stopped at once (RunStoppedError's message)
         self._wake: asyncio.Event | None = None
+        self._live = [0] * self.sched.n_agents  # workers per agent
         self._finished: asyncio.Event | None = None
 
     @property
@@ -148,36 +149,72 @@ class Pool:
         return self.recorder.unfinished
 
     async def _agent(self, a: int) -> None:
+        """Start a worker for each free slot of agent ``a`` that has a batch to run. While its
+        workers run, it sleeps until woken (batches queued again, a slot given back for a
+        backoff, its last worker gone, all done); with no worker left it queues for a slot
+        (held elsewhere: by a batch back from its backoff, or the pool of another chunk)."""
         limit, sched = self.limits.agent_slots[a], self.sched
-        assert self._wake is not None
+        wake = self._wake
+        assert wake is not None
         while not self.stopping:
-            await limit.acquire(_ONE)
-            slot = Hold(limit, _ONE, held=True)
-            batch = sched.take(a)
-            if batch is None:
-                slot.release()  # never hold a slot while idle: a batch in backoff needs it
-                if not sched.pending:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            task = asyncio.create_task(self._run_batch(a, batch, slot))
-            self.tasks[task] = slot
-            task.add_done_callback(self._task_done)
+            # (a batch back from its backoff waits for a slot first: try_acquire says no)
+            got = limit.try_acquire(_ONE)
+            if not got and not self._live[a] and sched.pending:
+                await limit.acquire(_ONE)
+                got = True
+            while got:
+                batch = sched.take(a)
+                if batch is None:
+                    limit.release(_ONE)  # never hold a slot while idle
+                    break
+                slot = _Slot(limit, self._notify)
+                task = asyncio.create_task(self._work(a, batch, slot))
+                self._live[a] += 1
+                self.tasks[task] = slot
+                task.add_done_callback(self._task_done)
+                got = limit.try_acquire(_ONE)
+            if not sched.pending:
+                return
+            wake.clear()
+            await wake.wait()
 
-    async def _run_batch(self, a: int, batch: Batch, slot: Hold) -> None:
+    async def _work(self, a: int, batch: Batch, slot: _Slot) -> None:
+        """Run ``batch``, then the agent's next ones while this worker keeps its slot (no task
+        and no hop through the agent per batch)."""
         try:
-            over = (batch.tokens > self.token_limit and not batch.call_anyway) or bool(batch.reject)
-            error = self.sched.oversize(a, batch) if over else None
-            if error is None:
-                verdict = await self.caller.call(a, batch, self._slice(batch), slot)
-                self._record(a, batch, verdict)
-            elif error:
-                self.recorder.failed(a, batch, error, time.time(), 0.0)
+            await self._batches(a, batch, slot)
         finally:
-            slot.release()
-            if self.sched.finished() and self._finished is not None:
-                self._finished.set()
+            self._live[a] -= 1
+            if not self._live[a]:
+                self._notify()
+
+    async def _batches(self, a: int, batch: Batch, slot: _Slot) -> None:
+        sched, recorder = self.sched, self.recorder
+        while True:
+            try:
+                if (batch.tokens > self.token_limit and not batch.call_anyway) or batch.reject:
+                    error = sched.oversize(a, batch)
+                else:
+                    error = None
+                if error is None:
+                    verdict = await self.caller.call(a, batch, self._slice(batch), slot)
+                    self._record(a, batch, verdict)
+                elif error:
+                    recorder.failed(a, batch, error, time.time(), 0.0)
+            finally:
+                if batch.tries:  # (stopped, cancelled, bisected: its attempts still count)
+                    recorder.settle(batch)
+                if sched.finished() and self._finished is not None:
+                    self._finished.set()
+            # hand the slot on: to a batch back from its backoff (or another chunk's pool)
+            # if one waits for it, else keep it for the agent's next batch
+            if self.stopping or not slot.pass_on():
+                return
+            nxt = sched.take(a)
+            if nxt is None:
+                slot.drop()
+                return
+            batch = nxt
 
     def _record(self, a: int, batch: Batch, verdict: Verdict) -> None:
         if isinstance(verdict, Answered):
@@ -207,6 +244,37 @@ class Pool:
         if not task.cancelled() and task.exception() is not None and self.crash is None:
             self.crash = task.exception()  # a bug in dfbatch itself: surface it, do not hang
             self.stop()
+
+
+class _Slot(Hold):
+    """One of an agent's concurrency slots, held by a worker. Given back for a backoff (the
+    caller's ``release``) it wakes the agents, so another batch may use it meanwhile."""
+
+    __slots__ = ("wake",)
+
+    def __init__(self, limit: CapacityLimit, wake: Callable[[], None]) -> None:
+        super().__init__(limit, _ONE, held=True)
+        self.wake = wake
+
+    def release(self) -> None:
+        if self.held:
+            self.drop()
+            self.wake()
+
+    def drop(self) -> None:
+        """Give the slot back without waking anyone (the worker ends: nothing to run)."""
+        Hold.release(self)
+
+    def pass_on(self) -> bool:
+        """Give the slot back and take it again at once, unless a batch back from its backoff
+        waits for it (it gets it: False)."""
+        if not self.held:
+            return False
+        Hold.release(self)
+        if self.limit.try_acquire(_ONE):
+            self.held = True
+            return True
+        return False
 
 
 def contiguous(

@@ -116,10 +116,13 @@ class Scheduler:
         return self._resize(victim, batch) if self.sizer is not None else batch
 
     def finished(self) -> bool:
-        """One taken batch is over (done, failed, or split into queued parts); all done now?"""
+        """One taken batch is over (done, failed, or split into queued parts); all done now?
+        (``on_change`` is told when all are: a batch over queues none for idle agents.)"""
         self.pending -= 1
+        if self.pending:
+            return False
         self.on_change()
-        return self.pending == 0
+        return True
 
     def oversize(self, a: int, batch: Batch) -> str | None:
         """A batch over ``token_limit``: split it and requeue the halves (returns ``""``), or,
