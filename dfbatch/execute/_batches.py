@@ -109,6 +109,26 @@ class Batches:
                      self.nbytes.item(i), bool(f & CALL_ANYWAY), bool(f & FROZEN), at,
                      None if self.reject is None else self.reject[i])
 
+    def block(self, idx: np.ndarray) -> list[Batch]:
+        """Batches ``idx`` as objects, built together (``batch`` for each, with the columns
+        read once for all of them)."""
+        starts, stops = self.bounds[idx].tolist(), self.bounds[idx + 1].tolist()
+        if self.rows is None:
+            span = self.span
+            if span is None:
+                span = self.span = np.arange(self.bounds.item(-1))
+            rows, at = [span[a:b] for a, b in zip(starts, stops, strict=True)], starts
+        else:
+            rows = [self.rows[a:b] for a, b in zip(starts, stops, strict=True)]
+            at = [-1] * len(starts)
+        reject = [None] * len(starts) if self.reject is None else self.reject[idx].tolist()
+        return [Batch(i, agent, r, tokens, nbytes, bool(f & CALL_ANYWAY), bool(f & FROZEN), a,
+                      rj)
+                for i, agent, r, tokens, nbytes, f, a, rj in zip(
+                    self.ids[idx].tolist(), self.agents[idx].tolist(), rows,
+                    self.tokens[idx].tolist(), self.nbytes[idx].tolist(),
+                    self.flags[idx].tolist(), at, reject, strict=True)]
+
     def lists(self) -> list[list[Batch]]:
         """Per agent, its batches as objects (for tests and small runs)."""
         out: list[list[Batch]] = [[] for _ in range(self.n_agents)]

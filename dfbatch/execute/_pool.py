@@ -181,40 +181,38 @@ class Pool:
     async def _work(self, a: int, batch: Batch, slot: _Slot) -> None:
         """Run ``batch``, then the agent's next ones while this worker keeps its slot (no task
         and no hop through the agent per batch)."""
+        sched, recorder = self.sched, self.recorder
         try:
-            await self._batches(a, batch, slot)
+            while True:
+                try:
+                    if (batch.tokens > self.token_limit and not batch.call_anyway) or \
+                            batch.reject:
+                        error = sched.oversize(a, batch)
+                    else:
+                        error = None
+                    if error is None:
+                        verdict = await self.caller.call(a, batch, self._slice(batch), slot)
+                        self._record(a, batch, verdict)
+                    elif error:
+                        recorder.failed(a, batch, error, time.time(), 0.0)
+                finally:
+                    if batch.tries:  # (stopped, cancelled, bisected: its attempts count)
+                        recorder.settle(batch)
+                    if sched.finished() and self._finished is not None:
+                        self._finished.set()
+                # hand the slot on: to a batch back from its backoff (or another chunk's
+                # pool) if one waits for it, else keep it for the agent's next batch
+                if self.stopping or not slot.pass_on():
+                    return
+                nxt = sched.take(a)
+                if nxt is None:
+                    slot.drop()
+                    return
+                batch = nxt
         finally:
             self._live[a] -= 1
             if not self._live[a]:
                 self._notify()
-
-    async def _batches(self, a: int, batch: Batch, slot: _Slot) -> None:
-        sched, recorder = self.sched, self.recorder
-        while True:
-            try:
-                if (batch.tokens > self.token_limit and not batch.call_anyway) or batch.reject:
-                    error = sched.oversize(a, batch)
-                else:
-                    error = None
-                if error is None:
-                    verdict = await self.caller.call(a, batch, self._slice(batch), slot)
-                    self._record(a, batch, verdict)
-                elif error:
-                    recorder.failed(a, batch, error, time.time(), 0.0)
-            finally:
-                if batch.tries:  # (stopped, cancelled, bisected: its attempts still count)
-                    recorder.settle(batch)
-                if sched.finished() and self._finished is not None:
-                    self._finished.set()
-            # hand the slot on: to a batch back from its backoff (or another chunk's pool)
-            # if one waits for it, else keep it for the agent's next batch
-            if self.stopping or not slot.pass_on():
-                return
-            nxt = sched.take(a)
-            if nxt is None:
-                slot.drop()
-                return
-            batch = nxt
 
     def _record(self, a: int, batch: Batch, verdict: Verdict) -> None:
         if isinstance(verdict, Answered):

@@ -32,22 +32,26 @@ from dfbatch.execute._sizing import BatchSizer
 
 __all__ = ["Batch", "Batches", "Scheduler", "narrow"]
 
+_BLOCK = 32  # planned batches built at a time (their columns read once for all)
+
 
 class _Queue:
     """One agent's deque: batches made during the run (``front``), then the planned ones not
-    yet taken (``order[head:]``, indices into the run's ``Batches``, built when taken)."""
+    yet taken: ``ready`` (built, the next few, last first), then ``order[head:]`` (indices
+    into the run's ``Batches``, built ``_BLOCK`` at a time when they come up)."""
 
-    __slots__ = ("front", "head", "order", "table")
+    __slots__ = ("front", "head", "order", "ready", "table")
 
     def __init__(self, table: Batches, order: np.ndarray) -> None:
         self.table, self.order, self.head = table, order, 0
         self.front: deque[Batch] = deque()
+        self.ready: list[Batch] = []
 
     def __len__(self) -> int:
-        return len(self.front) + len(self.order) - self.head
+        return len(self.front) + len(self.ready) + len(self.order) - self.head
 
     def __bool__(self) -> bool:
-        return bool(self.front) or self.head < len(self.order)
+        return bool(self.front or self.ready) or self.head < len(self.order)
 
     def __getitem__(self, i: int) -> Batch:  # only the head is ever looked at
         if i != 0 or not self:
@@ -59,11 +63,15 @@ class _Queue:
     def popleft(self) -> Batch:
         if self.front:
             return self.front.popleft()
-        if self.head >= len(self.order):
-            msg = "pop from an empty queue"
-            raise IndexError(msg)
-        self.head += 1
-        return self.table.batch(int(self.order[self.head - 1]))
+        ready = self.ready
+        if not ready:
+            head, order = self.head, self.order
+            if head >= len(order):
+                msg = "pop from an empty queue"
+                raise IndexError(msg)
+            self.head = min(head + _BLOCK, len(order))
+            ready.extend(reversed(self.table.block(order[head:self.head])))
+        return ready.pop()
 
     def appendleft(self, batch: Batch) -> None:
         self.front.appendleft(batch)
@@ -104,16 +112,17 @@ class Scheduler:
 
     def take(self, a: int) -> Batch | None:
         """Next batch for agent ``a``: its own deque, else steal from the most loaded agent."""
-        victim = a
-        if not self.queues[a]:
+        victim, q = a, self.queues[a]
+        if not q:
             if not self.cfg.steal:
                 return None
             victim = max(range(len(self.queues)), key=self.queued_load.__getitem__)
-            if not self.queues[victim]:
+            q = self.queues[victim]
+            if not q:
                 return None
-        batch = self.queues[victim].popleft()
+        batch = q.popleft()
         self.queued_load[victim] -= batch.tokens
-        return self._resize(victim, batch) if self.sizer is not None else batch
+        return batch if self.sizer is None else self._resize(victim, batch)
 
     def finished(self) -> bool:
         """One taken batch is over (done, failed, or split into queued parts); all done now?
