@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -109,9 +110,9 @@ class Batches:
                      self.nbytes.item(i), bool(f & CALL_ANYWAY), bool(f & FROZEN), at,
                      None if self.reject is None else self.reject[i])
 
-    def block(self, idx: np.ndarray) -> list[Batch]:
-        """Batches ``idx`` as objects, built together (``batch`` for each, with the columns
-        read once for all of them)."""
+    def block(self, idx: np.ndarray) -> list[tuple[Any, ...]]:
+        """The fields of batches ``idx`` (``Batch(*fields)``), read from the columns once for
+        all of them (a ``Batch`` object is built only when its batch is handed out)."""
         starts, stops = self.bounds[idx].tolist(), self.bounds[idx + 1].tolist()
         if self.rows is None:
             span = self.span
@@ -122,12 +123,11 @@ class Batches:
             rows = [self.rows[a:b] for a, b in zip(starts, stops, strict=True)]
             at = [-1] * len(starts)
         reject = [None] * len(starts) if self.reject is None else self.reject[idx].tolist()
-        return [Batch(i, agent, r, tokens, nbytes, bool(f & CALL_ANYWAY), bool(f & FROZEN), a,
-                      rj)
-                for i, agent, r, tokens, nbytes, f, a, rj in zip(
-                    self.ids[idx].tolist(), self.agents[idx].tolist(), rows,
-                    self.tokens[idx].tolist(), self.nbytes[idx].tolist(),
-                    self.flags[idx].tolist(), at, reject, strict=True)]
+        flags = self.flags[idx].tolist()
+        return list(zip(self.ids[idx].tolist(), self.agents[idx].tolist(), rows,
+                        self.tokens[idx].tolist(), self.nbytes[idx].tolist(),
+                        [bool(f & CALL_ANYWAY) for f in flags], [bool(f & FROZEN) for f in flags],
+                        at, reject, strict=True))
 
     def lists(self) -> list[list[Batch]]:
         """Per agent, its batches as objects (for tests and small runs)."""

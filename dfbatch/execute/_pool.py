@@ -119,6 +119,7 @@ class Pool:
                 task.cancel()
             await asyncio.gather(*live, return_exceptions=True)
             running = self.caller.close()
+            self.sched.release()  # (its batches built ahead: a traceback may keep the pool)
         if self.crash is not None:
             raise self.crash.args[0] if isinstance(self.crash, FnInterrupt) else self.crash
         if running:

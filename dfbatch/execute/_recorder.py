@@ -291,7 +291,14 @@ class Recorder:
 
     def answered(self, a: int, batch: Batch, v: Answered) -> None:
         rows, at, o = batch.rows, batch.at, self.out
-        self._stamp(a, batch, v.wall0, v.elapsed)
+        if at >= 0:  # (Outcomes.stamp, inline: the common case)
+            log = o._log
+            log.append((at, len(rows), batch.id, a, v.wall0, v.elapsed, batch.tries))
+            batch.tries = 0
+            if len(log) >= STAMPS:
+                o.flush()
+        else:
+            self._stamp(a, batch, v.wall0, v.elapsed)
         o.kept.add(rows, at, v.frame)
         if self.on_batch_done is not None:
             o.last = (rows, v.frame)  # (the hooks' output_of)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,20 +33,21 @@ from dfbatch.execute._sizing import BatchSizer
 
 __all__ = ["Batch", "Batches", "Scheduler", "narrow"]
 
-_BLOCK = 32  # planned batches built at a time (their columns read once for all)
+_BLOCK = 32  # planned batches whose fields are read at a time (the columns once for all)
 
 
 class _Queue:
     """One agent's deque: batches made during the run (``front``), then the planned ones not
-    yet taken: ``ready`` (built, the next few, last first), then ``order[head:]`` (indices
-    into the run's ``Batches``, built ``_BLOCK`` at a time when they come up)."""
+    yet taken: ``ready`` (the fields of the next few, last first: read ``_BLOCK`` at a time),
+    then ``order[head:]`` (indices into the run's ``Batches``). A ``Batch`` object is built
+    when its batch is taken."""
 
     __slots__ = ("front", "head", "order", "ready", "table")
 
     def __init__(self, table: Batches, order: np.ndarray) -> None:
         self.table, self.order, self.head = table, order, 0
         self.front: deque[Batch] = deque()
-        self.ready: list[Batch] = []
+        self.ready: list[tuple[Any, ...]] = []
 
     def __len__(self) -> int:
         return len(self.front) + len(self.ready) + len(self.order) - self.head
@@ -71,7 +73,7 @@ class _Queue:
                 raise IndexError(msg)
             self.head = min(head + _BLOCK, len(order))
             ready.extend(reversed(self.table.block(order[head:self.head])))
-        return ready.pop()
+        return Batch(*ready.pop())
 
     def appendleft(self, batch: Batch) -> None:
         self.front.appendleft(batch)
