@@ -252,3 +252,70 @@ def test_cancelled_while_reacquiring_the_slot_after_a_backoff_releases_it_once()
     slots = run(main())
     assert calls[:2] == [0, 1]
     assert slots.in_use == 0 and slots.released == slots.granted  # never released twice
+
+
+# -- workers: a slot passes from batch to batch, and to whoever waits for it -------------------
+def test_a_slot_given_back_for_a_backoff_runs_other_batches_meanwhile() -> None:
+    """Batch 0 sleeps off a retry without its agent's only slot: batches 1..3 use it then, and
+    batch 0 gets it back when it is free."""
+
+    class Backoff(FakeCaller):
+        async def call(self, a: int, batch: Batch, df: pl.DataFrame, slot: Hold) -> Verdict:
+            if batch.id != 0:
+                return await super().call(a, batch, df, slot)
+            loop = asyncio.get_running_loop()
+            self.report.started(a, batch, 1, loop.time())
+            slot.release()
+            await asyncio.sleep(2.5)
+            await slot.reacquire()
+            self.calls.append((loop.time(), a, batch.rows.tolist()))
+            self.report.started(a, batch, 2, loop.time())
+            return Answered(df.select(output=pl.col("id")), None, 0.0, 0.0, _usage.Usage())
+
+    class Engine(FakeEngine):
+        def caller(self, fn: Any, cfg: BatchConfig, limits: RunLimits, report: Reporter, *,
+                   reserved: set[str], queued: Callable[[], bool]) -> FakeCaller:
+            self.callers.append(Backoff(report, self.latency, self.verdict))
+            return self.callers[-1]
+
+    engine = Engine()
+    batches = [[_batch(i, range(i, i + 1), tokens_per_row=10 - i) for i in range(4)]]
+    out = run(_pool(batches, engine, CFG.replace(max_concurrent_batches=1)).run())
+    assert out.done.all() and out.attempts.tolist() == [2, 1, 1, 1]
+    starts = {rows[0]: round(t, 3) for t, _, rows in engine.callers[0].calls}
+    assert starts == {1: 0.0, 2: 1.0, 3: 2.0, 0: 3.0}  # 0: back at 2.5, its slot free at 3
+
+
+def test_pools_sharing_their_agents_slots_take_turns_and_both_finish() -> None:
+    """Two pools on one ``RunLimits`` (a streamed run's chunks): the second waits for the
+    agent's only slot while the first's worker holds it, and gets it when that worker passes
+    it on."""
+    limits = RunLimits.from_config(CFG.replace(max_concurrent_batches=1), 1)
+    engine = FakeEngine()
+    first = _pool([[_batch(i, range(i, i + 1)) for i in range(3)]], engine, limits=limits)
+    second = _pool([[_batch(i, range(i, i + 1)) for i in range(3)]], engine, limits=limits)
+
+    async def main() -> list[Any]:
+        return list(await asyncio.gather(first.run(), second.run()))
+
+    outs = run(main())
+    assert all(o.done.all() for o in outs)
+    ends = [max(t for t, _, _ in c.calls) for c in engine.callers]
+    assert sorted(round(e) for e in ends) == [4, 5]  # one slot: six calls one after another
+
+
+def test_rows_of_a_batch_stopped_in_flight_keep_its_attempts() -> None:
+    engine = FakeEngine(latency=lambda b: 1.0 if b.id == 0 else 1e6)
+    pool = _pool([[_batch(0, range(0, 2)), _batch(1, range(2, 5))]], engine,
+                 CFG.replace(max_concurrent_batches=2))
+
+    async def main() -> Any:
+        task = asyncio.create_task(pool.run())
+        await asyncio.sleep(2.0)
+        pool.stop()
+        return await task
+
+    out = run(main())
+    assert out.attempts.tolist() == [1] * 5
+    assert out.done.tolist() == [True, True, False, False, False]
+    assert list(out.errors) == [None, None, "cancelled", "cancelled", "cancelled"]
