@@ -18,6 +18,7 @@ frozen=False, at=2, reject=None)
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,7 +71,6 @@ class Batches:
     bounds: np.ndarray
     rows: np.ndarray | None = None
     reject: np.ndarray | None = None
-    span: np.ndarray | None = field(default=None, repr=False)  # (the positions, see batch)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -99,11 +99,8 @@ class Batches:
         """Batch ``i`` as an object (built when it is handed out)."""
         start, stop = self.bounds.item(i), self.bounds.item(i + 1)
         f = self.flags.item(i)
-        if self.rows is None:  # (no row array held for the run: views of all positions)
-            span = self.span
-            if span is None:
-                span = self.span = np.arange(self.bounds.item(-1))
-            rows, at = span[start:stop], start
+        if self.rows is None:
+            rows, at = np.arange(start, stop), start  # (no row array held for the run)
         else:
             rows, at = self.rows[start:stop], -1
         return Batch(self.ids.item(i), self.agents.item(i), rows, self.tokens.item(i),
@@ -113,14 +110,17 @@ class Batches:
     def block(self, idx: np.ndarray) -> list[tuple[Any, ...]]:
         """The fields of batches ``idx`` (``Batch(*fields)``), read from the columns once for
         all of them (a ``Batch`` object is built only when its batch is handed out)."""
-        starts, stops = self.bounds[idx].tolist(), self.bounds[idx + 1].tolist()
-        if self.rows is None:
-            span = self.span
-            if span is None:
-                span = self.span = np.arange(self.bounds.item(-1))
-            rows, at = [span[a:b] for a, b in zip(starts, stops, strict=True)], starts
+        first, last = self.bounds[idx], self.bounds[idx + 1]
+        starts = first.tolist()
+        if self.rows is None:  # (no row array held for the run: one made for the block)
+            sizes = last - first
+            ends = np.cumsum(sizes)
+            pos = np.repeat(first - (ends - sizes), sizes) + np.arange(ends[-1] if len(ends) else 0)
+            cuts = np.concatenate([[0], ends]).tolist()
+            rows = [pos[a:b] for a, b in itertools.pairwise(cuts)]
+            at = starts
         else:
-            rows = [self.rows[a:b] for a, b in zip(starts, stops, strict=True)]
+            rows = [self.rows[a:b] for a, b in zip(starts, last.tolist(), strict=True)]
             at = [-1] * len(starts)
         reject = [None] * len(starts) if self.reject is None else self.reject[idx].tolist()
         flags = self.flags[idx].tolist()

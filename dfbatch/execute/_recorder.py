@@ -30,7 +30,7 @@ from dfbatch.execute._scheduler import Batch
 CANCELLED = "cancelled"
 
 
-STAMPS = 4096  # batches' stamps gathered before they are written to the per-row arrays
+STAMPS = 1024  # batches' stamps gathered before they are written to the per-row arrays
 
 
 class Outcomes:

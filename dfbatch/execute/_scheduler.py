@@ -33,7 +33,7 @@ from dfbatch.execute._sizing import BatchSizer
 
 __all__ = ["Batch", "Batches", "Scheduler", "narrow"]
 
-_BLOCK = 32  # planned batches whose fields are read at a time (the columns once for all)
+_BLOCK = 128  # planned batches whose fields are read at a time (the columns once for all)
 
 
 class _Queue:
