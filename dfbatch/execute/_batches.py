@@ -3,7 +3,8 @@
 A plan of a million rows has hundreds of thousands of batches; a Python object each would cost
 more memory than the rows. So the run holds its batches as numpy columns (``Batches``: ids,
 planned agents, tokens, bytes, flags and the offsets of each batch's rows) and builds a
-``Batch`` only when the scheduler hands one out (``Batches.batch``); it is dropped when done.
+``Batch`` only when the scheduler hands one out (its fields read for a block of the next
+batches at once, ``Batches.block``); it is dropped when done.
 
 Examples
 --------

@@ -1,10 +1,14 @@
 """The agent loop: wires the scheduler, a caller and the recorder, and owns every task.
 
-Each agent takes a concurrency slot, asks the ``Scheduler`` for its next batch and runs it in a
-task: the ``Caller`` turns the batch into a verdict, the ``Recorder`` records it (or the
-scheduler bisects a failed multi-row batch). The limits come in as a ``RunLimits`` built once
-per run. Cancelling ``run()`` (Ctrl-C) or ``stop()`` (the Stop button) cancels every call in
-flight and marks unfinished rows ``"cancelled"``.
+Each agent starts a worker task per free concurrency slot; a worker asks the ``Scheduler`` for
+the agent's next batch and runs it: the ``Caller`` turns the batch into a verdict, the
+``Recorder`` records it (or the scheduler bisects a failed multi-row batch). Then the worker
+keeps its slot for the next batch (no task and no hop through the agent per batch), unless a
+batch back from its backoff (or another chunk's pool, sharing the limits) waits for the slot:
+then it hands the slot over and ends. The agent sleeps meanwhile; a slot given back for a
+backoff, batches queued again or its last worker gone wake it. The limits come in as a
+``RunLimits`` built once per run. Cancelling ``run()`` (Ctrl-C) or ``stop()`` (the Stop
+button) cancels every call in flight and marks unfinished rows ``"cancelled"``.
 
 **Contiguous batches.** The pool reorders the frame it is given once, by batch (one gather for
 the whole frame), so each batch is a zero-copy ``frame.slice`` and its outcomes are stamped

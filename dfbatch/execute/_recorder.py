@@ -2,10 +2,11 @@
 
 The caller reports how a batch went (``started``, ``event``, and a final ``Answered`` /
 ``GaveUp`` verdict); the recorder stamps the batch's rows in ``Outcomes`` (what the result frame
-is assembled from), emits the matching ``BatchStarted`` / ``BatchFinished`` / ``BatchFailed``
-event and hands finished batches to the journal (``on_batch_done``). A live view listens
-through ``tally`` (a ``StatsAccumulator`` told each batch's fields: no event object is built
-for it); ``emit`` gets the events, for ``on_event`` subscribers.
+is assembled from: a batch's attempts are counted on the batch, its stamp is written to the
+per-row arrays in bulk with others), emits the matching ``BatchStarted`` / ``BatchFinished`` /
+``BatchFailed`` event and hands finished batches to the journal (``on_batch_done``). A live
+view listens through ``tally`` (a ``StatsAccumulator`` told each batch's fields: no event
+object is built for it); ``emit`` gets the events, for ``on_event`` subscribers.
 """
 
 from __future__ import annotations
