@@ -24,7 +24,7 @@ from dfbatch.execute._caller import Reporter
 from dfbatch.execute._limits import CapacityLimit, Cost, Hold
 from dfbatch.execute._pool import Pool
 from dfbatch.execute._recorder import Answered, GaveUp, Verdict
-from dfbatch.execute._scheduler import Batch, Scheduler
+from dfbatch.execute._scheduler import Batch, Batches, Scheduler
 from dfbatch.execute._sizing import BatchSizer
 from dfbatch.execute._stack import RunLimits
 
@@ -50,6 +50,35 @@ def test_heaviest_first_then_steal_from_the_most_loaded_agent() -> None:
     assert s.take(2).id == 2  # type: ignore[union-attr]  # agent 2 steals agent 0's heaviest
     assert s.take(1).id == 0  # type: ignore[union-attr]
     assert s.take(0) is None and not s.queued() and s.pending == 4
+
+
+def test_batches_come_heaviest_first_across_the_blocks_read_ahead() -> None:
+    """The queues read the next batches' fields a block at a time: every batch comes out once,
+    heaviest first, with requeued ones ahead of the block being handed out."""
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(1, 9, 300).tolist()
+    batches = [_batch(i, range(i, i + 1), tokens_per_row=t) for i, t in enumerate(tokens)]
+    s = _sched([batches], CFG.replace(token_limit=1000))
+    first = s.take(0)
+    assert first is not None
+    s.requeue(0, s.halves(_batch(999, range(0, 2))))  # (new ids: 300, 301)
+    got = [s.take(0) for _ in range(301)]
+    ids = [b.id for b in got if b is not None]
+    assert ids[:2] == [300, 301] and s.take(0) is None  # the halves, then the planned ones
+    planned = [first.id, *ids[2:]]
+    assert planned == sorted(range(300), key=lambda i: (-tokens[i], i))
+    assert all(b.rows.tolist() == [b.id] and b.at == -1 for b in got[2:] if b is not None)
+    # contiguous batches (no row array held): each one's rows are its own range
+    sizes = rng.integers(1, 5, 300)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+    spans = [_batch(i, range(a, a + int(k)))
+             for i, (a, k) in enumerate(zip(starts, sizes, strict=True))]
+    c = Scheduler(Batches.of([spans]).contiguous(), CFG.replace(token_limit=1000),
+                  row_tokens=np.full(int(sizes.sum()), 10))
+    taken = [c.take(0) for _ in range(300)]
+    assert sorted(b.id for b in taken if b) == list(range(300))
+    assert all(b.at == starts[b.id] and b.rows.tolist() == list(range(b.at, b.at + sizes[b.id]))
+               for b in taken if b)
 
 
 def test_no_stealing_when_steal_is_off() -> None:
