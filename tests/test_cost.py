@@ -76,6 +76,40 @@ def test_outcomes_reordered_back_to_frame_order() -> None:
     assert back.pieces[0][0].tolist() == [2, 0]
 
 
+@pytest.mark.parametrize("n_batches", [5, 3000])  # written one by one, and in bulk
+def test_batches_stamped_in_bulk_read_as_if_each_were_written_at_once(
+        monkeypatch: pytest.MonkeyPatch, n_batches: int) -> None:
+    """Stamps are gathered and written to the per-row arrays in bulk (every ``STAMPS``
+    batches, and at every read): each read sees every batch stamped so far, exactly."""
+    monkeypatch.setattr(_recorder, "STAMPS", 1024)
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 6, n_batches)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    n = int(sizes.sum()) + 3
+    o = Outcomes(n)
+    want = {"attempts": np.zeros(n, np.uint16), "run_batch": np.zeros(n, np.uint32),
+            "run_agent": np.zeros(n, np.uint16), "started": np.full(n, np.nan),
+            "elapsed": np.full(n, np.nan), "done": np.zeros(n, bool)}
+    for i in rng.permutation(n_batches).tolist():  # (batches end in any order)
+        at, size = int(starts[i]), int(sizes[i])
+        wall0, elapsed, tries = 1.7e9 + i / 7, i / 3, 1 + i % 3
+        o.stamp(at, size, 70_000 + i, i % 4, wall0, elapsed, tries)
+        for name, value in (("attempts", tries), ("run_batch", 70_000 + i),
+                            ("run_agent", i % 4), ("started", wall0), ("elapsed", elapsed),
+                            ("done", True)):
+            want[name][at:at + size] = value
+    o.add_attempts(slice(0, 2), 1)  # a bisected batch's attempts: added, not stamped
+    want["attempts"][:2] += 1
+    scattered = np.array([n - 1, n - 3])
+    o.stamp_rows(scattered, 9, 1, 5.0, 0.5, 2)
+    want["attempts"][scattered] += 2
+    want["run_batch"][scattered], want["run_agent"][scattered] = 9, 1
+    want["started"][scattered], want["elapsed"][scattered], want["done"][scattered] = 5.0, 0.5, 1
+    for name, values in want.items():
+        np.testing.assert_array_equal(getattr(o, name), values, err_msg=name)
+    assert not o.done[n - 2]
+
+
 def test_row_errors_and_bisection_land_on_the_right_rows_after_reordering() -> None:
     df = _scattered(24, 3)
 

@@ -24,7 +24,7 @@ from dfbatch.execute._caller import Reporter
 from dfbatch.execute._limits import CapacityLimit, Cost, Hold
 from dfbatch.execute._pool import Pool
 from dfbatch.execute._recorder import Answered, GaveUp, Verdict
-from dfbatch.execute._scheduler import Batch, Scheduler
+from dfbatch.execute._scheduler import Batch, Batches, Scheduler
 from dfbatch.execute._sizing import BatchSizer
 from dfbatch.execute._stack import RunLimits
 
@@ -50,6 +50,35 @@ def test_heaviest_first_then_steal_from_the_most_loaded_agent() -> None:
     assert s.take(2).id == 2  # type: ignore[union-attr]  # agent 2 steals agent 0's heaviest
     assert s.take(1).id == 0  # type: ignore[union-attr]
     assert s.take(0) is None and not s.queued() and s.pending == 4
+
+
+def test_batches_come_heaviest_first_across_the_blocks_read_ahead() -> None:
+    """The queues read the next batches' fields a block at a time: every batch comes out once,
+    heaviest first, with requeued ones ahead of the block being handed out."""
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(1, 9, 300).tolist()
+    batches = [_batch(i, range(i, i + 1), tokens_per_row=t) for i, t in enumerate(tokens)]
+    s = _sched([batches], CFG.replace(token_limit=1000))
+    first = s.take(0)
+    assert first is not None
+    s.requeue(0, s.halves(_batch(999, range(0, 2))))  # (new ids: 300, 301)
+    got = [s.take(0) for _ in range(301)]
+    ids = [b.id for b in got if b is not None]
+    assert ids[:2] == [300, 301] and s.take(0) is None  # the halves, then the planned ones
+    planned = [first.id, *ids[2:]]
+    assert planned == sorted(range(300), key=lambda i: (-tokens[i], i))
+    assert all(b.rows.tolist() == [b.id] and b.at == -1 for b in got[2:] if b is not None)
+    # contiguous batches (no row array held): each one's rows are its own range
+    sizes = rng.integers(1, 5, 300)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+    spans = [_batch(i, range(a, a + int(k)))
+             for i, (a, k) in enumerate(zip(starts, sizes, strict=True))]
+    c = Scheduler(Batches.of([spans]).contiguous(), CFG.replace(token_limit=1000),
+                  row_tokens=np.full(int(sizes.sum()), 10))
+    taken = [c.take(0) for _ in range(300)]
+    assert sorted(b.id for b in taken if b) == list(range(300))
+    assert all(b.at == starts[b.id] and b.rows.tolist() == list(range(b.at, b.at + sizes[b.id]))
+               for b in taken if b)
 
 
 def test_no_stealing_when_steal_is_off() -> None:
@@ -222,6 +251,11 @@ class CountingSlots(CapacityLimit):
         await super().acquire(cost)
         self.granted += 1
 
+    def try_acquire(self, cost: Cost) -> bool:
+        got = super().try_acquire(cost)
+        self.granted += got
+        return got
+
     def release(self, cost: Cost, outcome: Any = None) -> None:
         self.released += 1
         super().release(cost, outcome)
@@ -246,8 +280,8 @@ def test_cancelled_while_reacquiring_the_slot_after_a_backoff_releases_it_once()
     async def main() -> CountingSlots:
         frame = pl.DataFrame({"id": [0, 1]})
         limits = RunLimits.from_config(cfg, 1)
-        # waits: the agent after taking batch 0, the agent after taking batch 1, batch 0
-        slots = limits.agent_slots[0] = CountingSlots(1, signal_at=3)
+        # the one wait: batch 0 back from its backoff (the agent takes free slots unwaited)
+        slots = limits.agent_slots[0] = CountingSlots(1, signal_at=1)
         batches = [[Batch(0, 0, np.array([0]), 9, 0), Batch(1, 0, np.array([1]), 1, 0)]]
         pool = Pool(fn, frame, batches, cfg, row_tokens=np.ones(2), emit=lambda e: None,
                     reserved=set(), limits=limits)
@@ -261,3 +295,70 @@ def test_cancelled_while_reacquiring_the_slot_after_a_backoff_releases_it_once()
     slots = run(main())
     assert calls[:2] == [0, 1]
     assert slots.in_use == 0 and slots.released == slots.granted  # never released twice
+
+
+# -- workers: a slot passes from batch to batch, and to whoever waits for it -------------------
+def test_a_slot_given_back_for_a_backoff_runs_other_batches_meanwhile() -> None:
+    """Batch 0 sleeps off a retry without its agent's only slot: batches 1..3 use it then, and
+    batch 0 gets it back when it is free."""
+
+    class Backoff(FakeCaller):
+        async def call(self, a: int, batch: Batch, df: pl.DataFrame, slot: Hold) -> Verdict:
+            if batch.id != 0:
+                return await super().call(a, batch, df, slot)
+            loop = asyncio.get_running_loop()
+            self.report.started(a, batch, 1, loop.time())
+            slot.release()
+            await asyncio.sleep(2.5)
+            await slot.reacquire()
+            self.calls.append((loop.time(), a, batch.rows.tolist()))
+            self.report.started(a, batch, 2, loop.time())
+            return Answered(df.select(output=pl.col("id")), None, 0.0, 0.0, _usage.Usage())
+
+    class Engine(FakeEngine):
+        def caller(self, fn: Any, cfg: BatchConfig, limits: RunLimits, report: Reporter, *,
+                   reserved: set[str], queued: Callable[[], bool]) -> FakeCaller:
+            self.callers.append(Backoff(report, self.latency, self.verdict))
+            return self.callers[-1]
+
+    engine = Engine()
+    batches = [[_batch(i, range(i, i + 1), tokens_per_row=10 - i) for i in range(4)]]
+    out = run(_pool(batches, engine, CFG.replace(max_concurrent_batches=1)).run())
+    assert out.done.all() and out.attempts.tolist() == [2, 1, 1, 1]
+    starts = {rows[0]: round(t, 3) for t, _, rows in engine.callers[0].calls}
+    assert starts == {1: 0.0, 2: 1.0, 3: 2.0, 0: 3.0}  # 0: back at 2.5, its slot free at 3
+
+
+def test_pools_sharing_their_agents_slots_take_turns_and_both_finish() -> None:
+    """Two pools on one ``RunLimits`` (a streamed run's chunks): the second waits for the
+    agent's only slot while the first's worker holds it, and gets it when that worker passes
+    it on."""
+    limits = RunLimits.from_config(CFG.replace(max_concurrent_batches=1), 1)
+    engine = FakeEngine()
+    first = _pool([[_batch(i, range(i, i + 1)) for i in range(3)]], engine, limits=limits)
+    second = _pool([[_batch(i, range(i, i + 1)) for i in range(3)]], engine, limits=limits)
+
+    async def main() -> list[Any]:
+        return list(await asyncio.gather(first.run(), second.run()))
+
+    outs = run(main())
+    assert all(o.done.all() for o in outs)
+    ends = [max(t for t, _, _ in c.calls) for c in engine.callers]
+    assert sorted(round(e) for e in ends) == [4, 5]  # one slot: six calls one after another
+
+
+def test_rows_of_a_batch_stopped_in_flight_keep_its_attempts() -> None:
+    engine = FakeEngine(latency=lambda b: 1.0 if b.id == 0 else 1e6)
+    pool = _pool([[_batch(0, range(0, 2)), _batch(1, range(2, 5))]], engine,
+                 CFG.replace(max_concurrent_batches=2))
+
+    async def main() -> Any:
+        task = asyncio.create_task(pool.run())
+        await asyncio.sleep(2.0)
+        pool.stop()
+        return await task
+
+    out = run(main())
+    assert out.attempts.tolist() == [1] * 5
+    assert out.done.tolist() == [True, True, False, False, False]
+    assert list(out.errors) == [None, None, "cancelled", "cancelled", "cancelled"]

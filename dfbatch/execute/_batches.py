@@ -3,7 +3,8 @@
 A plan of a million rows has hundreds of thousands of batches; a Python object each would cost
 more memory than the rows. So the run holds its batches as numpy columns (``Batches``: ids,
 planned agents, tokens, bytes, flags and the offsets of each batch's rows) and builds a
-``Batch`` only when the scheduler hands one out (``Batches.batch``); it is dropped when done.
+``Batch`` only when the scheduler hands one out (its fields read for a block of the next
+batches at once, ``Batches.block``); it is dropped when done.
 
 Examples
 --------
@@ -18,8 +19,10 @@ frozen=False, at=2, reject=None)
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +46,7 @@ class Batch:
     frozen: bool = False  # made by bisection: dynamic sizing never merges it back
     at: int = -1
     reject: str | None = None  # rows that get this error value without a call (null texts)
+    tries: int = field(default=0, repr=False, compare=False)  # attempts not yet stamped
 
     @property
     def index(self) -> slice | np.ndarray:
@@ -103,6 +107,28 @@ class Batches:
         return Batch(self.ids.item(i), self.agents.item(i), rows, self.tokens.item(i),
                      self.nbytes.item(i), bool(f & CALL_ANYWAY), bool(f & FROZEN), at,
                      None if self.reject is None else self.reject[i])
+
+    def block(self, idx: np.ndarray) -> list[tuple[Any, ...]]:
+        """The fields of batches ``idx`` (``Batch(*fields)``), read from the columns once for
+        all of them (a ``Batch`` object is built only when its batch is handed out)."""
+        first, last = self.bounds[idx], self.bounds[idx + 1]
+        starts = first.tolist()
+        if self.rows is None:  # (no row array held for the run: one made for the block)
+            sizes = last - first
+            ends = np.cumsum(sizes)
+            pos = np.repeat(first - (ends - sizes), sizes) + np.arange(ends[-1] if len(ends) else 0)
+            cuts = np.concatenate([[0], ends]).tolist()
+            rows = [pos[a:b] for a, b in itertools.pairwise(cuts)]
+            at = starts
+        else:
+            rows = [self.rows[a:b] for a, b in zip(starts, last.tolist(), strict=True)]
+            at = [-1] * len(starts)
+        reject = [None] * len(starts) if self.reject is None else self.reject[idx].tolist()
+        flags = self.flags[idx].tolist()
+        return list(zip(self.ids[idx].tolist(), self.agents[idx].tolist(), rows,
+                        self.tokens[idx].tolist(), self.nbytes[idx].tolist(),
+                        [bool(f & CALL_ANYWAY) for f in flags], [bool(f & FROZEN) for f in flags],
+                        at, reject, strict=True))
 
     def lists(self) -> list[list[Batch]]:
         """Per agent, its batches as objects (for tests and small runs)."""

@@ -50,16 +50,18 @@ class Pieces:
             self.flush()
             self._done.append((rows, piece))
             return
+        name, kind, values = piece.name, piece.kind, piece.values
         if self._name is not None and (
-            self._name != piece.name or len(self._values) >= CHUNK
-            or (None not in (self._kind, piece.kind) and self._kind is not piece.kind)
+            self._name != name or len(self._values) >= CHUNK
+            or (kind is not None and self._kind is not None and self._kind is not kind)
         ):
             self.flush()
-        self._name = piece.name
-        self._kind = self._kind or piece.kind
-        self._values.extend(piece.values)
+        self._name = name
+        if self._kind is None:
+            self._kind = kind
+        self._values.extend(values)
         self._at.append(at)
-        self._sizes.append(len(piece.values))
+        self._sizes.append(len(values))
 
     def flush(self) -> None:
         """Build the open chunk into one column (or one piece per batch where it must)."""

@@ -1,10 +1,14 @@
 """The agent loop: wires the scheduler, a caller and the recorder, and owns every task.
 
-Each agent takes a concurrency slot, asks the ``Scheduler`` for its next batch and runs it in a
-task: the ``Caller`` turns the batch into a verdict, the ``Recorder`` records it (or the
-scheduler bisects a failed multi-row batch). The limits come in as a ``RunLimits`` built once
-per run. Cancelling ``run()`` (Ctrl-C) or ``stop()`` (the Stop button) cancels every call in
-flight and marks unfinished rows ``"cancelled"``.
+Each agent starts a worker task per free concurrency slot; a worker asks the ``Scheduler`` for
+the agent's next batch and runs it: the ``Caller`` turns the batch into a verdict, the
+``Recorder`` records it (or the scheduler bisects a failed multi-row batch). Then the worker
+keeps its slot for the next batch (no task and no hop through the agent per batch), unless a
+batch back from its backoff (or another chunk's pool, sharing the limits) waits for the slot:
+then it hands the slot over and ends. The agent sleeps meanwhile; a slot given back for a
+backoff, batches queued again or its last worker gone wake it. The limits come in as a
+``RunLimits`` built once per run. Cancelling ``run()`` (Ctrl-C) or ``stop()`` (the Stop
+button) cancels every call in flight and marks unfinished rows ``"cancelled"``.
 
 **Contiguous batches.** The pool reorders the frame it is given once, by batch (one gather for
 the whole frame), so each batch is a zero-copy ``frame.slice`` and its outcomes are stamped
@@ -30,7 +34,7 @@ from dfbatch.errors import FnInterrupt, NoProgressError, StillRunningWarning
 from dfbatch.events import Event
 from dfbatch.execute._caller import LOCAL, CallerFactory
 from dfbatch.execute._charge import one_request_per_call
-from dfbatch.execute._limits import Cost, Hold
+from dfbatch.execute._limits import CapacityLimit, Cost, Hold
 from dfbatch.execute._recorder import Answered, Outcomes, Recorder, Verdict
 from dfbatch.execute._retry import fatal_message
 from dfbatch.execute._scheduler import Batch, Batches, Scheduler
@@ -82,6 +86,7 @@ class Pool:
         self.crash: BaseException | None = None
         self.fatal: str | None = None  # why the run stopped at once (RunStoppedError's message)
         self._wake: asyncio.Event | None = None
+        self._live = [0] * self.sched.n_agents  # workers per agent
         self._finished: asyncio.Event | None = None
 
     @property
@@ -118,6 +123,7 @@ class Pool:
                 task.cancel()
             await asyncio.gather(*live, return_exceptions=True)
             running = self.caller.close()
+            self.sched.release()  # (its batches built ahead: a traceback may keep the pool)
         if self.crash is not None:
             raise self.crash.args[0] if isinstance(self.crash, FnInterrupt) else self.crash
         if running:
@@ -148,36 +154,70 @@ class Pool:
         return self.recorder.unfinished
 
     async def _agent(self, a: int) -> None:
+        """Start a worker for each free slot of agent ``a`` that has a batch to run. While its
+        workers run, it sleeps until woken (batches queued again, a slot given back for a
+        backoff, its last worker gone, all done); with no worker left it queues for a slot
+        (held elsewhere: by a batch back from its backoff, or the pool of another chunk)."""
         limit, sched = self.limits.agent_slots[a], self.sched
-        assert self._wake is not None
+        wake = self._wake
+        assert wake is not None
         while not self.stopping:
-            await limit.acquire(_ONE)
-            slot = Hold(limit, _ONE, held=True)
-            batch = sched.take(a)
-            if batch is None:
-                slot.release()  # never hold a slot while idle: a batch in backoff needs it
-                if not sched.pending:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            task = asyncio.create_task(self._run_batch(a, batch, slot))
-            self.tasks[task] = slot
-            task.add_done_callback(self._task_done)
+            # (a batch back from its backoff waits for a slot first: try_acquire says no)
+            got = limit.try_acquire(_ONE)
+            if not got and not self._live[a] and sched.pending:
+                await limit.acquire(_ONE)
+                got = True
+            while got:
+                batch = sched.take(a)
+                if batch is None:
+                    limit.release(_ONE)  # never hold a slot while idle
+                    break
+                slot = _Slot(limit, self._notify)
+                task = asyncio.create_task(self._work(a, batch, slot))
+                self._live[a] += 1
+                self.tasks[task] = slot
+                task.add_done_callback(self._task_done)
+                got = limit.try_acquire(_ONE)
+            if not sched.pending:
+                return
+            wake.clear()
+            await wake.wait()
 
-    async def _run_batch(self, a: int, batch: Batch, slot: Hold) -> None:
+    async def _work(self, a: int, batch: Batch, slot: _Slot) -> None:
+        """Run ``batch``, then the agent's next ones while this worker keeps its slot (no task
+        and no hop through the agent per batch)."""
+        sched, recorder = self.sched, self.recorder
         try:
-            over = (batch.tokens > self.token_limit and not batch.call_anyway) or bool(batch.reject)
-            error = self.sched.oversize(a, batch) if over else None
-            if error is None:
-                verdict = await self.caller.call(a, batch, self._slice(batch), slot)
-                self._record(a, batch, verdict)
-            elif error:
-                self.recorder.failed(a, batch, error, time.time(), 0.0)
+            while True:
+                try:
+                    if (batch.tokens > self.token_limit and not batch.call_anyway) or \
+                            batch.reject:
+                        error = sched.oversize(a, batch)
+                    else:
+                        error = None
+                    if error is None:
+                        verdict = await self.caller.call(a, batch, self._slice(batch), slot)
+                        self._record(a, batch, verdict)
+                    elif error:
+                        recorder.failed(a, batch, error, time.time(), 0.0)
+                finally:
+                    if batch.tries:  # (stopped, cancelled, bisected: its attempts count)
+                        recorder.settle(batch)
+                    if sched.finished() and self._finished is not None:
+                        self._finished.set()
+                # hand the slot on: to a batch back from its backoff (or another chunk's
+                # pool) if one waits for it, else keep it for the agent's next batch
+                if self.stopping or not slot.pass_on():
+                    return
+                nxt = sched.take(a)
+                if nxt is None:
+                    slot.drop()
+                    return
+                batch = nxt
         finally:
-            slot.release()
-            if self.sched.finished() and self._finished is not None:
-                self._finished.set()
+            self._live[a] -= 1
+            if not self._live[a]:
+                self._notify()
 
     def _record(self, a: int, batch: Batch, verdict: Verdict) -> None:
         if isinstance(verdict, Answered):
@@ -207,6 +247,37 @@ class Pool:
         if not task.cancelled() and task.exception() is not None and self.crash is None:
             self.crash = task.exception()  # a bug in dfbatch itself: surface it, do not hang
             self.stop()
+
+
+class _Slot(Hold):
+    """One of an agent's concurrency slots, held by a worker. Given back for a backoff (the
+    caller's ``release``) it wakes the agents, so another batch may use it meanwhile."""
+
+    __slots__ = ("wake",)
+
+    def __init__(self, limit: CapacityLimit, wake: Callable[[], None]) -> None:
+        super().__init__(limit, _ONE, held=True)
+        self.wake = wake
+
+    def release(self) -> None:
+        if self.held:
+            self.drop()
+            self.wake()
+
+    def drop(self) -> None:
+        """Give the slot back without waking anyone (the worker ends: nothing to run)."""
+        Hold.release(self)
+
+    def pass_on(self) -> bool:
+        """Give the slot back and take it again at once, unless a batch back from its backoff
+        waits for it (it gets it: False)."""
+        if not self.held:
+            return False
+        Hold.release(self)
+        if self.limit.try_acquire(_ONE):
+            self.held = True
+            return True
+        return False
 
 
 def contiguous(

@@ -2,18 +2,20 @@
 
 The caller reports how a batch went (``started``, ``event``, and a final ``Answered`` /
 ``GaveUp`` verdict); the recorder stamps the batch's rows in ``Outcomes`` (what the result frame
-is assembled from), emits the matching ``BatchStarted`` / ``BatchFinished`` / ``BatchFailed``
-event and hands finished batches to the journal (``on_batch_done``). A live view listens
-through ``tally`` (a ``StatsAccumulator`` told each batch's fields: no event object is built
-for it); ``emit`` gets the events, for ``on_event`` subscribers.
+is assembled from: a batch's attempts are counted on the batch, its stamp is written to the
+per-row arrays in bulk with others), emits the matching ``BatchStarted`` / ``BatchFinished`` /
+``BatchFailed`` event and hands finished batches to the journal (``on_batch_done``). A live
+view listens through ``tally`` (a ``StatsAccumulator`` told each batch's fields: no event
+object is built for it); ``emit`` gets the events, for ``on_event`` subscribers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -29,29 +31,127 @@ from dfbatch.execute._scheduler import Batch
 CANCELLED = "cancelled"
 
 
-@dataclass
+STAMPS = 1024  # batches' stamps gathered before they are written to the per-row arrays
+
+
 class Outcomes:
-    """Per-row state of a run: what the result frame is assembled from."""
+    """Per-row state of a run: what the result frame is assembled from.
 
-    n: int
-    attempts: np.ndarray = field(init=False)
-    run_batch: np.ndarray = field(init=False)
-    run_agent: np.ndarray = field(init=False)
-    started: np.ndarray = field(init=False)  # epoch seconds, NaN = never ran
-    elapsed: np.ndarray = field(init=False)
-    done: np.ndarray = field(init=False)
-    errors: RowErrors = field(init=False)  # (sparse while few rows have one)
-    kept: Pieces = field(default_factory=Pieces, repr=False)  # outputs (``pieces``)
-    last: tuple[np.ndarray, Output] | None = field(default=None, repr=False)  # for output_of
+    The pool stamps each finished contiguous batch once (``stamp``: a tuple appended, not five
+    array writes); the stamps are written to the per-row arrays in bulk, every ``STAMPS``
+    batches and whenever an array is read, so every read sees every batch stamped so far.
 
-    def __post_init__(self) -> None:
-        self.attempts = np.zeros(self.n, np.uint16)
-        self.run_batch = np.zeros(self.n, np.uint32)
-        self.run_agent = np.zeros(self.n, np.uint16)
-        self.started = np.full(self.n, np.nan)
-        self.elapsed = np.full(self.n, np.nan)
-        self.done = np.zeros(self.n, bool)
-        self.errors = RowErrors(self.n)
+    Examples
+    --------
+    >>> o = Outcomes(6)
+    >>> o.stamp(2, 3, 7, 1, 1.5, 0.25, 2)  # batch 7 (agent 1, 2 attempts): rows 2..4
+    >>> o.attempts.tolist(), o.run_batch.tolist(), o.done.tolist()
+    ([0, 0, 2, 2, 2, 0], [0, 0, 7, 7, 7, 0], [False, False, True, True, True, False])
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._attempts = np.zeros(n, np.uint16)
+        self._run_batch = np.zeros(n, np.uint32)
+        self._run_agent = np.zeros(n, np.uint16)
+        self._started = np.full(n, np.nan)  # epoch seconds, NaN = never ran
+        self._elapsed = np.full(n, np.nan)
+        self._done = np.zeros(n, bool)
+        self._log: list[tuple[int, int, int, int, float, float, int]] = []
+        self.errors = RowErrors(n)  # (sparse while few rows have one)
+        self.kept = Pieces()  # outputs (``pieces``)
+        self.last: tuple[np.ndarray, Output] | None = None  # for output_of
+
+    def __repr__(self) -> str:
+        return f"Outcomes(n={self.n}, done={int(self.done.sum())})"
+
+    def stamp(self, at: int, n: int, batch_id: int, agent: int, wall0: float,
+              elapsed: float, attempts: int) -> None:
+        """Rows ``at .. at + n`` ran in ``batch_id`` on ``agent`` and are done; they took
+        ``attempts`` more attempts."""
+        log = self._log
+        log.append((at, n, batch_id, agent, wall0, elapsed, attempts))
+        if len(log) >= STAMPS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the gathered stamps to the per-row arrays."""
+        log = self._log
+        if not log:
+            return
+        self._log = []
+        if len(log) < 8:
+            for at, n, batch_id, agent, wall0, elapsed, attempts in log:
+                rows = slice(at, at + n)
+                self._attempts[rows] += np.uint16(attempts)
+                self._run_batch[rows] = batch_id
+                self._run_agent[rows] = agent
+                self._started[rows] = wall0
+                self._elapsed[rows] = elapsed
+                self._done[rows] = True
+            return
+        m = len(log)
+        cols = np.fromiter(itertools.chain.from_iterable(log), np.float64, 7 * m).reshape(m, 7)
+        starts, sizes = cols[:, 0].astype(np.int64), cols[:, 1].astype(np.int64)
+        ends = np.cumsum(sizes)
+        every = np.repeat(starts - (ends - sizes), sizes) + np.arange(ends[-1])
+        self._attempts[every] += np.repeat(cols[:, 6].astype(np.uint16), sizes)
+        self._run_batch[every] = np.repeat(cols[:, 2].astype(np.uint32), sizes)
+        self._run_agent[every] = np.repeat(cols[:, 3].astype(np.uint16), sizes)
+        self._started[every] = np.repeat(cols[:, 4], sizes)
+        self._elapsed[every] = np.repeat(cols[:, 5], sizes)
+        self._done[every] = True
+
+    @property
+    def attempts(self) -> np.ndarray:
+        self.flush()
+        return self._attempts
+
+    @property
+    def run_batch(self) -> np.ndarray:
+        self.flush()
+        return self._run_batch
+
+    @property
+    def run_agent(self) -> np.ndarray:
+        self.flush()
+        return self._run_agent
+
+    @property
+    def started(self) -> np.ndarray:
+        self.flush()
+        return self._started
+
+    @started.setter
+    def started(self, values: np.ndarray) -> None:
+        self.flush()
+        self._started = values
+
+    @property
+    def elapsed(self) -> np.ndarray:
+        self.flush()
+        return self._elapsed
+
+    @property
+    def done(self) -> np.ndarray:
+        self.flush()
+        return self._done
+
+    def stamp_rows(self, rows: np.ndarray | slice, batch_id: int, agent: int, wall0: float,
+                   elapsed: float, attempts: int) -> None:
+        """``stamp`` for rows that are not one range (written at once)."""
+        self.flush()
+        self._attempts[rows] += np.uint16(attempts)
+        self._run_batch[rows] = batch_id
+        self._run_agent[rows] = agent
+        self._started[rows] = wall0
+        self._elapsed[rows] = elapsed
+        self._done[rows] = True
+
+    def add_attempts(self, rows: np.ndarray | slice, attempts: int) -> None:
+        """Rows that took ``attempts`` more attempts in a batch that is not done with them
+        (bisected, stopped, cancelled)."""
+        self._attempts[rows] += np.uint16(attempts)  # (a sum: no need to flush first)
 
     @property
     def pieces(self) -> list[tuple[np.ndarray, Output]]:
@@ -80,9 +180,9 @@ class Outcomes:
         """These outcomes placed at positions ``at`` of ``n`` rows (the rest never ran): the
         pool's rows put back among the rows a checkpoint or a cache already held."""
         out = Outcomes(n)
-        for mine, theirs in ((out.attempts, self.attempts), (out.run_batch, self.run_batch),
-                             (out.run_agent, self.run_agent), (out.started, self.started),
-                             (out.elapsed, self.elapsed), (out.done, self.done)):
+        for mine, theirs in ((out._attempts, self.attempts), (out._run_batch, self.run_batch),
+                             (out._run_agent, self.run_agent), (out._started, self.started),
+                             (out._elapsed, self.elapsed), (out._done, self.done)):
             mine[at] = theirs
         out.errors = self.errors.placed(n, at)
         out.pieces = [(at[rows], frame) for rows, frame in self.pieces]
@@ -155,7 +255,7 @@ class Recorder:
         return self._clock
 
     def started(self, a: int, batch: Batch, attempt: int, t: float) -> None:
-        self.out.attempts[batch.index] += 1
+        batch.tries += 1  # (counted per batch, stamped on its rows when it is over)
         if self.tally is not None:
             self.tally.batch_started(t, batch.id, a, batch.tokens)
         if self.emit is not None:
@@ -165,13 +265,21 @@ class Recorder:
     def event(self, batch: Batch, ev: Event) -> None:
         """An event from the caller (retried, hedged); a hedge is one more attempt per row."""
         if isinstance(ev, BatchHedged):
-            self.out.attempts[batch.index] += 1
+            batch.tries += 1
         if self.tally is not None:
             self.tally.apply(ev)
         if self.emit is not None:
             self.emit(ev)
 
+    def settle(self, batch: Batch) -> None:
+        """``batch`` is over without a verdict on its rows (bisected, stopped, cancelled):
+        count its attempts on them."""
+        if batch.tries:
+            self.out.add_attempts(batch.index, batch.tries)
+            batch.tries = 0
+
     def bisected(self, a: int, batch: Batch, error: str, elapsed: float) -> None:
+        self.settle(batch)
         if self.tally is None and self.emit is None:
             return
         t = (self._clock or self._bind_clock())()
@@ -183,17 +291,27 @@ class Recorder:
                                   batch.tokens, elapsed, error, bisected=True))
 
     def answered(self, a: int, batch: Batch, v: Answered) -> None:
-        self._stamp(a, batch, v.wall0, v.elapsed)
-        self.out.kept.add(batch.rows, batch.at, v.frame)
-        self.out.last = (batch.rows, v.frame)  # (the hooks' output_of)
+        rows, at, o = batch.rows, batch.at, self.out
+        if at >= 0:  # (Outcomes.stamp, inline: the common case)
+            log = o._log
+            log.append((at, len(rows), batch.id, a, v.wall0, v.elapsed, batch.tries))
+            batch.tries = 0
+            if len(log) >= STAMPS:
+                o.flush()
+        else:
+            self._stamp(a, batch, v.wall0, v.elapsed)
+        o.kept.add(rows, at, v.frame)
+        if self.on_batch_done is not None:
+            o.last = (rows, v.frame)  # (the hooks' output_of)
         n_err = 0
         if v.row_errors is not None:
-            for i, err in zip(batch.rows.tolist(), v.row_errors, strict=True):
-                self.out.errors[i] = err
+            errors = o.errors
+            for i, err in zip(rows.tolist(), v.row_errors, strict=True):
+                errors[i] = err
                 n_err += err is not None
         tally, emit = self.tally, self.emit
         if tally is not None or emit is not None:
-            t, n = (self._clock or self._bind_clock())(), len(batch.rows)
+            t, n = (self._clock or self._bind_clock())(), len(rows)
             if tally is not None:
                 tally.batch_finished(t, batch.id, a, batch.planned_agent, n, batch.tokens,
                                      v.elapsed, n - n_err, n_err, v.used.input_tokens,
@@ -203,7 +321,7 @@ class Recorder:
                                    v.elapsed, n - n_err, n_err, v.used.input_tokens,
                                    v.used.output_tokens))
         if self.on_batch_done is not None:
-            self.on_batch_done(batch, self.out)
+            self.on_batch_done(batch, o)
 
     def failed(self, a: int, batch: Batch, msg: str, wall0: float, elapsed: float) -> None:
         self._stamp(a, batch, wall0, elapsed)
@@ -230,9 +348,8 @@ class Recorder:
         return int((~self.out.done).sum())
 
     def _stamp(self, a: int, batch: Batch, wall0: float, elapsed: float) -> None:
-        rows, o = batch.index, self.out
-        o.run_batch[rows] = batch.id
-        o.run_agent[rows] = a
-        o.started[rows] = wall0
-        o.elapsed[rows] = elapsed
-        o.done[rows] = True
+        tries, batch.tries = batch.tries, 0
+        if batch.at >= 0:
+            self.out.stamp(batch.at, len(batch.rows), batch.id, a, wall0, elapsed, tries)
+        else:
+            self.out.stamp_rows(batch.rows, batch.id, a, wall0, elapsed, tries)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,22 +33,27 @@ from dfbatch.execute._sizing import BatchSizer
 
 __all__ = ["Batch", "Batches", "Scheduler", "narrow"]
 
+_BLOCK = 128  # planned batches whose fields are read at a time (the columns once for all)
+
 
 class _Queue:
     """One agent's deque: batches made during the run (``front``), then the planned ones not
-    yet taken (``order[head:]``, indices into the run's ``Batches``, built when taken)."""
+    yet taken: ``ready`` (the fields of the next few, last first: read ``_BLOCK`` at a time),
+    then ``order[head:]`` (indices into the run's ``Batches``). A ``Batch`` object is built
+    when its batch is taken."""
 
-    __slots__ = ("front", "head", "order", "table")
+    __slots__ = ("front", "head", "order", "ready", "table")
 
     def __init__(self, table: Batches, order: np.ndarray) -> None:
         self.table, self.order, self.head = table, order, 0
         self.front: deque[Batch] = deque()
+        self.ready: list[tuple[Any, ...]] = []
 
     def __len__(self) -> int:
-        return len(self.front) + len(self.order) - self.head
+        return len(self.front) + len(self.ready) + len(self.order) - self.head
 
     def __bool__(self) -> bool:
-        return bool(self.front) or self.head < len(self.order)
+        return bool(self.front or self.ready) or self.head < len(self.order)
 
     def __getitem__(self, i: int) -> Batch:  # only the head is ever looked at
         if i != 0 or not self:
@@ -59,11 +65,15 @@ class _Queue:
     def popleft(self) -> Batch:
         if self.front:
             return self.front.popleft()
-        if self.head >= len(self.order):
-            msg = "pop from an empty queue"
-            raise IndexError(msg)
-        self.head += 1
-        return self.table.batch(int(self.order[self.head - 1]))
+        ready = self.ready
+        if not ready:
+            head, order = self.head, self.order
+            if head >= len(order):
+                msg = "pop from an empty queue"
+                raise IndexError(msg)
+            self.head = min(head + _BLOCK, len(order))
+            ready.extend(reversed(self.table.block(order[head:self.head])))
+        return Batch(*ready.pop())
 
     def appendleft(self, batch: Batch) -> None:
         self.front.appendleft(batch)
@@ -104,22 +114,26 @@ class Scheduler:
 
     def take(self, a: int) -> Batch | None:
         """Next batch for agent ``a``: its own deque, else steal from the most loaded agent."""
-        victim = a
-        if not self.queues[a]:
+        victim, q = a, self.queues[a]
+        if not q:
             if not self.cfg.steal:
                 return None
             victim = max(range(len(self.queues)), key=self.queued_load.__getitem__)
-            if not self.queues[victim]:
+            q = self.queues[victim]
+            if not q:
                 return None
-        batch = self.queues[victim].popleft()
+        batch = q.popleft()
         self.queued_load[victim] -= batch.tokens
-        return self._resize(victim, batch) if self.sizer is not None else batch
+        return batch if self.sizer is None else self._resize(victim, batch)
 
     def finished(self) -> bool:
-        """One taken batch is over (done, failed, or split into queued parts); all done now?"""
+        """One taken batch is over (done, failed, or split into queued parts); all done now?
+        (``on_change`` is told when all are: a batch over queues none for idle agents.)"""
         self.pending -= 1
+        if self.pending:
+            return False
         self.on_change()
-        return self.pending == 0
+        return True
 
     def oversize(self, a: int, batch: Batch) -> str | None:
         """A batch over ``token_limit``: split it and requeue the halves (returns ``""``), or,

@@ -97,16 +97,21 @@ class BatchSizer:
         elif self._paced:  # the rate stopped binding: its answers say nothing of the next spell
             self._paced.clear()
         window = self._outcomes
-        if len(window) == window.maxlen:
+        if len(window) == self.window:  # (the oldest outcome leaves the window)
             old_ok, old_latency = window[0]
-            self._errors -= not old_ok
+            if not old_ok:
+                self._errors -= 1
             self._latency -= old_latency
         window.append((ok, latency_s))
-        self._errors += not ok
+        if not ok:
+            self._errors += 1
         self._latency += latency_s
-        self._since_change += 1
-        if self._since_change < self.window // 2 or len(window) < self.window // 2:
+        since = self._since_change = self._since_change + 1
+        half = self.window // 2
+        if since < half or len(window) < half:
             return
+        if not self._errors and not self.rate_bound and self.target_latency_s is None:
+            return  # (the common case: no error to shrink for, no reason to grow)
         errors = self._errors / len(window)
         mean = self._latency / len(window)
         if errors > self.high_error_rate:
