@@ -29,6 +29,7 @@ from dfbatch.events import BatchHedged, BatchRetried, Event
 from dfbatch.execute import _usage
 from dfbatch.execute._attempt import (
     Admit,
+    Grant,
     InThreads,
     Pass,
     WorkerDiedError,
@@ -158,17 +159,23 @@ class FnCaller:
         while True:
             attempt += 1
             try:
-                # the breaker last: a call that waited for a bucket while the service went down
-                # does not go out then
-                async with Hold(limits.agent_bytes[a], cost), self.stack.hold(cost) as held, \
-                        self._admit() as ticket:
+                # agent bytes, shared limits, breaker pass: at once, without a coroutine, when
+                # nothing must wait (see Grant)
+                held = Grant(self.stack, cost, limits.agent_bytes[a],
+                             None if self.per_request else limits.breaker)
+                if not held.try_enter():
+                    await held.enter()
+                try:
                     if attempt == 1:
                         wall0, t_first = time.time(), loop.time()
                     t_call = loop.time()
                     self.report.started(a, batch, attempt, t_call)
                     if attempt == 1:
                         first_sent = t_call
-                    tried = await self._attempt(a, batch, df, cost, held, ticket, first_sent)
+                    tried = await self._attempt(a, batch, df, cost, held, held.ticket,
+                                                first_sent)
+                finally:
+                    held.release()
             except BaseException as exc:
                 if limits.breaker is None or exc is not limits.breaker.stopped:
                     raise
