@@ -118,8 +118,12 @@ class Grant(Hold):
         if not self.nbytes.try_acquire(cost):
             return False
         self.bytes_held = True
-        if not self.limit.try_acquire(cost):
-            return False
+        try:
+            if not self.limit.try_acquire(cost):
+                return False
+        except BaseException:  # (a limit that fails gets nothing held back)
+            self.release()
+            raise
         self.held = True
         breaker = self.breaker
         if breaker is None:

@@ -52,6 +52,7 @@ class WarmUp:
     """At most ``capacity`` sends in flight until the first one is answered (or for
     ``open_after_s``: an error like a refused key comes back far sooner than an answer), then
     no limit: a run whose every call fails (a bad key) stops after a handful of calls, not N.
+    Once warm it leaves the stacks it was put in (``leave_when_warm``): it costs them nothing.
 
     ``slow``: (limits unknown) after the first answer, one more send in flight per answer
     (doubling per round trip, a TCP slow start; halved by a rate-limit 429) until
