@@ -1,6 +1,7 @@
 """The parts of one fn call: its pass through the breaker, its timeout, how it is awaited.
 
-``Admit`` is ``async with``: a call's pass through the circuit breaker, freed if the call ends
+``Grant`` holds what one plain call needs (the agent's bytes, the run's limits, the breaker's
+pass), taken without a coroutine when nothing must wait, and frees a breaker pass the call left
 unrecorded. ``call_paced`` runs an fn that charges each of its requests (``Pace``: the timeout
 counts from the last request sent). ``timed`` awaits with a timeout; ``is_async`` tells an
 async fn (or callable object) from a plain one; ``size_related`` tells errors a smaller batch
@@ -28,6 +29,7 @@ import polars as pl
 from dfbatch.errors import ConfigError, FnInterrupt, RetryableError
 from dfbatch.execute._breaker import Breaker, Health, Ticket
 from dfbatch.execute._charge import Binding, bind_run_limits
+from dfbatch.execute._limits import CapacityLimit, Cost, Hold, Limits
 from dfbatch.execute._threads import DaemonThreads
 
 
@@ -45,27 +47,114 @@ class Pass:
             self.done = True
 
 
-class Admit:
-    """``async with``: a call's pass through the breaker (a class, not a generator-based
-    context manager: it is entered once per attempt)."""
+_NO_BREAKER = Pass(None, None)  # (never recorded: shared by every call without a breaker)
+_NOT_YET = Pass(None, None)  # a grant that holds no pass yet
 
-    __slots__ = ("breaker", "ticket")
 
-    def __init__(self, breaker: Breaker | None) -> None:
-        self.breaker = breaker
-        self.ticket = Pass(None, None)
+class Grant(Hold):
+    """One attempt's hold on the agent's bytes in flight (``nbytes``), the run's ``limits``
+    (``outcome`` reaches them at release, as ``Hold``'s) and the breaker's pass (``ticket``),
+    taken in that order: the breaker last, so a call that waited for a bucket while the
+    service went down does not go out then.
 
-    async def __aenter__(self) -> Pass:
+    ``try_enter()`` takes everything at once, without a coroutine, when nothing must wait
+    (the common case); else ``await enter()`` waits for the rest, in the same order. A
+    cancelled or failed ``enter`` leaves nothing held; ``release()`` frees everything held
+    (an unrecorded pass too), once, on every path:
+    ``if not g.try_enter(): await g.enter()`` then ``try: ... finally: g.release()``.
+
+    Examples
+    --------
+    >>> import asyncio
+    >>> from dfbatch.execute._limits import CapacityLimit, Cost, Limits
+    >>> async def demo():
+    ...     nbytes, slots = CapacityLimit(100), CapacityLimit(1)
+    ...     first = Grant(Limits([slots]), Cost(nbytes=10), nbytes, None)
+    ...     second = Grant(Limits([slots]), Cost(nbytes=10), nbytes, None)
+    ...     at_once = first.try_enter(), second.try_enter()  # one slot: the second waits
+    ...     waiting = asyncio.ensure_future(second.enter())
+    ...     first.release(); await waiting; second.release()
+    ...     return at_once, slots.in_use, nbytes.in_use
+    >>> asyncio.run(demo())
+    ((True, False), 0.0, 0.0)
+    """
+
+    __slots__ = ("breaker", "bytes_held", "nbytes", "ticket")
+
+    def __init__(self, limits: Limits, cost: Cost, nbytes: CapacityLimit,
+                 breaker: Breaker | None) -> None:
+        self.limit, self.cost, self.held = limits, cost, False
+        self.outcome = None
+        self.nbytes, self.breaker, self.bytes_held = nbytes, breaker, False
+        self.ticket = _NOT_YET
+
+    def try_enter(self) -> bool:
+        """Take the bytes, the limits (all or none) and the pass now, as far as each can
+        pay without a wait; True when everything is held (call it once, first)."""
+        cost = self.cost
+        if not self.nbytes.try_acquire(cost):
+            return False
+        self.bytes_held = True
+        try:
+            if not self.limit.try_acquire(cost):
+                return False
+        except BaseException:  # (a limit that fails gets nothing held back)
+            self.release()
+            raise
+        self.held = True
         breaker = self.breaker
-        if breaker is not None:
-            ticket = breaker.try_pass()
-            self.ticket = Pass(breaker, ticket if ticket is not None else await breaker.wait())
-        return self.ticket
+        if breaker is None:
+            self.ticket = _NO_BREAKER
+            return True
+        ticket = breaker.try_pass()
+        if ticket is None:
+            return False
+        self.ticket = Pass(breaker, ticket)
+        return True
 
-    async def __aexit__(self, *exc: object) -> None:
-        ticket = self.ticket
+    async def enter(self) -> Grant:
+        """Wait for what ``try_enter`` could not take (all of it when it was not called)."""
+        cost = self.cost
+        try:
+            if not self.bytes_held:
+                if not self.nbytes.try_acquire(cost):
+                    await self.nbytes.acquire(cost)
+                self.bytes_held = True
+                self.held = self.limit.try_acquire(cost)
+            if not self.held:  # (its all-or-none try failed: wait limit by limit)
+                await self.limit.acquire(cost)
+                self.held = True
+            if self.ticket is _NOT_YET:
+                breaker = self.breaker
+                if breaker is None:
+                    self.ticket = _NO_BREAKER
+                else:
+                    ticket = breaker.try_pass()
+                    self.ticket = Pass(breaker, ticket if ticket is not None
+                                       else await breaker.wait())
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    async def __aenter__(self) -> Grant:
+        if not self.try_enter():
+            await self.enter()
+        return self
+
+    async def reacquire(self) -> None:
+        await self.enter()
+
+    def release(self) -> None:
+        ticket, self.ticket = self.ticket, _NOT_YET
         if ticket.breaker is not None and not ticket.done:
             ticket.breaker.cancel(ticket.ticket)  # type: ignore[arg-type]
+        if self.held:
+            self.held = False
+            self.limit.release(self.cost, self.outcome)
+        if self.bytes_held:
+            self.bytes_held = False
+            self.nbytes.release(self.cost)
 
 
 async def call_paced(fn: Callable[[pl.DataFrame], Any], df: pl.DataFrame, timeout: float,

@@ -206,6 +206,20 @@ class Breaker:
     def record(self, ticket: Ticket, health: Health) -> None:
         """How the call let through by ``ticket`` ended."""
         now = self._now()
+        if health == "ok" and self.closed:  # (the common case, inlined: answered, _count)
+            self._stalled_since = None
+            self.last_ok = now
+            if self._give_up is not None:
+                self._disarm()
+            if self.observer is not None:
+                self.observer("ok")
+            recent = self._recent
+            if recent and now < recent[-1][0] + self._bin_s:
+                recent[-1][1] += 1.0
+            else:
+                self._count(now, 0.0)
+            self._in_a_row = 0
+            return
         if health == "ok":
             self.answered(now)
         if health == "outage":

@@ -27,7 +27,7 @@ from dfbatch.errors import ConfigError, OutputError, RetryableError
 from dfbatch.events import BatchHedged, BatchRetried, Event
 from dfbatch.execute import _usage
 from dfbatch.execute._attempt import (
-    Admit,
+    Grant,
     Pass,
     WorkerDiedError,
     check_importable,
@@ -135,10 +135,13 @@ class FnCaller(Invoker):
         while True:
             attempt += 1
             try:
-                # the breaker last: a call that waited for a bucket while the service went down
-                # does not go out then
-                async with Hold(limits.agent_bytes[a], cost), self.stack.hold(cost) as held, \
-                        self._admit() as ticket:
+                # agent bytes, shared limits, breaker pass: at once, without a coroutine, when
+                # nothing must wait (see Grant)
+                held = Grant(self.stack, cost, limits.agent_bytes[a],
+                             None if self.per_request else limits.breaker)
+                if not held.try_enter():
+                    await held.enter()
+                try:
                     if attempt == 1:
                         wall0, t_first = time.time(), loop.time()
                     t_call = loop.time()
@@ -159,13 +162,16 @@ class FnCaller(Invoker):
                             msg = "fn raised asyncio.CancelledError (nobody cancelled the run)"
                             raise FnCancelledError(msg) from exc
                         except FnCancelledError as err:
-                            tried = self._failed(err, batch, t_call, held, ticket, seq,
+                            tried = self._failed(err, batch, t_call, held, held.ticket, seq,
                                                  first_sent)
                     except Exception as exc:
-                        tried = self._failed(exc, batch, t_call, held, ticket, seq, first_sent)
+                        tried = self._failed(exc, batch, t_call, held, held.ticket, seq,
+                                             first_sent)
                     else:
-                        tried = self._answered(value, used, batch, t_call, held, ticket, seq,
-                                               first_sent)
+                        tried = self._answered(value, used, batch, t_call, held, held.ticket,
+                                               seq, first_sent)
+                finally:
+                    held.release()
             except BaseException as exc:
                 if limits.breaker is None or exc is not limits.breaker.stopped:
                     raise
@@ -282,11 +288,6 @@ class FnCaller(Invoker):
         batch is too big); split it. Not while the breaker says the service is down."""
         breaker = self.limits.breaker
         return decision.cause == "timeout" and (breaker is None or breaker.closed)
-
-    def _admit(self) -> Admit:
-        """The breaker's pass for one plain call (fns that charge per request pass it per
-        request, inside ``dfbatch.limits.request``); a call that ends unrecorded frees it."""
-        return Admit(None if self.per_request else self.limits.breaker)
 
     def _race(self, task: asyncio.Task[Any], t0: float, args: tuple[int, Batch, pl.DataFrame,
               Cost]) -> Race[tuple[Any, _usage.Usage]]:

@@ -179,8 +179,14 @@ class AdaptiveLimit:
     def try_acquire(self, cost: Cost) -> bool:
         if self.pause_until and self.pause_until > asyncio.get_running_loop().time():
             return False
-        if not self._slots.try_acquire(cost):
+        slots = self._slots  # (its try_acquire, inlined: one unit a call)
+        in_use = slots.in_use
+        if slots._waiters or (in_use + 1.0 > slots.capacity and in_use != 0):
             return False
+        in_use += 1.0
+        slots.in_use = in_use
+        if in_use > slots.max_in_use:
+            slots.max_in_use = in_use
         self._seq += 1
         return True
 
@@ -206,8 +212,10 @@ class AdaptiveLimit:
 
     def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
         self._slots.release(cost)
-        if outcome is not None:
-            self.observe(outcome)
+        if outcome is not None and (self.limit < self.maximum or not outcome.ok
+                                    or outcome.rate_limited or outcome.timed_out
+                                    or outcome.overloaded):
+            self.observe(outcome)  # (not for a clean answer at the maximum: nothing to learn)
 
     def observe(self, outcome: Outcome) -> None:
         """Learn from how one call ended, without releasing a slot (``release`` calls it).
@@ -232,22 +240,29 @@ class AdaptiveLimit:
 
 
 class Limits:
-    """Several limits acquired in order (released in reverse); a cancelled acquire leaks nothing."""
+    """Several limits acquired in order (released in reverse); a cancelled acquire leaks nothing.
+
+    ``limits`` is replaced, never changed in place (``add``, ``drop``): an acquire that waits
+    goes on over the list it started with.
+    """
 
     def __init__(self, limits: Sequence[Limit]):
-        self.limits = list(limits)
-        self._tries = [_try(limit) for limit in self.limits]
+        self._index(list(limits))
+
+    def _index(self, limits: list[Limit]) -> None:
+        self.limits = limits
+        self._tries = [_try(limit) for limit in limits]
+        self._releases = [limit.release for limit in reversed(limits)]
 
     def try_acquire(self, cost: Cost) -> bool:
         """Every limit at once, or none (the common case costs no coroutine per limit)."""
-        taken = 0
-        for try_acquire in self._tries:
+        limits, tries = self.limits, self._tries
+        for try_acquire in tries:
             if not try_acquire(cost):
                 break
-            taken += 1
         else:
             return True
-        for limit in reversed(self.limits[:taken]):
+        for limit in reversed(limits[:tries.index(try_acquire)]):
             limit.release(cost, UNSENT)  # (a rate bucket refunds what it took)
         return False
 
@@ -266,12 +281,16 @@ class Limits:
 
     def add(self, limit: Limit) -> None:
         """Add a limit learned during the run (e.g. from x-ratelimit-* headers)."""
-        self.limits.append(limit)
-        self._tries.append(_try(limit))
+        self._index([*self.limits, limit])
+
+    def drop(self, limit: Limit) -> None:
+        """Leave out a limit that holds nothing any more (a warm-up once warm): later
+        acquires skip it, and releases of what was taken before skip it too."""
+        self._index([lim for lim in self.limits if lim is not limit])
 
     def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
-        for limit in reversed(self.limits):
-            limit.release(cost, outcome)  # type: ignore[arg-type]
+        for release in self._releases:
+            release(cost, outcome)  # type: ignore[arg-type]
 
     def hold(self, cost: Cost) -> Hold:
         """``async with limits.hold(cost) as h:`` acquire, then release once, with ``h.outcome``."""

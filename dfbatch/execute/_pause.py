@@ -80,7 +80,7 @@ class PauseGate:
                 self.breaker.stalled("rate_limit")
         elif outcome.ok:
             self._answered = True
-            if self._sent.get() >= self._paused_at:
+            if self.floor and self._sent.get() >= self._paused_at:
                 self.floor = 0.0
 
     def on_rate_limited(self, retry_after: float | None = None) -> float:

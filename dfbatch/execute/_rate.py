@@ -98,12 +98,13 @@ class _Bucket:
         if self._queued:
             return False
         now = asyncio.get_running_loop().time()
-        units = self._units(cost)
-        if not self.known and not self.log.windowed and (
-                self.pause is None or self.pause.until <= now):
+        units = float(cost.tokens if self.tokens else cost.requests)
+        pause = self.pause
+        if self.rate == _INF and not self.log.windowed and (pause is None or pause.until <= now):
             self._stamp = now  # an unknown limit only logs the charge (one per call)
             self.log.add(now, units, _UNKNOWN_LOG_S)
-            self.recent_wait -= 0.1 * self.recent_wait
+            if self.recent_wait:
+                self.recent_wait -= 0.1 * self.recent_wait
             return True
         self._refill(now)
         if (self.known and self.level < min(units, self.capacity)) \
@@ -281,8 +282,8 @@ class RateLimit(_Bucket):
         ceiling."""
         now = asyncio.get_running_loop().time()
         ceiling = self.per_minute / 60.0 if self.per_minute else math.inf
-        mine = self.log.mine()
-        if self.slow_start and mine is not None and self._drained_at >= mine[0]:
+        mine = self.log.mine() if self.slow_start else None
+        if mine is not None and self._drained_at >= mine[0]:
             held = self.pause.until if self.pause is not None else -math.inf
             paced_s = max(0.0, now - max(self._grown_at, held))  # (a pause tries no rate)
             grown = self.rate * 2.0 ** (paced_s / max(self.start_s, now - mine[0]))
@@ -294,6 +295,12 @@ class RateLimit(_Bucket):
 
     def release(self, cost: Cost, outcome: Outcome | None = None) -> None:
         if outcome is None:
+            return
+        if self.rate == _INF and outcome.ok and not outcome.rate_limited \
+                and outcome.hints is None:  # (the common case of an unknown limit, below)
+            now = asyncio.get_running_loop().time()
+            self._grown_at = now
+            self._guess.answered(now, float(cost.tokens if self.tokens else cost.requests))
             return
         if outcome is UNSENT:  # taken by an all-or-none try that failed: nothing went out
             if self.known:
@@ -317,6 +324,7 @@ class RateLimit(_Bucket):
 
 
 _UNKNOWN_LOG_S = 15.0  # an unknown limit reads its charges 10 s back (a 429's guess)
+_INF = math.inf  # the rate of an unknown limit
 
 
 class _Guess:

@@ -52,6 +52,7 @@ class WarmUp:
     """At most ``capacity`` sends in flight until the first one is answered (or for
     ``open_after_s``: an error like a refused key comes back far sooner than an answer), then
     no limit: a run whose every call fails (a bad key) stops after a handful of calls, not N.
+    Once warm it leaves the stacks it was put in (``leave_when_warm``): it costs them nothing.
 
     ``slow``: (limits unknown) after the first answer, one more send in flight per answer
     (doubling per round trip, a TCP slow start; halved by a rate-limit 429) until
@@ -63,6 +64,12 @@ class WarmUp:
         self.slots: CapacityLimit | None = CapacityLimit(max(1, capacity))
         self.slow, self.maximum, self.open_after_s = slow, maximum, open_after_s
         self._timer: asyncio.TimerHandle | None = None
+        self._stacks: list[Limits] = []  # left once warm (see ``leave_when_warm``)
+
+    def leave_when_warm(self, stack: Limits) -> WarmUp:
+        """Once warm, drop out of ``stack``: a warm limit holds nothing, and costs nothing."""
+        self._stacks.append(stack)
+        return self
 
     def try_acquire(self, cost: Cost) -> bool:
         slots = self.slots
@@ -100,6 +107,8 @@ class WarmUp:
         slots, self.slots = self.slots, None
         if slots is not None:
             slots.set_capacity(math.inf)
+            for stack in self._stacks:
+                stack.drop(self)
 
     @property
     def warm(self) -> bool:
@@ -153,7 +162,8 @@ class RunLimits:
             # its requests (its calls' concurrency says little about its requests')
             rpm.pause = tpm.pause = pause
             rates: list[Limit] = [rpm, tpm, pause]
-            per_call = [*per_call, WarmUp(2 * n_agents, open_after_s=1.0), *rates]
+            warm_up = WarmUp(2 * n_agents, open_after_s=1.0)
+            per_call = [*per_call, warm_up, *rates]
             slow = WarmUp(2 * n_agents, slow=not told, maximum=cfg.in_flight_cap,
                           open_after_s=1.0 if told else None)
             per_request = [slow, *rates]
@@ -165,13 +175,17 @@ class RunLimits:
             if cfg.dynamic_batching else None
         )
         calls = per_call[:2] if adaptive is not None else per_call[:1]
+        shared, requests = Limits(per_call), Limits(per_request)
+        if local:
+            warm_up.leave_when_warm(shared)
+            slow.leave_when_warm(requests)
         return cls(
-            shared=Limits(per_call),
+            shared=shared,
             agent_slots=[CapacityLimit(cfg.max_concurrent_batches) for _ in range(n_agents)],
             agent_bytes=[CapacityLimit(cfg.max_bytes_per_agent, _nbytes)
                          for _ in range(n_agents)],
             adaptive=adaptive, rpm=rpm, tpm=tpm, sizer=sizer, burst=burst,
-            learns=local, calls=Limits(calls), per_request=Limits(per_request), pause=pause,
+            learns=local, calls=Limits(calls), per_request=requests, pause=pause,
             breaker=breaker,
         )
 
