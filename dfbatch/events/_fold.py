@@ -55,6 +55,7 @@ class _Agent:
     busy_s: float = 0.0
     stolen_tokens: int = 0
     latency_n: int = 0  # finished calls: busy_s / latency_n is the mean latency
+    latency_sum: float = 0.0  # their seconds (the run's mean latency)
 
     def freeze(self, agent_id: int) -> AgentStats:
         mean = self.busy_s / self.latency_n if self.latency_n else 0.0
@@ -94,8 +95,6 @@ class StatsAccumulator:
     history: list[tuple[float, int, int]] = field(default_factory=list)
     incidents: deque[tuple[float, str]] = field(default_factory=deque)
     latencies: deque[float] = field(default_factory=deque)
-    latency_sum: float = 0.0
-    latency_n: int = 0
     finished: bool = False
     cancelled: bool = False
     open_calls: dict[int, float] = field(default_factory=dict)  # batch_id -> its call's start
@@ -134,14 +133,18 @@ class StatsAccumulator:
             self.t_last = t
         if self.t0 is None:
             self.t0 = t
-        a = self.agents[agent_id] if agent_id < len(self.agents) else self._agent(agent_id)
+        try:
+            a = self.agents[agent_id]
+        except IndexError:
+            a = self._agent(agent_id)
         a.in_flight += 1
         a.inflight_tokens += tokens
         self.calls += 1
-        if batch_id in self.open_calls:  # (not from the pool: events folded from elsewhere)
+        open_calls = self.open_calls
+        if batch_id in open_calls:  # (not from the pool: events folded from elsewhere)
             self.more_calls.setdefault(batch_id, []).append(t)
         else:
-            self.open_calls[batch_id] = t
+            open_calls[batch_id] = t
 
     def batch_finished(self, t: float, batch_id: int, agent_id: int, planned_agent: int,
                        rows: int, tokens: int, elapsed_s: float, ok_rows: int, error_rows: int,
@@ -152,7 +155,10 @@ class StatsAccumulator:
             self.t_last = t
         if self.t0 is None:
             self.t0 = t
-        a = self.agents[agent_id] if agent_id < len(self.agents) else self._agent(agent_id)
+        try:
+            a = self.agents[agent_id]
+        except IndexError:
+            a = self._agent(agent_id)
         a.in_flight -= 1
         a.inflight_tokens -= tokens
         if self.more_calls and batch_id in self.more_calls:
@@ -167,11 +173,11 @@ class StatsAccumulator:
             a.stolen_tokens += tokens
         a.busy_s += elapsed_s
         a.latency_n += 1
-        self.latency_sum += elapsed_s
-        self.latency_n += 1
+        a.latency_sum += elapsed_s  # (the run's mean latency: the agents' sums, at snapshot)
         self.latencies.append(elapsed_s)
+        if error_rows:
+            self.rows_failed += error_rows
         self.rows_ok += ok_rows
-        self.rows_failed += error_rows
         if input_tokens or output_tokens:
             self.stats["input_tokens"] += input_tokens
             self.stats["output_tokens"] += output_tokens
@@ -268,6 +274,10 @@ class StatsAccumulator:
             self.more_calls.clear()
             self._sample(ev.t, force=True)
 
+    def _mean_latency(self) -> float:
+        n = self._sum("latency_n")
+        return sum(a.latency_sum for a in self.agents) / n if n else 0.0
+
     def _sum(self, count: str) -> int:
         return sum(getattr(a, count) for a in self.agents)
 
@@ -299,7 +309,7 @@ class StatsAccumulator:
             oldest_in_flight_s=0.0 if oldest is None else max(0.0, end - oldest),
             **self.counts(),
             elapsed_s=max(0.0, end - t0),
-            mean_latency_s=self.latency_sum / self.latency_n if self.latency_n else 0.0,
+            mean_latency_s=self._mean_latency(),
             p50_latency_s=_quantile(lat, 0.5),
             p95_latency_s=_quantile(lat, 0.95),
             finished=self.finished,
