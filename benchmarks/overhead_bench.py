@@ -19,21 +19,23 @@ same batches of ``--items`` rows:
 Per-batch overhead = (dfbatch time - bare time) / batches; ratio = dfbatch time / bare time.
 ``--no-hedge`` runs with ``hedge_after=None`` (every call then skips the hedging race).
 
-Where the microseconds go (issue 16, py-spy samples of 3 runs of 100k rows with the defaults,
-shares of the run, a no-op that yields once): the limit stack ~28 % (agent bytes, then
-in-flight, AIMD, warm-up, RPM and TPM buckets, pause -- each taken without a coroutine when it
-can pay at once, ``try_acquire``, and released with the outcome), hedging ~3 % (a call is an
-entry in its caller's ``Pending`` under one timer; a ``Race``, its closures and a plan only for
-a call late enough for a decision; fits in numpy at most every 0.1 s), the call of fn ~6 %
-(usage, the binding and ``Watch``, one timer for every call's timeout, in one coroutine; the try
-inline in ``FnCaller.call``), outputs ~2 %, the recorder ~8 %, a task per batch ~8 %, the pool
-~7 %, per-run setup (prepare, the scheduler's sort, assembly) ~10 %. Gone since the start of
-issue 16: ``frame[positions]`` per batch (batches are slices of the frame reordered once), one
-``pl.Series`` per batch, events nobody listens to, a generator-based context manager per attempt
-(and per binding), ``asyncio.timeout`` per call, a latency fit in pure Python every 16 calls,
-frozen dataclasses built per call (``Cost``, ``Outcome``), an unknown rate limit's bucket math,
-a hedge race per call (its object, seven closures, a plan and a heap entry), four coroutine
-layers per call (``_attempt``, ``race``, ``_call_bound``, ``Watch.run``).
+Where the microseconds go (issue 16, py-spy samples of runs of 100k rows with the defaults,
+shares of the pool's run, a no-op that yields once): the limit stack ~23 % (agent bytes,
+in-flight, AIMD, the RPM and TPM buckets -- unknown until headers state them, so they only log
+each charge -- the pause and the breaker's pass, all taken by one ``Grant`` without a coroutine
+when nothing waits; the warm-up leaves the stack once warm), the call of fn ~12 % (usage, the
+binding and ``Watch`` in one coroutine; hedging is one entry in the caller's ``Pending`` under
+one timer, a ``Race`` only for a call late enough for a decision), the answer ~10 % (outputs
+checked, the limits' outcome, the latency model), the scheduler's ``take`` ~8 % (queues read
+128 batches ahead), the zero-copy ``frame.slice`` ~8 %, recording ~5 % (a tuple per batch,
+written to the per-row arrays in bulk), per-run setup and assembly ~10 %. Gone since the start
+of issue 16: ``frame[positions]`` per batch (batches are slices of the frame reordered once),
+one ``pl.Series`` per batch, events nobody listens to, a task per batch (an agent's workers
+keep its slot), three ``async with`` per attempt (bytes, limits, breaker), a generator-based
+context manager per attempt, ``asyncio.timeout`` per call, a hedge race per call (its object,
+seven closures, a plan and a heap entry), four coroutine layers per call (``_attempt``,
+``race``, ``_call_bound``, ``Watch.run``), five numpy writes per batch, a latency fit in pure
+Python every 16 calls, frozen dataclasses built per call, an unknown rate limit's bucket math.
 Best of ``--repeat`` runs (the least disturbed by other processes on a shared machine), in CPU
 seconds of the process (``--wall`` for wall seconds: everything here runs on one thread).
 """
