@@ -101,8 +101,9 @@ class BatchConfig:
     minutes' worth, default 0.1 = 6 s, so they never send a minute's quota at once),
     ``adaptive`` (AIMD concurrency on 429s), ``steal`` (idle agents take planned work from
     busy ones), ``dynamic_batching`` (resize pending batches from recent errors / latency /
-    a binding request rate; see ``dfbatch.execute._sizing``), ``target_latency_s`` (grow batches
-    while calls are faster than this),
+    a binding request rate -- only up to the size that finishes the rows not yet sent soonest,
+    so the run does not end on a few long calls; see ``dfbatch.execute._sizing``),
+    ``target_latency_s`` (grow batches while calls are faster than this),
     ``hedge_after`` (tail defenses, on by default: a latency quantile, default 0.9; a call
     older than its *size's* expected latency (fitted online from answered calls) times that
     quantile of the spread gets a duplicate in the run's tail, an outlier at any time, the first
@@ -112,7 +113,8 @@ class BatchConfig:
     in the run's tail hedged from that age; ``None`` / ``False`` turns them off),
     ``hedge_budget`` (the most extra calls -- duplicates and resends together -- as a fraction
     of calls so far, default 0.05; no duplicate while work is queued and the TPM / RPM bucket
-    binds), ``outage_timeout`` (seconds, default 600: when no call has been
+    binds; under a light tail, duplicates keep a reserve for the run's last calls),
+    ``outage_timeout`` (seconds, default 600: when no call has been
     answered for this long while calls keep failing with outages -- connection errors,
     timeouts, 5xx -- or rate-limit 429s, the run stops with ``RunStoppedError``, its
     ``.partial`` holding the rows done and a checkpointed run resumable; on time, though calls
