@@ -347,6 +347,30 @@ def test_pools_sharing_their_agents_slots_take_turns_and_both_finish() -> None:
     assert sorted(round(e) for e in ends) == [4, 5]  # one slot: six calls one after another
 
 
+def test_slots_another_pool_gives_up_reach_a_pool_that_already_runs() -> None:
+    """A streamed run's next chunk starts while the last one's batches hold the agent's slots:
+    as those end, the next pool gets every slot (its workers keep theirs across batches, so
+    only a slot given up by the other pool can raise its concurrency)."""
+    limits = RunLimits.from_config(CFG.replace(max_concurrent_batches=4), 1)
+    engine = FakeEngine(latency=lambda b: {1: 2.0, 2: 3.0, 3: 10.0}.get(b.id, 1.0))
+    last = _pool([[_batch(i, range(i, i + 1)) for i in range(4)]], engine, limits=limits)
+    nxt = _pool([[_batch(100 + i, range(i, i + 1)) for i in range(12)]], engine,
+                limits=limits)
+
+    async def main() -> float:
+        first = asyncio.create_task(last.run())
+        await asyncio.sleep(0.5)  # every slot held by the last chunk's calls
+        out = await nxt.run()
+        assert out.done.all()
+        await first
+        return asyncio.get_running_loop().time()
+
+    end = run(main())
+    # slots free at t=1, 2, 3 (the fourth at t=10): 12 calls of 1 s end at t=6 (5 + 4 + 3)
+    assert end == pytest.approx(10.0, abs=1e-3)
+    assert max(t for t, _, _ in engine.callers[1].calls) == pytest.approx(5.0, abs=1e-3)
+
+
 def test_rows_of_a_batch_stopped_in_flight_keep_its_attempts() -> None:
     engine = FakeEngine(latency=lambda b: 1.0 if b.id == 0 else 1e6)
     pool = _pool([[_batch(0, range(0, 2)), _batch(1, range(2, 5))]], engine,

@@ -107,6 +107,7 @@ class Pool:
         # long Retry-After) next looks at the breaker
         breaker = self.limits.breaker
         unlisten = breaker.listen(self._stopped_by) if breaker is not None else None
+        self.limits.pools.append(self._notify)  # (see _gave_up)
         try:
             if self.sched.pending and not self.stopping:
                 await self.caller.open()
@@ -117,6 +118,7 @@ class Pool:
         finally:
             if unlisten is not None:
                 unlisten()
+            self.limits.pools.remove(self._notify)
             self.stopping = True
             live = [*agents, *self.tasks]
             for task in live:
@@ -212,6 +214,7 @@ class Pool:
                 nxt = sched.take(a)
                 if nxt is None:
                     slot.drop()
+                    self._gave_up()
                     return
                 batch = nxt
         finally:
@@ -237,6 +240,13 @@ class Pool:
         if batch.at >= 0:
             return self.frame.slice(batch.at, len(batch.rows))
         return self.frame[batch.rows]
+
+    def _gave_up(self) -> None:
+        """A worker gave its slot up, nothing left to run here: wake the other pools on these
+        limits (another chunk's), whose agents would not look for a free slot otherwise."""
+        for wake in self.limits.pools:
+            if wake != self._notify:
+                wake()
 
     def _notify(self) -> None:
         if self._wake is not None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dfbatch.config import BatchConfig
@@ -137,6 +138,9 @@ class RunLimits:
     per_request: Limits = field(default_factory=lambda: Limits([]))
     pause: PauseGate | None = None
     breaker: Breaker | None = None
+    # the pools running on these limits (a streamed run's chunks overlap): the slot a worker
+    # gives up for good wakes the others, whose workers keep theirs and so never look again
+    pools: list[Callable[[], None]] = field(default_factory=list)
 
     @classmethod
     def from_config(cls, cfg: BatchConfig, n_agents: int, *, rates_elsewhere: bool = False
