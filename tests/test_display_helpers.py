@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 
@@ -79,7 +79,7 @@ def synthetic_result(
 ) -> pl.DataFrame:
     """A result frame like process() returns, with stolen, retried and failed batches."""
     rng = random.Random(seed)
-    t0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2024, 1, 1, tzinfo=UTC)
     clock = [0.0] * n_agents
     rows = []
     for b in range(n_batches):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 import pytest
@@ -17,7 +17,7 @@ from dfbatch.display.plots import (
 )
 from tests.test_display_helpers import synthetic_result
 
-T0 = datetime(2024, 5, 1, 12, tzinfo=timezone.utc)
+T0 = datetime(2024, 5, 1, 12, tzinfo=UTC)
 
 
 def small_result() -> pl.DataFrame:

@@ -64,7 +64,7 @@ CASES: list[tuple[str, Any, str, str | None, bool]] = [
     ("httpx-connect", httpx.ConnectError("refused"), "transient", "connection", False),
     ("httpx-read-timeout", httpx.ReadTimeout("slow"), "transient", "timeout", False),
     ("os-conn", ConnectionResetError("reset"), "transient", "connection", False),
-    ("timeout", asyncio.TimeoutError(), "transient", "timeout", False),
+    ("timeout", TimeoutError(), "transient", "timeout", False),
     ("retryable", RetryableError("busy"), "transient", None, False),
     ("retryable-rate", RetryableError("rate limit hit"), "rate_limited", None, False),
     ("fatal", FatalError("no"), "row", None, True),

@@ -157,7 +157,7 @@ class Grant(Hold):
             self.nbytes.release(self.cost)
 
 
-async def call_paced(fn: Callable[[pl.DataFrame], Any], df: pl.DataFrame, timeout: float,
+async def call_paced(fn: Callable[[pl.DataFrame], Any], df: pl.DataFrame, timeout: float,  # noqa: ASYNC109
                      binding: Binding) -> Any:
     """Call an fn that charges per request: the timeout counts from its last request sent,
     not from the call's start (its requests may wait for the run's limits meanwhile)."""
@@ -209,12 +209,10 @@ class Pace:
             self.deadline.reschedule(self.loop.time() + self.timeout)
 
 
-async def timed(aw: Any, timeout: float | None) -> Any:
-    """Await with a timeout, in this task (no extra task per call on Python >= 3.11)."""
+async def timed(aw: Any, timeout: float | None) -> Any:  # noqa: ASYNC109 (the run's setting)
+    """Await with a timeout, in this task (no extra task per call)."""
     if timeout is None:
         return await aw
-    if sys.version_info < (3, 11):  # pragma: no cover
-        return await asyncio.wait_for(aw, timeout)
     async with asyncio.timeout(timeout):
         return await aw
 
@@ -300,7 +298,7 @@ class InThreads:
         return running
 
     async def call(self, fn: Callable[[pl.DataFrame], Any], df: pl.DataFrame,
-                   timeout: float | None, batch_id: int) -> Any:
+                   timeout: float | None, batch_id: int) -> Any:  # noqa: ASYNC109
         if self.executor == "inline":
             try:
                 return fn(df)

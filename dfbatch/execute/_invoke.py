@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -58,8 +57,7 @@ class Invoker:
         # says nothing of a straggler, and a copy would resend every request
         self.hedging = bool(cfg.hedge_after) and not self.per_request
         self._q = float(cfg.hedge_after or 0.0)
-        self._paced = (self.per_request and self.is_async and cfg.timeout is not None
-                       and sys.version_info >= (3, 11))
+        self._paced = self.per_request and self.is_async and cfg.timeout is not None
         self._pending: Pending | None = None  # this loop's calls in flight (with hedging)
 
     async def _call_hedged(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost,

@@ -320,7 +320,7 @@ class _BatchRun:
             if live:
                 try:
                     await asyncio.wait_for(self._stopping.wait(), timeout=wait)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     wait = self.adapter.limits.next_poll(wait)
 
     async def _retrieve(self, client: Any, entry: FileEntry) -> Any:

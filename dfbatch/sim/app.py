@@ -69,7 +69,7 @@ class SimApp:
             return
         try:
             await asyncio.wait_for(self._closing.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     def _guard(self, endpoint: str, handler: Any) -> Any:
