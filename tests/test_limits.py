@@ -157,3 +157,28 @@ def test_a_failed_all_or_none_try_gives_a_rate_bucket_back_what_it_took() -> Non
 
     before, after, took = asyncio.run(main())
     assert not took and after == pytest.approx(before, abs=0.01)
+
+
+def test_an_unknown_limit_logs_its_charges_per_10ms_a_known_one_each() -> None:
+    """A fast run charges an unknown limit thousands of times a second: its log (read only for
+    rates over seconds) keeps one entry per 10 ms, the units summed; a known one logs each."""
+    from dfbatch.execute._journal import ChargeLog
+    from dfbatch.execute._limits import Cost, Outcome
+    from dfbatch.execute._rate import RateLimit
+
+    log = ChargeLog()
+    for i in range(1000):
+        log.add(i * 0.001, 2.0, 15.0, 0.01)
+        assert log.mine() is not None and log.mine()[0] <= i * 0.001  # type: ignore[index]
+    assert len(log) <= 101 and sum(u for _, u in log.after_mine()) == 0.0
+    assert 1990.0 <= sum(log._units) <= 2000.0  # (every unit kept; the oldest may be pruned)
+
+    async def run() -> tuple[int, int]:
+        unknown, known = RateLimit(None), RateLimit(60_000, burst=1.0)
+        for _ in range(500):
+            assert unknown.try_acquire(Cost()) and known.try_acquire(Cost())
+            unknown.release(Cost(), Outcome(True))
+        return len(unknown.log) + len(unknown._guess._times), len(known.log)
+
+    small, every = asyncio.run(run())
+    assert small == 2 and every == 500  # (one loop time: one entry in each of the two logs)

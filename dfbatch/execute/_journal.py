@@ -42,9 +42,17 @@ class ChargeLog:
         self._win_sum = 0.0  # units charged in the last _WINDOW_S seconds
         self._prune_at = -1.0  # next time old charges are looked for (not at every charge)
 
-    def add(self, now: float, units: float, keep_s: float = JOURNAL_S) -> None:
-        """Log a charge (kept ``keep_s`` seconds); the caller's task remembers its number."""
+    def add(self, now: float, units: float, keep_s: float = JOURNAL_S,
+            merge_s: float = 0.0) -> None:
+        """Log a charge (kept ``keep_s`` seconds); the caller's task remembers its number.
+        ``merge_s``: a charge within that many seconds of the last one is added to it (an
+        unknown limit's log, read only for rates over seconds: a fast run's log stays small)."""
         times = self._times
+        if merge_s and times and now - times[-1] < merge_s and not self.windowed:
+            self._last.set(self._base + len(times) - 1)
+            self._units[-1] += units
+            self._win_sum += units
+            return
         self._last.set(self._base + len(times))
         times.append(now)
         self._units.append(units)

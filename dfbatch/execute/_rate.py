@@ -102,7 +102,7 @@ class _Bucket:
         pause = self.pause
         if self.rate == _INF and not self.log.windowed and (pause is None or pause.until <= now):
             self._stamp = now  # an unknown limit only logs the charge (one per call)
-            self.log.add(now, units, _UNKNOWN_LOG_S)
+            self.log.add(now, units, _UNKNOWN_LOG_S, _MERGE_S)
             if self.recent_wait:
                 self.recent_wait -= 0.1 * self.recent_wait
             return True
@@ -148,7 +148,10 @@ class _Bucket:
         """Log a charge just paid (for ``sync`` and 429 episodes); note when it drained us."""
         # an unknown limit reads 10 s back (the rate a 429 guesses from): a fast run keeps no
         # two-minute log of its charges (memory) until a limit is known
-        self.log.add(now, units, JOURNAL_S if self.known or self.log.windowed else _UNKNOWN_LOG_S)
+        if self.known or self.log.windowed:
+            self.log.add(now, units, JOURNAL_S)
+        else:
+            self.log.add(now, units, _UNKNOWN_LOG_S, _MERGE_S)
         if self.level < units:
             self._drained_at = now
 
@@ -324,6 +327,7 @@ class RateLimit(_Bucket):
 
 
 _UNKNOWN_LOG_S = 15.0  # an unknown limit reads its charges 10 s back (a 429's guess)
+_MERGE_S = 0.01  # ... so it logs them per 10 ms (a fast run's logs stay small: peak RSS)
 _INF = math.inf  # the rate of an unknown limit
 
 
@@ -337,7 +341,11 @@ class _Guess:
         self._rates: deque[tuple[float, float]] = deque(maxlen=64)  # (since, rate)
 
     def answered(self, now: float, units: float) -> None:
-        self._times.append(now)
+        times = self._times
+        if len(times) > self._head and now - times[-1] < _MERGE_S:
+            self._units[-1] += units  # (answers within 10 ms are one entry: see _MERGE_S)
+            return
+        times.append(now)
         self._units.append(units)
         if self._times[self._head] < now - _UNKNOWN_LOG_S:  # bounded: 10 s are read
             self._head += 1
