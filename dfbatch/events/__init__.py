@@ -29,7 +29,7 @@ from dfbatch.events._events import (
     RunFinished,
     RunStarted,
 )
-from dfbatch.events._fold import StatsAccumulator, fold
+from dfbatch.events._fold import LiveCalls, StatsAccumulator, fold
 from dfbatch.events._stats import AgentStats, RunStats
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "BatchRetried",
     "BatchStarted",
     "Event",
+    "LiveCalls",
     "RunFinished",
     "RunStarted",
     "RunStats",

@@ -3,11 +3,15 @@
 ``RunStats``' int fields are counted by name (its annotations are strings under
 ``from __future__ import annotations``, so ``field.type == "int"`` picks them).
 
-The pool tells a live view of each batch without building an event: ``batch_started``,
-``batch_finished`` and ``batch_failed`` take the event's fields as arguments and bump a few
-slot counters (about a microsecond a batch); ``apply`` folds an event object through the same
-methods. What several counters add up to (rows done, calls in flight), percentiles and the oldest
-call in flight are computed by ``snapshot``, at the display's frame rate.
+The pool tells a live view of each batch without building an event, and nothing at a call's
+start: it keeps its calls in flight in a dict (batch id -> (start, agent, tokens)) that the
+accumulator ``watch``es and reads at snapshot time, and reports each call's end from its fields
+(``call_answered``, ``call_failed``, ``call_retried``: a few slot counters, the call counted as
+it ends). ``apply`` folds an event object (``BatchStarted`` ... from a replay, the Batch API,
+tests) through ``batch_started`` / ``batch_finished`` / ``batch_failed``, which keep their own
+count of calls in flight. What several counters add up to (rows done, calls in flight),
+percentiles and the oldest call in flight are computed by ``snapshot``, at the display's frame
+rate.
 """
 
 from __future__ import annotations
@@ -57,10 +61,28 @@ class _Agent:
     latency_n: int = 0  # finished calls: busy_s / latency_n is the mean latency
     latency_sum: float = 0.0  # their seconds (the run's mean latency)
 
-    def freeze(self, agent_id: int) -> AgentStats:
+    def freeze(self, agent_id: int, live: tuple[int, int] = (0, 0)) -> AgentStats:
+        """``live``: the calls in flight and their tokens that the pool keeps (``watch``)."""
         mean = self.busy_s / self.latency_n if self.latency_n else 0.0
         counts = {k: getattr(self, k) for k in _AGENT_COUNTS}
+        counts["in_flight"] += live[0]
+        counts["inflight_tokens"] += live[1]
         return AgentStats(agent_id=agent_id, mean_latency_s=mean, **counts)
+
+
+class LiveCalls:
+    """A pool's calls in flight, kept by the pool (``calls``: batch id -> (start, agent,
+    tokens), in the order they started; ``started``: every call it began), read by
+    ``StatsAccumulator.snapshot``."""
+
+    __slots__ = ("calls", "started")
+
+    def __init__(self) -> None:
+        self.calls: dict[int, tuple[float, int, int]] = {}
+        self.started = 0
+
+    def __repr__(self) -> str:
+        return f"LiveCalls(in_flight={len(self.calls)}, started={self.started})"
 
 
 @dataclass(slots=True)
@@ -82,6 +104,22 @@ class StatsAccumulator:
     >>> s = acc.snapshot()
     >>> s.rows_done, s.rows_failed, s.in_flight, s.p50_latency_s
     (4, 1, 0, 1.5)
+
+    The pool's way: it keeps its calls in flight where the accumulator reads them, and tells
+    each call's end from its fields:
+
+    >>> live = LiveCalls()
+    >>> acc.watch(live)
+    >>> live.calls[1] = (2.0, 1, 40)  # batch 1's call started at t=2 on agent 1 (40 tokens)
+    >>> live.started += 1
+    >>> s = acc.snapshot(now=2.5)
+    >>> s.in_flight, s.calls, s.agents[1].inflight_tokens, s.oldest_in_flight_s
+    (1, 2, 40, 0.5)
+    >>> del live.calls[1]
+    >>> acc.call_answered(3.0, 1, 1, rows=4, tokens=40, elapsed_s=1.0, error_rows=0)
+    >>> s = acc.snapshot()
+    >>> s.in_flight, s.calls, s.rows_done, s.elapsed_s
+    (0, 2, 8, 3.0)
     """
 
     history_every_s: float = 0.2
@@ -98,6 +136,7 @@ class StatsAccumulator:
     finished: bool = False
     cancelled: bool = False
     open_calls: dict[int, float] = field(default_factory=dict)  # batch_id -> its call's start
+    live: list[LiveCalls] = field(default_factory=list)  # the pools' calls (``watch``)
     more_calls: dict[int, list[float]] = field(default_factory=dict)  # more calls of one id
     rpm: float | None = None
     tpm: float | None = None
@@ -150,7 +189,20 @@ class StatsAccumulator:
                        rows: int, tokens: int, elapsed_s: float, ok_rows: int, error_rows: int,
                        input_tokens: int = 0, output_tokens: int = 0) -> None:
         """A call returned outputs for every row (``BatchFinished``)."""
-        # _end_call, inlined: once a batch
+        self._end_call(t, batch_id, agent_id, tokens)
+        self.call_answered(t, agent_id, planned_agent, rows, tokens, elapsed_s, error_rows,
+                           input_tokens, output_tokens)
+        self.rows_ok += ok_rows - (rows - error_rows)  # (an event's own count of ok rows)
+
+    def watch(self, live: LiveCalls) -> None:
+        """Read a pool's calls (in flight, and how many it began) at every snapshot; the pool
+        tells each call's end with ``call_answered`` / ``call_failed`` / ``call_retried``."""
+        self.live.append(live)
+
+    def call_answered(self, t: float, agent_id: int, planned_agent: int, rows: int,
+                      tokens: int, elapsed_s: float, error_rows: int, input_tokens: int = 0,
+                      output_tokens: int = 0) -> None:
+        """A watched call returned outputs for every row (``BatchFinished``'s fields)."""
         if t > self.t_last:
             self.t_last = t
         if self.t0 is None:
@@ -159,12 +211,6 @@ class StatsAccumulator:
             a = self.agents[agent_id]
         except IndexError:
             a = self._agent(agent_id)
-        a.in_flight -= 1
-        a.inflight_tokens -= tokens
-        if self.more_calls and batch_id in self.more_calls:
-            self._end_more(batch_id)
-        else:
-            self.open_calls.pop(batch_id, None)
         a.done_rows += rows
         a.done_tokens += tokens
         a.done_batches += 1
@@ -177,7 +223,7 @@ class StatsAccumulator:
         self.latencies.append(elapsed_s)
         if error_rows:
             self.rows_failed += error_rows
-        self.rows_ok += ok_rows
+        self.rows_ok += rows - error_rows
         if input_tokens or output_tokens:
             self.stats["input_tokens"] += input_tokens
             self.stats["output_tokens"] += output_tokens
@@ -187,7 +233,14 @@ class StatsAccumulator:
     def batch_failed(self, t: float, batch_id: int, agent_id: int, rows: int, tokens: int,
                      elapsed_s: float, *, bisected: bool = False) -> None:
         """A batch ended in error (``BatchFailed``); ``bisected``: its rows go on in halves."""
-        a = self._end_call(t, batch_id, agent_id, tokens)
+        self._end_call(t, batch_id, agent_id, tokens)
+        self.call_failed(t, agent_id, rows, tokens, elapsed_s, bisected=bisected)
+
+    def call_failed(self, t: float, agent_id: int, rows: int, tokens: int, elapsed_s: float,
+                    *, bisected: bool = False) -> None:
+        """A watched call ended the batch in error (``BatchFailed``'s fields)."""
+        self._clock(t)
+        a = self._agent(agent_id)
         a.errors += 1
         a.busy_s += elapsed_s
         self.stats["errors"] += 1
@@ -199,6 +252,19 @@ class StatsAccumulator:
             a.done_batches += 1
             self.rows_failed += rows
             self._sample(t)
+
+    def call_retried(self, ev: BatchRetried) -> None:
+        """A watched call failed and its batch is tried again (``BatchRetried``)."""
+        self._clock(ev.t)
+        self._retried(self._agent(ev.agent_id), ev)
+
+    def _retried(self, a: _Agent, ev: BatchRetried) -> None:
+        s = self.stats
+        a.retries += 1
+        s["retries"] += 1
+        s["rate_limited"] += ev.rate_limited
+        assert self.t0 is not None
+        self.incidents.append((ev.t - self.t0, "429" if ev.rate_limited else "retry"))
 
     def _end_call(self, t: float, batch_id: int, agent_id: int, tokens: int) -> _Agent:
         if t > self.t_last:
@@ -252,12 +318,7 @@ class StatsAccumulator:
             self.finished = False
             self._sample_at = float("-inf")
         elif isinstance(ev, BatchRetried):
-            a = self._end_call(ev.t, ev.batch_id, ev.agent_id, ev.tokens)
-            a.retries += 1
-            s["retries"] += 1
-            s["rate_limited"] += ev.rate_limited
-            assert self.t0 is not None
-            self.incidents.append((ev.t - self.t0, "429" if ev.rate_limited else "retry"))
+            self._retried(self._end_call(ev.t, ev.batch_id, ev.agent_id, ev.tokens), ev)
         elif isinstance(ev, BatchHedged):
             s["hedges"] += 1
             self.calls += 1
@@ -272,6 +333,8 @@ class StatsAccumulator:
                 a.in_flight, a.inflight_tokens = 0, 0
             self.open_calls.clear()
             self.more_calls.clear()
+            self.calls += sum(live.started for live in self.live)  # (open calls: cancelled)
+            self.live = []
             self._sample(ev.t, force=True)
 
     def _mean_latency(self) -> float:
@@ -299,22 +362,41 @@ class StatsAccumulator:
 
     def snapshot(self, now: float | None = None) -> RunStats:
         """Freeze the current state. ``now`` (monotonic) sets elapsed time while running."""
+        oldest = min(self.open_calls.values(), default=None)  # (more_calls: later starts)
+        live: dict[int, tuple[int, int]] = {}  # agent -> the pools' calls in flight, tokens
+        n_live = started = 0
+        for pool in self.live:
+            started += pool.started
+            for start, agent, tokens in pool.calls.values():
+                n, tok = live.get(agent, (0, 0))
+                live[agent] = (n + 1, tok + tokens)
+                n_live += 1
+                if start > self.t_last:
+                    self.t_last = start
+                if oldest is None or start < oldest:
+                    oldest = start
+        if self.t0 is None and n_live:  # (no RunStarted: the first call's start, as an event's)
+            self.t0 = min(start for pool in self.live for start, _, _ in pool.calls.values())
+        for agent in live:
+            self._agent(agent)
         t0 = self.t0 if self.t0 is not None else 0.0
         end = self.t_last if (self.finished or now is None) else max(now, self.t_last)
         lat = sorted(self.latencies)
-        oldest = min(self.open_calls.values(), default=None)  # (more_calls: later starts)
+        counts = self.counts()
+        counts["in_flight"] += n_live
+        counts["calls"] += started
         return RunStats(
             rpm=self.rpm,
             tpm=self.tpm,
             oldest_in_flight_s=0.0 if oldest is None else max(0.0, end - oldest),
-            **self.counts(),
+            **counts,
             elapsed_s=max(0.0, end - t0),
             mean_latency_s=self._mean_latency(),
             p50_latency_s=_quantile(lat, 0.5),
             p95_latency_s=_quantile(lat, 0.95),
             finished=self.finished,
             cancelled=self.cancelled,
-            agents=tuple(a.freeze(i) for i, a in enumerate(self.agents)),
+            agents=tuple(a.freeze(i, live.get(i, (0, 0))) for i, a in enumerate(self.agents)),
             history=tuple(self.history),
             incidents=tuple(self.incidents),
             jobs=tuple(self.jobs[k] for k in sorted(self.jobs)),

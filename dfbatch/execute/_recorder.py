@@ -5,8 +5,10 @@ The caller reports how a batch went (``started``, ``event``, and a final ``Answe
 is assembled from: a batch's attempts are counted on the batch, its stamp is written to the
 per-row arrays in bulk with others), emits the matching ``BatchStarted`` / ``BatchFinished`` /
 ``BatchFailed`` event and hands finished batches to the journal (``on_batch_done``). A live
-view listens through ``tally`` (a ``StatsAccumulator`` told each batch's fields: no event
-object is built for it); ``emit`` gets the events, for ``on_event`` subscribers.
+view listens through ``tally`` (a ``StatsAccumulator``): the recorder keeps the calls in
+flight in a dict the tally reads at snapshot time (``live``: a call's start costs one dict
+write) and tells it each call's end from its fields (no event object is built for it);
+``emit`` gets the events, for ``on_event`` subscribers.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
-from dfbatch.events import BatchFailed, BatchFinished, BatchHedged, BatchStarted, Event
+from dfbatch.events import (
+    BatchFailed,
+    BatchFinished,
+    BatchHedged,
+    BatchRetried,
+    BatchStarted,
+    Event,
+    LiveCalls,
+)
 from dfbatch.execute import _usage
 from dfbatch.execute._outputs import Output, as_frame
 from dfbatch.execute._pieces import Pieces
@@ -218,14 +228,18 @@ Verdict = Answered | GaveUp
 class Tally(Protocol):
     """What counts each batch's calls from their fields (``StatsAccumulator``'s methods)."""
 
-    def batch_started(self, t: float, batch_id: int, agent_id: int, tokens: int) -> None: ...
+    def watch(self, live: LiveCalls) -> Callable[[], None] | None:
+        """Read ``live`` (kept by the recorder) when counting; what to call at each start."""
+        ...
 
-    def batch_finished(self, t: float, batch_id: int, agent_id: int, planned_agent: int,
-                       rows: int, tokens: int, elapsed_s: float, ok_rows: int, error_rows: int,
-                       input_tokens: int = 0, output_tokens: int = 0) -> None: ...
+    def call_answered(self, t: float, agent_id: int, planned_agent: int, rows: int,
+                      tokens: int, elapsed_s: float, error_rows: int, input_tokens: int = 0,
+                      output_tokens: int = 0) -> None: ...
 
-    def batch_failed(self, t: float, batch_id: int, agent_id: int, rows: int, tokens: int,
-                     elapsed_s: float, *, bisected: bool = False) -> None: ...
+    def call_failed(self, t: float, agent_id: int, rows: int, tokens: int, elapsed_s: float,
+                    *, bisected: bool = False) -> None: ...
+
+    def call_retried(self, ev: BatchRetried) -> None: ...
 
     def apply(self, ev: Event) -> None: ...
 
@@ -238,6 +252,8 @@ class Recorder:
         self.out = Outcomes(n_rows)
         self.emit = emit  # None: nobody listens, no event is built
         self.tally: Tally | None = None
+        self.live: LiveCalls | None = None  # the calls in flight, while a tally listens
+        self._on_start: Callable[[], None] | None = None
         self._clock: Callable[[], float] | None = None
         self.on_batch_done = on_batch_done
 
@@ -245,6 +261,10 @@ class Recorder:
         """Who hears of each batch: ``tally``, counted from the batch's fields without an
         event (a live view), and ``emit``, which gets the events (``on_event``)."""
         self.tally, self.emit = tally, emit
+        self.live = self._on_start = None
+        if tally is not None:
+            self.live = LiveCalls()
+            self._on_start = tally.watch(self.live)
 
     def _bind_clock(self) -> Callable[[], float]:
         """The running loop's clock (the events' ``t``), bound once."""
@@ -256,8 +276,12 @@ class Recorder:
 
     def started(self, a: int, batch: Batch, attempt: int, t: float) -> None:
         batch.tries += 1  # (counted per batch, stamped on its rows when it is over)
-        if self.tally is not None:
-            self.tally.batch_started(t, batch.id, a, batch.tokens)
+        live = self.live
+        if live is not None:  # (every start has an end: the entry goes then)
+            live.started += 1
+            live.calls[batch.id] = (t, a, batch.tokens)
+            if self._on_start is not None:
+                self._on_start()
         if self.emit is not None:
             self.emit(BatchStarted(t, batch.id, a, batch.planned_agent, len(batch.rows),
                                    batch.tokens, attempt))
@@ -267,7 +291,11 @@ class Recorder:
         if isinstance(ev, BatchHedged):
             batch.tries += 1
         if self.tally is not None:
-            self.tally.apply(ev)
+            if isinstance(ev, BatchRetried):  # the call is over
+                self._end(batch)
+                self.tally.call_retried(ev)
+            else:
+                self.tally.apply(ev)
         if self.emit is not None:
             self.emit(ev)
 
@@ -284,8 +312,8 @@ class Recorder:
             return
         t = (self._clock or self._bind_clock())()
         if self.tally is not None:
-            self.tally.batch_failed(t, batch.id, a, len(batch.rows), batch.tokens, elapsed,
-                                    bisected=True)
+            self._end(batch)
+            self.tally.call_failed(t, a, len(batch.rows), batch.tokens, elapsed, bisected=True)
         if self.emit is not None:
             self.emit(BatchFailed(t, batch.id, a, batch.planned_agent, len(batch.rows),
                                   batch.tokens, elapsed, error, bisected=True))
@@ -313,9 +341,11 @@ class Recorder:
         if tally is not None or emit is not None:
             t, n = (self._clock or self._bind_clock())(), len(rows)
             if tally is not None:
-                tally.batch_finished(t, batch.id, a, batch.planned_agent, n, batch.tokens,
-                                     v.elapsed, n - n_err, n_err, v.used.input_tokens,
-                                     v.used.output_tokens)
+                live = self.live
+                if live is not None:
+                    live.calls.pop(batch.id, None)
+                tally.call_answered(t, a, batch.planned_agent, n, batch.tokens, v.elapsed,
+                                    n_err, v.used.input_tokens, v.used.output_tokens)
             if emit is not None:
                 emit(BatchFinished(t, batch.id, a, batch.planned_agent, n, batch.tokens,
                                    v.elapsed, n - n_err, n_err, v.used.input_tokens,
@@ -332,12 +362,18 @@ class Recorder:
         if tally is not None or emit is not None:
             t = (self._clock or self._bind_clock())()
             if tally is not None:
-                tally.batch_failed(t, batch.id, a, len(batch.rows), batch.tokens, elapsed)
+                self._end(batch)
+                tally.call_failed(t, a, len(batch.rows), batch.tokens, elapsed)
             if emit is not None:
                 emit(BatchFailed(t, batch.id, a, batch.planned_agent, len(batch.rows),
                                  batch.tokens, elapsed, msg))
         if self.on_batch_done is not None:
             self.on_batch_done(batch, self.out)
+
+    def _end(self, batch: Batch) -> None:
+        """``batch``'s call is over: no longer in flight."""
+        if self.live is not None:
+            self.live.calls.pop(batch.id, None)
 
     def mark_unfinished(self) -> None:
         for i in np.flatnonzero(~self.out.done).tolist():
