@@ -5,13 +5,15 @@
 
 The pool tells a live view of each batch without building an event, and nothing at a call's
 start: it keeps its calls in flight in a dict (batch id -> (start, agent, tokens)) that the
-accumulator ``watch``es and reads at snapshot time, and reports each call's end from its fields
-(``call_answered``, ``call_failed``, ``call_retried``: a few slot counters, the call counted as
-it ends). ``apply`` folds an event object (``BatchStarted`` ... from a replay, the Batch API,
-tests) through ``batch_started`` / ``batch_finished`` / ``batch_failed``, which keep their own
-count of calls in flight. What several counters add up to (rows done, calls in flight),
-percentiles and the oldest call in flight are computed by ``snapshot``, at the display's frame
-rate.
+accumulator ``watch``es and reads at snapshot time, and appends each answered call's fields to
+the accumulator's ``pending`` list (a tuple: ``call_answered``'s arguments), which is folded in
+order, exactly as one call at a time would, whenever anything reads or changes the counts
+(``snapshot``, ``apply``, a failed or retried call) or every ``PENDING`` calls. Failed and
+retried calls are told with ``call_failed`` / ``call_retried``. ``apply`` folds an event object
+(``BatchStarted`` ... from a replay, the Batch API, tests) through ``batch_started`` /
+``batch_finished`` / ``batch_failed``, which keep their own count of calls in flight. What
+several counters add up to (rows done, calls in flight), percentiles and the oldest call in
+flight are computed by ``snapshot``, at the display's frame rate.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from dfbatch.events._events import (
     BatchFailed,
@@ -41,6 +44,26 @@ _AGENT_COUNTS = tuple(k for k in AgentStats.__dataclass_fields__
 _SUMMED = (("in_flight", "in_flight"), ("rows_done", "done_rows"),
            ("batches_done", "done_batches"), ("tokens_done", "done_tokens"))
 _HOT = ("calls", "rows_ok", "rows_failed")  # bumped once a batch: StatsAccumulator's slots
+PENDING = 1024  # answered calls kept before they are folded (``StatsAccumulator.pending``)
+
+
+class Used(Protocol):
+    """The tokens a call reported (``execute._usage.Usage``)."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(slots=True)
+class _Used:
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+NOTHING_USED = _Used()
+# an answered call, as the pool tells it: (t, agent_id, planned_agent, rows, tokens, elapsed_s,
+# error_rows, used)
+Answer = tuple[float, int, int, int, int, float, int, Used]
 
 
 @dataclass(slots=True)
@@ -75,11 +98,12 @@ class LiveCalls:
     tokens), in the order they started; ``started``: every call it began), read by
     ``StatsAccumulator.snapshot``."""
 
-    __slots__ = ("calls", "started")
+    __slots__ = ("answered", "calls", "started")
 
     def __init__(self) -> None:
         self.calls: dict[int, tuple[float, int, int]] = {}
         self.started = 0
+        self.answered: list[Answer] = []  # (``watch``: the accumulator's ``pending``)
 
     def __repr__(self) -> str:
         return f"LiveCalls(in_flight={len(self.calls)}, started={self.started})"
@@ -116,7 +140,7 @@ class StatsAccumulator:
     >>> s.in_flight, s.calls, s.agents[1].inflight_tokens, s.oldest_in_flight_s
     (1, 2, 40, 0.5)
     >>> del live.calls[1]
-    >>> acc.call_answered(3.0, 1, 1, rows=4, tokens=40, elapsed_s=1.0, error_rows=0)
+    >>> live.answered.append((3.0, 1, 1, 4, 40, 1.0, 0, NOTHING_USED))  # its answer (4 rows)
     >>> s = acc.snapshot()
     >>> s.in_flight, s.calls, s.rows_done, s.elapsed_s
     (0, 2, 8, 3.0)
@@ -137,6 +161,7 @@ class StatsAccumulator:
     cancelled: bool = False
     open_calls: dict[int, float] = field(default_factory=dict)  # batch_id -> its call's start
     live: list[LiveCalls] = field(default_factory=list)  # the pools' calls (``watch``)
+    pending: list[Answer] = field(default_factory=list)  # answered calls not folded yet
     more_calls: dict[int, list[float]] = field(default_factory=dict)  # more calls of one id
     rpm: float | None = None
     tpm: float | None = None
@@ -168,6 +193,8 @@ class StatsAccumulator:
     # -- a batch's calls, from their fields (the pool's hot path) ------------------------------
     def batch_started(self, t: float, batch_id: int, agent_id: int, tokens: int) -> None:
         """A call of batch ``batch_id`` began on agent ``agent_id`` (``BatchStarted``)."""
+        if self.pending:
+            self.drain()
         if t > self.t_last:
             self.t_last = t
         if self.t0 is None:
@@ -192,53 +219,80 @@ class StatsAccumulator:
         self._end_call(t, batch_id, agent_id, tokens)
         self.call_answered(t, agent_id, planned_agent, rows, tokens, elapsed_s, error_rows,
                            input_tokens, output_tokens)
+        self.drain()
         self.rows_ok += ok_rows - (rows - error_rows)  # (an event's own count of ok rows)
 
     def watch(self, live: LiveCalls) -> None:
         """Read a pool's calls (in flight, and how many it began) at every snapshot; the pool
-        tells each call's end with ``call_answered`` / ``call_failed`` / ``call_retried``."""
+        tells each call's end: it appends its answers to ``live.answered`` (which is this
+        accumulator's ``pending``), and calls ``call_failed`` / ``call_retried``."""
+        live.answered = self.pending
         self.live.append(live)
 
     def call_answered(self, t: float, agent_id: int, planned_agent: int, rows: int,
                       tokens: int, elapsed_s: float, error_rows: int, input_tokens: int = 0,
                       output_tokens: int = 0) -> None:
-        """A watched call returned outputs for every row (``BatchFinished``'s fields)."""
-        if t > self.t_last:
-            self.t_last = t
+        """A watched call returned outputs for every row (``BatchFinished``'s fields); folded
+        later, in order (``pending``)."""
+        used = _Used(input_tokens, output_tokens) if input_tokens or output_tokens \
+            else NOTHING_USED
+        self.pending.append((t, agent_id, planned_agent, rows, tokens, elapsed_s, error_rows,
+                             used))
+        if len(self.pending) >= PENDING:
+            self.drain()
+
+    def drain(self) -> None:
+        """Fold the answered calls in ``pending``, in order (as they came, one at a time)."""
+        pending = self.pending
+        if not pending:
+            return
+        items = pending[:]
+        pending.clear()  # (the same list: the pools append to it)
+        agents, latency = self.agents, self.latencies.append
+        t_last, ok, failed, stats = self.t_last, 0, 0, self.stats
         if self.t0 is None:
-            self.t0 = t
-        try:
-            a = self.agents[agent_id]
-        except IndexError:
-            a = self._agent(agent_id)
-        a.done_rows += rows
-        a.done_tokens += tokens
-        a.done_batches += 1
-        if agent_id != planned_agent:
-            a.stolen += 1
-            a.stolen_tokens += tokens
-        a.busy_s += elapsed_s
-        a.latency_n += 1
-        a.latency_sum += elapsed_s  # (the run's mean latency: the agents' sums, at snapshot)
-        self.latencies.append(elapsed_s)
-        if error_rows:
-            self.rows_failed += error_rows
-        self.rows_ok += rows - error_rows
-        if input_tokens or output_tokens:
-            self.stats["input_tokens"] += input_tokens
-            self.stats["output_tokens"] += output_tokens
-        if t >= self._sample_at:
-            self._sample(t)
+            self.t0 = items[0][0]
+        for t, agent_id, planned_agent, rows, tokens, elapsed_s, error_rows, used in items:
+            if t > t_last:
+                t_last = t
+            try:
+                a = agents[agent_id]
+            except IndexError:
+                a = self._agent(agent_id)
+            a.done_rows += rows
+            a.done_tokens += tokens
+            a.done_batches += 1
+            if agent_id != planned_agent:
+                a.stolen += 1
+                a.stolen_tokens += tokens
+            a.busy_s += elapsed_s
+            a.latency_n += 1
+            a.latency_sum += elapsed_s  # (the run's mean latency: the agents' sums)
+            latency(elapsed_s)
+            failed += error_rows
+            ok += rows - error_rows
+            if used is not NOTHING_USED and (used.input_tokens or used.output_tokens):
+                stats["input_tokens"] += used.input_tokens
+                stats["output_tokens"] += used.output_tokens
+            if t >= self._sample_at:
+                self._sample(t)
+        self.t_last = t_last
+        self.rows_ok += ok
+        self.rows_failed += failed
 
     def batch_failed(self, t: float, batch_id: int, agent_id: int, rows: int, tokens: int,
                      elapsed_s: float, *, bisected: bool = False) -> None:
         """A batch ended in error (``BatchFailed``); ``bisected``: its rows go on in halves."""
+        if self.pending:
+            self.drain()
         self._end_call(t, batch_id, agent_id, tokens)
         self.call_failed(t, agent_id, rows, tokens, elapsed_s, bisected=bisected)
 
     def call_failed(self, t: float, agent_id: int, rows: int, tokens: int, elapsed_s: float,
                     *, bisected: bool = False) -> None:
         """A watched call ended the batch in error (``BatchFailed``'s fields)."""
+        if self.pending:
+            self.drain()
         self._clock(t)
         a = self._agent(agent_id)
         a.errors += 1
@@ -255,6 +309,8 @@ class StatsAccumulator:
 
     def call_retried(self, ev: BatchRetried) -> None:
         """A watched call failed and its batch is tried again (``BatchRetried``)."""
+        if self.pending:
+            self.drain()
         self._clock(ev.t)
         self._retried(self._agent(ev.agent_id), ev)
 
@@ -290,6 +346,8 @@ class StatsAccumulator:
     # -- any event -------------------------------------------------------------------------------
     def apply(self, ev: Event) -> None:
         """Fold one event."""
+        if self.pending:
+            self.drain()
         if isinstance(ev, BatchStarted):
             self.batch_started(ev.t, ev.batch_id, ev.agent_id, ev.tokens)
         elif isinstance(ev, BatchFinished):
@@ -346,6 +404,7 @@ class StatsAccumulator:
 
     def counts(self) -> dict[str, int]:
         """RunStats' int fields as they stand."""
+        self.drain()
         return {**self.stats, **{k: getattr(self, k) for k in _HOT},
                 **{k: self._sum(mine) for k, mine in _SUMMED}}
 
@@ -362,6 +421,7 @@ class StatsAccumulator:
 
     def snapshot(self, now: float | None = None) -> RunStats:
         """Freeze the current state. ``now`` (monotonic) sets elapsed time while running."""
+        self.drain()
         oldest = min(self.open_calls.values(), default=None)  # (more_calls: later starts)
         live: dict[int, tuple[int, int]] = {}  # agent -> the pools' calls in flight, tokens
         n_live = started = 0

@@ -7,8 +7,9 @@ per-row arrays in bulk with others), emits the matching ``BatchStarted`` / ``Bat
 ``BatchFailed`` event and hands finished batches to the journal (``on_batch_done``). A live
 view listens through ``tally`` (a ``StatsAccumulator``): the recorder keeps the calls in
 flight in a dict the tally reads at snapshot time (``live``: a call's start costs one dict
-write) and tells it each call's end from its fields (no event object is built for it);
-``emit`` gets the events, for ``on_event`` subscribers.
+write), appends each answered call's fields to a list the tally folds when it is read, and
+tells it of other ends from their fields (no event object is built for it); ``emit`` gets the
+events, for ``on_event`` subscribers.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dfbatch.events import (
     Event,
     LiveCalls,
 )
+from dfbatch.events._fold import PENDING, Answer
 from dfbatch.execute import _usage
 from dfbatch.execute._outputs import Output, as_frame
 from dfbatch.execute._pieces import Pieces
@@ -232,9 +234,9 @@ class Tally(Protocol):
         """Read ``live`` (kept by the recorder) when counting; what to call at each start."""
         ...
 
-    def call_answered(self, t: float, agent_id: int, planned_agent: int, rows: int,
-                      tokens: int, elapsed_s: float, error_rows: int, input_tokens: int = 0,
-                      output_tokens: int = 0) -> None: ...
+    def drain(self) -> None:
+        """Fold the answers appended to ``live.answered``."""
+        ...
 
     def call_failed(self, t: float, agent_id: int, rows: int, tokens: int, elapsed_s: float,
                     *, bisected: bool = False) -> None: ...
@@ -253,7 +255,9 @@ class Recorder:
         self.emit = emit  # None: nobody listens, no event is built
         self.tally: Tally | None = None
         self.live: LiveCalls | None = None  # the calls in flight, while a tally listens
-        self._on_start: Callable[[], None] | None = None
+        self._calls: dict[int, tuple[float, int, int]] = {}  # (live.calls)
+        self._answers: list[Answer] = []  # (live.answered)
+        self._on_call: Callable[[], None] | None = None
         self._clock: Callable[[], float] | None = None
         self.on_batch_done = on_batch_done
 
@@ -261,10 +265,11 @@ class Recorder:
         """Who hears of each batch: ``tally``, counted from the batch's fields without an
         event (a live view), and ``emit``, which gets the events (``on_event``)."""
         self.tally, self.emit = tally, emit
-        self.live = self._on_start = None
+        self.live = self._on_call = None
         if tally is not None:
             self.live = LiveCalls()
-            self._on_start = tally.watch(self.live)
+            self._on_call = tally.watch(self.live)
+            self._calls, self._answers = self.live.calls, self.live.answered
 
     def _bind_clock(self) -> Callable[[], float]:
         """The running loop's clock (the events' ``t``), bound once."""
@@ -279,9 +284,9 @@ class Recorder:
         live = self.live
         if live is not None:  # (every start has an end: the entry goes then)
             live.started += 1
-            live.calls[batch.id] = (t, a, batch.tokens)
-            if self._on_start is not None:
-                self._on_start()
+            self._calls[batch.id] = (t, a, batch.tokens)
+            if self._on_call is not None:
+                self._on_call()
         if self.emit is not None:
             self.emit(BatchStarted(t, batch.id, a, batch.planned_agent, len(batch.rows),
                                    batch.tokens, attempt))
@@ -341,11 +346,14 @@ class Recorder:
         if tally is not None or emit is not None:
             t, n = (self._clock or self._bind_clock())(), len(rows)
             if tally is not None:
-                live = self.live
-                if live is not None:
-                    live.calls.pop(batch.id, None)
-                tally.call_answered(t, a, batch.planned_agent, n, batch.tokens, v.elapsed,
-                                    n_err, v.used.input_tokens, v.used.output_tokens)
+                self._calls.pop(batch.id, None)
+                answers = self._answers
+                answers.append((t, a, batch.planned_agent, n, batch.tokens, v.elapsed, n_err,
+                                v.used))
+                if len(answers) >= PENDING:
+                    tally.drain()
+                if self._on_call is not None:
+                    self._on_call()
             if emit is not None:
                 emit(BatchFinished(t, batch.id, a, batch.planned_agent, n, batch.tokens,
                                    v.elapsed, n - n_err, n_err, v.used.input_tokens,
@@ -372,8 +380,7 @@ class Recorder:
 
     def _end(self, batch: Batch) -> None:
         """``batch``'s call is over: no longer in flight."""
-        if self.live is not None:
-            self.live.calls.pop(batch.id, None)
+        self._calls.pop(batch.id, None)
 
     def mark_unfinished(self) -> None:
         for i in np.flatnonzero(~self.out.done).tolist():

@@ -56,18 +56,14 @@ class ChunkTally:
 
     def watch(self, live: LiveCalls) -> Callable[[], None]:
         self.acc.watch(live)
-        return self._check  # at every call's start
+        return self._check  # at every call's start and answer
 
     def _check(self) -> None:
         if not self.queued():
             self.drained.set()
 
-    def call_answered(self, t: float, agent_id: int, planned_agent: int, rows: int,
-                      tokens: int, elapsed_s: float, error_rows: int, input_tokens: int = 0,
-                      output_tokens: int = 0) -> None:
-        self.acc.call_answered(t, agent_id, planned_agent, rows, tokens, elapsed_s, error_rows,
-                               input_tokens, output_tokens)
-        self._check()
+    def drain(self) -> None:
+        self.acc.drain()
 
     def call_failed(self, t: float, agent_id: int, rows: int, tokens: int, elapsed_s: float,
                     *, bisected: bool = False) -> None:
