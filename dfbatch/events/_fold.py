@@ -43,7 +43,7 @@ _AGENT_COUNTS = tuple(k for k in AgentStats.__dataclass_fields__
 # RunStats' counts that are the sums of the agents' (kept once, per agent)
 _SUMMED = (("in_flight", "in_flight"), ("rows_done", "done_rows"),
            ("batches_done", "done_batches"), ("tokens_done", "done_tokens"))
-_HOT = ("calls", "rows_ok", "rows_failed")  # bumped once a batch: StatsAccumulator's slots
+_HOT = ("calls", "rows_failed")  # bumped once a batch: StatsAccumulator's slots
 PENDING = 1024  # answered calls kept before they are folded (``StatsAccumulator.pending``)
 
 
@@ -94,19 +94,18 @@ class _Agent:
 
 
 class LiveCalls:
-    """A pool's calls in flight, kept by the pool (``calls``: batch id -> (start, agent,
-    tokens), in the order they started; ``started``: every call it began), read by
-    ``StatsAccumulator.snapshot``."""
+    """A pool's calls, kept by the pool: ``calls`` in flight (batch id -> (start, agent,
+    tokens), in the order they started) and the fields of those ``answered`` (the
+    accumulator's ``pending``, once it ``watch``es them), read by ``StatsAccumulator``."""
 
-    __slots__ = ("answered", "calls", "started")
+    __slots__ = ("answered", "calls")
 
     def __init__(self) -> None:
         self.calls: dict[int, tuple[float, int, int]] = {}
-        self.started = 0
-        self.answered: list[Answer] = []  # (``watch``: the accumulator's ``pending``)
+        self.answered: list[Answer] = []
 
     def __repr__(self) -> str:
-        return f"LiveCalls(in_flight={len(self.calls)}, started={self.started})"
+        return f"LiveCalls(in_flight={len(self.calls)}, answered={len(self.answered)})"
 
 
 @dataclass(slots=True)
@@ -135,7 +134,6 @@ class StatsAccumulator:
     >>> live = LiveCalls()
     >>> acc.watch(live)
     >>> live.calls[1] = (2.0, 1, 40)  # batch 1's call started at t=2 on agent 1 (40 tokens)
-    >>> live.started += 1
     >>> s = acc.snapshot(now=2.5)
     >>> s.in_flight, s.calls, s.agents[1].inflight_tokens, s.oldest_in_flight_s
     (1, 2, 40, 0.5)
@@ -167,13 +165,13 @@ class StatsAccumulator:
     tpm: float | None = None
     jobs: dict[int, JobUpdated] = field(default_factory=dict)
     calls: int = 0  # RunStats' counts bumped on every batch (the rest: stats, or agents' sums)
-    rows_ok: int = 0
+    rows_ok_extra: int = 0  # rows_ok is the rows done less rows_failed, and these (events')
     rows_failed: int = 0
     _history_step: float = field(init=False, default=0.0)
     _sample_at: float = field(init=False, default=float("-inf"))  # no sample before this time
 
     def __post_init__(self) -> None:
-        not_here = {*_HOT, *(k for k, _ in _SUMMED)}
+        not_here = {*_HOT, "rows_ok", *(k for k, _ in _SUMMED)}
         self.stats = dict.fromkeys((k for k in _RUN_INTS if k not in not_here), 0)
         self.incidents = deque(maxlen=self.max_incidents)
         self.latencies = deque(maxlen=self.latency_window)
@@ -220,12 +218,14 @@ class StatsAccumulator:
         self.call_answered(t, agent_id, planned_agent, rows, tokens, elapsed_s, error_rows,
                            input_tokens, output_tokens)
         self.drain()
-        self.rows_ok += ok_rows - (rows - error_rows)  # (an event's own count of ok rows)
+        self.calls -= 1  # (counted at its start: drain counts an answered call)
+        self.rows_ok_extra += ok_rows - (rows - error_rows)  # (an event's own count of ok rows)
 
     def watch(self, live: LiveCalls) -> None:
         """Read a pool's calls (in flight, and how many it began) at every snapshot; the pool
         tells each call's end: it appends its answers to ``live.answered`` (which is this
-        accumulator's ``pending``), and calls ``call_failed`` / ``call_retried``."""
+        accumulator's ``pending``), and calls ``call_failed`` / ``call_retried``. A watched
+        call is counted as it ends (or at ``RunFinished``, if it never does)."""
         live.answered = self.pending
         self.live.append(live)
 
@@ -249,12 +249,13 @@ class StatsAccumulator:
         items = pending[:]
         pending.clear()  # (the same list: the pools append to it)
         agents, latency = self.agents, self.latencies.append
-        t_last, ok, failed, stats = self.t_last, 0, 0, self.stats
+        failed, stats, sample_at = 0, self.stats, self._sample_at
         if self.t0 is None:
             self.t0 = items[0][0]
+        # (in time order: the pool appends them as they end; an event's comes alone)
+        self.t_last = max(self.t_last, items[-1][0])
+        self.calls += len(items)
         for t, agent_id, planned_agent, rows, tokens, elapsed_s, error_rows, used in items:
-            if t > t_last:
-                t_last = t
             try:
                 a = agents[agent_id]
             except IndexError:
@@ -269,15 +270,14 @@ class StatsAccumulator:
             a.latency_n += 1
             a.latency_sum += elapsed_s  # (the run's mean latency: the agents' sums)
             latency(elapsed_s)
-            failed += error_rows
-            ok += rows - error_rows
+            if error_rows:
+                failed += error_rows
             if used is not NOTHING_USED and (used.input_tokens or used.output_tokens):
                 stats["input_tokens"] += used.input_tokens
                 stats["output_tokens"] += used.output_tokens
-            if t >= self._sample_at:
+            if t >= sample_at:
                 self._sample(t)
-        self.t_last = t_last
-        self.rows_ok += ok
+                sample_at = self._sample_at
         self.rows_failed += failed
 
     def batch_failed(self, t: float, batch_id: int, agent_id: int, rows: int, tokens: int,
@@ -286,15 +286,17 @@ class StatsAccumulator:
         if self.pending:
             self.drain()
         self._end_call(t, batch_id, agent_id, tokens)
-        self.call_failed(t, agent_id, rows, tokens, elapsed_s, bisected=bisected)
+        self.call_failed(t, agent_id, rows, tokens, elapsed_s, bisected=bisected, called=False)
 
     def call_failed(self, t: float, agent_id: int, rows: int, tokens: int, elapsed_s: float,
-                    *, bisected: bool = False) -> None:
-        """A watched call ended the batch in error (``BatchFailed``'s fields)."""
+                    *, bisected: bool = False, called: bool = True) -> None:
+        """A watched call ended the batch in error (``BatchFailed``'s fields); ``called``:
+        false when the batch was failed without a call (too big to send)."""
         if self.pending:
             self.drain()
         self._clock(t)
         a = self._agent(agent_id)
+        self.calls += called
         a.errors += 1
         a.busy_s += elapsed_s
         self.stats["errors"] += 1
@@ -312,6 +314,7 @@ class StatsAccumulator:
         if self.pending:
             self.drain()
         self._clock(ev.t)
+        self.calls += 1
         self._retried(self._agent(ev.agent_id), ev)
 
     def _retried(self, a: _Agent, ev: BatchRetried) -> None:
@@ -391,7 +394,7 @@ class StatsAccumulator:
                 a.in_flight, a.inflight_tokens = 0, 0
             self.open_calls.clear()
             self.more_calls.clear()
-            self.calls += sum(live.started for live in self.live)  # (open calls: cancelled)
+            self.calls += sum(len(live.calls) for live in self.live)  # (open: cancelled)
             self.live = []
             self._sample(ev.t, force=True)
 
@@ -405,8 +408,10 @@ class StatsAccumulator:
     def counts(self) -> dict[str, int]:
         """RunStats' int fields as they stand."""
         self.drain()
-        return {**self.stats, **{k: getattr(self, k) for k in _HOT},
-                **{k: self._sum(mine) for k, mine in _SUMMED}}
+        summed = {k: self._sum(mine) for k, mine in _SUMMED}
+        rows_ok = summed["rows_done"] - self.rows_failed + self.rows_ok_extra
+        return {**self.stats, **{k: getattr(self, k) for k in _HOT}, "rows_ok": rows_ok,
+                **summed}
 
     def _sample(self, t: float, *, force: bool = False) -> None:
         assert self.t0 is not None
@@ -424,9 +429,8 @@ class StatsAccumulator:
         self.drain()
         oldest = min(self.open_calls.values(), default=None)  # (more_calls: later starts)
         live: dict[int, tuple[int, int]] = {}  # agent -> the pools' calls in flight, tokens
-        n_live = started = 0
+        n_live = 0
         for pool in self.live:
-            started += pool.started
             for start, agent, tokens in pool.calls.values():
                 n, tok = live.get(agent, (0, 0))
                 live[agent] = (n + 1, tok + tokens)
@@ -444,7 +448,7 @@ class StatsAccumulator:
         lat = sorted(self.latencies)
         counts = self.counts()
         counts["in_flight"] += n_live
-        counts["calls"] += started
+        counts["calls"] += n_live
         return RunStats(
             rpm=self.rpm,
             tpm=self.tpm,

@@ -239,7 +239,7 @@ class Tally(Protocol):
         ...
 
     def call_failed(self, t: float, agent_id: int, rows: int, tokens: int, elapsed_s: float,
-                    *, bisected: bool = False) -> None: ...
+                    *, bisected: bool = False, called: bool = True) -> None: ...
 
     def call_retried(self, ev: BatchRetried) -> None: ...
 
@@ -255,7 +255,7 @@ class Recorder:
         self.emit = emit  # None: nobody listens, no event is built
         self.tally: Tally | None = None
         self.live: LiveCalls | None = None  # the calls in flight, while a tally listens
-        self._calls: dict[int, tuple[float, int, int]] = {}  # (live.calls)
+        self._calls: dict[int, tuple[float, int, int]] | None = None  # (live.calls)
         self._answers: list[Answer] = []  # (live.answered)
         self._on_call: Callable[[], None] | None = None
         self._clock: Callable[[], float] | None = None
@@ -265,7 +265,7 @@ class Recorder:
         """Who hears of each batch: ``tally``, counted from the batch's fields without an
         event (a live view), and ``emit``, which gets the events (``on_event``)."""
         self.tally, self.emit = tally, emit
-        self.live = self._on_call = None
+        self.live = self._on_call = self._calls = None
         if tally is not None:
             self.live = LiveCalls()
             self._on_call = tally.watch(self.live)
@@ -281,10 +281,9 @@ class Recorder:
 
     def started(self, a: int, batch: Batch, attempt: int, t: float) -> None:
         batch.tries += 1  # (counted per batch, stamped on its rows when it is over)
-        live = self.live
-        if live is not None:  # (every start has an end: the entry goes then)
-            live.started += 1
-            self._calls[batch.id] = (t, a, batch.tokens)
+        calls = self._calls
+        if calls is not None:  # (every start has an end: the entry goes then)
+            calls[batch.id] = (t, a, batch.tokens)
             if self._on_call is not None:
                 self._on_call()
         if self.emit is not None:
@@ -296,8 +295,7 @@ class Recorder:
         if isinstance(ev, BatchHedged):
             batch.tries += 1
         if self.tally is not None:
-            if isinstance(ev, BatchRetried):  # the call is over
-                self._end(batch)
+            if isinstance(ev, BatchRetried) and self._end(batch):  # the call is over
                 self.tally.call_retried(ev)
             else:
                 self.tally.apply(ev)
@@ -317,8 +315,8 @@ class Recorder:
             return
         t = (self._clock or self._bind_clock())()
         if self.tally is not None:
-            self._end(batch)
-            self.tally.call_failed(t, a, len(batch.rows), batch.tokens, elapsed, bisected=True)
+            self.tally.call_failed(t, a, len(batch.rows), batch.tokens, elapsed, bisected=True,
+                                   called=self._end(batch))
         if self.emit is not None:
             self.emit(BatchFailed(t, batch.id, a, batch.planned_agent, len(batch.rows),
                                   batch.tokens, elapsed, error, bisected=True))
@@ -345,8 +343,9 @@ class Recorder:
         tally, emit = self.tally, self.emit
         if tally is not None or emit is not None:
             t, n = (self._clock or self._bind_clock())(), len(rows)
-            if tally is not None:
-                self._calls.pop(batch.id, None)
+            calls = self._calls
+            if tally is not None and calls is not None:
+                calls.pop(batch.id, None)
                 answers = self._answers
                 answers.append((t, a, batch.planned_agent, n, batch.tokens, v.elapsed, n_err,
                                 v.used))
@@ -370,17 +369,17 @@ class Recorder:
         if tally is not None or emit is not None:
             t = (self._clock or self._bind_clock())()
             if tally is not None:
-                self._end(batch)
-                tally.call_failed(t, a, len(batch.rows), batch.tokens, elapsed)
+                tally.call_failed(t, a, len(batch.rows), batch.tokens, elapsed,
+                                  called=self._end(batch))
             if emit is not None:
                 emit(BatchFailed(t, batch.id, a, batch.planned_agent, len(batch.rows),
                                  batch.tokens, elapsed, msg))
         if self.on_batch_done is not None:
             self.on_batch_done(batch, self.out)
 
-    def _end(self, batch: Batch) -> None:
-        """``batch``'s call is over: no longer in flight."""
-        self._calls.pop(batch.id, None)
+    def _end(self, batch: Batch) -> bool:
+        """``batch``'s call is over: no longer in flight (false: it had none)."""
+        return self._calls is not None and self._calls.pop(batch.id, None) is not None
 
     def mark_unfinished(self) -> None:
         for i in np.flatnonzero(~self.out.done).tolist():

@@ -66,8 +66,9 @@ class ChunkTally:
         self.acc.drain()
 
     def call_failed(self, t: float, agent_id: int, rows: int, tokens: int, elapsed_s: float,
-                    *, bisected: bool = False) -> None:
-        self.acc.call_failed(t, agent_id, rows, tokens, elapsed_s, bisected=bisected)
+                    *, bisected: bool = False, called: bool = True) -> None:
+        self.acc.call_failed(t, agent_id, rows, tokens, elapsed_s, bisected=bisected,
+                             called=called)
         self._check()
 
     def call_retried(self, ev: BatchRetried) -> None:
