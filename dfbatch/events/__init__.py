@@ -29,7 +29,8 @@ from dfbatch.events._events import (
     RunFinished,
     RunStarted,
 )
-from dfbatch.events._fold import LiveCalls, StatsAccumulator, fold
+from dfbatch.events._fold import StatsAccumulator, fold
+from dfbatch.events._live import LiveCalls
 from dfbatch.events._stats import AgentStats, RunStats
 
 __all__ = [

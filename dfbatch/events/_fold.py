@@ -6,10 +6,11 @@
 The pool tells a live view of each batch without building an event, and nothing at a call's
 start: it keeps its calls in flight in a dict (batch id -> (start, agent, tokens)) that the
 accumulator ``watch``es and reads at snapshot time, and appends each answered call's fields to
-the accumulator's ``pending`` list (a tuple: ``call_answered``'s arguments), which is folded in
-order, exactly as one call at a time would, whenever anything reads or changes the counts
+the accumulator's ``pending`` list (``Answer``: a tuple, no event), which is folded in order,
+exactly as one call at a time would be, whenever anything reads or changes the counts
 (``snapshot``, ``apply``, a failed or retried call) or every ``PENDING`` calls. Failed and
-retried calls are told with ``call_failed`` / ``call_retried``. ``apply`` folds an event object
+retried calls are told with ``call_failed`` / ``call_retried``; a watched call is counted as it
+ends (so a start costs one dict write and nothing else). ``apply`` folds an event object
 (``BatchStarted`` ... from a replay, the Batch API, tests) through ``batch_started`` /
 ``batch_finished`` / ``batch_failed``, which keep their own count of calls in flight. What
 several counters add up to (rows done, calls in flight), percentiles and the oldest call in
@@ -21,7 +22,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from dfbatch.events._events import (
     BatchFailed,
@@ -33,6 +33,7 @@ from dfbatch.events._events import (
     RunFinished,
     RunStarted,
 )
+from dfbatch.events._live import NOTHING_USED, PENDING, Answer, LiveCalls, Tokens
 from dfbatch.events._stats import AgentStats, RunStats
 from dfbatch.job_events import JobUpdated
 
@@ -44,26 +45,6 @@ _AGENT_COUNTS = tuple(k for k in AgentStats.__dataclass_fields__
 _SUMMED = (("in_flight", "in_flight"), ("rows_done", "done_rows"),
            ("batches_done", "done_batches"), ("tokens_done", "done_tokens"))
 _HOT = ("calls", "rows_failed")  # bumped once a batch: StatsAccumulator's slots
-PENDING = 1024  # answered calls kept before they are folded (``StatsAccumulator.pending``)
-
-
-class Used(Protocol):
-    """The tokens a call reported (``execute._usage.Usage``)."""
-
-    input_tokens: int
-    output_tokens: int
-
-
-@dataclass(slots=True)
-class _Used:
-    input_tokens: int = 0
-    output_tokens: int = 0
-
-
-NOTHING_USED = _Used()
-# an answered call, as the pool tells it: (t, agent_id, planned_agent, rows, tokens, elapsed_s,
-# error_rows, used)
-Answer = tuple[float, int, int, int, int, float, int, Used]
 
 
 @dataclass(slots=True)
@@ -91,21 +72,6 @@ class _Agent:
         counts["in_flight"] += live[0]
         counts["inflight_tokens"] += live[1]
         return AgentStats(agent_id=agent_id, mean_latency_s=mean, **counts)
-
-
-class LiveCalls:
-    """A pool's calls, kept by the pool: ``calls`` in flight (batch id -> (start, agent,
-    tokens), in the order they started) and the fields of those ``answered`` (the
-    accumulator's ``pending``, once it ``watch``es them), read by ``StatsAccumulator``."""
-
-    __slots__ = ("answered", "calls")
-
-    def __init__(self) -> None:
-        self.calls: dict[int, tuple[float, int, int]] = {}
-        self.answered: list[Answer] = []
-
-    def __repr__(self) -> str:
-        return f"LiveCalls(in_flight={len(self.calls)}, answered={len(self.answered)})"
 
 
 @dataclass(slots=True)
@@ -234,7 +200,7 @@ class StatsAccumulator:
                       output_tokens: int = 0) -> None:
         """A watched call returned outputs for every row (``BatchFinished``'s fields); folded
         later, in order (``pending``)."""
-        used = _Used(input_tokens, output_tokens) if input_tokens or output_tokens \
+        used = Tokens(input_tokens, output_tokens) if input_tokens or output_tokens \
             else NOTHING_USED
         self.pending.append((t, agent_id, planned_agent, rows, tokens, elapsed_s, error_rows,
                              used))

@@ -33,7 +33,7 @@ from dfbatch.events import (
     Event,
     LiveCalls,
 )
-from dfbatch.events._fold import PENDING, Answer
+from dfbatch.events._live import PENDING, Answer
 from dfbatch.execute import _usage
 from dfbatch.execute._outputs import Output, as_frame
 from dfbatch.execute._pieces import Pieces
@@ -231,7 +231,8 @@ class Tally(Protocol):
     """What counts each batch's calls from their fields (``StatsAccumulator``'s methods)."""
 
     def watch(self, live: LiveCalls) -> Callable[[], None] | None:
-        """Read ``live`` (kept by the recorder) when counting; what to call at each start."""
+        """Read ``live`` (kept by the recorder) when counting; returns what to call at each
+        call's start and answer (or None)."""
         ...
 
     def drain(self) -> None:
@@ -263,7 +264,8 @@ class Recorder:
 
     def listen(self, tally: Tally | None, emit: Callable[[Event], None] | None) -> None:
         """Who hears of each batch: ``tally``, counted from the batch's fields without an
-        event (a live view), and ``emit``, which gets the events (``on_event``)."""
+        event (a live view: it ``watch``es the calls in flight this recorder keeps in
+        ``live``), and ``emit``, which gets the events (``on_event``)."""
         self.tally, self.emit = tally, emit
         self.live = self._on_call = self._calls = None
         if tally is not None:
@@ -295,7 +297,8 @@ class Recorder:
         if isinstance(ev, BatchHedged):
             batch.tries += 1
         if self.tally is not None:
-            if isinstance(ev, BatchRetried) and self._end(batch):  # the call is over
+            if isinstance(ev, BatchRetried):  # the call is over
+                self._end(batch)
                 self.tally.call_retried(ev)
             else:
                 self.tally.apply(ev)
