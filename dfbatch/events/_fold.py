@@ -180,11 +180,16 @@ class StatsAccumulator:
                        rows: int, tokens: int, elapsed_s: float, ok_rows: int, error_rows: int,
                        input_tokens: int = 0, output_tokens: int = 0) -> None:
         """A call returned outputs for every row (``BatchFinished``)."""
+        if self.pending:
+            self.drain()
         self._end_call(t, batch_id, agent_id, tokens)
-        self.call_answered(t, agent_id, planned_agent, rows, tokens, elapsed_s, error_rows,
-                           input_tokens, output_tokens)
-        self.drain()
-        self.calls -= 1  # (counted at its start: drain counts an answered call)
+        if self.t0 is None:
+            self.t0 = t
+        used = Tokens(input_tokens, output_tokens) if input_tokens or output_tokens \
+            else NOTHING_USED
+        self._fold_each(((t, agent_id, planned_agent, rows, tokens, elapsed_s, error_rows,
+                          used),))
+        self.calls -= 1  # (counted at its start: _fold_each counts an answered call)
         self.rows_ok_extra += ok_rows - (rows - error_rows)  # (an event's own count of ok rows)
 
     def watch(self, live: LiveCalls) -> None:
@@ -214,6 +219,10 @@ class StatsAccumulator:
             return
         items = pending[:]
         pending.clear()  # (the same list: the pools append to it)
+        self._fold_each(items)
+
+    def _fold_each(self, items: list[Answer] | tuple[Answer, ...]) -> None:
+        """Fold answered calls, one at a time."""
         agents, latency = self.agents, self.latencies.append
         failed, stats, sample_at = 0, self.stats, self._sample_at
         if self.t0 is None:
