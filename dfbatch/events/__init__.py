@@ -30,6 +30,7 @@ from dfbatch.events._events import (
     RunStarted,
 )
 from dfbatch.events._fold import StatsAccumulator, fold
+from dfbatch.events._live import LiveCalls
 from dfbatch.events._stats import AgentStats, RunStats
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "BatchRetried",
     "BatchStarted",
     "Event",
+    "LiveCalls",
     "RunFinished",
     "RunStarted",
     "RunStats",

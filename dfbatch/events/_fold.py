@@ -3,11 +3,18 @@
 ``RunStats``' int fields are counted by name (its annotations are strings under
 ``from __future__ import annotations``, so ``field.type == "int"`` picks them).
 
-The pool tells a live view of each batch without building an event: ``batch_started``,
-``batch_finished`` and ``batch_failed`` take the event's fields as arguments and bump a few
-slot counters (about a microsecond a batch); ``apply`` folds an event object through the same
-methods. What several counters add up to (rows done, calls in flight), percentiles and the oldest
-call in flight are computed by ``snapshot``, at the display's frame rate.
+The pool tells a live view of each batch without building an event, and nothing at a call's
+start: it keeps its calls in flight in a dict (batch id -> (start, agent, tokens)) that the
+accumulator ``watch``es and reads at snapshot time, and appends each answered call's fields to
+the accumulator's ``pending`` list (``Answer``: a tuple, no event), which is folded in order,
+exactly as one call at a time would be, whenever anything reads or changes the counts
+(``snapshot``, ``apply``, a failed or retried call) or every ``PENDING`` calls. Failed and
+retried calls are told with ``call_failed`` / ``call_retried``; a watched call is counted as it
+ends (so a start costs one dict write and nothing else). ``apply`` folds an event object
+(``BatchStarted`` ... from a replay, the Batch API, tests) through ``batch_started`` /
+``batch_finished`` / ``batch_failed``, which keep their own count of calls in flight. What
+several counters add up to (rows done, calls in flight), percentiles and the oldest call in
+flight are computed by ``snapshot``, at the display's frame rate.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from dfbatch.events._events import (
     RunFinished,
     RunStarted,
 )
+from dfbatch.events._live import NOTHING_USED, PENDING, Answer, LiveCalls, Tokens
 from dfbatch.events._stats import AgentStats, RunStats
 from dfbatch.job_events import JobUpdated
 
@@ -36,7 +44,7 @@ _AGENT_COUNTS = tuple(k for k in AgentStats.__dataclass_fields__
 # RunStats' counts that are the sums of the agents' (kept once, per agent)
 _SUMMED = (("in_flight", "in_flight"), ("rows_done", "done_rows"),
            ("batches_done", "done_batches"), ("tokens_done", "done_tokens"))
-_HOT = ("calls", "rows_ok", "rows_failed")  # bumped once a batch: StatsAccumulator's slots
+_HOT = ("calls", "rows_failed")  # bumped once a batch: StatsAccumulator's slots
 
 
 @dataclass(slots=True)
@@ -57,9 +65,12 @@ class _Agent:
     latency_n: int = 0  # finished calls: busy_s / latency_n is the mean latency
     latency_sum: float = 0.0  # their seconds (the run's mean latency)
 
-    def freeze(self, agent_id: int) -> AgentStats:
+    def freeze(self, agent_id: int, live: tuple[int, int] = (0, 0)) -> AgentStats:
+        """``live``: the calls in flight and their tokens that the pool keeps (``watch``)."""
         mean = self.busy_s / self.latency_n if self.latency_n else 0.0
         counts = {k: getattr(self, k) for k in _AGENT_COUNTS}
+        counts["in_flight"] += live[0]
+        counts["inflight_tokens"] += live[1]
         return AgentStats(agent_id=agent_id, mean_latency_s=mean, **counts)
 
 
@@ -82,6 +93,21 @@ class StatsAccumulator:
     >>> s = acc.snapshot()
     >>> s.rows_done, s.rows_failed, s.in_flight, s.p50_latency_s
     (4, 1, 0, 1.5)
+
+    The pool's way: it keeps its calls in flight where the accumulator reads them, and tells
+    each call's end from its fields:
+
+    >>> live = LiveCalls()
+    >>> acc.watch(live)
+    >>> live.calls[1] = (2.0, 1, 40)  # batch 1's call started at t=2 on agent 1 (40 tokens)
+    >>> s = acc.snapshot(now=2.5)
+    >>> s.in_flight, s.calls, s.agents[1].inflight_tokens, s.oldest_in_flight_s
+    (1, 2, 40, 0.5)
+    >>> del live.calls[1]
+    >>> live.answered.append((3.0, 1, 1, 4, 40, 1.0, 0, NOTHING_USED))  # its answer (4 rows)
+    >>> s = acc.snapshot()
+    >>> s.in_flight, s.calls, s.rows_done, s.elapsed_s
+    (0, 2, 8, 3.0)
     """
 
     history_every_s: float = 0.2
@@ -98,18 +124,20 @@ class StatsAccumulator:
     finished: bool = False
     cancelled: bool = False
     open_calls: dict[int, float] = field(default_factory=dict)  # batch_id -> its call's start
+    live: list[LiveCalls] = field(default_factory=list)  # the pools' calls (``watch``)
+    pending: list[Answer] = field(default_factory=list)  # answered calls not folded yet
     more_calls: dict[int, list[float]] = field(default_factory=dict)  # more calls of one id
     rpm: float | None = None
     tpm: float | None = None
     jobs: dict[int, JobUpdated] = field(default_factory=dict)
     calls: int = 0  # RunStats' counts bumped on every batch (the rest: stats, or agents' sums)
-    rows_ok: int = 0
+    rows_ok_extra: int = 0  # rows_ok is the rows done less rows_failed, and these (events')
     rows_failed: int = 0
     _history_step: float = field(init=False, default=0.0)
     _sample_at: float = field(init=False, default=float("-inf"))  # no sample before this time
 
     def __post_init__(self) -> None:
-        not_here = {*_HOT, *(k for k, _ in _SUMMED)}
+        not_here = {*_HOT, "rows_ok", *(k for k, _ in _SUMMED)}
         self.stats = dict.fromkeys((k for k in _RUN_INTS if k not in not_here), 0)
         self.incidents = deque(maxlen=self.max_incidents)
         self.latencies = deque(maxlen=self.latency_window)
@@ -129,6 +157,8 @@ class StatsAccumulator:
     # -- a batch's calls, from their fields (the pool's hot path) ------------------------------
     def batch_started(self, t: float, batch_id: int, agent_id: int, tokens: int) -> None:
         """A call of batch ``batch_id`` began on agent ``agent_id`` (``BatchStarted``)."""
+        if self.pending:
+            self.drain()
         if t > self.t_last:
             self.t_last = t
         if self.t0 is None:
@@ -150,44 +180,98 @@ class StatsAccumulator:
                        rows: int, tokens: int, elapsed_s: float, ok_rows: int, error_rows: int,
                        input_tokens: int = 0, output_tokens: int = 0) -> None:
         """A call returned outputs for every row (``BatchFinished``)."""
-        # _end_call, inlined: once a batch
-        if t > self.t_last:
-            self.t_last = t
+        if self.pending:
+            self.drain()
+        self._end_call(t, batch_id, agent_id, tokens)
         if self.t0 is None:
             self.t0 = t
-        try:
-            a = self.agents[agent_id]
-        except IndexError:
-            a = self._agent(agent_id)
-        a.in_flight -= 1
-        a.inflight_tokens -= tokens
-        if self.more_calls and batch_id in self.more_calls:
-            self._end_more(batch_id)
-        else:
-            self.open_calls.pop(batch_id, None)
-        a.done_rows += rows
-        a.done_tokens += tokens
-        a.done_batches += 1
-        if agent_id != planned_agent:
-            a.stolen += 1
-            a.stolen_tokens += tokens
-        a.busy_s += elapsed_s
-        a.latency_n += 1
-        a.latency_sum += elapsed_s  # (the run's mean latency: the agents' sums, at snapshot)
-        self.latencies.append(elapsed_s)
-        if error_rows:
-            self.rows_failed += error_rows
-        self.rows_ok += ok_rows
-        if input_tokens or output_tokens:
-            self.stats["input_tokens"] += input_tokens
-            self.stats["output_tokens"] += output_tokens
-        if t >= self._sample_at:
-            self._sample(t)
+        used = Tokens(input_tokens, output_tokens) if input_tokens or output_tokens \
+            else NOTHING_USED
+        self._fold_each(((t, agent_id, planned_agent, rows, tokens, elapsed_s, error_rows,
+                          used),))
+        self.calls -= 1  # (counted at its start: _fold_each counts an answered call)
+        self.rows_ok_extra += ok_rows - (rows - error_rows)  # (an event's own count of ok rows)
+
+    def watch(self, live: LiveCalls) -> None:
+        """Read a pool's calls (in flight, and how many it began) at every snapshot; the pool
+        tells each call's end: it appends its answers to ``live.answered`` (which is this
+        accumulator's ``pending``), and calls ``call_failed`` / ``call_retried``. A watched
+        call is counted as it ends (or at ``RunFinished``, if it never does)."""
+        live.answered = self.pending
+        self.live.append(live)
+
+    def call_answered(self, t: float, agent_id: int, planned_agent: int, rows: int,
+                      tokens: int, elapsed_s: float, error_rows: int, input_tokens: int = 0,
+                      output_tokens: int = 0) -> None:
+        """A watched call returned outputs for every row (``BatchFinished``'s fields); folded
+        later, in order (``pending``)."""
+        used = Tokens(input_tokens, output_tokens) if input_tokens or output_tokens \
+            else NOTHING_USED
+        self.pending.append((t, agent_id, planned_agent, rows, tokens, elapsed_s, error_rows,
+                             used))
+        if len(self.pending) >= PENDING:
+            self.drain()
+
+    def drain(self) -> None:
+        """Fold the answered calls in ``pending``, in order (as they came, one at a time)."""
+        pending = self.pending
+        if not pending:
+            return
+        items = pending[:]
+        pending.clear()  # (the same list: the pools append to it)
+        self._fold_each(items)
+
+    def _fold_each(self, items: list[Answer] | tuple[Answer, ...]) -> None:
+        """Fold answered calls, one at a time."""
+        agents, latency = self.agents, self.latencies.append
+        failed, stats, sample_at = 0, self.stats, self._sample_at
+        if self.t0 is None:
+            self.t0 = items[0][0]
+        # (in time order: the pool appends them as they end; an event's comes alone)
+        self.t_last = max(self.t_last, items[-1][0])
+        self.calls += len(items)
+        for t, agent_id, planned_agent, rows, tokens, elapsed_s, error_rows, used in items:
+            try:
+                a = agents[agent_id]
+            except IndexError:
+                a = self._agent(agent_id)
+            a.done_rows += rows
+            a.done_tokens += tokens
+            a.done_batches += 1
+            if agent_id != planned_agent:
+                a.stolen += 1
+                a.stolen_tokens += tokens
+            a.busy_s += elapsed_s
+            a.latency_n += 1
+            a.latency_sum += elapsed_s  # (the run's mean latency: the agents' sums)
+            latency(elapsed_s)
+            if error_rows:
+                failed += error_rows
+            if used is not NOTHING_USED and (used.input_tokens or used.output_tokens):
+                stats["input_tokens"] += used.input_tokens
+                stats["output_tokens"] += used.output_tokens
+            if t >= sample_at:
+                self._sample(t)
+                sample_at = self._sample_at
+        self.rows_failed += failed
 
     def batch_failed(self, t: float, batch_id: int, agent_id: int, rows: int, tokens: int,
                      elapsed_s: float, *, bisected: bool = False) -> None:
         """A batch ended in error (``BatchFailed``); ``bisected``: its rows go on in halves."""
-        a = self._end_call(t, batch_id, agent_id, tokens)
+        if self.pending:
+            self.drain()
+        self._end_call(t, batch_id, agent_id, tokens)
+        self.call_failed(t, agent_id, rows, tokens, elapsed_s, bisected=bisected, called=False)
+
+    def call_failed(self, t: float, agent_id: int, rows: int, tokens: int, elapsed_s: float,
+                    *, bisected: bool = False, called: bool = True) -> None:
+        """A watched call ended the batch in error (``BatchFailed``'s fields); ``called``:
+        false when the batch was failed without a call (too big to send)."""
+        if self.pending:
+            self.drain()
+        self._clock(t)
+        a = self._agent(agent_id)
+        self.calls += called
         a.errors += 1
         a.busy_s += elapsed_s
         self.stats["errors"] += 1
@@ -199,6 +283,22 @@ class StatsAccumulator:
             a.done_batches += 1
             self.rows_failed += rows
             self._sample(t)
+
+    def call_retried(self, ev: BatchRetried) -> None:
+        """A watched call failed and its batch is tried again (``BatchRetried``)."""
+        if self.pending:
+            self.drain()
+        self._clock(ev.t)
+        self.calls += 1
+        self._retried(self._agent(ev.agent_id), ev)
+
+    def _retried(self, a: _Agent, ev: BatchRetried) -> None:
+        s = self.stats
+        a.retries += 1
+        s["retries"] += 1
+        s["rate_limited"] += ev.rate_limited
+        assert self.t0 is not None
+        self.incidents.append((ev.t - self.t0, "429" if ev.rate_limited else "retry"))
 
     def _end_call(self, t: float, batch_id: int, agent_id: int, tokens: int) -> _Agent:
         if t > self.t_last:
@@ -224,6 +324,8 @@ class StatsAccumulator:
     # -- any event -------------------------------------------------------------------------------
     def apply(self, ev: Event) -> None:
         """Fold one event."""
+        if self.pending:
+            self.drain()
         if isinstance(ev, BatchStarted):
             self.batch_started(ev.t, ev.batch_id, ev.agent_id, ev.tokens)
         elif isinstance(ev, BatchFinished):
@@ -252,12 +354,7 @@ class StatsAccumulator:
             self.finished = False
             self._sample_at = float("-inf")
         elif isinstance(ev, BatchRetried):
-            a = self._end_call(ev.t, ev.batch_id, ev.agent_id, ev.tokens)
-            a.retries += 1
-            s["retries"] += 1
-            s["rate_limited"] += ev.rate_limited
-            assert self.t0 is not None
-            self.incidents.append((ev.t - self.t0, "429" if ev.rate_limited else "retry"))
+            self._retried(self._end_call(ev.t, ev.batch_id, ev.agent_id, ev.tokens), ev)
         elif isinstance(ev, BatchHedged):
             s["hedges"] += 1
             self.calls += 1
@@ -272,6 +369,8 @@ class StatsAccumulator:
                 a.in_flight, a.inflight_tokens = 0, 0
             self.open_calls.clear()
             self.more_calls.clear()
+            self.calls += sum(len(live.calls) for live in self.live)  # (open: cancelled)
+            self.live = []
             self._sample(ev.t, force=True)
 
     def _mean_latency(self) -> float:
@@ -283,8 +382,11 @@ class StatsAccumulator:
 
     def counts(self) -> dict[str, int]:
         """RunStats' int fields as they stand."""
-        return {**self.stats, **{k: getattr(self, k) for k in _HOT},
-                **{k: self._sum(mine) for k, mine in _SUMMED}}
+        self.drain()
+        summed = {k: self._sum(mine) for k, mine in _SUMMED}
+        rows_ok = summed["rows_done"] - self.rows_failed + self.rows_ok_extra
+        return {**self.stats, **{k: getattr(self, k) for k in _HOT}, "rows_ok": rows_ok,
+                **summed}
 
     def _sample(self, t: float, *, force: bool = False) -> None:
         assert self.t0 is not None
@@ -299,22 +401,41 @@ class StatsAccumulator:
 
     def snapshot(self, now: float | None = None) -> RunStats:
         """Freeze the current state. ``now`` (monotonic) sets elapsed time while running."""
+        self.drain()
+        oldest = min(self.open_calls.values(), default=None)  # (more_calls: later starts)
+        live: dict[int, tuple[int, int]] = {}  # agent -> the pools' calls in flight, tokens
+        n_live = 0
+        for pool in self.live:
+            for start, agent, tokens in pool.calls.values():
+                n, tok = live.get(agent, (0, 0))
+                live[agent] = (n + 1, tok + tokens)
+                n_live += 1
+                if start > self.t_last:
+                    self.t_last = start
+                if oldest is None or start < oldest:
+                    oldest = start
+        if self.t0 is None and n_live:  # (no RunStarted: the first call's start, as an event's)
+            self.t0 = min(start for pool in self.live for start, _, _ in pool.calls.values())
+        for agent in live:
+            self._agent(agent)
         t0 = self.t0 if self.t0 is not None else 0.0
         end = self.t_last if (self.finished or now is None) else max(now, self.t_last)
         lat = sorted(self.latencies)
-        oldest = min(self.open_calls.values(), default=None)  # (more_calls: later starts)
+        counts = self.counts()
+        counts["in_flight"] += n_live
+        counts["calls"] += n_live
         return RunStats(
             rpm=self.rpm,
             tpm=self.tpm,
             oldest_in_flight_s=0.0 if oldest is None else max(0.0, end - oldest),
-            **self.counts(),
+            **counts,
             elapsed_s=max(0.0, end - t0),
             mean_latency_s=self._mean_latency(),
             p50_latency_s=_quantile(lat, 0.5),
             p95_latency_s=_quantile(lat, 0.95),
             finished=self.finished,
             cancelled=self.cancelled,
-            agents=tuple(a.freeze(i) for i, a in enumerate(self.agents)),
+            agents=tuple(a.freeze(i, live.get(i, (0, 0))) for i, a in enumerate(self.agents)),
             history=tuple(self.history),
             incidents=tuple(self.incidents),
             jobs=tuple(self.jobs[k] for k in sorted(self.jobs)),

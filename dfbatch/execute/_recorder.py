@@ -5,8 +5,11 @@ The caller reports how a batch went (``started``, ``event``, and a final ``Answe
 is assembled from: a batch's attempts are counted on the batch, its stamp is written to the
 per-row arrays in bulk with others), emits the matching ``BatchStarted`` / ``BatchFinished`` /
 ``BatchFailed`` event and hands finished batches to the journal (``on_batch_done``). A live
-view listens through ``tally`` (a ``StatsAccumulator`` told each batch's fields: no event
-object is built for it); ``emit`` gets the events, for ``on_event`` subscribers.
+view listens through ``tally`` (a ``StatsAccumulator``): the recorder keeps the calls in
+flight in a dict the tally reads at snapshot time (``live``: a call's start costs one dict
+write), appends each answered call's fields to a list the tally folds when it is read, and
+tells it of other ends from their fields (no event object is built for it); ``emit`` gets the
+events, for ``on_event`` subscribers.
 """
 
 from __future__ import annotations
@@ -21,7 +24,16 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
-from dfbatch.events import BatchFailed, BatchFinished, BatchHedged, BatchStarted, Event
+from dfbatch.events import (
+    BatchFailed,
+    BatchFinished,
+    BatchHedged,
+    BatchRetried,
+    BatchStarted,
+    Event,
+    LiveCalls,
+)
+from dfbatch.events._live import PENDING, Answer
 from dfbatch.execute import _usage
 from dfbatch.execute._outputs import Output, as_frame
 from dfbatch.execute._pieces import Pieces
@@ -218,14 +230,19 @@ Verdict = Answered | GaveUp
 class Tally(Protocol):
     """What counts each batch's calls from their fields (``StatsAccumulator``'s methods)."""
 
-    def batch_started(self, t: float, batch_id: int, agent_id: int, tokens: int) -> None: ...
+    def watch(self, live: LiveCalls) -> Callable[[], None] | None:
+        """Read ``live`` (kept by the recorder) when counting; returns what to call at each
+        call's start and answer (or None)."""
+        ...
 
-    def batch_finished(self, t: float, batch_id: int, agent_id: int, planned_agent: int,
-                       rows: int, tokens: int, elapsed_s: float, ok_rows: int, error_rows: int,
-                       input_tokens: int = 0, output_tokens: int = 0) -> None: ...
+    def drain(self) -> None:
+        """Fold the answers appended to ``live.answered``."""
+        ...
 
-    def batch_failed(self, t: float, batch_id: int, agent_id: int, rows: int, tokens: int,
-                     elapsed_s: float, *, bisected: bool = False) -> None: ...
+    def call_failed(self, t: float, agent_id: int, rows: int, tokens: int, elapsed_s: float,
+                    *, bisected: bool = False, called: bool = True) -> None: ...
+
+    def call_retried(self, ev: BatchRetried) -> None: ...
 
     def apply(self, ev: Event) -> None: ...
 
@@ -238,13 +255,23 @@ class Recorder:
         self.out = Outcomes(n_rows)
         self.emit = emit  # None: nobody listens, no event is built
         self.tally: Tally | None = None
+        self.live: LiveCalls | None = None  # the calls in flight, while a tally listens
+        self._calls: dict[int, tuple[float, int, int]] | None = None  # (live.calls)
+        self._answers: list[Answer] = []  # (live.answered)
+        self._on_call: Callable[[], None] | None = None
         self._clock: Callable[[], float] | None = None
         self.on_batch_done = on_batch_done
 
     def listen(self, tally: Tally | None, emit: Callable[[Event], None] | None) -> None:
         """Who hears of each batch: ``tally``, counted from the batch's fields without an
-        event (a live view), and ``emit``, which gets the events (``on_event``)."""
+        event (a live view: it ``watch``es the calls in flight this recorder keeps in
+        ``live``), and ``emit``, which gets the events (``on_event``)."""
         self.tally, self.emit = tally, emit
+        self.live = self._on_call = self._calls = None
+        if tally is not None:
+            self.live = LiveCalls()
+            self._on_call = tally.watch(self.live)
+            self._calls, self._answers = self.live.calls, self.live.answered
 
     def _bind_clock(self) -> Callable[[], float]:
         """The running loop's clock (the events' ``t``), bound once."""
@@ -256,8 +283,11 @@ class Recorder:
 
     def started(self, a: int, batch: Batch, attempt: int, t: float) -> None:
         batch.tries += 1  # (counted per batch, stamped on its rows when it is over)
-        if self.tally is not None:
-            self.tally.batch_started(t, batch.id, a, batch.tokens)
+        calls = self._calls
+        if calls is not None:  # (every start has an end: the entry goes then)
+            calls[batch.id] = (t, a, batch.tokens)
+            if self._on_call is not None:
+                self._on_call()
         if self.emit is not None:
             self.emit(BatchStarted(t, batch.id, a, batch.planned_agent, len(batch.rows),
                                    batch.tokens, attempt))
@@ -267,7 +297,11 @@ class Recorder:
         if isinstance(ev, BatchHedged):
             batch.tries += 1
         if self.tally is not None:
-            self.tally.apply(ev)
+            if isinstance(ev, BatchRetried):  # the call is over
+                self._end(batch)
+                self.tally.call_retried(ev)
+            else:
+                self.tally.apply(ev)
         if self.emit is not None:
             self.emit(ev)
 
@@ -284,8 +318,8 @@ class Recorder:
             return
         t = (self._clock or self._bind_clock())()
         if self.tally is not None:
-            self.tally.batch_failed(t, batch.id, a, len(batch.rows), batch.tokens, elapsed,
-                                    bisected=True)
+            self.tally.call_failed(t, a, len(batch.rows), batch.tokens, elapsed, bisected=True,
+                                   called=self._end(batch))
         if self.emit is not None:
             self.emit(BatchFailed(t, batch.id, a, batch.planned_agent, len(batch.rows),
                                   batch.tokens, elapsed, error, bisected=True))
@@ -312,10 +346,16 @@ class Recorder:
         tally, emit = self.tally, self.emit
         if tally is not None or emit is not None:
             t, n = (self._clock or self._bind_clock())(), len(rows)
-            if tally is not None:
-                tally.batch_finished(t, batch.id, a, batch.planned_agent, n, batch.tokens,
-                                     v.elapsed, n - n_err, n_err, v.used.input_tokens,
-                                     v.used.output_tokens)
+            calls = self._calls
+            if tally is not None and calls is not None:
+                calls.pop(batch.id, None)
+                answers = self._answers
+                answers.append((t, a, batch.planned_agent, n, batch.tokens, v.elapsed, n_err,
+                                v.used))
+                if len(answers) >= PENDING:
+                    tally.drain()
+                if self._on_call is not None:
+                    self._on_call()
             if emit is not None:
                 emit(BatchFinished(t, batch.id, a, batch.planned_agent, n, batch.tokens,
                                    v.elapsed, n - n_err, n_err, v.used.input_tokens,
@@ -332,12 +372,17 @@ class Recorder:
         if tally is not None or emit is not None:
             t = (self._clock or self._bind_clock())()
             if tally is not None:
-                tally.batch_failed(t, batch.id, a, len(batch.rows), batch.tokens, elapsed)
+                tally.call_failed(t, a, len(batch.rows), batch.tokens, elapsed,
+                                  called=self._end(batch))
             if emit is not None:
                 emit(BatchFailed(t, batch.id, a, batch.planned_agent, len(batch.rows),
                                  batch.tokens, elapsed, msg))
         if self.on_batch_done is not None:
             self.on_batch_done(batch, self.out)
+
+    def _end(self, batch: Batch) -> bool:
+        """``batch``'s call is over: no longer in flight (false: it had none)."""
+        return self._calls is not None and self._calls.pop(batch.id, None) is not None
 
     def mark_unfinished(self) -> None:
         for i in np.flatnonzero(~self.out.done).tolist():

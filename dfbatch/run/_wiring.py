@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dfbatch.config import Progress
-from dfbatch.events import Event, RunStats, StatsAccumulator
+from dfbatch.events import BatchRetried, Event, LiveCalls, RunStats, StatsAccumulator
 
 REFRESH_S = 0.25
 
@@ -54,29 +54,30 @@ class ChunkTally:
                  drained: asyncio.Event) -> None:
         self.acc, self.queued, self.drained = acc, queued, drained
 
-    def batch_started(self, t: float, batch_id: int, agent_id: int, tokens: int) -> None:
-        self.acc.batch_started(t, batch_id, agent_id, tokens)
+    def watch(self, live: LiveCalls) -> Callable[[], None]:
+        self.acc.watch(live)
+        return self._check  # at every call's start and answer
+
+    def _check(self) -> None:
         if not self.queued():
             self.drained.set()
 
-    def batch_finished(self, t: float, batch_id: int, agent_id: int, planned_agent: int,
-                       rows: int, tokens: int, elapsed_s: float, ok_rows: int, error_rows: int,
-                       input_tokens: int = 0, output_tokens: int = 0) -> None:
-        self.acc.batch_finished(t, batch_id, agent_id, planned_agent, rows, tokens, elapsed_s,
-                                ok_rows, error_rows, input_tokens, output_tokens)
-        if not self.queued():
-            self.drained.set()
+    def drain(self) -> None:
+        self.acc.drain()
 
-    def batch_failed(self, t: float, batch_id: int, agent_id: int, rows: int, tokens: int,
-                     elapsed_s: float, *, bisected: bool = False) -> None:
-        self.acc.batch_failed(t, batch_id, agent_id, rows, tokens, elapsed_s, bisected=bisected)
-        if not self.queued():
-            self.drained.set()
+    def call_failed(self, t: float, agent_id: int, rows: int, tokens: int, elapsed_s: float,
+                    *, bisected: bool = False, called: bool = True) -> None:
+        self.acc.call_failed(t, agent_id, rows, tokens, elapsed_s, bisected=bisected,
+                             called=called)
+        self._check()
+
+    def call_retried(self, ev: BatchRetried) -> None:
+        self.acc.call_retried(ev)
+        self._check()
 
     def apply(self, ev: Event) -> None:
         self.acc.apply(ev)
-        if not self.queued():
-            self.drained.set()
+        self._check()
 
 
 def safe(method: Callable[[RunStats], None], stats: RunStats) -> None:
