@@ -46,6 +46,24 @@ CANCELLED = "cancelled"
 STAMPS = 1024  # batches' stamps gathered before they are written to the per-row arrays
 
 
+class _Flushed:
+    """An array of ``Outcomes`` (kept as ``_<name>``), read or replaced after the pending
+    stamps are written (``Outcomes.flush``): every read sees every batch stamped so far."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = "_" + name
+
+    def __get__(self, obj: Outcomes | None, owner: type | None = None) -> np.ndarray:
+        if obj is None:  # (looked up on the class)
+            return self  # type: ignore[return-value]
+        obj.flush()
+        return getattr(obj, self.attr)  # type: ignore[no-any-return]
+
+    def __set__(self, obj: Outcomes, value: np.ndarray) -> None:
+        obj.flush()
+        setattr(obj, self.attr, value)
+
+
 class Outcomes:
     """Per-row state of a run: what the result frame is assembled from.
 
@@ -94,13 +112,7 @@ class Outcomes:
         self._log = []
         if len(log) < 8:
             for at, n, batch_id, agent, wall0, elapsed, attempts in log:
-                rows = slice(at, at + n)
-                self._attempts[rows] += np.uint16(attempts)
-                self._run_batch[rows] = batch_id
-                self._run_agent[rows] = agent
-                self._started[rows] = wall0
-                self._elapsed[rows] = elapsed
-                self._done[rows] = True
+                self._write(slice(at, at + n), batch_id, agent, wall0, elapsed, attempts)
             return
         m = len(log)
         cols = np.fromiter(itertools.chain.from_iterable(log), np.float64, 7 * m).reshape(m, 7)
@@ -114,45 +126,22 @@ class Outcomes:
         self._elapsed[every] = np.repeat(cols[:, 5], sizes)
         self._done[every] = True
 
-    @property
-    def attempts(self) -> np.ndarray:
-        self.flush()
-        return self._attempts
-
-    @property
-    def run_batch(self) -> np.ndarray:
-        self.flush()
-        return self._run_batch
-
-    @property
-    def run_agent(self) -> np.ndarray:
-        self.flush()
-        return self._run_agent
-
-    @property
-    def started(self) -> np.ndarray:
-        self.flush()
-        return self._started
-
-    @started.setter
-    def started(self, values: np.ndarray) -> None:
-        self.flush()
-        self._started = values
-
-    @property
-    def elapsed(self) -> np.ndarray:
-        self.flush()
-        return self._elapsed
-
-    @property
-    def done(self) -> np.ndarray:
-        self.flush()
-        return self._done
+    # the per-row arrays, read (or replaced) once the pending stamps are written
+    attempts = _Flushed()
+    run_batch = _Flushed()
+    run_agent = _Flushed()
+    started = _Flushed()  # epoch seconds, NaN = never ran
+    elapsed = _Flushed()
+    done = _Flushed()
 
     def stamp_rows(self, rows: np.ndarray | slice, batch_id: int, agent: int, wall0: float,
                    elapsed: float, attempts: int) -> None:
         """``stamp`` for rows that are not one range (written at once)."""
         self.flush()
+        self._write(rows, batch_id, agent, wall0, elapsed, attempts)
+
+    def _write(self, rows: np.ndarray | slice, batch_id: int, agent: int, wall0: float,
+               elapsed: float, attempts: int) -> None:
         self._attempts[rows] += np.uint16(attempts)
         self._run_batch[rows] = batch_id
         self._run_agent[rows] = agent
