@@ -1,6 +1,6 @@
 """What the live dashboard costs: a no-op fn with progress=False versus the notebook widget.
 
-Run: ``.venv/bin/python benchmarks/display_bench.py`` (~8 min on 2 cores). Options: ``--rows``
+Run: ``.venv/bin/python benchmarks/display_bench.py`` (~4 min on 2 cores). Options: ``--rows``
 (default 100_000), ``--repeats`` (9, the order of the modes rotating each time), ``--no-kernel``
 (skip the in-kernel measurement), ``--quick`` (~2 min: only the run's own cost of a listening
 view, below).
@@ -46,6 +46,10 @@ building and folding two events): ``--quick`` on the shared 2-core machine at lo
 before: view +32.6 us a batch (x0.865 [0.849-0.867]), bar +26.1 us (x0.854); after: view +5.5
 us (x0.968 [0.937-0.972]), bar +10.3 us (x0.962 [0.948-1.012]).
 ``benchmarks/listen_bench.py`` isolates the recorder's part: +18.7 -> +3.1 us a batch.
+With the pool twice as fast (issue 16's lean call path) the same cost weighed more: view
+x0.941, full bench script widget x0.937, kernel widget x0.946; after the recorder kept the calls
+in flight itself (``events._live``: no tally call at a call's start) and answered calls were
+folded when read: ``listen_bench`` +2.7 -> +1.8 us, full bench x0.962 / x0.948 (quiet machine).
 """
 
 from __future__ import annotations
