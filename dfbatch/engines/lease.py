@@ -164,7 +164,7 @@ class Limiter:
             wait = max((b.wait(n, loop.time(), x) for b, n, x, _ in live), default=0.0)
             while wait > 0:
                 self._changed.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), wait)
                 wait = max(b.wait(n, loop.time(), x) for b, n, x, _ in live)
             now = loop.time()

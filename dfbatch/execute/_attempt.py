@@ -222,7 +222,7 @@ _SIZE_WORDS = ("context length", "context_length", "too many tokens", "too large
 
 def size_related(exc: BaseException, status: int | None) -> bool:
     """Could a smaller batch have avoided this error? (timeouts, 413, context-length 400s)"""
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or status == 413:
+    if isinstance(exc, TimeoutError) or status == 413:
         return True
     text = str(exc).lower()
     return status in (400, None) and any(w in text for w in _SIZE_WORDS)

@@ -98,8 +98,7 @@ async def race(call: Callable[[], Awaitable[T]], hedge: Callable[[], Awaitable[T
 
 def _uncancel(task: asyncio.Task[Any]) -> int:
     """Take back one cancel request of ours; the requests left (others' cancels)."""
-    undo = getattr(task, "uncancel", None)  # Python >= 3.11
-    return int(undo()) if undo is not None else 0
+    return task.uncancel()
 
 
 class Race(Generic[T]):

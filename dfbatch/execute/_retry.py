@@ -38,7 +38,6 @@ True
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import random
 from collections.abc import Callable, Mapping
@@ -158,7 +157,7 @@ def _default(exc: BaseException) -> Decision:
     if isinstance(exc, FatalError):
         return make("row", None, bisect=True)
     names = {cls.__name__ for cls in type(exc).__mro__}
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or names & _TIMEOUT_ERRORS:
+    if isinstance(exc, TimeoutError) or names & _TIMEOUT_ERRORS:
         return make("transient", "timeout")
     if isinstance(exc, ConnectionError) or names & _CONNECTION_ERRORS:
         return make("transient", "connection")
@@ -304,7 +303,7 @@ def describe(exc: BaseException) -> str:
     """A one-line error value for the result frame: ``"Type: message"`` (no traceback)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     name = type(exc).__name__
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not text:
+    if isinstance(exc, TimeoutError) and not text:
         text = "call timed out"
     return f"{name}: {text}"[:2000] if text else name
 
