@@ -128,13 +128,13 @@ def test_the_workers_start_is_not_counted_in_a_calls_timeout(
     import time
     from concurrent.futures import ProcessPoolExecutor
 
-    from dfbatch.execute import _attempt
+    from dfbatch.execute import _executors
 
     def slow_start(workers: int) -> ProcessPoolExecutor:  # (a loaded machine: seconds)
         return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=time.sleep, initargs=(1.5,))
 
-    monkeypatch.setattr(_attempt, "_processes", slow_start)
+    monkeypatch.setattr(_executors, "_processes", slow_start)
     out = dfbatch.process(_frame(8), pid_per_row, executor="process", sync_workers=1,
                           timeout=1.0, max_attempts=1, **QUIET)
     assert out["error"].null_count() == 8
@@ -152,9 +152,9 @@ def _pool_of_workers_that_exit(workers: int) -> Any:
 def test_workers_that_cannot_start_stop_the_run_with_the_reason(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from dfbatch.execute import _attempt
+    from dfbatch.execute import _executors
 
-    monkeypatch.setattr(_attempt, "_processes", _pool_of_workers_that_exit)
+    monkeypatch.setattr(_executors, "_processes", _pool_of_workers_that_exit)
     with pytest.raises(ConfigError, match=r"exit while starting.*__name__ == .__main__."):
         dfbatch.process(_frame(8), pid_per_row, executor="process", sync_workers=1, **QUIET)
 
@@ -164,9 +164,9 @@ class _BrokenPool(Executor):
     start-up call."""
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
-        from dfbatch.execute import _attempt
+        from dfbatch.execute import _executors
 
-        if fn is _attempt._worker_up:
+        if fn is _executors._worker_up:
             done: Future[Any] = Future()
             done.set_result(0)
             return done
@@ -177,13 +177,13 @@ class _BrokenPool(Executor):
 def test_a_pool_broken_before_the_submit_is_a_worker_death_and_is_replaced(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from dfbatch.execute import _attempt
+    from dfbatch.execute import _executors
 
-    monkeypatch.setattr(_attempt, "_processes", lambda workers: _BrokenPool())
-    threads = _attempt.InThreads(1, "process")
+    monkeypatch.setattr(_executors, "_processes", lambda workers: _BrokenPool())
+    threads = _executors.InThreads(1, "process")
     threads.open()
     broken = threads.pool
-    with pytest.raises(_attempt.WorkerDiedError, match="retried in a new worker"):
+    with pytest.raises(_executors.WorkerDiedError, match="retried in a new worker"):
         asyncio.run(threads.call(len, pl.DataFrame(), None, 0))
     assert threads.pool is not broken  # (it was kept before: every later call failed)
 

@@ -19,8 +19,9 @@ import polars as pl
 from dfbatch.config import BatchConfig
 from dfbatch.errors import FnInterrupt
 from dfbatch.execute import _usage
-from dfbatch.execute._attempt import InThreads, call_paced, is_async, timed
+from dfbatch.execute._attempt import call_paced, is_async
 from dfbatch.execute._charge import Binding, charges_per_request, enter, leave
+from dfbatch.execute._executors import InThreads, timed
 from dfbatch.execute._hedge import has_room
 from dfbatch.execute._limits import Cost, Limits
 from dfbatch.execute._race import Pending, Race, first_decision
