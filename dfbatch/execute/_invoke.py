@@ -61,6 +61,19 @@ class Invoker:
         self._paced = self.per_request and self.is_async and cfg.timeout is not None
         self._pending: Pending | None = None  # this loop's calls in flight (with hedging)
 
+    def close(self) -> list[int]:
+        """The run (this caller's pool) is over: cancel the timers armed on the loop (the
+        shared call timeout, the hedging decisions) and close the executor; the ids of
+        batches whose calls may still run (threads cannot be stopped)."""
+        if self.watch is not None:
+            self.watch.close()
+        pending = self._pending
+        timer = getattr(pending, "_timer", None)  # (Pending has no close of its own yet)
+        if timer is not None:
+            timer.cancel()
+            pending._timer = None  # type: ignore[union-attr]
+        return self.threads.close()
+
     async def _call_hedged(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost,
                            task: asyncio.Task[Any]) -> tuple[Any, _usage.Usage]:
         """Call fn under ``hedge_after``: a straggler for its size gets a duplicate (the first
