@@ -33,66 +33,42 @@ async def timed(aw: Any, timeout: float | None) -> Any:  # noqa: ASYNC109 (the r
 
 class InThreads:
     """A plain fn's calls (``executor``): each in a daemon worker thread (``"thread"``,
-    ``workers`` at most at once), in a pool of ``workers`` processes (``"process"``: CPU-bound
-    work; fn and its batches are pickled), or on the loop's own thread (``"inline"``: a cheap
-    fn pays no thread hop; it blocks the loop while it runs, so no timeout can cut it). Keeps
-    the ids of batches whose calls outlived their await (a thread cannot be stopped)."""
+    ``workers`` at most at once), in one of ``workers`` worker processes (``"process"``:
+    CPU-bound work; fn and its batches are pickled; see ``Processes``), or on the loop's own
+    thread (``"inline"``: a cheap fn pays no thread hop; it blocks the loop while it runs, so
+    no timeout can cut it).
+
+    Calls wait for a free worker here, not in a pool's queue, so a call's timeout counts from
+    its start, not from its wait. A call past its timeout (or cancelled) in a process has its
+    worker killed and replaced; one in a thread (which cannot be stopped) is abandoned, and the
+    thread pool gets a thread more while it runs (``DaemonThreads.abandon``). Keeps the ids of
+    batches whose calls outlived their await (``close`` returns those still running)."""
 
     def __init__(self, workers: int, executor: str = "thread") -> None:
         self.workers, self.executor = workers, executor
-        self.pool: Executor | None = None
+        self.pool: DaemonThreads | None = None
+        self.procs: Processes | None = None
         self.outlived: list[tuple[Future[Any], int]] = []
-        # calls wait here, not in the pool's queue: a call's timeout counts from its start
-        self.slots: asyncio.Semaphore | None = None
-        self.warming: list[Future[Any]] = []  # a new process pool's workers starting up
-        self.answered = False  # a call of fn has returned (worker deaths may be rows' doing)
-
-    def _new_processes(self) -> Executor:
-        """A process pool whose workers start now (one trivial call each): calls wait for
-        them, so a worker's start (seconds under load: spawn, imports) is not timed."""
-        pool = _processes(self.workers)
-        self.warming = [pool.submit(_worker_up) for _ in range(self.workers)]
-        return pool
+        self.slots: asyncio.Semaphore | None = None  # (made on the run's loop)
 
     async def ready(self) -> None:
-        """Wait for a new process pool's workers to start (before the run's first call);
-        ConfigError if they cannot, twice: each would die before calling fn."""
-        if not await self._started() and self.pool is not None:  # (a Ctrl-C as they started?)
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = self._new_processes()
-        if not await self._started():
-            msg = ("executor='process': the worker processes exit while starting, before any "
-                   "call of fn. A script's top-level code runs again in each worker (they "
-                   "import __main__): put it under `if __name__ == \"__main__\":`; or an import "
-                   "fails in a new process. Or use executor='thread'")
-            raise ConfigError(msg)
-
-    async def _started(self) -> bool:
-        """Wait for the workers of a new process pool to start; False if they could not."""
-        warming = self.warming
-        if not warming:
-            return True
-        got = await asyncio.gather(*map(asyncio.wrap_future, warming), return_exceptions=True)
-        if self.warming is warming:
-            self.warming = []
-        return not any(isinstance(g, BaseException) for g in got)
+        """Wait for the worker processes to start (before the run's first call)."""
+        if self.procs is not None:
+            await self.procs.ready()
 
     def open(self) -> None:
-        if self.pool is None and self.executor == "process":
-            self.pool = self._new_processes()
+        if self.procs is None and self.executor == "process":
+            self.procs = Processes(self.workers)
         elif self.pool is None and self.executor == "thread":
             self.pool = DaemonThreads(self.workers)
 
     def close(self) -> list[int]:
+        """Stop the workers; the ids of batches whose calls still run (stuck threads)."""
         running = sorted({bid for fut, bid in self.outlived if not fut.done()})
         if self.pool is not None:
-            # a process can be stopped (a thread cannot): a call past its timeout would keep
-            # the interpreter from exiting until it ends
-            procs = _workers(self.pool) if running else []
             self.pool.shutdown(wait=False, cancel_futures=True)
-            for proc in procs:
-                with contextlib.suppress(Exception):
-                    proc.terminate()
+        if self.procs is not None:
+            self.procs.close()
         return running
 
     async def call(self, fn: Callable[[pl.DataFrame], Any], df: pl.DataFrame,
@@ -113,29 +89,119 @@ class InThreads:
         if self.slots is None:
             self.slots = asyncio.Semaphore(self.workers)
         async with self.slots:
-            if self.warming:  # (workers that cannot start break the pool: below)
-                await self._started()
-            pool = self.pool
-            assert pool is not None
-            fut: Future[Any] | None = None
-            try:  # (a broken pool refuses the submit itself)
-                fut = (pool.submit(fn, df) if self.executor == "process"
-                       else pool.submit(contextvars.copy_context().run, fn, df))
-                value = await timed(asyncio.wrap_future(fut), timeout)
-                self.answered = True
-                return value
+            try:
+                if self.procs is not None:
+                    return await self.procs.call(fn, df, timeout)
+                pool = self.pool
+                assert pool is not None
+                fut = pool.submit(contextvars.copy_context().run, fn, df)
+                try:
+                    return await timed(asyncio.wrap_future(fut), timeout)
+                finally:
+                    if not fut.done():  # timed out or cancelled: a thread cannot be stopped
+                        self.outlived.append((fut, batch_id))
+                        pool.abandon(fut)  # (the calls after it get a thread of their own)
             except (KeyboardInterrupt, SystemExit) as exc:  # fn's: the run attaches .partial
                 raise FnInterrupt(exc) from exc
-            except BrokenProcessPool as exc:
-                if self.pool is pool:  # the first call to see it replaces the pool
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    self.pool = self._new_processes()
-                msg = ("a worker process died during the call (fn crashed it: os._exit, a "
-                       "segfault, out of memory); the batch is retried in a new worker")
-                raise WorkerDiedError(msg, rows_suspect=self.answered) from exc
-            finally:
-                if fut is not None and not fut.done():  # timed out or cancelled: a
-                    self.outlived.append((fut, batch_id))  # thread cannot be stopped
+
+
+class Processes:
+    """``workers`` worker processes, each a one-process ``ProcessPoolExecutor`` of its own,
+    so that one of them can be killed without breaking the calls running in the others.
+
+    ``call`` runs fn in a free worker (the caller makes sure one is: at most ``workers`` calls
+    at once), after it has started (a worker's start -- seconds under load: spawn, imports --
+    is not timed). A call past its timeout, or cancelled, cannot be stopped in any other way:
+    its worker is killed (``SIGKILL``) and replaced by a new one, which starts at once. A
+    worker that dies during a call (fn crashed it) fails that call alone (``WorkerDiedError``,
+    retried) and is replaced. ``close`` stops every worker: the idle ones exit, those still
+    starting are killed; the executors reap them (no process is left behind).
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.free = [_Worker() for _ in range(workers)]
+        self.answered = False  # a call of fn has returned (worker deaths may be rows' doing)
+
+    async def ready(self) -> None:
+        """Wait for the workers to start; those that could not are replaced once (a Ctrl-C
+        as they started?); ConfigError if they cannot start again: each would die before
+        calling fn."""
+        for attempt in range(2):
+            started = await asyncio.gather(*(w.started() for w in self.free))
+            if all(started):
+                return
+            if attempt == 0:
+                self.free = [w if ok else w.replaced()
+                             for w, ok in zip(self.free, started, strict=True)]
+        msg = ("executor='process': the worker processes exit while starting, before any "
+               "call of fn. A script's top-level code runs again in each worker (they "
+               "import __main__): put it under `if __name__ == \"__main__\":`; or an import "
+               "fails in a new process. Or use executor='thread'")
+        raise ConfigError(msg)
+
+    async def call(self, fn: Callable[[pl.DataFrame], Any], df: pl.DataFrame,
+                   timeout: float | None) -> Any:  # noqa: ASYNC109
+        free = self.free  # (one that has started, if any: the last used first)
+        worker = free.pop(next((i for i in reversed(range(len(free))) if free[i].up.done()),
+                               len(free) - 1))
+        fut: Future[Any] | None = None
+        try:
+            await worker.started()  # (one that could not start is broken: the submit says so)
+            fut = worker.pool.submit(fn, df)  # (a broken pool refuses the submit itself)
+            value = await timed(asyncio.wrap_future(fut), timeout)
+            self.answered = True
+            return value
+        except BrokenProcessPool as exc:
+            worker = worker.replaced()
+            msg = ("a worker process died during the call (fn crashed it: os._exit, a "
+                   "segfault, out of memory); the batch is retried in a new worker")
+            raise WorkerDiedError(msg, rows_suspect=self.answered) from exc
+        finally:
+            if fut is not None and not fut.done():  # timed out or cancelled: kill it
+                worker = worker.replaced(kill=True)
+            self.free.append(worker)
+
+    def close(self) -> None:
+        for worker in self.free:
+            worker.stop(kill=not worker.up.done())
+        self.free = []
+
+
+class _Worker:
+    """One worker process: a one-process pool, started at once (``up``: its first call)."""
+
+    __slots__ = ("pool", "up", "waiter")
+
+    def __init__(self) -> None:
+        self.pool = _processes(1)
+        self.up: Future[Any] = self.pool.submit(_worker_up)
+        self.waiter: asyncio.Future[Any] | None = None  # ``up`` on the loop (one for all)
+
+    async def started(self) -> bool:
+        """Wait for the process to start (a call cancelled meanwhile leaves it starting);
+        False if it could not."""
+        if not self.up.done():
+            if self.waiter is None:
+                self.waiter = asyncio.wrap_future(self.up)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.waiter)
+        return self.up.cancelled() or self.up.exception() is None
+
+    def replaced(self, *, kill: bool = False) -> _Worker:
+        """Stop this worker (``kill``: at once, whatever it runs); a new one, starting."""
+        self.stop(kill=kill)
+        return _Worker()
+
+    def stop(self, *, kill: bool) -> None:
+        """Let the process exit once idle, or (``kill``) kill it now; the pool's manager
+        thread reaps it either way."""
+        if self.waiter is not None:  # (it would be told on a loop that may be closed by then)
+            self.waiter.cancel()
+        procs = _workers(self.pool) if kill else []
+        for proc in procs:
+            with contextlib.suppress(Exception):
+                proc.kill()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 _LOOP_CLASH = ("from a running event loop", "loop is already running",

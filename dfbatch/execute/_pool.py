@@ -134,8 +134,8 @@ class Pool:
             raise self.crash.args[0] if isinstance(self.crash, FnInterrupt) else self.crash
         if running:
             msg = (f"the fn calls of batches {running} (run_batch_id) timed out or were "
-                   "stopped but still run in worker threads or processes (stopped at the end "
-                   "of the run for executor='process'); their rows carry an error")
+                   "stopped but still run in worker threads (a thread cannot be stopped); "
+                   "their rows carry an error")
             warnings.warn(msg, StillRunningWarning, stacklevel=2)
         self.recorder.mark_unfinished()
         return self.out
