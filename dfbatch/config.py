@@ -98,8 +98,10 @@ class BatchConfig:
     ``oversize`` (a single row over ``token_limit``: "error" value, "truncate" the text, or
     "call" anyway), ``send_null`` (False: a null or empty text, flagged ``"null_text"`` by the
     plan, gets the error value ``"null_text"`` without a call; True sends it), ``rpm`` /
-    ``tpm`` (global rate limits; token buckets that hold ``rate_burst``
-    minutes' worth, default 0.1 = 6 s, so they never send a minute's quota at once),
+    ``tpm`` (global rate limits; token buckets that start holding one second's worth --
+    at most ``rate_burst`` minutes, default 0.1 -- since providers often enforce a
+    per-minute limit per second, and grow as far as the provider's
+    ``x-ratelimit-remaining-*`` headers show its bucket to be),
     ``adaptive`` (AIMD concurrency on 429s), ``steal`` (idle agents take planned work from
     busy ones), ``dynamic_batching`` (resize pending batches from recent errors / latency /
     a binding request rate -- only up to the size that finishes the rows not yet sent soonest,

@@ -5,10 +5,13 @@ what must wait waits in the same order, and no path leaks a unit (virtual clock)
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
+import polars as pl
 import pytest
 
-from benchmarks.simapi import run
+import dfbatch
+from benchmarks.simapi import SimAPI, SimConfig, Workload, run
 from dfbatch.config import BatchConfig
 from dfbatch.errors import NoProgressError
 from dfbatch.execute._attempt import Grant
@@ -167,3 +170,57 @@ def test_an_unrecorded_probe_is_freed_at_release_for_the_next_call() -> None:
         return got is not None and got.probe, asyncio.get_running_loop().time() - t0
 
     assert run(main()) == (True, 0.0)
+
+
+def test_the_warm_up_ramps_its_cap_until_it_opens_without_an_answer() -> None:
+    """No answer yet: 2 sends, 4 after 0.25 s, 8 after 0.5 s ... open at 1 s (virtual clock);
+    an answer opens it at once, and the ramp's timer is cancelled with it."""
+
+    async def main() -> tuple[list[tuple[float, int]], bool, bool]:
+        loop = asyncio.get_running_loop()
+        warm = WarmUp(2, open_after_s=1.0, ramp_s=0.25)
+        stack = Limits([warm.leave_when_warm(Limits([]))])
+        started: list[float] = []
+
+        async def send() -> None:
+            await stack.hold(COST).__aenter__()  # held: no answer comes back
+            started.append(loop.time())
+
+        t0 = loop.time()
+        tasks = [asyncio.ensure_future(send()) for _ in range(40)]
+        await asyncio.sleep(1.1)
+        steps = sorted(Counter(round(t - t0, 2) for t in started).items())
+        # an answer opens a fresh warm-up at once; its pending doubling is cancelled
+        other = WarmUp(2, open_after_s=1.0, ramp_s=0.25)
+        first = Limits([other]).hold(COST)
+        await first.__aenter__()
+        first.outcome = Outcome(True)
+        first.release()
+        timer = other._timer
+        for t in tasks:
+            t.cancel()
+        return steps, other.warm, timer is not None and timer.cancelled()
+
+    steps, warm, cancelled = run(main())
+    # 2 at once, then 2 more, 4 more, 8 more (16 in flight) and everything at 1 s
+    assert steps == [(0.0, 2), (0.25, 2), (0.5, 4), (0.75, 8), (1.0, 24)]
+    assert warm and cancelled
+
+
+def test_a_bad_key_costs_the_first_sends_only_while_the_ramp_has_not_doubled() -> None:
+    """Every call a fast 401 (50 ms): the run stops after the warm-up's first sends (2 per
+    agent), not after the ramp's later ones."""
+    api = SimAPI(SimConfig(bad_key=True), Workload.make(200, mean_tokens=50.0, seed=0))
+
+    async def fn(batch: pl.DataFrame) -> list[str]:
+        return (await api.call(batch["id"].to_list())).outputs
+
+    df = pl.DataFrame({"id": list(range(200)), "text": ["a b c"] * 200})
+
+    async def main() -> None:
+        await dfbatch.aprocess(df, fn, text="text", agents=4, max_concurrent_batches=8,
+                               progress=False)
+
+    with pytest.raises(dfbatch.RunStoppedError):
+        run(main())
+    assert 1 <= api.stats.calls <= 8

@@ -55,16 +55,24 @@ class WarmUp:
     no limit: a run whose every call fails (a bad key) stops after a handful of calls, not N.
     Once warm it leaves the stacks it was put in (``leave_when_warm``): it costs them nothing.
 
+    ``ramp_s``: with ``open_after_s``, the cap doubles every ``ramp_s`` without an answer
+    (8, 16, 32 ... sends), so a short run does not sit at a quarter of its concurrency for a
+    whole second, while an error that comes back within ``ramp_s`` still costs ``capacity``
+    sends at most.
+
     ``slow``: (limits unknown) after the first answer, one more send in flight per answer
     (doubling per round trip, a TCP slow start; halved by a rate-limit 429) until
     ``maximum``, so an unknown per-second limit is not flooded while its rate is learned.
     """
 
     def __init__(self, capacity: int, *, slow: bool = False, maximum: float = 0.0,
-                 open_after_s: float | None = None) -> None:
+                 open_after_s: float | None = None, ramp_s: float | None = None) -> None:
         self.slots: CapacityLimit | None = CapacityLimit(max(1, capacity))
         self.slow, self.maximum, self.open_after_s = slow, maximum, open_after_s
+        self.ramp_s = ramp_s if ramp_s is not None and open_after_s is not None and \
+            0 < ramp_s < open_after_s else None
         self._timer: asyncio.TimerHandle | None = None
+        self._left_s = 0.0  # (ramping: seconds from the next doubling to the opening)
         self._stacks: list[Limits] = []  # left once warm (see ``leave_when_warm``)
 
     def leave_when_warm(self, stack: Limits) -> WarmUp:
@@ -85,7 +93,11 @@ class WarmUp:
         if slots is not None:
             if self.open_after_s is not None and self._timer is None:
                 loop = asyncio.get_running_loop()
-                self._timer = loop.call_later(self.open_after_s, self._open)
+                if self.ramp_s is None:
+                    self._timer = loop.call_later(self.open_after_s, self._open)
+                else:
+                    self._left_s = self.open_after_s - self.ramp_s
+                    self._timer = loop.call_later(self.ramp_s, self._double)
             await slots.acquire(_ONE)
             if self.slots is not slots:  # warmed up while this send waited
                 slots.release(_ONE)
@@ -104,9 +116,24 @@ class WarmUp:
         elif outcome.ok:
             self._open()  # the service answers: no more warm-up
 
+    def _double(self) -> None:
+        """Ramping: no answer yet after another ``ramp_s``; twice the sends, or open."""
+        slots, ramp = self.slots, self.ramp_s
+        if slots is None or ramp is None:
+            return
+        if self._left_s <= 1e-9:
+            self._open()
+            return
+        step = min(ramp, self._left_s)
+        self._left_s -= step
+        self._timer = asyncio.get_running_loop().call_later(step, self._double)
+        slots.set_capacity(2 * slots.capacity)
+
     def _open(self) -> None:
         self.close()
         slots, self.slots = self.slots, None
+        if self._timer is not None:
+            self._timer.cancel()  # (kept, not None: the warm-up is not armed again)
         if slots is not None:
             slots.set_capacity(math.inf)
             for stack in self._stacks:
@@ -173,10 +200,10 @@ class RunLimits:
             # its requests (its calls' concurrency says little about its requests')
             rpm.pause = tpm.pause = pause
             rates: list[Limit] = [rpm, tpm, pause]
-            warm_up = WarmUp(2 * n_agents, open_after_s=1.0)
+            warm_up = WarmUp(2 * n_agents, open_after_s=1.0, ramp_s=0.25)
             per_call = [*per_call, warm_up, *rates]
             slow = WarmUp(2 * n_agents, slow=not told, maximum=cfg.in_flight_cap,
-                          open_after_s=1.0 if told else None)
+                          open_after_s=1.0 if told else None, ramp_s=0.25)
             per_request = [slow, *rates]
         if adaptive is not None:
             adaptive.rate_known = told
