@@ -130,7 +130,6 @@ class WarmUp:
         slots.set_capacity(2 * slots.capacity)
 
     def _open(self) -> None:
-        self.close()
         slots, self.slots = self.slots, None
         if self._timer is not None:
             self._timer.cancel()  # (kept, not None: the warm-up is not armed again)
