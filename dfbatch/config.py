@@ -91,7 +91,8 @@ class BatchConfig:
 
     Running: ``max_concurrent_batches`` (8 per agent), ``max_in_flight`` (None = 16 x CPU
     cores, global), ``max_bytes_per_agent`` (1 GiB of batch data in flight per agent),
-    ``timeout`` (seconds per call, None = no timeout), ``max_attempts`` (calls per batch before
+    ``timeout`` (seconds per call, None = no timeout; a plain fn's call is timed from its start
+    in a worker, not from its wait for one), ``max_attempts`` (calls per batch before
     bisecting / failing), ``backoff_base`` / ``backoff_max`` (seconds, full-jitter exponential),
     ``retry_on`` (predicate ``exc -> bool | None`` overriding the retry classification),
     ``oversize`` (a single row over ``token_limit``: "error" value, "truncate" the text, or
@@ -125,7 +126,11 @@ class BatchConfig:
     default, in worker threads; ``"inline"`` on the event loop's thread, for a cheap fn that
     should not pay a thread hop per batch (it blocks the loop while it runs: no timeout, no
     live dashboard updates during a call); ``"process"`` in a pool of processes, for CPU-bound
-    work (fn must pickle: a module-level function)), ``sync_workers`` (threads or processes
+    work (fn must pickle: a module-level function). A call past ``timeout`` (or cancelled) in
+    a process has its worker killed (SIGKILL) and replaced, the calls in the other workers
+    untouched; one in a thread, which cannot be stopped, keeps running (``StillRunningWarning``
+    at the end), and the pool gets a thread more meanwhile, so the calls after it do not wait
+    for its thread), ``sync_workers`` (threads or processes
     for a plain-function fn; None = min(64, global in-flight cap) threads, one process per
     core), ``seed`` (jitter RNG).
 

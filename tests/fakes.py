@@ -107,3 +107,25 @@ class RecordingView:
 
     def close(self, stats: RunStats) -> None:
         self.shown.append(stats)
+
+
+def hangs_on_row_0(batch: pl.DataFrame) -> list[int]:
+    """A module-level plain fn: the row with id 0 hangs (60 s), the others take 0.2 s. Each
+    call leaves its process id in the folder ``$DFBATCH_TEST_PIDS`` (if set) as it starts."""
+    import os
+
+    folder = os.environ.get("DFBATCH_TEST_PIDS")
+    if folder:
+        with open(os.path.join(folder, str(os.getpid())), "w"):
+            pass
+    time.sleep(60.0 if 0 in batch["id"].to_list() else 0.2)
+    return batch["id"].to_list()
+
+
+def sleeps_then_pid(batch: pl.DataFrame) -> list[int]:
+    """A module-level plain fn: sleeps the first row's ``sleep`` seconds, then answers the id
+    of its process for each row."""
+    import os
+
+    time.sleep(batch["sleep"][0])
+    return [os.getpid()] * batch.height

@@ -16,7 +16,13 @@ import pytest
 
 import dfbatch
 from dfbatch.errors import ConfigError
-from tests.fakes import dies_always, dies_on_row_5, pid_per_row
+from tests.fakes import (
+    dies_always,
+    dies_on_row_5,
+    hangs_on_row_0,
+    pid_per_row,
+    sleeps_then_pid,
+)
 
 QUIET = {"progress": False, "items_per_batch": 4}
 
@@ -128,13 +134,13 @@ def test_the_workers_start_is_not_counted_in_a_calls_timeout(
     import time
     from concurrent.futures import ProcessPoolExecutor
 
-    from dfbatch.execute import _attempt
+    from dfbatch.execute import _executors
 
     def slow_start(workers: int) -> ProcessPoolExecutor:  # (a loaded machine: seconds)
         return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=time.sleep, initargs=(1.5,))
 
-    monkeypatch.setattr(_attempt, "_processes", slow_start)
+    monkeypatch.setattr(_executors, "_processes", slow_start)
     out = dfbatch.process(_frame(8), pid_per_row, executor="process", sync_workers=1,
                           timeout=1.0, max_attempts=1, **QUIET)
     assert out["error"].null_count() == 8
@@ -152,9 +158,9 @@ def _pool_of_workers_that_exit(workers: int) -> Any:
 def test_workers_that_cannot_start_stop_the_run_with_the_reason(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from dfbatch.execute import _attempt
+    from dfbatch.execute import _executors
 
-    monkeypatch.setattr(_attempt, "_processes", _pool_of_workers_that_exit)
+    monkeypatch.setattr(_executors, "_processes", _pool_of_workers_that_exit)
     with pytest.raises(ConfigError, match=r"exit while starting.*__name__ == .__main__."):
         dfbatch.process(_frame(8), pid_per_row, executor="process", sync_workers=1, **QUIET)
 
@@ -164,9 +170,9 @@ class _BrokenPool(Executor):
     start-up call."""
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
-        from dfbatch.execute import _attempt
+        from dfbatch.execute import _executors
 
-        if fn is _attempt._worker_up:
+        if fn is _executors._worker_up:
             done: Future[Any] = Future()
             done.set_result(0)
             return done
@@ -177,15 +183,16 @@ class _BrokenPool(Executor):
 def test_a_pool_broken_before_the_submit_is_a_worker_death_and_is_replaced(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from dfbatch.execute import _attempt
+    from dfbatch.execute import _executors
 
-    monkeypatch.setattr(_attempt, "_processes", lambda workers: _BrokenPool())
-    threads = _attempt.InThreads(1, "process")
+    monkeypatch.setattr(_executors, "_processes", lambda workers: _BrokenPool())
+    threads = _executors.InThreads(1, "process")
     threads.open()
-    broken = threads.pool
-    with pytest.raises(_attempt.WorkerDiedError, match="retried in a new worker"):
+    assert threads.procs is not None
+    broken = threads.procs.free[0].pool
+    with pytest.raises(_executors.WorkerDiedError, match="retried in a new worker"):
         asyncio.run(threads.call(len, pl.DataFrame(), None, 0))
-    assert threads.pool is not broken  # (it was kept before: every later call failed)
+    assert threads.procs.free[0].pool is not broken  # (kept before: every later call failed)
 
 
 def test_process_executor_refuses_an_fn_that_does_not_pickle() -> None:
@@ -203,14 +210,17 @@ def test_a_row_that_kills_its_worker_process_fails_alone() -> None:
     out = dfbatch.process(_frame(), dies_on_row_5, executor="process", sync_workers=2,
                           max_attempts=4, **QUIET)
     bad = out.filter(pl.col("error").is_not_null())
-    # a death breaks the calls in flight beside it too (they are retried); the pool is
-    # replaced, so the run goes on (it lost 168 of 200 rows to one dying row before), and a
-    # batch whose worker died max_attempts times is bisected (as under engine="ray"): the
-    # row that kills it fails alone (its 3 batch-mates failed with it before)
+    # the dead worker is replaced, so the run goes on (it lost 168 of 200 rows to one dying
+    # row before), and a batch whose worker died max_attempts times is bisected (as under
+    # engine="ray"): the row that kills it fails alone (its 3 batch-mates failed with it
+    # before). Each worker is a pool of its own: a death no longer breaks the calls in
+    # flight beside it (retried before)
     assert bad["id"].to_list() == [5]
     assert bad["error"].str.contains("WorkerDiedError").all()
     good = out.filter(pl.col("error").is_null())
     assert good["output"].to_list() == (good["id"] * 2).to_list()
+    dying = out.filter(pl.col("id") == 5)["batch_id"].item()
+    assert (out.filter(pl.col("batch_id") != dying)["attempts"] == 1).all()
 
 
 @pytest.mark.slow
@@ -247,3 +257,136 @@ def test_the_timeout_counts_from_the_calls_start_not_its_wait_for_a_worker() -> 
     out = dfbatch.process(_frame(), slowish, executor="thread", sync_workers=1, timeout=0.5,
                           hedge_after=None, max_attempts=1, **QUIET)
     assert out["error"].null_count() == 40
+
+
+def _alive(pid: int) -> bool:
+    """Is process ``pid`` running (a zombie, dead but not yet reaped, is not)?"""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil is in the dev environment
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _gone(pids: list[int], within: float = 10.0) -> list[int]:
+    """The processes of ``pids`` still alive ``within`` seconds (they are reaped meanwhile)."""
+    import time
+
+    deadline = time.monotonic() + within
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [pid for pid in pids if _alive(pid)]
+
+
+@pytest.mark.slow
+def test_a_hung_call_past_its_timeout_has_its_worker_process_killed_and_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    # the row with id 0 hangs (60 s) in each of its 2 attempts; the 11 others take 0.2 s each.
+    # Its worker is killed at the timeout and replaced: the calls after it do not queue
+    # behind it (their timeouts ran while they queued: every one of them timed out)
+    monkeypatch.setenv("DFBATCH_TEST_PIDS", str(tmp_path))  # (spawned workers inherit it)
+    t0 = time.monotonic()
+    out = dfbatch.process(_frame(12), hangs_on_row_0, executor="process", sync_workers=1,
+                          timeout=1.5, max_attempts=2, hedge_after=None, progress=False,
+                          items_per_batch=1)
+    elapsed = time.monotonic() - t0
+    hung, others = out.filter(pl.col("id") == 0), out.filter(pl.col("id") != 0)
+    assert hung["error"][0].startswith("TimeoutError") and hung["attempts"][0] == 2
+    assert others["error"].null_count() == 11, others["error"].drop_nulls().to_list()
+    assert others["attempts"].to_list() == [1] * 11
+    assert others["output"].to_list() == list(range(1, 12))
+    assert elapsed < 30.0  # (the hung calls sleep 60 s each)
+    pids = [int(p.name) for p in tmp_path.iterdir()]
+    assert len(pids) >= 2  # the first worker, killed, and its replacement(s)
+    assert _gone(pids) == []  # no worker left behind
+
+
+@pytest.mark.slow
+def test_killing_a_workers_hung_call_leaves_the_call_on_another_worker_alone() -> None:
+    from dfbatch.execute import _executors
+
+    def frame(sleep: float) -> pl.DataFrame:
+        return pl.DataFrame({"sleep": [sleep]})
+
+    async def run() -> tuple[Any, ...]:
+        threads = _executors.InThreads(2, "process")
+        threads.open()
+        try:
+            await threads.ready()
+            assert threads.procs is not None
+            first = [w.up.result() for w in threads.procs.free]  # (the workers' pids)
+            hung = asyncio.ensure_future(threads.call(sleeps_then_pid, frame(60.0), 1.0, 0))
+            await asyncio.sleep(0)  # (it takes a worker first)
+            beside = asyncio.ensure_future(threads.call(sleeps_then_pid, frame(2.5), 10.0, 1))
+            done = await asyncio.gather(hung, beside, return_exceptions=True)
+            after = await threads.call(sleeps_then_pid, frame(0.0), 10.0, 2)
+            workers = [w.up.result() for w in threads.procs.free]
+            return first, done, after, workers
+        finally:
+            assert threads.close() == []  # (nothing left running: no StillRunningWarning)
+
+    first, (hung, beside), after, workers = asyncio.run(run())
+    assert isinstance(hung, TimeoutError)
+    assert beside == [beside[0]] and beside[0] in first  # answered, killed beside nothing
+    killed = (set(first) - {beside[0]}).pop()
+    assert killed not in workers and after[0] in workers and len(set(workers)) == 2
+    assert _gone([*first, *workers]) == []
+
+
+def test_a_thread_stuck_past_its_timeout_does_not_hold_up_the_calls_behind_it() -> None:
+    from dfbatch.errors import StillRunningWarning
+
+    release = threading.Event()
+
+    def fn(batch: pl.DataFrame) -> list[int]:
+        if 0 in batch["id"].to_list():
+            release.wait(30.0)  # (a thread cannot be stopped: stuck until the test ends)
+        return batch["id"].to_list()
+
+    # one worker thread: each stuck call gets a new thread, or the calls behind it queue
+    # for it, their timeouts running
+    try:
+        with pytest.warns(StillRunningWarning, match=r"batches \[0\]"):
+            out = dfbatch.process(_frame(12), fn, executor="thread", sync_workers=1,
+                                  timeout=0.5, max_attempts=2, hedge_after=None,
+                                  progress=False, items_per_batch=1)
+    finally:
+        release.set()
+    hung, others = out.filter(pl.col("id") == 0), out.filter(pl.col("id") != 0)
+    assert hung["error"][0].startswith("TimeoutError") and hung["attempts"][0] == 2
+    assert others["error"].null_count() == 11, others["error"].drop_nulls().to_list()
+    assert others["attempts"].to_list() == [1] * 11
+
+
+def test_daemon_threads_get_a_thread_more_per_abandoned_call_up_to_max_stuck() -> None:
+    from dfbatch.execute._threads import DaemonThreads
+
+    pool = DaemonThreads(1, max_stuck=1)
+    first, second = threading.Event(), threading.Event()
+    try:
+        stuck = pool.submit(first.wait, 30.0)
+        pool.abandon(stuck)  # its caller gave up: a thread more while it runs
+        assert pool.submit(sum, [1, 2]).result(timeout=10) == 3
+        also_stuck = pool.submit(second.wait, 30.0)
+        pool.abandon(also_stuck)  # (max_stuck reached: no thread more)
+        queued = pool.submit(sum, [3, 4])
+        assert pool.stuck == 1 and pool._threads == 2 and not queued.done()
+        first.set()  # the first stuck call ends: its thread takes the queued call, or ends
+        assert queued.result(timeout=10) == 7 and stuck.result(timeout=10) is True
+        assert pool.stuck == 0
+    finally:
+        first.set()
+        second.set()
+        pool.shutdown()
+    assert also_stuck.result(timeout=10) is True
+    assert pool._threads <= 2

@@ -275,6 +275,10 @@ class Breaker:
                f"(outage_timeout={self.give_up_s:g})")
         self.stop(NoProgressError(msg, cause=self._cause))
 
+    def close(self) -> None:
+        """The run is over: cancel the stall clock's timer (it must not fire after the run)."""
+        self._disarm()
+
     def _disarm(self) -> None:
         if self._give_up is not None:
             self._give_up.cancel()

@@ -119,9 +119,6 @@ class FnCaller(Invoker):
             self.threads.open()
             await self.threads.ready()
 
-    def close(self) -> list[int]:
-        return self.threads.close()
-
     async def call(self, a: int, batch: Batch, df: pl.DataFrame, slot: Hold) -> Verdict:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()

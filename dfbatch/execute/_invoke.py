@@ -19,8 +19,9 @@ import polars as pl
 from dfbatch.config import BatchConfig
 from dfbatch.errors import FnInterrupt
 from dfbatch.execute import _usage
-from dfbatch.execute._attempt import InThreads, call_paced, is_async, timed
+from dfbatch.execute._attempt import call_paced, is_async
 from dfbatch.execute._charge import Binding, charges_per_request, enter, leave
+from dfbatch.execute._executors import InThreads, timed
 from dfbatch.execute._hedge import has_room
 from dfbatch.execute._limits import Cost, Limits
 from dfbatch.execute._race import Pending, Race, first_decision
@@ -59,6 +60,19 @@ class Invoker:
         self._q = float(cfg.hedge_after or 0.0)
         self._paced = self.per_request and self.is_async and cfg.timeout is not None
         self._pending: Pending | None = None  # this loop's calls in flight (with hedging)
+
+    def close(self) -> list[int]:
+        """The run (this caller's pool) is over: cancel the timers armed on the loop (the
+        shared call timeout, the hedging decisions) and close the executor; the ids of
+        batches whose calls may still run (threads cannot be stopped)."""
+        if self.watch is not None:
+            self.watch.close()
+        pending = self._pending
+        timer = getattr(pending, "_timer", None)  # (Pending has no close of its own yet)
+        if timer is not None:
+            timer.cancel()
+            pending._timer = None  # type: ignore[union-attr]
+        return self.threads.close()
 
     async def _call_hedged(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost,
                            task: asyncio.Task[Any]) -> tuple[Any, _usage.Usage]:

@@ -7,7 +7,8 @@ keeps its slot for the next batch (no task and no hop through the agent per batc
 batch back from its backoff (or another chunk's pool, sharing the limits) waits for the slot:
 then it hands the slot over and ends. The agent sleeps meanwhile; a slot given back for a
 backoff, batches queued again or its last worker gone wake it. The limits come in as a
-``RunLimits`` built once per run. Cancelling ``run()`` (Ctrl-C) or ``stop()`` (the Stop
+``RunLimits`` built once per run (and closed by the run as it ends; a pool given none builds
+and closes its own). Cancelling ``run()`` (Ctrl-C) or ``stop()`` (the Stop
 button) cancels every call in flight and marks unfinished rows ``"cancelled"``.
 
 **Contiguous batches.** The pool reorders the frame it is given once, by batch (one gather for
@@ -69,6 +70,7 @@ class Pool:
             row_bytes = row_bytes[self.order] if row_bytes is not None else None
         self.frame = frame
         self.token_limit = cfg.token_limit
+        self.owns_limits = limits is None  # (then it closes them as it ends)
         if limits is None:
             limits = RunLimits.from_config(cfg, batches.n_agents,
                                            rates_elsewhere=engine.rates_elsewhere)
@@ -125,13 +127,15 @@ class Pool:
                 task.cancel()
             await asyncio.gather(*live, return_exceptions=True)
             running = self.caller.close()
+            if self.owns_limits:
+                self.limits.close()
             self.sched.release()  # (its batches built ahead: a traceback may keep the pool)
         if self.crash is not None:
             raise self.crash.args[0] if isinstance(self.crash, FnInterrupt) else self.crash
         if running:
             msg = (f"the fn calls of batches {running} (run_batch_id) timed out or were "
-                   "stopped but still run in worker threads or processes (stopped at the end "
-                   "of the run for executor='process'); their rows carry an error")
+                   "stopped but still run in worker threads (a thread cannot be stopped); "
+                   "their rows carry an error")
             warnings.warn(msg, StillRunningWarning, stacklevel=2)
         self.recorder.mark_unfinished()
         return self.out

@@ -138,6 +138,11 @@ class WarmUp:
             for stack in self._stacks:
                 stack.drop(self)
 
+    def close(self) -> None:
+        """Cancel the timer (warm, or the run is over: it must not fire after the run)."""
+        if self._timer is not None:
+            self._timer.cancel()
+
     @property
     def warm(self) -> bool:
         return self.slots is None
@@ -168,6 +173,7 @@ class RunLimits:
     # the pools running on these limits (a streamed run's chunks overlap): the slot a worker
     # gives up for good wakes the others, whose workers keep theirs and so never look again
     pools: list[Callable[[], None]] = field(default_factory=list)
+    warm_ups: tuple[WarmUp, ...] = ()  # (their timers: ``close``)
 
     @classmethod
     def from_config(cls, cfg: BatchConfig, n_agents: int, *, rates_elsewhere: bool = False
@@ -217,8 +223,17 @@ class RunLimits:
                          for _ in range(n_agents)],
             adaptive=adaptive, rpm=rpm, tpm=tpm, sizer=sizer, burst=burst,
             learns=local, calls=Limits(calls), per_request=requests, pause=pause,
-            breaker=breaker,
+            breaker=breaker, warm_ups=(warm_up, slow) if local else (),
         )
+
+    def close(self) -> None:
+        """The run is over (its owner says so: the run, or a pool that built these limits):
+        cancel the timers the limits armed on the loop (the warm-ups' opening, the breaker's
+        stall clock), so none fires after the run. Idempotent."""
+        for warm_up in self.warm_ups:
+            warm_up.close()
+        if self.breaker is not None:
+            self.breaker.close()
 
     def rate_bound(self) -> bool:
         """Is the request rate the binding limit (so fewer, larger requests finish sooner)?"""

@@ -4,6 +4,11 @@
 stuck past its timeout would keep a script from exiting. These threads are daemons: a stuck
 call is abandoned at exit. Threads start on demand, up to ``max_workers``, and are reused.
 
+A call stuck past its caller's timeout cannot be stopped; ``abandon(fut)`` gives the pool a
+thread more while it runs (up to ``max_stuck`` such calls at once), so the calls after it do
+not queue for its thread (their own timeouts running meanwhile). The thread that ran it ends
+once it returns (beyond ``max_stuck``, calls queue for the threads left).
+
 Examples
 --------
 >>> pool = DaemonThreads(2)
@@ -24,8 +29,11 @@ from typing import Any
 class DaemonThreads(Executor):
     """A bounded pool of daemon threads (an ``Executor``, usable with ``run_in_executor``)."""
 
-    def __init__(self, max_workers: int, name: str = "dfbatch") -> None:
+    def __init__(self, max_workers: int, name: str = "dfbatch", *,
+                 max_stuck: int | None = None) -> None:
         self.max_workers, self.name = max(1, max_workers), name
+        self.max_stuck = max(64, self.max_workers) if max_stuck is None else max_stuck
+        self.stuck = 0  # calls abandoned (past their timeout) that still run
         self._work: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
                                       | None] = queue.SimpleQueue()
         self._idle = threading.Semaphore(0)
@@ -42,7 +50,8 @@ class DaemonThreads(Executor):
                 msg = "submit() after shutdown()"
                 raise RuntimeError(msg)
             self._work.put((fut, fn, args))
-            if not self._idle.acquire(blocking=False) and self._threads < self.max_workers:
+            if (not self._idle.acquire(blocking=False)
+                    and self._threads < self.max_workers + self.stuck):
                 self._threads += 1
                 threading.Thread(target=self._worker, name=f"{self.name}-{self._threads}",
                                  daemon=True).start()
@@ -62,7 +71,25 @@ class DaemonThreads(Executor):
                 else:
                     fut.set_result(result)
             del item, fut, fn, args
+            with self._lock:  # (a stuck call's thread, its replacement in its place: it
+                # ends, unless calls wait -- for a call stuck beyond max_stuck, say)
+                if self._threads > self.max_workers + self.stuck and self._work.empty():
+                    self._threads -= 1
+                    return
             self._idle.release()
+
+    def abandon(self, fut: Future[Any]) -> None:
+        """The call of ``fut`` (from ``submit``) is stuck: its caller gave up waiting. While it
+        runs, the pool has a thread more (see the module docstring)."""
+        with self._lock:
+            if fut.done() or self.stuck >= self.max_stuck:
+                return
+            self.stuck += 1
+        fut.add_done_callback(self._unstuck)
+
+    def _unstuck(self, fut: Future[Any]) -> None:
+        with self._lock:
+            self.stuck -= 1
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the threads once they are idle; ``cancel_futures``: drop calls not started.

@@ -77,6 +77,12 @@ class Watch:
             self._expired.discard(task)
             task.uncancel()
 
+    def close(self) -> None:
+        """The run is over: cancel the timer (a call that starts later arms it again)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _check(self) -> None:
         self._timer = None
         loop = asyncio.get_running_loop()

@@ -191,6 +191,7 @@ class _Job:
             raise
         finally:
             unmark_run(in_run)
+            pool.limits.close()  # (their timers: none fires after the run)
             if ticker is not None:
                 ticker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -95,6 +95,7 @@ class _Stream:
     stopping: bool = False
     live: deque[_Chunk] = field(default_factory=deque)
     limits: RunLimits | None = None  # built once, shared by every chunk's pool
+    built: list[RunLimits] = field(default_factory=list)  # (closed as the run ends)
     batch_offset: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     fatal: str | None = None  # why the run stopped at once (RunStoppedError)
@@ -196,6 +197,8 @@ class _Stream:
                 await self._finish(self.live[0], writer)
         finally:
             await self._cancel_live()
+            for limits in self.built:  # every pool is over: no timer of theirs may fire
+                limits.close()
             # a worker thread cannot be cancelled: wait for the chunk it prepares (bounded by
             # one chunk), and release its journal
             leftover = None
@@ -244,6 +247,7 @@ class _Stream:
         job = chunk.job
         if self.limits is None or len(self.limits.agent_slots) != job.batches.n_agents:
             self.limits = job.limits()  # the agents and their limits carry over
+            self.built.append(self.limits)
         pool = job.pool_for(on_event, self.limits, left=chunk.left)
         # the run's counts take each batch from its fields (and tell when the queues empty);
         # only on_event gets batch events
