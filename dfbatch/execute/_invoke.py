@@ -67,11 +67,8 @@ class Invoker:
         batches whose calls may still run (threads cannot be stopped)."""
         if self.watch is not None:
             self.watch.close()
-        pending = self._pending
-        timer = getattr(pending, "_timer", None)  # (Pending has no close of its own yet)
-        if timer is not None:
-            timer.cancel()
-            pending._timer = None  # type: ignore[union-attr]
+        if self._pending is not None:
+            self._pending.close()
         return self.threads.close()
 
     async def _call_hedged(self, a: int, batch: Batch, df: pl.DataFrame, cost: Cost,

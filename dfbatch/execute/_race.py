@@ -270,6 +270,12 @@ class Pending:
             return None
         return self.races.pop(task, None)
 
+    def close(self) -> None:
+        """The run is over: its decision timer goes (a call still in flight gets no race)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _fire(self) -> None:
         self._timer = None
         fresh, loop = self.fresh, self.loop
