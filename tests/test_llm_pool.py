@@ -20,9 +20,10 @@ FAST = {"progress": False, "backoff_base": 0.01, "backoff_max": 0.05}
 
 
 def test_429_retry_after_is_honored_and_every_row_succeeds(make_sim):
-    # a burst of 2 per 60 ms window; 4 calls of 0.2 s start at once, before the client can
-    # learn the limit from the response headers: 2 of them get a 429
-    server = make_sim(rpm=2, ttft_s=200.0, time_scale=0.001)
+    # one request per 120 ms window; the first calls (0.4 s each) start at once, before the
+    # client can learn the limit from the response headers: all but one get a 429 (a window
+    # long enough that a loaded machine still sends two of them within one)
+    server = make_sim(rpm=1, ttft_s=200.0, time_scale=0.002)
     fn = chat("sim-chat", base_url=server.url, max_tokens=32)
     events: list[Any] = []
     out = dfbatch.process(
