@@ -95,7 +95,7 @@ def test_a_closed_usage_ignores_reports_and_each_run_warns_once() -> None:
         used, token = _usage.begin(_usage.LateReports())
         dfbatch.report_usage(input_tokens=3, output_tokens=1)
         kept = contextvars.copy_context()  # (what a task started by the call keeps)
-        _usage.end(token)
+        _usage.end(token, used)
         assert used.closed
         with pytest.warns(LateUsageWarning):
             kept.run(dfbatch.report_usage, input_tokens=7)

@@ -146,5 +146,5 @@ class Invoker:
                 finally:
                     leave(bound)
         finally:
-            _usage.end(token)
+            _usage.end(token, used)
         return value, used

@@ -81,10 +81,11 @@ def begin(late: LateReports | None = None) -> tuple[Usage, object]:
     return usage, _current.set(usage)
 
 
-def end(token: object) -> None:
-    """The call is over: its usage is closed (later reports are ignored) and the context's
-    previous usage is back."""
-    usage = _current.get()
+def end(token: object, usage: Usage | None = None) -> None:
+    """The call of ``usage`` (``begin``'s; by default the context's) is over: it is closed
+    (later reports are ignored) and the context's previous usage is back."""
+    if usage is None:
+        usage = _current.get()
     if usage is not None:
         usage.closed = True
     _current.reset(token)  # type: ignore[arg-type]
