@@ -23,6 +23,7 @@ gets ``error`` text and the run goes on. The tree::
     PartialResultWarning            the run stopped before every row finished
     CheckpointWarning               a damaged checkpoint part was set aside; its rows run again
     StillRunningWarning             a plain fn's call outlived its timeout (a thread runs on)
+    LateUsageWarning                report_usage came after its call returned: not counted
 
 ``RowError`` is not raised: put an instance in the list your fn returns to fail that one row.
 """
@@ -142,6 +143,13 @@ class StillRunningWarning(UserWarning):
 
     Its rows carry an error; the (daemon) thread does not keep the interpreter from exiting.
     """
+
+
+class LateUsageWarning(UserWarning):
+    """``dfbatch.report_usage`` was called after its call of fn had returned (from a task or
+    thread that outlived the call): those tokens are counted nowhere -- not in the live view,
+    the events or the TPM limit -- so every total agrees. Call it before fn returns. Told once
+    a run."""
 
 
 class FnInterrupt(BaseException):  # a carrier, never seen by the user

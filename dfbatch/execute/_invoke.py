@@ -60,6 +60,7 @@ class Invoker:
         self._q = float(cfg.hedge_after or 0.0)
         self._paced = self.per_request and self.is_async and cfg.timeout is not None
         self._pending: Pending | None = None  # this loop's calls in flight (with hedging)
+        self.late = _usage.LateReports()  # usage reported after its call returned: told once
 
     def close(self) -> list[int]:
         """The run (this caller's pool) is over: cancel the timers armed on the loop (the
@@ -123,7 +124,7 @@ class Invoker:
                     task: asyncio.Task[Any]) -> tuple[Any, _usage.Usage]:
         """One call of fn in ``task``: its usage collected, the run's binding around it, the
         configured timeout (one ``Watch`` for every call) -- in one coroutine, not one each."""
-        used, token = _usage.begin()
+        used, token = _usage.begin(self.late)
         try:
             if self._paced:
                 assert self.cfg.timeout is not None
@@ -156,5 +157,5 @@ class Invoker:
                 finally:
                     leave(bound)
         finally:
-            _usage.end(token)
+            _usage.end(token, used)
         return value, used

@@ -1,6 +1,10 @@
 """``report_usage``: let fn report the real tokens a call used (for stats, TPM and cost).
 
-Call it from inside fn (sync or async); the pool reads it when the call returns.
+Call it from inside fn (sync or async), before fn returns: the pool reads it when the call
+returns, and then the call's usage is closed. A report after that (from a task or thread that
+outlived the call) is ignored everywhere -- the live view, the events, the TPM limit -- with one
+``LateUsageWarning`` per run: the call's outcome was already recorded and told, so counting it
+in one place but not another would make the dashboard's totals and the events' disagree.
 
 >>> import polars as pl, dfbatch
 >>> def fn(batch):
@@ -16,14 +20,27 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from dfbatch.errors import LateUsageWarning, warn_user
+
+
+class LateReports:
+    """A run's reports that came after their call had returned (``warned``: told once)."""
+
+    __slots__ = ("warned",)
+
+    def __init__(self) -> None:
+        self.warned = False
+
 
 @dataclass(slots=True)
 class Usage:
-    """Tokens reported by one call of fn (mutable, one per call)."""
+    """Tokens reported by one call of fn (mutable, one per call, until ``closed``)."""
 
     input_tokens: int = 0
     output_tokens: int = 0
     headers: dict[str, str] | None = None  # rate-limit headers seen by an HTTP adapter
+    closed: bool = False  # the call returned: later reports are ignored
+    late: LateReports | None = None  # the run's, to warn once
 
 
 _current: ContextVar[Usage | None] = ContextVar("dfbatch_usage", default=None)
@@ -36,17 +53,39 @@ def report_usage(
     usage = _current.get()
     if usage is None:
         return
+    if usage.closed:
+        _late(usage.late)
+        return
     usage.input_tokens += int(input_tokens)
     usage.output_tokens += int(output_tokens)
     if headers:
         usage.headers = {**(usage.headers or {}), **headers}
 
 
-def begin() -> tuple[Usage, object]:
-    """Start collecting usage in the current context; returns (usage, token for ``end``)."""
-    usage = Usage()
+def _late(late: LateReports | None) -> None:
+    if late is not None:
+        if late.warned:
+            return
+        late.warned = True
+    msg = ("dfbatch.report_usage was called after its call of fn had returned (from a task or "
+           "thread that outlived the call): those tokens are not counted, neither in the live "
+           "view nor in the events or the TPM limit. Call report_usage before fn returns "
+           "(await the task that reports it).")
+    warn_user(msg, LateUsageWarning)
+
+
+def begin(late: LateReports | None = None) -> tuple[Usage, object]:
+    """Start collecting usage in the current context; returns (usage, token for ``end``).
+    ``late``: the run's record of reports after their call returned (one warning a run)."""
+    usage = Usage(late=late)
     return usage, _current.set(usage)
 
 
-def end(token: object) -> None:
+def end(token: object, usage: Usage | None = None) -> None:
+    """The call of ``usage`` (``begin``'s; by default the context's) is over: it is closed
+    (later reports are ignored) and the context's previous usage is back."""
+    if usage is None:
+        usage = _current.get()
+    if usage is not None:
+        usage.closed = True
     _current.reset(token)  # type: ignore[arg-type]
