@@ -102,3 +102,22 @@ def test_a_closed_usage_ignores_reports_and_each_run_warns_once() -> None:
         kept.run(dfbatch.report_usage, input_tokens=7)  # told once a run: no second warning
         assert (used.input_tokens, used.output_tokens) == (3, 1)
     dfbatch.report_usage(input_tokens=7)  # outside any call: nothing, no warning
+
+
+@pytest.mark.parametrize("bad", [None, -1, float("nan"), float("inf"), "12", True])
+def test_report_usage_refuses_a_count_that_is_not_tokens(bad: object) -> None:
+    """A bad count is dfbatch misused inside fn, the same on every call: the run stops at its
+    first call with an error naming the argument and the fix (no retry, no bisection, no wrong
+    total), its partial result kept."""
+    calls = []
+
+    def fn(batch: pl.DataFrame) -> list[str]:
+        calls.append(batch.height)
+        dfbatch.report_usage(input_tokens=bad)  # type: ignore[arg-type]
+        return ["ok"] * batch.height
+
+    df = pl.DataFrame({"text": [f"t{i}" for i in range(40)]})
+    with pytest.raises(dfbatch.RunStoppedError, match=r"report_usage\(input_tokens=") as info:
+        dfbatch.process(df, fn, progress=False, agents=1, max_concurrent_batches=1)
+    assert "int >= 0" in str(info.value) and len(calls) == 1
+    assert info.value.partial.height == 40

@@ -15,7 +15,9 @@
     a global pause; it does not use up the attempts errors do.
 ``"fatal_run"``
     Account-wide (401 bad key, 402 / 429 ``insufficient_quota``, 403 permission, 404 unknown
-    model): no retry, no bisection; the run stops with ``fatal_message`` (partial result kept).
+    model), or dfbatch's own API misused inside fn (a ``ConfigError``, e.g. ``report_usage``
+    given a count that is not tokens: every call would fail alike): no retry, no bisection; the
+    run stops with ``fatal_message`` (partial result kept).
 
 ``retry_on(exc)`` overrides: True (retry as transient), False (a row error), None (default).
 Errors of httpx, aiohttp and the openai SDK are recognized by status, body and class name
@@ -44,7 +46,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from dfbatch.errors import FatalError, NoProgressError, OutputError, RetryableError
+from dfbatch.errors import ConfigError, FatalError, NoProgressError, OutputError, RetryableError
 from dfbatch.execute._headers import NO_HINTS, RateHints, parse_headers
 
 Kind = Literal["row", "transient", "rate_limited", "fatal_run"]
@@ -88,6 +90,8 @@ _FIXES = {
     "no_progress": "no call was answered for outage_timeout seconds; check that the service "
                    "is up and the key's rate limit, then resume the run from its checkpoint "
                    "(or raise outage_timeout=)",
+    "misuse": "fn called dfbatch with a bad argument (the same on every call); fix the call "
+              "the message names, then resume the run from its checkpoint",
 }
 
 
@@ -150,6 +154,8 @@ def _default(exc: BaseException) -> Decision:
 
     if isinstance(exc, NoProgressError):
         return make("fatal_run", "no_progress")
+    if isinstance(exc, ConfigError):  # dfbatch's own API misused inside fn: every call would
+        return make("fatal_run", "misuse")  # fail (and be paid for) the same way
     if isinstance(exc, RetryableError):
         return make("rate_limited" if _says_rate(exc) else "transient", None)
     if isinstance(exc, OutputError):

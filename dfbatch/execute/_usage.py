@@ -17,10 +17,11 @@ in one place but not another would make the dashboard's totals and the events' d
 
 from __future__ import annotations
 
+import math
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from dfbatch.errors import LateUsageWarning, warn_user
+from dfbatch.errors import ConfigError, LateUsageWarning, warn_user
 
 
 class LateReports:
@@ -49,10 +50,38 @@ _current: ContextVar[Usage | None] = ContextVar("dfbatch_usage", default=None)
 def report_usage(
     input_tokens: int = 0, output_tokens: int = 0, headers: dict[str, str] | None = None
 ) -> None:
-    """Add real token usage to the current call. Outside a dfbatch call it does nothing."""
+    """Add the real token usage of the current call of fn (what the provider billed), and its
+    answer's headers (``x-ratelimit-*``, ``retry-after``: the run's limits learn from them).
+
+    The run's TPM bucket is corrected from the estimate it charged to these tokens, and the
+    live view, the events and ``RunStats`` count them. Call it before fn returns: a report from
+    a task that outlives the call is ignored (``LateUsageWarning``, once a run). Outside a
+    dfbatch call it does nothing. ``dfbatch.llm.chat`` / ``embed`` report for you.
+
+    Examples
+    --------
+    >>> import polars as pl, dfbatch
+    >>> def fn(batch: pl.DataFrame) -> list[str]:
+    ...     dfbatch.report_usage(input_tokens=12 * len(batch), output_tokens=3 * len(batch),
+    ...                          headers={"x-ratelimit-remaining-tokens": "149000"})
+    ...     return batch["text"].str.to_uppercase().to_list()
+    >>> df = pl.DataFrame({"text": ["a", "b", "c"]})
+    >>> events = []
+    >>> out = dfbatch.process(df, fn, progress=False, on_event=events.append)
+    >>> stats = dfbatch.events.fold(events)
+    >>> stats.input_tokens, stats.output_tokens
+    (36, 9)
+    >>> dfbatch.report_usage(input_tokens=5)  # outside a run: nothing happens
+    """
     usage = _current.get()
     if usage is None:
         return
+    for name, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not 0 <= value < math.inf:
+            msg = (f"report_usage({name}={value!r}): pass the number of tokens the provider "
+                   f"billed, an int >= 0 (e.g. response.usage.prompt_tokens), or leave it out")
+            raise ConfigError(msg)
     if usage.closed:
         _late(usage.late)
         return
