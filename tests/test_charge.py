@@ -10,6 +10,7 @@ import pytest
 
 import dfbatch.limits
 from benchmarks.simapi import run
+from dfbatch.errors import ConfigError, FatalError
 from dfbatch.execute._breaker import Breaker
 from dfbatch.execute._charge import bind_run_limits, bound, charges_per_request, count_tokens
 from dfbatch.execute._limits import Limits
@@ -160,3 +161,93 @@ def test_a_request_left_running_after_its_call_ended_keeps_no_unit():
     out = run(dfbatch.aprocess(df, fn, agents=1, items_per_batch=8, progress=False,
                                encoding=lambda ts: [1] * len(ts), timeout=30.0))
     assert out["output"].to_list() == list(range(8))
+
+
+@pytest.mark.parametrize("tokens", [None, -1, float("nan"), float("inf"), "12", "abc", True])
+def test_tokens_must_be_a_count_and_the_error_names_the_argument(tokens):
+    async def main() -> None:
+        async with dfbatch.limits.request(tokens=tokens):
+            pass  # pragma: no cover - refused before
+
+    with pytest.raises(ConfigError, match=r"request\(tokens=\.\.\.\) takes a number of tokens"):
+        run(main())
+
+
+def test_float_tokens_round_up_and_report_checks_its_tokens():
+    async def main() -> int:
+        async with dfbatch.limits.request(tokens=2.2) as req:
+            with pytest.raises(ConfigError, match=r"report\(tokens=\.\.\.\)"):
+                req.report(tokens="many")
+            return req.tokens
+
+    assert run(main()) == 3
+
+
+def test_a_request_over_the_whole_token_limit_fails_at_once_instead_of_waiting():
+    # 10**30 tokens against tpm=60,000 used to leave the bucket in debt for ever: a hang
+    async def main() -> tuple[float, float]:
+        tpm = RateLimit(60_000, tokens=True)
+        with bind_run_limits(Limits([tpm])):
+            with pytest.raises(FatalError, match="more than the run's whole token limit"):
+                async with dfbatch.limits.request(tokens=10**30):
+                    pass  # pragma: no cover - refused before
+            async with dfbatch.limits.request(tokens=60_000):  # a whole minute still goes
+                pass
+        return now(), tpm.level
+
+    t, level = run(main())
+    assert t == pytest.approx(0.0)  # a whole minute still goes, leaving the bucket in debt
+    assert level == pytest.approx(1_000 - 60_000)
+
+
+@pytest.mark.parametrize("headers", [
+    [("x-ratelimit-remaining-requests", "300")],
+    {b"x-ratelimit-remaining-requests": b"300"},
+    [(b"X-RateLimit-Remaining-Requests", b"300")],
+])
+def test_report_reads_pairs_and_bytes_headers(headers):
+    async def main() -> float:
+        rpm = RateLimit(600)
+        with bind_run_limits(Limits([rpm])):
+            async with dfbatch.limits.request() as req:
+                req.report(headers=headers)
+        return rpm.capacity
+
+    assert run(main()) == 301  # (ignored before: the bucket stayed at one second's 10)
+
+
+def test_report_refuses_headers_that_are_not_headers():
+    req = dfbatch.limits.Request(1)
+    with pytest.raises(ConfigError, match=r"report\(headers=\.\.\.\) takes the answer's headers"):
+        req.report(headers="retry-after: 5")
+
+
+def test_a_sync_fn_in_a_thread_charges_the_run_from_its_own_event_loop():
+    # a sync fn (executor="thread") can only use `async with request()` on a loop of its own;
+    # the run's buckets are asyncio objects of the run's loop: RuntimeError "bound to a
+    # different event loop" for every row that had to wait, before
+    import time
+
+    import polars as pl
+
+    sent: list[float] = []
+
+    @dfbatch.limits.per_request
+    def fn(batch: pl.DataFrame) -> list[str]:
+        async def one(text: str) -> str:
+            async with dfbatch.limits.request(tokens=1):
+                sent.append(time.monotonic())
+                await asyncio.sleep(0.01)
+                return text.upper()
+
+        async def rows() -> list[str]:
+            return list(await asyncio.gather(*(one(t) for t in batch["text"])))
+
+        return asyncio.run(rows())
+
+    df = pl.DataFrame({"text": [f"t{i}" for i in range(12)]})
+    out = dfbatch.process(df, fn, rpm=600, executor="thread", agents=2, progress=False)
+    assert out["error"].null_count() == 12
+    assert out["output"].to_list() == [f"T{i}" for i in range(12)]
+    # 10 a second, a burst of one second's worth (10): the last two wait for the refill
+    assert max(sent) - min(sent) >= 0.15

@@ -260,11 +260,51 @@ def status_code(exc: BaseException) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def header_items(headers: Any, *, what: str | None = None) -> dict[str, str]:
+    """Headers as a ``{name: value}`` dict of ``str``: from a mapping (``dict``,
+    ``httpx.Headers``, aiohttp's ``CIMultiDict`` ...) or a sequence of ``(name, value)`` pairs
+    (``http.client``'s ``getheaders()``, raw ASGI headers), names and values ``str`` or
+    ``bytes``. Anything else: ``{}``, or under ``what`` (the argument's name) a
+    ``ConfigError``.
+
+    >>> header_items([(b"Retry-After", b"2")]), header_items({"retry-after": 3})
+    ({'Retry-After': '2'}, {'retry-after': '3'})
+    """
+    if headers is None:
+        return {}
+    items = getattr(headers, "items", None)
+    pairs: Any = headers
+    if items is not None:
+        try:
+            pairs = items()
+        except TypeError:
+            pairs = None
+    out: dict[str, str] = {}
+    if pairs is not None and not isinstance(pairs, (str, bytes)):
+        try:
+            for name, value in pairs:
+                out[_text(name)] = _text(value)
+        except (TypeError, ValueError):
+            out = {}
+        else:
+            return out
+    if what is not None:
+        msg = (f"{what} takes the answer's headers: a mapping (a dict, httpx.Headers ...) or "
+               f"a list of (name, value) pairs, got {type(headers).__name__} {headers!r:.60}; "
+               "pass response.headers")
+        raise ConfigError(msg)
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
 def _hints(exc: BaseException) -> RateHints:
     headers = getattr(exc, "headers", None)
     if headers is None:
         headers = getattr(getattr(exc, "response", None), "headers", None)
-    hints = parse_headers(headers) if headers is not None else NO_HINTS
+    hints = parse_headers(header_items(headers)) if headers is not None else NO_HINTS
     value = getattr(exc, "retry_after", None)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
         hints = dataclasses.replace(hints, retry_after=float(value))
