@@ -143,6 +143,57 @@ def _hint(headers: Any) -> float | None:
     return None
 
 
+# -- what the clients saw --------------------------------------------------------------------
+class Wire:
+    """Every HTTP request this process sends (both runners): send time, status, seconds to
+    the answer's headers, and which rate-limit headers the 429s carried.
+
+    Counted at ``httpx``'s transport, under the OpenAI SDK, so it sees what the proxy sees from
+    dfbatch and from the hand-written client alike (dfbatch's own count of 429s is not public).
+    """
+
+    def __init__(self) -> None:
+        self.log: list[tuple[float, int, float]] = []
+        self.hints_429: dict[str, int] = {}  # the rate-limit headers' names: how many 429s
+        self.example_429: dict[str, str] = {}  # ... and the values of the first such 429
+
+    def install(self) -> None:
+        import openai
+
+        # The SDK's own transport class (``httpx.AsyncHTTPTransport``, or its vendored copy).
+        probe = openai.AsyncOpenAI(api_key="unused", base_url="http://127.0.0.1:9/v1")
+        transport = type(probe._client._transport)
+        original = transport.handle_async_request
+        wire = self
+
+        async def counted(transport: Any, request: Any) -> Any:
+            t = time.monotonic()
+            response = await original(transport, request)
+            if request.url.path.endswith("/chat/completions"):
+                wire.log.append((t, response.status_code, time.monotonic() - t))
+                if response.status_code == 429:
+                    rate = {k: v for k, v in response.headers.items()
+                            if "retry" in k or "ratelimit" in k}
+                    hint = ",".join(sorted(rate)) or "none"
+                    wire.hints_429[hint] = wire.hints_429.get(hint, 0) + 1
+                    wire.example_429.setdefault(hint, ", ".join(f"{k}: {v}"
+                                                                for k, v in sorted(rate.items())))
+            return response
+
+        transport.handle_async_request = counted  # type: ignore[method-assign,assignment]
+
+    def since(self, t0: float) -> dict[str, Any]:
+        mine = [(t, s, dt) for t, s, dt in self.log if t >= t0]
+        sent = [t for t, _, _ in mine]
+        return {"client requests": len(sent),
+                "client 429s": sum(1 for _, s, _ in mine if s == 429),
+                "max/10s sent": max_in_sliding_window(sent, 10.0) if sent else 0,
+                "slowest answer_s": max((dt for _, _, dt in mine), default=0.0)}
+
+
+WIRE = Wire()
+
+
 # -- the proxy -------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
@@ -216,7 +267,7 @@ def run_dfbatch(url: str, key: str, rows: list[str], rpm: float) -> dict[str, An
                           progress=False)
     retried = int((out["attempts"] - 1).clip(0).sum()) if "attempts" in out.columns else -1
     return {"makespan_s": time.monotonic() - t0, "failed": int(out["error"].is_not_null().sum()),
-            "client 429s": "n/a", "row re-attempts": retried}
+            "row re-attempts": retried, **WIRE.since(t0)}
 
 
 def run_handwritten(url: str, key: str, rows: list[str], rpm: float) -> dict[str, Any]:
@@ -230,8 +281,10 @@ def run_handwritten(url: str, key: str, rows: list[str], rpm: float) -> dict[str
 
     t0 = time.monotonic()
     results, n429 = asyncio.run(go())
+    if n429 != WIRE.since(t0)["client 429s"]:
+        print(f"  (the hand-written client counted {n429} 429s, the wire another number)")
     return {"makespan_s": time.monotonic() - t0, "failed": sum(r is None for r in results),
-            "client 429s": n429, "row re-attempts": n429}
+            "row re-attempts": n429, **WIRE.since(t0)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -242,39 +295,79 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rpm", type=float, default=120.0, help="the rpm every client is told")
     p.add_argument("--provider-rpm", type=float, default=120.0)
     p.add_argument("--num-retries", type=int, default=None, help="the proxy's retries")
+    p.add_argument("--dump", type=Path, default=None,
+                   help="a folder to write the clients' and the provider's request logs to (CSV)")
+    p.add_argument("--shared", action="store_true",
+                   help="one provider and one proxy for both runners (before 2026-12: the "
+                        "second runner then meets the first one's minute at the proxy's router)")
     a = p.parse_args(argv)
+    os.environ.setdefault("LITELLM_LOG", "ERROR")
+    WIRE.install()
+    runners = (("dfbatch", run_dfbatch), ("handwritten", run_handwritten))
+    print(f"upstream {a.upstream}"
+          + (f" ({a.provider_rpm:g} RPM per {a.window})" if a.upstream == "sim" else "")
+          + f"; {a.rows} rows per client, told rpm={a.rpm:g}; proxy retries "
+          + ("default" if a.num_retries is None else str(a.num_retries))
+          + ("; one proxy for both" if a.shared else "; a fresh provider and proxy each"))
+    if a.shared:
+        with _setup(a) as (sim, url, key):
+            for i, (name, runner) in enumerate(runners):
+                _one(a, i, name, runner, sim, url, key)
+    else:
+        for i, (name, runner) in enumerate(runners):
+            with _setup(a) as (sim, url, key):
+                _one(a, i, name, runner, sim, url, key)
+    if a.dump is not None:
+        a.dump.mkdir(parents=True, exist_ok=True)
+        pl.DataFrame(WIRE.log, schema=["t", "status", "latency_s"], orient="row").write_csv(
+            a.dump / "client.csv")
+    if WIRE.hints_429:
+        print("  rate-limit headers of the 429s the clients saw:")
+        for hint, n in WIRE.hints_429.items():
+            print(f"    {n} x, e.g. [{WIRE.example_429[hint]}]")
+
+
+@contextlib.contextmanager
+def _setup(a: argparse.Namespace) -> Iterator[tuple[Any, str, str]]:
+    """The provider (``dfbatch.sim``, or none for ``mock``) and the proxy in front of it."""
     key = "sk-local-" + secrets.token_hex(16)  # a throwaway key for this local proxy only
     sim, upstream = None, None
     if a.upstream == "sim":
-        window = {"second": {"limit_window_s": 1.0}, "minute": {"limit_mode": "calendar"}}
+        window: dict[str, dict[str, Any]] = {"second": {"limit_window_s": 1.0},
+                                             "minute": {"limit_mode": "calendar"}}
         sim = serve(rpm=a.provider_rpm, tpm=None, time_scale=1.0, ttft_s=0.2, per_token_s=0.0,
                     tail_prob=0.0, **window[a.window])
         upstream = sim.open()
-    os.environ.setdefault("LITELLM_LOG", "ERROR")
     try:
         config = proxy_config(upstream, a.provider_rpm, key, a.num_retries)
         with litellm_proxy(config) as url:
-            print(f"LiteLLM proxy at {url}; upstream {a.upstream}"
-                  + (f" ({a.provider_rpm:g} RPM per {a.window})" if sim else "")
-                  + f"; {a.rows} rows per client, told rpm={a.rpm:g}")
-            for i, (name, runner) in enumerate((("dfbatch", run_dfbatch),
-                                                ("handwritten", run_handwritten))):
-                before = sim.stats.snapshot() if sim else None
-                t_start = sim.stats.now() if sim else 0.0
-                res = runner(url, key, texts(a.rows, i * a.rows), a.rpm)
-                if sim is not None and before is not None:
-                    after = sim.stats.snapshot()
-                    res["provider requests"] = after.requests - before.requests
-                    res["provider 429s"] = after.rate_limited - before.rate_limited
-                    times = sim.stats.frame().filter(pl.col("t") >= t_start)["t"].to_list()
-                    res["max/10s at provider"] = max_in_sliding_window(times, 10.0)
-                print(f"  {name:<12} " + ", ".join(
-                    f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in res.items()), flush=True)
+            yield sim, url, key
     finally:
         if sim is not None:
+            if a.dump is not None:
+                a.dump.mkdir(parents=True, exist_ok=True)
+                n = len(list(a.dump.glob("provider*.csv")))
+                sim.stats.frame().write_csv(a.dump / f"provider{n}.csv")
             sim.close()
 
+
+def _one(a: argparse.Namespace, i: int, name: str, runner: Any, sim: Any, url: str,
+         key: str) -> None:
+    """Run one client and print what it and the provider saw."""
+    before = sim.stats.snapshot() if sim else None
+    t_start = sim.stats.now() if sim else 0.0
+    res = runner(url, key, texts(a.rows, i * a.rows), a.rpm)
+    if sim is not None and before is not None:
+        after = sim.stats.snapshot()
+        res["provider requests"] = after.requests - before.requests
+        res["provider 429s"] = after.rate_limited - before.rate_limited
+        frame = sim.stats.frame().filter(pl.col("t") >= t_start)
+        res["max/10s at provider"] = max_in_sliding_window(frame["t"].to_list(), 10.0)
+        ok = frame.filter(pl.col("status") == 200)["t"].to_list()
+        res["max 200s/10s at provider"] = max_in_sliding_window(ok, 10.0)
+    print(f"  {name:<12} " + ", ".join(
+        f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in res.items()), flush=True)
 
 if __name__ == "__main__":
     main()

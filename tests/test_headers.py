@@ -84,6 +84,15 @@ def test_retry_after_values(value, seconds):
             {"retry-after": "1", "llm_provider-retry-after": "60"},
             RateHints(retry_after=60.0),
         ),
+        (  # a LiteLLM proxy forwarding the upstream's 429 (1.108.7): its seconds rounded up
+            {"llm_provider-retry-after": "1", "llm_provider-retry-after-ms": "307",
+             "x-ratelimit-remaining-requests": "0"},
+            RateHints(remaining_requests=0, retry_after=0.307),
+        ),
+        (  # ... and the proxy's own hint, when longer, still holds
+            {"retry-after": "60", "llm_provider-retry-after-ms": "307"},
+            RateHints(retry_after=60.0),
+        ),
         ({"retry-after": "Thu, 01 Jan 1970 00:00:07 GMT"}, RateHints(retry_after=7.0)),
         (  # junk values are ignored, not fatal
             {"x-ratelimit-remaining-requests": "lots", "x-ratelimit-reset-tokens": "later",
@@ -94,8 +103,8 @@ def test_retry_after_values(value, seconds):
          NO_HINTS),
         (None, NO_HINTS),
     ],
-    ids=["openai", "case", "litellm", "scopes", "ms", "longest", "http-date", "junk", "other",
-         "none"],
+    ids=["openai", "case", "litellm", "scopes", "ms", "longest", "proxy-ms", "proxy-own",
+         "http-date", "junk", "other", "none"],
 )
 def test_parse_headers(headers, expected):
     assert parse_headers(headers, now=0.0) == expected
@@ -112,7 +121,9 @@ def test_httpx_headers_and_accessors():
 
 def test_rate_headers_keeps_only_the_family():
     raw = {"Content-Type": "json", "x-ratelimit-api_key-remaining-requests": "1",
-           "llm_provider-retry-after": "60", "retry-after-ms": "5", "server": "x"}
+           "llm_provider-retry-after": "60", "retry-after-ms": "5", "server": "x",
+           "llm_provider-retry-after-ms": "307", "llm_provider-content-type": "json"}
     assert set(rate_headers(raw)) == {"x-ratelimit-api_key-remaining-requests",
-                                      "llm_provider-retry-after", "retry-after-ms"}
+                                      "llm_provider-retry-after", "retry-after-ms",
+                                      "llm_provider-retry-after-ms"}
     assert rate_headers(None) == {}

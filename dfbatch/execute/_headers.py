@@ -8,7 +8,8 @@ Pure functions. Understood (case-insensitive):
 - reset values as Go-style durations (``1s``, ``120ms``, ``6m0s``, ``1h2m3.5s``), plain seconds,
   or a Unix timestamp;
 - ``retry-after-ms`` (milliseconds), ``retry-after`` (seconds or an HTTP date) and LiteLLM's
-  ``llm_provider-retry-after``.
+  ``llm_provider-retry-after`` / ``llm_provider-retry-after-ms`` (the upstream's hints, which
+  the proxy forwards with that prefix; the one in seconds is rounded up: ``1`` for 0.3 s).
 
 Examples
 --------
@@ -40,6 +41,7 @@ _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.
            "h": 3600.0}
 _EPOCH = 1e9  # a bare number this large is a Unix timestamp, not a duration
 _HINTS = ("retry-after", "llm_provider-retry-after")
+_MS_HINTS = ("retry-after-ms", "llm_provider-retry-after-ms")  # precise versions of _HINTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +132,7 @@ def parse_headers(headers: Mapping[str, Any] | Any, *, now: float | None = None)
     hints: dict[str, float] = {}
     for key, value in _items(headers):
         name = str(key).strip().lower()
-        if name == "retry-after-ms":
+        if name in _MS_HINTS:
             ms = _number(value)
             if ms is not None:
                 hints[name] = ms / 1000.0
@@ -160,10 +162,12 @@ def parse_headers(headers: Mapping[str, Any] | Any, *, now: float | None = None)
 
 
 def _retry_hint(hints: dict[str, float]) -> float | None:
-    """``retry-after-ms`` is the precise one; else the longest of the other hints."""
+    """``retry-after-ms`` is the precise one; else the longest of the other hints, each
+    ``llm_provider-…`` one in milliseconds when the proxy forwarded that too."""
     if "retry-after-ms" in hints:
         return hints["retry-after-ms"]
-    others = [hints[k] for k in _HINTS if k in hints]
+    upstream = hints.get("llm_provider-retry-after-ms", hints.get("llm_provider-retry-after"))
+    others = [v for v in (hints.get("retry-after"), upstream) if v is not None]
     return max(others) if others else None
 
 
@@ -178,7 +182,7 @@ def rate_headers(headers: Mapping[str, Any] | Any) -> dict[str, str]:
     out = {}
     for key, value in _items(headers):
         name = str(key).lower()
-        if name.startswith("x-ratelimit-") or name in (*_HINTS, "retry-after-ms"):
+        if name.startswith("x-ratelimit-") or name in (*_HINTS, *_MS_HINTS):
             out[str(key)] = str(value)
     return out
 
