@@ -124,7 +124,8 @@ class FnCaller(Invoker):
         task = asyncio.current_task()
         assert task is not None
         limits, cfg = self.limits, self.cfg
-        cost = Cost(tokens=batch.tokens, nbytes=batch.nbytes)
+        cost = Cost(tokens=batch.tokens, nbytes=batch.nbytes,
+                    requests=len(batch.rows) if self.requests_per_row else 1)
         wall0, t_first = time.time(), loop.time()
         budget: AttemptBudget | None = None  # (made at the first failure)
         first_sent = 0.0  # when this batch was first sent
