@@ -1,0 +1,66 @@
+"""Limits against real providers, broken on purpose: each test pins a fix (see its docstring)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import ClassVar
+
+import polars as pl
+import pytest
+
+import dfbatch
+from dfbatch.execute._outputs import Partial, attach_partial
+
+QUIET = {"progress": False, "items_per_batch": 4, "hedge_after": None}
+
+
+class _Refused(Exception):
+    """An account-wide refusal (a 401), as an SDK raises it."""
+
+    status_code = 401
+
+
+class _RefusedAtRow5:
+    """Answers every row; while ``refuse``, the batch of "row 5" is refused (a 401) after its
+    other rows were answered (its identity is declared: its state changes between runs)."""
+
+    dfbatch_fingerprint: ClassVar[dict[str, str]] = {"fn": "RefusedAtRow5"}
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.refuse = True
+
+    async def __call__(self, batch: pl.DataFrame) -> list[str]:
+        texts = batch["text"].to_list()
+        if not self.refuse or "row 5" not in texts:
+            await asyncio.sleep(0.05)  # (after the refusal: stopped before it answers)
+            self.sent.extend(texts)
+            return [t.upper() for t in texts]
+        answered = [t != "row 5" for t in texts]
+        self.sent.extend(t for t, ok in zip(texts, answered, strict=True) if ok)
+        raise attach_partial(_Refused("Incorrect API key provided"),
+                             Partial([t.upper() for t in texts], answered))
+
+
+def test_rows_answered_before_a_run_stopping_error_keep_their_answers(tmp_path: Path) -> None:
+    """A per-row fn whose batch got some answers (paid for) before a 401 stopped the run: those
+    rows are in the partial result and the checkpoint (a resume does not send them again);
+    the unanswered rows stay unfinished (resumable), not failed."""
+    df = pl.DataFrame({"text": [f"row {i}" for i in range(8)]})
+    fn = _RefusedAtRow5()
+    sent = fn.sent
+    with pytest.raises(dfbatch.RunStoppedError) as stopped:
+        dfbatch.process(df, fn, checkpoint=tmp_path, max_in_flight=2, **QUIET)
+    partial = stopped.value.partial
+    assert partial is not None
+    got = dict(zip(partial["text"].to_list(), partial["output"].to_list(), strict=True))
+    assert [got[f"row {i}"] for i in (4, 6, 7)] == ["ROW 4", "ROW 6", "ROW 7"]
+    assert got["row 5"] is None
+
+    fn.refuse, first = False, len(sent)
+    out = dfbatch.process(df, fn, checkpoint=tmp_path, **QUIET)
+    resent = sent[first:]
+    assert out["output"].to_list() == [f"ROW {i}" for i in range(8)]
+    assert not {"row 4", "row 6", "row 7"} & set(resent)  # kept, not paid for twice
+    assert "row 5" in resent
