@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 
 import dfbatch
+import dfbatch.llm
 from dfbatch.execute._outputs import Partial, attach_partial
 
 QUIET = {"progress": False, "items_per_batch": 4, "hedge_after": None}
@@ -64,3 +65,39 @@ def test_rows_answered_before_a_run_stopping_error_keep_their_answers(tmp_path: 
     assert out["output"].to_list() == [f"ROW {i}" for i in range(8)]
     assert not {"row 4", "row 6", "row 7"} & set(resent)  # kept, not paid for twice
     assert "row 5" in resent
+
+
+@pytest.mark.parametrize("base", ["root", "typo"])
+def test_a_wrong_base_url_stops_the_run_instead_of_failing_every_row(make_sim, base) -> None:
+    """A base_url without /v1 (or with a typo) answers 404 "Not Found" on every request: not a
+    row's fault. It used to be bisected down to each row (3 requests a row) and every row
+    stamped failed (a resume then sent none of them); now the run stops at once, resumable,
+    with a message naming base_url."""
+    sim = make_sim(rpm=None, tpm=None)
+    url = sim.url.removesuffix("/v1") if base == "root" else sim.url + "x"
+    df = pl.DataFrame({"text": [f"row {i}" for i in range(40)]})
+    fn = dfbatch.llm.chat("sim-chat", "{text}", max_tokens=8, base_url=url)
+    with pytest.raises(dfbatch.RunStoppedError, match="base_url") as stopped:
+        dfbatch.process(df, fn, **QUIET)
+    assert "404" in str(stopped.value)
+    partial = stopped.value.partial
+    assert partial is not None and partial["output"].null_count() == 40
+
+
+def test_a_404_of_a_rows_own_resource_is_still_that_rows_error() -> None:
+    """Only the model APIs' endpoints (no row data in their path) make a 404 run-wide: a 404
+    for ``/v1/files/<id>`` (or any path of a user's own API) stays the row's."""
+    import httpx
+
+    from dfbatch.execute._retry import classify
+
+    def status_error(status: int, path: str) -> httpx.HTTPStatusError:
+        request = httpx.Request("POST", "http://api.example" + path)
+        response = httpx.Response(status, request=request, text="Not Found")
+        return httpx.HTTPStatusError("not found", request=request, response=response)
+
+    assert classify(status_error(404, "/v1/chat/completions")).kind == "fatal_run"
+    assert classify(status_error(405, "/openai/deployments/x/embeddings/")).kind == "fatal_run"
+    assert classify(status_error(404, "/v1/files/file-abc")).kind == "row"
+    assert classify(status_error(404, "/items/42")).kind == "row"
+    assert classify(status_error(400, "/v1/chat/completions")).kind == "row"
