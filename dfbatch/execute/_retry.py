@@ -93,6 +93,9 @@ _FIXES = {
     "no_progress": "no call was answered for outage_timeout seconds; check that the service "
                    "is up and the key's rate limit, then resume the run from its checkpoint "
                    "(or raise outage_timeout=)",
+    "long_wait": "the provider asked for a longer wait than outage_timeout before any more "
+                 "requests (a daily or account limit?); resume the run from its checkpoint "
+                 "after that wait (or raise outage_timeout=)",
     "misuse": "fn called dfbatch with a bad argument (the same on every call); fix the call "
               "the message names, then resume the run from its checkpoint",
 }
@@ -157,7 +160,7 @@ def _default(exc: BaseException) -> Decision:
                         cause, bisect, hints)
 
     if isinstance(exc, NoProgressError):
-        return make("fatal_run", "no_progress")
+        return make("fatal_run", "long_wait" if exc.cause == "retry_after" else "no_progress")
     if isinstance(exc, ConfigError):  # dfbatch's own API misused inside fn: every call would
         return make("fatal_run", "misuse")  # fail (and be paid for) the same way
     if isinstance(exc, RetryableError):
