@@ -101,3 +101,24 @@ def test_a_404_of_a_rows_own_resource_is_still_that_rows_error() -> None:
     assert classify(status_error(404, "/v1/files/file-abc")).kind == "row"
     assert classify(status_error(404, "/items/42")).kind == "row"
     assert classify(status_error(400, "/v1/chat/completions")).kind == "row"
+
+
+def test_a_header_sent_twice_is_read_not_dropped() -> None:
+    """httpx.Headers (what the openai SDK's errors carry) joins a repeated header's values with
+    commas: "2, 3" was no number, so the hint was lost. Now the most careful part counts (the
+    longest wait, the smallest remaining); an HTTP date's own comma is still a date."""
+    import httpx
+
+    from dfbatch.execute._headers import parse_headers
+    from dfbatch.execute._retry import header_items
+
+    def hints(pairs: list[tuple[str, str]]):
+        return parse_headers(header_items(httpx.Headers(pairs)), now=0.0)
+
+    assert hints([("retry-after", "2"), ("Retry-After", "3")]).retry_after == 3.0
+    assert hints([("retry-after-ms", "100"), ("retry-after-ms", "250")]).retry_after == 0.25
+    got = hints([("x-ratelimit-remaining-requests", "7"), ("x-ratelimit-remaining-requests", "5"),
+                 ("x-ratelimit-reset-requests", "1s"), ("x-ratelimit-reset-requests", "6m0s")])
+    assert (got.remaining_requests, got.reset_requests) == (5.0, 360.0)
+    assert hints([("retry-after", "Thu, 01 Jan 1970 00:00:05 GMT")]).retry_after == 5.0
+    assert hints([("retry-after", "2, soon")]).retry_after is None  # (a part that is no hint)
