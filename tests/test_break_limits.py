@@ -122,3 +122,15 @@ def test_a_header_sent_twice_is_read_not_dropped() -> None:
     assert (got.remaining_requests, got.reset_requests) == (5.0, 360.0)
     assert hints([("retry-after", "Thu, 01 Jan 1970 00:00:05 GMT")]).retry_after == 5.0
     assert hints([("retry-after", "2, soon")]).retry_after is None  # (a part that is no hint)
+
+
+@pytest.mark.parametrize("budget", [True, False, None, float("nan"), -0.1, "5%"])
+def test_hedge_budget_that_is_no_fraction_is_a_config_error(budget) -> None:
+    """``hedge_budget=True`` was taken as 1.0 (every call may be sent twice) without a word."""
+    df = pl.DataFrame({"text": ["a"]})
+
+    async def fn(batch: pl.DataFrame) -> list[str]:
+        return batch["text"].to_list()
+
+    with pytest.raises(dfbatch.ConfigError, match=r"hedge_budget.*e\.g\. 0\.05"):
+        dfbatch.process(df, fn, hedge_budget=budget, progress=False)
