@@ -215,10 +215,12 @@ class BatchConfig:
                 f"to turn hedging off, got {self.hedge_after!r}"
             )
             raise ConfigError(msg)
-        if not (isinstance(self.hedge_budget, (int, float)) and 0 <= self.hedge_budget <= 1):
+        if isinstance(self.hedge_budget, bool) or not (
+                isinstance(self.hedge_budget, (int, float)) and 0 <= self.hedge_budget <= 1):
             msg = (
                 "hedge_budget must be the most hedged calls as a fraction of calls in [0, 1], "
-                f"e.g. 0.05, got {self.hedge_budget!r}"
+                f"e.g. 0.05 (0: no extra call; hedge_after=None turns hedging off), got "
+                f"{self.hedge_budget!r}"
             )
             raise ConfigError(msg)
         if self.outage_timeout is not None:

@@ -100,7 +100,8 @@ class FrameError(DfbatchError, RuntimeError):
 class NoProgressError(DfbatchError):
     """No call was answered for ``outage_timeout`` seconds while calls kept failing with outages
     (connection errors, timeouts, 5xx) or rate-limit 429s. ``cause`` is ``"outage"`` or
-    ``"rate_limit"`` (what the last failure was). It stops the run (``RunStoppedError``)."""
+    ``"rate_limit"`` (what the last failure was), or ``"retry_after"``: a 429 asked for a
+    longer wait than ``outage_timeout``. It stops the run (``RunStoppedError``)."""
 
     def __init__(self, message: str, *, cause: str = "outage") -> None:
         super().__init__(message)

@@ -11,6 +11,7 @@ import polars as pl
 
 from dfbatch.errors import FatalError, RetryableError
 from dfbatch.events import RunStats
+from dfbatch.limits import per_request
 
 
 @dataclass
@@ -129,3 +130,19 @@ def sleeps_then_pid(batch: pl.DataFrame) -> list[int]:
 
     time.sleep(batch["sleep"][0])
     return [os.getpid()] * batch.height
+
+
+async def _stamped_request() -> float:
+    import time
+
+    import dfbatch.limits
+
+    async with dfbatch.limits.request(tokens=1):
+        return time.monotonic()
+
+
+@per_request
+def requests_per_row(batch: pl.DataFrame) -> list[float]:
+    """A sync fn that sends one request per row, each charged with dfbatch.limits.request
+    (in its own event loop); returns when each was sent (CLOCK_MONOTONIC: one machine)."""
+    return [asyncio.run(_stamped_request()) for _ in range(batch.height)]

@@ -21,6 +21,7 @@ from tests.fakes import (
     dies_on_row_5,
     hangs_on_row_0,
     pid_per_row,
+    requests_per_row,
     sleeps_then_pid,
 )
 
@@ -390,3 +391,16 @@ def test_daemon_threads_get_a_thread_more_per_abandoned_call_up_to_max_stuck() -
         pool.shutdown()
     assert also_stuck.result(timeout=10) is True
     assert pool._threads <= 2
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_per_request_sync_fn_keeps_the_rate_in_worker_processes_too(executor: str) -> None:
+    """A sync fn charging each request with ``dfbatch.limits.request`` in its own loop: in a
+    worker process that is outside the run (nothing charged there), so the run charges its
+    calls one request per row instead; rpm= holds either way (it did not with processes)."""
+    out = dfbatch.process(_frame(30), requests_per_row, executor=executor, sync_workers=2,
+                          rpm=1200, **QUIET)  # 20 a second, a bucket of 20 to start
+    assert out["error"].null_count() == 30
+    sent = sorted(out["output"].to_list())
+    # 30 requests: 20 at once, the other 10 at 20 a second (sent only when charged)
+    assert sent[-1] - sent[0] >= 0.35

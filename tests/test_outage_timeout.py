@@ -326,3 +326,26 @@ def test_ray_actors_tell_the_driver_of_answers_and_outages():
 
     said = [m[1] for m in run(one()) if m[0] == "health"]
     assert said == ["outage", "outage", "ok"]
+
+
+def test_a_long_retry_after_stops_the_run_though_calls_sent_before_it_answer():
+    """A 429 asking for an hour while other calls are in flight: their answers disarm the
+    breaker's stall clock, and nothing fails again while the pause holds every send. The run
+    used to sit out the whole hour; it stops outage_timeout after the pause began
+    (resumable, the answered rows kept)."""
+    seen = {"calls": 0}
+
+    async def fn(batch: pl.DataFrame) -> list[str]:
+        seen["calls"] += 1
+        if seen["calls"] == 3:
+            await asyncio.sleep(0.1)
+            raise Refused(3600.0)
+        await asyncio.sleep(1.0)  # in flight when the 429 comes back: answered after it
+        return [t.upper() for t in batch["text"]]
+
+    t_end, exc = _stopped_run(fn, items_per_batch=4, max_concurrent_batches=2,
+                              outage_timeout=5.0)
+    assert t_end == pytest.approx(5.1, abs=0.05)
+    assert "retry-after" in str(exc) and "outage_timeout" in str(exc)
+    assert isinstance(exc.partial, pl.DataFrame)
+    assert exc.partial["output"].is_not_null().sum() >= 4

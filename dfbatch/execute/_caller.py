@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import numpy as np
 import polars as pl
 
 from dfbatch.config import BatchConfig
@@ -124,7 +125,8 @@ class FnCaller(Invoker):
         task = asyncio.current_task()
         assert task is not None
         limits, cfg = self.limits, self.cfg
-        cost = Cost(tokens=batch.tokens, nbytes=batch.nbytes)
+        cost = Cost(tokens=batch.tokens, nbytes=batch.nbytes,
+                    requests=len(batch.rows) if self.requests_per_row else 1)
         wall0, t_first = time.time(), loop.time()
         budget: AttemptBudget | None = None  # (made at the first failure)
         first_sent = 0.0  # when this batch was first sent
@@ -189,7 +191,8 @@ class FnCaller(Invoker):
             assert decision is not None
             if decision.kind == "fatal_run":
                 return GaveUp(fatal_message(error, decision), False, wall0, now - t_first,
-                              fatal=True)
+                              fatal=True, kept=_answered_rows(error, batch, self, wall0,
+                                                              now - t_first))
             if limits.sizer is not None and size_related(error, decision.status) and not (
                     decision.cause == "timeout" and self._hung_call(batch, now - t_call)):
                 limits.sizer.observe(ok=False, latency_s=now - t_call)
@@ -351,3 +354,21 @@ def _partly_answered(error: BaseException, batch: Batch, caller: FnCaller, wall0
         return None
     used = _usage.Usage(partial.input_tokens, partial.output_tokens)
     return Answered(frame, row_errors, wall0, elapsed, used)
+
+
+def _answered_rows(error: BaseException, batch: Batch, caller: FnCaller, wall0: float,
+                   elapsed: float) -> tuple[np.ndarray, Answered] | None:
+    """The rows of a batch that stops the run (a refused key, no quota ...) that were answered
+    before it (``attach_partial``: paid for), and their answers; None when there are none."""
+    partial = partial_of(error)
+    if partial is None or len(partial.values) != len(batch.rows):
+        return None
+    where = np.flatnonzero(np.asarray(partial.answered, dtype=bool))
+    try:
+        frame, row_errors = normalize([partial.values[i] for i in where.tolist()], len(where),
+                                      caller.cfg.columns.output, reserved=caller.reserved)
+    except OutputError:
+        return None
+    used = _usage.Usage(partial.input_tokens, partial.output_tokens)
+    return where, Answered(frame, row_errors, wall0, elapsed, used)
+

@@ -29,7 +29,7 @@ import email.utils
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,16 +133,19 @@ def parse_headers(headers: Mapping[str, Any] | Any, *, now: float | None = None)
     for key, value in _items(headers):
         name = str(key).strip().lower()
         if name in _MS_HINTS:
-            ms = _number(value)
+            ms = _each(value, _number, max)
             if ms is not None:
                 hints[name] = ms / 1000.0
         elif name in _HINTS:
             seconds = parse_retry_after(value, now=now)
+            if seconds is None:  # (not an HTTP date: a comma there is a repeated header's)
+                seconds = _each(value, lambda v: parse_retry_after(v, now=now), max)
             if seconds is not None:
                 hints[name] = seconds
         elif (m := _FAMILY.match(name)) is not None:
             what, kind = m.group("what"), m.group("kind")
-            number = parse_duration(value, now=now) if what == "reset" else _number(value)
+            number = (_each(value, lambda v: parse_duration(v, now=now), max) if what == "reset"
+                      else _each(value, _number, min))
             if number is not None:
                 scopes.setdefault(f"{m.group('scope')}/{kind}", {})[what] = number
     if not scopes and not hints:
@@ -195,6 +198,19 @@ def _items(headers: Any) -> list[tuple[Any, Any]]:
         return list(items())
     except TypeError:
         return []
+
+
+def _each(value: Any, parse: Callable[[Any], float | None],
+          pick: Callable[[list[float]], float]) -> float | None:
+    """``value`` parsed, or, when a header came twice (``httpx.Headers`` and aiohttp join the
+    values with commas: ``"2, 3"``), the most careful of its parts (``pick``: the longest
+    wait, the smallest limit)."""
+    text = str(value)
+    if "," not in text:
+        return parse(text)
+    parts = [parse(part) for part in text.split(",") if part.strip()]
+    found = [p for p in parts if p is not None]
+    return pick(found) if found and len(found) == len(parts) else None
 
 
 def _number(value: Any) -> float | None:

@@ -20,7 +20,13 @@ from dfbatch.config import BatchConfig
 from dfbatch.errors import FnInterrupt
 from dfbatch.execute import _usage
 from dfbatch.execute._attempt import call_paced, is_async
-from dfbatch.execute._charge import Binding, charges_per_request, enter, leave
+from dfbatch.execute._charge import (
+    Binding,
+    charges_per_request,
+    enter,
+    leave,
+    one_request_per_call,
+)
 from dfbatch.execute._executors import InThreads, timed
 from dfbatch.execute._hedge import has_room
 from dfbatch.execute._limits import Cost, Limits
@@ -45,6 +51,13 @@ class Invoker:
         # an fn that charges each HTTP request itself (dfbatch.limits.request) is charged the
         # in-flight and adaptive limits per call, and the rates, pause and breaker per request
         self.per_request = charges_per_request(fn)
+        # ... except from worker processes (executor="process"): request() there is outside
+        # the run and charges nothing, so the run charges each call for it, as one request
+        # per row for an fn that sends one per row (else its rpm / tpm would not hold at all)
+        self.requests_per_row = False
+        if self.per_request and not self.is_async and cfg.executor == "process":
+            self.per_request = False
+            self.requests_per_row = not one_request_per_call(fn)
         self.stack = limits.calls if self.per_request else limits.shared
         # what dfbatch.limits.request charges inside fn: nothing more for a plain fn (its
         # call was charged), every request for one that charges per request

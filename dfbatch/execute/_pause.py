@@ -1,6 +1,8 @@
 """A global pause: when the provider says "slow down", no call of the run is sent until then.
 
-A 429 with a hint (``retry-after`` in any spelling) pauses every send until the hinted time.
+A 429 with a hint (``retry-after`` in any spelling) pauses every send until the hinted time;
+a pause longer than the breaker's ``give_up_s`` (``outage_timeout``) stops the run that long
+after it began, while it still holds every send.
 A 429 with no hint pauses for a growing floor (1 s, 2 s, 4 s … up to a minute): once per
 episode (429s of calls sent before the pause began do not grow it), and only while no call
 succeeds (a provider that answers some calls counts a rate; the buckets slow down instead of
@@ -31,6 +33,7 @@ import asyncio
 import contextvars
 import math
 
+from dfbatch.errors import NoProgressError
 from dfbatch.execute._breaker import Breaker
 from dfbatch.execute._limits import Cost, Outcome
 
@@ -48,6 +51,7 @@ class PauseGate:
         self.pauses = 0
         self._answered = False  # a call succeeded since the floor last grew
         self._paused_at = -math.inf
+        self._deadline: asyncio.TimerHandle | None = None  # stops a pause past outage_timeout
         self._sent: contextvars.ContextVar[float] = contextvars.ContextVar("sent", default=-1.0)
 
     def try_acquire(self, cost: Cost | None = None) -> bool:
@@ -98,11 +102,35 @@ class PauseGate:
 
     def pause(self, seconds: float) -> None:
         """Hold every send for ``seconds`` from now (never shortens a pause)."""
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         if now + seconds > self.until:
             self.until = now + seconds
             self._paused_at = now
             self.pauses += 1
+            give_up = self.breaker.give_up_s if self.breaker is not None else None
+            if give_up is not None and seconds > give_up and self._deadline is None:
+                self._deadline = loop.call_later(give_up, self._held_too_long, seconds)
+
+    def _held_too_long(self, seconds: float) -> None:
+        """``outage_timeout`` after a pause longer than it began (a daily limit's
+        ``retry-after``): no request has gone out since, so the run stops (resumable). The
+        breaker's stall clock alone would not: answers of calls sent before the pause disarm
+        it, and nothing fails again while every send waits."""
+        self._deadline = None
+        breaker = self.breaker
+        if breaker is None or breaker.stopped is not None or breaker.give_up_s is None \
+                or self.until <= asyncio.get_running_loop().time():
+            return
+        msg = (f"a rate-limit 429 asked to wait {seconds:.0f} s before sending again (its "
+               f"retry-after): no request was sent for outage_timeout={breaker.give_up_s:g} s")
+        breaker.stop(NoProgressError(msg, cause="retry_after"))
+
+    def close(self) -> None:
+        """The run is over: cancel the timer of a long pause (it must not fire after it)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     @property
     def paused(self) -> bool:

@@ -230,6 +230,10 @@ class Pool:
         if isinstance(verdict, Answered):
             self.recorder.answered(a, batch, verdict)
         elif verdict.fatal:  # the rows stay unfinished (resumable); the run stops
+            if verdict.kept is not None:  # ... but those answered before keep their answers
+                where, answered = verdict.kept
+                part = self.sched._new_batch(batch, batch.rows[where])
+                self.recorder.answered(a, part, answered)
             if self.fatal is None:
                 self.fatal = verdict.error
             self.stop()

@@ -211,6 +211,9 @@ class GaveUp:
     wall0: float
     elapsed: float
     fatal: bool = False
+    # (fatal) the rows answered before the run stopped (their positions in the batch) and
+    # their answers: recorded, so that neither the partial result nor a resume loses them
+    kept: tuple[np.ndarray, Answered] | None = None
 
 
 Verdict = Answered | GaveUp

@@ -15,8 +15,9 @@
     a global pause; it does not use up the attempts errors do.
 ``"fatal_run"``
     Account-wide (401 bad key, 402 / 429 ``insufficient_quota``, 403 permission, 404 unknown
-    model), or dfbatch's own API misused inside fn (a ``ConfigError``, e.g. ``report_usage``
-    given a count that is not tokens: every call would fail alike): no retry, no bisection; the
+    model, 404 / 405 from a model API's endpoint: a wrong ``base_url``), or dfbatch's own API
+    misused inside fn (a ``ConfigError``, e.g. ``report_usage`` given a count that is not
+    tokens: every call would fail alike): no retry, no bisection; the
     run stops with ``fatal_message`` (partial result kept).
 
 ``retry_on(exc)`` overrides: True (retry as transient), False (a row error), None (default).
@@ -85,11 +86,16 @@ _FIXES = {
     "permission": "the API key may not use this model or resource; check the model name and "
                   "the key's project / permissions",
     "model_not_found": "the model or endpoint does not exist; check the model name and base_url",
+    "endpoint": "the server has no such API endpoint (every row is sent there); check "
+                "base_url (an OpenAI-compatible one usually ends in /v1) and the endpoint path",
     "quota": "the account is out of quota or credit; check billing, then resume the run "
              "from its checkpoint",
     "no_progress": "no call was answered for outage_timeout seconds; check that the service "
                    "is up and the key's rate limit, then resume the run from its checkpoint "
                    "(or raise outage_timeout=)",
+    "long_wait": "the provider asked for a longer wait than outage_timeout before any more "
+                 "requests (a daily or account limit?); resume the run from its checkpoint "
+                 "after that wait (or raise outage_timeout=)",
     "misuse": "fn called dfbatch with a bad argument (the same on every call); fix the call "
               "the message names, then resume the run from its checkpoint",
 }
@@ -101,9 +107,10 @@ class Decision:
 
     ``retry``, ``retry_after``, ``rate_limited`` and ``status`` are what older callers read;
     ``kind`` (see the module docstring), ``cause`` (``"auth"``, ``"permission"``,
-    ``"model_not_found"``, ``"quota"``, ``"overload"``, ``"connection"``, ``"timeout"``,
-    ``"server"``, ``"rate_limit"``, ``"bad_request"``, ``"output"`` or ``None``), ``bisect`` and
-    ``hints`` (every rate-limit header of the answer) are for the caller and the limits.
+    ``"model_not_found"``, ``"endpoint"``, ``"quota"``, ``"overload"``, ``"connection"``,
+    ``"timeout"``, ``"server"``, ``"rate_limit"``, ``"bad_request"``, ``"output"`` or
+    ``None``), ``bisect`` and ``hints`` (every rate-limit header of the answer) are for the
+    caller and the limits.
     """
 
     retry: bool
@@ -153,7 +160,7 @@ def _default(exc: BaseException) -> Decision:
                         cause, bisect, hints)
 
     if isinstance(exc, NoProgressError):
-        return make("fatal_run", "no_progress")
+        return make("fatal_run", "long_wait" if exc.cause == "retry_after" else "no_progress")
     if isinstance(exc, ConfigError):  # dfbatch's own API misused inside fn: every call would
         return make("fatal_run", "misuse")  # fail (and be paid for) the same way
     if isinstance(exc, RetryableError):
@@ -184,6 +191,8 @@ def _by_status(exc: BaseException, status: int, make: Callable[..., Decision]) -
         return make("fatal_run", "permission")
     if status == 404 and (any(c in blob for c in _MODEL_CODES) or "model" in blob):
         return make("fatal_run", "model_not_found")
+    if status in (404, 405) and _api_endpoint(exc):  # the URL every row is sent to is wrong
+        return make("fatal_run", "endpoint")
     if status == 429:
         if "request too large" in blob:  # one request over the whole limit: waiting won't help
             return make("row", "bad_request", bisect=True)
@@ -362,6 +371,25 @@ def _blob(exc: BaseException) -> str:
         parts.append(str(body))
     parts.append(str(exc))
     return " ".join(parts).lower()
+
+
+# the paths of the model APIs' endpoints: no row's data is in them, so a 404 / 405 there is
+# a wrong base_url or path (the same for every row), not a missing resource of one row
+_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings", "/responses", "/messages",
+              "/moderations", "/rerank", "/generate", ":generatecontent", ":embedcontent")
+
+
+def _api_endpoint(exc: BaseException) -> bool:
+    """Was ``exc`` the answer to a request to a model API endpoint (``/chat/completions`` ...,
+    from the request of the error or of its response: openai, httpx, aiohttp)?"""
+    request = getattr(exc, "request", None) or getattr(
+        getattr(exc, "response", None), "request", None)
+    url = getattr(request, "url", None) or getattr(getattr(exc, "request_info", None),
+                                                   "url", None)
+    path = getattr(url, "path", None)
+    if not isinstance(path, str):
+        return False
+    return path.rstrip("/").lower().endswith(_ENDPOINTS)
 
 
 def _says_rate(exc: BaseException) -> bool:

@@ -232,6 +232,8 @@ class RunLimits:
         stall clock), so none fires after the run. Idempotent."""
         for warm_up in self.warm_ups:
             warm_up.close()
+        if self.pause is not None:
+            self.pause.close()
         if self.breaker is not None:
             self.breaker.close()
 
