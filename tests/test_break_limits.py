@@ -13,6 +13,7 @@ import dfbatch
 import dfbatch.llm
 from dfbatch.execute._outputs import Partial, attach_partial
 
+REFUSED = "Incorrect API key provided"
 QUIET = {"progress": False, "items_per_batch": 4, "hedge_after": None}
 
 
@@ -134,3 +135,93 @@ def test_hedge_budget_that_is_no_fraction_is_a_config_error(budget) -> None:
 
     with pytest.raises(dfbatch.ConfigError, match=r"hedge_budget.*e\.g\. 0\.05"):
         dfbatch.process(df, fn, hedge_budget=budget, progress=False)
+
+
+def test_batches_stopped_by_one_refusal_keep_their_own_answers() -> None:
+    """Every batch the breaker stops got the *same* exception object, and each batch's fn
+    attaches the answers it got to the error it raises: the last to attach won, and a batch
+    that read later took another batch's answers (same length: no check could tell) -- a
+    silently wrong output, and an answer for the refused row. Each stopped call now gets its
+    own copy of the run-stopping error."""
+
+    @dfbatch.limits.per_request
+    async def fn(batch: pl.DataFrame) -> list[str]:
+        texts = batch["text"].to_list()
+
+        async def one(text: str) -> str:
+            # the other rows are answered first; row 7 asks after the refusal of row 2
+            await asyncio.sleep({"row 2": 0.05, "row 7": 0.06}.get(text, 0.0))
+            async with dfbatch.limits.request():
+                if text == "row 2":
+                    raise _Refused(REFUSED)
+                await asyncio.sleep(0.01)
+                return text.upper()
+
+        got = await asyncio.gather(*(one(t) for t in texts), return_exceptions=True)
+        failure = next(g for g in got if isinstance(g, BaseException))
+        answered = [isinstance(g, str) for g in got]
+        attach_partial(failure, Partial([g if ok else None for g, ok in zip(got, answered,
+                                                                              strict=True)],
+                                        answered))
+        if "row 0" in texts:
+            await asyncio.sleep(0.05)  # (closing a client ...) while the other batch reads
+        raise failure
+
+    df = pl.DataFrame({"text": [f"row {i}" for i in range(8)]})
+    with pytest.raises(dfbatch.RunStoppedError) as stopped:
+        dfbatch.process(df, fn, agents=4, **QUIET)
+    partial = stopped.value.partial
+    assert partial is not None
+    got = dict(zip(partial["text"].to_list(), partial["output"].to_list(), strict=True))
+    for i in (0, 1, 3, 4, 5, 6):  # answered before the refusal: their own answers
+        assert got[f"row {i}"] in (f"ROW {i}", None)
+    assert got["row 2"] is None and got["row 7"] is None
+    assert sum(v is not None for v in got.values()) == 6, (got, partial["error"].to_list())
+
+
+@pytest.mark.parametrize("per_request", [True, False])
+def test_a_refusal_ends_every_wait_for_the_limits_and_keeps_the_answers_in_flight(
+        per_request: bool) -> None:
+    """A run stopped by a refusal drains: the calls already sent bring their answers back
+    (kept), while the batches waiting for a bucket (rpm=60: one a second) give up at once --
+    not one bucket turn after another, for up to DRAIN_S."""
+    from benchmarks.simapi import run
+
+    sent: list[str] = []
+
+    async def answer(text: str) -> str:
+        sent.append(text)
+        if len(sent) == 2:  # the second request, at 1 s, is refused at 1.1 s
+            await asyncio.sleep(0.1)
+            raise _Refused(REFUSED)
+        await asyncio.sleep(1.5)  # the first is answered at 1.5 s
+        return text.upper()
+
+    @dfbatch.limits.per_request
+    async def per_row(batch: pl.DataFrame) -> list[str]:
+        async def one(text: str) -> str:
+            async with dfbatch.limits.request():
+                return await answer(text)
+
+        return list(await asyncio.gather(*(one(t) for t in batch["text"])))
+
+    async def per_call(batch: pl.DataFrame) -> list[str]:
+        return [await answer(t) for t in batch["text"]]
+
+    async def main() -> tuple[float, pl.DataFrame]:
+        t0 = asyncio.get_running_loop().time()
+        df = pl.DataFrame({"text": [f"row {i}" for i in range(40)]})
+        with pytest.raises(dfbatch.RunStoppedError) as stopped:
+            await dfbatch.aprocess(df, per_row if per_request else per_call, rpm=60,
+                                   agents=4, progress=False, items_per_batch=1,
+                                   hedge_after=None)
+        return asyncio.get_running_loop().time() - t0, stopped.value.partial
+
+    elapsed, partial = run(main())
+    # the answer in flight is back at 1.5 s; the third request's turn (2 s) is not waited for
+    assert 1.5 <= elapsed < 1.9
+    answered = partial.filter(pl.col("output").is_not_null())
+    assert answered["text"].to_list() == sent[:1]
+    assert answered["output"].to_list() == [sent[0].upper()]
+    assert partial.filter(pl.col("text") == sent[1])["output"].to_list() == [None]
+    assert len(sent) == 2

@@ -188,3 +188,38 @@ def test_no_give_up_by_default_in_the_breaker():
         return breaker.stopped is None
 
     assert run(main())
+
+
+def test_each_stopped_call_gets_its_own_copy_of_the_run_stopping_error():
+    # an adapter attaches the answers its batch got to the error it raises: one object shared
+    # by every stopped batch handed one batch's answers to another (tests/test_break_limits)
+    request = httpx.Request("POST", "http://x/v1/chat/completions")
+    refused = openai.AuthenticationError(
+        "Incorrect API key provided", response=httpx.Response(401, request=request),
+        body={"error": {"code": "invalid_api_key"}})
+    refused.dfbatch_partial = "the first batch's answers"  # type: ignore[attr-defined]
+
+    async def main() -> list[BaseException]:
+        breaker = Breaker()
+        breaker.stop(refused)
+        raised = []
+        for _ in range(2):
+            try:
+                await breaker.wait()
+            except openai.AuthenticationError as exc:
+                raised.append(exc)
+        try:
+            await breaker.sleep(1.0)
+        except openai.AuthenticationError as exc:
+            raised.append(exc)
+        assert all(breaker.is_stop(exc) for exc in [refused, *raised])
+        assert not breaker.is_stop(openai.AuthenticationError(
+            "other", response=httpx.Response(401, request=request), body=None))
+        return raised
+
+    raised = run(main())
+    assert len({id(exc) for exc in [refused, *raised]}) == 4
+    for exc in raised:
+        assert str(exc) == str(refused) and exc.status_code == 401
+        assert exc.body == refused.body and exc.response is refused.response
+        assert not hasattr(exc, "dfbatch_partial")

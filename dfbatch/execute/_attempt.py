@@ -105,7 +105,14 @@ class Grant(Hold):
         return True
 
     async def enter(self) -> Grant:
-        """Wait for what ``try_enter`` could not take (all of it when it was not called)."""
+        """Wait for what ``try_enter`` could not take (all of it when it was not called);
+        a stop of the breaker ends the wait with the run-stopping error."""
+        if self.breaker is None:
+            return await self._enter()
+        with self.breaker.ends_waits():
+            return await self._enter()
+
+    async def _enter(self) -> Grant:
         cost = self.cost
         try:
             if not self.bytes_held:

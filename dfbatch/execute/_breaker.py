@@ -44,7 +44,7 @@ import asyncio
 import contextlib
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -95,6 +95,7 @@ class Breaker:
         self._sleep = sleep  # (None: the loop's clock, a nap that ``stop`` ends)
         self._naps: set[asyncio.Future[None]] = set()
         self._listeners: list[Callable[[BaseException], None]] = []
+        self._waits: dict[asyncio.Task[object], list[bool]] = {}  # see ``ends_waits``
         self.closed = True
         self.opens = 0
         self.probes = 0
@@ -136,8 +137,57 @@ class Breaker:
         for nap in self._naps:
             if not nap.done():
                 nap.set_result(None)
+        for task, woken in list(self._waits.items()):
+            if not woken:
+                woken.append(True)
+                task.cancel()
         for listener in list(self._listeners):
             listener(exc)
+
+    def stop_error(self) -> BaseException:
+        """The run-stopping error for one more call that may not go out: a copy of ``stopped``
+        for each (an adapter attaches the answers its batch got to the error it raises; one
+        object shared by every stopped batch would hand one batch's answers to another), with
+        its attributes (status, response, body) but none of dfbatch's; ``stopped`` itself if
+        it cannot be copied. ``is_stop`` tells either."""
+        exc = self.stopped
+        assert exc is not None
+        try:
+            fresh = type(exc).__new__(type(exc), *exc.args)
+            fresh.__dict__.update({k: v for k, v in vars(exc).items()
+                                   if not k.startswith("dfbatch_") and k != "partial"})
+        except Exception:
+            return exc
+        fresh.__cause__, fresh.__context__ = exc.__cause__, exc.__context__
+        fresh.dfbatch_stop_of = exc  # type: ignore[attr-defined]
+        return fresh
+
+    @contextlib.contextmanager
+    def ends_waits(self) -> Iterator[None]:
+        """Around a wait for the limits (a bucket, an in-flight slot): when the breaker stops,
+        the wait ends at once with the run-stopping error (the call would not go out anyway;
+        a run draining its calls in flight is not held by calls that never went)."""
+        if self.stopped is not None:
+            raise self.stop_error()
+        task = asyncio.current_task()
+        if task is None or task in self._waits:
+            yield
+            return
+        woken: list[bool] = []
+        self._waits[task] = woken
+        try:
+            yield
+        except asyncio.CancelledError:
+            if woken and task.uncancel() == 0:
+                raise self.stop_error() from None
+            raise
+        finally:
+            self._waits.pop(task, None)
+
+    def is_stop(self, exc: BaseException) -> bool:
+        """Is ``exc`` the run-stopping error (``stopped`` or one of its copies)?"""
+        return self.stopped is not None and (
+            exc is self.stopped or getattr(exc, "dfbatch_stop_of", None) is self.stopped)
 
     def listen(self, listener: Callable[[BaseException], None]) -> Callable[[], None]:
         """Call ``listener(exc)`` when the breaker stops (at once if it has); returns a
@@ -169,7 +219,7 @@ class Breaker:
                     timer.cancel()
                     self._naps.discard(nap)
         if self.stopped is not None:
-            raise self.stopped
+            raise self.stop_error()
 
     def try_pass(self) -> Ticket | None:
         """``wait`` without a coroutine while closed (the common case); None: await ``wait``."""
@@ -184,7 +234,7 @@ class Breaker:
         Raises the run-stopping error after ``stop``."""
         while not self.closed:
             if self.stopped is not None:
-                raise self.stopped
+                raise self.stop_error()
             now = self._now()
             if not self._probing and now >= self.next_probe:
                 self._probing = True
@@ -200,7 +250,7 @@ class Breaker:
                 self._timer = False
                 self._notify()
         if self.stopped is not None:
-            raise self.stopped
+            raise self.stop_error()
         return Ticket(False, self.epoch)
 
     def record(self, ticket: Ticket, health: Health) -> None:

@@ -172,7 +172,7 @@ class FnCaller(Invoker):
                 finally:
                     held.release()
             except BaseException as exc:
-                if limits.breaker is None or exc is not limits.breaker.stopped:
+                if limits.breaker is None or not limits.breaker.is_stop(exc):
                     raise
                 # another call found the run cannot succeed (a refused key): do not send
                 return GaveUp(fatal_message(exc), False, wall0, loop.time() - t_first,
@@ -211,7 +211,7 @@ class FnCaller(Invoker):
                     try:  # (cut short when the run stops: no progress for outage_timeout)
                         await limits.breaker.sleep(delay)
                     except BaseException as exc:
-                        if exc is not limits.breaker.stopped:
+                        if not limits.breaker.is_stop(exc):
                             raise
                         return GaveUp(fatal_message(exc), False, wall0, loop.time() - t_first,
                                       fatal=True)

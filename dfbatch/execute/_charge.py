@@ -213,7 +213,11 @@ async def _take(binding: Binding, req: Request) -> Ticket | None:
     """Acquire one request's share of the run's limits and pass the breaker (its ticket)."""
     cost = Cost(tokens=req.tokens)
     breaker = binding.breaker
-    await binding.limits.acquire(cost)
+    if breaker is None:
+        await binding.limits.acquire(cost)
+    else:
+        with breaker.ends_waits():  # (a stop ends the wait: this request would not go out)
+            await binding.limits.acquire(cost)
     try:  # the breaker last: a request that waited for a bucket while the service went down
         ticket = await breaker.wait() if breaker is not None else None  # does not go out then
     except BaseException:

@@ -9,7 +9,11 @@ then it hands the slot over and ends. The agent sleeps meanwhile; a slot given b
 backoff, batches queued again or its last worker gone wake it. The limits come in as a
 ``RunLimits`` built once per run (and closed by the run as it ends; a pool given none builds
 and closes its own). Cancelling ``run()`` (Ctrl-C) or ``stop()`` (the Stop
-button) cancels every call in flight and marks unfinished rows ``"cancelled"``.
+button) cancels every call in flight and marks unfinished rows ``"cancelled"``. A call that
+fails for good (a refused key, no quota: ``fatal_run``) stops the run too, but drains it: the
+breaker is stopped, so no request goes out and every batch waiting to send gives up at once,
+while the calls already sent may still bring their answers (paid for) back, for up to
+``DRAIN_S`` seconds; then the rest are cancelled.
 
 **Contiguous batches.** The pool reorders the frame it is given once, by batch (one gather for
 the whole frame), so each batch is a zero-copy ``frame.slice`` and its outcomes are stamped
@@ -44,6 +48,9 @@ from dfbatch.execute._stack import RunLimits
 __all__ = ["Batch", "Outcomes", "Pool"]  # Batch, Outcomes: for persist._checkpoint
 
 _ONE = Cost()
+# after a call failed for good, how long the calls already sent may take to bring their
+# answers back (paid for; a refused key's come back at once) before they are cancelled
+DRAIN_S = 30.0
 
 
 class Pool:
@@ -90,6 +97,7 @@ class Pool:
         self._wake: asyncio.Event | None = None
         self._live = [0] * self.sched.n_agents  # workers per agent
         self._finished: asyncio.Event | None = None
+        self._drain: asyncio.TimerHandle | None = None
 
     @property
     def out(self) -> Outcomes:
@@ -120,6 +128,8 @@ class Pool:
         finally:
             if unlisten is not None:
                 unlisten()
+            if self._drain is not None:
+                self._drain.cancel()
             self.limits.pools.remove(self._notify)
             self.stopping = True
             live = [*agents, *self.tasks]
@@ -144,6 +154,24 @@ class Pool:
         """Stop gracefully: start nothing new, cancel calls in flight, return what is done."""
         self.stopping = True
         if self._finished is not None:
+            self._finished.set()
+
+    def _drain_then_stop(self) -> None:
+        """A call failed for good: start nothing new and stop once the calls in flight are
+        back (their answers are paid for; with the breaker stopped none sends again), or
+        ``DRAIN_S`` from now, whichever comes first."""
+        if self.stopping:
+            return
+        self.stopping = True
+        if self._finished is not None and self._drain is None:
+            self._drain = asyncio.get_running_loop().call_later(DRAIN_S, self.stop)
+        self._drained()
+
+    def _drained(self) -> None:
+        """Stopping, and no batch is in flight any more (the caller's task may be the last:
+        it is done when its verdict is recorded): finish."""
+        if self._finished is not None and all(
+                task.done() or task is asyncio.current_task() for task in self.tasks):
             self._finished.set()
 
     def _stopped_by(self, exc: BaseException) -> None:
@@ -236,7 +264,7 @@ class Pool:
                 self.recorder.answered(a, part, answered)
             if self.fatal is None:
                 self.fatal = verdict.error
-            self.stop()
+            self._drain_then_stop()
         elif verdict.bisect and len(batch.rows) > 1:
             self.recorder.bisected(a, batch, verdict.error, verdict.elapsed)
             self.sched.requeue(a, self.sched.halves(batch))
@@ -262,6 +290,8 @@ class Pool:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.pop(task).release()  # (a task cancelled before it started ran no finally)
+        if self.stopping:
+            self._drained()
         if not task.cancelled() and task.exception() is not None and self.crash is None:
             self.crash = task.exception()  # a bug in dfbatch itself: surface it, do not hang
             self.stop()
