@@ -43,7 +43,8 @@ def test_bad_durations_are_none(text):
 @pytest.mark.parametrize(
     ("value", "seconds"),
     [("3", 3.0), ("0", 0.0), ("2.5", 2.5), ("-1", 0.0),
-     ("Thu, 01 Jan 1970 00:01:00 GMT", 60.0), ("whenever", None)],
+     ("Thu, 01 Jan 1970 00:01:00 GMT", 60.0), ("whenever", None),
+     ("Thu, 01 Jan 1970 00:01:00 -0000", 60.0)],  # (UTC, not the machine's local time)
 )
 def test_retry_after_values(value, seconds):
     assert parse_retry_after(value, now=0.0) == seconds
@@ -127,3 +128,12 @@ def test_rate_headers_keeps_only_the_family():
                                       "llm_provider-retry-after", "retry-after-ms",
                                       "llm_provider-retry-after-ms"}
     assert rate_headers(None) == {}
+
+
+@pytest.mark.parametrize("garbled", ["0.001", "0", "-5"])
+def test_a_limit_under_one_a_minute_is_not_learned(garbled):
+    # a garbled x-ratelimit-limit-requests would have held the run's bucket near zero
+    hints = parse_headers({"x-ratelimit-limit-requests": garbled,
+                           "x-ratelimit-api_key-limit-requests": "600"})
+    assert hints.limit(tokens=False) == 600
+    assert parse_headers({"x-ratelimit-limit-tokens": garbled}).limit(tokens=True) is None

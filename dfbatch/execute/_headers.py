@@ -25,6 +25,7 @@ Examples
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import math
 import re
@@ -119,6 +120,8 @@ def parse_retry_after(value: Any, *, now: float | None = None) -> float | None:
             when = email.utils.parsedate_to_datetime(raw)
         except (TypeError, ValueError, IndexError):
             return None
+        if when.tzinfo is None:  # ("-0000": UTC, the zone not said; never local time)
+            when = when.replace(tzinfo=datetime.timezone.utc)
         return max(0.0, when.timestamp() - (time.time() if now is None else now))
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
@@ -153,7 +156,8 @@ def parse_headers(headers: Mapping[str, Any] | Any, *, now: float | None = None)
     fields: dict[str, float | None] = {}
     for kind in ("requests", "tokens"):
         mine = [s for k, s in scopes.items() if k.endswith("/" + kind)]
-        limits = [s["limit"] for s in mine if "limit" in s]
+        # (a limit under 1 a minute is no provider's: a garbled header would stall the run)
+        limits = [s["limit"] for s in mine if s.get("limit", 0) >= 1]
         fields[f"limit_{kind}"] = min(limits) if limits else None
         tight = min((s for s in mine if "remaining" in s), key=lambda s: s["remaining"],
                     default=None)
