@@ -121,7 +121,7 @@ def parse_retry_after(value: Any, *, now: float | None = None) -> float | None:
         except (TypeError, ValueError, IndexError):
             return None
         if when.tzinfo is None:  # ("-0000": UTC, the zone not said; never local time)
-            when = when.replace(tzinfo=datetime.timezone.utc)
+            when = when.replace(tzinfo=datetime.UTC)
         return max(0.0, when.timestamp() - (time.time() if now is None else now))
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
