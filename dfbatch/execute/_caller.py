@@ -129,6 +129,7 @@ class FnCaller(Invoker):
                     requests=len(batch.rows) if self.requests_per_row else 1)
         wall0, t_first = time.time(), loop.time()
         budget: AttemptBudget | None = None  # (made at the first failure)
+        last: Exception | None = None  # the error of the last failed try (its answers, if any)
         first_sent = 0.0  # when this batch was first sent
         attempt = 0
         while True:
@@ -175,8 +176,7 @@ class FnCaller(Invoker):
                 if limits.breaker is None or not limits.breaker.is_stop(exc):
                     raise
                 # another call found the run cannot succeed (a refused key): do not send
-                return GaveUp(fatal_message(exc), False, wall0, loop.time() - t_first,
-                              fatal=True)
+                return self._stopped(exc, last, batch, wall0, loop.time() - t_first)
             error, decision, frame, row_errors, usage = tried
             if self.per_request or (held.outcome is not None and held.outcome.hints is not None):
                 limits.learned()  # (the limits learn a stated limit only from headers)
@@ -198,6 +198,7 @@ class FnCaller(Invoker):
                 limits.sizer.observe(ok=False, latency_s=now - t_call)
             if budget is None:
                 budget = AttemptBudget(cfg.max_attempts)
+            last = error
             if budget.may_retry(decision, now=now):
                 delay = backoff(attempt, base=cfg.backoff_base, cap=cfg.backoff_max,
                                 retry_after=decision.retry_after, rng=self.rng)
@@ -213,8 +214,7 @@ class FnCaller(Invoker):
                     except BaseException as exc:
                         if not limits.breaker.is_stop(exc):
                             raise
-                        return GaveUp(fatal_message(exc), False, wall0, loop.time() - t_first,
-                                      fatal=True)
+                        return self._stopped(exc, error, batch, wall0, loop.time() - t_first)
                 await slot.reacquire()
                 continue
             kept = _partly_answered(error, batch, self, wall0, now - t_first)
@@ -223,6 +223,14 @@ class FnCaller(Invoker):
             bisect = ((decision.kind == "row" and decision.bisect) or self._hung(decision)
                       or (isinstance(error, WorkerDiedError) and error.rows_suspect))
             return GaveUp(describe(error), bisect, wall0, now - t_first)
+
+    def _stopped(self, stop: BaseException, last: BaseException | None, batch: Batch,
+                 wall0: float, elapsed: float) -> GaveUp:
+        """The verdict of a batch the breaker stopped before its next try (another call found
+        that the run cannot succeed): the run's error, and the rows its last failed try had
+        answered (a 5xx or 429 after some rows' answers, ``attach_partial``: paid for)."""
+        kept = None if last is None else _answered_rows(last, batch, self, wall0, elapsed)
+        return GaveUp(fatal_message(stop), False, wall0, elapsed, fatal=True, kept=kept)
 
     def _answered(self, value: Any, used: _usage.Usage, batch: Batch, t0: float, held: Hold,
                   ticket: Pass, seq: int, first_sent: float) -> _Tried:
