@@ -76,3 +76,107 @@ def test_answers_of_a_batch_cut_off_in_its_retry_by_a_refusal_are_kept(
     out = dfbatch.process(df, fn, checkpoint=tmp_path, items_per_batch=4, **QUIET)
     assert out["output"].to_list() == [f"ROW {i}" for i in range(8)]
     assert sorted(fn.sent) == sorted([f"row {i}" for i in range(8)])  # none paid for twice
+
+
+def test_a_refusal_in_one_chunk_drains_the_other_chunks_calls_in_flight(tmp_path: Path) -> None:
+    """Streaming (chunks share the limits): a refusal in the first chunk, while the next
+    chunk's calls (sent before it: paid for) are in flight. Those were cancelled at once when
+    the first chunk's pool had drained (the stream stopped every pool); now they are drained
+    too: their answers are in the output file. (The real clock: the virtual one jumps while
+    the next chunk is planned in a thread.)"""
+    sent: list[str] = []
+    second_chunk_sent = asyncio.Event()
+
+    async def fn(batch: pl.DataFrame) -> list[str]:
+        texts = batch["text"].to_list()
+        sent.extend(texts)
+        i = int(texts[0].split()[1])
+        if i == 7:
+            second_chunk_sent.set()
+        if i == 0:  # refused once the second chunk's calls are all out
+            await second_chunk_sent.wait()
+            await asyncio.sleep(0.05)
+            raise _Refused(REFUSED)
+        await asyncio.sleep(0.01 if i < 4 else 0.3)
+        return [t.upper() for t in texts]
+
+    out = tmp_path / "out.parquet"
+    df = pl.DataFrame({"text": [f"row {i}" for i in range(12)]})
+
+    async def main() -> None:
+        with pytest.raises(dfbatch.RunStoppedError, match="API key was refused"):
+            await dfbatch.aprocess(df.lazy(), fn, out=out, chunk_rows=4, items_per_batch=1,
+                                   agents=4, **QUIET)
+
+    asyncio.run(main())
+    got = dict(pl.read_parquet(out).select("text", "output").rows())
+    assert sorted(sent) == [f"row {i}" for i in range(8)]  # (the third chunk: never sent)
+    assert [got[t] for t in sent] == [None] + [t.upper() for t in sent[1:]]
+
+
+def test_a_call_that_cleans_up_after_its_refusal_keeps_its_answers() -> None:
+    """The breaker's stop (from inside fn: the refused request) drains the pool; the call that
+    got the refusal is not done until fn returns (here it closes a client first): its
+    verdict, with the rows it had answered, must still be recorded, and the run stopped."""
+    from benchmarks.simapi import run
+
+    @dfbatch.limits.per_request
+    async def fn(batch: pl.DataFrame) -> list[str]:
+        texts, out = batch["text"].to_list(), []
+        for text in texts:
+            try:
+                async with dfbatch.limits.request():
+                    await asyncio.sleep(0.01)
+                    if text == "row 2":
+                        raise _Refused(REFUSED)
+                    out.append(text.upper())
+            except _Refused as exc:
+                await asyncio.sleep(0.05)  # (closing a client ...)
+                answered = [i < len(out) for i in range(len(texts))]
+                raise attach_partial(exc, Partial(out + [None] * (len(texts) - len(out)),
+                                                  answered)) from None
+        return out
+
+    async def main() -> pl.DataFrame:
+        df = pl.DataFrame({"text": [f"row {i}" for i in range(4)]})
+        with pytest.raises(dfbatch.RunStoppedError, match="API key was refused") as stopped:
+            await dfbatch.aprocess(df, fn, items_per_batch=4, agents=1, **QUIET)
+        assert stopped.value.partial is not None
+        return stopped.value.partial
+
+    partial = run(main())
+    assert partial["output"].to_list() == ["ROW 0", "ROW 1", None, None]
+    assert partial["error"].to_list() == [None, None, "cancelled", "cancelled"]
+
+
+def test_a_refusal_fn_keeps_to_itself_still_stops_the_run_with_its_message() -> None:
+    """An fn that turns every request's error into a row error: the refusal stops the breaker
+    (no request goes out after it) and the run drains; it must end with RunStoppedError
+    naming the cause, not a bare 'rows unfinished' warning."""
+    from benchmarks.simapi import run
+
+    @dfbatch.limits.per_request
+    async def fn(batch: pl.DataFrame) -> list[object]:
+        out: list[object] = []
+        for text in batch["text"].to_list():
+            try:
+                async with dfbatch.limits.request():
+                    await asyncio.sleep(0.01)
+                    if text == "row 2":
+                        raise _Refused(REFUSED)
+                    out.append(text.upper())
+            except Exception as exc:  # (the point of the test)
+                out.append(dfbatch.RowError(str(exc)))
+        return out
+
+    async def main() -> pl.DataFrame:
+        df = pl.DataFrame({"text": [f"row {i}" for i in range(40)]})
+        with pytest.raises(dfbatch.RunStoppedError, match="API key was refused") as stopped:
+            await dfbatch.aprocess(df, fn, items_per_batch=4, agents=1, **QUIET)
+        assert stopped.value.partial is not None
+        return stopped.value.partial
+
+    partial = run(main())
+    errors = partial["error"].to_list()
+    assert errors.count("cancelled") >= 8  # (the batches not started when it was refused)
+    assert all(e is None or e == "cancelled" or REFUSED in e for e in errors)

@@ -147,6 +147,9 @@ class Pool:
                    "stopped but still run in worker threads (a thread cannot be stopped); "
                    "their rows carry an error")
             warnings.warn(msg, StillRunningWarning, stacklevel=2)
+        if self.fatal is None and breaker is not None and breaker.stopped is not None \
+                and self.recorder.unfinished:  # (drained by a stop no verdict here gave:
+            self.fatal = fatal_message(breaker.stopped)  # fn kept its error to itself)
         self.recorder.mark_unfinished()
         return self.out
 
@@ -156,32 +159,45 @@ class Pool:
         if self._finished is not None:
             self._finished.set()
 
-    def _drain_then_stop(self) -> None:
+    def drain(self) -> None:
+        """Stop without losing paid answers: start nothing new and stop once the calls in
+        flight are back (with the breaker stopped none sends again), or ``DRAIN_S`` from
+        now, whichever comes first. For a run stopped by a call that failed for good (here,
+        or in another pool on the same limits: another chunk's)."""
+        self._drain_then_stop(recorded=False)
+
+    def _drain_then_stop(self, *, recorded: bool = True) -> None:
         """A call failed for good: start nothing new and stop once the calls in flight are
         back (their answers are paid for; with the breaker stopped none sends again), or
-        ``DRAIN_S`` from now, whichever comes first."""
+        ``DRAIN_S`` from now, whichever comes first. ``recorded``: called as the current
+        task recorded its verdict (it is done); not from inside fn (the breaker's stop)."""
         if self.stopping:
             return
         self.stopping = True
         if self._finished is not None and self._drain is None:
             self._drain = asyncio.get_running_loop().call_later(DRAIN_S, self.stop)
-        self._drained()
+        self._drained(recorded=recorded)
 
-    def _drained(self) -> None:
-        """Stopping, and no batch is in flight any more (the caller's task may be the last:
-        it is done when its verdict is recorded): finish."""
+    def _drained(self, *, recorded: bool = False) -> None:
+        """Stopping, and no batch is in flight any more (the caller's task may be the last,
+        when ``recorded``: it is done when its verdict is recorded): finish."""
+        current = asyncio.current_task() if recorded else None
         if self._finished is not None and all(
-                task.done() or task is asyncio.current_task() for task in self.tasks):
+                task.done() or task is current for task in self.tasks):
             self._finished.set()
 
     def _stopped_by(self, exc: BaseException) -> None:
-        """The breaker stopped the run: the rows not done stay unfinished (resumable). Only a
-        stall stops it from here; a call that failed for good (a refused key) stops it with
-        its verdict, whose error fn may have cleaned (a redacted key)."""
+        """The breaker stopped the run: the rows not done stay unfinished (resumable). A stall
+        stops it from here; a call that failed for good (a refused key) drains it (its calls
+        in flight were sent: their answers are paid for; this pool's, or another chunk's
+        sharing the limits, whose own calls may all be in flight) and gives the run's error
+        with its verdict, whose error fn may have cleaned (a redacted key)."""
         if isinstance(exc, NoProgressError):
             if self.fatal is None:
                 self.fatal = fatal_message(exc)
             self.stop()
+        else:  # (from inside fn, maybe: its task is not done, its verdict is to come)
+            self._drain_then_stop(recorded=False)
 
     @property
     def cancelled_rows(self) -> int:

@@ -130,6 +130,16 @@ class _Stream:
             if chunk.pool is not None:
                 chunk.pool.stop()
 
+    def _drain(self) -> None:
+        """A call failed for good: read no more chunks; the pools send nothing more, and
+        stop once their calls in flight (sent: paid for) are back, or after ``DRAIN_S``."""
+        self.stopping = True
+        if self._stop is not None:
+            self._stop.set()
+        for chunk in self.live:
+            if chunk.pool is not None:
+                chunk.pool.drain()
+
     async def execute(
         self, progress: Progress, on_event: Callable[[Event], None] | None, *, stoppable: bool
     ) -> pl.DataFrame:
@@ -275,8 +285,8 @@ class _Stream:
             await asyncio.to_thread(chunk.job.close)
         self.live.popleft()
         if chunk.pool.fatal is not None and self.fatal is None:
-            self.fatal = chunk.pool.fatal  # e.g. a refused key: stop every chunk now
-            self.stop()
+            self.fatal = chunk.pool.fatal  # e.g. a refused key: read no more chunks; the
+            self._drain()  # other pools bring back the answers of the calls they sent
         outcomes = chunk.job.merge(outcomes)
         offset = self.batch_offset
         self.batch_offset += max(chunk.pool.sched.next_id, 1)
