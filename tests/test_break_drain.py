@@ -180,3 +180,52 @@ def test_a_refusal_fn_keeps_to_itself_still_stops_the_run_with_its_message() -> 
     errors = partial["error"].to_list()
     assert errors.count("cancelled") >= 8  # (the batches not started when it was refused)
     assert all(e is None or e == "cancelled" or REFUSED in e for e in errors)
+
+
+def test_the_refusal_of_a_key_is_redacted_in_the_message_whichever_batch_reports_it() -> None:
+    """dfbatch.llm.chat (per row) redacted the key from the error it raised only when its
+    batch's rows were all back; the breaker had stopped with the refusal meanwhile, and a
+    batch sitting out a backoff got a copy of it (the key still in its words): its verdict
+    came first and became the RunStoppedError's message, key and all. The refusal is now
+    redacted as it leaves its request, before any copy is made."""
+    import json
+
+    import httpx
+    import openai
+
+    import dfbatch.llm
+
+    key = "sk-secret-0123456789abcdef"
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        text = json.loads(request.content)["messages"][-1]["content"]
+        if text == "row 0":  # its batch backs off for 5 s (answered: row 1)
+            await asyncio.sleep(0.02)
+            return httpx.Response(429, headers={"retry-after": "5"}, json={"error": {
+                "message": "Rate limit reached", "code": "rate_limit_exceeded"}})
+        if text == "row 2":  # while another row of its batch is still in flight
+            await asyncio.sleep(0.1)
+            return httpx.Response(401, json={"error": {
+                "message": f"Incorrect API key provided: {key}.", "code": "invalid_api_key"}})
+        await asyncio.sleep(0.3 if text == "row 3" else 0.02)
+        return httpx.Response(200, json={
+            "id": "x", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text.upper()}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}})
+
+    async def main() -> dfbatch.RunStoppedError:
+        http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        client = openai.AsyncOpenAI(api_key=key, base_url="http://api.test/v1",
+                                    http_client=http)
+        fn = dfbatch.llm.chat("m", "{text}", client=client, max_tokens=8)
+        df = pl.DataFrame({"text": [f"row {i}" for i in range(4)]})
+        with pytest.raises(dfbatch.RunStoppedError) as stopped:
+            await dfbatch.aprocess(df, fn, items_per_batch=2, agents=2, **QUIET)
+        return stopped.value
+
+    stopped = asyncio.run(main())
+    assert "API key was refused" in str(stopped) and "[redacted]" in str(stopped)
+    assert key not in str(stopped)
+    assert stopped.partial is not None
+    assert stopped.partial["output"].to_list() == [None, "ROW 1", None, "ROW 3"]

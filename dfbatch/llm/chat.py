@@ -297,8 +297,10 @@ async def _one_row(spec: _Spec, client: Any, prompt: str, sent: list[bool], i: i
             used = reply.used(completion)
             req.report(headers=raw.headers, tokens=used[0] + used[1])
     except Exception as exc:
+        # now, as it leaves request(): a run-stopping error (a refused key) is copied for
+        # every other call of the run that it stops (the copies keep its words)
+        scrub(exc, spec.source.secrets)
         if reply.status_of(exc) in _ROW_STATUSES:
-            scrub(exc, spec.source.secrets)
             return _Row(RowError(f"{type(exc).__name__}: {reply.message(exc)}"))
         raise
     return _Row(reply.answer(spec.fmt, completion), *used, rate_headers(raw.headers) or None)
