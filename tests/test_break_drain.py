@@ -229,3 +229,40 @@ def test_the_refusal_of_a_key_is_redacted_in_the_message_whichever_batch_reports
     assert key not in str(stopped)
     assert stopped.partial is not None
     assert stopped.partial["output"].to_list() == [None, "ROW 1", None, "ROW 3"]
+
+
+class _Forbidden(Exception):
+    status_code = 403
+
+
+def test_the_message_names_the_error_that_stopped_the_run_not_a_later_one() -> None:
+    """A 401 stops the run (its request's error stops the breaker at once) while its fn
+    still cleans up; a call sent before it is refused with a 403 and is back first. The
+    message named the 403 (the first verdict recorded): fixing the model's permissions and
+    resuming met the bad key. It names the 401 now."""
+    from benchmarks.simapi import run
+
+    @dfbatch.limits.per_request
+    async def fn(batch: pl.DataFrame) -> list[str]:
+        texts = batch["text"].to_list()
+        if texts == ["row 0"]:
+            try:
+                async with dfbatch.limits.request():
+                    await asyncio.sleep(0.1)
+                    raise _Refused(REFUSED)
+            finally:
+                await asyncio.sleep(0.3)  # (closing a client ...)
+        if texts == ["row 1"]:
+            async with dfbatch.limits.request():
+                await asyncio.sleep(0.2)
+                msg = "You are not allowed to sample from this model"
+                raise _Forbidden(msg)
+        await asyncio.sleep(0.05)
+        return [t.upper() for t in texts]
+
+    async def main() -> None:
+        df = pl.DataFrame({"text": [f"row {i}" for i in range(4)]})
+        with pytest.raises(dfbatch.RunStoppedError, match=r"API key was refused.*HTTP 401"):
+            await dfbatch.aprocess(df, fn, items_per_batch=1, agents=4, **QUIET)
+
+    run(main())

@@ -192,7 +192,9 @@ class FnCaller(Invoker):
             if decision.kind == "fatal_run":
                 return GaveUp(fatal_message(error, decision), False, wall0, now - t_first,
                               fatal=True, kept=_answered_rows(error, batch, self, wall0,
-                                                              now - t_first))
+                                                              now - t_first),
+                              first=limits.breaker is not None
+                              and limits.breaker.is_stop(error))
             if limits.sizer is not None and size_related(error, decision.status) and not (
                     decision.cause == "timeout" and self._hung_call(batch, now - t_call)):
                 limits.sizer.observe(ok=False, latency_s=now - t_call)
@@ -230,7 +232,8 @@ class FnCaller(Invoker):
         that the run cannot succeed): the run's error, and the rows its last failed try had
         answered (a 5xx or 429 after some rows' answers, ``attach_partial``: paid for)."""
         kept = None if last is None else _answered_rows(last, batch, self, wall0, elapsed)
-        return GaveUp(fatal_message(stop), False, wall0, elapsed, fatal=True, kept=kept)
+        return GaveUp(fatal_message(stop), False, wall0, elapsed, fatal=True, kept=kept,
+                      first=True)
 
     def _answered(self, value: Any, used: _usage.Usage, batch: Batch, t0: float, held: Hold,
                   ticket: Pass, seq: int, first_sent: float) -> _Tried:

@@ -94,6 +94,7 @@ class Pool:
         self.stopping = False
         self.crash: BaseException | None = None
         self.fatal: str | None = None  # why the run stopped at once (RunStoppedError's message)
+        self._first_cause = False  # ``fatal`` is that of the error that stopped the run
         self._wake: asyncio.Event | None = None
         self._live = [0] * self.sched.n_agents  # workers per agent
         self._finished: asyncio.Event | None = None
@@ -278,8 +279,10 @@ class Pool:
                 where, answered = verdict.kept
                 part = self.sched._new_batch(batch, batch.rows[where])
                 self.recorder.answered(a, part, answered)
-            if self.fatal is None:
-                self.fatal = verdict.error
+            # the first cause: the error that stopped the run, not one of another kind (a
+            # 403 after the 401) from a call sent before it that happened to be back first
+            if self.fatal is None or (verdict.first and not self._first_cause):
+                self.fatal, self._first_cause = verdict.error, verdict.first
             self._drain_then_stop()
         elif verdict.bisect and len(batch.rows) > 1:
             self.recorder.bisected(a, batch, verdict.error, verdict.elapsed)

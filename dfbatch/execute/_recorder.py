@@ -214,6 +214,9 @@ class GaveUp:
     # (fatal) the rows answered before the run stopped (their positions in the batch) and
     # their answers: recorded, so that neither the partial result nor a resume loses them
     kept: tuple[np.ndarray, Answered] | None = None
+    # (fatal) ``error`` is the error that stopped the run (the breaker's, or a copy of it),
+    # not a later one of another kind from a call sent before the stop: the first cause
+    first: bool = False
 
 
 Verdict = Answered | GaveUp
