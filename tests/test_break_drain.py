@@ -266,3 +266,47 @@ def test_the_message_names_the_error_that_stopped_the_run_not_a_later_one() -> N
             await dfbatch.aprocess(df, fn, items_per_batch=1, agents=4, **QUIET)
 
     run(main())
+
+
+def _litellm_error(status: int, kind: str, message: str, type_: str,
+                   headers: dict[str, str] | None = None) -> Exception:
+    """The openai SDK's error for what a LiteLLM proxy (1.108.7) answers when its upstream
+    failed: the upstream's words in the message, its own type and the status as code."""
+    import httpx
+    import openai
+
+    request = httpx.Request("POST", "http://proxy.test/v1/chat/completions")
+    body = {"error": {"message": f"litellm.{kind}: {kind}: OpenAIException - {message}\n\n"
+                                 "LiteLLM: model group 'chat' failed with the error above. "
+                                 "No fallback was attempted.",
+                      "type": type_, "param": None, "code": str(status)}}
+    response = httpx.Response(status, json=body, headers=headers or {}, request=request)
+    client = openai.OpenAI(api_key="sk-test", base_url="http://proxy.test/v1")
+    return client._make_status_error(body["error"]["message"], body=body["error"],
+                                     response=response)
+
+
+def test_what_a_litellm_proxy_forwards_is_classified_as_the_upstream_meant() -> None:
+    """Behind LiteLLM, an upstream out of quota (429 insufficient_quota) comes back as a 429
+    "throttling_error" without its code: it was a rate limit, sat out for outage_timeout
+    (600 s) before the run stopped saying every call was rate-limited. An upstream that does
+    not answer comes back as LiteLLM's 408 (its timeout): not an outage, so the breaker never
+    opened and every row failed after its tries. A 429 of a per-minute limit in the same words
+    (Gemini) but with a wait stays a rate limit."""
+    from dfbatch.execute._retry import classify
+
+    quota = _litellm_error(429, "RateLimitError", "You exceeded your current quota, please "
+                           "check your plan and billing details.", "throttling_error")
+    assert (classify(quota).kind, classify(quota).cause) == ("fatal_run", "quota")
+    hung = _litellm_error(408, "Timeout", "Request timed out. - timeout value=5.0",
+                          "invalid_request_error")
+    assert classify(hung).outage and classify(hung).cause == "timeout"
+    per_minute = _litellm_error(429, "RateLimitError", "You exceeded your current quota. "
+                                "Please retry in 23.5s.", "throttling_error")
+    assert classify(per_minute).kind == "rate_limited"
+    hinted = _litellm_error(429, "RateLimitError", "You exceeded your current quota",
+                            "throttling_error", {"llm_provider-retry-after": "20"})
+    assert classify(hinted).kind == "rate_limited"
+    limited = _litellm_error(429, "RateLimitError", "Rate limit reached for requests",
+                             "throttling_error")
+    assert classify(limited).kind == "rate_limited"

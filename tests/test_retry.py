@@ -58,7 +58,7 @@ CASES: list[tuple[str, Any, str, str | None, bool]] = [
     ("503-overload", api_error(503, "overloaded", message="Service overloaded"), "transient",
      "overload", False),
     ("504", Plain(504), "transient", "server", False),
-    ("408", Plain(408), "transient", None, False),
+    ("408", Plain(408), "transient", "timeout", False),  # (an outage, as a timeout is)
     ("conn", openai.APIConnectionError(request=REQUEST), "transient", "connection", False),
     ("sdk-timeout", openai.APITimeoutError(request=REQUEST), "transient", "timeout", False),
     ("httpx-connect", httpx.ConnectError("refused"), "transient", "connection", False),

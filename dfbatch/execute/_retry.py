@@ -8,13 +8,15 @@
     retried; a multi-row batch is bisected (``bisect``) so the bad row fails alone. An
     ``OutputError`` is not bisected (the batch's answer as a whole does not fit).
 ``"transient"``
-    The service, not the rows (5xx, timeouts, connection errors, an overloaded server's 429 or
-    503, 408 / 409, ``RetryableError``): retried after a backoff, never bisected.
+    The service, not the rows (5xx, timeouts and a gateway's 408, connection errors, an
+    overloaded server's 429 or 503, 409, ``RetryableError``): retried after a backoff, never
+    bisected.
 ``"rate_limited"``
     A rate-limit 429 (or a ``RetryableError`` saying so): retried after the server's hint or
     a global pause; it does not use up the attempts errors do.
 ``"fatal_run"``
-    Account-wide (401 bad key, 402 / 429 ``insufficient_quota``, 403 permission, 404 unknown
+    Account-wide (401 bad key, 402 / 429 ``insufficient_quota`` or OpenAI's words for it
+    with no wait said, 403 permission, 404 unknown
     model, 404 / 405 from a model API's endpoint: a wrong ``base_url``), or dfbatch's own API
     misused inside fn (a ``ConfigError``, e.g. ``report_usage`` given a count that is not
     tokens: every call would fail alike): no retry, no bisection; the
@@ -78,6 +80,10 @@ _TIMEOUT_ERRORS = frozenset({"APITimeoutError", "TimeoutException", "ConnectTime
 _RETRY_STATUS = frozenset({408, 409, 429})
 _QUOTA_CODES = ("insufficient_quota", "billing_hard_limit_reached", "quota_exceeded",
                 "billing_not_active")
+# OpenAI's words for an account out of quota, which a gateway (LiteLLM) forwards without its
+# code; Gemini says them of a per-minute limit too, but with a wait ("retry in", retryDelay)
+_QUOTA_WORDS = ("exceeded your current quota",)
+_WAIT_WORDS = ("retry in", "retrydelay", "retry_delay", "per minute", "perminute")
 _RATE_WORDS = ("rate_limit", "rate limit", "ratelimit", "too many requests")
 _OVERLOAD_WORDS = ("overloaded", "server_error", "capacity", "service_unavailable")
 _MODEL_CODES = ("model_not_found", "deploymentnotfound", "does not exist", "not_found_error")
@@ -176,12 +182,16 @@ def _default(exc: BaseException) -> Decision:
         return make("transient", "connection")
     if status is None:
         return make("row", None, bisect=True)
-    return _by_status(exc, status, make)
+    return _by_status(exc, status, make, waits=hint is not None)
 
 
-def _by_status(exc: BaseException, status: int, make: Callable[..., Decision]) -> Decision:
+def _by_status(exc: BaseException, status: int, make: Callable[..., Decision], *,
+               waits: bool) -> Decision:
     blob = _blob(exc)
     if any(q in blob for q in _QUOTA_CODES) and status in (402, 403, 429):
+        return make("fatal_run", "quota")
+    if status == 429 and not waits and any(q in blob for q in _QUOTA_WORDS) and not any(
+            w in blob for w in _WAIT_WORDS):  # (no wait said: no window to sit out)
         return make("fatal_run", "quota")
     if status == 401:
         return make("fatal_run", "auth")
@@ -203,6 +213,8 @@ def _by_status(exc: BaseException, status: int, make: Callable[..., Decision]) -
         return make("transient", "overload")
     if status >= 500:
         return make("transient", "server")
+    if status == 408:  # a gateway's (LiteLLM's) word that the upstream did not answer in time
+        return make("transient", "timeout")
     if status in _RETRY_STATUS:
         return make("transient", None)
     return make("row", "bad_request", bisect=True)
