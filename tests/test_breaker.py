@@ -223,3 +223,35 @@ def test_each_stopped_call_gets_its_own_copy_of_the_run_stopping_error():
         assert str(exc) == str(refused) and exc.status_code == 401
         assert exc.body == refused.body and exc.response is refused.response
         assert not hasattr(exc, "dfbatch_partial")
+
+
+def test_a_storm_of_503_server_error_opens_the_breaker_and_no_row_fails():
+    # dfbatch.sim's and LiteLLM's 503 for a service that is down says type "server_error":
+    # read as an overloaded server's 503 (AIMD only), it was retried batch by batch until
+    # the attempts ran out, and rows failed; it is an outage the breaker counts as well
+    import polars as pl
+
+    import dfbatch
+
+    request = httpx.Request("POST", "http://x/v1/chat/completions")
+    calls: list[float] = []
+
+    async def fn(batch: pl.DataFrame) -> list[str]:
+        t = asyncio.get_running_loop().time()
+        calls.append(t)
+        await asyncio.sleep(0.2)
+        if t < 20.0:
+            raise openai.InternalServerError(
+                "Service Unavailable", response=httpx.Response(503, request=request),
+                body={"message": "Service Unavailable", "type": "server_error",
+                      "code": "service_unavailable"})
+        return [t.upper() for t in batch["text"]]
+
+    async def main() -> pl.DataFrame:
+        df = pl.DataFrame({"text": [f"row {i}" for i in range(200)]})
+        return await dfbatch.aprocess(df, fn, progress=False, hedge_after=None)
+
+    out = run(main())
+    assert out["error"].null_count() == 200
+    during = [t for t in calls if 2.0 <= t < 20.0]  # after the first failures: probes only
+    assert len(during) <= 18, len(during)  # at most one a second

@@ -134,8 +134,12 @@ class Decision:
 
     @property
     def outage(self) -> bool:
-        """Does this failure say the service is down (what a circuit breaker counts)?"""
-        return self.kind == "transient" and self.cause in ("connection", "timeout", "server")
+        """Does this failure say the service is down (what a circuit breaker counts)? A 5xx
+        that says "overloaded" too (a 503 ``server_error``: what a service that is down and
+        its gateways answer): the breaker counts it, and the adaptive limit shrinks."""
+        return self.kind == "transient" and (
+            self.cause in ("connection", "timeout", "server")
+            or (self.cause == "overload" and (self.status or 0) >= 500))
 
 
 def classify(
