@@ -241,9 +241,10 @@ def test_a_storm_of_503_server_error_opens_the_breaker_and_no_row_fails():
         calls.append(t)
         await asyncio.sleep(0.2)
         if t < 20.0:
+            msg = "Service Unavailable"
             raise openai.InternalServerError(
-                "Service Unavailable", response=httpx.Response(503, request=request),
-                body={"message": "Service Unavailable", "type": "server_error",
+                msg, response=httpx.Response(503, request=request),
+                body={"message": msg, "type": "server_error",
                       "code": "service_unavailable"})
         return [t.upper() for t in batch["text"]]
 
