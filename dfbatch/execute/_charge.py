@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import math
 import operator
@@ -43,6 +44,9 @@ class Binding:
     breaker: Breaker | None = None
     count: Callable[[list[str]], Any] | None = None
     pace: Pace | None = None
+    # inside another request of this binding (``request`` nested in ``request``): the outer
+    # one holds the breaker's pass (maybe the probe, which the inner would wait for for ever)
+    nested: bool = False
 
 
 class Pace(Protocol):
@@ -180,20 +184,38 @@ async def request(tokens: int = 0) -> AsyncIterator[Request]:
     binding, home = found
     _check_fits(binding, req.tokens)
     if home is not None and home is not _running_loop():
-        async with _charged_across(binding, req, home) as charged:
+        async with _charged_across(binding, req, home) as charged, _within(binding, home):
             yield charged
         return
     pace = binding.pace
     if pace is None:
-        async with _charged(binding, req) as charged:
+        async with _charged(binding, req) as charged, _within(binding, home):
             yield charged
         return
     pace.waiting()
     try:
-        async with _charged(binding, req, pace) as charged:
+        async with _charged(binding, req, pace) as charged, _within(binding, home):
             yield charged
     finally:
         pace.ended(req.charged)
+
+
+@contextlib.asynccontextmanager
+async def _within(binding: Binding, home: asyncio.AbstractEventLoop | None
+                  ) -> AsyncIterator[None]:
+    """The body of a charged request: a request nested in it (a wrapper around an adapter
+    that charges its own) is charged the rates, but passes the breaker with the outer one:
+    waiting for the breaker there waited for the outer request, the probe of an outage, and
+    the run stalled until outage_timeout though the service was back."""
+    if binding.nested:
+        yield
+        return
+    token = _bound.set((dataclasses.replace(binding, nested=True), home))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):  # (a request never closed, finalized elsewhere)
+            _bound.reset(token)
 
 
 def _check_fits(binding: Binding, tokens: int) -> None:
@@ -212,7 +234,7 @@ def _check_fits(binding: Binding, tokens: int) -> None:
 async def _take(binding: Binding, req: Request) -> Ticket | None:
     """Acquire one request's share of the run's limits and pass the breaker (its ticket)."""
     cost = Cost(tokens=req.tokens)
-    breaker = binding.breaker
+    breaker = None if binding.nested else binding.breaker
     if breaker is None:
         await binding.limits.acquire(cost)
     else:

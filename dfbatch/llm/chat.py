@@ -261,7 +261,9 @@ class _NotSent(Exception):
 async def _rows(spec: _Spec, client: Any, prompts: list[str]) -> list[Any]:
     """Every row's outcome (a ``_Row`` or an exception). Once a row fails (a 5xx, a 429, a
     lost connection: the batch will be retried), rows still waiting for the run's limits are
-    not sent (``_NotSent``); rows in flight finish (their answers are kept)."""
+    not sent (``_NotSent``); rows in flight finish (their answers are kept). Cancelled (a
+    drain's end, Ctrl-C), the rows answered so far are stashed: paid for, a rerun (a resume)
+    takes them without sending them again."""
     sent = [False] * len(prompts)
     tasks = [asyncio.ensure_future(_one_row(spec, client, p, sent, i))
              for i, p in enumerate(prompts)]
@@ -274,7 +276,9 @@ async def _rows(spec: _Spec, client: Any, prompts: list[str]) -> list[Any]:
                     if not sent[i] and not t.done():
                         t.cancel()
     except BaseException:
-        for t in tasks:
+        for p, t in zip(prompts, tasks, strict=True):
+            if t.done() and not t.cancelled() and t.exception() is None:
+                _stash(spec, p, t.result())
             t.cancel()
         raise
     return [_NotSent() if t.cancelled() else (t.exception() or t.result()) for t in tasks]

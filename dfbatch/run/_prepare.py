@@ -167,7 +167,13 @@ class _Job:
             if on_event is not None:
                 on_event(ev)
 
-        pool = self.pool_for(emit, left=await asyncio.to_thread(self.narrow))
+        narrowing = asyncio.ensure_future(asyncio.to_thread(self.narrow))
+        try:
+            left = await asyncio.shield(narrowing)
+        except BaseException:  # Ctrl-C while the journal and cache are read: the thread
+            await asyncio.wait([narrowing])  # cannot be stopped; release them once it is done
+            raise  # (aprocess closes them)
+        pool = self.pool_for(emit, left=left)
         c = self.cfg.columns
         per_agent = tuple(pool.sched.queued_load)  # request tokens, as done
         hits = len(self.cache.hits) if self.cache is not None else 0

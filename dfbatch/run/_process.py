@@ -89,14 +89,22 @@ async def aprocess(
         run = _Job.prepare(df, fn, text, config, settings, engine, ray_address)
         run.journal = open_journal(checkpoint, run.planned, fn, text, run.cfg, key=key,
                                    resume=resume, retry_errors=retry_errors)
-        run.cache = open_cache(cache, fn, text, run.cfg, cache_key=cache_key,
-                               cache_errors=cache_errors)
-        if run.cache is not None:
-            check_cached_column(run.planned, run.cfg)
-    # under process(): the first Ctrl-C stops the run; the Stop button works where the caller
-    # delivers widget clicks while it blocks (a notebook cell)
-    unclickable = on_interrupt(run.stop)
-    result: pl.DataFrame = await run.execute(progress, on_event, stoppable=not unclickable)
+    try:
+        if isinstance(run, _Job):
+            run.cache = open_cache(cache, fn, text, run.cfg, cache_key=cache_key,
+                                   cache_errors=cache_errors)
+            if run.cache is not None:
+                check_cached_column(run.planned, run.cfg)
+        # under process(): the first Ctrl-C stops the run; the Stop button works where the
+        # caller delivers widget clicks while it blocks (a notebook cell)
+        unclickable = on_interrupt(run.stop)
+        result: pl.DataFrame = await run.execute(progress, on_event, stoppable=not unclickable)
+    except BaseException:
+        # a bad cache= or Ctrl-C before the pool started: release the checkpoint's lock (held
+        # by this process, a rerun in the same kernel was told another run used it)
+        if isinstance(run, _Job):
+            run.close()
+        raise
     return result
 
 
