@@ -580,3 +580,29 @@ def test_the_lookup_runs_off_the_event_loop(tmp_path: Path) -> None:
     dfbatch.process(df.lazy(), Counter(), cache=cache, checkpoint=tmp_path / "ck",
                     out=tmp_path / "o.parquet", chunk_rows=10, **FAST)  # (a lookup a chunk)
     assert cache.on_loop == [False] * 5
+
+
+def test_a_cache_file_another_process_is_creating_is_waited_for(tmp_path: Path) -> None:
+    # two processes starting on one new cache file: the switch to WAL needs the file alone,
+    # and SQLite answers "database is locked" at once there (no busy handler): the second
+    # process's run crashed (test_two_processes_fill_one_cache, about 1 run in 6)
+    import sqlite3
+    import threading
+
+    from dfbatch.persist import _cache_db
+
+    path = tmp_path / "new.sqlite"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # (another process, half way through its schema)
+    done = threading.Timer(0.3, other.execute, ("COMMIT",))
+    done.start()
+    t0 = time.monotonic()
+    conn = _cache_db.connect(path)
+    waited = time.monotonic() - t0
+    done.join()
+    try:
+        assert waited >= 0.25
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+        other.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import random
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -70,12 +71,12 @@ def connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=BUSY_MS / 1000, isolation_level=None,
                            check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA cache_size = -65536")  # 64 MiB
-    conn.execute("PRAGMA temp_store = MEMORY")
     try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
+        _wal(conn)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA cache_size = -65536")  # 64 MiB
+        conn.execute("PRAGMA temp_store = MEMORY")
         with transaction(conn):  # (one transaction: another process never sees half a schema)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version != VERSION:
@@ -89,6 +90,26 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL, waiting up to ``BUSY_MS`` for another process that holds the file (the
+    switch needs it alone; SQLite answers "database is locked" at once, without its busy
+    handler, while another connection creates the schema of a new file)."""
+    deadline = time.monotonic() + BUSY_MS / 1000
+    pause = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause * (0.5 + random.random()))
+            pause = min(0.1, 2 * pause)
+        else:
+            return
 
 
 def _check_ours(conn: sqlite3.Connection, path: Path, version: int) -> None:
