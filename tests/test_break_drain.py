@@ -22,6 +22,7 @@ class _Refused(Exception):
 
 class _ServerError(Exception):
     status_code = 500
+    retry_after = 0.5  # (a retry never goes out before the refusal: backoff's jitter is >= 0)
 
 
 class _RetriedWhileRefused:

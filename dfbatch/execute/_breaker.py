@@ -3,8 +3,9 @@
 Closed (normal) until recent calls say the service is down: ``threshold`` outage failures in a
 row (connection errors, timeouts, 5xx; see ``Decision.outage``), or at least ``ratio`` of the
 calls of the last ``window_s`` seconds (with ``min_calls`` or more). Then open: every send
-waits, and exactly one probe goes through after ``first_s``, then at doubling intervals up to
-``max_s``, until one succeeds (or gets any answer that is not an outage, e.g. a 400 or a
+waits, and exactly one probe goes through after ``first_s`` (1 s), then at doubling intervals
+up to ``max_s`` (10 s: a dead service sees one request in 10 s, and a run sees the service
+back within 10 s), until one succeeds (or gets any answer that is not an outage, e.g. a 400 or a
 429: the service is up); then the breaker closes and every waiter goes. A success of a call
 sent *before* the breaker opened does not close it.
 
@@ -73,7 +74,7 @@ class Breaker:
         min_calls: int = 10,
         ratio: float = 0.5,
         first_s: float = 1.0,
-        max_s: float = 30.0,
+        max_s: float = 10.0,
         give_up_s: float | None = None,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[object]] | None = None,
