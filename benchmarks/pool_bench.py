@@ -51,6 +51,8 @@ tpm-1s-none      a batch fn (one request per batch), TPM-bound, 1-s buckets, no 
 rpm-1s-none      a batch fn, RPM-bound, 1-s buckets, no headers (bigger batches help here:
                  the bound assumes 4 rows per request, so a runner that packs more beats it).
 row-blind-1s     as row-tpm-1s-none, but nobody is told the limits.
+row-rpm-blind-1s-none / -ietf (extra)  as row-rpm-1s-none, nobody told; with no headers, or
+                 with only the IETF draft's ``RateLimit-Policy`` / ``RateLimit`` fields.
 gateway-minute   a gateway (LiteLLM): calendar-minute window, the clock at :30 at the start,
                  per-key ``x-ratelimit-api_key-*`` headers and 429s whose only hint is
                  ``llm_provider-retry-after: 60``; per-row, told the true rpm. Bound: the
@@ -365,6 +367,13 @@ PROVIDERS = [
     Scenario("row-blind-1s", 1000, replace(_1S, tpm=150_000, rpm=600, headers="none"),
              per_row=True, told=False, target=Target(x_bound=1.25, n429=0.10, failed=0),
              columns=("failed",)),
+    # extra: the same RPM-bound server, nobody told, with no headers / the IETF draft's fields
+    Scenario("row-rpm-blind-1s-none", 600, replace(_1S, rpm=300, tpm=1_000_000, headers="none"),
+             mean_tokens=60.0, per_row=True, told=False,
+             target=Target(x_bound=1.25, n429=0.10, failed=0), columns=("failed",)),
+    Scenario("row-rpm-blind-1s-ietf", 600, replace(_1S, rpm=300, tpm=1_000_000, headers="ietf"),
+             mean_tokens=60.0, per_row=True, told=False,
+             target=Target(x_bound=1.25, n429=0.10, failed=0), columns=("failed",)),
     Scenario("gateway-minute", 600, _GATEWAY, mean_tokens=60.0, per_row=True,
              target=Target(n429=0.005, failed=0), columns=("failed", "max/60s")),
     Scenario("gateway-rpm60", 200, _GATEWAY, mean_tokens=60.0, per_row=True, told_rpm=60.0,

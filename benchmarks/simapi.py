@@ -27,7 +27,10 @@ the order a gateway runs them:
    every reply; ``"none"`` -- nothing at all (no headers, ``retry_after=None``);
    ``"litellm"`` -- per-key ``x-ratelimit-api_key-{limit,remaining}-*`` on replies and a 429
    whose only hint is the header ``llm_provider-retry-after`` = the window's length (``60``
-   for a calendar minute), whatever the true wait.
+   for a calendar minute), whatever the true wait; ``"ietf"`` -- the IETF draft's
+   ``RateLimit-Policy: "requests";q=<capacity>;w=<burst_s>`` and ``RateLimit:
+   "requests";r=<remaining>;t=<reset>`` on replies (requests only: the draft has no token
+   unit) and a 429 with ``retry-after`` in whole seconds (``retry_after=None``).
 0. **Dead or refusing server** (checked first): during ``outage = (start, duration)``
    (seconds since the first call) every call raises ``SimConnectionError`` (a
    ``ConnectionError``, as the OpenAI SDK's ``APIConnectionError`` is to a client) after one
@@ -250,7 +253,7 @@ class SimConfig:
     seed: int = 0
     limit_mode: Literal["bucket", "calendar"] = "bucket"
     calendar_offset_s: float = 0.0
-    headers: Literal["openai", "none", "litellm"] = "openai"
+    headers: Literal["openai", "none", "litellm", "ietf"] = "openai"
     outage: tuple[float, float] | None = None
     bad_key: bool = False
 
@@ -422,6 +425,12 @@ class SimAPI:
         style = self.cfg.headers
         if style == "none":
             return {}
+        if style == "ietf":
+            b = self.buckets.get("requests")
+            if b is None:
+                return {}
+            return {"RateLimit-Policy": f'"requests";q={b.capacity:g};w={self.cfg.burst_s:g}',
+                    "RateLimit": f'"requests";r={max(0, int(b.level))};t={b.reset_s():.3f}'}
         infix = "api_key-" if style == "litellm" else ""
         out: dict[str, str] = {}
         for name, b in self.buckets.items():
@@ -439,7 +448,8 @@ class SimAPI:
                      "retry-after-ms": str(max(1, math.ceil(wait * 1000)))}
             return await self._reject(entry, 429, "rate limit reached", wait, hints)
         hints = ({"llm_provider-retry-after": str(max(1, math.ceil(self.cfg.burst_s)))}
-                 if style == "litellm" else {})
+                 if style == "litellm" else
+                 {"retry-after": str(max(1, math.ceil(wait)))} if style == "ietf" else {})
         return await self._reject(entry, 429, "rate limit reached", None, hints)
 
     # -- internals -------------------------------------------------------------------------

@@ -111,6 +111,85 @@ def test_parse_headers(headers, expected):
     assert parse_headers(headers, now=0.0) == expected
 
 
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        (  # the current draft: named policies, a day's quota is not a pace
+            {"RateLimit-Policy": '"burst";q=100;w=60, "day";q=5000;w=86400',
+             "RateLimit": '"burst";r=50;t=30, "day";r=4000;t=3600'},
+            RateHints(limit_requests=100, remaining_requests=50, reset_requests=30),
+        ),
+        (  # per second: 10 per 1 s is 600 a minute
+            {"ratelimit-policy": '"s";q=10;w=1', "ratelimit": '"s";r=2;t=0.4'},
+            RateHints(limit_requests=600, remaining_requests=2, reset_requests=0.4),
+        ),
+        (  # quota units: tokens read as tokens, bytes not paced at all
+            {"RateLimit-Policy": '"t";q=9000;w=60;qu="tokens", "b";q=1;w=1;qu="content-bytes"',
+             "RateLimit": '"t";r=100;t=2, "b";r=0;t=1'},
+            RateHints(limit_tokens=9000, remaining_tokens=100, reset_tokens=2),
+        ),
+        (  # draft 07: a dictionary, windows from unnamed policies
+            {"RateLimit": "limit=10, remaining=3, reset=4", "RateLimit-Policy": "10;w=1, 50;w=60"},
+            RateHints(limit_requests=50, remaining_requests=3, reset_requests=4),
+        ),
+        (  # the older trio, the window in the limit itself (draft 03)
+            {"RateLimit-Limit": "100, 100;w=60", "RateLimit-Remaining": "7",
+             "RateLimit-Reset": "1700000012"},
+            RateHints(limit_requests=100, remaining_requests=7, reset_requests=12),
+        ),
+        (  # the trio with no window anywhere: no pace, still a remaining count
+            {"RateLimit-Limit": "100", "RateLimit-Remaining": "7", "RateLimit-Reset": "5"},
+            RateHints(remaining_requests=7, reset_requests=5),
+        ),
+        (  # Kong: per-period limits, the tightest pace and remaining count
+            {"X-RateLimit-Limit-Second": "5", "X-RateLimit-Remaining-Second": "4",
+             "X-RateLimit-Limit-Minute": "100", "X-RateLimit-Remaining-Minute": "90",
+             "X-RateLimit-Limit-Hour": "1000", "RateLimit-Reset": "1"},
+            RateHints(limit_requests=100, remaining_requests=4, reset_requests=1),
+        ),
+        (  # junk in every member: nothing learned, nothing raised
+            {"RateLimit-Policy": '"x";q=nan;w=inf, ;;, "y"', "RateLimit": '"x";r=-1;t=soon, ,,',
+             "RateLimit-Limit": "many", "X-RateLimit-Limit-Minute": "-3"},
+            NO_HINTS,
+        ),
+        (  # quotes hide separators
+            {"RateLimit-Policy": '"a;b,c";q=4;w=2', "RateLimit": '"a;b,c";r=1;t=1'},
+            RateHints(limit_requests=120, remaining_requests=1, reset_requests=1),
+        ),
+    ],
+    ids=["named", "per-second", "units", "draft07", "trio-w", "trio", "kong", "junk", "quoted"],
+)
+def test_ietf_and_kong_fields(headers, expected):
+    assert parse_headers(headers, now=1.7e9) == expected
+
+
+def test_anthropic_headers():
+    hints = parse_headers({
+        "anthropic-ratelimit-requests-limit": "1000",
+        "anthropic-ratelimit-requests-remaining": "999",
+        "anthropic-ratelimit-requests-reset": "2023-11-14T22:13:21Z",  # 1 s after now
+        "anthropic-ratelimit-tokens-limit": "96000",
+        "anthropic-ratelimit-tokens-remaining": "95000",
+        "anthropic-ratelimit-tokens-reset": "2023-11-14T22:13:22.5+00:00",
+        "anthropic-ratelimit-input-tokens-limit": "80000",  # a half of "tokens": not paced
+        "anthropic-ratelimit-output-tokens-limit": "16000",
+        "retry-after": "3",
+    }, now=1.7e9)
+    assert hints == RateHints(1000, 96000, 999, 95000, pytest.approx(1.0), pytest.approx(2.5), 3)
+    assert set(rate_headers({"anthropic-ratelimit-requests-limit": "1", "x": "y"})) == {
+        "anthropic-ratelimit-requests-limit"}
+    assert parse_duration("2023-13-45T99:00:00Z") is None
+
+
+def test_ietf_fields_beside_openai_ones_the_tightest_counts():
+    hints = parse_headers({"x-ratelimit-limit-requests": "600",
+                           "x-ratelimit-remaining-requests": "500",
+                           "RateLimit-Policy": '"g";q=5;w=1', "RateLimit": '"g";r=1;t=0.2'})
+    assert (hints.limit_requests, hints.remaining_requests, hints.reset_requests) == (300, 1, 0.2)
+    kept = rate_headers(httpx.Headers({"RateLimit": "x", "RateLimit-Policy": "y", "Server": "z"}))
+    assert set(kept) == {"ratelimit", "ratelimit-policy"}
+
+
 def test_httpx_headers_and_accessors():
     headers = httpx.Headers([("X-RateLimit-Remaining-Tokens", "42"),
                              ("x-ratelimit-limit-tokens", "1000")])

@@ -112,6 +112,24 @@ def test_no_headers_style_sends_no_hints(make_sim):
     assert server.stats.frame()["retry_after_s"].to_list() == [None, None]
 
 
+def test_ietf_style_sends_the_drafts_fields_and_only_retry_after(make_sim):
+    server = make_sim(rpm=120, tpm=None, headers="ietf", limit_window_s=1.0, time_scale=1.0,
+                      ttft_s=0.0, per_token_s=0.0)
+    with client(server) as c:
+        first = ask(c)
+        ask(c)
+        with pytest.raises(openai.RateLimitError) as info:
+            ask(c)
+    assert ratelimit_headers(first.headers) == {
+        "ratelimit-policy": '"requests";q=2;w=1',  # 120 a minute, enforced per second
+        "ratelimit": '"requests";r=1;t=0.5',
+    }
+    refused = ratelimit_headers(info.value.response.headers)
+    assert refused["retry-after"] == "1" and "retry-after-ms" not in refused
+    assert refused["ratelimit"].startswith('"requests";r=0;')
+    assert "try again" not in info.value.message  # the wait is only in the headers
+
+
 def test_openai_style_can_leave_out_retry_after_ms(make_sim):
     server = make_sim(rpm=1, retry_after_ms=False)
     with client(server) as c:

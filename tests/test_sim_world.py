@@ -171,3 +171,15 @@ def test_bad_key_scenario_counts_calls_until_the_run_stops():
     sc = next(s for s in PROVIDERS if s.name == "bad-key")
     result = run_one(sc, "gather", 0, 0.04)  # 40 rows: 10 batches, then one call per row
     assert (result.ok, result.calls) == (0, 10 + 40)
+
+
+def test_the_ietf_drafts_fields_pace_a_run_nobody_told_the_limits():
+    # 300 RPM enforced per second; only RateLimit-Policy / RateLimit say so (no x-ratelimit-*)
+    runs = {}
+    for style in ("none", "ietf"):
+        sc = next(s for s in PROVIDERS if s.name == f"row-rpm-blind-1s-{style}")
+        runs[style] = run_one(sc, "dfbatch", 0, 0.25)  # 150 rows
+    ietf, blind = runs["ietf"], runs["none"]
+    assert (ietf.ok, ietf.failed, blind.ok) == (150, 0, 150)
+    assert ietf.n429 <= 4 < blind.n429  # the first sends, before any answer said the pace
+    assert ietf.makespan <= 1.06 * ietf.bound < blind.makespan

@@ -115,6 +115,26 @@ def test_litellm_headers_are_learned(make_sim, monkeypatch):
     assert limits.tpm is not None and not limits.tpm.known  # no token limit stated
 
 
+def test_ietf_ratelimit_fields_are_learned(make_sim, monkeypatch):
+    # a gateway that speaks only the IETF draft: RateLimit-Policy "requests";q=10;w=1
+    server = make_sim(rpm=600, tpm=None, headers="ietf", limit_window_s=1.0, time_scale=1.0,
+                      ttft_s=0.0, per_token_s=0.0)
+    built: list[RunLimits] = []
+    original = RunLimits.from_config
+
+    def spy(*args: Any, **kwargs: Any) -> RunLimits:
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(RunLimits, "from_config", spy)
+    fn = chat("sim-chat", base_url=server.url, max_tokens=8)
+    out = dfbatch.process(FRAME.head(6), fn, items_per_batch=2, agents=1, **FAST)
+    assert out["error"].null_count() == 6
+    (limits,) = built
+    assert limits.rpm is not None and limits.rpm.per_minute == pytest.approx(600.0)
+    assert limits.tpm is not None and not limits.tpm.known  # the draft has no token unit
+
+
 def test_headers_of_any_spelling_set_the_run_limits():
     async def main() -> tuple[float, float]:
         limits = RunLimits.from_config(dfbatch.BatchConfig(rpm=100), n_agents=2)

@@ -9,7 +9,22 @@ Pure functions. Understood (case-insensitive):
   or a Unix timestamp;
 - ``retry-after-ms`` (milliseconds), ``retry-after`` (seconds or an HTTP date) and LiteLLM's
   ``llm_provider-retry-after`` / ``llm_provider-retry-after-ms`` (the upstream's hints, which
-  the proxy forwards with that prefix; the one in seconds is rounded up: ``1`` for 0.3 s).
+  the proxy forwards with that prefix; the one in seconds is rounded up: ``1`` for 0.3 s);
+- the IETF draft's fields (draft-ietf-httpapi-ratelimit-headers), every revision in use:
+  ``RateLimit-Policy: "name";q=100;w=60`` with ``RateLimit: "name";r=50;t=30`` (current),
+  ``RateLimit: limit=100, remaining=50, reset=30`` (draft 07), and the older trio
+  ``RateLimit-Limit`` / ``RateLimit-Remaining`` / ``RateLimit-Reset`` beside
+  ``RateLimit-Policy: 10;w=1, 50;w=60`` (Kong, express-rate-limit, many gateways). Quota
+  units other than requests (``qu="content-bytes"``) are skipped; ``qu="tokens"`` is read
+  as tokens;
+- Kong's ``X-RateLimit-{Limit,Remaining}-{Second,Minute,Hour,Day,Month,Year}``;
+- Anthropic's ``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`` (per minute;
+  the reset an RFC 3339 time). Its ``input-tokens`` / ``output-tokens`` halves are left to
+  ``tokens``, which dfbatch's TPM charge (prompt + ``max_tokens``) matches.
+
+A stated limit becomes a per-minute rate only when its window is at most a minute
+(``10;w=1`` is 600 a minute): an hourly or daily quota is not a pace to keep; its
+``remaining`` still counts.
 
 Examples
 --------
@@ -40,6 +55,17 @@ _FAMILY = re.compile(
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|h|m|s)")
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
            "h": 3600.0}
+_KONG = re.compile(
+    r"^x-ratelimit-(?P<what>limit|remaining)-(?P<period>second|minute|hour|day|month|year)$"
+)
+_ANTHROPIC = re.compile(
+    r"^anthropic-ratelimit-(?P<kind>requests|tokens)-(?P<what>limit|remaining|reset)$"
+)
+_PERIOD_S = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0,
+             "month": 2_592_000.0, "year": 31_536_000.0}
+_IETF = ("ratelimit", "ratelimit-policy", "ratelimit-limit", "ratelimit-remaining",
+         "ratelimit-reset")
+_PACE_MAX_S = 60.0  # a window longer than this is a quota, not a rate to pace at
 _EPOCH = 1e9  # a bare number this large is a Unix timestamp, not a duration
 _HINTS = ("retry-after", "llm_provider-retry-after")
 _MS_HINTS = ("retry-after-ms", "llm_provider-retry-after-ms")  # precise versions of _HINTS
@@ -79,14 +105,25 @@ NO_HINTS = RateHints()
 
 
 def parse_duration(text: Any, *, now: float | None = None) -> float | None:
-    """Seconds in a reset value: ``"6m0s"``, ``"120ms"``, ``"2.5"`` or a Unix timestamp.
+    """Seconds in a reset value: ``"6m0s"``, ``"120ms"``, ``"2.5"``, a Unix timestamp or an
+    RFC 3339 time.
 
     >>> parse_duration("6m0s"), parse_duration("0.5"), parse_duration("1700000010", now=1.7e9)
     (360.0, 0.5, 10.0)
+    >>> parse_duration("1970-01-01T00:00:30Z", now=0.0)
+    30.0
     """
     raw = str(text).strip().lower()
     if not raw:
         return None
+    if "t" in raw and raw[:1].isdigit() and "-" in raw:  # 2025-08-21T12:40:59Z
+        try:
+            when = datetime.datetime.fromisoformat(raw.upper())
+        except ValueError:
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        return max(0.0, when.timestamp() - (time.time() if now is None else now))
     try:
         value = float(raw)
     except ValueError:
@@ -133,9 +170,20 @@ def parse_headers(headers: Mapping[str, Any] | Any, *, now: float | None = None)
         return NO_HINTS
     scopes: dict[str, dict[str, float]] = {}
     hints: dict[str, float] = {}
+    ietf: dict[str, str] = {}
     for key, value in _items(headers):
         name = str(key).strip().lower()
-        if name in _MS_HINTS:
+        if name in _IETF:  # (a field split over lines: its members joined)
+            ietf[name] = f"{ietf[name]}, {value}" if name in ietf else str(value)
+        elif (m := _KONG.match(name)) is not None:
+            number = _each(value, _number, min)
+            if number is not None:
+                period, what = m.group("period"), m.group("what")
+                if what == "limit":
+                    number = _per_minute(number, _PERIOD_S[period])
+                if number is not None:
+                    scopes.setdefault(f"kong:{period}/requests", {})[what] = number
+        elif name in _MS_HINTS:
             ms = _each(value, _number, max)
             if ms is not None:
                 hints[name] = ms / 1000.0
@@ -145,12 +193,15 @@ def parse_headers(headers: Mapping[str, Any] | Any, *, now: float | None = None)
                 seconds = _each(value, lambda v: parse_retry_after(v, now=now), max)
             if seconds is not None:
                 hints[name] = seconds
-        elif (m := _FAMILY.match(name)) is not None:
+        elif (m := _FAMILY.match(name) or _ANTHROPIC.match(name)) is not None:
             what, kind = m.group("what"), m.group("kind")
             number = (_each(value, lambda v: parse_duration(v, now=now), max) if what == "reset"
                       else _each(value, _number, min))
             if number is not None:
-                scopes.setdefault(f"{m.group('scope')}/{kind}", {})[what] = number
+                scope = m.groupdict().get("scope", "anthropic")
+                scopes.setdefault(f"{scope}/{kind}", {})[what] = number
+    if ietf:
+        _ietf_scopes(ietf, scopes, now)
     if not scopes and not hints:
         return NO_HINTS
     fields: dict[str, float | None] = {}
@@ -166,6 +217,106 @@ def parse_headers(headers: Mapping[str, Any] | Any, *, now: float | None = None)
         reset = tight.get("reset") if tight else None
         fields[f"reset_{kind}"] = reset if reset is not None else (max(resets) if resets else None)
     return RateHints(**fields, retry_after=_retry_hint(hints))
+
+
+def _ietf_scopes(fields: dict[str, str], scopes: dict[str, dict[str, float]],
+                 now: float | None) -> None:
+    """Add what the IETF draft's fields say (any revision) to ``scopes``; a malformed member
+    is skipped, never an error."""
+    kinds: dict[str, str | None] = {}  # policy name -> what it counts (None: not paced)
+    windows: dict[float, float] = {}  # quota -> window: unnamed (older) policies
+    for i, (item, params) in enumerate(_members(fields.get("ratelimit-policy", ""))):
+        name = item if _number(item) is None else f"#{i}"
+        kind = kinds[name] = _unit(params)
+        quota = _number(params.get("q", params.get("l", "" if name != f"#{i}" else item)))
+        window = _number(params.get("w", ""))
+        if kind is None or quota is None:
+            continue
+        if window is not None:
+            windows.setdefault(quota, window)
+            limit = _per_minute(quota, window)
+            if limit is not None:
+                scopes.setdefault(f"ietf:{name}/{kind}", {})["limit"] = limit
+
+    def put(scope: str, what: str, value: float | None) -> None:
+        if value is not None:
+            scopes.setdefault(scope, {})[what] = value
+
+    members = _members(fields.get("ratelimit", ""))
+    if members and all("=" in item for item, _ in members):  # draft 07: a dictionary
+        said = dict(item.split("=", 1) for item, _ in members)
+        old = {f"ratelimit-{k.strip().lower()}": v.strip() for k, v in said.items()}
+    else:
+        for item, params in members:
+            kind = kinds.get(item, "requests") if _unit(params) else None
+            if kind is not None:
+                put(f"ietf:{item}/{kind}", "remaining", _number(params.get("r", "")))
+                put(f"ietf:{item}/{kind}", "reset",
+                    parse_duration(params.get("t", ""), now=now) if "t" in params else None)
+        old = fields
+    limits = _members(old.get("ratelimit-limit", ""))
+    if limits:  # the limit now, then (draft 03) the policies: "100, 100;w=60"
+        for item, params in limits:
+            quota, window = _number(item), _number(params.get("w", ""))
+            if quota is not None and window is not None:
+                windows.setdefault(quota, window)
+        quota = _number(limits[0][0])
+        window = windows.get(quota) if quota is not None else None
+        if quota is not None and window is not None:
+            put("ietf/requests", "limit", _per_minute(quota, window))
+    for what in ("remaining", "reset"):
+        members = _members(old.get(f"ratelimit-{what}", ""))
+        if members:
+            raw = members[0][0]
+            value = _number(raw) if what == "remaining" else parse_duration(raw, now=now)
+            put("ietf/requests", what, value)
+
+
+def _members(text: str) -> list[tuple[str, dict[str, str]]]:
+    """The members of a structured-field list: ``'"a";q=1;w=2, 3'`` ->
+    ``[("a", {"q": "1", "w": "2"}), ("3", {})]`` (quotes dropped; commas and semicolons
+    inside quotes kept)."""
+    out: list[tuple[str, dict[str, str]]] = []
+    for member in _split(text, ","):
+        item, *params = _split(member, ";")  # ("" for ";q=1": no item, skipped below)
+        said: dict[str, str] = {}
+        for param in params:
+            key, _, value = param.partition("=")
+            said[key.strip().lower()] = value.strip().strip('"') if value else "?1"
+        out.append((item.strip().strip('"'), said))
+    return [(item, params) for item, params in out if item]
+
+
+def _split(text: str, sep: str) -> list[str]:
+    """``text`` split at ``sep`` outside double quotes; empty list members dropped."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for ch in str(text):
+        if ch == '"':
+            quoted = not quoted
+        if ch == sep and not quoted:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    stripped = [p.strip() for p in parts]
+    return [p for p in stripped if p] if sep == "," else stripped
+
+
+def _unit(params: dict[str, str]) -> str | None:
+    """The quota unit a member counts: requests (the draft's default), tokens, or ``None``
+    for a unit dfbatch does not pace (``content-bytes``, ``concurrent-requests``)."""
+    unit = params.get("qu", "requests").lower()
+    return unit if unit in ("requests", "tokens") else None
+
+
+def _per_minute(quota: float, window_s: float) -> float | None:
+    """``quota`` per ``window_s`` as a rate per minute, for windows up to a minute."""
+    if not 0 < window_s <= _PACE_MAX_S:
+        return None
+    return quota * 60.0 / window_s
 
 
 def _retry_hint(hints: dict[str, float]) -> float | None:
@@ -189,7 +340,8 @@ def rate_headers(headers: Mapping[str, Any] | Any) -> dict[str, str]:
     out = {}
     for key, value in _items(headers):
         name = str(key).lower()
-        if name.startswith("x-ratelimit-") or name in (*_HINTS, *_MS_HINTS):
+        if (name.startswith(("x-ratelimit-", "anthropic-ratelimit-"))
+                or name in (*_HINTS, *_MS_HINTS, *_IETF)):
             out[str(key)] = str(value)
     return out
 

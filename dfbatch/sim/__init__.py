@@ -9,10 +9,11 @@ answered with 400). Usage counts are real tiktoken counts. See ``SimConfig`` for
 Provider models, to judge a client against what providers document rather than what it
 assumes: per-second enforcement of per-minute limits (``limit_window_s=1``), a gateway's
 calendar minute (``limit_mode="calendar"``), header styles (``headers="openai" | "none" |
-"litellm"``), an outage (``outage=(start_s, duration_s)``, connections reset or 503), auth /
-permission / unknown-model errors (401 / 403 / 404) and overload 429s. ``server.stats`` logs
-every request (arrival, status, kind, down or not); ``max_in_sliding_window`` and
-``SimStats.max_in_window`` count the most requests in any window of T seconds.
+"litellm" | "ietf"``), an outage (``outage=(start_s, duration_s)``, connections reset or
+503), auth / permission / unknown-model errors (401 / 403 / 404) and overload 429s.
+``server.stats`` logs every request (arrival, status, kind, down or not);
+``max_in_sliding_window`` and ``SimStats.max_in_window`` count the most requests in any
+window of T seconds.
 
 Start it from the command line (``dfbatch sim --port 8000``), in a script or notebook
 (``with dfbatch.sim.serve() as url:``, the server runs in a background thread), or inside a

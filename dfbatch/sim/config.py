@@ -74,6 +74,10 @@ class SimConfig:
         ``x-ratelimit-api_key-{limit,remaining}-{requests,tokens}`` (no reset) and a 429 whose
         only hint is ``llm_provider-retry-after`` = the window length in whole real seconds
         (``60`` for a calendar minute at ``time_scale=1``), whatever the true wait.
+        ``"ietf"``: the IETF draft's ``RateLimit-Policy: "requests";q=<quota>;w=<window>``
+        and ``RateLimit: "requests";r=<remaining>;t=<reset>`` (real seconds; requests only:
+        the draft has no token unit), a 429 with ``retry-after`` (whole seconds) and a body
+        with no wait in it, as a generic API gateway answers.
     ``retry_after_ms``
         Send ``retry-after-ms`` beside ``retry-after`` (``"openai"`` style only).
     ``outage``
@@ -124,7 +128,7 @@ class SimConfig:
     limit_window_s: float = 60.0
     limit_mode: Literal["bucket", "calendar"] = "bucket"
     calendar_offset_s: float = 0.0
-    headers: Literal["openai", "none", "litellm"] = "openai"
+    headers: Literal["openai", "none", "litellm", "ietf"] = "openai"
     retry_after_ms: bool = True
     outage: tuple[float, float] | None = None
     outage_kind: Literal["reset", "503"] = "reset"
@@ -177,7 +181,7 @@ class SimConfig:
         _non_negative("limit_window_s", self.limit_window_s, strict=True)
         _non_negative("calendar_offset_s", self.calendar_offset_s)
         _one_of("limit_mode", self.limit_mode, ("bucket", "calendar"))
-        _one_of("headers", self.headers, ("openai", "none", "litellm"))
+        _one_of("headers", self.headers, ("openai", "none", "litellm", "ietf"))
         _one_of("outage_kind", self.outage_kind, ("reset", "503"))
         if self.outage is not None:
             ok = isinstance(self.outage, tuple) and len(self.outage) == 2

@@ -16,7 +16,9 @@ per *real* minute, so a client that learns its pacing from them is right under `
 ``x-ratelimit-remaining-*`` and ``x-ratelimit-reset-*`` (durations such as ``6m0s``), and a 429
 with ``retry-after`` (and ``retry-after-ms``); ``"none"`` sends nothing; ``"litellm"`` sends the
 proxy's per-key ``x-ratelimit-api_key-{limit,remaining}-*`` and a 429 whose only hint is
-``llm_provider-retry-after`` (the window's length, not the true wait).
+``llm_provider-retry-after`` (the window's length, not the true wait); ``"ietf"`` sends the
+IETF draft's ``RateLimit-Policy`` / ``RateLimit`` fields for requests and a 429 with
+``retry-after`` only.
 
 Examples
 --------
@@ -55,7 +57,7 @@ __all__ = [
 ]
 
 Mode = Literal["bucket", "calendar"]
-Style = Literal["openai", "none", "litellm"]
+Style = Literal["openai", "none", "litellm", "ietf"]
 
 
 class Limit(Protocol):
@@ -146,7 +148,7 @@ class RateLimiter:
     offset_s
         Calendar mode: real seconds the clock has already spent in its window at ``now=0``.
     style
-        Header style of answers: ``"openai"``, ``"none"`` or ``"litellm"``.
+        Header style of answers: ``"openai"``, ``"none"``, ``"litellm"`` or ``"ietf"``.
     """
 
     def __init__(
@@ -199,6 +201,14 @@ class RateLimiter:
         """Rate-limit headers of an answer, in this limiter's style."""
         if self.style == "none":
             return {}
+        if self.style == "ietf":  # (the draft counts requests; it has no token unit)
+            limit = self.limits.get("requests")
+            if limit is None:
+                return {}
+            return {"RateLimit-Policy": f'"requests";q={_decimal(limit.capacity)};'
+                                        f"w={_decimal(self.hold_s)}",
+                    "RateLimit": f'"requests";r={max(0, int(limit.level))};'
+                                 f"t={_decimal(limit.reset_s())}"}
         infix = "api_key-" if self.style == "litellm" else ""
         out: dict[str, str] = {}
         for name, limit in self.limits.items():
@@ -224,12 +234,20 @@ def rejection_headers(
     """
     if math.isinf(wait_s) or style == "none":
         return {}
+    if style == "ietf":
+        return {"retry-after": str(max(1, math.ceil(wait_s)))}
     if style == "litellm":
         return {"llm_provider-retry-after": str(max(1, math.ceil(window_s)))}
     out = {"retry-after": str(max(1, math.ceil(wait_s)))}
     if retry_after_ms:
         out["retry-after-ms"] = str(max(1, math.ceil(wait_s * 1000)))
     return out
+
+
+def _decimal(value: float) -> str:
+    """A draft field's number: whole where it is (``60``), else up to 3 decimals (``0.6``:
+    a window under ``time_scale``)."""
+    return str(round(value)) if value == round(value) else f"{value:.3f}".rstrip("0").rstrip(".")
 
 
 def format_duration(seconds: float) -> str:

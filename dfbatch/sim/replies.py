@@ -90,6 +90,9 @@ def rate_limited(
         )
         body = {"error": {"message": msg, "type": "None", "param": "None", "code": "429"}}
         return web.json_response(body, status=429, headers={**decision.headers, **hints})
+    if style == "ietf":  # a generic gateway: no wait in the body, only the headers
+        return error_response(429, "Too Many Requests (simulated gateway)", type_=kind,
+                              code="rate_limit_exceeded", headers={**decision.headers, **hints})
     if style == "none":
         msg = f"Rate limit reached for {model} on {kind} per min ({unit}). (simulated)"
         return error_response(429, msg, type_=kind, code="rate_limit_exceeded")
