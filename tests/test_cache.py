@@ -204,6 +204,29 @@ def test_options_without_cache_and_bad_values_are_errors(tmp_path: Path) -> None
         dfbatch.process(df, Counter(), cache=tmp_path / "c", cache_key=["txt"], **FAST)
 
 
+def test_a_writer_backlog_is_not_one_chunk_that_evicts_itself(tmp_path: Path, monkeypatch) -> None:
+    # on a loaded machine the writer thread falls behind and finds every batch queued at once;
+    # stored as one chunk over max_size, the eviction dropped it whole: the cache came out
+    # empty (test_eviction_bounds_the_size, 1 run in ~8 of the full suite)
+    from dfbatch.persist._cache_run import CacheRun
+
+    start, close = CacheRun._start, CacheRun.close
+
+    def late_close(self: CacheRun) -> None:
+        start(self)  # the writer starts only now: the whole run's answers are queued
+        close(self)
+
+    monkeypatch.setattr(CacheRun, "_start", lambda self: None)
+    monkeypatch.setattr(CacheRun, "close", late_close)
+    cache = dfbatch.Cache(tmp_path / "c", max_size=40_000)
+    dfbatch.process(frame(1000), Counter(), cache=cache, **FAST)
+    info = cache.info()
+    assert 0.5 * 40_000 < info["size"] <= 40_000
+    newest = Counter()  # the latest rows are kept
+    dfbatch.process(frame(10, start=990), newest, cache=cache, **FAST)
+    assert newest.rows == []
+
+
 def test_unsure_fn_is_refused(tmp_path: Path) -> None:
     lock = __import__("threading").Lock()
 

@@ -49,6 +49,7 @@ from dfbatch.plan._plan import NULL_TEXT
 
 CacheArg = bool | str | os.PathLike[str] | Cache | None
 _STOP = object()
+CHUNK_SHARE = 16  # one chunk holds at most max_size / 16 (a backlog must not evict itself)
 
 
 def as_cache(cache: CacheArg) -> tuple[Cache | None, bool]:
@@ -305,16 +306,23 @@ class CacheRun:
 
     def _write(self, items: list[tuple[np.ndarray, pl.DataFrame | None, list[str | None]]]
                ) -> None:
-        """Store queued batches, those with the same output schema as one chunk."""
+        """Store queued batches, those with the same output schema as one chunk of at most
+        ``max_size / CHUNK_SHARE`` bytes: a backlog (a loaded machine) written as one chunk
+        over ``max_size`` would be evicted whole, the newest answers with it."""
         groups: list[list[tuple[np.ndarray, pl.DataFrame | None, list[str | None]]]] = []
+        cap = self.store.max_size / CHUNK_SHARE if self.store.max_size else float("inf")
+        held = 0.0  # (estimated bytes of the last group)
         for item in items:
             frame = item[1]
             last = groups[-1][0][1] if groups else None
+            size = frame.estimated_size() if frame is not None else 0
             if (groups and frame is not None and last is not None
-                    and last.schema == frame.schema):
+                    and last.schema == frame.schema and held + size <= cap):
                 groups[-1].append(item)
+                held += size
             else:
                 groups.append([item])
+                held = size
         for group in groups:
             pos = np.concatenate([g[0] for g in group])
             errors = [e for g in group for e in g[2]]
