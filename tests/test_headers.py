@@ -100,7 +100,7 @@ def test_retry_after_values(value, seconds):
              "retry-after": "soon", "retry-after-ms": "x"},
             NO_HINTS,
         ),
-        ({"content-type": "application/json", "x-ratelimit-remaining-requests-day": "5"},
+        ({"content-type": "application/json", "x-ratelimit-remaining-requests-week": "5"},
          NO_HINTS),
         (None, NO_HINTS),
     ],
@@ -163,6 +163,69 @@ def test_ietf_and_kong_fields(headers, expected):
     assert parse_headers(headers, now=1.7e9) == expected
 
 
+def test_cerebras_periods_and_groq_daily_requests():
+    cerebras = parse_headers({"x-ratelimit-limit-requests-day": "14400",
+                              "x-ratelimit-remaining-requests-day": "14000",
+                              "x-ratelimit-limit-tokens-minute": "60000",
+                              "x-ratelimit-remaining-tokens-minute": "59000",
+                              "x-ratelimit-reset-tokens-minute": "33.5"})
+    assert cerebras == RateHints(limit_tokens=60000, remaining_requests=14000,
+                                 remaining_tokens=59000, reset_tokens=33.5)
+    # Groq: the OpenAI names, but requests per *day* (its reset gives it away); tokens per minute
+    groq = parse_headers({"x-ratelimit-limit-requests": "14400",
+                          "x-ratelimit-remaining-requests": "14370",
+                          "x-ratelimit-reset-requests": "2m59.56s",
+                          "x-ratelimit-limit-tokens": "6000",
+                          "x-ratelimit-reset-tokens": "7.66s"})
+    assert (groq.limit_requests, groq.limit_tokens) == (None, 6000)
+
+
+def test_hostile_values_never_raise_nor_pace_wrongly():
+    huge = {"Retry-After": "Thu, 01 Jan 99999999999 00:00:00 GMT",  # OverflowError once
+            "RateLimit-Policy": '"a";q=1e308;w=1, "b";q=5;w=1e-320',  # inf a minute once
+            "X-RateLimit-Limit-Second": "1e307"}
+    assert parse_headers(huge) == NO_HINTS
+    slow = "1" * 100_000 + "x"  # (the duration regex was quadratic: 248 s)
+    assert parse_headers({"x-ratelimit-reset-requests": slow, "RateLimit-Reset": slow}) == NO_HINTS
+
+    class Triples:
+        def items(self) -> list[tuple[str, str, str]]:
+            return [("retry-after", "1", "x")]
+
+    assert parse_headers(Triples()) == NO_HINTS and rate_headers(Triples()) == {}
+
+
+def test_repeated_fields_in_any_case_the_most_careful_counts():
+    # aiohttp's multidict gives a repeated field twice; a plain dict may hold two spellings
+    class Multi:
+        def items(self) -> list[tuple[str, str]]:
+            return [("RateLimit-Policy", '"s";q=5;w=1'), ("RateLimit-Policy", '"m";q=1000;w=60'),
+                    ("X-RateLimit-Limit-Requests", "10"), ("x-ratelimit-limit-requests", "1000"),
+                    ("RateLimit-Remaining", "50"), ("ratelimit-remaining", "3")]
+
+    hints = parse_headers(Multi())
+    assert (hints.limit_requests, hints.remaining_requests) == (10, 3)
+    assert rate_headers(Multi())["RateLimit-Policy"] == '"s";q=5;w=1, "m";q=1000;w=60'
+    from dfbatch.execute._retry import header_items  # (what a fn's report(headers=) takes)
+
+    assert parse_headers(header_items(Multi())) == hints
+    assert parse_headers(header_items(list(Multi().items()))) == hints
+
+
+def test_ietf_corners():
+    said = parse_headers({"RateLimit-Policy": '"a=b";q=10;w=1', "RateLimit": '"a=b";r=1;t=1'})
+    assert (said.limit_requests, said.remaining_requests) == (600, 1)  # not draft 07
+    said = parse_headers({"RateLimit": "limit=10, remaining=3, reset=4, foo"})
+    assert said.remaining_requests == 3  # draft 07 with a stray member
+    said = parse_headers({"RateLimit-Policy": r'"x\"y";q=5;w=1', "RateLimit": r'"x\"y";r=2;t=1'})
+    assert (said.limit_requests, said.remaining_requests) == (300, 2)  # an escaped quote
+    said = parse_headers({"RateLimit-Limit": "5, 5;window=1"})  # draft 00's parameter name
+    assert said.limit_requests == 300
+    said = parse_headers({"RateLimit": '"t";r=900;t=1;qu="tokens"'})  # its own unit
+    assert (said.remaining_tokens, said.remaining_requests) == (900, None)
+    assert parse_duration("2023-11-14 22:13:21+00:00", now=1.7e9) == 1.0
+
+
 def test_anthropic_headers():
     hints = parse_headers({
         "anthropic-ratelimit-requests-limit": "1000",
@@ -171,11 +234,12 @@ def test_anthropic_headers():
         "anthropic-ratelimit-tokens-limit": "96000",
         "anthropic-ratelimit-tokens-remaining": "95000",
         "anthropic-ratelimit-tokens-reset": "2023-11-14T22:13:22.5+00:00",
-        "anthropic-ratelimit-input-tokens-limit": "80000",  # a half of "tokens": not paced
+        "anthropic-ratelimit-input-tokens-limit": "80000",
         "anthropic-ratelimit-output-tokens-limit": "16000",
         "retry-after": "3",
     }, now=1.7e9)
-    assert hints == RateHints(1000, 96000, 999, 95000, pytest.approx(1.0), pytest.approx(2.5), 3)
+    # the token ceiling: the tighter of the combined and the input bucket (output not paced)
+    assert hints == RateHints(1000, 80000, 999, 95000, pytest.approx(1.0), pytest.approx(2.5), 3)
     assert set(rate_headers({"anthropic-ratelimit-requests-limit": "1", "x": "y"})) == {
         "anthropic-ratelimit-requests-limit"}
     assert parse_duration("2023-13-45T99:00:00Z") is None

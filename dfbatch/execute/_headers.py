@@ -18,9 +18,14 @@ Pure functions. Understood (case-insensitive):
   units other than requests (``qu="content-bytes"``) are skipped; ``qu="tokens"`` is read
   as tokens;
 - Kong's ``X-RateLimit-{Limit,Remaining}-{Second,Minute,Hour,Day,Month,Year}``;
-- Anthropic's ``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`` (per minute;
-  the reset an RFC 3339 time). Its ``input-tokens`` / ``output-tokens`` halves are left to
-  ``tokens``, which dfbatch's TPM charge (prompt + ``max_tokens``) matches.
+- Anthropic's ``anthropic-ratelimit-{requests,tokens,input-tokens}-{limit,remaining,reset}``
+  (per minute; the reset an RFC 3339 time): the token ceiling is the tighter of the combined
+  and the input bucket (dfbatch's TPM charge is prompt + ``max_tokens``; output is not paced);
+- Cerebras' ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}-{minute,day,…}``.
+
+A repeated field (in any letter case) counts by its most careful value. A request limit whose
+``reset`` is over a minute is not per minute (Groq sends its requests *per day* under
+OpenAI's names) and is not paced. Nothing here raises: a malformed header is no hint.
 
 A stated limit becomes a per-minute rate only when its window is at most a minute
 (``10;w=1`` is 600 a minute): an hourly or daily quota is not a pace to keep; its
@@ -53,13 +58,20 @@ _FAMILY = re.compile(
     r"^x-ratelimit-(?:(?P<scope>.+?)-)?(?P<what>limit|remaining|reset)-(?P<kind>requests|tokens)$"
 )
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|h|m|s)")
+_DATE = re.compile(r"^\d{4}-\d\d-\d\d[t ]")  # RFC 3339 (or ISO 8601 with a space)
+_DICT = re.compile(r"(?:^|,)\s*(?:limit|remaining|reset)\s*=", re.IGNORECASE)
+_LONGEST = 64  # characters of a duration or a number: anything longer is junk
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
            "h": 3600.0}
 _KONG = re.compile(
     r"^x-ratelimit-(?P<what>limit|remaining)-(?P<period>second|minute|hour|day|month|year)$"
 )
-_ANTHROPIC = re.compile(
-    r"^anthropic-ratelimit-(?P<kind>requests|tokens)-(?P<what>limit|remaining|reset)$"
+_ANTHROPIC = re.compile(  # (input-tokens: a bucket of its own, below the combined tokens)
+    r"^anthropic-ratelimit-(?P<kind>requests|tokens|input-tokens)-(?P<what>limit|remaining|reset)$"
+)
+_PERIODIC = re.compile(  # Cerebras: x-ratelimit-limit-tokens-minute, …-requests-day
+    r"^x-ratelimit-(?P<what>limit|remaining|reset)-(?P<kind>requests|tokens)"
+    r"-(?P<period>second|minute|hour|day)$"
 )
 _PERIOD_S = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0,
              "month": 2_592_000.0, "year": 31_536_000.0}
@@ -114,9 +126,9 @@ def parse_duration(text: Any, *, now: float | None = None) -> float | None:
     30.0
     """
     raw = str(text).strip().lower()
-    if not raw:
+    if not raw or len(raw) > _LONGEST:
         return None
-    if "t" in raw and raw[:1].isdigit() and "-" in raw:  # 2025-08-21T12:40:59Z
+    if _DATE.match(raw):  # 2025-08-21T12:40:59Z
         try:
             when = datetime.datetime.fromisoformat(raw.upper())
         except ValueError:
@@ -135,12 +147,10 @@ def parse_duration(text: Any, *, now: float | None = None) -> float | None:
             return max(0.0, value - (time.time() if now is None else now))
         return value
     pos, total = 0, 0.0
-    for match in _PART.finditer(raw):
-        if match.start() != pos:
-            return None
+    while pos < len(raw) and (match := _PART.match(raw, pos)) is not None:
         total += float(match.group(1)) * _UNIT_S[match.group(2)]
         pos = match.end()
-    return total if pos == len(raw) and pos > 0 else None
+    return total if pos == len(raw) and math.isfinite(total) else None
 
 
 def parse_retry_after(value: Any, *, now: float | None = None) -> float | None:
@@ -155,7 +165,7 @@ def parse_retry_after(value: Any, *, now: float | None = None) -> float | None:
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
         if when.tzinfo is None:  # ("-0000": UTC, the zone not said; never local time)
             when = when.replace(tzinfo=datetime.UTC)
@@ -168,13 +178,23 @@ def parse_headers(headers: Mapping[str, Any] | Any, *, now: float | None = None)
     or a mapping without rate-limit headers gives ``NO_HINTS``."""
     if headers is None:
         return NO_HINTS
+    try:
+        return _parse(headers, now)
+    except Exception:  # (a provider's header must never break a run: no hint instead)
+        return NO_HINTS
+
+
+def _parse(headers: Any, now: float | None) -> RateHints:
+    joined: dict[str, str] = {}  # a repeated field (any case): its values joined, as httpx does
+    for key, value in _items(headers):
+        name, text = _text(key).strip().lower(), _text(value)
+        joined[name] = f"{joined[name]}, {text}" if name in joined else text
     scopes: dict[str, dict[str, float]] = {}
     hints: dict[str, float] = {}
     ietf: dict[str, str] = {}
-    for key, value in _items(headers):
-        name = str(key).strip().lower()
-        if name in _IETF:  # (a field split over lines: its members joined)
-            ietf[name] = f"{ietf[name]}, {value}" if name in ietf else str(value)
+    for name, value in joined.items():
+        if name in _IETF:
+            ietf[name] = value
         elif (m := _KONG.match(name)) is not None:
             number = _each(value, _number, min)
             if number is not None:
@@ -193,12 +213,18 @@ def parse_headers(headers: Mapping[str, Any] | Any, *, now: float | None = None)
                 seconds = _each(value, lambda v: parse_retry_after(v, now=now), max)
             if seconds is not None:
                 hints[name] = seconds
-        elif (m := _FAMILY.match(name) or _ANTHROPIC.match(name)) is not None:
-            what, kind = m.group("what"), m.group("kind")
+        elif (m := _FAMILY.match(name) or _ANTHROPIC.match(name)
+              or _PERIODIC.match(name)) is not None:
+            what, said = m.group("what"), m.groupdict()
+            kind = "tokens" if said["kind"].endswith("tokens") else "requests"
             number = (_each(value, lambda v: parse_duration(v, now=now), max) if what == "reset"
                       else _each(value, _number, min))
+            if number is not None and what == "limit" and said.get("period"):
+                number = _per_minute(number, _PERIOD_S[said["period"]])
             if number is not None:
-                scope = m.groupdict().get("scope", "anthropic")
+                scope = (f"x:{said['scope'] or ''}" if "scope" in said
+                         else f"{said['kind']}:{said['period']}" if said.get("period")
+                         else f"anthropic:{said['kind']}")
                 scopes.setdefault(f"{scope}/{kind}", {})[what] = number
     if ietf:
         _ietf_scopes(ietf, scopes, now)
@@ -207,8 +233,11 @@ def parse_headers(headers: Mapping[str, Any] | Any, *, now: float | None = None)
     fields: dict[str, float | None] = {}
     for kind in ("requests", "tokens"):
         mine = [s for k, s in scopes.items() if k.endswith("/" + kind)]
-        # (a limit under 1 a minute is no provider's: a garbled header would stall the run)
-        limits = [s["limit"] for s in mine if s.get("limit", 0) >= 1]
+        # (a limit under 1 a minute is no provider's: a garbled header would stall the run;
+        # a request limit whose bucket refills over more than a minute is not per minute:
+        # Groq's x-ratelimit-limit-requests is per day, its reset "2m59.56s")
+        limits = [s["limit"] for s in mine if 1 <= s.get("limit", 0) < math.inf
+                  and not (kind == "requests" and s.get("reset", 0) > _PACE_MAX_S)]
         fields[f"limit_{kind}"] = min(limits) if limits else None
         tight = min((s for s in mine if "remaining" in s), key=lambda s: s["remaining"],
                     default=None)
@@ -229,7 +258,7 @@ def _ietf_scopes(fields: dict[str, str], scopes: dict[str, dict[str, float]],
         name = item if _number(item) is None else f"#{i}"
         kind = kinds[name] = _unit(params)
         quota = _number(params.get("q", params.get("l", "" if name != f"#{i}" else item)))
-        window = _number(params.get("w", ""))
+        window = _number(params.get("w", params.get("window", "")))  # (window=: draft 00)
         if kind is None or quota is None:
             continue
         if window is not None:
@@ -242,13 +271,14 @@ def _ietf_scopes(fields: dict[str, str], scopes: dict[str, dict[str, float]],
         if value is not None:
             scopes.setdefault(scope, {})[what] = value
 
-    members = _members(fields.get("ratelimit", ""))
-    if members and all("=" in item for item, _ in members):  # draft 07: a dictionary
-        said = dict(item.split("=", 1) for item, _ in members)
-        old = {f"ratelimit-{k.strip().lower()}": v.strip() for k, v in said.items()}
+    raw = fields.get("ratelimit", "")
+    members = _members(raw)
+    if _DICT.search(raw):  # draft 07: a dictionary (no quoted or token name has "=")
+        said = [item.split("=", 1) for item, _ in members if "=" in item]
+        old = {f"ratelimit-{k.strip().lower()}": v.strip() for k, v in said}
     else:
-        for item, params in members:
-            kind = kinds.get(item, "requests") if _unit(params) else None
+        for item, params in members:  # (its policy's unit, else its own, else requests)
+            kind = kinds[item] if item in kinds else _unit(params)
             if kind is not None:
                 put(f"ietf:{item}/{kind}", "remaining", _number(params.get("r", "")))
                 put(f"ietf:{item}/{kind}", "reset",
@@ -257,19 +287,20 @@ def _ietf_scopes(fields: dict[str, str], scopes: dict[str, dict[str, float]],
     limits = _members(old.get("ratelimit-limit", ""))
     if limits:  # the limit now, then (draft 03) the policies: "100, 100;w=60"
         for item, params in limits:
-            quota, window = _number(item), _number(params.get("w", ""))
+            quota = _number(item)
+            window = _number(params.get("w", params.get("window", "")))
             if quota is not None and window is not None:
                 windows.setdefault(quota, window)
         quota = _number(limits[0][0])
         window = windows.get(quota) if quota is not None else None
         if quota is not None and window is not None:
             put("ietf/requests", "limit", _per_minute(quota, window))
-    for what in ("remaining", "reset"):
-        members = _members(old.get(f"ratelimit-{what}", ""))
-        if members:
-            raw = members[0][0]
-            value = _number(raw) if what == "remaining" else parse_duration(raw, now=now)
-            put("ietf/requests", what, value)
+    for what in ("remaining", "reset"):  # (repeated: the least remaining, the latest reset)
+        values = [_number(item) if what == "remaining" else parse_duration(item, now=now)
+                  for item, _ in _members(old.get(f"ratelimit-{what}", ""))]
+        found = [v for v in values if v is not None]
+        if found:
+            put("ietf/requests", what, min(found) if what == "remaining" else max(found))
 
 
 def _members(text: str) -> list[tuple[str, dict[str, str]]]:
@@ -291,9 +322,13 @@ def _split(text: str, sep: str) -> list[str]:
     """``text`` split at ``sep`` outside double quotes; empty list members dropped."""
     parts: list[str] = []
     current: list[str] = []
-    quoted = False
+    quoted = escaped = False
     for ch in str(text):
-        if ch == '"':
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
             quoted = not quoted
         if ch == sep and not quoted:
             parts.append("".join(current))
@@ -316,7 +351,8 @@ def _per_minute(quota: float, window_s: float) -> float | None:
     """``quota`` per ``window_s`` as a rate per minute, for windows up to a minute."""
     if not 0 < window_s <= _PACE_MAX_S:
         return None
-    return quota * 60.0 / window_s
+    rate = quota * 60.0 / window_s
+    return rate if math.isfinite(rate) else None
 
 
 def _retry_hint(hints: dict[str, float]) -> float | None:
@@ -337,23 +373,35 @@ def rate_headers(headers: Mapping[str, Any] | Any) -> dict[str, str]:
     """
     if headers is None:
         return {}
-    out = {}
+    out: dict[str, str] = {}
+    names: dict[str, str] = {}  # lower-case name -> the spelling kept
     for key, value in _items(headers):
-        name = str(key).lower()
-        if (name.startswith(("x-ratelimit-", "anthropic-ratelimit-"))
-                or name in (*_HINTS, *_MS_HINTS, *_IETF)):
-            out[str(key)] = str(value)
+        name, text = _text(key), _text(value)
+        low = name.strip().lower()
+        if (low.startswith(("x-ratelimit-", "anthropic-ratelimit-"))
+                or low in (*_HINTS, *_MS_HINTS, *_IETF)):
+            if low in names:  # a repeated field (aiohttp's multidict): joined, as httpx does
+                out[names[low]] = f"{out[names[low]]}, {text}"
+            else:
+                names[low] = name
+                out[name] = text
     return out
 
 
 def _items(headers: Any) -> list[tuple[Any, Any]]:
+    """The (name, value) pairs of a mapping; anything else, or a malformed pair, is left out."""
     items = getattr(headers, "items", None)
     if items is None:
         return []
     try:
-        return list(items())
-    except TypeError:
+        pairs = list(items())
+    except Exception:
         return []
+    return [p for p in pairs if isinstance(p, tuple) and len(p) == 2]
+
+
+def _text(value: Any) -> str:
+    return value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else str(value)
 
 
 def _each(value: Any, parse: Callable[[Any], float | None],

@@ -306,9 +306,16 @@ def header_items(headers: Any, *, what: str | None = None) -> dict[str, str]:
             pairs = None
     out: dict[str, str] = {}
     if pairs is not None and not isinstance(pairs, (str, bytes)):
+        names: dict[str, str] = {}  # lower-case name -> the spelling kept
         try:
             for name, value in pairs:
-                out[_text(name)] = _text(value)
+                key, text = _text(name), _text(value)
+                low = key.lower()
+                if low in names:  # a repeated field (aiohttp's multidict, raw pairs): joined,
+                    out[names[low]] = f"{out[names[low]]}, {text}"  # as httpx does
+                else:
+                    names[low] = key
+                    out[key] = text
         except (TypeError, ValueError):
             out = {}
         else:
