@@ -117,25 +117,29 @@ def test_parse_headers(headers, expected):
         (  # the current draft: named policies, a day's quota is not a pace
             {"RateLimit-Policy": '"burst";q=100;w=60, "day";q=5000;w=86400',
              "RateLimit": '"burst";r=50;t=30, "day";r=4000;t=3600'},
-            RateHints(limit_requests=100, remaining_requests=50, reset_requests=30),
+            RateHints(limit_requests=100, remaining_requests=50, reset_requests=30,
+                      window_requests=60),
         ),
         (  # per second: 10 per 1 s is 600 a minute
             {"ratelimit-policy": '"s";q=10;w=1', "ratelimit": '"s";r=2;t=0.4'},
-            RateHints(limit_requests=600, remaining_requests=2, reset_requests=0.4),
+            RateHints(limit_requests=600, remaining_requests=2, reset_requests=0.4,
+                      window_requests=1),
         ),
         (  # quota units: tokens read as tokens, bytes not paced at all
             {"RateLimit-Policy": '"t";q=9000;w=60;qu="tokens", "b";q=1;w=1;qu="content-bytes"',
              "RateLimit": '"t";r=100;t=2, "b";r=0;t=1'},
-            RateHints(limit_tokens=9000, remaining_tokens=100, reset_tokens=2),
+            RateHints(limit_tokens=9000, remaining_tokens=100, reset_tokens=2, window_tokens=60),
         ),
         (  # draft 07: a dictionary, windows from unnamed policies
             {"RateLimit": "limit=10, remaining=3, reset=4", "RateLimit-Policy": "10;w=1, 50;w=60"},
-            RateHints(limit_requests=50, remaining_requests=3, reset_requests=4),
+            RateHints(limit_requests=50, remaining_requests=3, reset_requests=4,
+                      window_requests=60),
         ),
         (  # the older trio, the window in the limit itself (draft 03)
             {"RateLimit-Limit": "100, 100;w=60", "RateLimit-Remaining": "7",
              "RateLimit-Reset": "1700000012"},
-            RateHints(limit_requests=100, remaining_requests=7, reset_requests=12),
+            RateHints(limit_requests=100, remaining_requests=7, reset_requests=12,
+                      window_requests=60),
         ),
         (  # the trio with no window anywhere: no pace, still a remaining count
             {"RateLimit-Limit": "100", "RateLimit-Remaining": "7", "RateLimit-Reset": "5"},
@@ -145,7 +149,8 @@ def test_parse_headers(headers, expected):
             {"X-RateLimit-Limit-Second": "5", "X-RateLimit-Remaining-Second": "4",
              "X-RateLimit-Limit-Minute": "100", "X-RateLimit-Remaining-Minute": "90",
              "X-RateLimit-Limit-Hour": "1000", "RateLimit-Reset": "1"},
-            RateHints(limit_requests=100, remaining_requests=4, reset_requests=1),
+            RateHints(limit_requests=100, remaining_requests=4, reset_requests=1,
+                      window_requests=60),
         ),
         (  # junk in every member: nothing learned, nothing raised
             {"RateLimit-Policy": '"x";q=nan;w=inf, ;;, "y"', "RateLimit": '"x";r=-1;t=soon, ,,',
@@ -154,7 +159,8 @@ def test_parse_headers(headers, expected):
         ),
         (  # quotes hide separators
             {"RateLimit-Policy": '"a;b,c";q=4;w=2', "RateLimit": '"a;b,c";r=1;t=1'},
-            RateHints(limit_requests=120, remaining_requests=1, reset_requests=1),
+            RateHints(limit_requests=120, remaining_requests=1, reset_requests=1,
+                      window_requests=2),
         ),
     ],
     ids=["named", "per-second", "units", "draft07", "trio-w", "trio", "kong", "junk", "quoted"],

@@ -340,3 +340,48 @@ def test_a_per_request_fn_is_neither_hedged_nor_cut():
     assert out["error"].is_null().all()
     kinds = {type(e).__name__ for e in events}
     assert "BatchHedged" not in kinds and "BatchRetried" not in kinds
+
+
+def test_a_stated_fixed_window_is_kept_in_every_window_of_its_length():
+    # RateLimit-Policy "s";q=5;w=1 over a bucket that would refill continuously: no second
+    # (of sends, plus a small margin for arrival delays) holds more than 5
+    async def main() -> list[float]:
+        rpm = RateLimit(None)
+        await in_task(lambda: _answered(rpm, RateHints(limit_requests=300, remaining_requests=4,
+                                                       reset_requests=1, window_requests=1)))
+        times = []
+        for _ in range(40):
+            await rpm.acquire(ONE)
+            times.append(now())
+        return times
+
+    times = run(main())
+    for i, t in enumerate(times):
+        inside = [u for u in times[i:] if u < t + 1.0 + 0.01]
+        assert len(inside) <= 5
+    # 41 charges (the answered one first), 5 a window: the last opens the 9th window, not
+    # sooner (what a continuous 5/s bucket of 5 would allow: 7.2 s) nor much later
+    assert times[-1] == pytest.approx(8 * 1.01, abs=0.02)
+
+
+def test_a_lone_429_under_a_stated_window_widens_the_margin_a_second_lowers_the_rate():
+    async def main() -> list[tuple[float, float]]:
+        rpm = RateLimit(None)
+        hints = RateHints(limit_requests=300, remaining_requests=4, window_requests=1)
+        await in_task(lambda: _answered(rpm, hints))
+        seen = [(rpm.rate, rpm.log.margin_s)]
+        await in_task(lambda: _limited(rpm))  # a window edge met early: margin x 2
+        seen.append((rpm.rate, rpm.log.margin_s))
+        await asyncio.sleep(1.0)
+        await in_task(lambda: _limited(rpm))  # again within 10 s: the rate drops
+        seen.append((rpm.rate, rpm.log.margin_s))
+        return seen
+
+    (r0, m0), (r1, m1), (r2, m2) = run(main())
+    assert r0 == r1 == 5.0 and m1 == 2 * m0
+    assert r2 == pytest.approx(5.0 * 0.7) and m2 == m1
+
+
+async def _answered(limit: RateLimit, hints: RateHints) -> None:
+    await limit.acquire(ONE)
+    limit.release(ONE, Outcome(hints=hints))

@@ -182,4 +182,5 @@ def test_the_ietf_drafts_fields_pace_a_run_nobody_told_the_limits():
     ietf, blind = runs["ietf"], runs["none"]
     assert (ietf.ok, ietf.failed, blind.ok) == (150, 0, 150)
     assert ietf.n429 <= 4 < blind.n429  # the first sends, before any answer said the pace
-    assert ietf.makespan <= 1.06 * ietf.bound < blind.makespan
+    # (a bucket read as the draft's window, q per w: the safe reading, ~3% under the bucket)
+    assert ietf.makespan <= 1.1 * ietf.bound and ietf.makespan < blind.makespan

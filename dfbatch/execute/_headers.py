@@ -98,6 +98,8 @@ class RateHints:
     reset_requests: float | None = None
     reset_tokens: float | None = None
     retry_after: float | None = None
+    window_requests: float | None = None  # seconds of the fixed window the limit is counted in
+    window_tokens: float | None = None  # (an IETF policy's w=, Kong's period; None: a bucket)
 
     @property
     def empty(self) -> bool:
@@ -111,6 +113,9 @@ class RateHints:
 
     def reset(self, tokens: bool) -> float | None:
         return self.reset_tokens if tokens else self.reset_requests
+
+    def window(self, tokens: bool) -> float | None:
+        return self.window_tokens if tokens else self.window_requests
 
 
 NO_HINTS = RateHints()
@@ -199,10 +204,13 @@ def _parse(headers: Any, now: float | None) -> RateHints:
             number = _each(value, _number, min)
             if number is not None:
                 period, what = m.group("period"), m.group("what")
+                kong = scopes.setdefault(f"kong:{period}/requests", {})
                 if what == "limit":
                     number = _per_minute(number, _PERIOD_S[period])
+                    if number is not None:
+                        kong["window"] = _PERIOD_S[period]
                 if number is not None:
-                    scopes.setdefault(f"kong:{period}/requests", {})[what] = number
+                    kong[what] = number
         elif name in _MS_HINTS:
             ms = _each(value, _number, max)
             if ms is not None:
@@ -236,9 +244,11 @@ def _parse(headers: Any, now: float | None) -> RateHints:
         # (a limit under 1 a minute is no provider's: a garbled header would stall the run;
         # a request limit whose bucket refills over more than a minute is not per minute:
         # Groq's x-ratelimit-limit-requests is per day, its reset "2m59.56s")
-        limits = [s["limit"] for s in mine if 1 <= s.get("limit", 0) < math.inf
-                  and not (kind == "requests" and s.get("reset", 0) > _PACE_MAX_S)]
-        fields[f"limit_{kind}"] = min(limits) if limits else None
+        paced = [s for s in mine if 1 <= s.get("limit", 0) < math.inf
+                 and not (kind == "requests" and s.get("reset", 0) > _PACE_MAX_S)]
+        least = min(paced, key=lambda s: s["limit"], default=None)
+        fields[f"limit_{kind}"] = least["limit"] if least else None
+        fields[f"window_{kind}"] = least.get("window") if least else None
         tight = min((s for s in mine if "remaining" in s), key=lambda s: s["remaining"],
                     default=None)
         fields[f"remaining_{kind}"] = tight["remaining"] if tight else None
@@ -265,7 +275,7 @@ def _ietf_scopes(fields: dict[str, str], scopes: dict[str, dict[str, float]],
             windows.setdefault(quota, window)
             limit = _per_minute(quota, window)
             if limit is not None:
-                scopes.setdefault(f"ietf:{name}/{kind}", {})["limit"] = limit
+                scopes.setdefault(f"ietf:{name}/{kind}", {}).update(limit=limit, window=window)
 
     def put(scope: str, what: str, value: float | None) -> None:
         if value is not None:
@@ -295,6 +305,8 @@ def _ietf_scopes(fields: dict[str, str], scopes: dict[str, dict[str, float]],
         window = windows.get(quota) if quota is not None else None
         if quota is not None and window is not None:
             put("ietf/requests", "limit", _per_minute(quota, window))
+            put("ietf/requests", "window", window if "limit" in scopes.get(
+                "ietf/requests", {}) else None)
     for what in ("remaining", "reset"):  # (repeated: the least remaining, the latest reset)
         values = [_number(item) if what == "remaining" else parse_duration(item, now=now)
                   for item, _ in _members(old.get(f"ratelimit-{what}", ""))]

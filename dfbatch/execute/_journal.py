@@ -14,9 +14,9 @@ Examples
 >>> log = ChargeLog()
 >>> log.add(0.0, 5.0); log.add(30.0, 5.0); log.mine()
 (30.0, 5.0)
->>> log.windowed = True  # 3 more units fit once the charge at 0 s leaves the minute
->>> log.window_wait(now=40.0, units=3.0, per_minute=12.0)
-20.0
+>>> log.windowed = True  # 3 more units fit once the charge at 0 s leaves the minute (+ 10 ms)
+>>> round(log.window_wait(now=40.0, units=3.0, per_minute=12.0), 3)
+20.01
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from array import array
 
 JOURNAL_S = 120.0  # charges older than this are forgotten (a reply that late is not synced)
 _WINDOW_S = 60.0  # a per-minute limit's window (the windowed mode's log)
+MARGIN_S = 0.01  # the windowed mode keeps this much more than the window (arrival delay) ...
+MARGIN_MAX = 0.1  # ... grown (``widen``) on window-edge 429s up to this share of the window
 
 
 class ChargeLog:
@@ -38,8 +40,10 @@ class ChargeLog:
         self._base = 0  # charge number of the first logged charge
         self._last: contextvars.ContextVar[int] = contextvars.ContextVar("charge", default=-1)
         self.windowed = False
+        self.window_s = _WINDOW_S  # windowed: the window's length (a policy's w=, else 60 s)
+        self.margin_s = MARGIN_S
         self._win_n = 0  # charge number of the oldest charge in the window log
-        self._win_sum = 0.0  # units charged in the last _WINDOW_S seconds
+        self._win_sum = 0.0  # units charged in the last window_s seconds
         self._prune_at = -1.0  # next time old charges are looked for (not at every charge)
 
     def add(self, now: float, units: float, keep_s: float = JOURNAL_S,
@@ -86,31 +90,44 @@ class ChargeLog:
         """Time of the oldest logged charge."""
         return self._times[0] if self._times else None
 
-    def open_window(self, now: float) -> None:
-        """Start keeping every 60 s within the limit (from the charges logged so far)."""
-        if not self.windowed:
-            self.windowed = True
+    def open_window(self, now: float, window_s: float = _WINDOW_S) -> None:
+        """Start keeping every ``window_s`` seconds within the limit (from the charges logged
+        so far); a shorter window than the one kept replaces it (a policy's ``w=1``)."""
+        if not self.windowed or window_s < self.window_s:
+            self.windowed, self.window_s = True, min(window_s, _WINDOW_S)
             self._win_n, self._win_sum = self._base, sum(self._units)
             self._expire(now)
 
     def window_wait(self, now: float, units: float, per_minute: float) -> float:
-        """Windowed: seconds until ``units`` more keep the last minute within ``per_minute``."""
+        """Windowed: seconds until ``units`` more keep the last ``window_s`` within its share
+        of ``per_minute``."""
         if not self.windowed or not per_minute:
             return 0.0
         self._expire(now)
-        over = self._win_sum + min(units, per_minute) - per_minute
+        allowed = per_minute * self.window_s / _WINDOW_S
+        over = self._win_sum + min(units, allowed) - allowed
         if over <= 0:
             return 0.0
         freed, n = 0.0, max(0, self._win_n - self._base)
         for t, u in zip(self._times[n:], self._units[n:], strict=True):
             freed += u
             if freed >= over:
-                return max(1e-3, t + _WINDOW_S - now)
-        return _WINDOW_S  # (not reached: the log holds what the sum counts)
+                return max(1e-3, t + self._span() - now)
+        return self.window_s  # (not reached: the log holds what the sum counts)
+
+    def _span(self) -> float:
+        """The window kept, with a margin: the provider's window starts when a request
+        *arrives*, a few ms after we sent it; a send exactly one window later arrived in it."""
+        return self.window_s + min(self.margin_s, MARGIN_MAX * self.window_s)
+
+    def widen(self) -> None:
+        """A 429 at a window's edge: the arrival delays vary more than the margin; double it."""
+        self.margin_s = min(2.0 * self.margin_s, MARGIN_MAX * self.window_s)
 
     def _expire(self, now: float) -> None:
         n, times = self._win_n - self._base, self._times
-        while 0 <= n < len(times) and times[n] <= now - _WINDOW_S:
+        span = self._span()
+        while 0 <= n < len(times) and times[n] <= now - span:
             self._win_sum -= self._units[n]
             n += 1
         self._win_n = self._base + max(0, n)

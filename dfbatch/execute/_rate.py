@@ -56,6 +56,8 @@ from dfbatch.execute._journal import JOURNAL_S, ChargeLog
 from dfbatch.execute._limits import UNSENT, Cost, Outcome
 from dfbatch.execute._pause import PauseGate
 
+_NOISE_S = 10.0  # a second 429 within this many seconds is no window-edge noise
+
 
 class _Bucket:
     """The pacing half of ``RateLimit``: a bucket of ``level`` units (at most ``capacity``)
@@ -182,6 +184,8 @@ class RateLimit(_Bucket):
         self._slope = 0.0  # regrowth, units/s per second
         self._decreased_at = -math.inf
         self._grown_at = 0.0
+        self._stated_window = False  # headers stated the fixed window the limit counts in
+        self._noise_at = -math.inf  # the last 429 taken for a window edge (no decrease)
         if per_minute is not None:
             self.set_ceiling(per_minute)
 
@@ -232,7 +236,11 @@ class RateLimit(_Bucket):
         if limit is not None and limit > 0:
             self.set_ceiling(limit)
         remaining = hints.remaining(self.tokens)
-        if remaining is not None and hints.reset(self.tokens) is None:
+        window = hints.window(self.tokens)
+        if window is not None:  # a policy counted in fixed windows: keep any such window in it
+            self.log.open_window(asyncio.get_running_loop().time(), window)
+            self._stated_window = True
+        elif remaining is not None and hints.reset(self.tokens) is None:
             # no reset stated: keep any minute within the limit
             self.log.open_window(asyncio.get_running_loop().time())
         if remaining is not None:
@@ -251,6 +259,14 @@ class RateLimit(_Bucket):
         if hints is not None and _other_ran_out(hints, self.tokens):
             return False
         now = asyncio.get_running_loop().time()
+        if self._stated_window and self.known and now - self._noise_at > _NOISE_S:
+            # paced by the provider's own stated window: a lone 429 is a window edge met a
+            # few ms early (or another client's send), not a slower provider; the run's pause
+            # waits it out, and the window kept grows a margin. Another one within _NOISE_S
+            # lowers the rate as usual.
+            self._noise_at = now
+            self.log.widen()
+            return False
         if not self.known:  # start from what the provider let through while it refused the rest
             admitted = self._guess.admitted_rate(now, self.log.first_at)
             if admitted <= 0:
