@@ -44,7 +44,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dfbatch
-from benchmarks.litellm_check import MAX_TOKENS, WIRE, HandWrittenHTTP, texts
+from benchmarks.litellm_check import MAX_TOKENS, WIRE, HandWrittenHTTP, stop, texts
 from dfbatch.llm import chat
 
 GATEWAY = Path(__file__).resolve().parent / "gateway"
@@ -70,11 +70,7 @@ def gateway(limit: int, std: str, latency_ms: int) -> Iterator[str]:
             raise SystemExit(msg)
         yield f"http://127.0.0.1:{int(line.split()[1])}/v1"
     finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
-        if proc.poll() is None:
-            proc.kill()
+        stop(proc)
 
 
 def run_dfbatch(url: str, rows: list[str], limit: int) -> dict[str, Any]:

@@ -233,12 +233,17 @@ def litellm_proxy(config: str) -> Iterator[str]:
             _wait_up(f"http://127.0.0.1:{port}/health/liveliness", proc)
             yield f"http://127.0.0.1:{port}/v1"
         finally:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
-            if proc.poll() is None:
-                proc.kill()
+            stop(proc)
             log.close()
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    """Terminate a server process, killing it if it has not exited within 10 s."""
+    proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+    if proc.poll() is None:
+        proc.kill()
 
 
 def _wait_up(url: str, proc: subprocess.Popen[Any], timeout: float = 120.0) -> None:

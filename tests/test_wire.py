@@ -96,8 +96,8 @@ def test_an_outage_opens_the_breaker_and_no_row_fails(make_sim):
     assert stats.max_in_window(1.0, admitted=False, down=True) <= 5 + 4 + 1
 
 
-def test_litellm_headers_are_learned(make_sim, monkeypatch):
-    server = make_sim(rpm=600, tpm=None, headers="litellm", time_scale=0.1)
+def _limits_of_a_run(url: str, monkeypatch: pytest.MonkeyPatch) -> RunLimits:
+    """The run limits of a short per-row chat run against ``url`` (all 6 rows answered)."""
     built: list[RunLimits] = []
     original = RunLimits.from_config
 
@@ -106,10 +106,16 @@ def test_litellm_headers_are_learned(make_sim, monkeypatch):
         return built[-1]
 
     monkeypatch.setattr(RunLimits, "from_config", spy)
-    fn = chat("sim-chat", base_url=server.url, max_tokens=8)
+    fn = chat("sim-chat", base_url=url, max_tokens=8)
     out = dfbatch.process(FRAME.head(6), fn, items_per_batch=2, agents=1, **FAST)
     assert out["error"].null_count() == 6
     (limits,) = built
+    return limits
+
+
+def test_litellm_headers_are_learned(make_sim, monkeypatch):
+    server = make_sim(rpm=600, tpm=None, headers="litellm", time_scale=0.1)
+    limits = _limits_of_a_run(server.url, monkeypatch)
     assert limits.rpm is not None and limits.rpm.per_minute == pytest.approx(
         server.config.real_rpm)  # x-ratelimit-api_key-limit-requests, per real minute
     assert limits.tpm is not None and not limits.tpm.known  # no token limit stated
@@ -119,18 +125,7 @@ def test_ietf_ratelimit_fields_are_learned(make_sim, monkeypatch):
     # a gateway that speaks only the IETF draft: RateLimit-Policy "requests";q=10;w=1
     server = make_sim(rpm=600, tpm=None, headers="ietf", limit_window_s=1.0, time_scale=1.0,
                       ttft_s=0.0, per_token_s=0.0)
-    built: list[RunLimits] = []
-    original = RunLimits.from_config
-
-    def spy(*args: Any, **kwargs: Any) -> RunLimits:
-        built.append(original(*args, **kwargs))
-        return built[-1]
-
-    monkeypatch.setattr(RunLimits, "from_config", spy)
-    fn = chat("sim-chat", base_url=server.url, max_tokens=8)
-    out = dfbatch.process(FRAME.head(6), fn, items_per_batch=2, agents=1, **FAST)
-    assert out["error"].null_count() == 6
-    (limits,) = built
+    limits = _limits_of_a_run(server.url, monkeypatch)
     assert limits.rpm is not None and limits.rpm.per_minute == pytest.approx(600.0)
     assert limits.tpm is not None and not limits.tpm.known  # the draft has no token unit
 
