@@ -382,6 +382,104 @@ def test_a_lone_429_under_a_stated_window_widens_the_margin_a_second_lowers_the_
     assert r2 == pytest.approx(5.0 * 0.7) and m2 == m1
 
 
-async def _answered(limit: RateLimit, hints: RateHints) -> None:
+async def _answered(limit: RateLimit, hints: RateHints, cost: Cost = ONE) -> None:
+    await limit.acquire(cost)
+    limit.release(cost, Outcome(hints=hints))
+
+
+def test_the_429s_of_one_window_edge_lower_no_rate():
+    # 8 calls a window released arrive a few ms early: each comes back 429. They were all sent
+    # before the first of them came back: one edge, not a slower provider (helper-40's F1)
+    async def main() -> tuple[float, float]:
+        rpm = RateLimit(None)
+        await in_task(lambda: _answered(rpm, RateHints(limit_requests=300, remaining_requests=4,
+                                                       window_requests=1)))
+        sent = [asyncio.Event() for _ in range(4)]
+        go = asyncio.Event()
+
+        async def edge(i: int) -> None:
+            await rpm.acquire(ONE)
+            sent[i].set()
+            await go.wait()
+            rpm.release(ONE, LIMITED)
+
+        tasks = [asyncio.create_task(edge(i)) for i in range(4)]
+        for e in sent:
+            await e.wait()
+        go.set()
+        await asyncio.gather(*tasks)
+        return rpm.rate, rpm.log.margin_s
+
+    rate, margin = run(main())
+    assert rate == 5.0 and margin == pytest.approx(0.02)  # widened once, not four times
+
+
+def test_a_users_lower_rpm_under_a_stated_window_is_paced_by_the_bucket_not_rounded_down():
+    # told rpm=90 (1.5/s), the provider states 1000 per 1 s: 1.5 a window would round down to
+    # one request a second (helper-40's F2)
+    async def main() -> float:
+        rpm = RateLimit(90)
+        await in_task(lambda: _answered(rpm, RateHints(limit_requests=60_000,
+                                                       remaining_requests=999, window_requests=1)))
+        t0 = now()
+        for _ in range(30):
+            await rpm.acquire(ONE)
+        return now() - t0
+
+    assert run(main()) == pytest.approx(30 / 1.5, rel=0.1)
+
+
+def test_refused_sends_replayed_leave_no_debt_past_a_stated_window():
+    # 3 per 10 s, a blind first wave of 8: 5 refused, then 3 answered. Replaying the refused 5
+    # as charges left the bucket at -5: the next send waited ~30 s (helper-40's F4)
+    def said(remaining: int) -> RateHints:
+        return RateHints(limit_requests=18, remaining_requests=remaining, reset_requests=10,
+                         window_requests=10)
+
+    async def main() -> float:
+        rpm = RateLimit(None)
+        answer = [asyncio.Event() for _ in range(8)]
+
+        async def call(i: int) -> None:
+            await asyncio.sleep(0.015 * i)
+            await rpm.acquire(ONE)
+            await answer[i].wait()
+            ok = i < 3
+            rpm.release(ONE, Outcome(ok=ok, rate_limited=not ok, hints=said(max(0, 2 - i))))
+
+        tasks = [asyncio.create_task(call(i)) for i in range(8)]
+        await asyncio.sleep(0.2)
+        for i in (3, 4, 5, 6, 7, 0, 1, 2):
+            answer[i].set()
+            await asyncio.sleep(0.001)
+        await asyncio.gather(*tasks)
+        await rpm.acquire(ONE)
+        return now()
+
+    assert run(main()) <= 10.1  # the window's end (10 s after the first send), no later
+
+
+def test_a_request_over_a_stated_windows_token_quota_is_known_too_large():
+    async def main() -> float:
+        tpm = RateLimit(None, tokens=True)
+        hints = RateHints(limit_tokens=18_000, remaining_tokens=200, window_tokens=1)
+        await in_task(lambda: _answered(tpm, hints, Cost(tokens=50)))
+        return tpm.largest
+
+    assert run(main()) == 300  # q=300 a second: a 616-token request can never go
+
+
+def test_widening_starts_over_after_a_quiet_minute():
+    from dfbatch.execute._journal import MARGIN_S, ChargeLog
+
+    log = ChargeLog()
+    log.open_window(0.0, 1.0, 5.0)
+    log.widen(0.0)
+    log.widen(5.0)
+    assert log.margin_s == pytest.approx(4 * MARGIN_S)
+    log.widen(100.0)  # another client's lone 429 much later: no ratchet
+    assert log.margin_s == pytest.approx(2 * MARGIN_S)
+
+
+async def _acquired(limit: RateLimit) -> None:
     await limit.acquire(ONE)
-    limit.release(ONE, Outcome(hints=hints))

@@ -223,10 +223,13 @@ def _check_fits(binding: Binding, tokens: int) -> None:
     if not tokens:
         return
     for limit in getattr(binding.limits, "limits", ()):
-        if isinstance(limit, RateLimit) and limit.tokens and 0 < limit.per_minute < tokens:
+        if isinstance(limit, RateLimit) and limit.tokens and 0 < limit.largest < tokens:
+            what = (f"{limit.per_minute:g} a minute, from tpm= or the provider's "
+                    "x-ratelimit-limit-tokens" if limit.largest == limit.per_minute else
+                    f"{limit.largest:g} a window of {limit.log.window_s:g} s, as the "
+                    "provider's RateLimit-Policy states")
             msg = (f"a request of {tokens} tokens is more than the run's whole token limit "
-                   f"({limit.per_minute:g} a minute, from tpm= or the provider's "
-                   "x-ratelimit-limit-tokens): the provider refuses it as too large; send "
+                   f"({what}): the provider refuses it as too large; send "
                    "fewer tokens per request (a shorter prompt, a lower max_tokens) or raise tpm=")
             raise FatalError(msg)
 

@@ -42,6 +42,8 @@ class ChargeLog:
         self.windowed = False
         self.window_s = _WINDOW_S  # windowed: the window's length (a policy's w=, else 60 s)
         self.margin_s = MARGIN_S
+        self.quota: float | None = None  # windowed by a stated policy: its q a window
+        self._widened_at = -1e18
         self._win_n = 0  # charge number of the oldest charge in the window log
         self._win_sum = 0.0  # units charged in the last window_s seconds
         self._prune_at = -1.0  # next time old charges are looked for (not at every charge)
@@ -90,13 +92,19 @@ class ChargeLog:
         """Time of the oldest logged charge."""
         return self._times[0] if self._times else None
 
-    def open_window(self, now: float, window_s: float = _WINDOW_S) -> None:
+    def open_window(self, now: float, window_s: float = _WINDOW_S,
+                    quota: float | None = None) -> None:
         """Start keeping every ``window_s`` seconds within the limit (from the charges logged
-        so far); a shorter window than the one kept replaces it (a policy's ``w=1``)."""
+        so far); a shorter window than the one kept replaces it (a policy's ``w=1``).
+        ``quota``: the units a window admits, as the provider stated them (``q=``); else the
+        limit's share (``per_minute`` x ``window_s`` / 60: a user's lower rpm= then rounds
+        down to whole requests a window; a stated window leaves it to the bucket)."""
         if not self.windowed or window_s < self.window_s:
             self.windowed, self.window_s = True, min(window_s, _WINDOW_S)
             self._win_n, self._win_sum = self._base, sum(self._units)
             self._expire(now)
+        if quota is not None and window_s <= self.window_s:
+            self.quota = quota
 
     def window_wait(self, now: float, units: float, per_minute: float) -> float:
         """Windowed: seconds until ``units`` more keep the last ``window_s`` within its share
@@ -104,7 +112,7 @@ class ChargeLog:
         if not self.windowed or not per_minute:
             return 0.0
         self._expire(now)
-        allowed = per_minute * self.window_s / _WINDOW_S
+        allowed = self.quota if self.quota is not None else per_minute * self.window_s / _WINDOW_S
         over = self._win_sum + min(units, allowed) - allowed
         if over <= 0:
             return 0.0
@@ -120,9 +128,13 @@ class ChargeLog:
         *arrives*, a few ms after we sent it; a send exactly one window later arrived in it."""
         return self.window_s + min(self.margin_s, MARGIN_MAX * self.window_s)
 
-    def widen(self) -> None:
-        """A 429 at a window's edge: the arrival delays vary more than the margin; double it."""
-        self.margin_s = min(2.0 * self.margin_s, MARGIN_MAX * self.window_s)
+    def widen(self, now: float) -> None:
+        """A 429 at a window's edge: the arrival delays vary more than the margin; double it
+        (from the start again when the last widening was over a minute ago: sparse 429s of
+        other clients on a shared key do not ratchet it up for good)."""
+        base = self.margin_s if now - self._widened_at < _WINDOW_S else MARGIN_S
+        self.margin_s = min(2.0 * base, MARGIN_MAX * self.window_s)
+        self._widened_at = now
 
     def _expire(self, now: float) -> None:
         n, times = self._win_n - self._base, self._times

@@ -189,6 +189,15 @@ class RateLimit(_Bucket):
         if per_minute is not None:
             self.set_ceiling(per_minute)
 
+    @property
+    def largest(self) -> float:
+        """The most units one call can ever be charged (0: no limit known): a minute's limit,
+        or a stated window's quota."""
+        quota = self.log.quota if self._stated_window else None
+        if quota is not None and self.per_minute:
+            return min(quota, self.per_minute)
+        return quota or self.per_minute
+
     def set_ceiling(self, per_minute: float) -> None:
         """Adopt a limit (told, or stated by ``x-ratelimit-limit-*``); a lower one wins."""
         per_minute = float(per_minute)
@@ -228,6 +237,8 @@ class RateLimit(_Bucket):
             t = ts
         self._refill(now)
         level = min(self.capacity, level + (now - t) * self.rate)
+        if self._stated_window:  # (replayed sends the provider refused were not its debt past
+            level = max(0.0, level)  # the window's end; the window log keeps the count)
         self.level = min(self.level, level) if lower_only else level
 
     def observe(self, hints: RateHints, cost: Cost) -> None:
@@ -238,7 +249,8 @@ class RateLimit(_Bucket):
         remaining = hints.remaining(self.tokens)
         window = hints.window(self.tokens)
         if window is not None:  # a policy counted in fixed windows: keep any such window in it
-            self.log.open_window(asyncio.get_running_loop().time(), window)
+            quota = limit * window / 60.0 if limit is not None else None
+            self.log.open_window(asyncio.get_running_loop().time(), window, quota)
             self._stated_window = True
         elif remaining is not None and hints.reset(self.tokens) is None:
             # no reset stated: keep any minute within the limit
@@ -259,14 +271,17 @@ class RateLimit(_Bucket):
         if hints is not None and _other_ran_out(hints, self.tokens):
             return False
         now = asyncio.get_running_loop().time()
-        if self._stated_window and self.known and now - self._noise_at > _NOISE_S:
-            # paced by the provider's own stated window: a lone 429 is a window edge met a
-            # few ms early (or another client's send), not a slower provider; the run's pause
-            # waits it out, and the window kept grows a margin. Another one within _NOISE_S
-            # lowers the rate as usual.
-            self._noise_at = now
-            self.log.widen()
-            return False
+        if self._stated_window and self.known:
+            if mine[0] <= self._noise_at:  # sent before the edge's first 429 came back: the
+                return False  # same edge (the calls a window released, met a few ms early)
+            if now - self._noise_at > _NOISE_S:
+                # paced by the provider's own stated window: a lone 429 is a window edge met a
+                # few ms early (or another client's send), not a slower provider; the run's
+                # pause waits it out, and the window kept grows a margin. Another one within
+                # _NOISE_S (of a call sent after this one came back) lowers the rate.
+                self._noise_at = now
+                self.log.widen(now)
+                return False
         if not self.known:  # start from what the provider let through while it refused the rest
             admitted = self._guess.admitted_rate(now, self.log.first_at)
             if admitted <= 0:
