@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import polars as pl
 import pytest
@@ -53,6 +53,14 @@ class _RetriedWhileRefused:
             answered))
 
 
+async def _refused(df: pl.DataFrame, fn: Any, **options: Any) -> pl.DataFrame:
+    """The partial result of a run the refusal of its key stopped."""
+    with pytest.raises(dfbatch.RunStoppedError, match="API key was refused") as stopped:
+        await dfbatch.aprocess(df, fn, **options, **QUIET)
+    assert stopped.value.partial is not None
+    return stopped.value.partial
+
+
 @pytest.mark.parametrize("a_first", [False, True])
 def test_answers_of_a_batch_cut_off_in_its_retry_by_a_refusal_are_kept(
         tmp_path: Path, a_first: bool) -> None:
@@ -64,14 +72,8 @@ def test_answers_of_a_batch_cut_off_in_its_retry_by_a_refusal_are_kept(
     fn = _RetriedWhileRefused(a_first)
     df = pl.DataFrame({"text": [f"row {i}" for i in range(8)]})
 
-    async def first() -> pl.DataFrame:
-        with pytest.raises(dfbatch.RunStoppedError, match="API key was refused") as stopped:
-            await dfbatch.aprocess(df, fn, checkpoint=tmp_path, items_per_batch=4, agents=2,
-                                   backoff_base=1.0, **QUIET)
-        assert stopped.value.partial is not None
-        return stopped.value.partial
-
-    partial = run(first())
+    partial = run(_refused(df, fn, checkpoint=tmp_path, items_per_batch=4, agents=2,
+                           backoff_base=1.0))
     assert partial["output"].to_list() == ["ROW 0", "ROW 1", "ROW 2"] + [None] * 5
     fn.refuse = False
     out = dfbatch.process(df, fn, checkpoint=tmp_path, items_per_batch=4, **QUIET)
@@ -138,14 +140,8 @@ def test_a_call_that_cleans_up_after_its_refusal_keeps_its_answers() -> None:
                                                   answered)) from None
         return out
 
-    async def main() -> pl.DataFrame:
-        df = pl.DataFrame({"text": [f"row {i}" for i in range(4)]})
-        with pytest.raises(dfbatch.RunStoppedError, match="API key was refused") as stopped:
-            await dfbatch.aprocess(df, fn, items_per_batch=4, agents=1, **QUIET)
-        assert stopped.value.partial is not None
-        return stopped.value.partial
-
-    partial = run(main())
+    partial = run(_refused(pl.DataFrame({"text": [f"row {i}" for i in range(4)]}), fn,
+                           items_per_batch=4, agents=1))
     assert partial["output"].to_list() == ["ROW 0", "ROW 1", None, None]
     assert partial["error"].to_list() == [None, None, "cancelled", "cancelled"]
 
@@ -170,14 +166,8 @@ def test_a_refusal_fn_keeps_to_itself_still_stops_the_run_with_its_message() -> 
                 out.append(dfbatch.RowError(str(exc)))
         return out
 
-    async def main() -> pl.DataFrame:
-        df = pl.DataFrame({"text": [f"row {i}" for i in range(40)]})
-        with pytest.raises(dfbatch.RunStoppedError, match="API key was refused") as stopped:
-            await dfbatch.aprocess(df, fn, items_per_batch=4, agents=1, **QUIET)
-        assert stopped.value.partial is not None
-        return stopped.value.partial
-
-    partial = run(main())
+    partial = run(_refused(pl.DataFrame({"text": [f"row {i}" for i in range(40)]}), fn,
+                           items_per_batch=4, agents=1))
     errors = partial["error"].to_list()
     assert errors.count("cancelled") >= 8  # (the batches not started when it was refused)
     assert all(e is None or e == "cancelled" or REFUSED in e for e in errors)

@@ -50,7 +50,7 @@ import email.utils
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,10 +190,7 @@ def parse_headers(headers: Mapping[str, Any] | Any, *, now: float | None = None)
 
 
 def _parse(headers: Any, now: float | None) -> RateHints:
-    joined: dict[str, str] = {}  # a repeated field (any case): its values joined, as httpx does
-    for key, value in _items(headers):
-        name, text = _text(key).strip().lower(), _text(value)
-        joined[name] = f"{joined[name]}, {text}" if name in joined else text
+    joined = {k.strip().lower(): v for k, v in join_fields(_items(headers)).items()}
     scopes: dict[str, dict[str, float]] = {}
     hints: dict[str, float] = {}
     ietf: dict[str, str] = {}
@@ -304,9 +301,9 @@ def _ietf_scopes(fields: dict[str, str], scopes: dict[str, dict[str, float]],
         quota = _number(limits[0][0])
         window = windows.get(quota) if quota is not None else None
         if quota is not None and window is not None:
-            put("ietf/requests", "limit", _per_minute(quota, window))
-            put("ietf/requests", "window", window if "limit" in scopes.get(
-                "ietf/requests", {}) else None)
+            limit = _per_minute(quota, window)
+            if limit is not None:
+                scopes.setdefault("ietf/requests", {}).update(limit=limit, window=window)
     for what in ("remaining", "reset"):  # (repeated: the least remaining, the latest reset)
         values = [_number(item) if what == "remaining" else parse_duration(item, now=now)
                   for item, _ in _members(old.get(f"ratelimit-{what}", ""))]
@@ -385,18 +382,29 @@ def rate_headers(headers: Mapping[str, Any] | Any) -> dict[str, str]:
     """
     if headers is None:
         return {}
+    return {name: value for name, value in join_fields(_items(headers)).items()
+            if (low := name.strip().lower()).startswith(("x-ratelimit-", "anthropic-ratelimit-"))
+            or low in (*_HINTS, *_MS_HINTS, *_IETF)}
+
+
+def join_fields(pairs: Iterable[tuple[Any, Any]]) -> dict[str, str]:
+    """Header ``(name, value)`` pairs (``str`` or ``bytes``) as a dict of text; a field
+    repeated in any letter case (aiohttp's multidict, raw pairs) has its values joined with
+    ", " under its first spelling, as ``httpx.Headers`` does.
+
+    >>> join_fields([("Retry-After", b"2"), ("retry-after", "3")])
+    {'Retry-After': '2, 3'}
+    """
     out: dict[str, str] = {}
     names: dict[str, str] = {}  # lower-case name -> the spelling kept
-    for key, value in _items(headers):
-        name, text = _text(key), _text(value)
-        low = name.strip().lower()
-        if (low.startswith(("x-ratelimit-", "anthropic-ratelimit-"))
-                or low in (*_HINTS, *_MS_HINTS, *_IETF)):
-            if low in names:  # a repeated field (aiohttp's multidict): joined, as httpx does
-                out[names[low]] = f"{out[names[low]]}, {text}"
-            else:
-                names[low] = name
-                out[name] = text
+    for name, value in pairs:
+        key, text = header_text(name), header_text(value)
+        low = key.lower()
+        if low in names:
+            out[names[low]] = f"{out[names[low]]}, {text}"
+        else:
+            names[low] = key
+            out[key] = text
     return out
 
 
@@ -412,7 +420,8 @@ def _items(headers: Any) -> list[tuple[Any, Any]]:
     return [p for p in pairs if isinstance(p, tuple) and len(p) == 2]
 
 
-def _text(value: Any) -> str:
+def header_text(value: Any) -> str:
+    """A header name or value as text (``bytes`` as HTTP's latin-1)."""
     return value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else str(value)
 
 

@@ -184,16 +184,20 @@ class RateLimit(_Bucket):
         self._slope = 0.0  # regrowth, units/s per second
         self._decreased_at = -math.inf
         self._grown_at = 0.0
-        self._stated_window = False  # headers stated the fixed window the limit counts in
         self._noise_at = -math.inf  # the last 429 taken for a window edge (no decrease)
         if per_minute is not None:
             self.set_ceiling(per_minute)
 
     @property
+    def _stated_window(self) -> bool:
+        """Headers stated the fixed window (and its quota) the limit counts in."""
+        return self.log.quota is not None
+
+    @property
     def largest(self) -> float:
         """The most units one call can ever be charged (0: no limit known): a minute's limit,
         or a stated window's quota."""
-        quota = self.log.quota if self._stated_window else None
+        quota = self.log.quota
         if quota is not None and self.per_minute:
             return min(quota, self.per_minute)
         return quota or self.per_minute
@@ -251,7 +255,6 @@ class RateLimit(_Bucket):
         if window is not None:  # a policy counted in fixed windows: keep any such window in it
             quota = limit * window / 60.0 if limit is not None else None
             self.log.open_window(asyncio.get_running_loop().time(), window, quota)
-            self._stated_window = True
         elif remaining is not None and hints.reset(self.tokens) is None:
             # no reset stated: keep any minute within the limit
             self.log.open_window(asyncio.get_running_loop().time())

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from dfbatch.errors import ConfigError, FatalError, NoProgressError, OutputError, RetryableError
-from dfbatch.execute._headers import NO_HINTS, RateHints, parse_headers
+from dfbatch.execute._headers import NO_HINTS, RateHints, join_fields, parse_headers
 
 Kind = Literal["row", "transient", "rate_limited", "fatal_run"]
 
@@ -306,16 +306,8 @@ def header_items(headers: Any, *, what: str | None = None) -> dict[str, str]:
             pairs = None
     out: dict[str, str] = {}
     if pairs is not None and not isinstance(pairs, (str, bytes)):
-        names: dict[str, str] = {}  # lower-case name -> the spelling kept
         try:
-            for name, value in pairs:
-                key, text = _text(name), _text(value)
-                low = key.lower()
-                if low in names:  # a repeated field (aiohttp's multidict, raw pairs): joined,
-                    out[names[low]] = f"{out[names[low]]}, {text}"  # as httpx does
-                else:
-                    names[low] = key
-                    out[key] = text
+            out = join_fields(pairs)
         except (TypeError, ValueError):
             out = {}
         else:
@@ -326,10 +318,6 @@ def header_items(headers: Any, *, what: str | None = None) -> dict[str, str]:
                "pass response.headers")
         raise ConfigError(msg)
     return out
-
-
-def _text(value: Any) -> str:
-    return value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else str(value)
 
 
 def _hints(exc: BaseException) -> RateHints:

@@ -123,22 +123,21 @@ class _Stream:
 
     def stop(self) -> None:
         """Graceful stop (first Ctrl-C / Stop button): read no more chunks, stop the pools."""
-        self.stopping = True
-        if self._stop is not None:
-            self._stop.set()
-        for chunk in self.live:
-            if chunk.pool is not None:
-                chunk.pool.stop()
+        for pool in self._read_no_more():
+            pool.stop()
 
     def _drain(self) -> None:
         """A call failed for good: read no more chunks; the pools send nothing more, and
         stop once their calls in flight (sent: paid for) are back, or after ``DRAIN_S``."""
+        for pool in self._read_no_more():
+            pool.drain()
+
+    def _read_no_more(self) -> list[Pool]:
+        """Stop reading chunks; the pools of the chunks being run."""
         self.stopping = True
         if self._stop is not None:
             self._stop.set()
-        for chunk in self.live:
-            if chunk.pool is not None:
-                chunk.pool.drain()
+        return [chunk.pool for chunk in self.live if chunk.pool is not None]
 
     async def execute(
         self, progress: Progress, on_event: Callable[[Event], None] | None, *, stoppable: bool
